@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` (the main job on the bundled model) and `make test`.
+# Each creates or refreshes the virtualenv .venv and installs everything from the registries.
+PYTHON ?= python3.11
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on local disk, never the CUDA one.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	# llama-cpp-python compiles llama.cpp (~15 min on 2 cores the first time; pip's wheel cache makes it instant after).
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/quantkit demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,60 @@
+"""The `quantkit` command: parse, call the Python API, print.
+
+Each subcommand lives in quantkit/commands/<name>.py with `register(subparsers)`, which adds
+its parser and sets `func(args) -> int`. A QuantkitError becomes one line on stderr and exit 2;
+Ctrl-C exits 130 (outputs are atomic, so nothing half-written is left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .util.errors import QuantkitError
+
+# Order is the order shown in --help.
+COMMANDS = [
+    "inspect",
+    "quantize",
+    "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantkit",
+        description="Fit language models to the hardware you have: inspect, quantize, evaluate, plan.",
+    )
+    parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"quantkit.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        os.environ["QUANTKIT_QUIET"] = "1"
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except QuantkitError as e:
+        print(f"quantkit {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"quantkit {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
