@@ -1,0 +1,187 @@
+"""llama.cpp's legacy block types (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0) and the float types, in torch.
+
+Pure functions on block-shaped tensors: `quantize_blocks(name, x[n, 32]) -> uint8[n, type_size]`
+and `dequantize_blocks(name, q[n, type_size]) -> float32[n, 32]`. Every rounding step follows
+ggml-quants.c's `quantize_row_*_ref` (the path llama-quantize takes without an importance
+matrix), operation by operation in float32, so the bytes are llama.cpp's bytes:
+
+- the scale is taken from the first element of largest magnitude (strict `<` in C: first wins);
+- `d` is stored as fp16 (round to nearest even) but the inverse `id = 1/d` uses the float32 d;
+- `(int8_t)(x*id + 8.5f)` truncates toward zero; `roundf` rounds half away from zero.
+
+A C build may contract `x*id + 8.5f` into one fused multiply-add; where that happens the result
+can differ at exact .5 ties (a measured, bounded share of blocks; see tests/test_codecs_ggml.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import QType, qtype
+
+BLOCK = 32
+SIMPLE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    """View a contiguous tensor's bytes as uint8 [n, k*itemsize]."""
+    t = t.contiguous()
+    return t.view(torch.uint8).reshape(t.shape[0], -1)
+
+
+def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
+    return _u8(v.to(torch.float16).reshape(-1, 1))
+
+
+def _absmax_signed(x: torch.Tensor) -> torch.Tensor:
+    """The value (with its sign) of the first element of largest magnitude in each row."""
+    idx = x.abs().argmax(dim=1, keepdim=True)
+    return x.gather(1, idx).squeeze(1)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round rounds them to even)."""
+    t = torch.trunc(x)
+    frac = x - t  # exact in float32
+    return t + torch.where(frac.abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q[n, 32] in 0..15 -> [n, 16]: byte j holds q[j] (low) and q[j+16] (high)."""
+    return (q[:, :16] | (q[:, 16:] << 4)).to(torch.uint8)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """Bit 4 of each of 32 values packed into a little-endian uint32 (bit j = value j)."""
+    bits = ((q >> 4) & 1).to(torch.int64)
+    word = (bits << torch.arange(32, dtype=torch.int64)).sum(dim=1)
+    return _u8(word.to(torch.int64).reshape(-1, 1))[:, :4]
+
+
+def _q4_0(x):
+    d = _absmax_signed(x) / -8
+    idv = _inverse(d)
+    q = torch.trunc(x * idv[:, None] + 8.5).clamp(max=15).to(torch.int32)
+    return torch.cat([_f16_bytes(d), _pack_nibbles(q)], dim=1)
+
+
+def _q5_0(x):
+    d = _absmax_signed(x) / -16
+    idv = _inverse(d)
+    q = torch.trunc(x * idv[:, None] + 16.5).clamp(max=31).to(torch.int32)
+    return torch.cat([_f16_bytes(d), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
+
+
+def _minmax(x, levels):
+    mn = x.min(dim=1).values
+    mx = x.max(dim=1).values
+    d = (mx - mn) / levels
+    return mn, d, _inverse(d)
+
+
+def _q4_1(x):
+    mn, d, idv = _minmax(x, 15)
+    q = torch.trunc((x - mn[:, None]) * idv[:, None] + 0.5).clamp(max=15).to(torch.int32)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], dim=1)
+
+
+def _q5_1(x):
+    mn, d, idv = _minmax(x, 31)
+    # (uint8_t) cast without a clamp in C; values cannot exceed 31.5 here.
+    q = torch.trunc((x - mn[:, None]) * idv[:, None] + 0.5).to(torch.int32)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
+
+
+def _q8_0(x):
+    amax = x.abs().max(dim=1).values
+    d = amax / 127
+    idv = _inverse(d)
+    q = _roundf(x * idv[:, None]).to(torch.int8)
+    return torch.cat([_f16_bytes(d), _u8(q)], dim=1)
+
+
+_QUANTIZERS = {"q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q8_0": _q8_0}
+
+
+def _f16_from(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).reshape(-1).float()
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    qs = qs.to(torch.int32)
+    return torch.cat([qs & 15, qs >> 4], dim=1)
+
+
+def _unpack_high(qh: torch.Tensor) -> torch.Tensor:
+    word = qh.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [n, 1]
+    return ((word >> torch.arange(32, dtype=torch.int64)) & 1).to(torch.int32)
+
+
+def _dq(name: str, b: torch.Tensor) -> torch.Tensor:
+    if name == "q4_0":
+        return (_unpack_nibbles(b[:, 2:]) - 8).float() * _f16_from(b[:, :2])[:, None]
+    if name == "q4_1":
+        return _unpack_nibbles(b[:, 4:]).float() * _f16_from(b[:, :2])[:, None] + _f16_from(b[:, 2:4])[:, None]
+    if name == "q5_0":
+        q = _unpack_nibbles(b[:, 6:]) | (_unpack_high(b[:, 2:6]) << 4)
+        return (q - 16).float() * _f16_from(b[:, :2])[:, None]
+    if name == "q5_1":
+        q = _unpack_nibbles(b[:, 8:]) | (_unpack_high(b[:, 4:8]) << 4)
+        return q.float() * _f16_from(b[:, :2])[:, None] + _f16_from(b[:, 2:4])[:, None]
+    if name == "q8_0":
+        return b[:, 2:].contiguous().view(torch.int8).float() * _f16_from(b[:, :2])[:, None]
+    raise KeyError(name)
+
+
+def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """ggml_compute_fp32_to_bf16: round to nearest even; NaN kept quiet (bit 6 set)."""
+    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return torch.where(nan, (u >> 16) | 64, rounded) & 0xFFFF
+
+
+def quantize_rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x: float32 [rows, n] -> uint8 [rows, row_bytes] in the GGUF layout of type `name`."""
+    q = qtype(name)
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {tuple(x.shape)}")
+    x = x.to(torch.float32).contiguous()
+    rows, n = x.shape
+    if q.name == "f32":
+        return _u8(x)
+    if q.name == "f16":
+        return _u8(x.to(torch.float16))
+    if q.name == "bf16":
+        h = _bf16_bytes(x.reshape(-1))
+        lo = (h & 0xFF).to(torch.uint8)
+        hi = ((h >> 8) & 0xFF).to(torch.uint8)
+        return torch.stack([lo, hi], dim=1).reshape(rows, n * 2)
+    if q.name not in _QUANTIZERS:
+        raise KeyError(f"quantkit has no encoder for {q.name}")
+    if n % BLOCK:
+        raise ValueError(f"rows of {n} values are not a multiple of {BLOCK}, the {q.name} block size")
+    blocks = _QUANTIZERS[q.name](x.reshape(-1, BLOCK))
+    return blocks.reshape(rows, q.row_bytes(n))
+
+
+def dequantize_rows(name: str, data: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 [rows, row_bytes] -> float32 [rows, n]."""
+    q = qtype(name)
+    data = data.contiguous().reshape(-1, q.row_bytes(n))
+    rows = data.shape[0]
+    if q.name == "f32":
+        return data.view(torch.float32).reshape(rows, n).clone()
+    if q.name == "f16":
+        return data.view(torch.float16).reshape(rows, n).float()
+    if q.name == "bf16":
+        return data.view(torch.bfloat16).reshape(rows, n).float()
+    return _dq(q.name, data.reshape(-1, q.type_size)).reshape(rows, n)
+
+
+def is_simple(name: str | QType) -> bool:
+    return qtype(name).name in SIMPLE_TYPES

@@ -1,0 +1,204 @@
+"""Read and write GGUF files.
+
+Reading memory-maps the file (gguf-py's GGUFReader): `load(name)` dequantizes one tensor, so
+peak memory stays near the largest tensor. Writing streams: header, metadata and tensor infos
+first, then each tensor's bytes as it is produced, into a temporary name renamed only when the
+file is complete (gguf-py's GGUFWriter enforces the order).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import quants as gguf_quants
+
+from ..codecs import ggml as simple
+from ..codecs.registry import qtype
+from ..util.atomic import atomic_output
+from ..util.errors import QuantkitError
+from .source import ArchSpec, MetaValue, ModelSource, TensorInfo, Tokenizer
+
+# Keys a writer sets itself, or that describe the container rather than the model.
+_WRITER_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture",
+                "general.file_type", "general.quantization_version", "general.alignment",
+                "split.no", "split.count", "split.tensors.count"}
+
+
+def _kquants():
+    try:
+        from ..codecs import kquants  # written alongside; optional until it lands
+        return kquants
+    except ImportError:
+        return None
+
+
+def dequantize_bytes(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """Stored bytes (or values) of a tensor -> float32 torch tensor of `shape` (row-major)."""
+    name = qtype(type_name).name
+    n = shape[-1] if shape else 1
+    if name in simple.SIMPLE_TYPES:
+        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1, qtype(name).row_bytes(n)))
+        return simple.dequantize_rows(name, raw, n).reshape(shape)
+    kq = _kquants()
+    if kq is not None and hasattr(kq, "dequantize") and name in getattr(kq, "KQUANT_TYPES", ()):
+        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1, qtype(name).row_bytes(n)))
+        return kq.dequantize(name, raw, shape).reshape(shape).float()
+    arr = gguf_quants.dequantize(np.ascontiguousarray(data), GGMLQuantizationType[name.upper()])
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+
+
+def _field_value(field) -> MetaValue:
+    types = field.types
+    if types[0] == GGUFValueType.ARRAY:
+        sub = types[1] if len(types) > 1 else None
+        return MetaValue(field.contents(), GGUFValueType.ARRAY, sub)
+    return MetaValue(field.contents(), types[0])
+
+
+def _u(meta: dict[str, MetaValue], key: str, default=None):
+    v = meta.get(key)
+    return default if v is None else v.value
+
+
+def spec_from_metadata(meta: dict[str, MetaValue], tensor_names: Iterable[str], path: str) -> ArchSpec:
+    arch = _u(meta, "general.architecture")
+    if not arch:
+        raise QuantkitError("GGUF has no general.architecture", path, "is this a model file?")
+    missing = [k for k in ("block_count", "embedding_length", "attention.head_count")
+               if f"{arch}.{k}" not in meta]
+    if missing:
+        raise QuantkitError(f"GGUF metadata lacks {', '.join(arch + '.' + k for k in missing)}", path)
+    g = lambda k, d=None: _u(meta, f"{arch}.{k}", d)  # noqa: E731
+    n_layer, n_embd, n_head = int(g("block_count")), int(g("embedding_length")), int(g("attention.head_count"))
+    n_head_kv = g("attention.head_count_kv", n_head)
+    if isinstance(n_head_kv, list):
+        n_head_kv = max(n_head_kv)
+    tokens = _u(meta, "tokenizer.ggml.tokens") or []
+    n_vocab = int(g("vocab_size", len(tokens)))
+    window = g("attention.sliding_window")
+    pattern = None
+    if window:
+        pat = g("attention.sliding_window_pattern")
+        if isinstance(pat, list):
+            pattern = [bool(p) for p in pat]
+        elif arch == "gemma3":
+            # llama.cpp hard-codes Gemma-3's pattern: every 6th layer is global.
+            pattern = [(i + 1) % 6 != 0 for i in range(n_layer)]
+        else:
+            pattern = [True] * n_layer
+    names = set(tensor_names)
+    return ArchSpec(
+        arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=int(n_head), n_head_kv=int(n_head_kv),
+        head_dim=int(g("attention.key_length", n_embd // n_head)), n_ff=int(g("feed_forward_length", 0) or 0),
+        n_vocab=n_vocab, n_ctx_train=int(g("context_length", 0) or 0),
+        tied_embeddings="output.weight" not in names, sliding_window=int(window) if window else None,
+        sliding_window_pattern=pattern, norm="layer" if g("attention.layer_norm_epsilon") is not None else "rms",
+        rope_theta=g("rope.freq_base"), n_expert=int(g("expert_count", 0) or 0),
+        n_expert_used=int(g("expert_used_count", 0) or 0))
+
+
+class GGUFSource(ModelSource):
+    """A GGUF file of any type llama.cpp writes, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise QuantkitError("no such file", self.path, "check the path")
+        if os.path.isdir(self.path):
+            raise QuantkitError("is a directory, expected a .gguf file", self.path)
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise QuantkitError(f"cannot read: {e.strerror}", self.path) from None
+        if magic != b"GGUF":
+            raise QuantkitError("not a GGUF file (bad magic)", self.path, "expected a llama.cpp .gguf")
+        try:
+            self._reader = GGUFReader(self.path, "r")
+        except Exception as e:  # gguf-py raises ValueError/IndexError/... on truncated files
+            raise QuantkitError(f"corrupt or truncated GGUF ({type(e).__name__}: {str(e)[:120]})", self.path,
+                                "re-download or re-create the file") from None
+        self.metadata = {k: _field_value(f) for k, f in self._reader.fields.items() if k not in _WRITER_KEYS}
+        self.metadata["general.architecture"] = _field_value(self._reader.fields["general.architecture"]) \
+            if "general.architecture" in self._reader.fields else MetaValue("", GGUFValueType.STRING)
+        self._tensors = {}
+        self._infos = []
+        for t in self._reader.tensors:
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+            info = TensorInfo(t.name, shape, t.tensor_type.name.lower(), int(t.n_bytes))
+            self._tensors[t.name] = t
+            self._infos.append(info)
+        self.spec = spec_from_metadata(self.metadata, self._tensors, self.path)
+        tok_model = _u(self.metadata, "tokenizer.ggml.model")
+        self.tokenizer = Tokenizer(model=tok_model or "none", pre=_u(self.metadata, "tokenizer.ggml.pre"),
+                                   n_tokens=len(_u(self.metadata, "tokenizer.ggml.tokens") or []))
+        self.file_type = int(self._reader.fields["general.file_type"].contents()) \
+            if "general.file_type" in self._reader.fields else None
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self._infos[list(self._tensors).index(name)]
+
+    def raw(self, name: str):
+        t = self._tensors[name]
+        return np.asarray(t.data).view(np.uint8).reshape(-1), t.tensor_type.name.lower()
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        try:
+            return dequantize_bytes(t.tensor_type.name, t.data, shape)
+        except (ValueError, OSError) as e:
+            raise QuantkitError(f"tensor {name} cannot be read ({e})", self.path, "the file may be truncated") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, MetaValue],
+                    tensors: list[tuple[str, tuple[int, ...], str]],
+                    produce: Callable[[str], np.ndarray], file_type: int | None = None,
+                    on_tensor: Callable[[str, int], None] | None = None) -> None:
+    """Stream a GGUF: `tensors` lists (name, row-major shape, type name) in file order;
+    `produce(name)` returns the tensor's bytes (uint8, exactly qtype.nbytes(shape)) one at a time.
+    The file appears at `path` only when complete."""
+    with atomic_output(path) as tmp:
+        w = GGUFWriter(tmp, arch)
+        for key, mv in metadata.items():
+            if key in _WRITER_KEYS:
+                continue
+            if mv.vtype == GGUFValueType.ARRAY and len(mv.value) == 0:
+                continue
+            w.add_key_value(key, mv.value, mv.vtype, mv.sub_type)
+        w.add_quantization_version(2)
+        if file_type is not None:
+            w.add_file_type(int(file_type))
+        sizes = {}
+        for name, shape, tname in tensors:
+            q = qtype(tname)
+            nbytes = q.nbytes(shape)
+            sizes[name] = nbytes
+            # GGUFWriter takes the numpy shape of the bytes for quantized types and derives ne from it.
+            if q.block_size == 1 and q.name in ("f32", "f16"):
+                w.add_tensor_info(name, shape, np.dtype(np.float32 if q.name == "f32" else np.float16), nbytes)
+            else:
+                byte_shape = tuple(shape[:-1]) + (q.row_bytes(shape[-1]),)
+                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=q.ggml)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, shape, tname in tensors:
+            data = np.ascontiguousarray(produce(name)).view(np.uint8).reshape(-1)
+            if data.nbytes != sizes[name]:
+                raise ValueError(f"{name}: produced {data.nbytes} bytes, expected {sizes[name]}")
+            w.write_tensor_data(data)
+            if on_tensor:
+                on_tensor(name, data.nbytes)
+        w.close()

@@ -1,0 +1,438 @@
+"""A Hugging Face model directory as a `ModelSource`.
+
+Reads config.json, the weights (model.safetensors, sharded safetensors with
+model.safetensors.index.json, or pytorch_model*.bin) and the tokenizer, and presents them in
+llama.cpp's terms: GGUF tensor names, GGUF metadata keys, and tensor values transformed the way
+llama.cpp's convert_hf_to_gguf.py transforms them (q/k row permutation for llama-style rotary,
+Gemma's 1 + w norms, ...; the per-architecture facts live in `arch.HF_ARCHS`).
+
+Nothing is read eagerly but headers: safetensors files are opened with `safe_open` (memory
+mapped, one tensor read per `load`), .bin files with `torch.load(mmap=True)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gguf import GGUFValueType
+
+from quantkit.models.arch import (
+    HFArch,
+    canonical_order,
+    find_hf_arch,
+    hf_to_gguf_name,
+    permute_for_rope,
+    supported_hf_architectures,
+)
+from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
+from quantkit.models.tokenizer_convert import convert_tokenizer
+from quantkit.util.errors import QuantkitError
+
+_ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F64": ("f64", 8),
+}
+_TORCH_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+}
+
+
+@dataclass
+class _Entry:
+    """Where a canonical tensor comes from and what happens to it on the way."""
+    hf_name: str
+    file: str | None            # None: generated (rope_freqs)
+    shape: tuple[int, ...]      # shape after transforms (row-major)
+    stored_type: str
+    permute_heads: int = 0      # >0: permute rows for rotary with this many heads
+    add: float = 0.0            # Gemma norm shift
+    keep_rows: int | None = None
+
+
+def _u32(v: int) -> MetaValue:
+    return MetaValue(int(v), GGUFValueType.UINT32)
+
+
+def _f32(v: float) -> MetaValue:
+    return MetaValue(float(v), GGUFValueType.FLOAT32)
+
+
+def _str(v: str) -> MetaValue:
+    return MetaValue(str(v), GGUFValueType.STRING)
+
+
+class HFSource(ModelSource):
+    """A Hugging Face directory of a Llama-family model (llama, mistral, qwen2, gemma3)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise QuantkitError("no such model directory", self.path, "check the path")
+        if not os.path.isdir(self.path):
+            raise QuantkitError("not a Hugging Face model directory", self.path,
+                                "pass the directory holding config.json")
+        cfg_path = os.path.join(self.path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise QuantkitError("directory has no config.json", self.path,
+                                "a Hugging Face model directory holds config.json and *.safetensors")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                self.config: dict[str, Any] = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise QuantkitError(f"cannot read config.json ({e})", cfg_path, "the file is corrupt") from None
+        if not isinstance(self.config, dict):
+            raise QuantkitError("config.json is not a JSON object", cfg_path)
+
+        # multimodal configs (gemma3 with a vision tower) keep the text model in text_config
+        self.hparams: dict[str, Any] = dict(self.config)
+        if isinstance(self.config.get("text_config"), dict):
+            self.hparams.update(self.config["text_config"])
+
+        archs = self.config.get("architectures") or []
+        arch = find_hf_arch(archs, self.config.get("model_type"))
+        if arch is None:
+            what = ", ".join(archs) or f"model_type {self.config.get('model_type')!r}"
+            raise QuantkitError(f"unsupported architecture {what}", cfg_path,
+                                f"supported: {', '.join(supported_hf_architectures())}")
+        self.hf_arch: HFArch = arch
+
+        self._handles: dict[str, Any] = {}
+        self._raw_index: dict[str, tuple[str, tuple[int, ...], str]] = self._index_weights()
+
+        vocab_rows = self._embedding_rows()
+        tok = convert_tokenizer(self.path, self.config, self.hparams.get("vocab_size") or vocab_rows,
+                                add_space_prefix=arch.spm_add_space_prefix)
+        self.tokenizer = tok.tokenizer
+        self._entries = self._plan_tensors(tok.n_tokens)
+        self._order = canonical_order(list(self._entries), arch)
+        self.spec = self._make_spec()
+        self.metadata = self._make_metadata()
+        self.metadata.update(tok.metadata)
+
+    # ------------------------------------------------------------------ weights
+
+    def _weight_files(self) -> tuple[str, list[str]]:
+        d = self.path
+        st_index = os.path.join(d, "model.safetensors.index.json")
+        bin_index = os.path.join(d, "pytorch_model.bin.index.json")
+        for kind, index in (("safetensors", st_index), ("bin", bin_index)):
+            if os.path.isfile(index):
+                try:
+                    with open(index, encoding="utf-8") as f:
+                        weight_map = json.load(f)["weight_map"]
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise QuantkitError(f"cannot read the weight map ({e.__class__.__name__})", index,
+                                        "the index file is corrupt") from None
+                files = sorted(set(weight_map.values()))
+                for fn in files:
+                    if not os.path.isfile(os.path.join(d, fn)):
+                        raise QuantkitError(f"shard {fn} listed in the index is missing", index,
+                                            "download every shard")
+                self._weight_map = weight_map
+                return kind, [os.path.join(d, fn) for fn in files]
+        self._weight_map = None
+        st = sorted(glob.glob(os.path.join(d, "*.safetensors")))
+        if st:
+            return "safetensors", st
+        bins = sorted(glob.glob(os.path.join(d, "pytorch_model*.bin")))
+        if bins:
+            return "bin", bins
+        raise QuantkitError("no weights (*.safetensors or pytorch_model*.bin)", d,
+                            "download the model's weight files into the directory")
+
+    def _index_weights(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
+        kind, files = self._weight_files()
+        index: dict[str, tuple[str, tuple[int, ...], str]] = {}
+        for fn in files:
+            if kind == "safetensors":
+                from safetensors import safe_open
+                try:
+                    h = safe_open(fn, framework="pt")
+                    names = list(h.keys())
+                    for name in names:
+                        sl = h.get_slice(name)
+                        dt = sl.get_dtype()
+                        if dt not in _ST_DTYPES:
+                            raise QuantkitError(f"tensor {name} has unsupported dtype {dt}", fn,
+                                                "quantized checkpoints are not read here; use the float model")
+                        index[name] = (fn, tuple(sl.get_shape()), _ST_DTYPES[dt][0])
+                except QuantkitError:
+                    raise
+                except Exception as e:  # SafetensorError, OSError
+                    msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+                    raise QuantkitError(f"corrupt or truncated safetensors file ({msg})", fn,
+                                        "download the file again") from None
+                self._handles[fn] = h
+            else:
+                try:
+                    sd = torch.load(fn, map_location="cpu", mmap=True, weights_only=True)
+                except Exception as e:
+                    msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+                    raise QuantkitError(f"cannot read PyTorch checkpoint ({msg})", fn,
+                                        "the file is corrupt or truncated") from None
+                if not isinstance(sd, dict):
+                    raise QuantkitError("checkpoint does not hold a state dict", fn)
+                for name, t in sd.items():
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    if t.dtype not in _TORCH_DTYPES:
+                        raise QuantkitError(f"tensor {name} has unsupported dtype {t.dtype}", fn)
+                    index[name] = (fn, tuple(t.shape), _TORCH_DTYPES[t.dtype])
+                self._handles[fn] = sd
+        if self._weight_map:
+            missing = sorted(set(self._weight_map) - set(index))
+            if missing:
+                raise QuantkitError(f"{len(missing)} tensors of the index are missing from the shards "
+                                    f"(first: {missing[0]})", self.path, "a shard is incomplete")
+        return index
+
+    def _embedding_rows(self) -> int | None:
+        for name, (_, shape, _) in self._raw_index.items():
+            try:
+                if hf_to_gguf_name(self.hf_arch, name) == "token_embd.weight":
+                    return shape[0]
+            except KeyError:
+                continue
+        return None
+
+    def _plan_tensors(self, n_tokens: int) -> dict[str, _Entry]:
+        arch, hp = self.hf_arch, self.hparams
+        n_head = int(hp["num_attention_heads"])
+        n_head_kv = int(hp.get("num_key_value_heads") or n_head)
+        entries: dict[str, _Entry] = {}
+        for hf_name, (fn, shape, stype) in self._raw_index.items():
+            try:
+                name = hf_to_gguf_name(arch, hf_name)
+            except KeyError:
+                raise QuantkitError(f"tensor {hf_name} has no llama.cpp counterpart for {arch.key}",
+                                    fn, "the checkpoint does not match its config.json") from None
+            if name is None:
+                continue
+            if name in entries:
+                raise QuantkitError(f"tensor {name} appears twice (second: {hf_name})", fn)
+            e = _Entry(hf_name, fn, shape, stype)
+            if arch.permute_qk and (".attn_q." in name or ".attn_k." in name):
+                e.permute_heads = n_head if ".attn_q." in name else n_head_kv
+            if arch.norm_shift and hf_name.endswith("norm.weight"):
+                e.add = arch.norm_shift
+            if name == "token_embd.weight" and arch.trim_embedding_to_vocab and shape[0] > n_tokens:
+                e.keep_rows = n_tokens
+                e.shape = (n_tokens, *shape[1:])
+            entries[name] = e
+        for need in ("token_embd.weight", "output_norm.weight"):
+            if need not in entries:
+                raise QuantkitError(f"checkpoint has no {need} (HF model.embed_tokens / model.norm)",
+                                    self.path, "the weights are incomplete")
+        for i in range(int(hp["num_hidden_layers"])):
+            if f"blk.{i}.attn_q.weight" not in entries:
+                raise QuantkitError(f"checkpoint has no weights for layer {i}", self.path,
+                                    "the weights are incomplete or num_hidden_layers is wrong")
+        if (factors := self._llama3_rope_factors()) is not None:
+            entries["rope_freqs.weight"] = _Entry("<generated llama3 rope factors>", None,
+                                                  (len(factors),), "f32")
+            self._rope_factors = factors
+        return entries
+
+    # ------------------------------------------------------------------ rope
+
+    def _rope_parameters(self) -> dict[str, Any]:
+        hp = self.hparams
+        rp = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+        if "full_attention" not in rp and "sliding_attention" not in rp:
+            if (local := hp.get("rope_local_base_freq")) is not None:
+                rp["sliding_attention"] = {"rope_theta": local}
+            if "rope_theta" not in rp and hp.get("rope_theta") is not None:
+                rp["rope_theta"] = hp["rope_theta"]
+            if "rope_type" not in rp and rp.get("type") is not None:
+                rp["rope_type"] = rp["type"]
+        return rp
+
+    def _head_dim(self) -> int:
+        hp = self.hparams
+        hd = hp.get("head_dim") or self.hf_arch.defaults.get("head_dim")
+        return int(hd) if hd else int(hp["hidden_size"]) // int(hp["num_attention_heads"])
+
+    def _llama3_rope_factors(self) -> list[float] | None:
+        rp = self._rope_parameters()
+        full = rp.get("full_attention", rp)
+        if str(full.get("rope_type", "")).lower() != "llama3":
+            return None
+        base = full.get("rope_theta", 10000.0)
+        dim = self._head_dim()
+        factor = full.get("factor", 8.0)
+        low = full.get("low_freq_factor", 1.0)
+        high = full.get("high_freq_factor", 4.0)
+        old_ctx = full.get("original_max_position_embeddings", 8192)
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        out = []
+        for k in range(0, dim, 2):
+            freq = 1.0 / (base ** (k / dim))
+            wavelen = 2 * math.pi / freq
+            if wavelen < high_wavelen:
+                out.append(1.0)
+            elif wavelen > low_wavelen:
+                out.append(float(factor))
+            else:
+                smooth = (old_ctx / wavelen - low) / (high - low)
+                out.append(1.0 / ((1 - smooth) / factor + smooth))
+        return out
+
+    # ------------------------------------------------------------------ spec and metadata
+
+    def _layer_is_sliding(self) -> list[bool] | None:
+        hp = self.hparams
+        n = int(hp["num_hidden_layers"])
+        if isinstance(hp.get("layer_types"), list) and len(hp["layer_types"]) == n:
+            return [t == "sliding_attention" for t in hp["layer_types"]]
+        pattern = hp.get("sliding_window_pattern", hp.get("_sliding_window_pattern"))
+        if self.hf_arch.key == "gemma3":
+            pattern = int(pattern or 6)
+            return [(i + 1) % pattern != 0 for i in range(n)]
+        return None
+
+    def _make_spec(self) -> ArchSpec:
+        hp, arch = self.hparams, self.hf_arch
+        d = arch.defaults
+        n_head = int(hp.get("num_attention_heads", d.get("num_attention_heads", 0)))
+        embd = self._entries["token_embd.weight"]
+        sliding = None
+        pattern = None
+        if arch.key == "gemma3":
+            pattern = self._layer_is_sliding()
+            if pattern and any(pattern) and hp.get("sliding_window"):
+                sliding = int(hp["sliding_window"])
+            else:
+                pattern = None
+        elif hp.get("sliding_window") and hp.get("use_sliding_window", True):
+            sliding = int(hp["sliding_window"])
+        full = self._rope_parameters()
+        full = full.get("full_attention", full)
+        theta = full.get("rope_theta", d.get("rope_theta"))
+        return ArchSpec(
+            arch=arch.gguf_arch,
+            n_layer=int(hp["num_hidden_layers"]),
+            n_embd=int(hp["hidden_size"]),
+            n_head=n_head,
+            n_head_kv=int(hp.get("num_key_value_heads") or d.get("num_key_value_heads") or n_head),
+            head_dim=self._head_dim(),
+            n_ff=int(hp["intermediate_size"]),
+            n_vocab=embd.shape[0],
+            n_ctx_train=int(hp.get("max_position_embeddings") or d.get("max_position_embeddings") or 0),
+            tied_embeddings="output.weight" not in self._entries,
+            sliding_window=sliding,
+            sliding_window_pattern=pattern,
+            norm=arch.norm,
+            rope_theta=float(theta) if theta is not None else None,
+        )
+
+    def _make_metadata(self) -> dict[str, MetaValue]:
+        hp, arch, spec = self.hparams, self.hf_arch, self.spec
+        a = arch.gguf_arch
+        d = arch.defaults
+        m: dict[str, MetaValue] = {
+            "general.architecture": _str(a),
+            "general.name": _str(os.path.basename(os.path.normpath(self.path)) or "model"),
+            f"{a}.block_count": _u32(spec.n_layer),
+            f"{a}.context_length": _u32(spec.n_ctx_train),
+            f"{a}.embedding_length": _u32(spec.n_embd),
+            f"{a}.feed_forward_length": _u32(spec.n_ff),
+            f"{a}.attention.head_count": _u32(spec.n_head),
+            f"{a}.attention.head_count_kv": _u32(spec.n_head_kv),
+        }
+        rp = self._rope_parameters()
+        full = rp.get("full_attention", rp)
+        if spec.rope_theta is not None:
+            m[f"{a}.rope.freq_base"] = _f32(spec.rope_theta)
+        local_theta = rp.get("sliding_attention", {}).get("rope_theta")
+        if local_theta is not None:
+            m[f"{a}.rope.freq_base_swa"] = _f32(local_theta)
+        rope_type = str(full.get("rope_type", "default") or "default").lower()
+        factor = full.get("factor")
+        if rope_type == "linear" and factor is not None:
+            m[f"{a}.rope.scaling.type"] = _str("linear")
+            m[f"{a}.rope.scaling.factor"] = _f32(factor)
+        elif rope_type == "yarn" and factor is not None:
+            m[f"{a}.rope.scaling.type"] = _str("yarn")
+            m[f"{a}.rope.scaling.factor"] = _f32(factor)
+            m[f"{a}.rope.scaling.original_context_length"] = _u32(full["original_max_position_embeddings"])
+        elif rope_type not in ("default", "llama3", "none"):
+            raise QuantkitError(f"RoPE scaling type {rope_type!r} is not supported",
+                                os.path.join(self.path, "config.json"), "supported: linear, yarn, llama3")
+        eps = hp.get("rms_norm_eps", d.get("rms_norm_eps"))
+        if eps is not None:
+            m[f"{a}.attention.layer_norm_rms_epsilon"] = _f32(eps)
+        if "head_dim" in hp or "head_dim" in d:
+            m[f"{a}.attention.key_length"] = _u32(spec.head_dim)
+            m[f"{a}.attention.value_length"] = _u32(spec.head_dim)
+        if a == "llama":
+            m[f"{a}.vocab_size"] = _u32(spec.n_vocab)
+            m[f"{a}.rope.dimension_count"] = _u32(spec.head_dim)
+        if arch.key == "gemma3":
+            if hp.get("attn_logit_softcapping") is not None:
+                raise QuantkitError("gemma3 with attn_logit_softcapping is not supported by llama.cpp",
+                                    os.path.join(self.path, "config.json"))
+            if hp.get("final_logit_softcapping"):
+                m[f"{a}.final_logit_softcapping"] = _f32(hp["final_logit_softcapping"])
+            if spec.sliding_window:
+                m[f"{a}.attention.sliding_window"] = _u32(spec.sliding_window)
+                # llama.cpp assumes Gemma-3's 5 local : 1 global layout unless told; say it
+                m[f"{a}.attention.sliding_window_pattern"] = MetaValue(
+                    list(spec.sliding_window_pattern or []), GGUFValueType.ARRAY, GGUFValueType.BOOL)
+            # llama.cpp scales attention by 1/sqrt(head_dim) (1/sqrt(n_embd/n_head) for the 62-layer
+            # 27B); HF by query_pre_attn_scalar**-0.5. They agree for every released Gemma-3.
+            qpas = hp.get("query_pre_attn_scalar")
+            expect = spec.n_embd / spec.n_head if spec.n_layer == 62 else spec.head_dim
+            if qpas is not None and abs(float(qpas) - expect) > 1e-6:
+                warnings.warn(f"{self.path}: query_pre_attn_scalar={qpas} but llama.cpp will scale "
+                              f"attention by 1/sqrt({expect:g}); outputs will differ", stacklevel=2)
+        return m
+
+    # ------------------------------------------------------------------ ModelSource
+
+    def tensors(self) -> list[TensorInfo]:
+        out = []
+        for name in self._order:
+            e = self._entries[name]
+            itemsize = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8}[e.stored_type]
+            n = 1
+            for s in e.shape:
+                n *= s
+            out.append(TensorInfo(name, e.shape, e.stored_type, n * itemsize))
+        return out
+
+    def hf_name(self, name: str) -> str:
+        """The Hugging Face tensor a canonical tensor comes from."""
+        return self._entries[name].hf_name
+
+    def load(self, name: str) -> torch.Tensor:
+        try:
+            e = self._entries[name]
+        except KeyError:
+            raise KeyError(f"{name} is not a tensor of {self.path}") from None
+        if e.file is None:
+            return torch.tensor(self._rope_factors, dtype=torch.float32)
+        h = self._handles[e.file]
+        try:
+            t = h.get_tensor(e.hf_name) if hasattr(h, "get_tensor") else h[e.hf_name]
+        except Exception as ex:
+            msg = str(ex).splitlines()[0] if str(ex) else ex.__class__.__name__
+            raise QuantkitError(f"cannot read tensor {e.hf_name} ({msg})", e.file,
+                                "the file is corrupt or truncated") from None
+        # a .bin tensor is a view of the memory-mapped file: never hand that out to be modified
+        t = t.to(torch.float32, copy=not hasattr(h, "get_tensor"))
+        if e.keep_rows is not None:
+            t = t[: e.keep_rows]
+        if e.permute_heads:
+            t = permute_for_rope(t, e.permute_heads)
+        if e.add:
+            t = t + e.add
+        return t.contiguous()
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,111 @@
+"""Model -> GGUF of a llama.cpp file type, one tensor at a time (round-to-nearest, llama.cpp-exact)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..codecs import ggml as simple
+from ..codecs.registry import qtype
+from ..models.gguf import write_gguf_file
+from ..models.source import ModelSource
+from ..util.errors import QuantkitError
+from ..util.progress import progress
+from .gguf_policy import FILE_TYPES, ModelFacts, TypePolicy, tensor_order
+
+
+def supported_file_types() -> list[str]:
+    return [ft for ft, (_, t) in FILE_TYPES.items() if can_encode(t)]
+
+
+def can_encode(type_name: str) -> bool:
+    name = qtype(type_name).name
+    if name in simple.SIMPLE_TYPES:
+        return True
+    try:
+        from ..codecs import kquants
+    except ImportError:
+        return False
+    return name in getattr(kquants, "KQUANT_TYPES", ())
+
+
+def encode(type_name: str, x: torch.Tensor) -> np.ndarray:
+    """float32 tensor (row-major, rows along the last dim) -> GGUF bytes of `type_name`."""
+    name = qtype(type_name).name
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 1 else x.reshape(1, -1)
+    if name in simple.SIMPLE_TYPES:
+        out = simple.quantize_rows(name, x2)
+    else:
+        from ..codecs import kquants
+        out = kquants.quantize(name, x2)
+    return out.numpy().reshape(-1)
+
+
+@dataclass
+class ExportReport:
+    path: str
+    file_type: str
+    seconds: float
+    n_bytes: int
+    types: dict[str, str] = field(default_factory=dict)   # tensor -> type written
+
+
+def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q8_0", *, pure: bool = False,
+                token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+                show_progress: bool = True) -> ExportReport:
+    ft = file_type.lower()
+    if ft not in FILE_TYPES:
+        raise QuantkitError(f"unknown GGUF file type '{file_type}'",
+                            hint="choose one of " + ", ".join(supported_file_types()))
+    for t in (token_embedding_type, output_tensor_type):
+        if t is not None and (t.lower() not in {q for q in simple.SIMPLE_TYPES} and not can_encode(t)):
+            raise QuantkitError(f"unknown or unsupported tensor type '{t}'")
+    infos = {t.name: t for t in source.tensors()}
+    names = tensor_order(list(infos))
+    s = source.spec
+    facts = ModelFacts(arch=s.arch, n_layer=s.n_layer, n_head=s.n_head, n_head_kv=s.n_head_kv, n_expert=s.n_expert)
+    policy = TypePolicy(ft, names, facts, pure=pure,
+                        token_embedding_type=token_embedding_type and token_embedding_type.lower(),
+                        output_tensor_type=output_tensor_type and output_tensor_type.lower())
+    from ..models.gguf import GGUFSource
+    is_gguf = isinstance(source, GGUFSource)
+    plan = []
+    for n in names:
+        info = infos[n]
+        src_type = info.type if is_gguf else "f32"
+        target = policy.choose(n, info.shape, src_type)
+        if not can_encode(target) and not (is_gguf and target == info.type):
+            raise QuantkitError(f"tensor {n} needs type {target}, which quantkit cannot encode yet",
+                                source.path, "use --pure or another file type")
+        plan.append((n, info.shape, target))
+    targets = {n: t for n, _, t in plan}
+    total = sum(qtype(t).nbytes(shp) for _, shp, t in plan)
+
+    def produce(name: str) -> np.ndarray:
+        info, target = infos[name], targets[name]
+        if is_gguf and target == info.type:
+            raw, _ = source.raw(name)
+            return raw
+        x = source.load(name)
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise QuantkitError(f"tensor {name} has {bad} NaN/Inf values", source.path,
+                                "the model file is damaged; nothing was written")
+        if x.shape[-1] % qtype(target).block_size:
+            raise QuantkitError(f"tensor {name}: rows of {x.shape[-1]} values do not divide into "
+                                f"{target} blocks of {qtype(target).block_size}", source.path)
+        return encode(target, x)
+
+    t0 = time.perf_counter()
+    bar = progress(total=total, desc=f"GGUF {ft}", unit="B", unit_scale=True) if show_progress else None
+    try:
+        write_gguf_file(out, s.arch, source.metadata, plan, produce, file_type=int(FILE_TYPES[ft][0]),
+                        on_tensor=(lambda n, b: bar.update(b)) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return ExportReport(os.fspath(out), ft, time.perf_counter() - t0, os.path.getsize(out), targets)

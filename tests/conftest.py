@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+sys.path.insert(0, HERE)  # tests/ggml_reference.py and friends
+
+os.environ.setdefault("QUANTKIT_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> str:
+    path = os.path.join(SHARED, "data")
+    assert os.path.isdir(path), f"shared data not found at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf() -> str:
+    """The bundled Gemma-3-270M Q4_K_M GGUF, assembled once into quantkit's cache."""
+    from quantkit.models.bundled import bundled_path
+    return bundled_path()
