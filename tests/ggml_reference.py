@@ -68,3 +68,17 @@ def ggml_dequantize(name: str, data: np.ndarray, n: int) -> np.ndarray:
     fn = _TO_FLOAT(traits.to_float)
     fn(data.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), rows * n)
     return out
+
+
+def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nthread: int = 2) -> None:
+    """llama.cpp's llama_model_quantize (what `llama-quantize --allow-requantize` runs)."""
+    import llama_cpp
+    from quantkit.quant.gguf_policy import FILE_TYPES
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(FILE_TYPES[file_type][0])
+    params.allow_requantize = True
+    params.pure = pure
+    params.nthread = nthread
+    rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize failed with {rc}"

@@ -6,3 +6,172 @@
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# ---- models: open, inspect, quantize to GGUF, demo (issue 2) --------------------------------
+def open_model(path=None):
+    """A ModelSource for a .gguf file, a Hugging Face directory, or (None) the bundled model."""
+    from .models.open import open_model as _open
+    return _open(path)
+
+
+def inspect(model=None) -> dict[str, Any]:
+    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer."""
+    src = open_model(model)
+    tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in src.tensors()]
+    n_params = sum(t.n_elements for t in src.tensors())
+    n_bytes = sum(t.nbytes for t in src.tensors())
+    path = src.path
+    file_bytes = os.path.getsize(path) if os.path.isfile(path) else None
+    types: dict[str, int] = {}
+    for t in src.tensors():
+        types[t.type] = types.get(t.type, 0) + 1
+    linear = [t for t in src.tensors() if len(t.shape) >= 2 and t.name.startswith("blk.")]
+    lin_params = sum(t.n_elements for t in linear)
+    return {
+        "path": path,
+        "format": "gguf" if file_bytes is not None else "hf",
+        "architecture": src.spec.to_dict(),
+        "parameters": n_params,
+        "tensor_bytes": n_bytes,
+        "file_bytes": file_bytes,
+        "bits_per_weight": 8 * n_bytes / n_params if n_params else 0.0,
+        "bits_per_weight_linear": 8 * sum(t.nbytes for t in linear) / lin_params if lin_params else 0.0,
+        "types": types,
+        "tokenizer": {"model": src.tokenizer.model, "pre": src.tokenizer.pre, "n_tokens": src.tokenizer.n_tokens},
+        "tensors": tensors,
+    }
+
+
+@dataclass
+class QuantizeResult:
+    output: str
+    format: str
+    method: str
+    seconds: float
+    file_bytes: int
+    types: dict[str, str] = field(default_factory=dict)
+
+
+def quantize(model=None, output: str | os.PathLike | None = None, *, format: str = "gguf:q4_0",  # noqa: A002
+             method: str = "rtn", pure: bool = False, token_embedding_type: str | None = None,
+             output_tensor_type: str | None = None, show_progress: bool = True) -> QuantizeResult:
+    """Quantize MODEL and write OUTPUT. `format` is "gguf:<file type>" (f32, f16, bf16, q8_0, q5_1,
+    q5_0, q4_1, q4_0, and K-quant mixes where the encoders exist); method "rtn" is llama.cpp's own
+    round-to-nearest, byte for byte."""
+    from .quant.gguf_export import export_gguf, supported_file_types
+    from .util.errors import QuantkitError
+    if output is None:
+        raise QuantkitError("no output path", hint="give -o OUT")
+    fmt = format.lower()
+    if not fmt.startswith("gguf:"):
+        raise QuantkitError(f"unknown output format '{format}'",
+                            hint="use gguf:<type>, e.g. gguf:q4_0 (" + ", ".join(supported_file_types()) + ")")
+    if method != "rtn":
+        raise QuantkitError(f"method '{method}' is not available for {format}", hint="use --method rtn")
+    src = open_model(model)
+    try:
+        rep = export_gguf(src, output, fmt.split(":", 1)[1], pure=pure, token_embedding_type=token_embedding_type,
+                          output_tensor_type=output_tensor_type, show_progress=show_progress)
+    finally:
+        src.close()
+    return QuantizeResult(rep.path, fmt, method, rep.seconds, rep.n_bytes, rep.types)
+
+
+DEMO_PROMPT = "The capital of France is"
+
+
+def demo(out_dir: str | os.PathLike | None = None, file_types=("q8_0", "q4_0"), prompt: str = DEMO_PROMPT,
+         max_tokens: int = 24, show_progress: bool = True) -> list[dict[str, Any]]:
+    """The main job: quantize the bundled model to each file type, run each in llama.cpp on a short
+    prompt, and return one row per format (size, bits per weight, load time, tokens/s, output)."""
+    from .eval.runtimes import LlamaCpp
+    from .models.bundled import cache_dir
+    out_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
+    os.makedirs(out_dir, exist_ok=True)
+    src = open_model(None)
+    rows = []
+    for ft in file_types:
+        out = os.path.join(out_dir, f"gemma-3-270m-{ft}.gguf")
+        res = quantize(src.path, out, format=f"gguf:{ft}", show_progress=show_progress)
+        info = inspect(out)
+        rt = LlamaCpp(out, n_ctx=256, n_threads=min(2, os.cpu_count() or 1))
+        try:
+            gen = rt.generate(prompt, max_tokens=max_tokens)
+        finally:
+            rt.close()
+        rows.append({"format": ft.upper(), "file": out, "file_bytes": info["file_bytes"],
+                     "bits_per_weight": info["bits_per_weight"], "quantize_s": res.seconds,
+                     "load_s": gen.load_s, "prompt_tok_s": gen.prompt_tok_s, "gen_tok_s": gen.gen_tok_s,
+                     "threads": gen.n_threads, "output": gen.text})
+    return rows
+
+
+# ---- encoders: dynamic int8 and distillation (issue 6) --------------------------------
+def load_encoder(path=None):
+    """Load a BERT-family encoder directory, fp32 or dynamic-int8 (None = bundled MiniLM)."""
+    from .quant.dynamic import open_encoder
+    return open_encoder(path)
+
+
+def quantize_dynamic(model, output, quantize_embeddings: bool = False, kernel: str = "auto") -> dict:
+    """Dynamic INT8 for a BERT-family encoder: int8 linear weights per output channel
+    (optionally int8 embeddings), activations quantized per row at run time. Writes `output`
+    (a directory: safetensors + quantkit.json + tokenizer) atomically; returns a summary."""
+    from .quant import int8_kernels
+    from .quant.dynamic import DynamicInt8Config, open_encoder, quantize_encoder_, state_dict_bytes
+    from .models.encoder import save_encoder
+    from .util.atomic import check_writable_dir
+    from .util.errors import QuantkitError
+    import torch
+
+    check_writable_dir(output)
+    enc = open_encoder(model)
+    if enc.meta.quantization:
+        raise QuantkitError("model is already quantized", model, "start from the fp32 model")
+    before = state_dict_bytes(enc)
+    lin_before = sum(m.weight.numel() * m.weight.element_size() for n, m in enc.named_modules()
+                     if isinstance(m, torch.nn.Linear) and not n.startswith("head"))
+    quantize_encoder_(enc, DynamicInt8Config(quantize_embeddings=quantize_embeddings, kernel=kernel))
+    mods = enc.meta.quantization["modules"]
+    lin_after = sum(m.weight_int8.numel() + m.weight_scale.numel() * 4 for n, m in enc.named_modules()
+                    if n in mods and mods[n] == "linear")
+    save_encoder(enc, output)
+    return {"output": str(output), "modules": len(mods),
+            "linear": sum(v == "linear" for v in mods.values()),
+            "embedding": sum(v == "embedding" for v in mods.values()),
+            "bytes_before": before, "bytes_after": state_dict_bytes(enc),
+            "linear_bytes_before": lin_before, "linear_bytes_after": lin_after,
+            "kernel": int8_kernels.resolve_kernel(kernel)}
+
+
+def plan(model, **options):
+    """Memory, fit and speed of MODEL (a .gguf, .safetensors, HF directory or built-in name);
+    options are quantkit.plan.planner.PlanOptions fields (devices=["rtx-3060"], n_ctx=4096, ...)."""
+    from .plan.planner import PlanOptions, plan as _plan
+    return _plan(model, PlanOptions(**options))
+
+
+def explain(name: str):
+    """What a model name says: method, bits, group size, file format, runtime, sizes."""
+    from .plan.names import explain as _explain
+    return _explain(name)
+
+
+def distill(**options) -> dict:
+    """Fine-tune or distil a BERT-family encoder (issue 6). Options are the fields of
+    quantkit.distill.trainer.DistillConfig: objective ("finetune" | "kd" | "embed"), teacher,
+    train, output, dev, num_layers / layers / hidden / student, temperature, alpha,
+    relation_weight, augment, epochs / max_steps, ... Returns a summary dict (losses, dev
+    accuracy or cosine, sizes); the model is written to `output` atomically."""
+    from .distill.trainer import DistillConfig, distill as _distill
+    from .util.errors import QuantkitError
+
+    unknown = sorted(set(options) - set(DistillConfig.__dataclass_fields__))
+    if unknown:
+        raise QuantkitError(f"unknown distill option(s): {', '.join(unknown)}")
+    return _distill(DistillConfig(**options))

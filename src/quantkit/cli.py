@@ -20,6 +20,9 @@ COMMANDS = [
     "inspect",
     "quantize",
     "demo",
+    "plan",
+    "explain",
+    "distill",
 ]
 
 

@@ -8,7 +8,7 @@ descent step, runs over all sub-blocks of a chunk at once, while the arithmetic 
 the C expression by expression in float32. What makes the bytes equal:
 
 - sums are accumulated in C's order (element 0, then 1, ...) starting from 0.0f, never with a
-  pairwise/vectorized reduction, which rounds differently (`_seqsum`);
+  pairwise/vectorized reduction, which rounds differently (`_seqsum_into`);
 - ggml's `nearest_int` (add 1.5*2^23 and keep the mantissa) rounds half to even; where its
   argument is provably small (|v| < 2^22) `torch.round` is the same function, elsewhere
   (x/d with d read back from fp16) the bit trick is emulated exactly (`_nearest_int`);
@@ -27,6 +27,8 @@ multiply-adds and no reassociation: every float op rounds once, as torch's eleme
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -43,11 +45,6 @@ _MAGIC = 12582912.0                        # 1.5 * 2**23, nearest_int's rounding
 _GROUP_MAX_EPS = float(np.float32(1e-15))  # GROUP_MAX_EPS = 1e-15f
 
 
-def _f32(v) -> float:
-    """A python float holding exactly the float32 value of v (so torch uses that value)."""
-    return float(np.float32(v))
-
-
 def _nearest_int(v: torch.Tensor) -> torch.Tensor:
     """ggml's nearest_int, bit for bit (also outside its asserted range): float32 -> int32."""
     return ((v + _MAGIC).view(torch.int32) & 0x7FFFFF) - 0x400000
@@ -58,16 +55,8 @@ def _wrap_i8(v: torch.Tensor) -> torch.Tensor:
     return ((v + 128) & 0xFF) - 128
 
 
-def _seqsum(p: torch.Tensor) -> torch.Tensor:
-    """sum over dim 0 in C's order `s = 0; s += p[0]; s += p[1]; ...` in float32."""
-    s = p[0] + 0.0
-    for i in range(1, p.shape[0]):
-        s += p[i]
-    return s
-
-
-def _seqsum_from_first(p: torch.Tensor) -> torch.Tensor:
-    """`s = p[0]; s += p[1]; ...` (a C sum initialised with its first term)."""
+def _seqsum_first(p: torch.Tensor) -> torch.Tensor:
+    """`s = p[0]; s += p[1]; ...` (a C sum initialised with its first term), float32."""
     s = p[0].clone()
     for i in range(1, p.shape[0]):
         s += p[i]
@@ -84,16 +73,42 @@ def _sqrtf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _first_absmax(x: torch.Tensor):
-    """Per column of x[n, M]: the first element of largest magnitude (with sign) and |it|."""
-    idx = x.abs().argmax(dim=0, keepdim=True)
-    v = x.gather(0, idx)[0]
-    return v, v.abs()
+    """`amax = 0; max = 0; for v: if (fabsf(v) > amax) {amax = fabsf(v); max = v;}` per column
+    of x[n, M]: the first element of largest magnitude, with its sign, and its magnitude. A NaN
+    never compares greater (a sub-block scale is NaN where x*x*x overflowed)."""
+    ax = x.abs()
+    ax = torch.where(ax > 0, ax, torch.zeros_like(ax))
+    idx = ax.argmax(dim=0, keepdim=True)
+    amax = ax.gather(0, idx)[0]
+    v = torch.where(amax > 0, x.gather(0, idx)[0], torch.zeros_like(amax))
+    return v, amax
+
+
+def _absmax_signed(x: torch.Tensor):
+    """_first_absmax for finite data, faster: max and min decide, except where +a and -a are
+    both present (then the first one wins, as C's strict `>` keeps it)."""
+    mx = x.amax(dim=0)
+    mn = x.amin(dim=0)
+    neg = -mn
+    amax = torch.maximum(mx, neg)
+    v = torch.where(mx >= neg, mx, mn)
+    tie = (mx == neg) & (mx > 0)
+    if bool(tie.any()):
+        cols = tie.nonzero()[:, 0]
+        sub = x[:, cols]
+        v[cols] = sub.gather(0, sub.abs().argmax(dim=0, keepdim=True))[0]
+    return v, amax
 
 
 def _positive_max(t: torch.Tensor) -> torch.Tensor:
     """`m = 0; for v: if (v > m) m = v` per row of t[nb, k] (+0.0 when nothing is positive)."""
-    m = t.max(dim=1).values
-    return torch.where(m > 0, m, torch.zeros_like(m))
+    return torch.where(t > 0, t, torch.zeros_like(t)).max(dim=1).values
+
+
+def _levels(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """MAX(lo, MIN(hi, nearest_int(v))) - lo as int32, in place on the temporary v."""
+    b = v.add_(_MAGIC).view(torch.int32)
+    return b.bitwise_and_(0x7FFFFF).clamp_(0x400000 + lo, 0x400000 + hi).sub_(0x400000 + lo)
 
 
 def _fp16(v: torch.Tensor):
@@ -107,109 +122,152 @@ def _cols(x: torch.Tensor, sub: int) -> torch.Tensor:
     return x.reshape(-1, sub).t().contiguous()
 
 
-def _rows(c: torch.Tensor, nb: int) -> torch.Tensor:
-    return c.t().reshape(nb, QK_K)
+def _rows_u8(L: torch.Tensor, nb: int) -> torch.Tensor:
+    """Levels [sub, M] (int, small) -> uint8 [nb, 256] in element order."""
+    return L.to(torch.uint8).t().reshape(nb, QK_K)
+
+
+def _seqsum_into(p, out: torch.Tensor) -> torch.Tensor:
+    """out = sum of p's rows (a [n, M] tensor or a list of its rows) in C's order from 0.0f."""
+    torch.add(p[0], 0.0, out=out)
+    for row in p[1:]:
+        out.add_(row)
+    return out
 
 
 # ----------------------------------------------------------------------------- scale searches
 
-def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over columns of x[n, M].
+def _qx_numerators(nmax: int) -> torch.Tensor:
+    """make_qx_quants' inverse-scale numerators in its order: -nmax, then -(nmax + 0.1f*is)."""
+    nums = [np.float32(-nmax)] + [-(np.float32(nmax) + np.float32(0.1) * np.float32(s))
+                                  for s in range(-9, 10) if s != 0]
+    return torch.from_numpy(np.array(nums, dtype=np.float32)).reshape(-1, 1)
 
-    Returns (scale [M], L [n, M] float holding nmax + l). Instead of copying L on every improved
-    candidate, the winning inverse scale is kept and L recomputed from it at the end (same value).
+
+def _make_qx_search(x: torch.Tensor, nmax: int):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over the columns of x[n, M].
+
+    Returns (scale, iscale, zero), each [M]: the returned scale, the inverse scale whose levels
+    C leaves in L, and the all-zero columns (L = 0 there). L itself is only needed where the
+    caller's fp16 scale turns out 0, so it is computed there only (`_qx_levels`).
+    The 19 candidate sums are computed first; the choice among them, whose float rounding
+    depends on the running best, is then replayed in C's order.
     """
-    maxv, amax = _first_absmax(x)
+    n, M = x.shape
+    maxv, amax = _absmax_signed(x)
     zero = amax < _GROUP_MAX_EPS
-    safe_max = torch.where(zero, torch.ones_like(maxv), maxv)
+    iscales = torch.div(_qx_numerators(nmax).expand(-1, M), torch.where(zero, 1.0, maxv))
+    K = iscales.shape[0]
     w = x * x
     wx = w * x
-
-    def sums(iscale):
-        l = (x * iscale).round_().clamp_(-nmax, nmax - 1)   # |x*iscale| <= ~33: round == nearest_int
-        sumlx = _seqsum(wx * l)
-        wl = w * l
-        wl *= l
-        return sumlx, _seqsum(wl)
-
-    iscale = _div(float(-nmax), safe_max)
-    best_iscale = iscale
-    sumlx, suml2 = sums(iscale)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        num = -(np.float32(nmax) + np.float32(0.1) * np.float32(step))
-        iscale = _div(float(num), safe_max)
-        sumlx, suml2 = sums(iscale)
-        cand = sumlx / suml2
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        scale = torch.where(better, cand, scale)
-        best = torch.where(better, cand * sumlx, best)
-        best_iscale = torch.where(better, iscale, best_iscale)
-    L = (x * best_iscale).round_().clamp_(-nmax, nmax - 1) + nmax
-    L = torch.where(zero, torch.zeros_like(L), L)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
+    l = torch.empty_like(x)
+    p = torch.empty_like(x)
+    p_rows = list(p.unbind(0))
+    sumlx = torch.empty((K, M), dtype=torch.float32)
+    suml2 = torch.empty((K, M), dtype=torch.float32)
+    for k in range(K):
+        # |x*iscale| <= ~33 here, where torch.round (half to even) equals nearest_int.
+        torch.mul(x, iscales[k], out=l).round_().clamp_(-nmax, nmax - 1)
+        torch.mul(wx, l, out=p)
+        _seqsum_into(p_rows, sumlx[k])
+        torch.mul(w, l, out=p).mul_(l)
+        _seqsum_into(p_rows, suml2[k])
+    cand = sumlx / suml2
+    cand[0] = torch.where(suml2[0] != 0, cand[0], 0.0)
+    best = cand[0] * sumlx[0]
+    best_k = torch.zeros((1, M), dtype=torch.int64)
+    for k in range(1, K):
+        s1, s2 = sumlx[k], suml2[k]
+        better = (s2 > 0) & (s1 * s1 > best * s2)
+        best = torch.where(better, cand[k] * s1, best)
+        best_k[0].masked_fill_(better, k)
+    scale = cand.gather(0, best_k)[0].masked_fill_(zero, 0.0)
+    return scale, iscales.gather(0, best_k)[0], zero
 
 
-def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                      nstep: int, use_mad: bool):
-    """make_qkx2_quants over columns of x[n, M] with weights w[n, M].
+def _qx_levels(x: torch.Tensor, iscale: torch.Tensor, zero: torch.Tensor, nmax: int) -> torch.Tensor:
+    """The L that make_qx_quants leaves (nmax + l, or 0 for an all-zero column), int32."""
+    l = (x * iscale).round_().clamp_(-nmax, nmax - 1).add_(nmax).to(torch.int32)
+    return l.masked_fill_(zero, 0)
 
-    Returns (scale [M], the_min [M] (= -min >= 0), L [n, M] float in 0..nmax). Note the C loop
-    updates `min` when a candidate wins, and later candidates use the updated min both in their
-    inverse scale and in x - min: the state is carried per column here exactly so.
+
+def _finite(iscale: torch.Tensor) -> torch.Tensor:
+    """An inverse scale for `l = MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))`.
+
+    A finite iscale keeps |iscale*(x - min)| <= ~nmax, where torch.round equals nearest_int. When
+    max - min is so small (subnormal) that iscale overflows to inf, C's nearest_int(inf) and
+    nearest_int(NaN) (from inf*0) give -2^22 and 0, clamped to 0: iscale 0 gives the same L = 0.
     """
-    mn = x.min(dim=0).values
-    mx = x.max(dim=0).values
-    sum_w = _seqsum_from_first(w)
-    sum_x = _seqsum_from_first(w * x)
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    return iscale.masked_fill_(torch.isinf(iscale), 0.0)
+
+
+def _make_qkx2_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                      nstep: int, use_mad: bool):
+    """make_qkx2_quants over the columns of x[n, M] with weights w[n, M].
+
+    Returns (scale, the_min, iscale, min_used, flat), each [M]: the returned scale and -min,
+    and the inverse scale and min from which C's L was computed (`_qkx2_levels`). The C loop
+    updates `min` when a candidate wins, and later candidates use the updated min both in their
+    inverse scale and in x - min: that state is carried per column exactly so.
+    """
+    mn = x.amin(dim=0)
+    mx = x.amax(dim=0)
+    sum_w = _seqsum_first(w)
+    sum_x = _seqsum_first(w * x)
+    # `if (min > 0) min = 0`; a -0.0 left here changes no byte (only |.| and x - min of zeros).
+    mn.clamp_(max=0.0)
     flat = mx == mn
-    one = torch.ones_like(mn)
+    t = torch.empty_like(x)
+    e = torch.empty_like(x)
+    wl = torch.empty_like(x)
+    e_rows, wl_rows = list(e.unbind(0)), list(wl.unbind(0))
 
-    def error(scale, lv, minv):
-        diff = scale * lv
-        diff += minv
-        diff -= x
-        diff = diff.abs_() if use_mad else diff.mul_(diff)
-        return _seqsum(w * diff)
+    def levels(iscale, minv):
+        torch.sub(x, minv, out=t).mul_(iscale).round_().clamp_(0, nmax)
 
-    rng = torch.where(flat, one, mx - mn)
-    iscale = _div(float(nmax), rng)
+    def error(scale, minv):
+        torch.mul(t, scale, out=e).add_(minv).sub_(x)
+        e.abs_() if use_mad else e.mul_(e)
+        e.mul_(w)
+        return _seqsum_into(e_rows, torch.empty_like(scale))
+
+    iscale = _div(float(nmax), torch.where(flat, 1.0, mx - mn))
     scale = _div(1.0, iscale)
-    L = (iscale * (x - mn)).round_().clamp_(0, nmax)      # |.| <= nmax: round == nearest_int
-    best_error = error(scale, L, mn)
-    sel_iscale, sel_min = iscale, mn
-    cur_min = mn
+    iscale = _finite(iscale)
+    levels(iscale, mn)
+    best_error = error(scale, mn)
+    sel_iscale, sel_min, cur_min = iscale, mn, mn
     for step in range(nstep + 1):
         num = (np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
-        iscale = _div(float(num), torch.where(flat, one, mx - cur_min))
-        laux = (iscale * (x - cur_min)).round_().clamp_(0, nmax)
-        wl = w * laux
-        sum_l = _seqsum(wl)
-        sum_xl = _seqsum(wl * x)
-        wl *= laux
-        sum_l2 = _seqsum(wl)
+        iscale = _finite(_div(float(num), torch.where(flat, 1.0, mx - cur_min)))
+        levels(iscale, cur_min)
+        torch.mul(w, t, out=wl)
+        sum_l = _seqsum_into(wl_rows, torch.empty_like(mn))
+        torch.mul(wl, x, out=e)
+        sum_xl = _seqsum_into(e_rows, torch.empty_like(mn))
+        wl.mul_(t)
+        sum_l2 = _seqsum_into(wl_rows, torch.empty_like(mn))
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        cur_error = error(this_scale, laux, this_min)
+        if bool(pos.any()):
+            this_min = torch.where(pos, 0.0, this_min)
+            this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        cur_error = error(this_scale, this_min)
         better = (D > 0) & (cur_error < best_error)
         sel_iscale = torch.where(better, iscale, sel_iscale)
         sel_min = torch.where(better, cur_min, sel_min)
         best_error = torch.where(better, cur_error, best_error)
         scale = torch.where(better, this_scale, scale)
         cur_min = torch.where(better, this_min, cur_min)
-    L = (sel_iscale * (x - sel_min)).round_().clamp_(0, nmax)
-    L = torch.where(flat, torch.zeros_like(L), L)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -cur_min, L
+    scale = scale.masked_fill(flat, 0.0)
+    return scale, -cur_min, sel_iscale, sel_min, flat
+
+
+def _qkx2_levels(x, iscale, minv, flat, nmax) -> torch.Tensor:
+    l = (x - minv).mul_(iscale).round_().clamp_(0, nmax).to(torch.int32)
+    return l.masked_fill_(flat, 0)
 
 
 def _make_q3_quants_rmse(x: torch.Tensor, nmax: int):
@@ -219,27 +277,24 @@ def _make_q3_quants_rmse(x: torch.Tensor, nmax: int):
     the next element sees, so it runs element by element, vectorized over columns. Columns that
     stop changing are left in the loop: a pass without change is a fixed point, so further
     passes change nothing, as C's early break assumes.
-    Returns (scale [M], L [n, M] float: nmax + l, or 0 for an all-zero column).
+    Returns (scale [M], L [n, M] int32: nmax + l, or 0 for an all-zero column).
     """
-    maxv, amax = _first_absmax(x)
+    maxv, amax = _absmax_signed(x)
     zero = amax < _GROUP_MAX_EPS
-    safe_max = torch.where(zero, torch.ones_like(maxv), maxv)
-    iscale = _div(float(-nmax), safe_max)
+    iscale = _div(float(-nmax), torch.where(zero, 1.0, maxv))
     L = (x * iscale).round_().clamp_(-nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = _seqsum(wx * L)
-    wl = w * L
-    wl *= L
-    suml2 = _seqsum(wl)
+    sumlx = _seqsum_into(wx * L, torch.empty_like(maxv))
+    suml2 = _seqsum_into((w * L).mul_(L), torch.empty_like(maxv))
     for _ in range(5):
         changed = torch.zeros_like(zero)
         for i in range(x.shape[0]):
-            li, wi, wxi, xi = L[i], w[i], wx[i], x[i]
+            li, wi, wxi = L[i], w[i], wx[i]
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
-            ratio = xi * sl2 / slx          # may be huge when slx is tiny: exact nearest_int
-            new_l = _nearest_int(ratio).clamp_(-nmax, nmax - 1).float()
+            # x*sl2/slx is unbounded when slx is tiny: nearest_int emulated exactly.
+            new_l = _levels(x[i] * sl2 / slx, -nmax, nmax - 1).sub_(nmax).float()
             slx_new = slx + wxi * new_l
             sl2_new = sl2 + wi * new_l * new_l
             accept = ((slx > 0) & (new_l != li) & (sl2_new > 0)
@@ -250,10 +305,8 @@ def _make_q3_quants_rmse(x: torch.Tensor, nmax: int):
             changed |= accept
         if not bool(changed.any()):
             break
-    L += nmax
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    L = torch.where(zero, torch.zeros_like(L), L)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    scale = torch.where(suml2 > 0, sumlx / suml2, 0.0).masked_fill_(zero, 0.0)
+    L = L.add_(nmax).to(torch.int32).masked_fill_(zero, 0)
     return scale, L
 
 
@@ -263,7 +316,7 @@ def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
     """L[nb, 256] in 0..3 -> qs[nb, 64]: byte 32h + l holds L[128h + l + 32k] at bits 2k."""
     q = L.reshape(-1, 2, 4, 32)
     out = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-    return out.reshape(-1, 64).to(torch.uint8)
+    return out.reshape(-1, 64)
 
 
 def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
@@ -299,25 +352,28 @@ def _f16_from(b: torch.Tensor) -> torch.Tensor:
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     xs = _cols(x, 16)
-    scale, L = _make_qx_quants_rmse1(xs, 32)
+    scale, best_iscale, zero = _make_qx_search(xs, 32)
     sc = scale.reshape(nb, 16)
     max_scale, max_abs = _first_absmax(sc.t())
     zero_block = max_abs < _GROUP_MAX_EPS
-    iscale = _div(-128.0, torch.where(zero_block, torch.ones_like(max_scale), max_scale))
+    iscale = _div(-128.0, torch.where(zero_block, 1.0, max_scale))
     d_bytes, d = _fp16(_div(1.0, iscale))
     q_sc = _wrap_i8(_nearest_int(iscale[:, None] * sc).clamp_(max=127))
     dl = (d[:, None] * q_sc.float()).reshape(-1)
     nz = dl != 0
-    lf = _nearest_int(xs / torch.where(nz, dl, torch.ones_like(dl))).clamp_(-32, 31) + 32
-    Li = torch.where(nz, lf, L.to(torch.int32))
-    Li = _rows(Li, nb).reshape(nb, 2, 4, 32)
-    lo = Li & 0xF
+    L = _levels(xs / torch.where(nz, dl, 1.0), -32, 31)
+    if not bool(nz.all()):   # `if (!d) continue;`: make_qx_quants' levels stay
+        cols = (~nz).nonzero()[:, 0]
+        L[:, cols] = _qx_levels(xs[:, cols], best_iscale[cols], zero[cols], 32)
+    Lb = _rows_u8(L, nb).reshape(nb, 2, 4, 32)
+    lo = Lb & 0xF
     ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)
-    hi = Li >> 4
+    hi = Lb >> 4
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = torch.cat([ql.reshape(nb, 128).to(torch.uint8), qh.reshape(nb, 64).to(torch.uint8),
-                     q_sc.to(torch.int8).view(torch.uint8), d_bytes], dim=1)
-    out[zero_block] = 0
+    out = torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), q_sc.to(torch.int8).view(torch.uint8), d_bytes],
+                    dim=1)
+    if bool(zero_block.any()):
+        out[zero_block] = 0
     return out
 
 
@@ -336,17 +392,17 @@ def _dq6_k(b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Q4_K / Q5_K
 
 def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
-    """The common part of quantize_row_q4_K_ref / q5_K_ref: scales, mins, header, L[nb, 256]."""
+    """The common part of quantize_row_q4_K_ref / q5_K_ref: header bytes and levels uint8[nb, 256]."""
     nb = x.shape[0]
     xs = _cols(x, 32)
-    av_x = _sqrtf(_seqsum(xs * xs) / 32.0)
-    w = av_x[None] + xs.abs()
-    scale, the_min, L = _make_qkx2_quants(xs, w, nmax, rmin, 0.1, nstep, False)
+    av_x = _sqrtf(_seqsum_into(xs * xs, torch.empty(xs.shape[1])) / 32.0)
+    w = xs.abs().add_(av_x)
+    scale, the_min, sel_iscale, sel_min, flat = _make_qkx2_search(xs, w, nmax, rmin, 0.1, nstep, False)
     sc, mins = scale.reshape(nb, 8), the_min.reshape(nb, 8)
     max_scale, max_min = _positive_max(sc), _positive_max(mins)
-    one = torch.ones_like(max_scale)
-    inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale, one)), 0 * one)
-    inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, one)), 0 * one)
+    inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+    inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+    # (uint8_t)nearest_int(..) wraps modulo 256 before MIN(63, ..)
     ls = (_nearest_int(inv_scale[:, None] * sc) & 0xFF).clamp_(max=63)
     lm = (_nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     d_bytes, d = _fp16(max_scale / 63.0)
@@ -354,28 +410,30 @@ def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     dl = (d[:, None] * ls.float()).reshape(-1)
     ml = (dmin[:, None] * lm.float()).reshape(-1)
     nz = dl != 0
-    lf = _nearest_int((xs + ml) / torch.where(nz, dl, torch.ones_like(dl))).clamp_(0, nmax)
-    Li = _rows(torch.where(nz, lf, L.to(torch.int32)), nb)
+    L = _levels((xs + ml).div_(torch.where(nz, dl, 1.0)), 0, nmax)
+    if not bool(nz.all()):
+        cols = (~nz).nonzero()[:, 0]
+        L[:, cols] = _qkx2_levels(xs[:, cols], sel_iscale[cols], sel_min[cols], flat[cols], nmax)
     header = torch.cat([d_bytes, m_bytes, _pack_k4_scales(ls, lm)], dim=1)
-    return header, Li
+    return header, _rows_u8(L, nb)
 
 
 def _q4_k(x: torch.Tensor) -> torch.Tensor:
     header, L = _q45_k(x, 15, -1.0, 20)
     q = L.reshape(-1, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128).to(torch.uint8)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
     return torch.cat([header, qs], dim=1)
 
 
 def _q5_k(x: torch.Tensor) -> torch.Tensor:
     header, L = _q45_k(x, 31, -0.5, 15)
     q = L.reshape(-1, 4, 2, 32)
-    ql = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128).to(torch.uint8)
+    ql = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
     hb = (q >> 4).reshape(-1, 8, 32)          # bit k of qh[j]: high bit of L[32k + j]
-    qh = torch.zeros_like(hb[:, 0])
-    for k in range(8):
+    qh = hb[:, 0].clone()
+    for k in range(1, 8):
         qh |= hb[:, k] << k
-    return torch.cat([header, qh.to(torch.uint8), ql], dim=1)
+    return torch.cat([header, qh, ql], dim=1)
 
 
 def _dq45_k(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -408,28 +466,29 @@ def _dq5_k(b: torch.Tensor) -> torch.Tensor:
 def _q3_k(x: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     xs = _cols(x, 16)
-    scale, L = _make_q3_quants_rmse(xs, 4)
+    scale, L0 = _make_q3_quants_rmse(xs, 4)
     sc = scale.reshape(nb, 16)
     max_scale, _ = _first_absmax(sc.t())
     has = max_scale != 0
-    iscale = _div(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
+    iscale = _div(-32.0, torch.where(has, max_scale, 1.0))
     l = _wrap_i8(_nearest_int(iscale[:, None] * sc)).clamp_(-32, 31) + 32
-    l = torch.where(has[:, None], l, torch.zeros_like(l))
-    d_bytes, d = _fp16(torch.where(has, _div(1.0, iscale), torch.zeros_like(iscale)))
+    l = l.masked_fill_(~has[:, None], 0)
+    d_bytes, d = _fp16(torch.where(has, _div(1.0, iscale), 0.0))
     dl = (d[:, None] * (l - 32).float()).reshape(-1)
     nz = dl != 0
-    lf = _nearest_int(xs / torch.where(nz, dl, torch.ones_like(dl))).clamp_(-4, 3) + 4
-    Li = _rows(torch.where(nz, lf, L.to(torch.int32)), nb)
-    hb = (Li >> 2).reshape(nb, 8, 32)            # L > 3: bit k of hmask[m] for element 32k + m
-    hmask = torch.zeros_like(hb[:, 0])
-    for k in range(8):
+    L = _levels(xs / torch.where(nz, dl, 1.0), -4, 3)
+    if not bool(nz.all()):
+        L = torch.where(nz, L, L0)
+    Lb = _rows_u8(L, nb)
+    hb = (Lb >> 2).reshape(nb, 8, 32)            # L > 3: bit k of hmask[m] for element 32k + m
+    hmask = hb[:, 0].clone()
+    for k in range(1, 8):
         hmask |= hb[:, k] << k
     lo, hi = l[:, :8], l[:, 8:]
     s_lo = (lo & 0xF) | ((hi & 0xF) << 4)
     g = (l >> 4).reshape(nb, 4, 4)               # scale 4g + k: bits 2g..2g+1 of byte 8 + k
     s_hi = g[:, 0] | (g[:, 1] << 2) | (g[:, 2] << 4) | (g[:, 3] << 6)
-    return torch.cat([hmask.to(torch.uint8), _pack_2bit(Li & 3), s_lo.to(torch.uint8),
-                      s_hi.to(torch.uint8), d_bytes], dim=1)
+    return torch.cat([hmask, _pack_2bit(Lb & 3), s_lo.to(torch.uint8), s_hi.to(torch.uint8), d_bytes], dim=1)
 
 
 def _dq3_k(b: torch.Tensor) -> torch.Tensor:
@@ -451,24 +510,25 @@ def _dq3_k(b: torch.Tensor) -> torch.Tensor:
 def _q2_k(x: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     xs = _cols(x, 16)
-    scale, the_min, L = _make_qkx2_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
+    scale, the_min, sel_iscale, sel_min, flat = _make_qkx2_search(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
     sc, mins = scale.reshape(nb, 16), the_min.reshape(nb, 16)
     max_scale, max_min = _positive_max(sc), _positive_max(mins)
-    one = torch.ones_like(max_scale)
     has_s, has_m = max_scale > 0, max_min > 0
-    iscale = _div(15.0, torch.where(has_s, max_scale, one))
-    imin = _div(15.0, torch.where(has_m, max_min, one))
-    ls = torch.where(has_s[:, None], _nearest_int(iscale[:, None] * sc), torch.zeros_like(sc, dtype=torch.int32))
-    lm = torch.where(has_m[:, None], _nearest_int(imin[:, None] * mins), torch.zeros_like(sc, dtype=torch.int32))
-    scales = (ls | (lm << 4)) & 0xFF
-    d_bytes, d = _fp16(torch.where(has_s, max_scale / 15.0, 0 * one))
-    m_bytes, dmin = _fp16(torch.where(has_m, max_min / 15.0, 0 * one))
+    iscale = _div(15.0, torch.where(has_s, max_scale, 1.0))
+    imin = _div(15.0, torch.where(has_m, max_min, 1.0))
+    ls = _nearest_int(iscale[:, None] * sc).masked_fill_(~has_s[:, None], 0)
+    lm = _nearest_int(imin[:, None] * mins).masked_fill_(~has_m[:, None], 0)
+    scales = (ls | (lm << 4)) & 0xFF                 # stored through uint8_t
+    d_bytes, d = _fp16(torch.where(has_s, max_scale / 15.0, 0.0))
+    m_bytes, dmin = _fp16(torch.where(has_m, max_min / 15.0, 0.0))
     dl = (d[:, None] * (scales & 0xF).float()).reshape(-1)
     ml = (dmin[:, None] * (scales >> 4).float()).reshape(-1)
     nz = dl != 0
-    lf = _nearest_int((xs + ml) / torch.where(nz, dl, torch.ones_like(dl))).clamp_(0, 3)
-    Li = _rows(torch.where(nz, lf, L.to(torch.int32)), nb)
-    return torch.cat([scales.to(torch.uint8), _pack_2bit(Li), d_bytes, m_bytes], dim=1)
+    L = _levels((xs + ml).div_(torch.where(nz, dl, 1.0)), 0, 3)
+    if not bool(nz.all()):
+        cols = (~nz).nonzero()[:, 0]
+        L[:, cols] = _qkx2_levels(xs[:, cols], sel_iscale[cols], sel_min[cols], flat[cols], 3)
+    return torch.cat([scales.to(torch.uint8), _pack_2bit(_rows_u8(L, nb)), d_bytes, m_bytes], dim=1)
 
 
 def _dq2_k(b: torch.Tensor) -> torch.Tensor:
@@ -493,18 +553,39 @@ def _check_blocks(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def quantize_blocks(name: str, x: torch.Tensor) -> torch.Tensor:
+def _in_chunks(fn, n: int, chunk: int, threads: int | None) -> None:
+    """Run fn(start) for every chunk start, on `threads` worker threads (default: torch's
+    intra-op thread count), each with torch's intra-op parallelism off.
+
+    The codecs issue many small ops; letting torch split each of them over OpenMP threads costs
+    far more than it gains, and on a machine busy with other work (oversubscribed cores) it was
+    measured 15x slower. Whole chunks per thread scale instead (torch releases the GIL in ops).
+    """
+    starts = range(0, n, chunk)
+    threads = max(1, min(threads or torch.get_num_threads(), len(starts)))
+    saved = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            for _ in pool.map(fn, starts):
+                pass
+    finally:
+        torch.set_num_threads(saved)   # the pool's setting is process-wide for new threads
+
+
+def quantize_blocks(name: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """float32 [n, 256] -> uint8 [n, type_size], the bytes of quantize_row_<name>_ref."""
     q = qtype(name)
     if q.name not in _ENCODERS:
         raise KeyError(f"{name} is not a K-quant type handled here ({', '.join(K_TYPES)})")
     x = _check_blocks(q.name, x)
     enc = _ENCODERS[q.name]
-    if x.shape[0] == 0:
-        return torch.zeros((0, q.type_size), dtype=torch.uint8)
-    parts = [enc(x[i:i + CHUNK_BLOCKS]) for i in range(0, x.shape[0], CHUNK_BLOCKS)]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    assert out.shape == (x.shape[0], q.type_size)
+    out = torch.empty((x.shape[0], q.type_size), dtype=torch.uint8)
+
+    def work(i):
+        out[i:i + CHUNK_BLOCKS] = enc(x[i:i + CHUNK_BLOCKS])
+
+    _in_chunks(work, x.shape[0], CHUNK_BLOCKS, threads)
     return out
 
 
@@ -571,14 +652,15 @@ def is_kquant(name) -> bool:
         return False
 
 
-def quantize(name: str, x2d: torch.Tensor) -> torch.Tensor:
+def quantize(name: str, x2d: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """float32 [rows, n] -> uint8 [rows, row_bytes] (n a multiple of 256), llama.cpp's bytes."""
     q = qtype(name)
     if x2d.dim() != 2:
         raise ValueError(f"{q.name}: expected a 2-D tensor, got shape {tuple(x2d.shape)}")
     rows, n = x2d.shape
     row_bytes = q.row_bytes(n)   # raises on a row that is not a multiple of 256
-    return quantize_blocks(q.name, x2d.reshape(-1, QK_K) if rows * n else x2d.new_zeros((0, QK_K))).reshape(rows, row_bytes)
+    blocks = x2d.reshape(-1, QK_K) if rows * n else x2d.new_zeros((0, QK_K))
+    return quantize_blocks(q.name, blocks, threads).reshape(rows, row_bytes)
 
 
 def dequantize(name: str, data: torch.Tensor, shape) -> torch.Tensor:

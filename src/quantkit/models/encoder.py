@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -209,11 +209,16 @@ def _build_bert(cfg: dict):
     return BertModel(config, add_pooling_layer=False)
 
 
-def load_encoder(path: str | os.PathLike | None = None) -> Encoder:
-    """Load an HF BERT directory or a quantkit-saved encoder (fp32 or int8); None = bundled."""
-    from safetensors.torch import load_file
+def load_encoder(path: str | os.PathLike | None = None,
+                 prepare: Callable[[Encoder, dict], None] | None = None) -> Encoder:
+    """Load an HF BERT directory or a quantkit-saved encoder; None = the bundled MiniLM.
 
-    from ..quant.dynamic import prepare_dynamic_
+    A quantized encoder needs its int8 module structure rebuilt before the tensors load; the
+    quantizer that wrote it supplies that as `prepare(encoder, meta.quantization)` (models sit
+    below quant, so this floor does not import it): use quant.dynamic.open_encoder, or
+    quantkit.api.load_encoder, which pass it.
+    """
+    from safetensors.torch import load_file
 
     p = bundled_encoder_path() if path is None else os.fspath(path)
     cfg = check_encoder_dir(p)
@@ -236,7 +241,10 @@ def load_encoder(path: str | os.PathLike | None = None) -> Encoder:
     bert = _build_bert(cfg)
     enc = Encoder(bert, load_tokenizer(p), meta, source_dir=p)
     if meta.quantization:
-        prepare_dynamic_(enc, meta.quantization["modules"])
+        if prepare is None:
+            raise QuantkitError(f"this encoder is quantized ({meta.quantization.get('method')})", p,
+                                "load it with quantkit.api.load_encoder")
+        prepare(enc, meta.quantization)
     try:
         sd = load_file(weights)
     except Exception as e:

@@ -9,6 +9,8 @@ file is complete (gguf-py's GGUFWriter enforces the order).
 from __future__ import annotations
 
 import os
+import struct
+import warnings
 from typing import Callable, Iterable
 
 import numpy as np
@@ -21,6 +23,9 @@ from ..codecs.registry import qtype
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
 from .source import ArchSpec, MetaValue, ModelSource, TensorInfo, Tokenizer
+
+# Tensors over a read-only memory map are only ever read here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 # Keys a writer sets itself, or that describe the container rather than the model.
 _WRITER_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture",
@@ -161,6 +166,32 @@ class GGUFSource(ModelSource):
 # --------------------------------------------------------------------------------------------
 # Writing
 
+_NUMPY_OF = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+             GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+             GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
+             GGUFValueType.FLOAT64: "<f8"}
+
+
+class _FastWriter(GGUFWriter):
+    """GGUFWriter packing long arrays (a 262k-token vocabulary) in bulk instead of item by item;
+    the bytes are the same as gguf-py's."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if vtype != GGUFValueType.ARRAY or sub_type is None or len(val) < 64:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = struct.pack("<I", vtype) if add_vtype else b""
+        head += struct.pack("<IQ", sub_type, len(val))
+        if sub_type in _NUMPY_OF:
+            return head + np.asarray(val, dtype=_NUMPY_OF[sub_type]).tobytes()
+        if sub_type == GGUFValueType.STRING:
+            enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
+            lens = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc))
+            parts = [None] * (2 * len(enc))
+            parts[0::2] = [l.tobytes() for l in lens]
+            parts[1::2] = enc
+            return head + b"".join(parts)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
 
 def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, MetaValue],
                     tensors: list[tuple[str, tuple[int, ...], str]],
@@ -170,7 +201,7 @@ def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, Meta
     `produce(name)` returns the tensor's bytes (uint8, exactly qtype.nbytes(shape)) one at a time.
     The file appears at `path` only when complete."""
     with atomic_output(path) as tmp:
-        w = GGUFWriter(tmp, arch)
+        w = _FastWriter(tmp, arch)
         for key, mv in metadata.items():
             if key in _WRITER_KEYS:
                 continue

@@ -101,12 +101,19 @@ class HFSource(ModelSource):
             raise QuantkitError(f"unsupported architecture {what}", cfg_path,
                                 f"supported: {', '.join(supported_hf_architectures())}")
         self.hf_arch: HFArch = arch
+        for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+            if key not in self.hparams and key in arch.defaults:
+                self.hparams[key] = arch.defaults[key]
+            if not isinstance(self.hparams.get(key), int) or self.hparams[key] <= 0:
+                raise QuantkitError(f"config.json has no valid {key}", cfg_path,
+                                    "the config does not describe a complete model")
 
         self._handles: dict[str, Any] = {}
         self._raw_index: dict[str, tuple[str, tuple[int, ...], str]] = self._index_weights()
 
+        # llama.cpp needs one token per embedding row: pad the vocabulary to the rows
         vocab_rows = self._embedding_rows()
-        tok = convert_tokenizer(self.path, self.config, self.hparams.get("vocab_size") or vocab_rows,
+        tok = convert_tokenizer(self.path, self.config, vocab_rows or self.hparams.get("vocab_size"),
                                 add_space_prefix=arch.spm_add_space_prefix)
         self.tokenizer = tok.tokenizer
         self._entries = self._plan_tensors(tok.n_tokens)
@@ -233,6 +240,14 @@ class HFSource(ModelSource):
             if f"blk.{i}.attn_q.weight" not in entries:
                 raise QuantkitError(f"checkpoint has no weights for layer {i}", self.path,
                                     "the weights are incomplete or num_hidden_layers is wrong")
+        head_dim = self._head_dim()
+        for which, heads in (("q", n_head), ("k", n_head_kv), ("v", n_head_kv)):
+            e = entries[f"blk.0.attn_{which}.weight"]
+            if e.shape[0] != heads * head_dim:
+                raise QuantkitError(
+                    f"{e.hf_name} has {e.shape[0]} rows but config.json gives {heads} heads x "
+                    f"head_dim {head_dim}", os.path.join(self.path, "config.json"),
+                    "the config does not match the weights")
         if (factors := self._llama3_rope_factors()) is not None:
             entries["rope_freqs.weight"] = _Entry("<generated llama3 rope factors>", None,
                                                   (len(factors),), "f32")

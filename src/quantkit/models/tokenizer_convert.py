@@ -299,9 +299,13 @@ def _special_vocab(model_dir: str, tok_json: dict | None, tokens: list[str], con
                 add.setdefault("eos", False)
             elif kind == "TemplateProcessing":
                 # crude, like SpecialVocab: a special token in front of $A means add_bos, one
-                # behind it add_eos
+                # behind it add_eos; a bare "$A" adds nothing (said explicitly, so that
+                # llama.cpp's per-pre-tokenizer defaults cannot add a BOS transformers does not)
                 single = proc.get("single", [])
-                if len(single) > 1:
+                if len(single) <= 1:
+                    add.setdefault("bos", False)
+                    add.setdefault("eos", False)
+                else:
                     bos = content_of(tcfg.get("bos_token")) or content_of(tcfg.get("cls_token"))
                     first = single[0].get("SpecialToken", {}).get("id")
                     last = single[-1].get("SpecialToken", {}).get("id")
@@ -407,7 +411,7 @@ def convert_tokenizer(model_dir: str, config: dict, vocab_size: int | None,
             meta["tokenizer.ggml.add_space_prefix"] = MetaValue(bool(space), GGUFValueType.BOOL)
         meta.update(_special_vocab(model_dir, tok_json, tokens, config))
         tok = Tokenizer(model="llama", pre="default", n_tokens=len(tokens),
-                        extra={"file": "tokenizer.model", "add_dummy_prefix": flags["add_dummy_prefix"]})
+                        extra={"file": "tokenizer.model", **flags})
         return TokenizerSection(tok, meta, len(tokens), path)
 
     if tok_json is not None:

@@ -269,22 +269,104 @@ _GGUF_FTYPE = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9
                29: "iq2_m", 30: "iq4_xs", 31: "iq1_m", 32: "bf16"}
 
 
-def from_gguf(path: str) -> ModelShape:
-    from gguf import GGUFReader
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class ArrayInfo(list):
+    """A GGUF array value: its first elements (all of them when short) and its length."""
+    def __init__(self, items, length):
+        super().__init__(items)
+        self.length = length
+
+
+def read_gguf_header(path: str) -> tuple[dict, list[Tensor], int]:
+    """(metadata, tensors, data_offset) from a GGUF header, without touching tensor data.
+
+    gguf-py's GGUFReader builds a numpy view per array element (a 262k-token vocabulary takes
+    tens of seconds); the planner needs only scalars, short arrays and array lengths.
+    """
+    import mmap
 
     try:
-        r = GGUFReader(path, "r")
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file to the user
-        raise QuantkitError(f"not a readable GGUF file ({type(e).__name__}: {e})", path) from None
+        f = open(path, "rb")
+    except OSError as e:
+        raise QuantkitError(f"cannot open ({e.strerror})", path) from None
+    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+
+        def take(fmt):
+            nonlocal pos
+            v = struct.unpack_from(fmt, mm, pos)[0]
+            pos += struct.calcsize(fmt)
+            return v
+
+        def string():
+            nonlocal pos
+            n = take("<Q")
+            if n > len(mm) - pos:
+                raise ValueError("string runs past the end of the file")
+            v = bytes(mm[pos:pos + n]).decode("utf-8", "replace")
+            pos += n
+            return v
+
+        def value(vt, keep=True):
+            nonlocal pos
+            if vt in _GGUF_SCALAR:
+                return take(_GGUF_SCALAR[vt])
+            if vt == 8:
+                if keep:
+                    return string()
+                n = take("<Q")
+                pos += n
+                return None
+            if vt == 9:
+                et, n = take("<I"), take("<Q")
+                items = []
+                if et in _GGUF_SCALAR and n > 64:
+                    skip = n * struct.calcsize(_GGUF_SCALAR[et])
+                    pos += skip
+                else:
+                    for i in range(n):
+                        v = value(et, keep=i < 64)
+                        if i < 64:
+                            items.append(v)
+                return ArrayInfo(items, n)
+            raise ValueError(f"unknown GGUF value type {vt}")
+
+        try:
+            if mm[:4] != b"GGUF":
+                raise ValueError("no GGUF magic")
+            pos = 4
+            version = take("<I")
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is too old")
+            n_tensors, n_kv = take("<Q"), take("<Q")
+            meta = {}
+            for _ in range(n_kv):
+                key = string()
+                meta[key] = value(take("<I"))
+            tensors = []
+            for _ in range(n_tensors):
+                name = string()
+                nd = take("<I")
+                dims = [take("<Q") for _ in range(nd)]
+                tt = take("<I")
+                take("<Q")
+                shape = tuple(int(x) for x in reversed(dims))
+                q = qtype(tt)
+                tensors.append(Tensor(name, shape, q.name, q.nbytes(shape)))
+            align = int(meta.get("general.alignment", 32))
+            data_offset = (pos + align - 1) // align * align
+        except (ValueError, struct.error, KeyError) as e:
+            raise QuantkitError(f"not a readable GGUF file ({e})", path) from None
+    return meta, tensors, data_offset
+
+
+def from_gguf(path: str) -> ModelShape:
+    meta, tensors, _ = read_gguf_header(path)
 
     def get(key, default=None):
-        f = r.fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except Exception:  # noqa: BLE001
-            return default
+        return meta.get(key, default)
 
     arch = get("general.architecture")
     if not arch:
@@ -299,26 +381,21 @@ def from_gguf(path: str) -> ModelShape:
     n_layer, n_embd, n_head = int(vals["n_layer"]), int(vals["n_embd"]), int(vals["n_head"])
     n_head_kv = get(f"{arch}.attention.head_count_kv", n_head)
     if isinstance(n_head_kv, list):   # per-layer lists exist for some archs; the cache uses the max
-        n_head_kv = max(n_head_kv)
+        n_head_kv = max(n_head_kv) if n_head_kv else n_head
     head_dim = int(get(f"{arch}.attention.key_length", n_embd // n_head))
-    tensors = []
-    for t in r.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        tensors.append(Tensor(t.name, shape, t.tensor_type.name.lower(), int(t.n_bytes)))
     names = {t.name for t in tensors}
     emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    n_vocab = len(get("tokenizer.ggml.tokens", []) or []) or (emb.shape[0] if emb else 0)
+    toks = get("tokenizer.ggml.tokens")
+    n_vocab = (toks.length if isinstance(toks, ArrayInfo) else 0) or (emb.shape[0] if emb else 0)
     window = get(f"{arch}.attention.sliding_window")
     pat = get(f"{arch}.attention.sliding_window_pattern")
     if window and pat is None:
         # llama.cpp hard-codes these patterns (llama-model.cpp: set_swa_pattern)
         pat = {"gemma3": 6, "gemma2": "odd-global", "cohere2": 4, "gpt-oss": 2}.get(arch)
-    elif isinstance(pat, int):
-        pass
     ftype = get("general.file_type")
     n_ff = get(f"{arch}.feed_forward_length", 0)
     if isinstance(n_ff, list):
-        n_ff = max(n_ff)
+        n_ff = max(n_ff) if n_ff else 0
     m = ModelShape(
         name=os.path.basename(path), arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         n_head_kv=int(n_head_kv), head_dim=head_dim, n_ff=int(n_ff), n_vocab=int(n_vocab),

@@ -15,13 +15,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..models.encoder import Encoder, load_encoder, save_encoder
 from . import int8_kernels as K
+
+METHOD = "dynamic-int8"
 
 
 @dataclass
 class DynamicInt8Config:
     quantize_embeddings: bool = False
     kernel: str = "auto"                  # "auto" | "fbgemm" | "reference"
+    # activation grid: "row" (per token, default) or "tensor" (one per batch, torch.ao style)
+    activation_granularity: str = "row"
     # module-name prefixes kept in float (e.g. a classification head)
     skip: list[str] = field(default_factory=list)
 
@@ -32,10 +37,12 @@ class DynamicInt8Config:
 class Int8DynamicLinear(nn.Module):
     """nn.Linear with int8 per-output-channel weights and per-batch int8 activations."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto",
+                 per_row: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel = kernel
+        self.per_row = per_row
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         if bias:
@@ -45,8 +52,8 @@ class Int8DynamicLinear(nn.Module):
         self._packed = None
 
     @classmethod
-    def from_float(cls, lin: nn.Linear, kernel: str = "auto") -> "Int8DynamicLinear":
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, kernel)
+    def from_float(cls, lin: nn.Linear, kernel: str = "auto", per_row: bool = True) -> "Int8DynamicLinear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, kernel, per_row)
         m.set_weight(lin.weight, lin.bias)
         return m
 
@@ -65,12 +72,13 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if K.resolve_kernel(self.kernel) == "fbgemm":
             if self._packed is None:
-                self._packed = K.pack_fbgemm(self.weight_int8, self.weight_scale, self.bias)
-            return K.linear_fbgemm(x, self._packed).to(x.dtype)
-        return K.linear_reference(x, self.weight_int8, self.weight_scale, self.bias).to(x.dtype)
+                self._packed = K.pack_fbgemm(self.weight_int8, self.weight_scale)
+            return K.linear_fbgemm(x, self._packed, self.bias, self.per_row).to(x.dtype)
+        return K.linear_reference(x, self.weight_int8, self.weight_scale, self.bias, self.per_row).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+                f"activations per {'row' if self.per_row else 'tensor'}")
 
 
 class Int8Embedding(nn.Module):
@@ -107,7 +115,7 @@ class Int8LSTM(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 batch_first: bool = False, kernel: str = "auto"):
+                 batch_first: bool = False, kernel: str = "auto", per_row: bool = True):
         super().__init__()
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.batch_first = batch_first
@@ -115,14 +123,14 @@ class Int8LSTM(nn.Module):
         self.hh = nn.ModuleList()
         for layer in range(num_layers):
             n_in = input_size if layer == 0 else hidden_size
-            self.ih.append(Int8DynamicLinear(n_in, 4 * hidden_size, True, kernel))
-            self.hh.append(Int8DynamicLinear(hidden_size, 4 * hidden_size, False, kernel))
+            self.ih.append(Int8DynamicLinear(n_in, 4 * hidden_size, True, kernel, per_row))
+            self.hh.append(Int8DynamicLinear(hidden_size, 4 * hidden_size, False, kernel, per_row))
 
     @classmethod
-    def from_float(cls, lstm: nn.LSTM, kernel: str = "auto") -> "Int8LSTM":
+    def from_float(cls, lstm: nn.LSTM, kernel: str = "auto", per_row: bool = True) -> "Int8LSTM":
         if lstm.bidirectional or lstm.proj_size:
             raise ValueError("Int8LSTM supports unidirectional LSTMs without projections")
-        m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.batch_first, kernel)
+        m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.batch_first, kernel, per_row)
         for layer in range(lstm.num_layers):
             w_ih = getattr(lstm, f"weight_ih_l{layer}")
             w_hh = getattr(lstm, f"weight_hh_l{layer}")
@@ -184,15 +192,18 @@ def quantize_dynamic_(model: nn.Module, config: DynamicInt8Config | None = None)
     """
     config = config or DynamicInt8Config()
     K.resolve_kernel(config.kernel)
+    if config.activation_granularity not in ("row", "tensor"):
+        raise ValueError(f"activation_granularity must be 'row' or 'tensor', not {config.activation_granularity!r}")
+    per_row = config.activation_granularity == "row"
     done: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
         if not name or _skipped(name, config.skip):
             continue
         if isinstance(mod, nn.Linear):
-            _set_module(model, name, Int8DynamicLinear.from_float(mod, config.kernel))
+            _set_module(model, name, Int8DynamicLinear.from_float(mod, config.kernel, per_row))
             done[name] = "linear"
         elif isinstance(mod, nn.LSTM):
-            _set_module(model, name, Int8LSTM.from_float(mod, config.kernel))
+            _set_module(model, name, Int8LSTM.from_float(mod, config.kernel, per_row))
             done[name] = "lstm"
         elif isinstance(mod, nn.Embedding) and config.quantize_embeddings:
             _set_module(model, name, Int8Embedding.from_float(mod))
@@ -200,16 +211,17 @@ def quantize_dynamic_(model: nn.Module, config: DynamicInt8Config | None = None)
     return done
 
 
-def prepare_dynamic_(model: nn.Module, modules: dict[str, str], kernel: str = "auto") -> None:
+def prepare_dynamic_(model: nn.Module, modules: dict[str, str], kernel: str = "auto",
+                     per_row: bool = True) -> None:
     """Give a freshly built float model the int8 structure recorded by quantize_dynamic_."""
     for name, kind in modules.items():
         mod = model.get_submodule(name)
         if kind == "linear":
-            new = Int8DynamicLinear(mod.in_features, mod.out_features, mod.bias is not None, kernel)
+            new = Int8DynamicLinear(mod.in_features, mod.out_features, mod.bias is not None, kernel, per_row)
         elif kind == "embedding":
             new = Int8Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx)
         elif kind == "lstm":
-            new = Int8LSTM(mod.input_size, mod.hidden_size, mod.num_layers, mod.batch_first, kernel)
+            new = Int8LSTM(mod.input_size, mod.hidden_size, mod.num_layers, mod.batch_first, kernel, per_row)
         else:
             raise ValueError(f"unknown quantized module kind {kind!r} for {name}")
         _set_module(model, name, new)
@@ -224,3 +236,29 @@ def state_dict_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+# ---- encoders -------------------------------------------------------------------------
+def _prepare_encoder(enc: Encoder, quantization: dict) -> None:
+    if quantization.get("method") != METHOD:
+        raise ValueError(f"unknown quantization method {quantization.get('method')!r}")
+    prepare_dynamic_(enc, quantization["modules"], quantization.get("kernel", "auto"),
+                     quantization.get("activation_granularity", "row") == "row")
+
+
+def open_encoder(path=None) -> Encoder:
+    """Load an fp32 or dynamic-int8 encoder directory (None = the bundled MiniLM)."""
+    return load_encoder(path, prepare=_prepare_encoder)
+
+
+def quantize_encoder_(enc: Encoder, config: DynamicInt8Config | None = None) -> Encoder:
+    """Int8 the encoder's linear layers (and embeddings if asked); the classification head,
+    a few hundred weights that decide the label, stays float."""
+    config = config or DynamicInt8Config()
+    if enc.meta.quantization:
+        raise ValueError("encoder is already quantized")
+    skip = list(config.skip) + ["head"]
+    cfg = DynamicInt8Config(config.quantize_embeddings, config.kernel, config.activation_granularity, skip)
+    modules = quantize_dynamic_(enc, cfg)
+    enc.meta.quantization = {"method": METHOD, **cfg.to_dict(), "modules": modules}
+    return enc

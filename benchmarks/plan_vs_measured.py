@@ -1,0 +1,233 @@
+"""Check `quantkit plan` against llama.cpp on this machine.
+
+For the bundled Gemma-3-270M GGUF (Q4_K_M, plus Q8_0 and Q4_0 files llama.cpp's own quantizer
+writes from it) at n_ctx 512 / 4096 / 32768: each case runs in a fresh process that loads the
+model with llama-cpp-python, evaluates a short prompt, decodes tokens, and reports peak RSS
+(VmHWM), the KV and compute buffer sizes llama.cpp logs, and decode tokens/s. The plan's
+numbers come from quantkit.plan for the same settings. Memory bandwidth is measured with a
+numpy copy. Results go to benchmarks/plan_vs_measured.json and the Plan section of BENCHMARKS.md.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/plan_vs_measured.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "src"))
+
+N_PROMPT = 64
+N_DECODE = 64
+# one thread: on a machine shared with other jobs a multi-thread ggml pool waits at every barrier
+# for a descheduled thread; one thread measures the memory/compute path, not the scheduler
+THREADS = int(os.environ.get("QUANTKIT_BENCH_THREADS", "1"))
+ROUNDS = 4
+
+
+def rss_kib(field="VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def child(path: str, n_ctx: int, vocab_only: bool) -> None:
+    import llama_cpp
+
+    base = rss_kib()
+    t0 = time.time()
+    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS, swa_full=False,
+                          vocab_only=vocab_only, verbose=True)
+    load_s = time.time() - t0
+    out = {"base_rss": base * 1024, "load_s": load_s}
+    if vocab_only:
+        out["rss"] = rss_kib() * 1024
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    prompt = list(range(1000, 1000 + N_PROMPT))
+    llm.eval(prompt)
+    # decode: greedy next token from the logits, one token at a time, timed
+    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    rates = []
+    for _ in range(ROUNDS):            # best round: the one least disturbed by other processes
+        t0 = time.perf_counter()
+        for _ in range(N_DECODE // ROUNDS):
+            llm.eval([tok])
+            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        rates.append((N_DECODE // ROUNDS) / (time.perf_counter() - t0))
+    out.update(decode_tps=max(rates), decode_tps_rounds=rates, peak_rss=rss_kib("VmHWM") * 1024,
+               rss=rss_kib() * 1024)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_case(path: str, n_ctx: int, vocab_only: bool = False) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--child", path, str(n_ctx)] + (["--vocab-only"] if vocab_only else []),
+                       capture_output=True, text=True, timeout=900)
+    res = next((json.loads(l[7:]) for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if res is None:
+        raise RuntimeError(f"child failed: {p.stderr[-2000:]}")
+    mib = lambda pat: [float(x) * 2**20 for x in re.findall(pat, p.stderr)]  # noqa: E731
+    res["kv_logged"] = sum(mib(r"KV buffer size =\s+([\d.]+) MiB"))
+    res["compute_logged"] = (mib(r"sched_reserve:\s+CPU compute buffer size =\s+([\d.]+) MiB") or [0])[-1]
+    res["repack_logged"] = sum(mib(r"CPU_REPACK model buffer size =\s+([\d.]+) MiB"))
+    res["mapped_logged"] = sum(mib(r"CPU_Mapped model buffer size =\s+([\d.]+) MiB"))
+    return res
+
+
+def bandwidth() -> float:
+    """Sustained read+write bandwidth of a large numpy copy (bytes/s), best of 5."""
+    import numpy as np
+    a = np.ones(256 * 2**20 // 8)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def quantize(src: str, dst: str, ftype: str) -> None:
+    import ctypes
+
+    import llama_cpp
+    if os.path.exists(dst):
+        return
+    from gguf import LlamaFileType
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(getattr(LlamaFileType, "MOSTLY_" + ftype.upper()))
+    params.allow_requantize = True
+    params.nthread = THREADS
+    tmp = dst + ".partial"
+    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype} failed: {rc}")
+    os.replace(tmp, dst)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--vocab-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="Q4_K_M only")
+    a = ap.parse_args()
+    if a.child:
+        child(a.child[0], int(a.child[1]), a.vocab_only)
+        return
+
+    from quantkit.models.bundled import bundled_path
+    from quantkit.plan import memory, speed
+    from quantkit.plan.model import load
+
+    src = bundled_path()
+    cache = os.path.dirname(src)
+    files = {"q4_k_m": src}
+    if not a.quick:
+        for ft in ("q8_0", "q4_0"):
+            files[ft] = os.path.join(cache, f"gemma-3-270m-requant-{ft}.gguf")
+            quantize(src, files[ft], ft)
+    bw = bandwidth()
+    vocab = run_case(src, 512, vocab_only=True)
+    results = {"machine": {"cpu": cpu_name(), "threads": THREADS, "cores": os.cpu_count(),
+                           "numpy_copy_bandwidth": bw, "llama_cpp": __import__("llama_cpp").__version__},
+               "vocab_only_rss": vocab["rss"] - vocab["base_rss"], "base_rss": vocab["base_rss"], "cases": []}
+    src_shape = load(src)
+    from quantkit.plan import formats
+    for ft, path in files.items():
+        m = load(path)
+        # weights: the plan (from the Q4_K_M file's shapes, llama.cpp's mix) vs the file llama.cpp wrote
+        planned_w = formats.total(formats.tensor_bytes(src_shape, ft))
+        for n_ctx in ((512, 4096, 32768) if ft == "q4_k_m" else (4096,)):
+            meas = run_case(path, n_ctx)
+            inf = memory.inference(m, ft, n_ctx, tensors=m.tensors)
+            res = memory.cpu_resident(m, inf, n_prompt=N_PROMPT + N_DECODE)
+            bpt = speed.weight_bytes_per_token(m, m.tensors) + speed.kv_bytes_per_token(
+                inf.kv_detail.bytes_per_cell_layer, N_PROMPT + N_DECODE // 2, m.swa_layers(), m.sliding_window)
+            results["cases"].append({
+                "format": ft, "n_ctx": n_ctx, "file_weight_bytes": m.stored_bytes, "planned_weight_bytes": planned_w,
+                "planned_kv": inf.kv, "logged_kv": meas["kv_logged"],
+                "planned_compute": inf.compute, "logged_compute": meas["compute_logged"],
+                "planned_repack": memory.cpu_repack_bytes(m.tensors), "logged_repack": meas["repack_logged"],
+                "planned_rss": res, "measured_peak_rss": meas["peak_rss"],
+                "bytes_per_token": bpt, "decode_bound": bw / bpt, "measured_decode_tps": meas["decode_tps"]})
+            print(json.dumps(results["cases"][-1]), flush=True)
+    # efficiency measured here: decode tok/s / bandwidth bound, median over the cases
+    effs = sorted(c["measured_decode_tps"] / c["decode_bound"] for c in results["cases"])
+    results["decode_efficiency"] = effs[len(effs) // 2]
+    from quantkit.util.atomic import atomic_output
+    with atomic_output(os.path.join(HERE, "plan_vs_measured.json")) as tmp, open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    write_markdown(results)
+    print(json.dumps({k: v for k, v in results.items() if k != "cases"}, indent=2))
+
+
+def write_markdown(r: dict) -> None:
+    """Replace (or append) the '## Plan' section of BENCHMARKS.md; other sections stay as they are."""
+    from quantkit.util.atomic import atomic_output
+    mb = lambda b: f"{b / 1e6:.1f}"  # noqa: E731
+    pct = lambda a, b: f"{100 * (a - b) / b:+.1f}%"  # noqa: E731
+    eff = r["decode_efficiency"]
+    mach = r["machine"]
+    lines = [
+        "## Plan: `quantkit plan` against llama.cpp", "",
+        "Command: `PYTHONPATH=src .venv/bin/python benchmarks/plan_vs_measured.py` "
+        "(raw numbers: benchmarks/plan_vs_measured.json).",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores shared with other jobs, llama-cpp-python {mach['llama_cpp']}, "
+        f"{mach['threads']} thread(s); memory bandwidth (numpy copy, read+write) {mach['numpy_copy_bandwidth'] / 1e9:.1f} GB/s.",
+        f"Model: bundled Gemma-3-270M Q4_K_M, and Q8_0 / Q4_0 files written from it by llama.cpp's quantizer "
+        f"(`llama_model_quantize`, allow_requantize). Each case is a fresh process: load, {N_PROMPT}-token prompt, "
+        f"{N_DECODE} decoded tokens (best of {ROUNDS} rounds), peak RSS = VmHWM.", "",
+        "| format | n_ctx | weights: plan = file | KV plan / llama.cpp (MB) | compute plan / llama.cpp (MB) "
+        "| peak RSS plan / measured (MB) | RSS error | decode bound / expected / measured (tok/s) | decode error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in r["cases"]:
+        exp = c["decode_bound"] * eff
+        lines.append(
+            f"| {c['format']} | {c['n_ctx']} | {'yes' if c['planned_weight_bytes'] == c['file_weight_bytes'] else 'NO'} "
+            f"({c['file_weight_bytes']:,} B) | {mb(c['planned_kv'])} / {mb(c['logged_kv'])} | "
+            f"{mb(c['planned_compute'])} / {mb(c['logged_compute'])} | {mb(c['planned_rss'])} / {mb(c['measured_peak_rss'])} | "
+            f"{pct(c['planned_rss'], c['measured_peak_rss'])} | {c['decode_bound']:.1f} / {exp:.1f} / "
+            f"{c['measured_decode_tps']:.1f} | {pct(exp, c['measured_decode_tps'])} |")
+    lines += [
+        "",
+        f"Expected decode = bound x efficiency {eff:.2f}, the median measured here (bound = bandwidth / bytes read "
+        "per token: weights except the token-embedding rows not used, plus the KV cache so far). Vocabulary and "
+        f"process base in the RSS plan are measured constants: {r['vocab_only_rss'] / 1e6:.1f} MB for the 262,144-token "
+        f"vocabulary (vocab_only load), {r['base_rss'] / 1e6:.1f} MB for Python + llama_cpp.", "",
+    ]
+    path = os.path.join(REPO, "BENCHMARKS.md")
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    start = old.find("## Plan: `quantkit plan`")
+    if start >= 0:
+        nxt = old.find("\n## ", start + 1)
+        new = old[:start] + "\n".join(lines) + (old[nxt + 1:] if nxt >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + "\n".join(lines)
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`quantkit plan MODEL`: will it fit, in which format, how fast, and what training needs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+
+def _gib(b: float) -> str:
+    return f"{b / (1 << 30):.2f}"
+
+
+def _check_numbers(args) -> None:
+    """Negative, zero, NaN or absurd numbers: one clear line (argparse only checks the type)."""
+    from ..util.errors import QuantkitError
+    limits = {"vram": ("--vram", 100_000), "bandwidth": ("--bandwidth", 100_000), "tflops": ("--tflops", 1_000_000),
+              "ram": ("--ram", 100_000), "ctx": ("--ctx", 16 * 1024 * 1024), "batch": ("--batch", 65536),
+              "rank": ("--rank", 65536)}
+    for attr, (flag, hi) in limits.items():
+        v = getattr(args, attr)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v <= 0 or v > hi:
+            raise QuantkitError(f"{flag} {v:g} is out of range", hint=f"give a positive number up to {hi:,}")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([line(headers), "  ".join("-" * x for x in w)] + [line(r) for r in rows])
+
+
+def render(p) -> str:
+    m = p.model
+    out = []
+    out.append(f"{m.name}: {m.arch}, {m.n_params / 1e9:.3g}B parameters, {m.n_layer} layers, hidden {m.n_embd}, "
+               f"{m.n_head} heads / {m.n_head_kv} KV heads x {m.head_dim}, vocab {m.n_vocab}, "
+               f"trained context {m.n_ctx_train}" + (f", {m.n_expert} experts ({m.n_expert_used} active)" if m.n_expert else ""))
+    out.append(f"source: {m.source}")
+    out.append("")
+    mem_rows = []
+    for r in p.rows:
+        x = r.memory
+        mem_rows.append([r.format, _gib(x.weights), _gib(x.kv), _gib(x.compute), _gib(x.output + x.overhead_cpu),
+                         _gib(x.total), "-" if r.cpu_resident is None else _gib(r.cpu_resident),
+                         f"{r.bytes_per_token / 1e6:.0f}"])
+    out.append(f"Memory (GiB) at context {p.n_ctx} x batch {p.options.batch}, runtime {p.options.runtime}:")
+    out.append(_table(["format", "weights", "KV", "compute", "other", "total", "RSS (CPU)", "MB read/token"], mem_rows))
+    out.append("")
+    out.append("Fit and decode speed (expected tokens/s; 'N/M layers' = partial GPU offload):")
+    fit_rows = [[r.format] + [c.text() for c in r.cells] for r in p.rows]
+    out.append(_table(["format"] + [d.name + (f" x{d.count}" if d.count > 1 else "") for d in p.devices], fit_rows))
+    out.append("")
+    out.append("Devices: " + "; ".join(f"{d.name} = {d.label}, {d.memory_bytes * d.count / (1 << 30):.0f} GiB, "
+                                       f"{d.bandwidth / 1e9:g} GB/s" for d in p.devices))
+    if p.training:
+        t = p.training
+        out.append("")
+        out.append(f"Training ({t.mode}{', rank %d' % p.options.rank if t.mode != 'full' else ''}), "
+                   f"sequence {p.n_ctx} x batch {p.options.batch}, GiB:")
+        out.append(_table(["part", "without checkpointing", "with gradient checkpointing"], [
+            ["weights", _gib(t.weights), _gib(t.weights)],
+            ["gradients", _gib(t.gradients), _gib(t.gradients)],
+            ["optimizer (Adam)", _gib(t.optimizer), _gib(t.optimizer)],
+            ["activations", _gib(t.activations), _gib(t.activations_checkpointed)],
+            ["logits + grad", _gib(t.logits), _gib(t.logits)],
+            ["CUDA context", _gib(t.overhead), _gib(t.overhead)],
+            ["total", _gib(t.total), _gib(t.total_checkpointed)],
+        ]))
+        out.append(f"trainable parameters: {t.trainable_params:,}")
+    out.append("")
+    out.append("Assumptions:")
+    out += [f"  - {a}" for a in p.assumptions]
+    out.append("Sources:")
+    out += [f"  [{k}] {v}" for k, v in p.footnotes.items()]
+    return "\n".join(out)
+
+
+def run(args) -> int:
+    from ..plan import hardware
+    from ..plan.model import known_names
+    from ..plan.planner import PlanOptions, plan
+
+    _check_numbers(args)
+    if args.list_devices:
+        for name, d in hardware.devices().items():
+            print(f"{name:<18} {d.kind:<5} {d.memory_bytes / (1 << 30):6.0f} GiB {d.bandwidth / 1e9:7.1f} GB/s  {d.label}")
+        return 0
+    if args.list_models:
+        print("\n".join(known_names()))
+        return 0
+    if not args.model:
+        from ..util.errors import QuantkitError
+        raise QuantkitError("no MODEL given", hint="an HF directory, a .gguf, a .safetensors, or a name such as llama-2-13b")
+    o = PlanOptions(devices=args.device or [], vram_gb=args.vram, bandwidth_gbs=args.bandwidth, tflops=args.tflops,
+                    n_ctx=args.ctx, batch=args.batch, kv_type=args.kv_type, runtime=args.runtime,
+                    formats=[f for x in (args.format or []) for f in x.split(",") if f] or None,
+                    swa_full=args.swa_full, flash_attn=args.flash_attn, ram_gb=args.ram, train=args.train,
+                    rank=args.rank, lora_targets=args.lora_targets)
+    p = plan(args.model, o)
+    if args.json:
+        json.dump(p.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(render(p))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="will a model fit a device, in which format, how fast; training memory",
+                       description="Plan memory and speed from file headers or a built-in config; nothing is downloaded.")
+    p.add_argument("model", nargs="?", help="HF directory, .gguf, .safetensors (header only) or a built-in name")
+    p.add_argument("--device", action="append", metavar="NAME",
+                   help="device from the hardware table (repeat for columns; '2x rtx-3090' = two cards)")
+    p.add_argument("--vram", type=float, metavar="GB", help="custom device memory (GiB)")
+    p.add_argument("--bandwidth", type=float, metavar="GB/s", help="custom device bandwidth")
+    p.add_argument("--tflops", type=float, help="custom device FP16 TFLOP/s (prompt speed)")
+    p.add_argument("--ram", type=float, metavar="GB", help="host RAM for CPU rows and offloaded layers (GiB)")
+    p.add_argument("--ctx", type=int, metavar="N", help="context length per sequence (default min(4096, trained))")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="parallel sequences")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (llama.cpp)")
+    p.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "torch"])
+    p.add_argument("--format", action="append", metavar="F[,F...]",
+                   help="formats to plan (default: common GGUF types, or GPU formats with --runtime torch)")
+    p.add_argument("--swa-full", action="store_true", help="llama.cpp: full-size cache for sliding-window layers")
+    p.add_argument("--flash-attn", action="store_true", help="llama.cpp: flash attention (smaller compute buffer)")
+    p.add_argument("--train", choices=["full", "lora", "qlora"], help="also plan fine-tuning memory")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="LoRA target matrices")
+    p.add_argument("--list-devices", action="store_true", help="print the hardware table and exit")
+    p.add_argument("--list-models", action="store_true", help="print the built-in model names and exit")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)

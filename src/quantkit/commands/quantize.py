@@ -1,0 +1,36 @@
+"""quantkit quantize MODEL --format gguf:q4_0 -o OUT."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and write GGUF (llama.cpp) or an int8 encoder",
+                       description="Quantize a model. GGUF output matches llama-quantize byte for byte "
+                                   "(same tensor types, same bytes) for the same file type.")
+    p.add_argument("model", nargs="?", help="a .gguf file or Hugging Face model directory (default: the bundled model)")
+    p.add_argument("-o", "--output", required=True, help="output file (GGUF) or directory")
+    p.add_argument("--format", default="gguf:q4_0",
+                   help="gguf:<type> with type f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default gguf:q4_0)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "dynamic-int8"],
+                   help="rtn: round to nearest, exactly as llama.cpp; dynamic-int8: BERT-family encoders")
+    p.add_argument("--pure", action="store_true",
+                   help="one type for every 2-D weight (llama-quantize --pure); default follows llama.cpp's mix")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
+    p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.method == "dynamic-int8":
+        from . import quantize_dynamic
+        return quantize_dynamic.run(args)
+    from .. import api
+    res = api.quantize(args.model, args.output, format=args.format, method=args.method, pure=args.pure,
+                       token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type)
+    counts: dict[str, int] = {}
+    for t in res.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; tensors: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+    return 0

@@ -1,0 +1,355 @@
+"""Memory a model needs: weights, KV cache, compute buffers, runtime overhead, training state.
+
+Pure arithmetic on a ModelShape. Each function returns bytes (ints); the constants that are
+estimates rather than exact sizes are named here with where they come from. Footnote keys
+([kv-swa], [zero], ...) refer to FOOTNOTES, which the CLI prints under its table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..codecs.registry import qtype
+from ..util.errors import QuantkitError
+from . import formats
+from .model import ModelShape, Tensor
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+# llama.cpp pads the context to 256 cells and sizes the sliding-window cache as
+# PAD(min(n_ctx, n_swa * n_seq + n_ubatch), 256)          [kv-swa]
+KV_PAD = 256
+N_UBATCH = 512          # llama.cpp / llama-cpp-python default physical batch
+
+# Runtime overheads that are not tensors: estimates, replaced by measurement in BENCHMARKS.md.
+# llama.cpp on CPU: the process itself. Measured: RSS of a Python process after
+# `import llama_cpp`, before loading a model, 44.0 MB (benchmarks/plan_vs_measured.py).
+LLAMACPP_CPU_BASE = 42 * MIB
+# A CUDA context with cuBLAS workspace typically holds 250-500 MiB of VRAM; we plan 400 MiB.
+CUDA_CONTEXT = 400 * MIB
+# torch on CPU: interpreter + torch + transformers imported (RSS before loading weights).
+TORCH_CPU_BASE = 450 * MIB
+
+FOOTNOTES = {
+    "kv-swa": "llama.cpp src/llama-kv-cache-iswa.cpp: sliding-window layers get their own cache of "
+              "PAD(min(n_ctx, n_swa*n_seq + n_ubatch), 256) cells unless swa_full is set "
+              "(github.com/ggml-org/llama.cpp); transformers keeps the window for Gemma-2/3 sliding layers.",
+    "kv-q": "Quantized KV rows use the GGML block layout (q8_0: 34 bytes per 32 values, q4_0: 18 per 32): "
+            "quantkit.codecs.registry; llama.cpp needs flash attention for a quantized V cache.",
+    "mix": "GGUF mixes: quantkit.quant.gguf_policy, llama.cpp's src/llama-quant.cpp rules (llama_tensor_get_type_impl, "
+           "tensor_type_fallback), checked tensor by tensor against the bundled Gemma-3-270M Q4_K_M file.",
+    "gptq": "GPTQ packing as AutoGPTQ/GPTQModel store it: qweight int32 [in*bits/32, out], qzeros int32 "
+            "[groups, out*bits/32], scales fp16 [groups, out], g_idx int32 [in] (Frantar et al. 2022, "
+            "arXiv:2210.17323).",
+    "compute": "llama.cpp compute buffer: the largest of the logits stage (n_ubatch x n_vocab x 4 B), the "
+               "attention stage (n_head x n_kv x n_ubatch x 4 B of scores without flash attention) and the FFN stage "
+               "(3 x n_ff x n_ubatch x 4 B): ggml's allocator reuses memory between stages.",
+    "zero": "Mixed-precision Adam holds 16 bytes per parameter: fp16 weights (2) + fp16 gradients (2) + fp32 "
+            "master weights, momentum and variance (12). Rajbhandari et al., ZeRO, arXiv:1910.02054, sec. 3.1. "
+            "Hugging Face's 'Model training anatomy' counts 18 (fp32 gradients).",
+    "act": "Activations per layer and token: the tensors autograd saves in a pre-norm block with fused "
+           "(memory-efficient) attention, 2 bytes each: 2(4h + 2h_q + 2h_kv + 4f) for a gated MLP. Korthikanti "
+           "et al., arXiv:2205.05198, sec. 4.1 give 34h (+5as/h with unfused attention) for GPT blocks. Full "
+           "gradient checkpointing keeps only each layer's input (2h) and recomputes one layer at a time.",
+    "lora": "LoRA adds r(d_in + d_out) trainable parameters per adapted matrix, trained with Adam (16 B/param); "
+            "the base stays frozen in 16-bit. Hu et al., arXiv:2106.09685.",
+    "qlora": "QLoRA: NF4 base weights, 4 bits + one absmax per 64 weights; double quantization stores the "
+             "absmax in 8 bits with one fp32 per 256 blocks, 0.127 bits/param instead of 0.5; paged optimizers "
+             "move optimizer state to CPU RAM on memory spikes. Dettmers et al., arXiv:2305.14314, sec. 3.",
+    "speed": "Decoding reads every weight once per token (MoE: the active experts) plus the KV cache of the "
+             "context so far, so tokens/s <= bandwidth / bytes read per token. Prompt processing is compute-"
+             "bound: 2 FLOPs per weight per token plus 2 n_layer n_ctx d_attn (Kaplan et al., arXiv:2001.08361, "
+             "table 1).",
+}
+
+
+def _check(name: str, v: int, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not (lo <= v <= hi):
+        raise QuantkitError(f"{name} {v} is out of range", hint=f"give an integer between {lo} and {hi}")
+    return v
+
+
+def pad(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+# ---------------------------------------------------------------- KV cache
+
+@dataclass
+class KVCache:
+    kv_type: str
+    cells_full: int              # cells of a full-attention layer (all sequences)
+    cells_swa: int               # cells of a sliding-window layer (all sequences)
+    n_full_layers: int
+    n_swa_layers: int
+    bytes_per_cell_layer: int    # K + V of one token in one layer
+    per_layer: list[int]         # bytes, layer by layer
+    total: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kv_row_bytes(m: ModelShape, kv_type: str) -> int:
+    """Bytes of K plus V of one token in one layer."""
+    try:
+        t = qtype(kv_type)
+    except KeyError:
+        raise QuantkitError(f"unknown KV cache type '{kv_type}'", hint="f16, q8_0 or q4_0") from None
+    n = m.n_embd_k_gqa
+    if n % t.block_size:
+        raise QuantkitError(f"KV type {kv_type} needs rows of a multiple of {t.block_size} values; "
+                            f"this model's K rows hold {n}", hint="use --kv-type f16")
+    return 2 * t.row_bytes(n)
+
+
+def kv_cache(m: ModelShape, n_ctx: int, batch: int = 1, kv_type: str = "f16", runtime: str = "llama.cpp",
+             swa_full: bool = False, n_ubatch: int = N_UBATCH) -> KVCache:
+    """The KV cache as the runtime allocates it for `batch` sequences of `n_ctx` tokens each."""
+    _check("--ctx", n_ctx, 1, 16 * 1024 * 1024)
+    _check("--batch", batch, 1, 65536)
+    if runtime == "torch" and kv_type not in ("f16", "bf16"):
+        raise QuantkitError(f"--kv-type {kv_type} is for llama.cpp; the torch runtime keeps a 16-bit cache",
+                            hint="use --runtime llama.cpp or --kv-type f16")
+    row = kv_row_bytes(m, kv_type)
+    swa = m.swa_layers()
+    if runtime == "llama.cpp":
+        ctx = pad(n_ctx, KV_PAD)
+        cells_full = ctx * batch
+        if swa_full or not any(swa):
+            cells_swa = cells_full
+        else:   # one stream per sequence (kv_unified = false): window + ubatch per stream
+            cells_swa = batch * pad(min(ctx, m.sliding_window + min(n_ubatch, ctx)), KV_PAD)
+            cells_swa = min(cells_swa, cells_full)
+    else:
+        cells_full = n_ctx * batch
+        cells_swa = batch * min(n_ctx, m.sliding_window or n_ctx)
+    per_layer = [row * (cells_swa if s else cells_full) for s in swa]
+    return KVCache(kv_type, cells_full, cells_swa, sum(1 for s in swa if not s), sum(1 for s in swa if s),
+                   row, per_layer, sum(per_layer))
+
+
+# ---------------------------------------------------------------- compute buffers, overhead
+
+def llamacpp_compute(m: ModelShape, n_ctx: int, batch: int = 1, flash_attn: bool = False,
+                     n_ubatch: int = N_UBATCH) -> int:
+    """Estimate of llama.cpp's compute buffer (ggml graph reserved for one ubatch) [compute]."""
+    ub = min(n_ubatch, pad(n_ctx, KV_PAD) * batch)
+    n_kv = pad(n_ctx, KV_PAD)          # a sequence attends to its own stream
+    act = ub * m.n_embd * 4
+    stage_out = ub * m.n_vocab * 4 + 2 * act
+    qkv = ub * (m.n_head + 2 * m.n_head_kv) * m.head_dim * 4
+    if flash_attn:
+        stage_attn = qkv + ub * m.n_head * m.head_dim * 4 + 2 * act
+    else:
+        # KQ scores in f32; ggml-alloc runs the softmax in place on them
+        stage_attn = ub * n_kv * m.n_head * 4 + qkv + 2 * act
+    stage_ffn = 3 * ub * m.n_ff * 4 + 2 * act
+    return max(stage_out, stage_attn, stage_ffn)
+
+
+def llamacpp_output_buffer(m: ModelShape, batch: int = 1) -> int:
+    """Host buffer for the logits of the last token of each sequence (f32)."""
+    return m.n_vocab * 4 * batch
+
+
+def torch_compute(m: ModelShape, n_ctx: int, batch: int = 1) -> int:
+    """Peak activations of a 16-bit forward pass over the whole prompt (no grad): hidden states
+    and one MLP's intermediates, plus fp32 logits of the last position (transformers' generate)."""
+    tokens = n_ctx * batch
+    return tokens * (4 * m.n_embd + 3 * m.n_ff) * 2 + batch * m.n_vocab * 4 * 2
+
+
+def overhead(runtime: str, gpu: bool) -> int:
+    if gpu:
+        return CUDA_CONTEXT
+    return LLAMACPP_CPU_BASE if runtime == "llama.cpp" else TORCH_CPU_BASE
+
+
+# ---------------------------------------------------------------- inference total
+
+@dataclass
+class Inference:
+    format: str
+    runtime: str
+    weights: int
+    kv: int
+    compute: int
+    output: int
+    overhead_cpu: int
+    per_layer: list[int]           # weights + KV of each repeating layer (for partial offload)
+    non_layer: int                 # token embedding, output head, final norm
+    output_head: int               # bytes of the output matrix (offloaded as one more "layer")
+    kv_detail: KVCache
+    repack: int = 0                # llama.cpp CPU: repacked copies of q4_0/q4_k/iq4_nl tensors
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.output + self.overhead_cpu
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total"] = self.total
+        d.pop("per_layer")
+        return d
+
+
+def inference(m: ModelShape, fmt, n_ctx: int, batch: int = 1, kv_type: str = "f16",
+              runtime: str | None = None, swa_full: bool = False, flash_attn: bool = False,
+              tensors: list[Tensor] | None = None) -> Inference:
+    f = formats.parse_format(fmt) if isinstance(fmt, str) else fmt
+    rt = runtime or f.runtime
+    if rt == "llama.cpp" and f.family != "gguf":
+        raise QuantkitError(f"format {f.name} does not run in llama.cpp", hint="pick a GGUF type such as q4_k_m")
+    if rt == "torch" and f.family == "gguf":
+        raise QuantkitError(f"format {f.name} is a GGUF type; the torch runtime takes fp16, bf16, int8, nf4, gptq-*")
+    ts = tensors if tensors is not None else formats.tensor_bytes(m, f)
+    kv = kv_cache(m, n_ctx, batch, kv_type, rt, swa_full)
+    per_layer = [0] * m.n_layer
+    non_layer = 0
+    head = 0
+    for t in ts:
+        i = t.layer
+        if i is not None and i < m.n_layer:
+            per_layer[i] += t.nbytes
+        else:
+            non_layer += t.nbytes
+        if t.name == "output.weight" or (m.tied_embeddings and t.name == "token_embd.weight"):
+            head = t.nbytes
+    for i, b in enumerate(kv.per_layer):
+        per_layer[i] += b
+    weights = sum(t.nbytes for t in ts)
+    if rt == "llama.cpp":
+        compute = llamacpp_compute(m, n_ctx, batch, flash_attn)
+        out = llamacpp_output_buffer(m, batch)
+    else:
+        compute = torch_compute(m, n_ctx, batch)
+        out = 0
+    return Inference(f.name, rt, weights, kv.total, compute, out, overhead(rt, False), per_layer,
+                     non_layer, head, kv, cpu_repack_bytes(ts) if rt == "llama.cpp" else 0)
+
+
+# ---------------------------------------------------------------- training
+
+def _linear_shapes(ts: list[Tensor]) -> list[tuple[str, int, int, int]]:
+    """(canonical name, n matrices, out, in) of the block linears (not embeddings/head)."""
+    out = []
+    for t in ts:
+        n = formats.canonical(t.name)
+        if formats._gpu_linear(t):
+            *lead, o, i = t.shape
+            out.append((n, math.prod(lead) if lead else 1, o, i))
+    return out
+
+
+LORA_TARGETS = {"q": "attn_q.", "k": "attn_k.", "v": "attn_v.", "o": "attn_output.", "qkv": "attn_qkv.",
+                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+def activations_per_token_layer(m: ModelShape) -> int:
+    """Bytes autograd saves per token per layer, 16-bit [act]."""
+    h, hq, hkv, f = m.n_embd, m.n_head * m.head_dim, m.n_head_kv * m.head_dim, m.n_ff
+    ff = 4 * f if m.ffn != "plain" else 2 * f
+    if m.n_expert:
+        ff = ff * m.n_expert_used
+    return 2 * (4 * h + 2 * hq + 2 * hkv + ff)
+
+
+@dataclass
+class Training:
+    mode: str
+    weights: int
+    gradients: int
+    optimizer: int
+    trainable_params: int
+    activations: int
+    activations_checkpointed: int
+    logits: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+
+    @property
+    def total_checkpointed(self) -> int:
+        return (self.weights + self.gradients + self.optimizer + self.activations_checkpointed
+                + self.logits + self.overhead)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total"] = self.total
+        d["total_checkpointed"] = self.total_checkpointed
+        return d
+
+
+def training(m: ModelShape, mode: str, seq_len: int, batch: int = 1, rank: int = 16,
+             targets: str = "q,k,v,o,gate,up,down") -> Training:
+    """GPU memory to fine-tune: full (mixed-precision Adam) [zero], LoRA [lora], QLoRA [qlora]."""
+    _check("--ctx", seq_len, 1, 16 * 1024 * 1024)
+    _check("--batch", batch, 1, 65536)
+    if mode not in ("full", "lora", "qlora"):
+        raise QuantkitError(f"unknown training mode '{mode}'", hint="full, lora or qlora")
+    ts = formats.unquantized_shapes(m)
+    P = sum(t.n_elements for t in ts)
+    tokens = seq_len * batch
+    per_tok_layer = activations_per_token_layer(m)
+    act = tokens * per_tok_layer * m.n_layer
+    act_ckpt = tokens * 2 * m.n_embd * m.n_layer + tokens * per_tok_layer
+    logits = tokens * m.n_vocab * (4 + 4)          # fp32 logits and their gradient
+    if mode == "full":
+        return Training(mode, 2 * P, 2 * P, 12 * P, P, act, act_ckpt, logits, CUDA_CONTEXT)
+    _check("--rank", rank, 1, 65536)
+    keys = [k.strip() for k in targets.split(",") if k.strip()]
+    bad = [k for k in keys if k not in LORA_TARGETS and k != "all"]
+    if bad:
+        raise QuantkitError(f"unknown LoRA target(s) {', '.join(bad)}", hint="choose from " + ", ".join(LORA_TARGETS))
+    if "all" in keys:
+        keys = list(LORA_TARGETS)
+    lin = _linear_shapes(ts)
+    phi = sum(n * rank * (o + i) for name, n, o, i in lin
+              if any(LORA_TARGETS[k] in name for k in keys) and "_exps" not in name)
+    if mode == "lora":
+        base = 2 * P
+    else:
+        base = formats.total(formats.tensor_bytes(m, formats.parse_format("nf4"), ts))
+    return Training(mode, base + 4 * phi, 4 * phi, 8 * phi, phi, act, act_ckpt, logits, CUDA_CONTEXT)
+
+
+# ---------------------------------------------------------------- resident memory on a CPU
+
+# ggml-cpu repacks these types into row-interleaved copies (CPU_REPACK buffer) on x86 with AVX2
+# and on ARM; the mmap'd original pages stay resident too. token_embd is only read by
+# GET_ROWS, which the repacked layout does not serve, so it is not copied.
+CPU_REPACK_TYPES = {"q4_0", "q4_k", "iq4_nl"}
+# What a llama.cpp process holds besides buffers: Python + llama_cpp loaded (LLAMACPP_CPU_BASE)
+# and the vocabulary (token strings, maps, piece cache), per token of the vocabulary.
+# Measured with benchmarks/plan_vs_measured.py (vocab_only load); see BENCHMARKS.md.
+# Gemma-3's 262144 tokens: 46.3 MB, 177 bytes per token.
+VOCAB_BYTES_PER_TOKEN = 177
+
+
+def cpu_repack_bytes(tensors: list[Tensor]) -> int:
+    return sum(t.nbytes for t in tensors
+               if t.type in CPU_REPACK_TYPES and len(t.shape) == 2 and t.shape[0] % 8 == 0
+               and t.name != "token_embd.weight")
+
+
+def llamacpp_compute_touched(m: ModelShape, n_prompt: int) -> int:
+    """Compute-buffer pages a run actually touches: the graph of the largest ubatch used
+    (min(n_prompt, n_ubatch) tokens over pad(n_prompt, 256) cells, logits of one token)."""
+    ub = min(N_UBATCH, n_prompt)
+    n_kv = pad(n_prompt, KV_PAD)
+    act = ub * m.n_embd * 4
+    qkv = ub * (m.n_head + 2 * m.n_head_kv) * m.head_dim * 4
+    return max(m.n_vocab * 4 + 2 * act, ub * n_kv * m.n_head * 4 + qkv + 2 * act, 3 * ub * m.n_ff * 4 + 2 * act)
+
+
+def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int) -> int:
+    """Peak RSS of a llama.cpp CPU process that evaluates n_prompt tokens: mmap'd weights (all
+    touched), repacked copies, the KV cache (cleared at start, so resident), output buffer,
+    touched compute pages, the vocabulary and the runtime itself."""
+    return (inf.weights + inf.repack + inf.kv + inf.output + llamacpp_compute_touched(m, n_prompt)
+            + m.n_vocab * VOCAB_BYTES_PER_TOKEN + LLAMACPP_CPU_BASE)

@@ -1,0 +1,104 @@
+"""The bundled model through quantkit's GGUF writer, checked against llama.cpp's own quantizer
+(llama_model_quantize, as `llama-quantize --allow-requantize` runs it) and runtime."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ggml_reference import llama_quantize
+from quantkit import api
+from quantkit.eval.runtimes import LlamaCpp
+from quantkit.models.gguf import GGUFSource
+
+PROMPT = "The history of the Roman Empire"
+
+
+@pytest.fixture(scope="module")
+def f32_source(bundled_gguf, tmp_path_factory):
+    """The bundled Q4_K_M model dequantized to an F32 GGUF by llama.cpp: the common F32 input."""
+    out = str(tmp_path_factory.mktemp("ref") / "gemma-f32-llama.gguf")
+    llama_quantize(bundled_gguf, out, "f32")
+    return out
+
+
+def _tensors_equal(a: str, b: str) -> list[str]:
+    ra, rb = GGUFSource(a), GGUFSource(b)
+    assert [t.name for t in ra.tensors()] == [t.name for t in rb.tensors()]
+    bad = []
+    for t in ra.tensors():
+        ta, tb = ra.tensor_info(t.name), rb.tensor_info(t.name)
+        if ta.type != tb.type or not np.array_equal(ra.raw(t.name)[0], rb.raw(t.name)[0]):
+            bad.append(f"{t.name} ({ta.type} vs {tb.type})")
+    return bad
+
+
+def test_gguf_to_f32_equals_llama_cpp_dequantization(bundled_gguf, f32_source, tmp_path):
+    ours = str(tmp_path / "ours-f32.gguf")
+    api.quantize(bundled_gguf, ours, format="gguf:f32", show_progress=False)
+    assert _tensors_equal(ours, f32_source) == []
+    assert open(ours, "rb").read() == open(f32_source, "rb").read()   # the whole file, metadata too
+
+
+@pytest.mark.parametrize("ft", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16", "bf16"])
+def test_file_bytes_equal_llama_quantize(f32_source, tmp_path, ft):
+    ref = str(tmp_path / f"llama-{ft}.gguf")
+    ours = str(tmp_path / f"ours-{ft}.gguf")
+    llama_quantize(f32_source, ref, ft)
+    api.quantize(f32_source, ours, format=f"gguf:{ft}", show_progress=False)
+    assert _tensors_equal(ours, ref) == []
+    assert os.path.getsize(ours) == os.path.getsize(ref)
+    assert open(ours, "rb").read() == open(ref, "rb").read()
+
+
+def test_pure_uses_one_type_everywhere(f32_source, tmp_path):
+    ref = str(tmp_path / "llama-pure.gguf")
+    ours = str(tmp_path / "ours-pure.gguf")
+    llama_quantize(f32_source, ref, "q4_0", pure=True)
+    res = api.quantize(f32_source, ours, format="gguf:q4_0", pure=True, show_progress=False)
+    assert res.types["token_embd.weight"] == "q4_0"          # not llama.cpp's Q6_K->Q8_0 choice
+    assert {t for n, t in res.types.items() if n.endswith("norm.weight")} == {"f32"}
+    assert open(ours, "rb").read() == open(ref, "rb").read()
+
+
+@pytest.mark.parametrize("ft", ["q8_0", "q4_0"])
+def test_runs_in_llama_cpp_with_same_greedy_continuation(bundled_gguf, tmp_path, ft):
+    ours = str(tmp_path / f"ours-{ft}.gguf")
+    ref = str(tmp_path / f"llama-{ft}.gguf")
+    api.quantize(bundled_gguf, ours, format=f"gguf:{ft}", show_progress=False)
+    llama_quantize(bundled_gguf, ref, ft)
+    outs = []
+    for path in (ours, ref):
+        rt = LlamaCpp(path, n_ctx=128, n_threads=2)
+        g = rt.generate(PROMPT, max_tokens=12)
+        rt.close()
+        outs.append(g)
+    assert len(outs[0].tokens) >= 4 and outs[0].text.strip()
+    assert outs[0].tokens == outs[1].tokens
+
+
+def test_tokenizer_ids_equal_llama_cpp_on_wikitext(bundled_gguf, tmp_path, shared_data):
+    """The written file carries the tokenizer: llama.cpp tokenizes a page of wikitext-2 identically
+    with quantkit's file and with the original."""
+    text = open(os.path.join(shared_data, "wikitext-2", "test.txt"), encoding="utf-8").read()[:4000]
+    ours = str(tmp_path / "ours-q8_0.gguf")
+    api.quantize(bundled_gguf, ours, format="gguf:q8_0", show_progress=False)
+    a = LlamaCpp(ours, n_ctx=64).tokenize(text)
+    b = LlamaCpp(bundled_gguf, n_ctx=64).tokenize(text)
+    assert len(a) > 500
+    assert a == b
+    assert "Robert" in LlamaCpp(ours, n_ctx=64).llm.detokenize(a).decode()
+
+
+def test_inspect_bundled(bundled_gguf):
+    info = api.inspect(bundled_gguf)
+    a = info["architecture"]
+    assert (a["arch"], a["n_layer"], a["n_embd"], a["head_dim"], a["n_head_kv"], a["n_vocab"]) == \
+        ("gemma3", 18, 640, 256, 1, 262144)
+    assert a["tied_embeddings"] and a["sliding_window"] == 512
+    assert sum(a["sliding_window_pattern"]) == 15
+    assert info["parameters"] == sum(int(np.prod(t["shape"])) for t in info["tensors"])
+    assert 268_000_000 < info["parameters"] < 269_000_000
+    assert info["file_bytes"] > info["tensor_bytes"] > 0
+    assert abs(info["bits_per_weight"] - 8 * info["tensor_bytes"] / info["parameters"]) < 1e-9
+    assert info["tokenizer"]["model"] == "llama" and info["tokenizer"]["n_tokens"] == 262144

@@ -1,0 +1,660 @@
+"""HF directory -> ModelSource -> GGUF -> llama.cpp.
+
+Tiny randomly initialised llama, mistral, qwen2 and gemma3 models are built here from configs,
+with tokenizers trained offline on wikitext-2 (SentencePiece for llama/mistral/gemma3, byte-level
+BPE with Llama-3's and Qwen2's pre-tokenizer regexes for the other two), and saved in the Hugging
+Face layout. The proof that a conversion is right: llama.cpp, reading the GGUF, tokenizes like
+transformers and produces transformers' logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFValueType
+
+from quantkit.models.hf import HFSource
+from quantkit.util.errors import QuantkitError
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+# llama.cpp's F32 logits against transformers' F32 logits, relative to the logit scale
+# (max |logit|). Both sides compute in float32 with different summation orders: measured
+# ~1e-6 for the SiLU models. ggml's CPU GELU (Gemma) reads a table indexed by the f16-rounded
+# input, which costs ~3e-4 (measured 2.6e-4), hence the looser bound there.
+LOGIT_RTOL = {"llama": 1e-4, "mistral": 1e-4, "llama3": 1e-4, "qwen2": 1e-4, "gemma3": 1e-3}
+
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _wikitext_lines(name: str, n: int) -> list[str]:
+    path = WIKITEXT / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if s and not s.startswith("="):
+            out.append(s)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _train_spm(out: Path, vocab_size: int, gemma: bool) -> Path:
+    import sentencepiece as spm
+
+    text = out / "train.txt"
+    text.write_text("\n".join(_wikitext_lines("valid.txt", 2000)), encoding="utf-8")
+    ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3) if gemma else dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(out / "sp"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True,
+        add_dummy_prefix=not gemma, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        **({"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>"} if gemma else {}), **ids)
+    text.unlink()
+    return out / "sp.model"
+
+
+def _spm_merges(sp) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """BPE vocab and merges equivalent to a SentencePiece BPE model (what transformers'
+    SentencePieceExtractor derives; rebuilt here because it needs protobuf)."""
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    normal = {p for p, i in vocab.items()
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+    merges = []
+    for piece in normal:
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                 if piece[:k] in normal and piece[k:] in normal]
+        local.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        merges.extend((a, b, sp.get_score(vocab[piece])) for a, b in local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return vocab, [(a, b) for a, b, _ in merges]
+
+
+def _save_spm_tokenizer(model_dir: Path, work: Path, vocab_size: int, gemma: bool) -> None:
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    sp_path = _train_spm(work, vocab_size, gemma)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    assert sp.get_piece_size() == vocab_size
+    vocab, merges = _spm_merges(sp)
+    if gemma:
+        tok = GemmaTokenizer(vocab=vocab, merges=merges)
+    else:
+        tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+    tok.save_pretrained(str(model_dir))
+    shutil.copy(sp_path, model_dir / "tokenizer.model")
+
+
+def _save_bpe_tokenizer(model_dir: Path, regex: str, qwen: bool, vocab_size: int) -> int:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if qwen else ["<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE(ignore_merges=not qwen))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_wikitext_lines("valid.txt", 2000), trainer)
+    tok.add_special_tokens(specials)  # after the learnt vocabulary, as in the real models
+    if qwen:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>", add_bos_token=False)
+        fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    else:
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", bos)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                       eos_token="<|end_of_text|>")
+    fast.save_pretrained(str(model_dir))
+    return tok.get_vocab_size()
+
+
+def _randomise(model: torch.nn.Module, gemma: bool) -> None:
+    """Weights with some spread, so that transforms (q/k permutation, 1 + w norms, biases) all
+    change the logits if they are wrong."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                base = 0.0 if (gemma or name.endswith("bias")) else 1.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+
+
+def _build(kind: str, root: Path) -> Path:
+    import transformers as tf
+
+    d = root / kind
+    d.mkdir()
+    work = root / f"{kind}-work"
+    work.mkdir()
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    save_kwargs: dict = {}
+    dtype = torch.float32
+    if kind == "llama":
+        _save_spm_tokenizer(d, work, 1024, gemma=False)
+        cfg = tf.LlamaConfig(vocab_size=1024, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                             rope_theta=10000.0, **common)
+        cls = tf.LlamaForCausalLM
+    elif kind == "mistral":
+        _save_spm_tokenizer(d, work, 1024, gemma=False)
+        cfg = tf.MistralConfig(vocab_size=1024, bos_token_id=1, eos_token_id=2, sliding_window=None,
+                               tie_word_embeddings=False, rope_theta=1e6, **common)
+        cls = tf.MistralForCausalLM
+        save_kwargs = {"max_shard_size": "100KB"}   # sharded, with model.safetensors.index.json
+        dtype = torch.bfloat16
+    elif kind == "llama3":
+        n = _save_bpe_tokenizer(d, LLAMA3_REGEX, qwen=False, vocab_size=1000)
+        cfg = tf.LlamaConfig(vocab_size=n, bos_token_id=n - 2, eos_token_id=n - 1, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 64},
+                             **common)
+        cls = tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        n = _save_bpe_tokenizer(d, QWEN2_REGEX, qwen=True, vocab_size=1000)
+        # the embedding is padded past the tokenizer, as Qwen2's 151936 rows for 151665 tokens
+        cfg = tf.Qwen2Config(vocab_size=n + 24, eos_token_id=n - 3, tie_word_embeddings=True,
+                             rope_theta=1e6, **common)
+        cls = tf.Qwen2ForCausalLM
+    elif kind == "gemma3":
+        _save_spm_tokenizer(d, work, 1024, gemma=True)
+        cfg = tf.Gemma3TextConfig(
+            vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+            max_position_embeddings=256, rms_norm_eps=1e-6, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
+    model = cls(cfg)
+    _randomise(model, gemma=kind == "gemma3")
+    model.to(dtype).save_pretrained(str(d), **save_kwargs)
+    shutil.rmtree(work)
+    return d
+
+
+KINDS = ["llama", "mistral", "llama3", "qwen2", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """kind -> directory; each tiny model is built on first use, once per session."""
+    root = tmp_path_factory.mktemp("hf")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = _build(kind, root)
+        return built[kind]
+
+    return get
+
+
+def _write_f32(src: HFSource, path: Path) -> Path:
+    from quantkit.quant.gguf_export import export_gguf
+
+    export_gguf(src, path, "f32", pure=True, show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ggufs(hf_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            with HFSource(hf_models(kind)) as src:
+                done[kind] = _write_f32(src, root / f"{kind}-f32.gguf")
+        return done[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llamas():
+    """path -> llama_cpp.Llama, loaded once per session and closed at its end."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    cache: dict[str, object] = {}
+
+    def get(path: Path):
+        key = str(path)
+        if key not in cache:
+            cache[key] = llama_cpp.Llama(model_path=key, n_ctx=128, n_batch=128, logits_all=True,
+                                         verbose=False, n_threads=2, seed=0,
+                                         type_k=0, type_v=0)  # F32 KV cache: compare F32 with F32
+        return cache[key]
+
+    yield get
+    for llm in cache.values():
+        llm.close()
+
+
+def _hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+def _hf_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+# --------------------------------------------------------------------------------- spec and names
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spec_and_tensor_names(hf_models, kind):
+    d = hf_models(kind)
+    cfg = json.loads((d / "config.json").read_text())
+    with HFSource(d) as src:
+        s = src.spec
+        assert s.arch == {"mistral": "llama", "llama3": "llama"}.get(kind, kind)
+        assert (s.n_layer, s.n_embd, s.n_ff) == (2, 64, 128)
+        assert s.n_head == cfg["num_attention_heads"] and s.n_head_kv == cfg["num_key_value_heads"]
+        assert s.head_dim == (32 if kind == "gemma3" else 16)
+        assert s.n_vocab == cfg["vocab_size"]
+        assert s.n_ctx_train == 256
+        assert s.tied_embeddings == (kind in ("llama3", "qwen2", "gemma3"))
+        names = [t.name for t in src.tensors()]
+        assert len(names) == len(set(names))
+        assert names[0] in ("token_embd.weight", "rope_freqs.weight")
+        assert ("output.weight" in names) == (not s.tied_embeddings)
+        block = {n.split(".", 2)[2] for n in names if n.startswith("blk.0.")}
+        expect = {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                  "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                  "ffn_down.weight"}
+        if kind == "qwen2":
+            expect |= {"attn_q.bias", "attn_k.bias", "attn_v.bias"}
+        if kind == "gemma3":
+            expect |= {"attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
+                       "post_ffw_norm.weight"}
+        assert block == expect
+        assert {n for n in names if n.startswith("blk.1.")} == {f"blk.1.{b}" for b in expect}
+        assert ("rope_freqs.weight" in names) == (kind == "llama3")
+        for t in src.tensors():
+            assert tuple(src.load(t.name).shape) == t.shape
+        info = {t.name: t for t in src.tensors()}
+        assert info["blk.0.attn_q.weight"].shape == (s.n_head * s.head_dim, s.n_embd)
+        assert info["blk.0.attn_k.weight"].shape == (s.n_head_kv * s.head_dim, s.n_embd)
+        assert info["token_embd.weight"].type == ("bf16" if kind == "mistral" else "f32")
+
+        m = src.metadata
+        a = s.arch
+        assert m["general.architecture"].value == a
+        assert m[f"{a}.block_count"].value == 2
+        assert m[f"{a}.embedding_length"].value == 64
+        assert m[f"{a}.attention.head_count_kv"].value == s.n_head_kv
+        assert m["tokenizer.ggml.model"].value == ("gpt2" if kind in ("llama3", "qwen2") else "llama")
+        assert len(m["tokenizer.ggml.tokens"].value) == s.n_vocab  # padded to the embedding rows
+
+
+def test_arch_specific_metadata(hf_models):
+    with HFSource(hf_models("gemma3")) as g:
+        m = g.metadata
+        assert m["gemma3.attention.sliding_window"].value == 4
+        assert m["gemma3.attention.sliding_window_pattern"].value == [True, False]
+        assert g.spec.sliding_window_pattern == [True, False]
+        assert m["gemma3.final_logit_softcapping"].value == pytest.approx(30.0)
+        assert m["gemma3.rope.freq_base"].value == pytest.approx(1e6)
+        assert m["gemma3.rope.freq_base_swa"].value == pytest.approx(1e4)
+        assert m["gemma3.attention.key_length"].value == 32
+        assert m["tokenizer.ggml.add_space_prefix"].value is False
+        assert m["tokenizer.ggml.bos_token_id"].value == 2
+    with HFSource(hf_models("llama3")) as l3:
+        assert l3.tokenizer.pre == "llama-bpe"
+        assert l3.metadata["llama.rope.freq_base"].value == pytest.approx(500000.0)
+        assert l3.metadata["tokenizer.ggml.add_bos_token"].value is True
+        assert len(l3.metadata["tokenizer.ggml.merges"].value) > 100
+    with HFSource(hf_models("qwen2")) as q:
+        assert q.tokenizer.pre == "qwen2"
+        assert q.metadata["tokenizer.ggml.add_bos_token"].value is False
+        assert "<|im_start|>" in q.metadata["tokenizer.chat_template"].value
+        toks = q.metadata["tokenizer.ggml.tokens"].value
+        types = q.metadata["tokenizer.ggml.token_type"].value
+        assert len(toks) == q.spec.n_vocab and toks[-1] == f"[PAD{q.spec.n_vocab - 1}]" and types[-1] == 5
+        assert types[toks.index("<|im_end|>")] == 3
+    with HFSource(hf_models("llama")) as l2:
+        m = l2.metadata
+        assert m["tokenizer.ggml.pre"].value == "default"
+        assert "tokenizer.ggml.add_space_prefix" not in m      # llama.cpp's default (true) applies
+        assert m["llama.rope.dimension_count"].value == 16
+        types = m["tokenizer.ggml.token_type"].value
+        assert types[0] == 2 and types[1] == 3 and types[3] == 6  # <unk>, <s>, <0x00>
+
+
+# --------------------------------------------------------------------------------- transforms
+
+
+def _hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update({k: v.float() for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_llama_qk_rows_permuted_for_rope(hf_models):
+    d = hf_models("llama")
+    hf = _hf_state(d)
+    with HFSource(d) as src:
+        for which, n_heads in (("q", 4), ("k", 2)):
+            w_hf = hf[f"model.layers.1.self_attn.{which}_proj.weight"]
+            w = src.load(f"blk.1.attn_{which}.weight")
+            hd = 16
+            for h in range(n_heads):
+                for j in range(hd // 2):
+                    # llama.cpp rotates pairs (2j, 2j+1); HF rotates (j, j + hd/2)
+                    assert torch.equal(w[h * hd + 2 * j], w_hf[h * hd + j])
+                    assert torch.equal(w[h * hd + 2 * j + 1], w_hf[h * hd + hd // 2 + j])
+        assert torch.equal(src.load("blk.0.attn_v.weight"), hf["model.layers.0.self_attn.v_proj.weight"])
+        assert torch.equal(src.load("output.weight"), hf["lm_head.weight"])
+
+
+def test_gemma3_norms_shifted_and_qwen2_biases_kept(hf_models):
+    d = hf_models("gemma3")
+    hf = _hf_state(d)
+    with HFSource(d) as src:
+        for gg, hn in (("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+                       ("blk.1.attn_q_norm.weight", "model.layers.1.self_attn.q_norm.weight"),
+                       ("blk.1.post_ffw_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"),
+                       ("output_norm.weight", "model.norm.weight")):
+            assert torch.equal(src.load(gg), hf[hn] + 1)
+        # no q/k permutation for Gemma (llama.cpp uses NeoX-style rotary for it)
+        assert torch.equal(src.load("blk.0.attn_q.weight"), hf["model.layers.0.self_attn.q_proj.weight"])
+    d = hf_models("qwen2")
+    hf = _hf_state(d)
+    with HFSource(d) as src:
+        assert torch.equal(src.load("blk.0.attn_q.bias"), hf["model.layers.0.self_attn.q_proj.bias"])
+        assert torch.equal(src.load("blk.0.attn_k.weight"), hf["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_sharded_bf16_and_pytorch_bin_give_same_tensors(hf_models, tmp_path):
+    d = hf_models("mistral")
+    assert (d / "model.safetensors.index.json").is_file()
+    assert len(list(d.glob("*.safetensors"))) > 1
+    hf = _hf_state(d)
+    # the same weights as one pytorch_model.bin
+    b = tmp_path / "bin"
+    shutil.copytree(d, b, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    torch.save({k: v.to(torch.bfloat16) for k, v in hf.items()}, b / "pytorch_model.bin")
+    with HFSource(d) as st, HFSource(b) as pt:
+        assert [t.name for t in st.tensors()] == [t.name for t in pt.tensors()]
+        for t in st.tensors():
+            assert torch.equal(st.load(t.name), pt.load(t.name)), t.name
+        assert st.load("blk.0.ffn_up.weight").dtype == torch.float32
+
+
+def test_gemma3_multimodal_layout_reads_as_text_model(hf_models, tmp_path):
+    """Gemma3ForConditionalGeneration: model_type "gemma3", the text config under text_config,
+    text weights under model.language_model.*, a vision tower that is left out."""
+    from safetensors.torch import save_file
+
+    d = hf_models("gemma3")
+    mm = _copy(d, tmp_path / "mm")
+    text_cfg = json.loads((d / "config.json").read_text())
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "text_config": {k: v for k, v in text_cfg.items() if k != "architectures"},
+           "eos_token_id": [1, 106]}
+    (mm / "config.json").write_text(json.dumps(cfg))
+    state = {k.replace("model.", "model.language_model.", 1): v for k, v in _hf_state(d).items()}
+    state["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
+    (mm / "model.safetensors").unlink()
+    save_file(state, str(mm / "model.safetensors"))
+    with HFSource(d) as a, HFSource(mm) as b:
+        assert b.spec == a.spec
+        assert [t.name for t in b.tensors()] == [t.name for t in a.tensors()]
+        for t in a.tensors():
+            assert torch.equal(a.load(t.name), b.load(t.name)), t.name
+        assert b.metadata["tokenizer.ggml.eos_token_id"].value == 1
+        assert b.metadata["gemma3.attention.sliding_window"].value == 4
+
+
+# --------------------------------------------------------------------------------- GGUF round trip
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "gemma3"])
+def test_gguf_f32_round_trip_identical(hf_models, ggufs, kind):
+    """HF dir -> GGUF F32 -> read back: the same tensors bit for bit, the same metadata."""
+    from quantkit.models.gguf import GGUFSource
+
+    with HFSource(hf_models(kind)) as src, GGUFSource(ggufs(kind)) as back:
+        assert {t.name for t in back.tensors()} == {t.name for t in src.tensors()}
+        for t in src.tensors():
+            b = back.tensor_info(t.name)
+            assert b.type == "f32" and b.shape == t.shape, t.name
+            assert torch.equal(back.load(t.name), src.load(t.name)), t.name
+        for key, mv in src.metadata.items():
+            got = back.metadata[key]
+            assert got.vtype == mv.vtype, key
+            if isinstance(mv.value, float):
+                assert got.value == pytest.approx(mv.value, rel=1e-7), key
+            elif mv.sub_type == GGUFValueType.FLOAT32:
+                assert np.allclose(np.asarray(got.value, dtype=np.float32), np.asarray(mv.value, dtype=np.float32),
+                                   rtol=0, atol=0), key
+            else:
+                assert list(got.value) == list(mv.value) if isinstance(mv.value, list) else got.value == mv.value, key
+        assert back.spec.n_layer == src.spec.n_layer and back.spec.head_dim == src.spec.head_dim
+        assert back.spec.tied_embeddings == src.spec.tied_embeddings
+
+
+# --------------------------------------------------------------------------------- llama.cpp
+
+
+SPM_KINDS = ("llama", "mistral", "gemma3")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llamacpp_tokenizes_like_transformers(hf_models, ggufs, llamas, kind):
+    """Token ids from llama.cpp's tokenizer (reading only the GGUF) equal transformers' on a page
+    of wikitext-2 test text, and, for SentencePiece vocabularies, sentencepiece's own."""
+    from transformers import AutoTokenizer
+
+    d = hf_models(kind)
+    llm = llamas(ggufs(kind))
+    # wikitext writes "<unk>" as text: tokenize it as text on both sides
+    tok = AutoTokenizer.from_pretrained(str(d), split_special_tokens=True)
+    sp = None
+    if kind in SPM_KINDS:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    lines = _wikitext_lines("test.txt", 40)
+    lines += ["Hello world,  two spaces and\ttab", " leading space", "digits 1234567 and 3.14",
+              "naïve café — “quotes” 東京"]
+    n_tokens = 0
+    for line in lines:
+        ours = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False)
+        if sp is not None:
+            assert ours == sp.encode(line), line
+        # transformers' Metaspace does not add SentencePiece's dummy prefix to text that already
+        # starts with a space; llama.cpp and sentencepiece do
+        if not (sp is not None and line[:1].isspace()):
+            assert ours == tok(line, add_special_tokens=False)["input_ids"], line
+            # with special tokens added: BOS exactly where transformers puts one
+            assert llm.tokenize(line.encode("utf-8"), add_bos=True) == tok(line)["input_ids"], line
+        n_tokens += len(ours)
+    assert n_tokens > 1000
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_llamacpp_parses_special_tokens_like_transformers(hf_models, ggufs, llamas, kind):
+    # (SentencePiece vocabularies differ by design here: llama.cpp puts the dummy-prefix space
+    # after every special token, as the original sentencepiece Llama tokenizer did)
+    d = hf_models(kind)
+    llm = llamas(ggufs(kind))
+    tok = _hf_tokenizer(d)
+    text = ("<|im_start|>user\nWhat is the Royal Court Theatre?<|im_end|>\n<|im_start|>assistant\n"
+            if kind == "qwen2" else "<|begin_of_text|>The Bill in 2000 .<|end_of_text|>")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
+    assert any(i >= len(tok) - 3 for i in ids)  # the special tokens were matched
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llamacpp_logits_match_transformers(hf_models, ggufs, llamas, kind):
+    d = hf_models(kind)
+    llm = llamas(ggufs(kind))
+    tok = _hf_tokenizer(d)
+    text = "The tower is 324 metres tall, about the same height as an 81-storey building."
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 8     # longer than gemma3's sliding window of 4
+    with torch.no_grad():
+        ref = _hf_model(d)(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    llm.reset()
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    assert got.shape == ref.shape
+    scale = np.abs(ref).max()
+    err = np.abs(got - ref).max() / scale
+    assert scale > 1.0, "random model too flat to prove anything"
+    assert err < LOGIT_RTOL[kind], f"{kind}: max |diff| / max |logit| = {err:.2e}"
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llamacpp_greedy_generation_matches_transformers(hf_models, ggufs, llamas, kind):
+    d = hf_models(kind)
+    llm = llamas(ggufs(kind))
+    tok = _hf_tokenizer(d)
+    prompt = tok("Robert Boulter is an English")["input_ids"]
+    n_new = 8
+    llm.reset()
+    out = []
+    for t in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(t)
+        if len(out) == n_new:
+            break
+    assert len(out) == n_new
+    with torch.no_grad():
+        ref = _hf_model(d).generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False,
+                                    min_new_tokens=n_new)[0, len(prompt):].tolist()
+    assert out == ref
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(QuantkitError, match="no such model directory"):
+        HFSource(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(QuantkitError, match="no config.json"):
+        HFSource(tmp_path)
+
+
+def test_unsupported_architecture_names_it_and_lists_supported(hf_models, tmp_path):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantkitError, match="unsupported architecture GPT2LMHeadModel") as e:
+        HFSource(d)
+    assert "LlamaForCausalLM" in str(e.value) and "Gemma3ForCausalLM" in str(e.value)
+
+
+def test_corrupt_config(hf_models, tmp_path):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(QuantkitError, match="config.json"):
+        HFSource(d)
+
+
+@pytest.mark.parametrize("cut", [5, 60, -100])
+def test_truncated_safetensors(hf_models, tmp_path, cut):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    with pytest.raises(QuantkitError, match="corrupt or truncated safetensors") as e:
+        HFSource(d)
+    assert "model.safetensors" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_weights_and_missing_shard(hf_models, tmp_path):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(QuantkitError, match="no weights"):
+        HFSource(d)
+    d = _copy(hf_models("mistral"), tmp_path / "s")
+    sorted(d.glob("model-*.safetensors"))[-1].unlink()
+    with pytest.raises(QuantkitError, match="missing"):
+        HFSource(d)
+
+
+def test_no_tokenizer(hf_models, tmp_path):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    for f in ("tokenizer.model", "tokenizer.json"):
+        (d / f).unlink()
+    with pytest.raises(QuantkitError, match="no tokenizer"):
+        HFSource(d)
+
+
+def test_unrecognised_pre_tokenizer_names_the_file(hf_models, tmp_path):
+    d = _copy(hf_models("qwen2"), tmp_path / "m")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(QuantkitError, match="unrecognised byte-level BPE pre-tokenizer") as e:
+        HFSource(d)
+    assert "tokenizer.json" in str(e.value)
+
+
+def test_corrupt_tokenizer_model(hf_models, tmp_path):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    (d / "tokenizer.model").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(QuantkitError, match="tokenizer.model"):
+        HFSource(d)
+
+
+def test_config_that_does_not_match_the_weights(hf_models, tmp_path):
+    d = _copy(hf_models("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_attention_heads"] = 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantkitError, match="does not match the weights"):
+        HFSource(d)
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantkitError, match="no valid hidden_size"):
+        HFSource(d)

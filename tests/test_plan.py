@@ -1,0 +1,302 @@
+"""quantkit plan: hardware table, configs, weight bytes, KV cache, speed, training, CLI errors.
+
+Expected values are derived by hand (comments show the arithmetic) or are published figures
+(parameter counts printed by transformers / PEFT, vendor bandwidths), never outputs of the
+code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+
+import quantkit.cli as cli
+from quantkit.plan import formats, hardware, memory, speed
+from quantkit.plan.model import ModelShape, Tensor, from_name, load
+from quantkit.plan.planner import PlanOptions, plan
+from quantkit.util.errors import QuantkitError
+
+GIB = 1 << 30
+
+
+def run_cli(argv, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", ["plan", "explain"])   # other commands may not exist yet
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ---------------------------------------------------------------- hardware table
+
+def test_every_hardware_row_has_a_source_and_sane_numbers():
+    rows = hardware.rows()
+    assert len(rows) >= 50
+    for name, r in rows.items():
+        assert r["source"].strip(), name
+        assert r["bandwidth_gbs"] > 0, name
+
+
+def test_issue_devices_are_present():
+    names = set(hardware.devices())
+    for n in ["rtx-3050", "rtx-3060", "rtx-3080", "rtx-3090", "rtx-4060", "rtx-4090", "gtx-1660", "rx-5700-xt",
+              "rx-6900-xt", "rtx-a2000", "rtx-a4500", "rtx-a5000", "rtx-a6000", "t4", "v100", "p40", "a100-40gb",
+              "a100-80gb", "a40", "l4", "h100", "h200", "apple-m1", "apple-m2-max", "apple-m3-pro", "apple-m4-max",
+              "ddr4-2666-2ch", "ddr5-5600-2ch"]:
+        assert n in names, n
+
+
+def test_cpu_bandwidth_is_transfers_times_8_bytes_times_channels():
+    for name, r in hardware.rows().items():
+        if r["kind"] == "cpu":
+            assert r["bandwidth_gbs"] == pytest.approx(r["mts"] * 8 * r["channels"] / 1000, abs=0.01), name
+
+
+def test_device_lookup_multi_and_suggestions():
+    d = hardware.device("2x RTX 3090")
+    assert d.count == 2 and d.total_memory == 48 * GIB and d.bandwidth == 936e9
+    assert hardware.device("NVIDIA GeForce RTX 4090").name == "rtx-4090"
+    with pytest.raises(QuantkitError, match="rtx-3060"):
+        hardware.device("rtx3060")
+    with pytest.raises(QuantkitError, match="between 1 and 64"):
+        hardware.device("0x rtx-3090")
+
+
+# ---------------------------------------------------------------- configs
+
+# parameter counts as transformers reports them (model.num_parameters()) for the HF checkpoints
+PUBLISHED_PARAMS = {
+    "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704, "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512,
+    "phi-2": 2_779_683_840, "gemma-2-2b": 2_614_341_888, "gemma-3-270m": 268_098_176,
+    "llama-3.2-1b": 1_235_814_400,
+}
+
+
+@pytest.mark.parametrize("name,n", sorted(PUBLISHED_PARAMS.items()))
+def test_config_parameter_counts_match_published(name, n):
+    assert from_name(name).n_params == n
+
+
+def test_builtin_table_covers_the_issue_families():
+    for n in ["llama-7b", "llama-65b", "llama-2-70b", "llama-3-8b", "qwen2.5-72b", "gemma-2-9b", "gemma-3-27b",
+              "phi-2", "chatglm2-6b", "mixtral-8x7b"]:
+        assert from_name(n).n_layer > 0
+
+
+# ---------------------------------------------------------------- weight bytes
+
+def test_q4_k_m_from_config_matches_the_bundled_file_tensor_by_tensor(bundled_gguf):
+    """The Gemma-3-270M config (models.yaml) quantized on paper to Q4_K_M gives the types and
+    bytes the real file holds: llama.cpp's mix and fallbacks (640 is not a multiple of 256)."""
+    f = load(bundled_gguf)
+    assert f.stored_format == "q4_k_m"
+    planned = {t.name: t for t in formats.tensor_bytes(from_name("gemma-3-270m"), "q4_k_m")}
+    assert set(planned) == {t.name for t in f.tensors}
+    for t in f.tensors:
+        assert (planned[t.name].type, planned[t.name].nbytes) == (t.type, t.nbytes), t.name
+    # the file is the header, the tensors and alignment padding (32 bytes) only
+    size = os.path.getsize(bundled_gguf)
+    from quantkit.plan.model import read_gguf_header
+    data_offset = read_gguf_header(bundled_gguf)[2]
+    assert 0 <= size - data_offset - f.stored_bytes < 32 * len(f.tensors)
+
+
+def test_gptq_int8_nf4_bytes_by_hand():
+    m = ModelShape("t", "llama", 1, 4096, 32, 32, 128, 11008, 32000, 4096, True)
+    w = [Tensor("blk.0.attn_q.weight", (4096, 4096), "f16", 4096 * 4096 * 2)]
+    # 4-bit, group 128: qweight 4096*4096/2 + qzeros 32 groups*4096/2 + scales 32*4096*2 + g_idx 4096*4
+    assert formats.total(formats.tensor_bytes(m, "gptq-4bit-128g", w)) == 8_388_608 + 65_536 + 262_144 + 16_384
+    # no groups (-1): one group per row
+    assert formats.total(formats.tensor_bytes(m, "gptq-4bit-noneg", w)) == \
+        8_388_608 + 2_048 + 8_192 + 16_384
+    # AWQ: no g_idx
+    assert formats.total(formats.tensor_bytes(m, "awq-4bit-128g", w)) == 8_388_608 + 65_536 + 262_144
+    # LLM.int8: int8 weight + fp32 scale per row
+    assert formats.total(formats.tensor_bytes(m, "int8", w)) == 4096 * 4096 + 4096 * 4
+    # NF4 + double quant: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight (QLoRA sec. 3)
+    bpw = formats.total(formats.tensor_bytes(m, "nf4", w)) * 8 / (4096 * 4096)
+    assert bpw == pytest.approx(4.127, abs=0.001)
+    bpw = formats.total(formats.tensor_bytes(m, "nf4-nodq", w)) * 8 / (4096 * 4096)
+    assert bpw == pytest.approx(4.5, abs=0.001)
+
+
+def test_dense_formats_are_two_bytes_per_parameter():
+    m = from_name("llama-2-7b")
+    assert formats.total(formats.tensor_bytes(m, "fp16")) == 2 * 6_738_415_616
+
+
+def test_unknown_format_is_a_clear_error():
+    with pytest.raises(QuantkitError, match="unknown format"):
+        formats.parse_format("q9_9")
+
+
+# ---------------------------------------------------------------- KV cache
+
+def test_kv_cache_llama2_7b_and_llama3_8b():
+    # 32 layers x 4096 tokens x (K+V) x 4096 x 2 bytes = 2 GiB; GQA with 8 KV heads x 128 = 1024
+    assert memory.kv_cache(from_name("llama-2-7b"), 4096).total == 2 * GIB
+    assert memory.kv_cache(from_name("llama-3-8b"), 8192).total == 32 * 8192 * 2 * 1024 * 2 == GIB
+    assert memory.kv_cache(from_name("llama-3-8b"), 8192, batch=4).total == 4 * GIB
+
+
+def test_kv_cache_gemma3_sliding_window_llama_cpp():
+    m = from_name("gemma-3-270m")
+    row = 2 * 1 * 256 * 2            # K + V, 1 KV head x 256, f16
+    kv = memory.kv_cache(m, 32768)
+    # 3 global layers hold 32768 cells; 15 sliding layers PAD(min(32768, 512 + 512), 256) = 1024
+    assert (kv.n_full_layers, kv.n_swa_layers) == (3, 15)
+    assert kv.total == 3 * 32768 * row + 15 * 1024 * row == 116_391_936
+    assert memory.kv_cache(m, 32768, swa_full=True).total == 18 * 32768 * row
+    assert memory.kv_cache(m, 512).total == 18 * 512 * row
+    # torch: sliding layers keep the window itself
+    assert memory.kv_cache(m, 4096, runtime="torch").total == 3 * 4096 * row + 15 * 512 * row
+
+
+def test_quantized_kv_block_overhead():
+    m = from_name("gemma-3-270m")
+    # q8_0: 256 values = 8 blocks x 34 bytes; q4_0: 8 blocks x 18 bytes; times K and V
+    assert memory.kv_row_bytes(m, "q8_0") == 2 * 8 * 34
+    assert memory.kv_row_bytes(m, "q4_0") == 2 * 8 * 18
+    with pytest.raises(QuantkitError, match="llama.cpp"):
+        memory.kv_cache(m, 512, kv_type="q8_0", runtime="torch")
+
+
+# ---------------------------------------------------------------- speed
+
+def test_decode_bound_issue_example():
+    bw = hardware.device("ddr4-3600-4ch").bandwidth      # 3600e6 x 8 B x 4 channels
+    assert bw == 115.2e9
+    assert speed.decode_upper_bound(bw, 13e9) == pytest.approx(8.86, abs=0.01)
+
+
+def test_moe_reads_only_active_experts():
+    m = from_name("mixtral-8x7b")
+    ts = formats.tensor_bytes(m, "bf16")
+    experts = 32 * 8 * 3 * 4096 * 14336               # 45.1 B parameters in experts
+    active = 46_702_792_704 - experts + experts // 4    # 12.9 B active (Mistral's figure)
+    assert active == pytest.approx(12.9e9, rel=0.01)
+    embd = 32000 * 4096                                 # read one row per token, not all of it
+    expected = 2 * (active - embd) + 4096 * 2
+    # norms are f32 in the bf16 plan (GGUF convention): 2 extra bytes for each of 65 x 4096 values
+    assert speed.weight_bytes_per_token(m, ts) == pytest.approx(expected + 2 * 65 * 4096 + 2 * 32 * 8 * 4096, rel=1e-6)
+
+
+def test_split_decode_is_harmonic():
+    # 1 GB at 100 GB/s + 1 GB at 10 GB/s: 0.01 s + 0.1 s per token
+    assert speed.split_decode([(1e9, 100e9), (1e9, 10e9)]) == pytest.approx(1 / 0.11)
+
+
+# ---------------------------------------------------------------- training
+
+def test_training_full_is_16_bytes_per_parameter():
+    t = memory.training(from_name("llama-2-7b"), "full", 512)
+    assert t.weights + t.gradients + t.optimizer == 16 * 6_738_415_616
+    assert t.activations_checkpointed < t.activations
+
+
+def test_lora_trainable_parameters_match_peft():
+    m = from_name("llama-2-7b")
+    # PEFT prints these for Llama-2-7b: r=8 on q_proj,v_proj and r=64 on all linear layers (QLoRA)
+    assert memory.training(m, "lora", 512, rank=8, targets="q,v").trainable_params == 4_194_304
+    q = memory.training(m, "qlora", 512, rank=64)
+    assert q.trainable_params == 159_907_840
+    # NF4 base: 4.127 bits for block linears, embeddings and head in 16 bits
+    lin = 6_738_415_616 - 2 * 32000 * 4096 - 65 * 4096
+    assert q.weights - 4 * q.trainable_params == pytest.approx(lin * 4.127 / 8 + 2 * (2 * 32000 * 4096 + 65 * 4096), rel=1e-3)
+
+
+# ---------------------------------------------------------------- planning and CLI
+
+def test_plan_fit_partial_and_no():
+    m = from_name("llama-2-7b")
+    big = plan(m, PlanOptions(vram_gb=80, bandwidth_gbs=2000, formats=["q4_0"]))
+    assert big.rows[0].cells[0].status == "fits"
+    mid = plan(m, PlanOptions(vram_gb=3, bandwidth_gbs=300, formats=["q4_0"]))
+    c = mid.rows[0].cells[0]
+    assert c.status == "partial" and 0 < c.layers_on_gpu < 32
+    tiny = plan(m, PlanOptions(vram_gb=0.3, bandwidth_gbs=300, formats=["q4_0"]))
+    assert tiny.rows[0].cells[0].status == "no"
+
+
+def test_cli_plan_gguf_json(bundled_gguf, capsys, monkeypatch):
+    rc, out, err = run_cli(["plan", bundled_gguf, "--ctx", "32768", "--device", "ddr4-3200-2ch", "--json"],
+                           capsys, monkeypatch)
+    assert rc == 0, err
+    d = json.loads(out)
+    row = next(r for r in d["formats"] if r["format"] == "q4_k_m")
+    assert row["memory"]["weights"] == 246_587_904          # the file's tensor bytes
+    assert row["memory"]["kv"] == 116_391_936
+    assert d["footnotes"]
+
+
+def test_cli_plan_table_and_training(capsys, monkeypatch):
+    rc, out, err = run_cli(["plan", "llama-2-13b", "--device", "rtx-3060", "--train", "qlora", "--rank", "64"],
+                           capsys, monkeypatch)
+    assert rc == 0, err
+    assert "Assumptions:" in out and "[qlora]" in out and "rtx-3060" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "llama-2-13", "--device", "rtx-3060"], "llama-2-13b"),
+    (["plan", "llama-2-13b", "--device", "rtx3090"], "rtx-3090"),
+    (["plan", "llama-2-13b", "--ctx", "-1"], "--ctx"),
+    (["plan", "llama-2-13b", "--vram", "12"], "--bandwidth"),
+    (["plan", "llama-2-13b", "--vram", "1e9", "--bandwidth", "300"], "--vram"),
+    (["plan", "llama-2-13b", "--batch", "0"], "--batch"),
+    (["plan", "llama-2-13b", "--runtime", "torch", "--kv-type", "q8_0"], "llama.cpp"),
+    (["plan", "llama-2-13b", "--format", "q9_9"], "unknown format"),
+    (["plan", "./nope.gguf"], "no such file"),
+    (["plan"], "no MODEL"),
+])
+def test_cli_bad_input_is_one_line(argv, needle, capsys, monkeypatch):
+    rc, out, err = run_cli(argv, capsys, monkeypatch)
+    assert rc == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _write_safetensors(path, tensors):
+    hdr, off = {}, 0
+    for name, shape in tensors.items():
+        n = 2
+        for s in shape:
+            n *= s
+        hdr[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(hdr).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"\0" * off)
+
+
+def test_hf_dir_header_only_and_missing_fields(tmp_path, capsys, monkeypatch):
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": 64,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,
+           "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shapes = {"model.embed_tokens.weight": (256, 64), "lm_head.weight": (256, 64), "model.norm.weight": (64,),
+              "model.layers.0.input_layernorm.weight": (64,), "model.layers.0.post_attention_layernorm.weight": (64,),
+              "model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.0.self_attn.k_proj.weight": (32, 64),
+              "model.layers.0.self_attn.v_proj.weight": (32, 64), "model.layers.0.self_attn.o_proj.weight": (64, 64),
+              "model.layers.0.mlp.gate_proj.weight": (128, 64), "model.layers.0.mlp.up_proj.weight": (128, 64),
+              "model.layers.0.mlp.down_proj.weight": (64, 128)}
+    _write_safetensors(tmp_path / "model.safetensors", shapes)
+    m = load(str(tmp_path))
+    n = sum(a * (b if b else 1) for a, b in ((s[0], s[1] if len(s) > 1 else 0) for s in shapes.values()))
+    assert m.n_params == n and m.stored_bytes == 2 * n and m.stored_format == "f16"
+    assert m.n_head_kv == 2 and m.head_dim == 16
+    # KV: 1 layer x 1024 tokens x (K+V) x 2 heads x 16 x 2 bytes
+    assert memory.kv_cache(m, 1024, runtime="torch").total == 1024 * 2 * 32 * 2
+    del cfg["hidden_size"], cfg["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = run_cli(["plan", str(tmp_path)], capsys, monkeypatch)
+    assert rc == 2 and "hidden_size" in err and "vocab_size" in err
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    rc, out, err = run_cli(["plan", str(p)], capsys, monkeypatch)
+    assert rc == 2 and "safetensors" in err
