@@ -76,3 +76,11 @@ def test_reconstruction_error_bound(qt):
 def test_row_not_divisible_by_block_is_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_rows("q4_0", torch.zeros(2, 48))
+
+
+@pytest.mark.parametrize("qt", ["f16", "bf16"])
+def test_float_types_nan_inf_overflow_equal_llama_cpp(qt):
+    x = CASES["normal"].copy()
+    x[0, :6] = [np.nan, np.inf, -np.inf, 3.4e38, -1e-40, 65520.0]   # NaN, Inf, bf16/f16 overflow, subnormal
+    ours = quantize_rows(qt, torch.from_numpy(x)).numpy()
+    assert np.array_equal(ours, ggml_quantize(qt, x))

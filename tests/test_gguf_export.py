@@ -33,22 +33,40 @@ def _tensors_equal(a: str, b: str) -> list[str]:
     return bad
 
 
-def test_gguf_to_f32_equals_llama_cpp_dequantization(bundled_gguf, f32_source, tmp_path):
-    ours = str(tmp_path / "ours-f32.gguf")
-    api.quantize(bundled_gguf, ours, format="gguf:f32", show_progress=False)
-    assert _tensors_equal(ours, f32_source) == []
-    assert open(ours, "rb").read() == open(f32_source, "rb").read()   # the whole file, metadata too
+@pytest.fixture(scope="module")
+def exported(f32_source, tmp_path_factory):
+    """(quantkit's file, llama-quantize's file) for a file type, from the same F32 input; cached."""
+    d = tmp_path_factory.mktemp("export")
+    cache = {}
+
+    def get(ft):
+        if ft not in cache:
+            ref, ours = str(d / f"llama-{ft}.gguf"), str(d / f"ours-{ft}.gguf")
+            llama_quantize(f32_source, ref, ft)
+            api.quantize(f32_source, ours, format=f"gguf:{ft}", show_progress=False)
+            cache[ft] = (ours, ref)
+        return cache[ft]
+    return get
 
 
-@pytest.mark.parametrize("ft", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16", "bf16"])
-def test_file_bytes_equal_llama_quantize(f32_source, tmp_path, ft):
-    ref = str(tmp_path / f"llama-{ft}.gguf")
-    ours = str(tmp_path / f"ours-{ft}.gguf")
-    llama_quantize(f32_source, ref, ft)
-    api.quantize(f32_source, ours, format=f"gguf:{ft}", show_progress=False)
+def test_gguf_dequantization_equals_llama_cpp_f32(bundled_gguf, f32_source):
+    """Every tensor of the Q4_K_M file (Q8_0, Q5_0, Q4_K, Q6_K, F32) read as float32 by quantkit
+    equals, bit for bit, llama.cpp's F32 requantization of it."""
+    ours, ref = GGUFSource(bundled_gguf), GGUFSource(f32_source)
+    assert [t.name for t in ours.tensors()] == [t.name for t in ref.tensors()]
+    assert {t.type for t in ours.tensors()} >= {"q8_0", "q5_0", "q4_k", "q6_k", "f32"}
+    for t in ours.tensors():
+        a = ours.load(t.name).numpy()
+        b = ref.raw(t.name)[0].view(np.float32).reshape(a.shape)
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), t.name
+
+
+@pytest.mark.parametrize("ft", ["q8_0", "q5_1", "q4_0", "bf16"])
+def test_file_bytes_equal_llama_quantize(exported, ft):
+    ours, ref = exported(ft)
     assert _tensors_equal(ours, ref) == []
     assert os.path.getsize(ours) == os.path.getsize(ref)
-    assert open(ours, "rb").read() == open(ref, "rb").read()
+    assert open(ours, "rb").read() == open(ref, "rb").read()   # the whole file, metadata too
 
 
 def test_pure_uses_one_type_everywhere(f32_source, tmp_path):
@@ -62,27 +80,21 @@ def test_pure_uses_one_type_everywhere(f32_source, tmp_path):
 
 
 @pytest.mark.parametrize("ft", ["q8_0", "q4_0"])
-def test_runs_in_llama_cpp_with_same_greedy_continuation(bundled_gguf, tmp_path, ft):
-    ours = str(tmp_path / f"ours-{ft}.gguf")
-    ref = str(tmp_path / f"llama-{ft}.gguf")
-    api.quantize(bundled_gguf, ours, format=f"gguf:{ft}", show_progress=False)
-    llama_quantize(bundled_gguf, ref, ft)
+def test_runs_in_llama_cpp_with_same_greedy_continuation(exported, ft):
     outs = []
-    for path in (ours, ref):
+    for path in exported(ft):
         rt = LlamaCpp(path, n_ctx=128, n_threads=2)
-        g = rt.generate(PROMPT, max_tokens=12)
+        outs.append(rt.generate(PROMPT, max_tokens=12))
         rt.close()
-        outs.append(g)
     assert len(outs[0].tokens) >= 4 and outs[0].text.strip()
     assert outs[0].tokens == outs[1].tokens
 
 
-def test_tokenizer_ids_equal_llama_cpp_on_wikitext(bundled_gguf, tmp_path, shared_data):
+def test_tokenizer_ids_equal_llama_cpp_on_wikitext(bundled_gguf, exported, shared_data):
     """The written file carries the tokenizer: llama.cpp tokenizes a page of wikitext-2 identically
     with quantkit's file and with the original."""
     text = open(os.path.join(shared_data, "wikitext-2", "test.txt"), encoding="utf-8").read()[:4000]
-    ours = str(tmp_path / "ours-q8_0.gguf")
-    api.quantize(bundled_gguf, ours, format="gguf:q8_0", show_progress=False)
+    ours = exported("q8_0")[0]
     a = LlamaCpp(ours, n_ctx=64).tokenize(text)
     b = LlamaCpp(bundled_gguf, n_ctx=64).tokenize(text)
     assert len(a) > 500

@@ -175,3 +175,31 @@ def distill(**options) -> dict:
     if unknown:
         raise QuantkitError(f"unknown distill option(s): {', '.join(unknown)}")
     return _distill(DistillConfig(**options))
+
+
+# ---- evaluation: quality, size, speed, memory (issue 4) --------------------------------
+def evaluate(models=None, **options):
+    """Score MODELS (paths; None = the bundled model) on the same token ids against one
+    reference: perplexity (llama.cpp's protocol), KL divergence, top-1 agreement, size, bits per
+    weight, load time, tokens/s, peak RSS. Options are quantkit.eval.evaluate.EvalOptions fields
+    (ref, text, n_chunks, n_ctx, n_threads, speed, speed_runs, cache, ...). Returns an EvalResult
+    (.rows, .meta, .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it."""
+    from .eval.evaluate import EvalOptions, evaluate as _evaluate
+    from .util.errors import QuantkitError
+
+    unknown = sorted(set(options) - set(EvalOptions.__dataclass_fields__))
+    if unknown:
+        raise QuantkitError(f"unknown eval option(s): {', '.join(unknown)}")
+    if models is None or isinstance(models, (str, os.PathLike)):
+        models = [models]
+    return _evaluate(list(models), EvalOptions(**options))
+
+
+def eval_ladder(model=None, types=None, out_dir=None, **options):
+    """Quantize MODEL to a ladder of GGUF file types (default F16, Q8_0, Q5_0, Q4_1, Q4_0 and the
+    K-quants quantkit encodes) and evaluate the model and every rung against its F32 reference."""
+    from .eval.evaluate import build_ladder, ladder_types
+
+    files = build_ladder(model, ladder_types(types), out_dir, show_progress=options.get("show_progress", True))
+    first = os.fspath(model) if model is not None else None
+    return evaluate([first, *files], **options)

@@ -20,6 +20,7 @@ COMMANDS = [
     "inspect",
     "quantize",
     "demo",
+    "eval",
     "plan",
     "explain",
     "distill",

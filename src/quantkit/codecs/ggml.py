@@ -142,11 +142,12 @@ def _dq(name: str, b: torch.Tensor) -> torch.Tensor:
 
 
 def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """ggml_compute_fp32_to_bf16: round to nearest even; NaN kept quiet (bit 6 set)."""
-    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    """ggml_compute_fp32_to_bf16 -> int16 bits: round to nearest even; NaN kept quiet (bit 6 set).
+    int32 arithmetic wraps exactly like C's uint32 in the low 16 bits we keep."""
+    u = x.contiguous().view(torch.int32)
     rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
     nan = (u & 0x7FFFFFFF) > 0x7F800000
-    return torch.where(nan, (u >> 16) | 64, rounded) & 0xFFFF
+    return torch.where(nan, (u >> 16) | 64, rounded).to(torch.int16)
 
 
 # Blocks per step: every intermediate of the elementwise chain stays in cache (~256 KB per
@@ -206,12 +207,14 @@ def quantize_rows(name: str, x: torch.Tensor) -> torch.Tensor:
     if q.name == "f32":
         return _u8(x)
     if q.name == "f16":
-        return _u8(x.to(torch.float16))
+        return _chunked(lambda b: _u8(b.to(torch.float16)), x.reshape(-1, BLOCK), BLOCK * 2).reshape(rows, n * 2) \
+            if n % BLOCK == 0 else _u8(x.to(torch.float16))
     if q.name == "bf16":
-        h = _bf16_bytes(x.reshape(-1))
-        lo = (h & 0xFF).to(torch.uint8)
-        hi = ((h >> 8) & 0xFF).to(torch.uint8)
-        return torch.stack([lo, hi], dim=1).reshape(rows, n * 2)
+        def bf16(b: torch.Tensor) -> torch.Tensor:
+            return _u8(_bf16_bytes(b).reshape(b.shape[0], -1))
+        if n % BLOCK == 0:
+            return _chunked(bf16, x.reshape(-1, BLOCK), BLOCK * 2).reshape(rows, n * 2)
+        return bf16(x)
     if q.name not in _QUANTIZERS:
         raise KeyError(f"quantkit has no encoder for {q.name}")
     if n % BLOCK:

@@ -50,6 +50,7 @@ def _common(p: argparse.ArgumentParser, teacher_flag: str) -> None:
                    help="also update the word-embedding table (frozen by default)")
     t.add_argument("--limit", type=int, default=None, help="use a seeded sample of this many examples")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev examples")
     t.add_argument("--checkpoint-dir", default=None, help="default OUTPUT.ckpt")
     t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -106,5 +107,7 @@ def run(args: argparse.Namespace) -> int:
             line += f" (teacher {summary['teacher_dev_accuracy']:.4f})"
     if "dev_cosine" in summary:
         line += f", dev cosine to teacher {summary['dev_cosine']:.4f}"
+        if "dev_cosine_initial" in summary:
+            line += f" (before training {summary['dev_cosine_initial']:.4f})"
     print(line, file=sys.stdout)
     return 0

@@ -49,6 +49,7 @@ class DistillConfig:
     train: str = ""                     # TSV label<TAB>text (finetune, kd) or text file (embed)
     output: str = ""
     dev: str | None = None              # evaluation file of the same kind as train
+    dev_limit: int | None = None        # evaluate on the first N dev examples only
     student: str | None = None          # an existing encoder dir to start the student from
     num_layers: int | None = None       # student depth (layers taken evenly from the teacher)
     layers: list[int] | None = None     # or exactly which teacher layers
@@ -82,7 +83,7 @@ class DistillConfig:
     def trajectory(self) -> dict:
         """The fields a checkpoint must agree on to be resumed."""
         d = asdict(self)
-        for k in ("output", "dev", "checkpoint_dir", "save_every", "resume", "max_steps", "epochs"):
+        for k in ("output", "dev", "dev_limit", "checkpoint_dir", "save_every", "resume", "max_steps", "epochs"):
             d.pop(k)
         return d
 
@@ -274,8 +275,10 @@ def accuracy(enc: Encoder, texts: list[str], labels: list[str], batch_size: int 
 
 
 @torch.no_grad()
-def embedding_cosine(teacher: Encoder, student: Encoder, texts: list[str]) -> float:
-    return float((teacher.encode(texts) * student.encode(texts)).sum(1).mean())
+def embedding_cosine(teacher: Encoder | torch.Tensor, student: Encoder, texts: list[str]) -> float:
+    """Mean cosine of student to teacher embeddings (teacher given as an Encoder or its vectors)."""
+    ref = teacher if isinstance(teacher, torch.Tensor) else teacher.encode(texts)
+    return float((ref * student.encode(texts)).sum(1).mean())
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -311,7 +314,7 @@ def distill(cfg: DistillConfig) -> dict:
         texts = [texts[i] for i in _sample(len(texts), cfg.limit, cfg.seed)]
         gold = None
         if cfg.dev:
-            dev_texts = read_text(cfg.dev)[:500]
+            dev_texts = read_text(cfg.dev)[:cfg.dev_limit or 1000]
     else:
         texts, ylabels = read_labelled(cfg.train, base.meta.labels)
         keep = _sample(len(texts), cfg.limit, cfg.seed)
@@ -322,6 +325,7 @@ def distill(cfg: DistillConfig) -> dict:
         gold = [names.index(y) for y in ylabels]
         if cfg.dev:
             dev_texts, dev_labels = read_labelled(cfg.dev, names)
+            dev_texts, dev_labels = dev_texts[:cfg.dev_limit], dev_labels[:cfg.dev_limit]
 
     if cfg.objective == "finetune":
         if cfg.student:
@@ -330,6 +334,11 @@ def distill(cfg: DistillConfig) -> dict:
     else:
         student = make_student(teacher, cfg)
         check_same_vocab(teacher, student, cfg.student)
+    initial_cosine = dev_ref = None
+    if cfg.objective == "embed" and dev_texts is not None:
+        dev_ref = teacher.encode(dev_texts)
+        if not cfg.resume:
+            initial_cosine = embedding_cosine(dev_ref, student, dev_texts)
     student.requires_grad_(True)
     if not cfg.train_word_embeddings:
         student.bert.embeddings.word_embeddings.requires_grad_(False)
@@ -441,7 +450,9 @@ def distill(cfg: DistillConfig) -> dict:
                "losses": losses, "seconds": round(time.time() - t_start, 1)}
     if dev_texts is not None:
         if cfg.objective == "embed":
-            summary["dev_cosine"] = embedding_cosine(teacher, student, dev_texts)
+            summary["dev_cosine"] = embedding_cosine(dev_ref, student, dev_texts)
+            if initial_cosine is not None:
+                summary["dev_cosine_initial"] = initial_cosine
         else:
             summary["dev_accuracy"] = accuracy(student, dev_texts, dev_labels)
             if teacher is not None:

@@ -40,7 +40,8 @@ class Generation:
 class LlamaCpp:
     """A GGUF loaded in llama.cpp (CPU), for greedy generation and token ids."""
 
-    def __init__(self, path: str, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = False):
+    def __init__(self, path: str, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = False,
+                 n_batch: int | None = None, vocab_only: bool = False):
         try:
             import llama_cpp
         except ImportError:
@@ -52,7 +53,9 @@ class LlamaCpp:
             with _quiet_stderr():
                 self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=self.n_threads,
                                            n_threads_batch=self.n_threads, logits_all=logits_all,
-                                           verbose=False, seed=0)
+                                           verbose=False, seed=0, vocab_only=vocab_only,
+                                           # n_batch >= n_ctx: one llama_decode per chunk (quantkit eval)
+                                           **({"n_batch": n_batch, "n_ubatch": n_batch} if n_batch else {}))
         except (ValueError, RuntimeError) as e:
             raise QuantkitError(f"llama.cpp could not load the model ({e})", path) from None
         self.load_s = time.perf_counter() - t0

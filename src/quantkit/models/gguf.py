@@ -1,6 +1,6 @@
 """Read and write GGUF files.
 
-Reading memory-maps the file (gguf-py's GGUFReader): `load(name)` dequantizes one tensor, so
+Reading memory-maps the file (models/gguf_file.py): `load(name)` dequantizes one tensor, so
 peak memory stays near the largest tensor. Writing streams: header, metadata and tensor infos
 first, then each tensor's bytes as it is produced, into a temporary name renamed only when the
 file is complete (gguf-py's GGUFWriter enforces the order).
@@ -15,13 +15,14 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf import quants as gguf_quants
 
 from ..codecs import ggml as simple
 from ..codecs.registry import qtype
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
+from .gguf_file import GGUFFile, GGUFFormatError
 from .source import ArchSpec, MetaValue, ModelSource, TensorInfo, Tokenizer
 
 # Tensors over a read-only memory map are only ever read here.
@@ -54,14 +55,6 @@ def dequantize_bytes(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -
         return kq.dequantize(name, raw, shape).reshape(shape).float()
     arr = gguf_quants.dequantize(np.ascontiguousarray(data), GGMLQuantizationType[name.upper()])
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
-
-
-def _field_value(field) -> MetaValue:
-    types = field.types
-    if types[0] == GGUFValueType.ARRAY:
-        sub = types[1] if len(types) > 1 else None
-        return MetaValue(field.contents(), GGUFValueType.ARRAY, sub)
-    return MetaValue(field.contents(), types[0])
 
 
 def _u(meta: dict[str, MetaValue], key: str, default=None):
@@ -123,44 +116,37 @@ class GGUFSource(ModelSource):
         if magic != b"GGUF":
             raise QuantkitError("not a GGUF file (bad magic)", self.path, "expected a llama.cpp .gguf")
         try:
-            self._reader = GGUFReader(self.path, "r")
-        except Exception as e:  # gguf-py raises ValueError/IndexError/... on truncated files
-            raise QuantkitError(f"corrupt or truncated GGUF ({type(e).__name__}: {str(e)[:120]})", self.path,
+            self._file = GGUFFile(self.path)
+        except GGUFFormatError as e:
+            raise QuantkitError(f"corrupt or truncated GGUF: {e}", self.path,
                                 "re-download or re-create the file") from None
-        self.metadata = {k: _field_value(f) for k, f in self._reader.fields.items() if k not in _WRITER_KEYS}
-        self.metadata["general.architecture"] = _field_value(self._reader.fields["general.architecture"]) \
-            if "general.architecture" in self._reader.fields else MetaValue("", GGUFValueType.STRING)
-        self._tensors = {}
-        self._infos = []
-        for t in self._reader.tensors:
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            info = TensorInfo(t.name, shape, t.tensor_type.name.lower(), int(t.n_bytes))
-            self._tensors[t.name] = t
-            self._infos.append(info)
-        self.spec = spec_from_metadata(self.metadata, self._tensors, self.path)
-        tok_model = _u(self.metadata, "tokenizer.ggml.model")
-        self.tokenizer = Tokenizer(model=tok_model or "none", pre=_u(self.metadata, "tokenizer.ggml.pre"),
+        fields = self._file.fields
+        self.metadata = {k: MetaValue(f.value, f.vtype, f.sub_type) for k, f in fields.items()
+                         if k not in _WRITER_KEYS or k == "general.architecture"}
+        self._entries = {t.name: t for t in self._file.tensors}
+        self._infos = {t.name: TensorInfo(t.name, t.shape, t.ggml_type.name.lower(), t.nbytes)
+                       for t in self._file.tensors}
+        self.spec = spec_from_metadata(self.metadata, self._entries, self.path)
+        self.tokenizer = Tokenizer(model=_u(self.metadata, "tokenizer.ggml.model") or "none",
+                                   pre=_u(self.metadata, "tokenizer.ggml.pre"),
                                    n_tokens=len(_u(self.metadata, "tokenizer.ggml.tokens") or []))
-        self.file_type = int(self._reader.fields["general.file_type"].contents()) \
-            if "general.file_type" in self._reader.fields else None
+        self.file_type = fields["general.file_type"].value if "general.file_type" in fields else None
 
     def tensors(self) -> list[TensorInfo]:
-        return list(self._infos)
+        return list(self._infos.values())
 
     def tensor_info(self, name: str) -> TensorInfo:
-        return self._infos[list(self._tensors).index(name)]
+        return self._infos[name]
 
     def raw(self, name: str):
-        t = self._tensors[name]
-        return np.asarray(t.data).view(np.uint8).reshape(-1), t.tensor_type.name.lower()
+        return self._file.data(self._entries[name]), self._infos[name].type
 
     def load(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        try:
-            return dequantize_bytes(t.tensor_type.name, t.data, shape)
-        except (ValueError, OSError) as e:
-            raise QuantkitError(f"tensor {name} cannot be read ({e})", self.path, "the file may be truncated") from None
+        info = self._infos[name]
+        return dequantize_bytes(info.type, self._file.data(self._entries[name]), info.shape)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # --------------------------------------------------------------------------------------------

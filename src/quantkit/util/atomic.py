@@ -20,7 +20,8 @@ from .errors import QuantkitError
 def check_writable_dir(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(parent):
-        raise QuantkitError("output directory does not exist", parent, "create it first or choose another -o")
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise QuantkitError(f"output directory {what}", parent, "create it first or choose another -o")
     if not os.access(parent, os.W_OK):
         raise QuantkitError("output directory is not writable", parent, "choose another -o")
 
@@ -37,6 +38,8 @@ def _remove(p: str) -> None:
 def atomic_output(path: str | os.PathLike, directory: bool = False) -> Iterator[str]:
     final = os.path.abspath(os.fspath(path))
     check_writable_dir(final)
+    if not directory and os.path.isdir(final):
+        raise QuantkitError("output path is an existing directory", final, "give a file name, e.g. -o model.gguf")
     base = os.path.basename(final)
     tmp = os.path.join(os.path.dirname(final), f".{base}.{uuid.uuid4().hex[:8]}.partial")
     if directory:
@@ -45,9 +48,9 @@ def atomic_output(path: str | os.PathLike, directory: bool = False) -> Iterator[
         yield tmp
     except OSError as e:
         _remove(tmp)
-        if e.errno == errno.ENOSPC:
-            raise QuantkitError("disk full while writing; nothing was left behind", final,
-                                "free space or write elsewhere") from None
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise QuantkitError(f"out of space while writing ({os.strerror(e.errno)}); no partial file was left",
+                                final, "free space or write elsewhere") from None
         raise
     except BaseException:
         _remove(tmp)

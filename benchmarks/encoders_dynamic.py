@@ -1,0 +1,91 @@
+"""Dynamic INT8 on all-MiniLM-L6-v2: size, latency (batch 1 and 32), fidelity, retrieval, SST-2.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/encoders_dynamic.py \
+        [--sentences 2000] [--classifier out/distill/teacher] [--threads 2]
+
+--classifier: a MiniLM classifier fine-tuned on SST-2 (benchmarks/encoders_distill.py writes
+one); its SST-2 dev accuracy is measured in fp32 and int8 (head kept float).
+Time: about 5 minutes on 2 cores (2,000 sentences encoded twice; latency runs).
+Writes benchmarks/results/encoders_dynamic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoders_common import SHARED, environment, latency_per_sentence, wikitext_sentences, write_json  # noqa: E402
+
+from quantkit.api import load_encoder, quantize_dynamic  # noqa: E402
+from quantkit.distill.trainer import accuracy, read_labelled  # noqa: E402
+from quantkit.models.encoder import dir_size, save_encoder  # noqa: E402
+from quantkit.quant.dynamic import DynamicInt8Config, quantize_encoder_  # noqa: E402
+
+
+def recall_at_k(ref: torch.Tensor, got: torch.Tensor, k: int = 10) -> float:
+    def topk(e):
+        s = e @ e.t()
+        s.fill_diagonal_(-2)
+        return s.topk(k, dim=1).indices
+    a, b = topk(ref), topk(got)
+    return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--classifier", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    res: dict = {"environment": environment(), "model": "all-MiniLM-L6-v2"}
+    fp32 = load_encoder()
+    sents = wikitext_sentences(args.sentences)
+    lat_sents = sents[:64]
+    with tempfile.TemporaryDirectory() as d:
+        for emb in (False, True):
+            name = "int8" + ("+emb" if emb else "")
+            out = Path(d) / name
+            s = quantize_dynamic(None, out, quantize_embeddings=emb)
+            q = load_encoder(out)
+            row = {"file_bytes": dir_size(out), "linear_bytes": s["linear_bytes_after"], "kernel": s["kernel"]}
+            res.setdefault("fp32", {"file_bytes": dir_size(fp32.source_dir), "linear_bytes": s["linear_bytes_before"]})
+            res[name] = row
+            if not emb:
+                for bs in (1, 32):
+                    res["fp32"][f"latency_ms_b{bs}"] = 1e3 * latency_per_sentence(fp32, lat_sents, bs, args.runs)
+                    row[f"latency_ms_b{bs}"] = 1e3 * latency_per_sentence(q, lat_sents, bs, args.runs)
+                ref = fp32.encode(sents)
+            got = q.encode(sents)
+            cos = (ref * got).sum(1)
+            row.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()),
+                       recall_at_10=recall_at_k(ref, got, 10))
+            print(name, row, flush=True)
+        # the reference (plain torch) kernel, for the record: same numbers, slower
+        ref_q = quantize_encoder_(copy.deepcopy(fp32), DynamicInt8Config(kernel="reference"))
+        res["int8_reference_kernel"] = {f"latency_ms_b{bs}": 1e3 * latency_per_sentence(ref_q, lat_sents, bs, 3)
+                                        for bs in (1, 32)}
+    if args.classifier:
+        clf = load_encoder(args.classifier)
+        texts, labels = read_labelled(str(SHARED / "sst2" / "dev.tsv"), clf.meta.labels)
+        res["sst2_dev_accuracy_fp32"] = accuracy(clf, texts, labels)
+        with tempfile.TemporaryDirectory() as d:
+            quantize_dynamic(args.classifier, Path(d) / "c8")
+            res["sst2_dev_accuracy_int8"] = accuracy(load_encoder(Path(d) / "c8"), texts, labels)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(write_json("encoders_dynamic", res))
+    print({k: v for k, v in res.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""quantkit eval MODEL [MODEL ...] [--ref REF] [--text FILE] [--chunks N] [--ctx 512] [--json] [--report out.html] [--ladder]."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity, KL divergence, size, speed and memory of models, side by side",
+        description="Score models on the same token ids against one reference (llama.cpp's perplexity "
+                    "protocol: chunks of BOS + n_ctx-1 tokens, the second half of each scored), with the "
+                    "reference's log-probabilities cached on disk. GGUF files run in llama.cpp, Hugging Face "
+                    "directories in transformers (torch, CPU, float32).")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="a .gguf file or Hugging Face model directory (default: the bundled model)")
+    p.add_argument("--ref", metavar="REF", help="reference model (default: the F32 dequantization of the first MODEL)")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: $QUANTKIT_EVAL_TEXT or wikitext-2 "
+                                                  "test.txt of a development checkout)")
+    p.add_argument("--chunks", type=int, default=8, metavar="N", help="number of chunks (default 8; 0 = all)")
+    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk, BOS included (default 512)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--no-speed", action="store_true", help="skip the load / tokens-per-second / peak-RSS probes")
+    p.add_argument("--speed-runs", type=int, default=3, metavar="N", help="runs per speed figure, median reported (default 3)")
+    p.add_argument("--no-cache", action="store_true", help="do not keep the reference's log-probabilities on disk")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (table, size vs KLD chart)")
+    p.add_argument("--ladder", nargs="?", const="default", metavar="TYPES",
+                   help="quantize MODEL to a ladder of GGUF types and evaluate them all (default: F16, Q8_0, "
+                        "Q5_0, Q4_1, Q4_0 and the K-quants quantkit encodes; or a comma list, e.g. q8_0,q4_0)")
+    p.add_argument("--ladder-dir", metavar="DIR", help="where ladder files go (default: quantkit's cache)")
+    p.set_defaults(func=run)
+
+
+def _mb(b) -> str:
+    return f"{b / 1e6:,.1f}" if b is not None else "-"
+
+
+def _f(x, fmt: str) -> str:
+    return format(x, fmt) if x is not None else "-"
+
+
+def format_table(res) -> str:
+    rows = []
+    head = ["model", "size MB", "bpw", "bpw lin", "PPL", "KLD mean", "KLD med", "KLD p99", "top-1 %",
+            "load s", "pp tok/s", "tg tok/s", "peak RSS MB"]
+    for r in res.rows:
+        sp = r.get("speed") or {}
+        rows.append([r["name"] + (" (ref)" if r["is_reference"] else ""), _mb(r["file_bytes"]),
+                     _f(r["bits_per_weight"], ".2f"), _f(r["bits_per_weight_linear"], ".2f"),
+                     f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}", f"{r['kld_mean']:.5f}", f"{r['kld_median']:.5f}",
+                     f"{r['kld_p99']:.4f}", f"{100 * r['top1_agreement']:.2f}",
+                     _f(sp.get("load_s"), ".2f"), _f(sp.get("pp_tok_s"), ".1f"), _f(sp.get("tg_tok_s"), ".1f"),
+                     _mb(sp.get("peak_rss_bytes"))])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    m = res.meta
+    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out += ["", m["protocol"],
+            f"reference: {m['reference']} ({m['reference_how']}; {m['reference_runtime']})",
+            f"text: {m['text']}; tokenizer: {m['tokenizer']}"]
+    if m.get("speed"):
+        out.append(f"speed: {m['speed']}")
+    return "\n".join(out)
+
+
+def command_line(args) -> str:
+    """The command as run, rebuilt from the parsed options (every default spelled out)."""
+    parts = ["quantkit", "eval", *args.models]
+    for flag, value in (("--ref", args.ref), ("--text", args.text), ("--chunks", args.chunks), ("--ctx", args.ctx),
+                        ("--threads", args.threads), ("--speed-runs", None if args.no_speed else args.speed_runs),
+                        ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
+                        ("--ladder-dir", args.ladder_dir), ("--report", args.report)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.ladder == "default":
+        parts.append("--ladder")
+    parts += [f for f, on in (("--no-speed", args.no_speed), ("--no-cache", args.no_cache), ("--json", args.json)) if on]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def run(args) -> int:
+    from .. import api
+    from ..util.atomic import check_writable_dir
+    from ..util.errors import QuantkitError
+
+    if args.report:  # fail before the long run, not after it
+        check_writable_dir(args.report)
+        if os.path.isdir(args.report):
+            raise QuantkitError("report path is an existing directory", args.report, "give a file name, e.g. report.html")
+    if args.chunks < 0:
+        raise QuantkitError(f"--chunks {args.chunks}: give 0 (all) or a positive number")
+    options = dict(ref=args.ref, text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
+                   speed=not args.no_speed, speed_runs=args.speed_runs, cache=not args.no_cache)
+    if args.ladder:
+        if len(args.models) > 1:
+            raise QuantkitError("--ladder takes one MODEL", hint="give one model (or none for the bundled one)")
+        types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
+        res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir, **options)
+    else:
+        res = api.evaluate(args.models or [None], **options)
+    res.meta["command"] = command_line(args)
+    if args.report:
+        from ..eval.report import write_report
+        write_report(res, args.report)
+    if args.json:
+        print(res.to_json())
+    else:
+        print(format_table(res))
+        if args.report:
+            print(f"report: {os.path.abspath(args.report)}")
+    return 0

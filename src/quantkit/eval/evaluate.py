@@ -1,0 +1,738 @@
+"""`quantkit eval`: quality, size, speed and memory of a set of models against one reference.
+
+Protocol (llama.cpp's `llama-perplexity`, so the numbers compare with llama.cpp's own): the text
+is tokenized once, by the reference's tokenizer, with BOS first when the vocabulary adds one;
+chunk i is tokens [i*n_ctx, (i+1)*n_ctx) with its first token replaced by BOS; each chunk is one
+forward pass from an empty KV cache, and only the second half is scored: the logits at positions
+n_ctx/2 .. n_ctx-2 against the tokens that follow (n_ctx/2 - 1 predictions per chunk). Every model
+sees the same token ids; a model whose vocabulary differs from the reference's is refused.
+
+Efficiency: the reference's log-softmax over the scored positions of one chunk (float32, kept
+exact for the KL divergence: 255 x 262144 x 4 B = 268 MB for Gemma-3 at n_ctx 512) is written
+once to a memory-mapped cache file keyed by the reference file's SHA-256, the runtime and the
+chunk's token ids; each model then needs one forward pass per chunk and reads the reference
+chunk back memory-mapped. N models cost N + 1 passes (N when the reference is cached), and at
+most one chunk of full-vocabulary values is in memory at a time. llama.cpp's logits are read as
+a numpy view of its own output buffer (no copy), and only the scored rows are computed at all
+(llama_batch.logits flags), which is what makes this faster than Llama(logits_all=True).
+
+Speed and memory: each model is loaded again in a fresh subprocess that measures load time,
+prompt processing (n_prompt tokens in one batch) and generation (n_gen greedy tokens) over a few
+runs (median reported, threads stated, llama.cpp's own perf counters alongside) and the process's
+peak RSS (VmHWM, with the RSS before loading stated so the model's share is visible).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..util.atomic import atomic_output, check_writable_dir
+from ..util.errors import QuantkitError
+from ..util.progress import progress
+from . import metrics
+
+PROTOCOL = "llama.cpp perplexity protocol"
+
+
+# ------------------------------------------------------------------------- options, result
+@dataclass
+class EvalOptions:
+    ref: str | None = None          # None: the F32 dequantization of the first model
+    text: str | None = None         # None: QUANTKIT_EVAL_TEXT or the wikitext-2 test split
+    n_chunks: int = 8               # 0: every full chunk of the text (llama.cpp's default)
+    n_ctx: int = 512
+    n_threads: int | None = None    # None: all cores
+    speed: bool = True              # load / prompt / generation / peak RSS, in a subprocess
+    speed_runs: int = 3
+    n_prompt: int = 128
+    n_gen: int = 32
+    cache: bool = True              # keep reference log-probabilities between runs
+    show_progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "models": self.rows}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+# ------------------------------------------------------------------------- files, hashing
+def _cache_root() -> str:
+    from ..models.bundled import cache_dir
+    d = os.path.join(cache_dir(), "eval")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(path: str) -> str:
+    """SHA-256 of a model file (or of a directory's files), memoised by path, size and mtime so
+    a 1 GB reference is hashed once, not on every run."""
+    path = os.path.realpath(path)
+    files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n))]
+             if os.path.isdir(path) else [path])
+    memo_path = os.path.join(_cache_root(), "digests.json")
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    digests = []
+    for p in files:
+        st = os.stat(p)
+        key = f"{p}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = _sha256_file(p)
+            changed = True
+        digests.append(memo[key])
+        h.update(os.path.basename(p).encode() + b"\0" + memo[key].encode())
+    if changed:
+        try:
+            with atomic_output(memo_path) as tmp, open(tmp, "w") as f:
+                json.dump(memo, f)
+        except (OSError, QuantkitError):
+            pass  # a read-only cache only costs re-hashing
+    return h.hexdigest() if os.path.isdir(path) else digests[0]
+
+
+def runtime_kind(path: str) -> str:
+    if os.path.isdir(path):
+        return "torch"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise QuantkitError(f"cannot read: {e.strerror}", path) from None
+    if magic == b"GGUF":
+        return "llama.cpp"
+    raise QuantkitError("not a model quantkit can evaluate (neither GGUF nor a Hugging Face directory)", path)
+
+
+@dataclass
+class ModelFacts:
+    path: str
+    runtime: str
+    n_params: int
+    file_bytes: int
+    tensor_bytes: int
+    linear_params: int
+    linear_bytes: int
+    types: dict[str, int]
+    all_f32: bool
+    vocab: list[str]
+
+
+def describe(path: str) -> ModelFacts:
+    """Sizes, tensor types and vocabulary from the file headers (opening the model names the
+    file and the reason when it is damaged)."""
+    from ..models.open import open_model
+    kind = runtime_kind(path)
+    with open_model(path) as src:
+        tensors = src.tensors()
+        toks = src.metadata.get("tokenizer.ggml.tokens")
+        vocab = [str(t) for t in (toks.value if toks is not None else [])]
+    linear = [t for t in tensors if len(t.shape) >= 2 and t.name.startswith("blk.")]
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t.type] = types.get(t.type, 0) + 1
+    if os.path.isdir(path):
+        file_bytes = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                         if n.endswith((".safetensors", ".bin")))
+    else:
+        file_bytes = os.path.getsize(path)
+    return ModelFacts(path=path, runtime=kind, n_params=sum(t.n_elements for t in tensors), file_bytes=file_bytes,
+                      tensor_bytes=sum(t.nbytes for t in tensors),
+                      linear_params=sum(t.n_elements for t in linear), linear_bytes=sum(t.nbytes for t in linear),
+                      types=types, all_f32=all(t.type == "f32" for t in tensors), vocab=vocab)
+
+
+def check_same_vocab(ref: ModelFacts, other: ModelFacts) -> None:
+    if ref.vocab == other.vocab:
+        return
+    if len(ref.vocab) != len(other.vocab):
+        why = f"{len(other.vocab)} tokens vs the reference's {len(ref.vocab)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(ref.vocab, other.vocab)) if a != b)
+        why = f"token {i} is {other.vocab[i]!r}, the reference's is {ref.vocab[i]!r}"
+    raise QuantkitError(f"vocabulary differs from the reference {os.path.basename(ref.path)} ({why})", other.path,
+                        "models are scored on the same token ids; compare models that share a tokenizer")
+
+
+def f32_reference(path: str, n_threads: int, show_progress: bool = True) -> str:
+    """The F32 dequantization of a GGUF, made once into quantkit's cache by llama.cpp's own
+    quantizer (llama_model_quantize, ftype ALL_F32, allow_requantize: every tensor dequantized
+    to float32; the same bytes as `quantkit quantize --format gguf:f32`)."""
+    import ctypes
+
+    import llama_cpp
+    digest = model_digest(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(_cache_root(), "refs", f"{stem}-{digest[:12]}-f32.gguf")
+    if os.path.exists(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    bar = progress(total=1, desc="F32 reference (dequantize)", unit="file") if show_progress else None
+    from .runtimes import _quiet_stderr
+    with atomic_output(out) as tmp:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = 0  # LLAMA_FTYPE_ALL_F32
+        params.allow_requantize = True
+        params.nthread = n_threads
+        with _quiet_stderr():
+            rc = llama_cpp.llama_model_quantize(path.encode(), tmp.encode(), ctypes.byref(params))
+        if rc != 0:
+            raise QuantkitError(f"llama.cpp could not dequantize the model to F32 (code {rc})", path)
+    if bar:
+        bar.update(1)
+        bar.close()
+    return out
+
+
+# ------------------------------------------------------------------------- runtimes
+class LlamaCppScorer:
+    """llama.cpp through the low-level API: one llama_batch per chunk with logits requested only
+    for the scored rows, read as a numpy view of llama.cpp's output buffer."""
+    kind = "llama.cpp"
+
+    def __init__(self, path: str, n_ctx: int, n_threads: int | None = None, vocab_only: bool = False):
+        import llama_cpp
+
+        from .runtimes import LlamaCpp
+        self._lib = llama_cpp
+        self.rt = LlamaCpp(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx, vocab_only=vocab_only)
+        self.llm = self.rt.llm
+        self.path = path
+        self.load_s = self.rt.load_s
+        self.n_threads = self.rt.n_threads
+        self.n_vocab = int(self.llm.n_vocab())
+        self.cap = n_ctx
+        self._batch = None
+
+    def bos_id(self) -> int:
+        return int(self.llm.token_bos())
+
+    def add_bos(self) -> bool:
+        lib = self._lib
+        return bool(lib.llama_vocab_get_add_bos(lib.llama_model_get_vocab(self.llm.model)))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _decode(self, tokens, pos0: int, out_from: int, out_to: int) -> np.ndarray:
+        lib = self._lib
+        n = len(tokens)
+        if n > self.cap:
+            raise ValueError(f"{n} tokens > batch capacity {self.cap}")
+        if self._batch is None:
+            self._batch = lib.llama_batch_init(self.cap, 0, 1)
+            for i in range(self.cap):
+                self._batch.seq_id[i][0] = 0
+        b = self._batch
+        b.n_tokens = n
+        np.ctypeslib.as_array(b.token, shape=(self.cap,))[:n] = tokens
+        np.ctypeslib.as_array(b.pos, shape=(self.cap,))[:n] = np.arange(pos0, pos0 + n)
+        np.ctypeslib.as_array(b.n_seq_id, shape=(self.cap,))[:n] = 1
+        flags = np.ctypeslib.as_array(b.logits, shape=(self.cap,))
+        flags[:n] = 0
+        flags[out_from:out_to] = 1
+        from .runtimes import _quiet_stderr
+        with _quiet_stderr():
+            rc = lib.llama_decode(self.llm.ctx, b)
+        if rc != 0:
+            raise QuantkitError(f"llama_decode failed (code {rc})", self.path)
+        ptr = lib.llama_get_logits(self.llm.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(out_to - out_from, self.n_vocab))
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.llm.ctx), True)
+
+    def scored_logits(self, tokens: list[int], first: int) -> np.ndarray:
+        """Logits [len - 1 - first, n_vocab] at positions first .. len-2; a view, valid until
+        the next call."""
+        self.clear()
+        return self._decode(tokens, 0, first, len(tokens) - 1)
+
+    def timed_prompt(self, tokens: list[int]) -> float:
+        self.clear()
+        t0 = time.perf_counter()
+        self._decode(tokens, 0, len(tokens) - 1, len(tokens))
+        return time.perf_counter() - t0
+
+    def timed_generate(self, tokens: list[int], n_gen: int) -> float:
+        self.clear()
+        logits = self._decode(tokens, 0, len(tokens) - 1, len(tokens))
+        nxt = int(logits[0].argmax())
+        t0 = time.perf_counter()
+        for k in range(n_gen):
+            logits = self._decode([nxt], len(tokens) + k, 0, 1)
+            nxt = int(logits[0].argmax())
+        return time.perf_counter() - t0
+
+    def perf(self) -> dict[str, float]:
+        d = self._lib.llama_perf_context(self.llm.ctx)
+        return {"t_p_eval_ms": d.t_p_eval_ms, "n_p_eval": d.n_p_eval, "t_eval_ms": d.t_eval_ms, "n_eval": d.n_eval}
+
+    def perf_reset(self) -> None:
+        self._lib.llama_perf_context_reset(self.llm.ctx)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        self.rt.close()
+
+
+def open_scorer(path: str, n_ctx: int, n_threads: int | None, vocab_only: bool = False):
+    if runtime_kind(path) == "torch":
+        from .torch_runtime import TorchCausalLM
+        return TorchCausalLM(path, n_threads=n_threads)
+    return LlamaCppScorer(path, n_ctx=n_ctx, n_threads=n_threads, vocab_only=vocab_only)
+
+
+def runtime_version(kind: str) -> str:
+    if kind == "torch":
+        import torch
+        import transformers
+        return f"torch {torch.__version__}, transformers {transformers.__version__}"
+    import llama_cpp
+    return f"llama-cpp-python {llama_cpp.__version__}"
+
+
+# ------------------------------------------------------------------------- text and chunks
+def default_text() -> str | None:
+    env = os.environ.get("QUANTKIT_EVAL_TEXT")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    for up in (4, 5):  # <repo>/src/quantkit/eval -> <repo>/../shared/data (a development checkout)
+        base = here
+        for _ in range(up):
+            base = os.path.dirname(base)
+        cand = os.path.join(base, "shared", "data", "wikitext-2", "test.txt")
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def make_chunks(tokenize, text: str, n_ctx: int, n_chunks: int, add_bos: bool, bos: int | None,
+                text_path: str) -> list[list[int]]:
+    """Tokenize as llama-perplexity does (BOS first when the vocabulary adds it) and cut
+    n_chunks chunks of n_ctx, BOS replacing each chunk's first token. Only a prefix of a long
+    text is tokenized; a margin past the last needed token keeps the ids identical to those of
+    the whole text."""
+    if n_ctx < 8 or n_ctx % 2:
+        raise QuantkitError(f"--ctx {n_ctx}: need an even context of at least 8 tokens")
+    need = n_chunks * n_ctx if n_chunks > 0 else None
+    margin = 64
+    n_chars = len(text) if need is None else min(len(text), (need + margin) * 8 + 1024)
+    while True:
+        cut = text.find("\n", n_chars) if n_chars < len(text) else -1
+        part = text if cut < 0 else text[:cut + 1]
+        ids = ([bos] if add_bos else []) + list(tokenize(part))
+        if need is None or len(ids) >= need + margin or len(part) == len(text):
+            break
+        n_chars = min(len(text), n_chars * 2)
+    have = len(ids)
+    if need is None:
+        n_chunks = have // n_ctx
+        need = max(n_chunks, 1) * n_ctx
+    if have < need:
+        raise QuantkitError(f"text too short: {have} tokens, {n_chunks} chunk(s) of {n_ctx} need {need}", text_path,
+                            "give a longer --text, fewer --chunks or a smaller --ctx")
+    chunks = []
+    for i in range(n_chunks):
+        c = ids[i * n_ctx:(i + 1) * n_ctx]
+        if add_bos:
+            c[0] = bos
+        chunks.append(c)
+    return chunks
+
+
+# ------------------------------------------------------------------------- speed probe
+def _vm_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def probe(path: str, tokens: list[int], n_gen: int, runs: int, n_threads: int) -> dict[str, Any]:
+    """Load, prompt processing and generation speed, peak RSS. Meant for a fresh process
+    (`python -m quantkit.eval.evaluate probe ...`): peak RSS is this process's VmHWM."""
+    rss0 = _vm_kib("VmRSS") * 1024
+    n_ctx = len(tokens) + n_gen + 8
+    n_ctx += n_ctx % 2
+    sc = open_scorer(path, n_ctx, n_threads)
+    try:
+        pp, tg, lpp, ltg = [], [], [], []
+        for r in range(runs + 1):  # run 0 warms caches (first touch of memory-mapped weights)
+            if sc.kind == "llama.cpp":
+                sc.perf_reset()
+            dt = sc.timed_prompt(tokens)
+            if sc.kind == "llama.cpp":
+                p = sc.perf()
+                sc.perf_reset()
+            gt = sc.timed_generate(tokens, n_gen)
+            if sc.kind == "llama.cpp":
+                g = sc.perf()
+            if r == 0:
+                continue
+            pp.append(len(tokens) / dt)
+            tg.append(n_gen / gt)
+            if sc.kind == "llama.cpp":
+                if p["t_p_eval_ms"] > 0:
+                    lpp.append(p["n_p_eval"] / p["t_p_eval_ms"] * 1e3)
+                if g["t_eval_ms"] > 0:
+                    # generate's prompt pass is counted under p_eval; single-token steps under eval
+                    ltg.append(g["n_eval"] / g["t_eval_ms"] * 1e3)
+        out = {"runtime": sc.kind, "threads": sc.n_threads, "load_s": sc.load_s, "runs": runs,
+               "n_prompt": len(tokens), "n_gen": n_gen,
+               "pp_tok_s": statistics.median(pp), "tg_tok_s": statistics.median(tg),
+               "pp_tok_s_runs": pp, "tg_tok_s_runs": tg,
+               "llama_pp_tok_s": statistics.median(lpp) if lpp else None,
+               "llama_tg_tok_s": statistics.median(ltg) if ltg else None}
+    finally:
+        sc.close()
+    out["rss_before_load_bytes"] = rss0
+    out["peak_rss_bytes"] = _vm_kib("VmHWM") * 1024
+    return out
+
+
+def run_probe(path: str, tokens: list[int], n_gen: int, runs: int, n_threads: int) -> dict[str, Any]:
+    """`probe` in a fresh Python process, so that peak RSS belongs to that model alone."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"path": path, "tokens": tokens, "n_gen": n_gen, "runs": runs, "n_threads": n_threads}, f)
+        args_path = f.name
+    try:
+        env = dict(os.environ, QUANTKIT_QUIET="1")
+        proc = subprocess.run([sys.executable, "-m", "quantkit.eval.evaluate", "probe", args_path],
+                              capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(args_path)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise QuantkitError(f"speed probe failed: {last}", path)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------- machine
+def machine_info(n_threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from .. import __version__
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": n_threads, "memory_bytes": mem,
+            "os": platform.platform(), "python": platform.python_version(), "quantkit": __version__}
+    try:
+        import llama_cpp
+        info["llama_cpp_python"] = llama_cpp.__version__
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        info["torch"] = sys.modules["torch"].__version__
+    if "transformers" in sys.modules:
+        info["transformers"] = sys.modules["transformers"].__version__
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------- evaluate
+def _label(paths: list[str]) -> list[str]:
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
+
+
+def evaluate(models: list[str | None], options: EvalOptions | None = None) -> EvalResult:
+    """Score MODELS against one reference on the same token ids; see the module docstring."""
+    o = options or EvalOptions()
+    t_start = time.perf_counter()
+    from ..models.bundled import bundled_path
+    paths = [os.path.abspath(os.fspath(m)) if m is not None else bundled_path() for m in (models or [None])]
+    for p in paths:
+        if not os.path.exists(p):
+            raise QuantkitError("no such file or directory", p, "give a .gguf file or a Hugging Face model directory")
+    n_threads = o.n_threads or max(1, os.cpu_count() or 1)
+    text_path = o.text or default_text()
+    if text_path is None:
+        raise QuantkitError("no evaluation text", hint="give --text FILE (e.g. wikitext-2's test.txt)")
+    try:
+        with open(text_path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise QuantkitError(f"cannot read the text ({e.strerror})", text_path) from None
+    except UnicodeDecodeError:
+        raise QuantkitError("the text is not UTF-8", text_path) from None
+
+    facts = {p: describe(p) for p in dict.fromkeys(paths)}
+    if o.ref is not None:
+        ref_path = os.path.abspath(os.fspath(o.ref))
+        if not os.path.exists(ref_path):
+            raise QuantkitError("no such reference model", ref_path)
+        ref_how = "given (--ref)"
+    else:
+        first = facts[paths[0]]
+        if first.runtime == "torch" or first.all_f32:
+            ref_path, ref_how = paths[0], "the first model (already float32)" if first.all_f32 else \
+                "the first model in float32 (torch)"
+        else:
+            ref_path = f32_reference(paths[0], n_threads, o.show_progress)
+            ref_how = f"F32 dequantization of {os.path.basename(paths[0])} (llama.cpp)"
+    ref_facts = facts.get(ref_path) or describe(ref_path)
+    for p in paths:
+        check_same_vocab(ref_facts, facts[p])
+    ref_kind = ref_facts.runtime
+
+    # one tokenization, by the reference's tokenizer
+    tok_rt = open_scorer(ref_path, o.n_ctx, n_threads, vocab_only=True) if ref_kind == "llama.cpp" else None
+    ref_scorer = None
+    if tok_rt is None:
+        ref_scorer = open_scorer(ref_path, o.n_ctx, n_threads)
+        tok_rt = ref_scorer
+    try:
+        add_bos = tok_rt.add_bos()
+        chunks = make_chunks(tok_rt.tokenize, text, o.n_ctx, o.n_chunks, add_bos, tok_rt.bos_id(), text_path)
+        ref_vocab_n = tok_rt.n_vocab if ref_scorer is not None else None
+    finally:
+        if ref_scorer is None:
+            tok_rt.close()
+    first = o.n_ctx // 2
+    n_scored = o.n_ctx - 1 - first
+
+    # the reference pass: log-softmax of the scored rows, once per chunk, memory-mapped on disk
+    ref_digest = model_digest(ref_path)
+    rt_version = runtime_version(ref_kind)
+    cache_dir = os.path.join(_cache_root(), "logprobs") if o.cache else tempfile.mkdtemp(prefix="quantkit-eval-")
+    os.makedirs(cache_dir, exist_ok=True)
+    ref_files = []
+    for c in chunks:
+        h = hashlib.sha256(f"{ref_digest}|{ref_kind}|{rt_version}|{o.n_ctx}|{first}|".encode())
+        h.update(np.asarray(c, dtype=np.int32).tobytes())
+        ref_files.append(os.path.join(cache_dir, f"{h.hexdigest()[:32]}.npy"))
+    missing = [i for i, f in enumerate(ref_files) if not os.path.exists(f)]
+    timings: dict[str, Any] = {"ref_cached_chunks": len(chunks) - len(missing)}
+    total_passes = len(missing) + sum(len(chunks) for p in dict.fromkeys(paths) if p != ref_path)
+    bar = progress(total=total_passes, desc="eval", unit="pass") if o.show_progress else None
+    rows: list[dict[str, Any]] = []
+    try:
+        t0 = time.perf_counter()
+        if missing:
+            if ref_scorer is None:
+                ref_scorer = open_scorer(ref_path, o.n_ctx, n_threads)
+            ref_vocab_n = ref_scorer.n_vocab
+            for i in missing:
+                if bar:
+                    bar.set_description(f"eval {os.path.basename(ref_path)} (reference)")
+                logits = ref_scorer.scored_logits(chunks[i], first)
+                with atomic_output(ref_files[i]) as tmp:
+                    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=logits.shape)
+                    metrics.log_softmax_into(logits, mm)
+                    mm.flush()
+                    del mm
+                del logits
+                if bar:
+                    bar.update(1)
+        if ref_scorer is not None:
+            ref_load_s = ref_scorer.load_s
+            ref_scorer.close()
+            ref_scorer = None
+        else:
+            ref_load_s = None
+        timings["ref_pass_s"] = time.perf_counter() - t0
+
+        ref_scores = metrics.Scores()
+        for i, c in enumerate(chunks):
+            lp = np.load(ref_files[i], mmap_mode="r")
+            if ref_vocab_n is None:
+                ref_vocab_n = lp.shape[1]
+            metrics.score_reference(lp, c[first + 1:], ref_scores)
+            del lp
+        ref_row = {"path": ref_path, "runtime": ref_kind, "is_reference": True,
+                   "eval_s": timings["ref_pass_s"] if missing else 0.0, "eval_load_s": ref_load_s,
+                   **metrics.summarize(ref_scores)}
+        rows.append(ref_row)
+
+        for p in dict.fromkeys(paths):
+            if p == ref_path:
+                continue
+            t0 = time.perf_counter()
+            sc = open_scorer(p, o.n_ctx, n_threads)
+            try:
+                if sc.n_vocab != ref_vocab_n:
+                    raise QuantkitError(f"output has {sc.n_vocab} logits per token, the reference {ref_vocab_n}", p,
+                                        "models are scored on the same token ids; compare models that share a vocabulary")
+                if bar:
+                    bar.set_description(f"eval {os.path.basename(p)}")
+                sc_scores = metrics.Scores()
+                for i, c in enumerate(chunks):
+                    logits = sc.scored_logits(c, first)
+                    lp = np.load(ref_files[i], mmap_mode="r")
+                    metrics.score_against_reference(logits, lp, c[first + 1:], sc_scores)
+                    del lp, logits
+                    if bar:
+                        bar.update(1)
+                load_s = sc.load_s
+            finally:
+                sc.close()
+            rows.append({"path": p, "runtime": facts[p].runtime, "is_reference": False,
+                         "eval_s": time.perf_counter() - t0, "eval_load_s": load_s, **metrics.summarize(sc_scores)})
+    finally:
+        if bar:
+            bar.close()
+        if ref_scorer is not None:
+            ref_scorer.close()
+        if not o.cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    timings["quality_s"] = time.perf_counter() - t_start
+    timings["eval_process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    # sizes, then speed and memory per model in a fresh process
+    all_facts = {**facts, ref_path: ref_facts}
+    for r, label in zip(rows, _label([r["path"] for r in rows])):
+        f = all_facts[r["path"]]
+        r["name"] = label
+        r.update({"file_bytes": f.file_bytes, "n_params": f.n_params, "types": f.types,
+                  "bits_per_weight": 8 * f.file_bytes / f.n_params if f.n_params else None,
+                  "bits_per_weight_linear": 8 * f.linear_bytes / f.linear_params if f.linear_params else None})
+    if o.speed:
+        probe_tokens = chunks[0][:min(o.n_prompt, o.n_ctx)]
+        it = progress(rows, desc="speed", unit="model") if o.show_progress else rows
+        for r in it:
+            r["speed"] = run_probe(r["path"], probe_tokens, o.n_gen, o.speed_runs, n_threads)
+    timings["total_s"] = time.perf_counter() - t_start
+
+    meta = {
+        "protocol": (f"{PROTOCOL}: {len(chunks)} chunk(s) of {'BOS + ' if add_bos else ''}"
+                     f"{o.n_ctx - int(add_bos)} text tokens (n_ctx {o.n_ctx}), each from an empty cache; "
+                     f"the second half scored: predictions at positions {first}..{o.n_ctx - 2}, "
+                     f"{n_scored} per chunk, {n_scored * len(chunks)} in all"),
+        "reference": ref_path, "reference_how": ref_how, "reference_runtime": f"{ref_kind} ({rt_version})",
+        "tokenizer": f"the reference's ({ref_kind}); the same token ids for every model",
+        "text": os.path.abspath(text_path), "n_chunks": len(chunks), "n_ctx": o.n_ctx,
+        "n_scored_per_chunk": n_scored, "threads": n_threads,
+        "metrics": {"kld": "KL(reference || model) per scored position, natural log; mean, median, 99th percentile",
+                    "top1_agreement": "share of positions where the model's most likely token is the reference's "
+                                      "(llama.cpp's 'Same top p')",
+                    "delta_p": "p_model(true token) - p_reference(true token): mean and RMS (llama.cpp's Δp)"},
+        "speed": (f"fresh subprocess per model: load; prompt processing of {min(o.n_prompt, o.n_ctx)} tokens in one "
+                  f"batch; {o.n_gen} greedy generation steps; median of {o.speed_runs} runs after one warm-up; "
+                  f"{n_threads} thread(s); peak RSS = VmHWM of that process (Python and runtime included; "
+                  f"RSS before loading stated)") if o.speed else None,
+        "timings": timings,
+        "cache": cache_dir if o.cache else None,
+        "machine": machine_info(n_threads),
+    }
+    return EvalResult(rows, meta)
+
+
+# ------------------------------------------------------------------------- ladder
+DEFAULT_LADDER = ["f16", "q8_0", "q5_0", "q4_1", "q4_0"]
+LADDER_KQUANTS = ["q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
+
+
+def ladder_types(requested: list[str] | None = None) -> list[str]:
+    from ..quant.gguf_export import supported_file_types
+    ok = supported_file_types()
+    if requested:
+        bad = [t for t in requested if t.lower() not in ok]
+        if bad:
+            raise QuantkitError(f"unknown or unsupported ladder type(s): {', '.join(bad)}", hint="choose from " + ", ".join(ok))
+        return [t.lower() for t in requested]
+    return DEFAULT_LADDER + [t for t in LADDER_KQUANTS if t in ok]
+
+
+def build_ladder(model: str | None, types: list[str], out_dir: str | None = None,
+                 show_progress: bool = True) -> list[str]:
+    """Quantize MODEL to each file type with quantkit's own exporter (llama.cpp-exact RTN);
+    files are named by the source's digest, so an unchanged ladder is re-used."""
+    from ..models.bundled import bundled_path
+    from ..models.open import open_model
+    from ..quant.gguf_export import export_gguf
+    src_path = os.path.abspath(os.fspath(model)) if model is not None else bundled_path()
+    digest = model_digest(src_path)[:12]
+    out_dir = out_dir or os.path.join(_cache_root(), "ladder", digest)
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(os.path.normpath(src_path)))[0]
+    outs = []
+    for ft in types:
+        out = os.path.join(out_dir, f"{stem}-{digest}-{ft}.gguf")
+        if not os.path.exists(out):
+            with open_model(src_path) as src:
+                export_gguf(src, out, ft, show_progress=show_progress)
+        outs.append(out)
+    return outs
+
+
+# ------------------------------------------------------------------------- probe entry point
+def _main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "probe":
+        with open(argv[1]) as f:
+            a = json.load(f)
+        try:
+            res = probe(a["path"], a["tokens"], a["n_gen"], a["runs"], a["n_threads"])
+        except QuantkitError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        print(json.dumps(res))
+        return 0
+    print("usage: python -m quantkit.eval.evaluate probe ARGS.json", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
+
+
+__all__ = ["EvalOptions", "EvalResult", "evaluate", "build_ladder", "ladder_types", "describe"]

@@ -1,0 +1,138 @@
+"""Every bad input ends in one clear line naming the file, a non-zero exit, no traceback, and no
+partial output file."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from quantkit.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, err
+
+
+def assert_one_line(err: str, *needles: str):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def no_partial(d):
+    return [f for f in os.listdir(d) if "partial" in f or f.endswith(".gguf")] == []
+
+
+def test_missing_path(tmp_path, capsys):
+    p = str(tmp_path / "nope.gguf")
+    code, err = run_cli(["inspect", p], capsys)
+    assert code == 2
+    assert_one_line(err, p, "no such file")
+
+
+def test_directory_without_config(tmp_path, capsys):
+    code, err = run_cli(["inspect", str(tmp_path)], capsys)
+    assert code == 2
+    assert_one_line(err, str(tmp_path), "config.json")
+
+
+def test_truncated_gguf(bundled_gguf, tmp_path, capsys):
+    bad = tmp_path / "cut.gguf"
+    with open(bundled_gguf, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))          # header and part of the vocabulary only
+    code, err = run_cli(["inspect", str(bad)], capsys)
+    assert code == 2
+    assert_one_line(err, str(bad), "truncated")
+
+
+def test_not_a_gguf(tmp_path, capsys):
+    bad = tmp_path / "junk.gguf"
+    bad.write_bytes(b"not a model at all" * 100)
+    code, err = run_cli(["quantize", str(bad), "-o", str(tmp_path / "out.gguf")], capsys)
+    assert code == 2
+    assert_one_line(err, str(bad))
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_corrupt_safetensors(tmp_path, capsys):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad")
+    code, err = run_cli(["inspect", str(d)], capsys)
+    assert code == 2
+    assert_one_line(err, str(d))
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}')
+    code, err = run_cli(["inspect", str(d)], capsys)
+    assert code == 2
+    assert_one_line(err, "whisper")
+
+
+def test_unknown_type_name(bundled_gguf, tmp_path, capsys):
+    code, err = run_cli(["quantize", bundled_gguf, "--format", "gguf:q3_0", "-o", str(tmp_path / "o.gguf")], capsys)
+    assert code == 2
+    assert_one_line(err, "q3_0", "q4_0")
+    assert no_partial(tmp_path)
+
+
+def test_unknown_format(bundled_gguf, tmp_path, capsys):
+    code, err = run_cli(["quantize", bundled_gguf, "--format", "onnx", "-o", str(tmp_path / "o.gguf")], capsys)
+    assert code == 2
+    assert_one_line(err, "onnx")
+
+
+@pytest.mark.parametrize("kind", ["missing_dir", "parent_is_file", "is_dir"])
+def test_unwritable_output(bundled_gguf, tmp_path, capsys, kind):
+    (tmp_path / "afile").write_text("x")
+    out = {"missing_dir": tmp_path / "no" / "o.gguf", "parent_is_file": tmp_path / "afile" / "o.gguf",
+           "is_dir": tmp_path}[kind]
+    code, err = run_cli(["quantize", bundled_gguf, "--format", "gguf:q8_0", "-o", str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, "output")
+    assert not any("partial" in f for f in os.listdir(tmp_path))
+
+
+def _child(args, limit_bytes=None):
+    pre = "import resource, signal, sys\n"
+    if limit_bytes:
+        # A file-size limit fails write() with EFBIG mid-file, as a full disk fails it with ENOSPC.
+        pre += ("signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n")
+    pre += f"from quantkit.cli import main\nsys.exit(main({args!r}))\n"
+    return [sys.executable, "-c", pre]
+
+
+def test_out_of_space_mid_write(bundled_gguf, tmp_path):
+    out = tmp_path / "o.gguf"
+    r = subprocess.run(_child(["quantize", bundled_gguf, "--format", "gguf:q8_0", "-o", str(out)], 20_000_000),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert_one_line(r.stderr, str(out), "out of space")
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_leaves_nothing(bundled_gguf, tmp_path):
+    out = tmp_path / "o.gguf"
+    p = subprocess.Popen(_child(["quantize", bundled_gguf, "--format", "gguf:q4_0", "-o", str(out)]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any("partial" in f for f in os.listdir(tmp_path)):
+        time.sleep(0.05)
+    assert any("partial" in f for f in os.listdir(tmp_path)), "writing never started"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err
+    assert os.listdir(tmp_path) == []

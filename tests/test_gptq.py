@@ -1,0 +1,140 @@
+"""GPTQ: equals RTN exactly when the Hessian has no off-diagonal terms (integer grids and
+llama.cpp's block grids, the latter byte for byte with llama.cpp's encoder); beats RTN on
+correlated inputs by a stated factor; dampening fallback on singular / indefinite Hessians."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from quantkit.codecs import ggml
+from quantkit.codecs.intpack import LEGACY_GRIDS
+from quantkit.quant.gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight
+from quantkit.quant.rtn import QuantSpec, quantize_rtn
+
+
+def _w(out_f=48, in_f=256, seed=0):
+    return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("bits,gs,sym,act", [(4, 128, True, False), (3, 32, False, False), (2, 64, False, True),
+                                              (8, -1, True, True), (5, 1024, False, False), (6, 32, True, True)])
+def test_identity_hessian_equals_rtn(bits, gs, sym, act):
+    in_f = 2048 if gs == 1024 else 256
+    W = _w(in_f=in_f)
+    spec = QuantSpec(bits, gs, sym)
+    res = quantize_weight(W, torch.eye(in_f), spec, GPTQConfig(act_order=act))
+    ref = quantize_rtn(W, spec)
+    assert torch.equal(res.weight.q, ref.q)
+    assert torch.equal(res.weight.scales, ref.scales) and torch.equal(res.weight.zeros, ref.zeros)
+    assert torch.equal(res.dequantized, ref.dequantize())
+    assert res.damp == 0.01
+
+
+def test_diagonal_hessian_with_act_order_equals_rtn():
+    """Columns visited in a shuffled order, static groups: still no cross-column update."""
+    W = _w()
+    H = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(1)) + 0.1)
+    res = quantize_weight(W, H, QuantSpec(4, 32, False), GPTQConfig(act_order=True))
+    assert torch.equal(res.weight.q, quantize_rtn(W, QuantSpec(4, 32, False)).q)
+
+
+@pytest.mark.parametrize("name", list(LEGACY_GRIDS))
+def test_identity_hessian_on_llama_cpp_grid_gives_llama_cpp_bytes(name):
+    W = _w(seed=2)
+    W[0, :32] = 0.0                                   # an all-zero block
+    W[1, 40] = 3.0                                    # one huge value
+    res = quantize_weight(W, torch.eye(256), name)
+    assert torch.equal(res.weight.to_bytes(), ggml.quantize_rows(name, W))
+    assert torch.equal(res.dequantized, ggml.dequantize_rows(name, ggml.quantize_rows(name, W), 256))
+
+
+def _correlated(in_f=256, n=4096, seed=0):
+    """Activations with strongly correlated features and a few outlier channels, like an LLM's."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(in_f, in_f // 8, generator=g)
+    X = A @ torch.randn(in_f // 8, n, generator=g) + 0.1 * torch.randn(in_f, n, generator=g)
+    X[:4] *= 10
+    return X.t().contiguous()                         # [tokens, in]
+
+
+def _rel_err(W, Wq, X):
+    return float((X @ (W - Wq).t()).norm() / (X @ W.t()).norm())
+
+
+@pytest.mark.parametrize("grid,act,factor", [
+    (QuantSpec(4, 128, True), False, 2.0),
+    (QuantSpec(4, 128, True), True, 2.0),
+    (QuantSpec(3, 128, False), True, 2.0),
+    ("q4_0", False, 2.0),
+    ("q4_1", True, 2.0),
+])
+def test_gptq_beats_rtn_on_correlated_inputs(grid, act, factor):
+    W = _w(seed=3)
+    X = _correlated()
+    H = new_hessian(256)
+    n = 0
+    for chunk in X.split(1000):
+        n = accumulate_hessian(chunk, H, n)
+    res = quantize_weight(W, H, grid, GPTQConfig(act_order=act))
+    if isinstance(grid, str):
+        rtn = ggml.dequantize_rows(grid, ggml.quantize_rows(grid, W), 256)
+    else:
+        rtn = quantize_rtn(W, grid).dequantize()
+    e_gptq, e_rtn = _rel_err(W, res.dequantized, X), _rel_err(W, rtn, X)
+    assert e_gptq * factor < e_rtn, (e_gptq, e_rtn)
+
+
+def test_accumulate_hessian_is_the_running_mean():
+    X = torch.randn(3, 50, 16, generator=torch.Generator().manual_seed(4))
+    H = new_hessian(16)
+    n = 0
+    for x in X:                                       # batches of different shapes too
+        n = accumulate_hessian(x, H, n)
+    n = accumulate_hessian(torch.zeros(0, 16), H, n)
+    flat = X.reshape(-1, 16).double()
+    assert n == 150
+    torch.testing.assert_close(H.double(), 2 * flat.t() @ flat / 150, rtol=1e-5, atol=1e-5)
+
+
+def test_singular_hessian_raises_damp_with_a_warning():
+    W = _w(in_f=64)
+    H = torch.ones(64, 64)                            # rank 1: Cholesky hits a zero pivot
+    with pytest.warns(RuntimeWarning, match="raising damp to 0.01"):
+        res = quantize_weight(W, H, QuantSpec(4, 32, True), GPTQConfig(damp=0.0))
+    assert res.damp == 0.01 and torch.isfinite(res.dequantized).all()
+
+
+def test_indefinite_hessian_raises_default_damp():
+    H = torch.ones(64, 64) - 0.05 * torch.eye(64)     # eigenvalue -0.05: 1% damping is not enough
+    with pytest.warns(RuntimeWarning, match="raising damp to 0.1"):
+        res = quantize_weight(_w(in_f=64), H, QuantSpec(4, 32, True))
+    assert res.damp == pytest.approx(0.1)
+
+
+def test_no_warning_when_positive_definite():
+    X = _correlated(in_f=64, n=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = quantize_weight(_w(in_f=64), 2 * X.t() @ X / 512, QuantSpec(4, 32, True))
+    assert res.damp == 0.01
+
+
+def test_dead_inputs_get_zero_weight():
+    X = _correlated(in_f=64, n=512)
+    X[:, 10] = 0
+    H = 2 * X.t() @ X / 512
+    res = quantize_weight(_w(in_f=64), H, QuantSpec(4, -1, False))
+    assert torch.equal(res.dequantized[:, 10], torch.zeros(48))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        W = _w(in_f=64)
+        W[3, 3] = float("inf")
+        quantize_weight(W, torch.eye(64), QuantSpec(4, 32, True))
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight(_w(in_f=96), torch.eye(96), QuantSpec(4, 64, True))
+    with pytest.raises(ValueError, match="no GPTQ grid"):
+        quantize_weight(_w(in_f=64), torch.eye(64), "q4_k")
