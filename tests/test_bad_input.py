@@ -77,7 +77,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     (d / "config.json").write_text('{"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}')
     code, err = run_cli(["inspect", str(d)], capsys)
     assert code == 2
-    assert_one_line(err, "whisper")
+    assert_one_line(err, "WhisperForConditionalGeneration", "LlamaForCausalLM")
 
 
 def test_unknown_type_name(bundled_gguf, tmp_path, capsys):

@@ -64,11 +64,11 @@ def _rel_err(W, Wq, X):
 
 
 @pytest.mark.parametrize("grid,act,factor", [
-    (QuantSpec(4, 128, True), False, 2.0),
-    (QuantSpec(4, 128, True), True, 2.0),
-    (QuantSpec(3, 128, False), True, 2.0),
-    ("q4_0", False, 2.0),
-    ("q4_1", True, 2.0),
+    (QuantSpec(4, 128, True), False, 5.0),
+    (QuantSpec(4, 128, True), True, 5.0),
+    (QuantSpec(3, 128, False), True, 5.0),
+    ("q4_0", False, 5.0),
+    ("q4_1", True, 5.0),
 ])
 def test_gptq_beats_rtn_on_correlated_inputs(grid, act, factor):
     W = _w(seed=3)

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.gguf_writer import WriterState
 from gguf import quants as gguf_quants
 
 from ..codecs import ggml as simple
@@ -177,6 +178,20 @@ class _FastWriter(GGUFWriter):
             parts[1::2] = enc
             return head + b"".join(parts)
         return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    def write_tensor_data(self, tensor: np.ndarray, tensor_endianess=None) -> None:
+        """gguf-py's, but through file.write: numpy's tofile reports a short write (a full disk)
+        without an errno, file.write raises OSError(ENOSPC) that the caller can name."""
+        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
+            raise ValueError(f"expected tensor info or weights, got {self.state}")
+        file_id = next(i for i, ts in enumerate(self.tensors) if ts)
+        fout = self.fout[file_id]
+        ti = self.tensors[file_id].pop(next(iter(self.tensors[file_id])))
+        assert ti.nbytes == tensor.nbytes
+        self.write_padding(fout, fout.tell())
+        fout.write(memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)))
+        self.write_padding(fout, tensor.nbytes)
+        self.state = WriterState.WEIGHTS
 
 
 def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, MetaValue],

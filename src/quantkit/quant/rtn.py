@@ -33,6 +33,7 @@ class QuantSpec:
     group_size: int = 128            # -1: one group per output row (per channel)
     sym: bool = True
     scale_dtype: torch.dtype = torch.float16
+    zero_min: int = 0                # 1 for GPTQ v1 checkpoints, which store zero - 1 in `bits` bits
 
     def __post_init__(self):
         if self.bits not in RTN_BITS:
@@ -89,7 +90,7 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if spec.sym:
         zero = torch.full_like(scale, 2 ** (spec.bits - 1), dtype=torch.int32)
     else:
-        zero = torch.round(-mn / scale).clamp(0, spec.maxq).to(torch.int32)
+        zero = torch.round(-mn / scale).clamp(spec.zero_min, spec.maxq).to(torch.int32)
     return scale, zero
 
 

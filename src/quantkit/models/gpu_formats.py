@@ -1,0 +1,216 @@
+"""GPU checkpoint formats for integer-quantized linear layers, written shard by shard.
+
+GPTQ ("gptq", the layout AutoGPTQ, GPTQModel, transformers+optimum and vLLM read), per linear
+`P` of weight W [out, in], codes q, scales s, zeros z ((q - z) * s, groups along `in`):
+
+    P.qweight  int32 [in*bits/32, out]     codes packed along `in` (codecs.intpack)
+    P.qzeros   int32 [groups, out*bits/32] z - 1, packed along `out`: checkpoint_format "gptq"
+                                           (v1) stores zero - 1 and runtimes add the 1 back
+    P.scales   fp16  [groups, out]
+    P.g_idx    int32 [in]                  group of each input column: i // group_size, since
+                                           quantkit's act-order uses static groups
+    config.json quantization_config and quantize_config.json: bits, group_size, desc_act, sym,
+    static_groups, checkpoint_format, quant_method "gptq"; other tensors fp16.
+
+compressed-tensors "pack-quantized" (what llm-compressor writes, transformers and vLLM read):
+
+    P.weight_packed      int32 [out, ceil(in*bits/32)]  signed codes q - 2**(bits-1), stored
+                                                        offset by 2**(bits-1), i.e. q itself
+    P.weight_scale       [out, groups] in the model dtype
+    P.weight_zero_point  int32 [ceil(out*bits/32), groups] (asymmetric only), packed along out
+    P.weight_shape       int64 [2]  (out, in)
+    quantization_config: quant_method "compressed-tensors", format "pack-quantized",
+    config_groups.group_0 = {targets ["Linear"], weights {num_bits, type int, symmetric,
+    strategy group|channel, group_size, actorder "weight" when act-order was used}}, ignore
+    ["lm_head"].
+
+v1 GPTQ cannot store a zero point of 0 (it would be -1 after the shift), so asymmetric GPTQ
+grids use `QuantSpec(zero_min=1)` (quant.pipeline.grid_spec). The quantized weights passed in
+are duck-typed (q, scales, zeros, spec.group_width): this floor does not import quant/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+
+from ..codecs.intpack import pack_int32, unpack_int32
+from ..util.errors import QuantkitError
+
+GPU_FORMATS = ("gptq", "compressed-tensors")
+FORMAT_BITS = {"gptq": (2, 3, 4, 8), "compressed-tensors": (2, 3, 4, 5, 6, 8)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class GPUFormatConfig:
+    """Everything a writer records about how the weights were quantized."""
+    format: str                  # "gptq" | "compressed-tensors"
+    bits: int = 4
+    group_size: int = 128        # -1: per output channel
+    sym: bool = True
+    act_order: bool = False
+    method: str = "gptq"         # "gptq" | "rtn", recorded in the metadata
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if self.format not in GPU_FORMATS:
+            raise QuantkitError(f"unknown GPU format '{self.format}'", hint="use gptq or compressed-tensors")
+        if self.bits not in FORMAT_BITS[self.format]:
+            raise QuantkitError(f"{self.format} does not support {self.bits}-bit weights",
+                                hint="bits " + ", ".join(map(str, FORMAT_BITS[self.format])))
+        if self.group_size not in (32, 64, 128, 1024, -1):
+            raise QuantkitError(f"group size {self.group_size} is not supported",
+                                hint="use 32, 64, 128, 1024 or -1 (per channel)")
+
+
+def _gptq_quant_config(cfg: GPUFormatConfig) -> dict:
+    return {"bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.act_order, "sym": cfg.sym,
+            "static_groups": True, "true_sequential": True, "damp_percent": cfg.damp,
+            "quant_method": "gptq", "checkpoint_format": "gptq",
+            "meta": {"quantizer": ["quantkit"], "method": cfg.method}}
+
+
+def _ct_quant_config(cfg: GPUFormatConfig) -> dict:
+    import compressed_tensors
+    weights = {"num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym,
+               "strategy": "channel" if cfg.group_size == -1 else "group",
+               "group_size": None if cfg.group_size == -1 else cfg.group_size,
+               "dynamic": False, "observer": "minmax"}
+    if cfg.act_order:
+        weights["actorder"] = "weight"      # static groups: no g_idx, normal kernels
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+            "global_compression_ratio": None, "version": compressed_tensors.__version__}
+
+
+def linear_tensors(cfg: GPUFormatConfig, prefix: str, qw) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized linear (`qw`: quant.rtn.QuantizedWeight) in format `cfg`."""
+    bits = cfg.bits
+    out_f, in_f = qw.q.shape
+    if cfg.format == "gptq":
+        if in_f * bits % 32 or out_f * bits % 32:
+            raise QuantkitError(f"{prefix}: GPTQ needs in and out features whose bits fill whole int32 words "
+                                f"(in {in_f}, out {out_f}, {bits} bits)", hint="use compressed-tensors")
+        if int(qw.zeros.min()) < 1:
+            raise ValueError(f"{prefix}: GPTQ v1 cannot store a zero point of 0")
+        gw = qw.spec.group_width(in_f)
+        return {f"{prefix}.qweight": pack_int32(qw.q.t(), bits, dim=0),
+                f"{prefix}.qzeros": pack_int32((qw.zeros - 1).t(), bits, dim=1),
+                f"{prefix}.scales": qw.scales.t().to(torch.float16).contiguous(),
+                f"{prefix}.g_idx": (torch.arange(in_f, dtype=torch.int32) // gw)}
+    t = {f"{prefix}.weight_packed": pack_int32(qw.q, bits, dim=1),
+         f"{prefix}.weight_scale": qw.scales.contiguous(),
+         f"{prefix}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+    if not cfg.sym:
+        t[f"{prefix}.weight_zero_point"] = pack_int32(qw.zeros, bits, dim=0)
+    return t
+
+
+def dequantize_gptq(tensors: dict[str, torch.Tensor], prefix: str, bits: int) -> torch.Tensor:
+    """W [out, in] float32 from a v1 GPTQ linear, as the runtimes compute it:
+    (q - (qzeros + 1)) * scales[g_idx]."""
+    qweight = tensors[f"{prefix}.qweight"]
+    scales = tensors[f"{prefix}.scales"].float()
+    g_idx = tensors[f"{prefix}.g_idx"].long()
+    in_f, out_f = g_idx.numel(), qweight.shape[1]
+    q = unpack_int32(qweight, bits, in_f, dim=0)                                  # [in, out]
+    z = (unpack_int32(tensors[f"{prefix}.qzeros"], bits, out_f, dim=1) + 1)       # [groups, out]
+    return ((q - z[g_idx]).float() * scales[g_idx]).t().contiguous()
+
+
+def dequantize_compressed(tensors: dict[str, torch.Tensor], prefix: str, bits: int, group_size: int) -> torch.Tensor:
+    """W [out, in] float32 from a pack-quantized linear: (q - z) * s."""
+    out_f, in_f = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+    q = unpack_int32(tensors[f"{prefix}.weight_packed"], bits, in_f, dim=1)
+    s = tensors[f"{prefix}.weight_scale"].float()
+    zp = tensors.get(f"{prefix}.weight_zero_point")
+    z = unpack_int32(zp, bits, out_f, dim=0) if zp is not None else torch.full_like(s, 2 ** (bits - 1), dtype=torch.int32)
+    gw = in_f if group_size == -1 else group_size
+    w = (q.reshape(out_f, -1, gw) - z[..., None]).float() * s[..., None]
+    return w.reshape(out_f, in_f)
+
+
+class CheckpointWriter:
+    """Writes a Hugging Face checkpoint directory shard by shard (`flush()` ends a shard, e.g.
+    after each decoder block), then config.json with quantization_config, the safetensors index
+    and the tokenizer files. Write into a temporary directory (util.atomic) and rename."""
+
+    def __init__(self, directory: str, cfg: GPUFormatConfig, hf_config: dict, dtype: torch.dtype):
+        self.dir = directory
+        self.cfg = cfg
+        self.hf_config = dict(hf_config)
+        self.dtype = torch.float16 if cfg.format == "gptq" else dtype
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """An unquantized tensor (embeddings, norms, head, biases): stored in the model dtype."""
+        t = tensor.detach()
+        if t.is_floating_point():
+            t = t.to(self.dtype)
+        self._put(name, t)
+
+    def add_linear(self, prefix: str, qw, bias: torch.Tensor | None = None) -> None:
+        for name, t in linear_tensors(self.cfg, prefix, qw).items():
+            self._put(name, t)
+        if bias is not None:
+            self.add(f"{prefix}.bias", bias)
+
+    def _put(self, name: str, t: torch.Tensor) -> None:
+        if name in self._pending or any(name in s for s in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        self._pending[name] = t.contiguous()
+        self._pending_bytes += t.numel() * t.element_size()
+        if self._pending_bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = os.path.join(self.dir, f"shard-{len(self._shards):05d}.safetensors")
+        save_file(self._pending, path, metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._total += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, source_dir: str | None = None) -> None:
+        self.flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.dir, f"shard-{i:05d}.safetensors"), os.path.join(self.dir, final))
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            with open(os.path.join(self.dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))},
+                          f, indent=2)
+        qc = _gptq_quant_config(self.cfg) if self.cfg.format == "gptq" else _ct_quant_config(self.cfg)
+        config = dict(self.hf_config)
+        config["quantization_config"] = qc
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        config["torch_dtype"] = dtype_name
+        if "dtype" in config:
+            config["dtype"] = dtype_name
+        with open(os.path.join(self.dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        if self.cfg.format == "gptq":
+            with open(os.path.join(self.dir, "quantize_config.json"), "w", encoding="utf-8") as f:
+                json.dump(qc, f, indent=2)
+        if source_dir:
+            for name in TOKENIZER_FILES:
+                src = os.path.join(source_dir, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(self.dir, name))
