@@ -61,7 +61,7 @@ def test_gguf_dequantization_equals_llama_cpp_f32(bundled_gguf, f32_source):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), t.name
 
 
-@pytest.mark.parametrize("ft", ["q8_0", "q5_1", "q4_0", "bf16"])
+@pytest.mark.parametrize("ft", ["q8_0", "q5_1", "q4_0", "bf16", "q4_k_m", "q3_k_m"])
 def test_file_bytes_equal_llama_quantize(exported, ft):
     ours, ref = exported(ft)
     assert _tensors_equal(ours, ref) == []

@@ -26,8 +26,11 @@ multiply-adds and no reassociation: every float op rounds once, as torch's eleme
 Inputs must be finite (the GGUF writer rejects NaN/Inf by tensor name first); finite values of
 any magnitude, subnormals and overflow of x*x*x included, give llama.cpp's bytes.
 
-Speed (2-core machine shared with other jobs): a 640 x 262144 tensor to Q6_K in 23 s wall,
-15 s of CPU; Q4_K/Q5_K/Q3_K/Q2_K cost about 1.5x Q6_K. See benchmarks/kquants_speed.py.
+Speed, measured on the 2-core development machine while other jobs loaded it (load 4-6): a
+640 x 262144 tensor (168M values) to Q6_K in 23-28 s wall, 15 s of CPU time, where llama.cpp's
+own single-threaded quantize_q6_K took 14 s wall; the other types cost 1.0-1.3x Q6_K's CPU
+time; decoding 168M values takes 1.4 s. Chunks of CHUNK_BLOCKS super-blocks run on worker
+threads with torch's intra-op threading off (`_in_chunks`). See benchmarks/kquants_speed.py.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="a .gguf file or Hugging Face model directory (default: the bundled model)")
     p.add_argument("-o", "--output", required=True, help="output file (GGUF) or directory")
     p.add_argument("--format", default="gguf:q4_0",
-                   help="gguf:<type> with type f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default gguf:q4_0)")
+                   help="gguf:<type> with type f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, "
+                        "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k (default gguf:q4_0)")
     p.add_argument("--method", default="rtn", choices=["rtn", "dynamic-int8"],
                    help="rtn: round to nearest, exactly as llama.cpp; dynamic-int8: BERT-family encoders")
     p.add_argument("--pure", action="store_true",

@@ -20,7 +20,7 @@ from .metrics import pareto_front
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.9em}th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:right}
+table{border-collapse:collapse;font-size:.9em}td{white-space:nowrap}th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 tr.pareto td:first-child{font-weight:600}tr.ref td{background:#f7fbff}
 code,pre{background:#f6f6f6;padding:.15em .3em;border-radius:3px}pre{padding:.6em;overflow-x:auto;white-space:pre-wrap}

@@ -1,0 +1,68 @@
+"""Calibration tokens for GPTQ: a UTF-8 text tokenized with the model's own tokenizer, cut into
+N consecutive chunks of `seqlen` tokens, each starting with BOS when the tokenizer has one (as
+llama-imatrix chunks and the evaluation's chunks do, so the calibration sees the same attention
+sink the model sees at run time). Default text: wikitext-2 valid from the shared data."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..util.errors import QuantkitError
+
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 512
+
+
+def default_calibration_file() -> str:
+    """wikitext-2 valid: $QUANTKIT_DATA/wikitext-2/valid.txt, else <repo>/../shared/data/..."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    roots = [os.environ.get("QUANTKIT_DATA", ""), os.path.join(os.path.dirname(repo), "shared", "data")]
+    for root in roots:
+        p = os.path.join(root, "wikitext-2", "valid.txt")
+        if root and os.path.isfile(p):
+            return p
+    raise QuantkitError("no default calibration text (wikitext-2 valid) found",
+                        hint="pass --calib FILE (any UTF-8 text) or set QUANTKIT_DATA")
+
+
+def read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise QuantkitError("no such calibration file", path, "pass --calib FILE (any UTF-8 text)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise QuantkitError(f"calibration file is not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+
+
+def calibration_ids(tokenizer, path: str | None = None, nsamples: int = DEFAULT_NSAMPLES,
+                    seqlen: int = DEFAULT_SEQLEN) -> torch.Tensor:
+    """LongTensor [nsamples, seqlen]: consecutive chunks of the text's tokens (BOS first if any).
+    `tokenizer`: a Hugging Face tokenizer (the model's own)."""
+    if nsamples <= 0 or seqlen <= 1:
+        raise QuantkitError(f"need at least 1 sample of at least 2 tokens (got {nsamples} x {seqlen})")
+    path = path or default_calibration_file()
+    text = read_text(path)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    per = seqlen - 1 if bos is not None else seqlen
+    need = nsamples * per
+    # tokenize ~64 KB pieces cut at line ends until there are enough tokens: a large file
+    # costs only what is used
+    ids: list[int] = []
+    pos = 0
+    while pos < len(text) and len(ids) < need:
+        end = text.find("\n", pos + 65536)
+        end = len(text) if end < 0 else end + 1
+        ids += tokenizer(text[pos:end], add_special_tokens=False)["input_ids"]
+        pos = end
+    if len(ids) < need:
+        raise QuantkitError(f"calibration text too short: it has {len(ids):,} tokens, {nsamples} samples x "
+                            f"{seqlen} tokens need {need:,}", path,
+                            "give a longer --calib file or lower --nsamples / --seqlen")
+    chunks = torch.tensor(ids[:need], dtype=torch.long).reshape(nsamples, per)
+    if bos is not None:
+        chunks = torch.cat([torch.full((nsamples, 1), bos, dtype=torch.long), chunks], dim=1)
+    return chunks

@@ -1,0 +1,244 @@
+"""Block-sequential quantization of a Hugging Face decoder (llama, mistral, qwen2, gemma3 text).
+
+1. Capture: every decoder layer is swapped for a recorder that stores the keyword arguments the
+   model passes to it (attention mask, rotary position embeddings, per-layer-type masks for
+   sliding-window models) and hands its input through unchanged; one forward of the base model
+   per calibration sample then yields block 0's inputs and every block's arguments, with the
+   model's own code building masks and rotary tables. No exception stops the forward: the
+   identity layers cost nothing.
+2. Per block: Hessian hooks on the block's linears, true-sequential (q/k/v; o; gate/up; down:
+   each group calibrated on inputs produced by the already-quantized groups before it); GPTQ
+   (or RTN); weights replaced by their dequantized values; the block re-run to produce the next
+   block's inputs; `on_block` called so the caller can write the block's tensors and free it.
+
+Linears that share an input (q/k/v, gate/up) share one Hessian.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..util.errors import QuantkitError
+from ..util.progress import progress
+from .gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight
+from .rtn import QuantSpec, quantize_rtn
+
+# Inside a decoder block: groups of linears sharing an input, in data-flow order.
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+METHODS = ("gptq", "rtn", "none")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    method: str = "gptq"                       # "gptq" | "rtn" | "none" (no quantization)
+    grid: QuantSpec | str = QuantSpec()        # integer grid, or a llama.cpp legacy type ("q4_0")
+    gptq: GPTQConfig = GPTQConfig()
+    true_sequential: bool = True               # False: every linear calibrated on the block's float inputs
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+def grid_spec(fmt: str, bits: int, group_size: int, sym: bool, model_dtype: torch.dtype) -> QuantSpec:
+    """The integer grid a GPU format can hold: GPTQ checkpoints store fp16 scales and (v1) zero
+    points >= 1; compressed-tensors stores scales in the model's dtype."""
+    if fmt == "gptq":
+        return QuantSpec(bits, group_size, sym, torch.float16, zero_min=0 if sym else 1)
+    return QuantSpec(bits, group_size, sym, model_dtype)
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]                 # per calibration sample: [1, seqlen, hidden]
+    layer_kwargs: list[dict]                   # per decoder layer: the keyword arguments it receives
+
+
+@dataclass
+class PipelineReport:
+    seconds: float = 0.0
+    damp: dict[str, float] = field(default_factory=dict)      # per linear, GPTQ only
+    loss: dict[str, float] = field(default_factory=dict)
+    final_hidden: list[torch.Tensor] | None = None            # the last block's outputs (before the final norm)
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
+    """(base model, its decoder layer list, the layers' name prefix) of a causal LM."""
+    for prefix in ("model.layers", "model.language_model.layers", "layers"):
+        obj = model
+        parent = None
+        for part in prefix.split("."):
+            parent, obj = obj, getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return parent, obj, prefix
+    raise QuantkitError(f"no decoder layers found in {type(model).__name__}",
+                        hint="supported: llama, mistral, qwen2, gemma3 (text)")
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its inputs, returns them unchanged."""
+
+    def __init__(self, index: int, attention_type: str | None, sink: "_Capture"):
+        super().__init__()
+        self.index = index
+        if attention_type is not None:
+            self.attention_type = attention_type
+        self.sink = sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.sink.hidden.append(hidden_states.detach())
+        if len(self.sink.kwargs) <= self.index:
+            kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            self.sink.kwargs.append(kw)
+        return hidden_states
+
+
+@dataclass
+class _Capture:
+    hidden: list = field(default_factory=list)
+    kwargs: list = field(default_factory=list)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInputs:
+    """Block 0's input for each row of input_ids [n, seqlen], and every block's kwargs."""
+    base, layers, _ = decoder_layers(model)
+    sink = _Capture()
+    original = list(layers)
+    recorders = [_Recorder(i, getattr(layer, "attention_type", None), sink) for i, layer in enumerate(original)]
+    for i, r in enumerate(recorders):
+        layers[i] = r
+    try:
+        for row in input_ids:
+            base(input_ids=row[None], use_cache=False)
+    finally:
+        for i, layer in enumerate(original):
+            layers[i] = layer
+    return BlockInputs(sink.hidden, sink.kwargs)
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+@torch.no_grad()
+def run_block(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    return [_out(layer(h, **kwargs)) for h in hidden]
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _groups(layer: nn.Module) -> list[tuple[str, ...]]:
+    lin = _linears(layer)
+    groups = [tuple(n for n in g if n in lin) for g in SEQUENTIAL_GROUPS]
+    groups = [g for g in groups if g]
+    covered = {n for g in groups for n in g}
+    missing = sorted(set(lin) - covered)
+    if missing:
+        raise QuantkitError(f"decoder block has linear layers quantkit does not know the order of: {', '.join(missing)}",
+                            hint="supported: llama, mistral, qwen2, gemma3")
+    return groups
+
+
+def _quantize(name: str, W: torch.Tensor, H: torch.Tensor | None, cfg: PipelineConfig, report: PipelineReport):
+    try:
+        if cfg.method == "rtn":
+            if not isinstance(cfg.grid, QuantSpec):
+                raise ValueError("RTN onto llama.cpp grids is the GGUF exporter's job (quant.gguf_export)")
+            qw = quantize_rtn(W, cfg.grid)
+            return qw, qw.dequantize()
+        res = quantize_weight(W, H, cfg.grid, cfg.gptq)
+    except ValueError as e:
+        raise QuantkitError(f"cannot quantize {name}: {e}") from None
+    report.damp[name] = res.damp
+    report.loss[name] = res.loss
+    return res.weight, res.dequantized
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: PipelineConfig,
+                   on_block: Callable[[int, str, nn.Module, dict], None] | None = None,
+                   show_progress: bool = True) -> PipelineReport:
+    """Quantize every linear of every decoder block of `model` in place (weights replaced by
+    their dequantized values) and call on_block(index, prefix, layer, {linear name: quantized
+    weight}) after each block. input_ids [n, seqlen]: calibration (GPTQ, and method "none" to
+    propagate); RTN needs none."""
+    t0 = time.perf_counter()
+    report = PipelineReport()
+    _, layers, prefix = decoder_layers(model)
+    need_data = cfg.method == "gptq" or (cfg.method == "none" and input_ids is not None)
+    if cfg.method == "gptq" and input_ids is None:
+        raise QuantkitError("GPTQ needs calibration data", hint="pass --calib FILE or use --method rtn")
+    inputs = capture_block_inputs(model, input_ids) if need_data else None
+    hidden = inputs.hidden if inputs else None
+    bar = progress(total=len(layers), desc=f"{cfg.method} blocks", unit="block", leave=False) if show_progress else None
+    try:
+        for i, layer in enumerate(layers):
+            lp = f"{prefix}.{i}"
+            lin = _linears(layer)
+            kwargs = inputs.layer_kwargs[i] if inputs else {}
+            done: dict[str, object] = {}
+            if cfg.method != "none":
+                groups = _groups(layer)
+                # true-sequential: calibrate each group on the outputs of the groups quantized
+                # before it; otherwise all groups from one pass over the block's float weights
+                stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+                for stage in stages:
+                    hs = _calibrate(layer, stage, lin, hidden, kwargs) if cfg.method == "gptq" else {}
+                    for g in stage:
+                        for name in g:
+                            qw, deq = _quantize(f"{lp}.{name}", lin[name].weight.data, hs.get(g), cfg, report)
+                            lin[name].weight.data = deq.to(lin[name].weight.dtype)
+                            done[f"{lp}.{name}"] = qw
+            if hidden is not None:
+                hidden = run_block(layer, hidden, kwargs)
+            if on_block is not None:
+                on_block(i, lp, layer, done)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - t0
+    report.final_hidden = hidden
+    return report
+
+
+def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, nn.Linear], hidden,
+               kwargs) -> dict[tuple[str, ...], torch.Tensor]:
+    """One pass of the block over the calibration data; the Hessian of each group's shared
+    input, hooked on the group's first linear."""
+    hs: dict[tuple[str, ...], torch.Tensor] = {}
+    counts: dict[tuple[str, ...], int] = {}
+    handles = []
+    for g in groups:
+        if len({lin[n].in_features for n in g}) != 1:
+            raise QuantkitError(f"linears {', '.join(g)} should share one input but differ in width")
+        hs[g] = new_hessian(lin[g[0]].in_features)
+        counts[g] = 0
+
+        def hook(_mod, inp, _out, g=g):
+            counts[g] = accumulate_hessian(inp[0], hs[g], counts[g])
+
+        handles.append(lin[g[0]].register_forward_hook(hook))
+    try:
+        run_block(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
