@@ -203,3 +203,23 @@ def eval_ladder(model=None, types=None, out_dir=None, **options):
     files = build_ladder(model, ladder_types(types), out_dir, show_progress=options.get("show_progress", True))
     first = os.fspath(model) if model is not None else None
     return evaluate([first, *files], **options)
+
+
+# ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors (issue 3) ----
+def quantize_gpu(model, output: str | os.PathLike, *, format: str = "compressed-tensors",  # noqa: A002
+                 method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = True,
+                 act_order: bool = False, calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
+                 damp: float = 0.01, show_progress: bool = True):
+    """Quantize the decoder linears of a Hugging Face causal-LM directory with RTN or GPTQ and
+    write a GPTQ ("gptq") or compressed-tensors ("compressed-tensors", pack-quantized) checkpoint
+    directory. GPTQ calibrates on `calib` (any UTF-8 text; default wikitext-2 valid), `nsamples`
+    x `seqlen` tokens from the model's own tokenizer. Returns quant.pipeline.GPUExportResult."""
+    from .models.gpu_formats import GPUFormatConfig
+    from .quant.pipeline import export_gpu_checkpoint
+    from .util.errors import QuantkitError
+    if model is None or not os.path.isdir(os.fspath(model)):
+        raise QuantkitError("GPTQ and compressed-tensors outputs need a Hugging Face model directory",
+                            None if model is None else os.fspath(model), "pass a directory with config.json")
+    cfg = GPUFormatConfig(format.lower(), bits, group_size, sym, act_order, method, damp)
+    return export_gpu_checkpoint(os.fspath(model), os.fspath(output), cfg, calib=calib, nsamples=nsamples,
+                                 seqlen=seqlen, show_progress=show_progress)

@@ -15,12 +15,9 @@ can differ at exact .5 ties (a measured, bounded share of blocks; see tests/test
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
+from .parallel import map_blocks
 from .registry import QType, qtype
 
 BLOCK = 32
@@ -150,51 +147,12 @@ def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, (u >> 16) | 64, rounded).to(torch.int16)
 
 
-# Blocks per step: every intermediate of the elementwise chain stays in cache (~256 KB per
-# tensor), several times faster than one pass per operation over a 100M-value tensor. Chunks are
-# spread over a small thread pool with torch's own intra-op threads set to 1: tiny parallel
-# regions per op cost more in synchronisation than they gain (measured 10x slower on 2 cores).
+# Blocks per step (see codecs/parallel.py): every intermediate stays in cache.
 CHUNK_BLOCKS = 2048
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="quantkit")
-        return _POOL
-
-
-@contextlib.contextmanager
-def _one_intraop_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _chunked(fn, blocks: torch.Tensor, width: int, dtype=torch.uint8) -> torch.Tensor:
-    if blocks.shape[0] <= CHUNK_BLOCKS:
-        return fn(blocks)
-    out = torch.empty(blocks.shape[0], width, dtype=dtype)
-
-    def work(i: int) -> None:
-        out[i:i + CHUNK_BLOCKS] = fn(blocks[i:i + CHUNK_BLOCKS])
-
-    starts = range(0, blocks.shape[0], CHUNK_BLOCKS * 16)
-
-    def span(i0: int) -> None:
-        for i in range(i0, min(i0 + CHUNK_BLOCKS * 16, blocks.shape[0]), CHUNK_BLOCKS):
-            work(i)
-
-    with _one_intraop_thread():
-        for f in [_pool().submit(span, i0) for i0 in starts]:
-            f.result()
-    return out
+    return map_blocks(fn, blocks, width, dtype, CHUNK_BLOCKS)
 
 
 def quantize_rows(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -30,16 +30,16 @@ Speed, measured on the 2-core development machine while other jobs loaded it (lo
 640 x 262144 tensor (168M values) to Q6_K in 23-28 s wall, 15 s of CPU time, where llama.cpp's
 own single-threaded quantize_q6_K took 14 s wall; the other types cost 1.0-1.3x Q6_K's CPU
 time; decoding 168M values takes 1.4 s. Chunks of CHUNK_BLOCKS super-blocks run on worker
-threads with torch's intra-op threading off (`_in_chunks`). See benchmarks/kquants_speed.py.
+threads with torch's intra-op threading off (codecs/parallel.py). See benchmarks/kquants_speed.py.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from .parallel import map_blocks
 from .registry import qtype
 
 QK_K = 256
@@ -566,26 +566,6 @@ def _check_blocks(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _in_chunks(fn, n: int, chunk: int, threads: int | None) -> None:
-    """Run fn(start) for every chunk start, on `threads` worker threads (default: torch's
-    intra-op thread count), each with torch's intra-op parallelism off.
-
-    The codecs issue many small ops; letting torch split each of them over OpenMP threads costs
-    far more than it gains, and on a machine busy with other work (oversubscribed cores) it was
-    measured 15x slower. Whole chunks per thread scale instead (torch releases the GIL in ops).
-    """
-    starts = range(0, n, chunk)
-    threads = max(1, min(threads or torch.get_num_threads(), len(starts)))
-    saved = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads,
-                                initargs=(1,)) as pool:
-            for _ in pool.map(fn, starts):
-                pass
-    finally:
-        torch.set_num_threads(saved)   # the pool's setting is process-wide for new threads
-
-
 def quantize_blocks(name: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """float32 [n, 256] -> uint8 [n, type_size], the bytes of quantize_row_<name>_ref."""
     q = qtype(name)
@@ -593,13 +573,7 @@ def quantize_blocks(name: str, x: torch.Tensor, threads: int | None = None) -> t
         raise KeyError(f"{name} is not a K-quant type handled here ({', '.join(KQUANT_TYPES)})")
     x = _check_blocks(q.name, x)
     enc = _ENCODERS[q.name]
-    out = torch.empty((x.shape[0], q.type_size), dtype=torch.uint8)
-
-    def work(i):
-        out[i:i + CHUNK_BLOCKS] = enc(x[i:i + CHUNK_BLOCKS])
-
-    _in_chunks(work, x.shape[0], CHUNK_BLOCKS, threads)
-    return out
+    return map_blocks(enc, x, q.type_size, torch.uint8, CHUNK_BLOCKS, threads)
 
 
 def dequantize_blocks(name: str, data: torch.Tensor, threads: int | None = None) -> torch.Tensor:
@@ -612,12 +586,7 @@ def dequantize_blocks(name: str, data: torch.Tensor, threads: int | None = None)
         raise ValueError(f"{q.name}: expected uint8 data, a multiple of {q.type_size} bytes")
     data = data.reshape(-1, q.type_size)
     dec = _DECODERS[q.name]
-    out = torch.empty((data.shape[0], QK_K), dtype=torch.float32)
-
-    def work(i):
-        out[i:i + CHUNK_BLOCKS] = dec(data[i:i + CHUNK_BLOCKS])
-
-    _in_chunks(work, data.shape[0], CHUNK_BLOCKS, threads)
+    out = map_blocks(dec, data, QK_K, torch.float32, CHUNK_BLOCKS, threads)
     return out
 
 

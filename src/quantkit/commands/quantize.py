@@ -11,18 +11,25 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output file (GGUF) or directory")
     p.add_argument("--format", default="gguf:q4_0",
                    help="gguf:<type> with type f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, "
-                        "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k (default gguf:q4_0)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "dynamic-int8"],
-                   help="rtn: round to nearest, exactly as llama.cpp; dynamic-int8: BERT-family encoders")
+                        "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k (default gguf:q4_0); or gptq / "
+                        "compressed-tensors (GPU checkpoints, with --bits/--group-size)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "dynamic-int8"],
+                   help="rtn: round to nearest (GGUF: exactly as llama.cpp); gptq: GPTQ with calibration "
+                        "(GPU formats); dynamic-int8: BERT-family encoders")
     p.add_argument("--pure", action="store_true",
                    help="one type for every 2-D weight (llama-quantize --pure); default follows llama.cpp's mix")
     p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
     p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
+    from . import quantize_gptq
+    quantize_gptq.register_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.method == "gptq" or args.format.lower() in ("gptq", "compressed-tensors"):
+        from . import quantize_gptq
+        return quantize_gptq.run(args)
     if args.method == "dynamic-int8":
         from . import quantize_dynamic
         return quantize_dynamic.run(args)

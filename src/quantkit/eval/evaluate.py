@@ -259,20 +259,21 @@ class LlamaCppScorer:
         if n > self.cap:
             raise ValueError(f"{n} tokens > batch capacity {self.cap}")
         if self._batch is None:
-            self._batch = lib.llama_batch_init(self.cap, 0, 1)
+            b = self._batch = lib.llama_batch_init(self.cap, 0, 1)
             for i in range(self.cap):
-                self._batch.seq_id[i][0] = 0
+                b.seq_id[i][0] = 0
+            # numpy views of the batch's C arrays, made once
+            self._tok = np.ctypeslib.as_array(b.token, shape=(self.cap,))
+            self._pos = np.ctypeslib.as_array(b.pos, shape=(self.cap,))
+            np.ctypeslib.as_array(b.n_seq_id, shape=(self.cap,))[:] = 1
+            self._flags = np.ctypeslib.as_array(b.logits, shape=(self.cap,))
         b = self._batch
         b.n_tokens = n
-        np.ctypeslib.as_array(b.token, shape=(self.cap,))[:n] = tokens
-        np.ctypeslib.as_array(b.pos, shape=(self.cap,))[:n] = np.arange(pos0, pos0 + n)
-        np.ctypeslib.as_array(b.n_seq_id, shape=(self.cap,))[:n] = 1
-        flags = np.ctypeslib.as_array(b.logits, shape=(self.cap,))
-        flags[:n] = 0
-        flags[out_from:out_to] = 1
-        from .runtimes import _quiet_stderr
-        with _quiet_stderr():
-            rc = lib.llama_decode(self.llm.ctx, b)
+        self._tok[:n] = tokens
+        self._pos[:n] = np.arange(pos0, pos0 + n)
+        self._flags[:n] = 0
+        self._flags[out_from:out_to] = 1
+        rc = lib.llama_decode(self.llm.ctx, b)  # llama.cpp is silent here unless it fails
         if rc != 0:
             raise QuantkitError(f"llama_decode failed (code {rc})", self.path)
         ptr = lib.llama_get_logits(self.llm.ctx)

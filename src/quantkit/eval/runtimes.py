@@ -18,7 +18,8 @@ def _quiet_stderr():
         return
     fd = os.dup(2)
     try:
-        with open(os.devnull, "w") as devnull:
+        # llama-cpp-python's log callback prints to sys.stderr, which may not be fd 2 (pytest's capsys)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             os.dup2(devnull.fileno(), 2)
             yield
     finally:

@@ -242,3 +242,82 @@ def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, n
         for h in handles:
             h.remove()
     return hs
+
+
+# ---- Hugging Face directory -> GPTQ / compressed-tensors checkpoint ----------------------------
+@dataclass
+class GPUExportResult:
+    output: str
+    format: str
+    method: str
+    seconds: float
+    file_bytes: int
+    n_linear: int
+    report: PipelineReport
+    model: nn.Module | None = None      # the model with dequantized weights, when asked for
+
+
+def export_gpu_checkpoint(model_dir: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
+                          seqlen: int = 512, keep_model: bool = False, show_progress: bool = True) -> GPUExportResult:
+    """Quantize a Hugging Face causal-LM directory's decoder linears (RTN or GPTQ) and write a
+    GPTQ or compressed-tensors checkpoint directory. `cfg`: models.gpu_formats.GPUFormatConfig.
+    Embeddings, norms and the output head stay in the model dtype (fp16 for GPTQ)."""
+    import json
+    import os
+
+    from ..models.gpu_formats import CheckpointWriter
+    from ..util.atomic import atomic_output
+    from .calib import calibration_ids
+
+    t0 = time.perf_counter()
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise QuantkitError("not a Hugging Face model directory (no config.json)", model_dir,
+                            "GPTQ and compressed-tensors outputs start from a Hugging Face directory")
+    with open(cfg_path, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    if cfg.method not in ("rtn", "gptq"):
+        raise QuantkitError(f"method '{cfg.method}' cannot write {cfg.format}", hint="use --method rtn or gptq")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    stored = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    model_dtype = getattr(torch, stored, torch.float32)
+    # calibration and solving run in float32 (WORK_DTYPE); the checkpoint keeps the model's dtype
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = None
+    if cfg.method == "gptq":
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids = calibration_ids(tok, calib, nsamples, seqlen)
+    grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise QuantkitError(f"tensor {name} contains NaN or Inf", model_dir)
+    _, layers, prefix = decoder_layers(model)
+    tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
+    n_linear = 0
+    with atomic_output(output, directory=True) as tmp:
+        writer = CheckpointWriter(tmp, cfg, hf_config, model_dtype)
+        for name, t in model.state_dict().items():
+            if name.startswith(prefix + ".") or (tied and name == "lm_head.weight"):
+                continue
+            writer.add(name, t)
+        writer.flush()
+
+        def on_block(i, lp, layer, done):
+            nonlocal n_linear
+            for name, t in layer.state_dict().items():
+                full = f"{lp}.{name}"
+                mod = full.rsplit(".", 1)[0]
+                if mod in done and name.endswith(".weight"):
+                    continue
+                writer.add(full, t)
+            for mod, qw in done.items():
+                writer.add_linear(mod, qw)
+                n_linear += 1
+            writer.flush()
+
+        pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order))
+        report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress)
+        writer.finish(model_dir)
+    size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+    return GPUExportResult(os.path.abspath(output), cfg.format, cfg.method, time.perf_counter() - t0, size,
+                           n_linear, report, model if keep_model else None)

@@ -6,7 +6,8 @@ code q in 0 .. 2**bits - 1 with W ~ (q - z) * s, the convention GPTQ checkpoints
 compressed-tensors share:
 
 - asymmetric: s = (max - min) / (2**bits - 1), z = round(-min / s), min <= 0 <= max (0 must be
-  representable, as GPTQ and compressed-tensors require);
+  representable, as GPTQ and compressed-tensors require); z >= `zero_min` (1 for GPTQ v1
+  checkpoints, which store z - 1);
 - symmetric: s = absmax / ((2**bits - 1) / 2), z = 2**(bits-1): GPTQ's and llm-compressor's
   choice (the largest positive value clips to 2**(bits-1) - 1 levels, the negative side keeps
   the extra level).

@@ -1,0 +1,51 @@
+"""`quantkit quantize MODEL --method rtn|gptq --format gptq|compressed-tensors --bits 4
+--group-size 128 [--act-order] [--sym|--asym] [--calib FILE --nsamples N --seqlen L] -o OUT_DIR`.
+
+The lead's `quantize` command calls `register_args(parser)` to add these flags and dispatches
+here (`run(args)`) when the format is a GPU format or the method is gptq.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..util.errors import QuantkitError
+
+GPU_FORMATS = ("gptq", "compressed-tensors")
+
+
+def register_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("integer quantization (--format gptq | compressed-tensors, --method rtn | gptq)")
+    g.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8],
+                   help="bits per weight (gptq format: 2, 3, 4, 8; default 4)")
+    g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 1024, -1],
+                   help="input columns per scale; -1: one scale per output channel (default 128)")
+    g.add_argument("--act-order", action="store_true",
+                   help="GPTQ: visit columns by decreasing activation energy (static groups: no g_idx reordering)")
+    sym = g.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with a zero point per group")
+    g.add_argument("--calib", metavar="FILE", help="GPTQ calibration text, any UTF-8 file (default: wikitext-2 valid)")
+    g.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration samples (default 128)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    g.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01; raised automatically if needed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import api
+    fmt = (args.format or "").lower()
+    method = getattr(args, "method", "rtn")
+    if fmt not in GPU_FORMATS:
+        raise QuantkitError(f"--method {method} with --format {args.format} is not available yet",
+                            hint="GPTQ writes --format gptq or compressed-tensors; for GGUF use --method rtn")
+    if args.model is None:
+        raise QuantkitError("GPTQ and compressed-tensors outputs need a Hugging Face model directory",
+                            hint="pass MODEL (a directory with config.json and *.safetensors)")
+    res = api.quantize_gpu(args.model, args.output, format=fmt, method=method, bits=args.bits,
+                           group_size=args.group_size, sym=args.sym, act_order=args.act_order, calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp)
+    print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear layers "
+          f"{method} {args.bits}-bit g{args.group_size} {'sym' if args.sym else 'asym'}"
+          f"{' act-order' if args.act_order else ''}, format {fmt})")
+    return 0

@@ -1,0 +1,300 @@
+"""quantkit eval: perplexity and KL divergence against slow, obvious implementations; torch and
+llama.cpp agreeing on the same token ids; Q8_0 / Q4_0 of the bundled model; bad input.
+
+Kept short (< 1 min on 2 busy cores): one or two chunks of 128 tokens, one thread (llama.cpp's
+spinning threads slow down badly on an oversubscribed machine), llama.cpp's own quantizer to
+make the bundled model's F32 / Q8_0 / Q4_0 files in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantkit.cli import main
+from quantkit.eval import metrics
+from quantkit.eval.evaluate import EvalOptions, ModelFacts, check_same_vocab, evaluate, ladder_types
+from quantkit.util.errors import QuantkitError
+
+N_CTX = 128
+FIRST = N_CTX // 2
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def eval_cache(bundled_gguf, tmp_path_factory):
+    """A private quantkit cache (digests, F32 references, log-probabilities), set after the
+    bundled model has been located in the normal one."""
+    old = os.environ.get("QUANTKIT_CACHE")
+    os.environ["QUANTKIT_CACHE"] = str(tmp_path_factory.mktemp("qk-cache"))
+    yield os.environ["QUANTKIT_CACHE"]
+    if old is None:
+        os.environ.pop("QUANTKIT_CACHE", None)
+    else:
+        os.environ["QUANTKIT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def text(shared_data) -> str:
+    return os.path.join(shared_data, "wikitext-2", "test.txt")
+
+
+@pytest.fixture(scope="module")
+def bundled_set(bundled_gguf, tmp_path_factory) -> dict[str, str]:
+    """The bundled model dequantized to F32 and re-quantized to Q8_0 and Q4_0 by llama.cpp."""
+    from ggml_reference import llama_quantize
+    d = tmp_path_factory.mktemp("bundled")
+    out = {"f32": str(d / "gemma-f32.gguf")}
+    llama_quantize(bundled_gguf, out["f32"], "f32")
+    for ft in ("q8_0", "q4_0"):
+        out[ft] = str(d / f"gemma-{ft}.gguf")
+        llama_quantize(out["f32"], out[ft], ft)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    """A tiny random llama (HF directory, SentencePiece tokenizer trained on wikitext-2), its
+    F32 GGUF written by quantkit, and llama.cpp's Q8_0 / Q4_0 of it."""
+    import quantkit.api as qk
+    from ggml_reference import llama_quantize
+    from test_hf import _build
+    root = tmp_path_factory.mktemp("tiny")
+    hf = _build("llama", root)
+    f32 = root / "tiny-f32.gguf"
+    qk.quantize(str(hf), str(f32), format="gguf:f32", show_progress=False)
+    out = {"hf": str(hf), "f32": str(f32)}
+    for ft in ("q8_0", "q4_0"):
+        out[ft] = str(root / f"tiny-{ft}.gguf")
+        llama_quantize(str(f32), out[ft], ft, pure=True)
+    return out
+
+
+def _opts(text, **kw) -> EvalOptions:
+    base = dict(text=text, n_chunks=1, n_ctx=N_CTX, n_threads=1, speed=False, show_progress=False)
+    base.update(kw)
+    return EvalOptions(**base)
+
+
+def _row(res, path) -> dict:
+    (r,) = [r for r in res.rows if r["path"] == os.path.abspath(path)]
+    return r
+
+
+def _link(src: str, dst: Path) -> str:
+    """The same bytes under another name: evaluated as a model of its own, not skipped as the reference."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy(src, dst)
+    return str(dst)
+
+
+# ------------------------------------------------------------------------------- metrics, pure
+def _slow_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_metrics_against_float64_reference():
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((37, 5000)) * 3).astype(np.float32)
+    model = (ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3).astype(np.float32)
+    targets = rng.integers(0, 5000, 37)
+    ref_lp = np.empty_like(ref)
+    metrics.log_softmax_into(ref, ref_lp)
+    s = metrics.Scores()
+    metrics.score_against_reference(model, ref_lp, targets, s)
+    kld = np.array([(np.exp(_slow_log_softmax(r)) * (_slow_log_softmax(r) - _slow_log_softmax(m))).sum()
+                    for r, m in zip(ref, model)])
+    nll = np.array([-_slow_log_softmax(m)[t] for m, t in zip(model, targets)])
+    np.testing.assert_allclose(s.cat("kld"), kld, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(s.cat("nll"), nll, rtol=1e-7)   # exp in float32, as llama.cpp's expf
+    assert (s.cat("same_top") == (ref.argmax(1) == model.argmax(1))).all()
+    summ = metrics.summarize(s)
+    assert summ["ppl"] == pytest.approx(np.exp(nll.mean()), rel=1e-7)
+    assert summ["kld_median"] == pytest.approx(np.median(kld), rel=1e-4)
+
+    same = metrics.Scores()
+    metrics.score_against_reference(ref, ref_lp, targets, same)
+    assert (same.cat("kld") == 0).all()  # identical logits: exactly zero, not just small
+
+
+def test_pareto_front():
+    pts = [(100, 0.0), (30, 0.002), (25, 0.3), (26, 0.4), (30, 0.01)]
+    assert metrics.pareto_front(pts) == [True, True, True, False, False]
+
+
+def test_different_vocabulary_is_refused():
+    f = dict(runtime="llama.cpp", n_params=1, file_bytes=1, tensor_bytes=1, linear_params=1, linear_bytes=1,
+             types={}, all_f32=True)
+    ref = ModelFacts(path="/m/ref.gguf", vocab=["<s>", "a", "b"], **f)
+    with pytest.raises(QuantkitError, match=r"token 2 is 'c', the reference's is 'b'"):
+        check_same_vocab(ref, ModelFacts(path="/m/other.gguf", vocab=["<s>", "a", "c"], **f))
+    with pytest.raises(QuantkitError, match=r"2 tokens vs the reference's 3"):
+        check_same_vocab(ref, ModelFacts(path="/m/other.gguf", vocab=["<s>", "a"], **f))
+
+
+def test_ladder_types_follow_what_quantkit_encodes():
+    from quantkit.quant.gguf_export import supported_file_types
+    types = ladder_types()
+    assert types[:5] == ["f16", "q8_0", "q5_0", "q4_1", "q4_0"]
+    assert set(types) <= set(supported_file_types())
+    if "q4_k_m" in supported_file_types():
+        assert "q4_k_m" in types
+    with pytest.raises(QuantkitError, match="q9_9"):
+        ladder_types(["q8_0", "q9_9"])
+
+
+# ------------------------------------------------------------------------------- bundled model
+def test_bundled_q8_q4_against_f32_and_llama_cpp_logits(bundled_set, text, eval_cache, tmp_path):
+    """Q8_0 close to F32, Q4_0 much further; the reference's perplexity and Q8_0's KL divergence
+    equal a slow numpy computation over llama.cpp's full logits (Llama(logits_all=True))."""
+    import llama_cpp
+    res = evaluate([bundled_set["q8_0"], bundled_set["q4_0"]], _opts(text, ref=bundled_set["f32"]))
+    ref, q8, q4 = (_row(res, bundled_set[k]) for k in ("f32", "q8_0", "q4_0"))
+    assert ref["is_reference"] and ref["kld_mean"] == 0
+    assert 3 < ref["ppl"] < 60, ref["ppl"]                    # Gemma-3-270M on wikitext-2: ~8-20
+    assert 0 < q8["kld_mean"] < 0.01, q8["kld_mean"]         # measured 0.0016
+    assert q4["kld_mean"] > 10 * q8["kld_mean"], (q4["kld_mean"], q8["kld_mean"])   # measured 0.28
+    assert q8["top1_agreement"] > q4["top1_agreement"]
+    assert res.rows[0]["n_scored"] == N_CTX - 1 - FIRST
+    assert res.meta["timings"]["ref_cached_chunks"] == 0
+
+    # the slow, obvious way: the whole text tokenized as llama-perplexity does, every position's logits
+    full = {}
+    tokens = None
+    for k in ("f32", "q8_0"):
+        llm = llama_cpp.Llama(model_path=bundled_set[k], n_ctx=N_CTX, n_batch=N_CTX, logits_all=True,
+                              n_threads=1, verbose=False)
+        try:
+            if tokens is None:
+                with open(text, encoding="utf-8") as f:
+                    head = f.read(100_000)   # far more than 128 tokens; cut at a line end
+                head = head[:head.rindex("\n") + 1]
+                tokens = llm.tokenize(head.encode(), add_bos=True, special=False)[:N_CTX]
+                assert tokens[0] == llm.token_bos()
+            llm.reset()
+            llm.eval(tokens)
+            full[k] = np.array(llm.scores[:N_CTX], dtype=np.float64)
+        finally:
+            llm.close()
+    nll, kld = [], []
+    for j in range(FIRST, N_CTX - 1):
+        lp = {k: _slow_log_softmax(full[k][j]) for k in full}
+        nll.append(-lp["f32"][tokens[j + 1]])
+        kld.append(float((np.exp(lp["f32"]) * (lp["f32"] - lp["q8_0"])).sum()))
+    assert ref["ppl"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
+    assert q8["kld_mean"] == pytest.approx(float(np.mean(kld)), rel=1e-3)
+
+    # second run, the same bytes under another name as the model: the reference now comes from
+    # the on-disk cache (no reference pass) and the KL divergence of a model to itself is exactly 0
+    same = _link(bundled_set["f32"], tmp_path / "same-f32.gguf")
+    again = evaluate([same], _opts(text, ref=bundled_set["f32"]))
+    assert again.meta["timings"]["ref_cached_chunks"] == 1
+    r = _row(again, same)
+    assert not r["is_reference"]
+    assert r["kld_mean"] == 0 and r["kld_p99"] == 0 and r["top1_agreement"] == 1
+    assert r["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    assert _row(again, bundled_set["f32"])["ppl"] == ref["ppl"]
+
+
+# ------------------------------------------------------------------------------- tiny model
+def test_torch_and_llama_cpp_perplexities_agree(tiny, text, eval_cache):
+    """The same HF model in transformers (torch, F32) and as quantkit's F32 GGUF in llama.cpp,
+    on the same token ids (llama.cpp's tokenizer): perplexities within 0.1 %."""
+    res = evaluate([tiny["hf"]], _opts(text, ref=tiny["f32"], n_chunks=2))
+    ll, tt = _row(res, tiny["f32"]), _row(res, tiny["hf"])
+    assert (ll["runtime"], tt["runtime"]) == ("llama.cpp", "torch")
+    assert tt["ppl"] == pytest.approx(ll["ppl"], rel=1e-3), (tt["ppl"], ll["ppl"])
+    assert tt["kld_mean"] < 1e-4 and tt["top1_agreement"] > 0.99
+    assert np.isfinite(ll["ppl"]) and ll["ppl"] > 1
+
+    # the other way round: the HF directory as the default reference, tokenized by transformers
+    res2 = evaluate([tiny["hf"], tiny["f32"]], _opts(text, n_chunks=2))
+    assert res2.rows[0]["path"] == os.path.abspath(tiny["hf"]) and res2.rows[0]["is_reference"]
+    assert res2.meta["reference_runtime"].startswith("torch")
+    assert _row(res2, tiny["f32"])["ppl"] == pytest.approx(res2.rows[0]["ppl"], rel=1e-3)
+
+
+def test_default_reference_is_f32_dequantization(tiny, text, eval_cache):
+    """The reference of a quantized first model is its own weights in F32: what is left of its
+    KL divergence is llama.cpp's arithmetic (activations rounded to Q8 in quantized dot products)."""
+    res = evaluate([tiny["q8_0"], tiny["q4_0"]], _opts(text))
+    ref = res.rows[0]
+    assert ref["is_reference"] and ref["path"].endswith("-f32.gguf")
+    assert res.meta["reference_how"].startswith("F32 dequantization of tiny-q8_0.gguf")
+    assert ref["types"] == {"f32": sum(ref["types"].values())}
+    q4, q8 = _row(res, tiny["q4_0"]), _row(res, tiny["q8_0"])
+    assert 0 <= q8["kld_mean"] < 1e-3 and q8["kld_mean"] < q4["kld_mean"] / 10, (q8["kld_mean"], q4["kld_mean"])
+    assert q4["bits_per_weight_linear"] == pytest.approx(4.5) and q8["bits_per_weight_linear"] == pytest.approx(8.5)
+
+
+def test_speed_probe_matches_llama_cpp_counters(tiny, text, eval_cache):
+    res = evaluate([tiny["q8_0"]], _opts(text, ref=tiny["f32"], speed=True, speed_runs=2, n_prompt=64, n_gen=8))
+    for r in res.rows:
+        sp = r["speed"]
+        assert sp["threads"] == 1 and sp["n_prompt"] == 64 and sp["n_gen"] == 8 and len(sp["pp_tok_s_runs"]) == 2
+        assert sp["pp_tok_s"] > 0 and sp["tg_tok_s"] > 0 and sp["load_s"] > 0
+        assert sp["peak_rss_bytes"] > sp["rss_before_load_bytes"] > 0
+        # our wall clock around llama_decode and llama.cpp's own counters time the same calls
+        assert sp["llama_pp_tok_s"] == pytest.approx(sp["pp_tok_s"], rel=0.25)
+        assert sp["llama_tg_tok_s"] == pytest.approx(sp["tg_tok_s"], rel=0.25)
+
+
+def test_cli_json_and_ladder(tiny, text, eval_cache, tmp_path, capsys):
+    import json
+    from test_report import CHROMIUM, rendered_points
+    report = tmp_path / "report.html"
+    rc = main(["eval", tiny["f32"], "--ladder", "q8_0,q4_0", "--ladder-dir", str(tmp_path), "--text", text,
+               "--chunks", "1", "--ctx", str(N_CTX), "--threads", "1", "--no-speed", "--json", "--report", str(report)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in out["models"]]
+    assert len(names) == 3 and out["models"][0]["is_reference"]          # the F32 model is its own reference
+    assert any(n.endswith("-q8_0.gguf") for n in names) and any(n.endswith("-q4_0.gguf") for n in names)
+    assert "--ladder q8_0,q4_0" in out["meta"]["command"]
+    assert "second half scored" in out["meta"]["protocol"]
+    assert report.is_file()
+    if CHROMIUM:
+        assert [p["data-model"] for p in rendered_points(report, tmp_path)] == names
+
+
+# ------------------------------------------------------------------------------- bad input
+def _fails(argv, capsys, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_bad_input(tiny, text, eval_cache, tmp_path, capsys, bundled_gguf):
+    base = ["--ctx", str(N_CTX), "--chunks", "1", "--threads", "1", "--no-speed"]
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.\n", encoding="utf-8")
+    _fails(["eval", tiny["f32"], "--text", str(short), *base], capsys, "text too short", "tokens", "need 128")
+    _fails(["eval", tiny["f32"], "--text", str(short), "--ctx", "64", "--chunks", "3", "--no-speed"], capsys,
+           "3 chunk(s) of 64 need 192")
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(Path(tiny["q8_0"]).read_bytes()[:5000])
+    _fails(["eval", str(broken), "--ref", tiny["f32"], "--text", text, *base], capsys, "broken.gguf")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\0" * 100)
+    _fails(["eval", str(junk), "--ref", tiny["f32"], "--text", text, *base], capsys, "junk.bin", "neither GGUF")
+    _fails(["eval", str(tmp_path / "missing.gguf"), "--text", text, *base], capsys, "missing.gguf", "no such")
+
+    _fails(["eval", tiny["f32"], "--ref", bundled_gguf, "--text", text, *base], capsys,
+           "vocabulary differs", "1024 tokens vs the reference's 262144")
+
+    _fails(["eval", tiny["f32"], "--text", text, "--report", str(tmp_path / "no" / "dir" / "r.html"), *base], capsys,
+           "does not exist")
+    _fails(["eval", tiny["f32"], "--text", text, "--report", str(tmp_path), *base], capsys, "existing directory")
+    _fails(["eval", tiny["f32"], "--text", str(tmp_path / "nope.txt"), *base], capsys, "nope.txt", "cannot read")

@@ -1,0 +1,218 @@
+"""GPU formats from a tiny random llama directory: compressed-tensors checkpoints load in
+transformers (+ compressed-tensors, CPU) with logits equal to quantkit's own dequantized model;
+GPTQ checkpoints match the layout AutoGPTQ writes, tensor by tensor and key by key.
+
+transformers loads GPTQ checkpoints only through optimum + gptqmodel (neither installed), so the
+GPTQ files are checked against the spec and decoded by an independent AutoGPTQ-style unpacker."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
+from quantkit.quant.pipeline import export_gpu_checkpoint
+from quantkit.util.errors import QuantkitError
+from test_intpack import autogptq_pack_rows
+from test_pipeline import tiny_model
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, shared_data):
+    """A tiny structured llama saved as a Hugging Face directory, with a word-level tokenizer
+    built from wikitext-2 valid (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", structured=True)
+    model.save_pretrained(d)
+    with open(os.path.join(shared_data, "wikitext-2", "valid.txt"), encoding="utf-8") as f:
+        words = f.read(200_000).split()
+    vocab = {"<unk>": 0, "<s>": 1}
+    for w in words:
+        if len(vocab) >= 512:
+            break
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>").save_pretrained(d)
+    return str(d)
+
+
+IDS = torch.randint(2, 512, (2, 20), generator=torch.Generator().manual_seed(7))
+
+
+def _export(model_dir, out, **kw):
+    fmt = kw.pop("format")
+    return export_gpu_checkpoint(model_dir, str(out), GPUFormatConfig(fmt, **kw), nsamples=8, seqlen=32,
+                                 keep_model=True, show_progress=False)
+
+
+# Asymmetric checkpoints are checked against compressed-tensors' own decompressor instead of a
+# transformers load: compressed-tensors 0.20 sizes weight_zero_point unpacked ([out, groups]) when
+# transformers builds the empty model, while its own compressor (and vLLM) use the packed
+# [ceil(out*bits/32), groups] that quantkit writes; the load then reinitialises the zero points.
+@pytest.mark.parametrize("method,bits,gs,sym,act", [("rtn", 4, 32, True, False), ("gptq", 4, 32, True, True),
+                                                     ("gptq", 3, -1, True, False), ("rtn", 8, 64, True, False)])
+def test_compressed_tensors_loads_in_transformers(model_dir, tmp_path, method, bits, gs, sym, act):
+    from transformers import AutoModelForCausalLM
+    res = _export(model_dir, tmp_path / "ct", format="compressed-tensors", method=method, bits=bits,
+                  group_size=gs, sym=sym, act_order=act)
+    assert res.n_linear == 14
+    qc = json.load(open(tmp_path / "ct" / "config.json"))["quantization_config"]
+    from compressed_tensors import QuantizationConfig
+    parsed = QuantizationConfig.model_validate(qc)           # compressed-tensors accepts the config
+    w = parsed.config_groups["group_0"].weights
+    assert (w.num_bits, w.symmetric, w.group_size if gs != -1 else -1) == (bits, sym, gs)
+    assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
+
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    ours = res.model
+    with torch.no_grad():
+        a = theirs(input_ids=IDS).logits
+        b = ours(input_ids=IDS).logits
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=IDS).logits
+    # equal up to float32 reassociation: 1e-5 of the logit scale
+    assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), float((a - b).abs().max())
+    assert float((b - ref).abs().max()) > 1e-3           # and it is quantized: not the float model
+    # quantkit's own reader decodes the same weights, exactly
+    t = load_file(tmp_path / "ct" / "model.safetensors") if (tmp_path / "ct" / "model.safetensors").exists() else None
+    if t is None:
+        t = {}
+        for f in os.listdir(tmp_path / "ct"):
+            if f.endswith(".safetensors"):
+                t.update(load_file(tmp_path / "ct" / f))
+    for i in range(2):
+        for lin in LINEARS:
+            p = f"model.layers.{i}.{lin}"
+            assert torch.equal(dequantize_compressed(t, p, bits, gs), ours.get_submodule(p).weight)
+            assert t[f"{p}.weight_packed"].dtype == torch.int32
+            assert (f"{p}.weight_zero_point" in t) == (not sym)
+
+
+@pytest.mark.parametrize("method,bits,gs,act", [("gptq", 4, 32, True), ("rtn", 3, 64, False), ("gptq", 6, -1, False)])
+def test_asymmetric_compressed_tensors_decompress_with_their_code(model_dir, tmp_path, method, bits, gs, act):
+    from compressed_tensors import QuantizationConfig
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    res = _export(model_dir, tmp_path / "ct", format="compressed-tensors", method=method, bits=bits,
+                  group_size=gs, sym=False, act_order=act)
+    qc = QuantizationConfig.model_validate(json.load(open(tmp_path / "ct" / "config.json"))["quantization_config"])
+    scheme = qc.config_groups["group_0"]
+    t = _all_tensors(tmp_path / "ct")
+    for i in range(2):
+        for lin in LINEARS:
+            p = f"model.layers.{i}.{lin}"
+            local = {k[len(p) + 1:]: v for k, v in t.items() if k.startswith(p + ".")}
+            assert set(local) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+            out_f = res.model.get_submodule(p).weight.shape[0]
+            assert local["weight_zero_point"].shape[0] == -(-out_f * bits // 32)
+            w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            assert torch.equal(w.float(), res.model.get_submodule(p).weight)
+
+
+def _all_tensors(d):
+    t = {}
+    for f in os.listdir(d):
+        if f.endswith(".safetensors"):
+            t.update(load_file(os.path.join(d, f)))
+    return t
+
+
+def autogptq_dequant_4bit(qweight, qzeros, scales, g_idx):
+    """AutoGPTQ's torch dequantization for 4 bits, v1 zeros (+1), written independently."""
+    wf = torch.arange(0, 32, 4, dtype=torch.int32)
+    zeros = torch.bitwise_right_shift(qzeros.unsqueeze(2), wf.view(1, 1, -1)) & 15
+    zeros = (zeros + 1).reshape(qzeros.shape[0], -1)
+    weight = torch.bitwise_right_shift(qweight.unsqueeze(1), wf.view(1, -1, 1)) & 15
+    weight = weight.reshape(-1, qweight.shape[1])
+    return (scales[g_idx.long()].float() * (weight - zeros[g_idx.long()]).float()).t()
+
+
+@pytest.mark.parametrize("method,bits,gs,sym,act", [("gptq", 4, 32, True, True), ("rtn", 3, 64, False, False),
+                                                     ("gptq", 2, -1, False, False)])
+def test_gptq_checkpoint_layout(model_dir, tmp_path, method, bits, gs, sym, act):
+    out = tmp_path / "gptq"
+    res = _export(model_dir, out, format="gptq", method=method, bits=bits, group_size=gs, sym=sym, act_order=act)
+    cfg = json.load(open(out / "config.json"))
+    qc = cfg["quantization_config"]
+    for k, v in {"bits": bits, "group_size": gs, "desc_act": act, "sym": sym, "quant_method": "gptq",
+                 "checkpoint_format": "gptq", "static_groups": True}.items():
+        assert qc[k] == v, k
+    assert json.load(open(out / "quantize_config.json")) == qc
+    assert cfg["torch_dtype"] == "float16"
+    assert os.path.isfile(out / "tokenizer.json")
+    t = _all_tensors(out)
+    assert t["model.embed_tokens.weight"].dtype == torch.float16 and "lm_head.weight" in t
+    ours = res.model
+    for i in range(2):
+        for lin in LINEARS:
+            p = f"model.layers.{i}.{lin}"
+            out_f, in_f = ours.get_submodule(p).weight.shape
+            groups = 1 if gs == -1 else in_f // gs
+            assert f"{p}.weight" not in t
+            assert t[f"{p}.qweight"].shape == (in_f * bits // 32, out_f) and t[f"{p}.qweight"].dtype == torch.int32
+            assert t[f"{p}.qzeros"].shape == (groups, out_f * bits // 32) and t[f"{p}.qzeros"].dtype == torch.int32
+            assert t[f"{p}.scales"].shape == (groups, out_f) and t[f"{p}.scales"].dtype == torch.float16
+            assert torch.equal(t[f"{p}.g_idx"], torch.arange(in_f, dtype=torch.int32) // (in_f if gs == -1 else gs))
+            deq = dequantize_gptq(t, p, bits)
+            assert torch.equal(deq, ours.get_submodule(p).weight)
+            # qweight bit for bit as AutoGPTQ's pack loop lays out the same codes
+            q = torch.round(deq.t() / t[f"{p}.scales"].float()[t[f"{p}.g_idx"].long()]).to(torch.int64)
+            from quantkit.codecs.intpack import unpack_int32
+            z = unpack_int32(t[f"{p}.qzeros"], bits, out_f, dim=1) + 1
+            codes = (q + z[t[f"{p}.g_idx"].long()]).numpy()
+            assert np.array_equal(autogptq_pack_rows(codes, bits), t[f"{p}.qweight"].numpy())
+            if bits == 4:
+                assert torch.equal(autogptq_dequant_4bit(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"],
+                                                         t[f"{p}.g_idx"]), deq)
+            if sym:      # zero 2**(bits-1), stored minus one: 0x77777777 for 4 bits
+                assert (unpack_int32(t[f"{p}.qzeros"], bits, out_f, dim=1) == 2 ** (bits - 1) - 1).all()
+
+
+def test_format_rejects_unsupported_bits(model_dir, tmp_path):
+    with pytest.raises(QuantkitError, match="gptq does not support 5-bit"):
+        GPUFormatConfig("gptq", bits=5)
+    with pytest.raises(QuantkitError, match="group size 100"):
+        GPUFormatConfig("compressed-tensors", group_size=100)
+    with pytest.raises(QuantkitError, match="calibration text too short"):
+        export_gpu_checkpoint(model_dir, str(tmp_path / "x"), GPUFormatConfig("gptq"), nsamples=100_000, seqlen=512,
+                              show_progress=False)
+    assert not os.path.exists(tmp_path / "x") and os.listdir(tmp_path) == []
+
+
+def test_cli_module(model_dir, tmp_path, capsys):
+    """quantize_gptq.register_args + run, on a parser shaped like the lead's `quantize`."""
+    import argparse
+    from quantkit.commands import quantize_gptq
+    p = argparse.ArgumentParser()
+    p.add_argument("model", nargs="?")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--format", default="gguf:q4_0")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "dynamic-int8"])
+    quantize_gptq.register_args(p)
+    out = tmp_path / "cli-out"
+    args = p.parse_args([model_dir, "-o", str(out), "--format", "compressed-tensors", "--method", "gptq",
+                         "--bits", "3", "--group-size", "32", "--asym", "--act-order", "--nsamples", "4",
+                         "--seqlen", "16"])
+    assert quantize_gptq.run(args) == 0
+    assert "14 linear layers gptq 3-bit g32 asym act-order" in capsys.readouterr().out
+    w = json.load(open(out / "config.json"))["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["group_size"], w["symmetric"], w["actorder"]) == (3, 32, False, "weight")
+    with pytest.raises(QuantkitError, match="not available yet"):
+        quantize_gptq.run(p.parse_args([model_dir, "-o", str(tmp_path / "g.gguf"), "--method", "gptq"]))
+    with pytest.raises(SystemExit):
+        p.parse_args([model_dir, "-o", "x", "--bits", "7"])
