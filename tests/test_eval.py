@@ -241,9 +241,13 @@ def test_speed_probe_matches_llama_cpp_counters(tiny, text, eval_cache):
         assert sp["threads"] == 1 and sp["n_prompt"] == 64 and sp["n_gen"] == 8 and len(sp["pp_tok_s_runs"]) == 2
         assert sp["pp_tok_s"] > 0 and sp["tg_tok_s"] > 0 and sp["load_s"] > 0
         assert sp["peak_rss_bytes"] > sp["rss_before_load_bytes"] > 0
-        # our wall clock around llama_decode and llama.cpp's own counters time the same calls
-        assert sp["llama_pp_tok_s"] == pytest.approx(sp["pp_tok_s"], rel=0.25)
-        assert sp["llama_tg_tok_s"] == pytest.approx(sp["tg_tok_s"], rel=0.25)
+        # our wall clock around llama_decode and llama.cpp's own counters time the same calls; ours
+        # adds only the Python around them (batch filling, argmax): well under 0.1 ms a step,
+        # which shows only because the tiny model's steps take ~0.1-0.3 ms
+        pp_extra = sp["n_prompt"] / sp["pp_tok_s"] - sp["n_prompt"] / sp["llama_pp_tok_s"]
+        tg_extra = 1 / sp["tg_tok_s"] - 1 / sp["llama_tg_tok_s"]
+        assert -1e-4 < pp_extra < 1e-3, (sp["pp_tok_s"], sp["llama_pp_tok_s"])
+        assert -1e-5 < tg_extra < 1e-4, (sp["tg_tok_s"], sp["llama_tg_tok_s"])
 
 
 def test_cli_json_and_ladder(tiny, text, eval_cache, tmp_path, capsys):
