@@ -118,7 +118,8 @@ def main() -> int:
     res = {"environment": environment(), "vocab": len(vocab), "train_tokens": train.numel(),
            "steps": step, "train_seconds": round(time.time() - t_train, 1), "eval_tokens": int(test.numel())}
     model.eval()
-    q = quantize_dynamic_(copy.deepcopy(model), DynamicInt8Config())            # LSTM + decoder
+    q = copy.deepcopy(model)
+    quantize_dynamic_(q, DynamicInt8Config())                                   # LSTM + decoder
     qe = copy.deepcopy(model)
     quantize_dynamic_(qe, DynamicInt8Config(quantize_embeddings=True))
     x1 = test[:35, :1]

@@ -91,6 +91,7 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=("q8_0", "q4_0"), 
     prompt, and return one row per format (size, bits per weight, load time, tokens/s, output)."""
     from .eval.runtimes import LlamaCpp
     from .models.bundled import cache_dir
+    from .util.progress import progress
     out_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
     os.makedirs(out_dir, exist_ok=True)
     src = open_model(None)
@@ -99,11 +100,14 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=("q8_0", "q4_0"), 
         out = os.path.join(out_dir, f"gemma-3-270m-{ft}.gguf")
         res = quantize(src.path, out, format=f"gguf:{ft}", show_progress=show_progress)
         info = inspect(out)
-        rt = LlamaCpp(out, n_ctx=256, n_threads=min(2, os.cpu_count() or 1))
-        try:
-            gen = rt.generate(prompt, max_tokens=max_tokens)
-        finally:
-            rt.close()
+        with progress(total=2, desc=f"llama.cpp {ft}: load, generate", disable=not show_progress) as bar:
+            rt = LlamaCpp(out, n_ctx=256, n_threads=min(2, os.cpu_count() or 1))
+            bar.update()
+            try:
+                gen = rt.generate(prompt, max_tokens=max_tokens)
+            finally:
+                rt.close()
+            bar.update()
         rows.append({"format": ft.upper(), "file": out, "file_bytes": info["file_bytes"],
                      "bits_per_weight": info["bits_per_weight"], "quantize_s": res.seconds,
                      "load_s": gen.load_s, "prompt_tok_s": gen.prompt_tok_s, "gen_tok_s": gen.gen_tok_s,

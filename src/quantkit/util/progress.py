@@ -15,6 +15,6 @@ def quiet() -> bool:
 
 
 def progress(it: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", unit_scale: bool = False, leave: bool = False) -> tqdm:
+             unit: str = "it", unit_scale: bool = False, leave: bool = False, disable: bool = False) -> tqdm:
     return tqdm(it, total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave,
-                disable=quiet(), dynamic_ncols=True)
+                disable=disable or quiet(), dynamic_ncols=True)
