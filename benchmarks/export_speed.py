@@ -56,7 +56,9 @@ elif which == "gguf-py":
             q = x if target == "f32" else quantize(x, GGMLQuantizationType[target.upper()])
             f.write(np.ascontiguousarray(q).tobytes())
 dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork+exec).
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({{"seconds": dt, "peak_rss_mb": int(hwm) / 1024}}))
 '''
 
 

@@ -35,45 +35,63 @@ def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
 
 
 def _absmax_signed(x: torch.Tensor) -> torch.Tensor:
-    """The value (with its sign) of the first element of largest magnitude in each row."""
-    idx = x.abs().argmax(dim=1, keepdim=True)
-    return x.gather(1, idx).squeeze(1)
+    """The value (with its sign) of the first element of largest magnitude in each row.
+
+    From the row max and min (fast reductions); only rows where +a and -a tie need positions."""
+    mx = x.amax(dim=1)
+    mn = x.amin(dim=1)
+    out = torch.where(-mn > mx, mn, mx)
+    tie = (-mn == mx) & (mx != 0)
+    if bool(tie.any()):
+        rows = x[tie]
+        idx = rows.abs().argmax(dim=1, keepdim=True)
+        out[tie] = rows.gather(1, idx).squeeze(1)
+    return out
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: halves away from zero (torch.round rounds them to even)."""
-    t = torch.trunc(x)
-    frac = x - t  # exact in float32
-    return t + torch.where(frac.abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+# Largest float below 0.5: trunc(v + copysign(HALF_DOWN, v)) is C's roundf (halves away from
+# zero) for every float, including 0.49999997 where floor(v + 0.5) would give 1.
+HALF_DOWN = torch.tensor(0.49999997, dtype=torch.float32)
+
+
+def _roundf_to_int8(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf, then the (int8) store; the conversion truncates toward zero."""
+    return v.add_(torch.copysign(HALF_DOWN, v)).to(torch.int8)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """q[n, 32] in 0..15 -> [n, 16]: byte j holds q[j] (low) and q[j+16] (high)."""
-    return (q[:, :16] | (q[:, 16:] << 4)).to(torch.uint8)
+    """q[n, 32] int8 in 0..15 -> uint8 [n, 16]: byte j holds q[j] (low) and q[j+16] (high)."""
+    return (q[:, :16] | (q[:, 16:] << 4)).view(torch.uint8)
 
 
 def _high_bits(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of each of 32 values packed into a little-endian uint32 (bit j = value j)."""
     bits = ((q >> 4) & 1).to(torch.int64)
     word = (bits << torch.arange(32, dtype=torch.int64)).sum(dim=1)
-    return _u8(word.to(torch.int64).reshape(-1, 1))[:, :4]
+    return _u8(word.reshape(-1, 1))[:, :4]
+
+
+def _trunc_u8(v: torch.Tensor, top: int | None) -> torch.Tensor:
+    """(int8_t)(v) for 0 <= v < 32.5, then MIN(top, .): the C casts truncate toward zero.
+    Kept as int8 (a fast conversion in torch; float->uint8 is 4x slower): the nibble packing
+    below gives the same bits, and the caller views the bytes as uint8."""
+    q = v.to(torch.int8)
+    return q.clamp_(max=top) if top is not None else q
 
 
 def _q4_0(x):
     d = _absmax_signed(x) / -8
-    idv = _inverse(d)
-    q = torch.trunc(x * idv[:, None] + 8.5).clamp(max=15).to(torch.int32)
+    q = _trunc_u8((x * _inverse(d)[:, None]).add_(8.5), 15)
     return torch.cat([_f16_bytes(d), _pack_nibbles(q)], dim=1)
 
 
 def _q5_0(x):
     d = _absmax_signed(x) / -16
-    idv = _inverse(d)
-    q = torch.trunc(x * idv[:, None] + 16.5).clamp(max=31).to(torch.int32)
+    q = _trunc_u8((x * _inverse(d)[:, None]).add_(16.5), 31)
     return torch.cat([_f16_bytes(d), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
 
 
@@ -86,22 +104,20 @@ def _minmax(x, levels):
 
 def _q4_1(x):
     mn, d, idv = _minmax(x, 15)
-    q = torch.trunc((x - mn[:, None]) * idv[:, None] + 0.5).clamp(max=15).to(torch.int32)
+    q = _trunc_u8((x - mn[:, None]).mul_(idv[:, None]).add_(0.5), 15)
     return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], dim=1)
 
 
 def _q5_1(x):
     mn, d, idv = _minmax(x, 31)
     # (uint8_t) cast without a clamp in C; values cannot exceed 31.5 here.
-    q = torch.trunc((x - mn[:, None]) * idv[:, None] + 0.5).to(torch.int32)
+    q = _trunc_u8((x - mn[:, None]).mul_(idv[:, None]).add_(0.5), None)
     return torch.cat([_f16_bytes(d), _f16_bytes(mn), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
 
 
 def _q8_0(x):
-    amax = x.abs().max(dim=1).values
-    d = amax / 127
-    idv = _inverse(d)
-    q = _roundf(x * idv[:, None]).to(torch.int8)
+    d = x.abs().amax(dim=1) / 127
+    q = _roundf_to_int8(x * _inverse(d)[:, None])
     return torch.cat([_f16_bytes(d), _u8(q)], dim=1)
 
 
@@ -148,7 +164,7 @@ def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 # Blocks per step (see codecs/parallel.py): every intermediate stays in cache.
-CHUNK_BLOCKS = 2048
+CHUNK_BLOCKS = 8192
 
 
 def _chunked(fn, blocks: torch.Tensor, width: int, dtype=torch.uint8) -> torch.Tensor:

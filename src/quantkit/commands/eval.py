@@ -94,6 +94,9 @@ def run(args) -> int:
         raise QuantkitError(f"--chunks {args.chunks}: give 0 (all) or a positive number")
     options = dict(ref=args.ref, text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
                    speed=not args.no_speed, speed_runs=args.speed_runs, cache=not args.no_cache)
+    if args.ladder and args.ladder != "default" and os.path.exists(args.ladder):
+        args.models.insert(0, args.ladder)   # `eval --ladder model.gguf`: the path is the model
+        args.ladder = "default"
     if args.ladder:
         if len(args.models) > 1:
             raise QuantkitError("--ladder takes one MODEL", hint="give one model (or none for the bundled one)")
