@@ -136,3 +136,27 @@ def test_ctrl_c_leaves_nothing(bundled_gguf, tmp_path):
     assert p.returncode == 130
     assert "Traceback" not in err and "interrupted" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_nan_in_weights_names_the_tensor(tmp_path, capsys):
+    import numpy as np
+    from gguf import GGUFValueType
+    from quantkit.models.gguf import write_gguf_file
+    from quantkit.models.source import MetaValue
+
+    meta = {"general.architecture": MetaValue("llama", GGUFValueType.STRING),
+            "llama.block_count": MetaValue(1, GGUFValueType.UINT32),
+            "llama.embedding_length": MetaValue(64, GGUFValueType.UINT32),
+            "llama.attention.head_count": MetaValue(4, GGUFValueType.UINT32)}
+    good = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    bad = good.copy()
+    bad[3, 5] = np.nan
+    tensors = {"blk.0.attn_q.weight": good, "blk.0.attn_k.weight": bad}
+    src = str(tmp_path / "nan.gguf")
+    write_gguf_file(src, "llama", meta, [(n, t.shape, "f32") for n, t in tensors.items()],
+                    lambda n: tensors[n].view(np.uint8))
+    out = tmp_path / "o.gguf"
+    code, err = run_cli(["quantize", src, "--format", "gguf:q4_0", "-o", str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, src, "blk.0.attn_k.weight", "1 NaN/Inf")
+    assert sorted(os.listdir(tmp_path)) == ["nan.gguf"]

@@ -84,3 +84,13 @@ def test_float_types_nan_inf_overflow_equal_llama_cpp(qt):
     x[0, :6] = [np.nan, np.inf, -np.inf, 3.4e38, -1e-40, 65520.0]   # NaN, Inf, bf16/f16 overflow, subnormal
     ours = quantize_rows(qt, torch.from_numpy(x)).numpy()
     assert np.array_equal(ours, ggml_quantize(qt, x))
+
+
+@pytest.mark.parametrize("qt", TYPES)
+def test_check_finite_refuses_nan_and_inf(qt):
+    from quantkit.codecs.parallel import NonFiniteError
+    x = torch.from_numpy(CASES["normal"]).repeat(200, 1)      # several chunks
+    x[-3, 7] = float("nan") if qt != "q4_0" else float("inf")
+    with pytest.raises(NonFiniteError):
+        quantize_rows(qt, x, check_finite=True)
+    quantize_rows(qt, x)                                         # without the check: no error

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .parallel import map_blocks
+from .parallel import finite_checked, map_blocks
 from .registry import QType, qtype
 
 BLOCK = 32
@@ -167,33 +167,41 @@ def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
 CHUNK_BLOCKS = 8192
 
 
-def _chunked(fn, blocks: torch.Tensor, width: int, dtype=torch.uint8) -> torch.Tensor:
-    return map_blocks(fn, blocks, width, dtype, CHUNK_BLOCKS)
+def _chunked(fn, blocks: torch.Tensor, width: int, dtype=torch.uint8, check_finite: bool = False) -> torch.Tensor:
+    return map_blocks(finite_checked(fn) if check_finite else fn, blocks, width, dtype, CHUNK_BLOCKS)
 
 
-def quantize_rows(name: str, x: torch.Tensor) -> torch.Tensor:
-    """x: float32 [rows, n] -> uint8 [rows, row_bytes] in the GGUF layout of type `name`."""
+def _f16_rows(b: torch.Tensor) -> torch.Tensor:
+    return _u8(b.to(torch.float16))
+
+
+def _bf16_rows(b: torch.Tensor) -> torch.Tensor:
+    return _u8(_bf16_bytes(b).reshape(b.shape[0], -1))
+
+
+_FLOAT_ENCODERS = {"f32": _u8, "f16": _f16_rows, "bf16": _bf16_rows}
+
+
+def quantize_rows(name: str, x: torch.Tensor, check_finite: bool = False) -> torch.Tensor:
+    """x: float32 [rows, n] -> uint8 [rows, row_bytes] in the GGUF layout of type `name`.
+    check_finite: raise NonFiniteError on NaN/Inf (tested chunk by chunk while in cache)."""
     q = qtype(name)
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {tuple(x.shape)}")
     x = x.to(torch.float32).contiguous()
     rows, n = x.shape
-    if q.name == "f32":
-        return _u8(x)
-    if q.name == "f16":
-        return _chunked(lambda b: _u8(b.to(torch.float16)), x.reshape(-1, BLOCK), BLOCK * 2).reshape(rows, n * 2) \
-            if n % BLOCK == 0 else _u8(x.to(torch.float16))
-    if q.name == "bf16":
-        def bf16(b: torch.Tensor) -> torch.Tensor:
-            return _u8(_bf16_bytes(b).reshape(b.shape[0], -1))
-        if n % BLOCK == 0:
-            return _chunked(bf16, x.reshape(-1, BLOCK), BLOCK * 2).reshape(rows, n * 2)
-        return bf16(x)
+    if q.name in _FLOAT_ENCODERS:
+        fn = _FLOAT_ENCODERS[q.name]
+        if n % BLOCK:                       # odd row length: one piece (these are small tensors)
+            return (finite_checked(fn) if check_finite else fn)(x)
+        width = BLOCK * q.type_size
+        return _chunked(fn, x.reshape(-1, BLOCK), width, check_finite=check_finite).reshape(rows, n * q.type_size)
     if q.name not in _QUANTIZERS:
         raise KeyError(f"quantkit has no encoder for {q.name}")
     if n % BLOCK:
         raise ValueError(f"rows of {n} values are not a multiple of {BLOCK}, the {q.name} block size")
-    return _chunked(_QUANTIZERS[q.name], x.reshape(-1, BLOCK), q.type_size).reshape(rows, q.row_bytes(n))
+    return _chunked(_QUANTIZERS[q.name], x.reshape(-1, BLOCK), q.type_size,
+                    check_finite=check_finite).reshape(rows, q.row_bytes(n))
 
 
 def dequantize_rows(name: str, data: torch.Tensor, n: int) -> torch.Tensor:

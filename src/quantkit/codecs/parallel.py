@@ -14,6 +14,19 @@ from typing import Callable
 import torch
 
 
+class NonFiniteError(ValueError):
+    """The input holds NaN or Inf."""
+
+
+def finite_checked(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn, refusing chunks with NaN/Inf (amax/amin propagate NaN and show Inf; no temporaries)."""
+    def checked(b: torch.Tensor) -> torch.Tensor:
+        if b.numel() and not (torch.isfinite(b.amax()) and torch.isfinite(b.amin())):
+            raise NonFiniteError("NaN or Inf in the input")
+        return fn(b)
+    return checked
+
+
 def map_blocks(fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, width: int,
                dtype: torch.dtype, chunk: int, threads: int | None = None) -> torch.Tensor:
     """out[i] = fn(blocks[i]) row-block-wise: blocks [n, k] -> [n, width] of `dtype`."""

@@ -47,7 +47,7 @@ def dequantize_bytes(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -
     """Stored bytes (or values) of a tensor -> float32 torch tensor of `shape` (row-major)."""
     name = qtype(type_name).name
     n = shape[-1] if shape else 1
-    if name == "f32":  # no conversion: a view of the buffer just read
+    if name == "f32":  # no conversion: a view of the stored bytes
         return torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).reshape(shape)
     if name in simple.SIMPLE_TYPES:
         raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1, qtype(name).row_bytes(n)))
@@ -142,15 +142,16 @@ class GGUFSource(ModelSource):
         return self._infos[name]
 
     def raw(self, name: str):
-        return self._file.read(self._entries[name]), self._infos[name].type
+        """Stored bytes: a read-only view of the memory map (no copy)."""
+        return self._file.data(self._entries[name]), self._infos[name].type
 
     def load(self, name: str) -> torch.Tensor:
+        """float32; for an F32 tensor a read-only view of the map (never write into it)."""
         info = self._infos[name]
-        try:
-            data = self._file.read(self._entries[name])
-        except (GGUFFormatError, OSError) as e:
-            raise QuantkitError(f"cannot read tensor {name}: {e}", self.path) from None
-        return dequantize_bytes(info.type, data, info.shape)
+        return dequantize_bytes(info.type, self._file.data(self._entries[name]), info.shape)
+
+    def release(self, name: str) -> None:
+        self._file.release(self._entries[name])
 
     def close(self) -> None:
         self._file.close()

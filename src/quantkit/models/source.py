@@ -94,6 +94,9 @@ class ModelSource(ABC):
         are into a GGUF (same canonical layout); None when they must be converted."""
         return None
 
+    def release(self, name: str) -> None:  # noqa: B027 - optional hook
+        """The caller is done with this tensor: a reader may drop cached or mapped pages."""
+
     def tensor_info(self, name: str) -> TensorInfo:
         for t in self.tensors():
             if t.name == name:

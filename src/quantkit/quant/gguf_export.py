@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..codecs import ggml as simple
+from ..codecs.parallel import NonFiniteError
 from ..codecs.registry import qtype
 from ..models.gguf import write_gguf_file
 from ..models.source import ModelSource
@@ -34,13 +35,16 @@ def can_encode(type_name: str) -> bool:
 
 
 def encode(type_name: str, x: torch.Tensor) -> np.ndarray:
-    """float32 tensor (row-major, rows along the last dim) -> GGUF bytes of `type_name`."""
+    """float32 tensor (row-major, rows along the last dim) -> GGUF bytes of `type_name`.
+    Raises NonFiniteError on NaN/Inf (checked chunk by chunk while the data is in cache)."""
     name = qtype(type_name).name
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 1 else x.reshape(1, -1)
     if name in simple.SIMPLE_TYPES:
-        out = simple.quantize_rows(name, x2)
+        out = simple.quantize_rows(name, x2, check_finite=True)
     else:
         from ..codecs import kquants
+        if x2.numel() and not (torch.isfinite(x2.amax()) and torch.isfinite(x2.amin())):
+            raise NonFiniteError(name)
         out = kquants.quantize(name, x2)
     return out.numpy().reshape(-1)
 
@@ -91,21 +95,26 @@ def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q
             raw, _ = source.raw(name)
             return raw
         x = source.load(name)
-        # max/min propagate NaN and show Inf: a finiteness check with no tensor-sized temporary.
-        if x.numel() and not (torch.isfinite(x.max()) and torch.isfinite(x.min())):
-            bad = int((~torch.isfinite(x)).sum())
-            raise QuantkitError(f"tensor {name} has {bad} NaN/Inf values", source.path,
-                                "the model file is damaged; nothing was written")
         if x.shape[-1] % qtype(target).block_size:
             raise QuantkitError(f"tensor {name}: rows of {x.shape[-1]} values do not divide into "
                                 f"{target} blocks of {qtype(target).block_size}", source.path)
-        return encode(target, x)
+        try:
+            return encode(target, x)
+        except NonFiniteError:
+            bad = int((~torch.isfinite(x)).sum())
+            raise QuantkitError(f"tensor {name} has {bad} NaN/Inf values", source.path,
+                                "the model file is damaged; nothing was written") from None
+
+    def written(name: str, nbytes: int) -> None:
+        source.release(name)
+        if bar:
+            bar.update(nbytes)
 
     t0 = time.perf_counter()
     bar = progress(total=total, desc=f"GGUF {ft}", unit="B", unit_scale=True) if show_progress else None
     try:
         write_gguf_file(out, s.arch, source.metadata, plan, produce, file_type=int(FILE_TYPES[ft][0]),
-                        on_tensor=(lambda n, b: bar.update(b)) if bar else None)
+                        on_tensor=written)
     finally:
         if bar:
             bar.close()
