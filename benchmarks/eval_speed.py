@@ -41,7 +41,9 @@ def _quantize(inp: str, out: str, ftype: int, n_threads: int) -> None:
     params.ftype = ftype
     params.allow_requantize = True
     params.nthread = n_threads
-    assert llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params)) == 0
+    from quantkit.eval.runtimes import _quiet_stderr
+    with _quiet_stderr():
+        assert llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params)) == 0
 
 
 def setup(n_threads: int) -> tuple[str, list[str]]:

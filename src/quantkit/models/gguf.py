@@ -178,6 +178,9 @@ class _FastWriter(GGUFWriter):
         if sub_type in _NUMPY_OF:
             return head + np.asarray(val, dtype=_NUMPY_OF[sub_type]).tobytes()
         if sub_type == GGUFValueType.STRING:
+            payload = getattr(val, "payload", b"")
+            if payload and getattr(val, "count", -1) == len(val):   # as read from a GGUF: copy its bytes
+                return head + payload
             enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
             lens = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc))
             parts = [None] * (2 * len(enc))

@@ -30,6 +30,14 @@ class GGUFFormatError(ValueError):
     pass
 
 
+class GGUFArray(list):
+    """An array value read from a file, keeping its encoded payload (the bytes after the element
+    type and count) so a writer can copy a 262k-token vocabulary instead of re-encoding it."""
+
+    payload: bytes = b""
+    count: int = -1        # elements when read; a list changed since no longer matches its payload
+
+
 @dataclass(frozen=True)
 class GGUFField:
     value: object                       # python scalar, str, or list
@@ -94,10 +102,17 @@ class GGUFFile:
                     val = np.frombuffer(mm, dtype=_NP[et], count=n, offset=pos).tolist()
                     pos += n * width
                 elif et == GGUFValueType.STRING:
-                    val = []
+                    start = pos
+                    val = GGUFArray()
+                    append, unpack_q = val.append, struct.Struct("<Q").unpack_from
                     for _ in range(n):
-                        s, pos = string(pos)
-                        val.append(s)
+                        (ln,) = unpack_q(mm, pos)
+                        pos += 8
+                        append(mm[pos:pos + ln].decode("utf-8"))
+                        pos += ln
+                    if pos > size:
+                        raise GGUFFormatError(f"array {key} runs past the end of the file")
+                    val.payload, val.count = mm[start:pos], n
                 else:
                     raise GGUFFormatError(f"nested arrays are not supported ({key})")
                 self.fields[key] = GGUFField(val, vt, et)
