@@ -243,7 +243,7 @@ def ggufs(hf_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def llamas():
     """path -> llama_cpp.Llama, loaded once per session and closed at its end."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     cache: dict[str, object] = {}
 
     def get(path: Path):
@@ -658,3 +658,23 @@ def test_config_that_does_not_match_the_weights(hf_models, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QuantkitError, match="no valid hidden_size"):
         HFSource(d)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("ft", ["q4_0", "q8_0", "q4_k_m"])
+def test_hf_to_quantized_gguf_equals_llama_quantize(hf_models, ggufs, tmp_path, kind, ft):
+    """HF directory -> quantized GGUF in one step gives the bytes llama-quantize gives from the
+    F32 conversion, and the file generates in llama.cpp."""
+    import llama_cpp
+    from ggml_reference import llama_quantize
+    from quantkit.quant.gguf_export import export_gguf
+
+    ours, ref = tmp_path / f"ours-{ft}.gguf", tmp_path / f"ref-{ft}.gguf"
+    with HFSource(hf_models(kind)) as src:
+        export_gguf(src, ours, ft, show_progress=False)
+    llama_quantize(str(ggufs(kind)), str(ref), ft)
+    assert ours.read_bytes() == ref.read_bytes()
+    llm = llama_cpp.Llama(model_path=str(ours), n_ctx=64, verbose=False, n_threads=2, seed=0)
+    out = llm.create_completion("The", max_tokens=4, temperature=0.0)
+    llm.close()
+    assert out["usage"]["completion_tokens"] >= 1
