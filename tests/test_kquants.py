@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: F401  (a declared dependency: its absence must fail, not skip)
 
 from ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
 from quantkit.codecs import kquants  # noqa: E402
