@@ -23,7 +23,7 @@ from ..codecs import ggml as simple
 from ..codecs.registry import qtype
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
-from .gguf_file import GGUFFile, GGUFFormatError
+from .gguf_file import GGUFFile, GGUFFormatError, GGUFStrings
 from .source import ArchSpec, MetaValue, ModelSource, TensorInfo, Tokenizer
 
 # Tensors over a read-only memory map are only ever read here.
@@ -178,9 +178,8 @@ class _FastWriter(GGUFWriter):
         if sub_type in _NUMPY_OF:
             return head + np.asarray(val, dtype=_NUMPY_OF[sub_type]).tobytes()
         if sub_type == GGUFValueType.STRING:
-            payload = getattr(val, "payload", b"")
-            if payload and getattr(val, "count", -1) == len(val):   # as read from a GGUF: copy its bytes
-                return head + payload
+            if isinstance(val, GGUFStrings):     # as read from a GGUF: copy its bytes
+                return head + val.payload
             enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
             lens = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc))
             parts = [None] * (2 * len(enc))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +31,43 @@ class GGUFFormatError(ValueError):
     pass
 
 
-class GGUFArray(list):
-    """An array value read from a file, keeping its encoded payload (the bytes after the element
-    type and count) so a writer can copy a 262k-token vocabulary instead of re-encoding it."""
+class GGUFStrings(Sequence):
+    """A string array read from a file (a 262k-token vocabulary), decoded on first use.
 
-    payload: bytes = b""
-    count: int = -1        # elements when read; a list changed since no longer matches its payload
+    Keeps the encoded payload (the bytes after the element type and count), so a writer copies
+    it as it is and equality between two files' arrays is a byte comparison."""
+
+    def __init__(self, payload: bytes, count: int):
+        self.payload, self.count = payload, count
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            items, pos, p = [], 0, self.payload
+            unpack_q = struct.Struct("<Q").unpack_from
+            for _ in range(self.count):
+                (ln,) = unpack_q(p, pos)
+                items.append(p[pos + 8:pos + 8 + ln].decode("utf-8", errors="replace"))
+                pos += 8 + ln
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        return self._decoded()[i]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, GGUFStrings):
+            return self.count == other.count and self.payload == other.payload
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"GGUFStrings({self.count} strings)"
 
 
 @dataclass(frozen=True)
@@ -103,16 +135,12 @@ class GGUFFile:
                     pos += n * width
                 elif et == GGUFValueType.STRING:
                     start = pos
-                    val = GGUFArray()
-                    append, unpack_q = val.append, struct.Struct("<Q").unpack_from
+                    unpack_q = struct.Struct("<Q").unpack_from
                     for _ in range(n):
-                        (ln,) = unpack_q(mm, pos)
-                        pos += 8
-                        append(mm[pos:pos + ln].decode("utf-8"))
-                        pos += ln
+                        pos += 8 + unpack_q(mm, pos)[0]
                     if pos > size:
                         raise GGUFFormatError(f"array {key} runs past the end of the file")
-                    val.payload, val.count = mm[start:pos], n
+                    val = GGUFStrings(mm[start:pos], n)
                 else:
                     raise GGUFFormatError(f"nested arrays are not supported ({key})")
                 self.fields[key] = GGUFField(val, vt, et)
