@@ -5,7 +5,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test venv clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/quantkit demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# The HTML report is tested as a person sees it, in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the report test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+test: $(STAMP) chromium
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
