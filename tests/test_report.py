@@ -17,7 +17,13 @@ from quantkit.eval.metrics import pareto_front
 from quantkit.eval.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+# Not a skip: `make test` installs Debian's chromium; without it the report is untested, a failure.
+needs_chromium = pytest.mark.usefixtures("chromium_present")
+
+
+@pytest.fixture
+def chromium_present():
+    assert CHROMIUM is not None, "chromium not installed: run `make test` (it installs Debian's chromium) or apt-get install -y chromium"
 
 
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

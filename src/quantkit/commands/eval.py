@@ -14,7 +14,8 @@ def register(sub) -> None:
                     "reference's log-probabilities cached on disk. GGUF files run in llama.cpp, Hugging Face "
                     "directories in transformers (torch, CPU, float32).")
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="a .gguf file or Hugging Face model directory (default: the bundled model)")
+                   help="a .gguf file or Hugging Face model directory (default: the bundled model); "
+                        "torch:FILE.gguf runs a GGUF (gemma3, llama) in transformers at F32")
     p.add_argument("--ref", metavar="REF", help="reference model (default: the F32 dequantization of the first MODEL)")
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: $QUANTKIT_EVAL_TEXT or wikitext-2 "
                                                   "test.txt of a development checkout)")

@@ -130,8 +130,22 @@ def model_digest(path: str) -> str:
     return h.hexdigest() if os.path.isdir(path) else digests[0]
 
 
-def runtime_kind(path: str) -> str:
-    if os.path.isdir(path):
+TORCH_PREFIX = "torch:"  # "torch:model.gguf": a GGUF run in transformers (weights dequantized to F32)
+
+
+def split_spec(spec: str) -> tuple[str, bool]:
+    """A model argument -> (path, forced to torch)."""
+    return (spec[len(TORCH_PREFIX):], True) if spec.startswith(TORCH_PREFIX) else (spec, False)
+
+
+def normalize_spec(spec) -> str:
+    path, forced = split_spec(os.fspath(spec))
+    return (TORCH_PREFIX if forced else "") + os.path.abspath(path)
+
+
+def runtime_kind(spec: str) -> str:
+    path, forced = split_spec(spec)
+    if os.path.isdir(path) or (forced and os.path.isfile(path)):
         return "torch"
     try:
         with open(path, "rb") as f:
@@ -157,11 +171,12 @@ class ModelFacts:
     vocab: list[str]
 
 
-def describe(path: str) -> ModelFacts:
+def describe(spec: str) -> ModelFacts:
     """Sizes, tensor types and vocabulary from the file headers (opening the model names the
     file and the reason when it is damaged)."""
     from ..models.open import open_model
-    kind = runtime_kind(path)
+    kind = runtime_kind(spec)
+    path = split_spec(spec)[0]
     with open_model(path) as src:
         tensors = src.tensors()
         toks = src.metadata.get("tokenizer.ggml.tokens")
@@ -175,7 +190,7 @@ def describe(path: str) -> ModelFacts:
                          if n.endswith((".safetensors", ".bin")))
     else:
         file_bytes = os.path.getsize(path)
-    return ModelFacts(path=path, runtime=kind, n_params=sum(t.n_elements for t in tensors), file_bytes=file_bytes,
+    return ModelFacts(path=spec, runtime=kind, n_params=sum(t.n_elements for t in tensors), file_bytes=file_bytes,
                       tensor_bytes=sum(t.nbytes for t in tensors),
                       linear_params=sum(t.n_elements for t in linear), linear_bytes=sum(t.nbytes for t in linear),
                       types=types, all_f32=all(t.type == "f32" for t in tensors), vocab=vocab)
@@ -202,7 +217,7 @@ def f32_reference(path: str, n_threads: int, show_progress: bool = True) -> str:
     import llama_cpp
     digest = model_digest(path)
     stem = os.path.splitext(os.path.basename(path))[0]
-    out = os.path.join(_cache_root(), "refs", f"{stem}-{digest[:12]}-f32.gguf")
+    out = os.path.join(_cache_root(), "refs", digest[:16], f"{stem}-f32.gguf")
     if os.path.exists(out):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -318,10 +333,11 @@ class LlamaCppScorer:
         self.rt.close()
 
 
-def open_scorer(path: str, n_ctx: int, n_threads: int | None, vocab_only: bool = False):
-    if runtime_kind(path) == "torch":
+def open_scorer(spec: str, n_ctx: int, n_threads: int | None, vocab_only: bool = False):
+    path = split_spec(spec)[0]
+    if runtime_kind(spec) == "torch" and not (vocab_only and os.path.isfile(path)):
         from .torch_runtime import TorchCausalLM
-        return TorchCausalLM(path, n_threads=n_threads)
+        return TorchCausalLM(path, n_threads=n_threads, from_gguf=os.path.isfile(path))
     return LlamaCppScorer(path, n_ctx=n_ctx, n_threads=n_threads, vocab_only=vocab_only)
 
 
@@ -491,8 +507,12 @@ def machine_info(n_threads: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- evaluate
-def _label(paths: list[str]) -> list[str]:
-    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+def _label(specs: list[str]) -> list[str]:
+    names = []
+    for sp in specs:
+        path, forced = split_spec(sp)
+        names.append((TORCH_PREFIX if forced else "") + os.path.basename(os.path.normpath(path)))
+    paths = specs
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
@@ -501,9 +521,9 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
     o = options or EvalOptions()
     t_start = time.perf_counter()
     from ..models.bundled import bundled_path
-    paths = [os.path.abspath(os.fspath(m)) if m is not None else bundled_path() for m in (models or [None])]
+    paths = [normalize_spec(m) if m is not None else bundled_path() for m in (models or [None])]
     for p in paths:
-        if not os.path.exists(p):
+        if not os.path.exists(split_spec(p)[0]):
             raise QuantkitError("no such file or directory", p, "give a .gguf file or a Hugging Face model directory")
     n_threads = o.n_threads or max(1, os.cpu_count() or 1)
     text_path = o.text or default_text()
@@ -519,8 +539,8 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
 
     facts = {p: describe(p) for p in dict.fromkeys(paths)}
     if o.ref is not None:
-        ref_path = os.path.abspath(os.fspath(o.ref))
-        if not os.path.exists(ref_path):
+        ref_path = normalize_spec(o.ref)
+        if not os.path.exists(split_spec(ref_path)[0]):
             raise QuantkitError("no such reference model", ref_path)
         ref_how = "given (--ref)"
     else:
@@ -529,7 +549,7 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
             ref_path, ref_how = paths[0], "the first model (already float32)" if first.all_f32 else \
                 "the first model in float32 (torch)"
         else:
-            ref_path = f32_reference(paths[0], n_threads, o.show_progress)
+            ref_path = f32_reference(split_spec(paths[0])[0], n_threads, o.show_progress)
             ref_how = f"F32 dequantization of {os.path.basename(paths[0])} (llama.cpp)"
     ref_facts = facts.get(ref_path) or describe(ref_path)
     for p in paths:
@@ -537,7 +557,9 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
     ref_kind = ref_facts.runtime
 
     # one tokenization, by the reference's tokenizer
-    tok_rt = open_scorer(ref_path, o.n_ctx, n_threads, vocab_only=True) if ref_kind == "llama.cpp" else None
+    # a GGUF's tokenizer is read by llama.cpp (vocabulary only), whichever runtime scores it
+    ref_file = split_spec(ref_path)[0]
+    tok_rt = open_scorer(ref_path, o.n_ctx, n_threads, vocab_only=True) if os.path.isfile(ref_file) else None
     ref_scorer = None
     if tok_rt is None:
         ref_scorer = open_scorer(ref_path, o.n_ctx, n_threads)
@@ -553,7 +575,7 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
     n_scored = o.n_ctx - 1 - first
 
     # the reference pass: log-softmax of the scored rows, once per chunk, memory-mapped on disk
-    ref_digest = model_digest(ref_path)
+    ref_digest = model_digest(ref_file)
     rt_version = runtime_version(ref_kind)
     cache_dir = os.path.join(_cache_root(), "logprobs") if o.cache else tempfile.mkdtemp(prefix="quantkit-eval-")
     os.makedirs(cache_dir, exist_ok=True)
@@ -696,20 +718,22 @@ def ladder_types(requested: list[str] | None = None) -> list[str]:
 
 def build_ladder(model: str | None, types: list[str], out_dir: str | None = None,
                  show_progress: bool = True) -> list[str]:
-    """Quantize MODEL to each file type with quantkit's own exporter (llama.cpp-exact RTN);
-    files are named by the source's digest, so an unchanged ladder is re-used."""
+    """Quantize MODEL to each file type with quantkit's own exporter (llama.cpp-exact RTN).
+    In quantkit's cache (a folder per source digest) an existing rung is re-used; in a folder
+    the user names, every rung is written afresh."""
     from ..models.bundled import bundled_path
     from ..models.open import open_model
     from ..quant.gguf_export import export_gguf
     src_path = os.path.abspath(os.fspath(model)) if model is not None else bundled_path()
-    digest = model_digest(src_path)[:12]
-    out_dir = out_dir or os.path.join(_cache_root(), "ladder", digest)
+    reuse = out_dir is None
+    if out_dir is None:
+        out_dir = os.path.join(_cache_root(), "ladder", model_digest(src_path)[:16])
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(os.path.normpath(src_path)))[0]
     outs = []
     for ft in types:
-        out = os.path.join(out_dir, f"{stem}-{digest}-{ft}.gguf")
-        if not os.path.exists(out):
+        out = os.path.join(out_dir, f"{stem}-{ft}.gguf")
+        if not (reuse and os.path.exists(out)):
             with open_model(src_path) as src:
                 export_gguf(src, out, ft, show_progress=show_progress)
         outs.append(out)

@@ -15,10 +15,82 @@ import numpy as np
 from ..util.errors import QuantkitError
 
 
+def _meta(src, key: str, default=None):
+    v = src.metadata.get(f"{src.spec.arch}.{key}")
+    return v.value if v is not None else default
+
+
+def model_from_gguf(path: str):
+    """A transformers model (float32) holding a GGUF's weights, dequantized: the inverse of
+    quantkit's HF -> GGUF conversion (Gemma's stored 1 + w norms shifted back, llama's q/k rows
+    permuted back to the half-split rotary layout). Gemma-3 and llama GGUFs."""
+    import torch
+    import transformers as tf
+
+    from ..models.arch import HF_ARCHS, hf_to_gguf_name
+    from ..models.gguf import GGUFSource
+
+    with GGUFSource(path) as src:
+        spec = src.spec
+        common = dict(vocab_size=spec.n_vocab, hidden_size=spec.n_embd, intermediate_size=spec.n_ff,
+                      num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
+                      num_key_value_heads=spec.n_head_kv, max_position_embeddings=spec.n_ctx_train or 4096,
+                      rms_norm_eps=float(_meta(src, "attention.layer_norm_rms_epsilon", 1e-6)),
+                      tie_word_embeddings=spec.tied_embeddings)
+        if spec.arch == "gemma3":
+            arch = HF_ARCHS["gemma3"]
+            pattern = spec.sliding_window_pattern or [False] * spec.n_layer
+            # llama.cpp: rope base 10000 on sliding-window layers, attention scale 1/sqrt(head_dim)
+            cfg = tf.Gemma3TextConfig(
+                head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
+                sliding_window=spec.sliding_window or spec.n_ctx_train,
+                layer_types=["sliding_attention" if p else "full_attention" for p in pattern],
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": spec.rope_theta or 1e6},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                **common)
+            cls = tf.Gemma3ForCausalLM
+        elif spec.arch == "llama" and not src.metadata.get("llama.rope.scaling.type"):
+            arch = HF_ARCHS["llama"]
+            cfg = tf.LlamaConfig(head_dim=spec.head_dim, rope_theta=spec.rope_theta or 10000.0, **common)
+            cls = tf.LlamaForCausalLM
+        else:
+            raise QuantkitError(f"the torch runtime reads GGUF files of gemma3 and llama models, not {spec.arch}",
+                                path, "run it in llama.cpp instead")
+        cfg._attn_implementation = "eager"
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers
+            from transformers.modeling_utils import no_init_weights
+        with no_init_weights():  # every weight is overwritten below; random init only costs time
+            model = cls(cfg).float().eval()
+        state = {}
+        for name in model.state_dict():
+            g = hf_to_gguf_name(arch, name)
+            if g is None:
+                continue
+            t = src.load(g)
+            if arch.norm_shift and g.endswith("norm.weight"):
+                t = t - arch.norm_shift
+            if arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
+                n = spec.n_head if ".attn_q." in g else spec.n_head_kv
+                half = t.shape[0] // n // 2
+                t = t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+            state[name] = t
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (spec.tied_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise QuantkitError(f"GGUF -> torch: missing {missing[:3]}, unexpected {unexpected[:3]}", path)
+        if spec.tied_embeddings:
+            model.tie_weights()
+    return model
+
+
 class TorchCausalLM:
+    """A Hugging Face directory through transformers, or (from_gguf) a GGUF's weights dequantized
+    into the matching transformers model."""
     kind = "torch"
 
-    def __init__(self, path: str, n_threads: int | None = None):
+    def __init__(self, path: str, n_threads: int | None = None, from_gguf: bool = False):
         import torch
         try:
             from transformers import AutoModelForCausalLM
@@ -29,7 +101,12 @@ class TorchCausalLM:
         torch.set_num_threads(self.n_threads)
         t0 = time.perf_counter()
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            if from_gguf:
+                self.model = model_from_gguf(path)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except QuantkitError:
+            raise
         except Exception as e:  # noqa: BLE001 - any loader failure is the user's file
             raise QuantkitError(f"transformers could not load the model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
