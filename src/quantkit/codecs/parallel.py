@@ -31,16 +31,20 @@ def map_blocks(fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
                dtype: torch.dtype, chunk: int, threads: int | None = None) -> torch.Tensor:
     """out[i] = fn(blocks[i]) row-block-wise: blocks [n, k] -> [n, width] of `dtype`."""
     n = blocks.shape[0]
-    if n <= chunk:
-        return fn(blocks)
+    saved = torch.get_num_threads()
+    if n <= chunk:                      # one chunk: this thread, also without intra-op threads
+        torch.set_num_threads(1)
+        try:
+            return fn(blocks)
+        finally:
+            torch.set_num_threads(saved)
     out = torch.empty((n, width), dtype=dtype)
 
     def work(i: int) -> None:
         out[i:i + chunk] = fn(blocks[i:i + chunk])
 
     starts = range(0, n, chunk)
-    threads = max(1, min(threads or torch.get_num_threads(), len(starts)))
-    saved = torch.get_num_threads()
+    threads = max(1, min(threads or saved, len(starts)))
     try:
         with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             for _ in pool.map(work, starts):
