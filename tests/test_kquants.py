@@ -195,7 +195,7 @@ def test_dispatch_names():
     x = torch.randn(2, 512)
     q = kquants.quantize_rows("q4_k", x)
     assert torch.equal(kquants.dequantize_rows("q4_k", q, 512), dequantize("q4_k", q, (2, 512)))
-    assert torch.equal(kquants.quantize_q6_K(x.reshape(-1, 256)), quantize("q6_k", x).reshape(-1, 210))
+    assert torch.equal(kquants.quantize_blocks("q6_k", x.reshape(-1, 256)), quantize("q6_k", x).reshape(-1, 210))
 
 
 def test_bytes_equal_llama_cpp_on_real_weights(bundled_gguf):

@@ -590,46 +590,6 @@ def dequantize_blocks(name: str, data: torch.Tensor, threads: int | None = None)
     return out
 
 
-def quantize_q6_K(x: torch.Tensor) -> torch.Tensor:
-    return quantize_blocks("q6_k", x)
-
-
-def quantize_q5_K(x: torch.Tensor) -> torch.Tensor:
-    return quantize_blocks("q5_k", x)
-
-
-def quantize_q4_K(x: torch.Tensor) -> torch.Tensor:
-    return quantize_blocks("q4_k", x)
-
-
-def quantize_q3_K(x: torch.Tensor) -> torch.Tensor:
-    return quantize_blocks("q3_k", x)
-
-
-def quantize_q2_K(x: torch.Tensor) -> torch.Tensor:
-    return quantize_blocks("q2_k", x)
-
-
-def dequantize_q6_K(data: torch.Tensor) -> torch.Tensor:
-    return dequantize_blocks("q6_k", data)
-
-
-def dequantize_q5_K(data: torch.Tensor) -> torch.Tensor:
-    return dequantize_blocks("q5_k", data)
-
-
-def dequantize_q4_K(data: torch.Tensor) -> torch.Tensor:
-    return dequantize_blocks("q4_k", data)
-
-
-def dequantize_q3_K(data: torch.Tensor) -> torch.Tensor:
-    return dequantize_blocks("q3_k", data)
-
-
-def dequantize_q2_K(data: torch.Tensor) -> torch.Tensor:
-    return dequantize_blocks("q2_k", data)
-
-
 def is_kquant(name) -> bool:
     try:
         return qtype(name).name in _ENCODERS
