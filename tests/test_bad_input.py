@@ -160,3 +160,11 @@ def test_nan_in_weights_names_the_tensor(tmp_path, capsys):
     assert code == 2
     assert_one_line(err, src, "blk.0.attn_k.weight", "1 NaN/Inf")
     assert sorted(os.listdir(tmp_path)) == ["nan.gguf"]
+
+
+def test_unknown_tensor_type_override(bundled_gguf, tmp_path, capsys):
+    code, err = run_cli(["quantize", bundled_gguf, "--format", "gguf:q4_0", "--output-tensor-type", "q9_9",
+                         "-o", str(tmp_path / "o.gguf")], capsys)
+    assert code == 2
+    assert_one_line(err, "q9_9")
+    assert os.listdir(tmp_path) == []

@@ -24,7 +24,10 @@ def supported_file_types() -> list[str]:
 
 
 def can_encode(type_name: str) -> bool:
-    name = qtype(type_name).name
+    try:
+        name = qtype(type_name).name
+    except KeyError:
+        return False
     if name in simple.SIMPLE_TYPES:
         return True
     try:
@@ -66,8 +69,9 @@ def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q
         raise QuantkitError(f"unknown GGUF file type '{file_type}'",
                             hint="choose one of " + ", ".join(supported_file_types()))
     for t in (token_embedding_type, output_tensor_type):
-        if t is not None and (t.lower() not in {q for q in simple.SIMPLE_TYPES} and not can_encode(t)):
-            raise QuantkitError(f"unknown or unsupported tensor type '{t}'")
+        if t is not None and not can_encode(t):
+            raise QuantkitError(f"unknown or unsupported tensor type '{t}'",
+                                hint="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k")
     infos = {t.name: t for t in source.tensors()}
     names = tensor_order(list(infos))
     s = source.spec
