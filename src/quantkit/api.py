@@ -68,6 +68,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     if output is None:
         raise QuantkitError("no output path", hint="give -o OUT")
     fmt = format.lower()
+    if fmt in ("gptq", "compressed-tensors"):
+        raise QuantkitError(f"format '{format}' is written by quantize_gpu()", hint="call quantkit.api.quantize_gpu")
     if not fmt.startswith("gguf:"):
         raise QuantkitError(f"unknown output format '{format}'",
                             hint="use gguf:<type>, e.g. gguf:q4_0 (" + ", ".join(supported_file_types()) + ")")
