@@ -55,6 +55,28 @@ def latency_per_sentence(enc, sentences: list[str], batch_size: int, runs: int =
     return median_seconds(go, runs) / len(sentences)
 
 
+@torch.inference_mode()
+def latency_interleaved(models: dict, sentences: list[str], batch_size: int, runs: int = 5) -> dict:
+    """Median ms per sentence of each model's forward (tokenization excluded) at a batch size.
+
+    The models take turns inside every run (A B A B ...), so a burst of load from another
+    process hits all of them alike instead of whichever happened to be timed then."""
+    batches = {}
+    for name, enc in models.items():
+        enc.eval()
+        batches[name] = [enc.tokenize(sentences[i:i + batch_size]) for i in range(0, len(sentences), batch_size)]
+        for b in batches[name][:2]:
+            enc(b)
+    times: dict = {name: [] for name in models}
+    for _ in range(runs):
+        for name, enc in models.items():
+            t = time.perf_counter()
+            for b in batches[name]:
+                enc(b)
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * statistics.median(ts) / len(sentences) for name, ts in times.items()}
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / f"{name}.json"

@@ -1,7 +1,7 @@
 """Knowledge distillation on SST-2: teacher, distilled 3-layer student, hard-label baseline.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/encoders_distill.py \
-        [--limit 67349] [--epochs 1] [--augment 0] [--relation-weight 0] [--work out/distill]
+        [--limit 4000] [--epochs 1] [--augment 0] [--relation-weight 0] [--work out/distill]
 
 Stages (each skipped if its output exists, so an interrupted run continues; every stage also
 checkpoints and can be resumed with the CLI's --resume):
@@ -11,9 +11,11 @@ checkpoints and can be resumed with the CLI's --resume):
   4. embed:    3-layer sentence encoder matching MiniLM embeddings on WikiText-2 valid (distill embed)
 Then SST-2 dev accuracy, size and batch-32 latency of each.
 
-Time on 2 cores (forward+backward of MiniLM at batch 32 x ~30 tokens is ~1.5 s uncontended):
-the full train set (67k, 1 epoch) is ~2,100 teacher steps, about 1 hour, plus ~25 minutes per
-3-layer student; --limit 8000 takes about 15 minutes in all.
+Time on 2 cores (forward+backward of MiniLM at batch 32 x ~30 tokens is ~0.9 s at load 1.5):
+the default --limit 4000 took 470 s in all (teacher 108 s, KD student 121 s, hard-label
+student 54 s, embedding student 111 s, evaluation ~75 s); --limit 8000 about 13 minutes
+(estimated: the three SST-2 stages scale with it);
+the full train set (67k, 1 epoch, ~2,100 teacher steps) about 2 hours.
 Writes benchmarks/results/encoders_distill.json.
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders_common import ROOT, SHARED, environment, latency_per_sentence, write_json  # noqa: E402
+from encoders_common import ROOT, SHARED, environment, latency_interleaved, write_json  # noqa: E402
 
 from quantkit.api import distill, load_encoder  # noqa: E402
 from quantkit.distill.trainer import accuracy, read_labelled  # noqa: E402
@@ -37,7 +39,7 @@ from quantkit.models.encoder import dir_size  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=8000)
+    ap.add_argument("--limit", type=int, default=4000)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--augment", type=int, default=0)
     ap.add_argument("--relation-weight", type=float, default=0.0)
@@ -72,13 +74,18 @@ def main() -> int:
                   limit=args.embed_limit, lr=2e-4)
     texts, labels = read_labelled(dev, ["0", "1"])
     lat = texts[:64]
-    for name, path in (("teacher", teacher), ("student_kd3", student), ("student_hard3", baseline)):
-        m = load_encoder(path)
+    models = {name: load_encoder(path) for name, path in
+              (("teacher", teacher), ("student_kd3", student), ("student_hard3", baseline))}
+    # latency: the models take turns within every run, so load bursts hit them alike
+    b32 = latency_interleaved(models, lat, 32, 5)
+    b1 = latency_interleaved(models, lat[:16], 1, 3)
+    for name, m in models.items():
+        path = {"teacher": teacher, "student_kd3": student, "student_hard3": baseline}[name]
         res[name] = {"dev_accuracy": accuracy(m, texts, labels), "layers": m.num_layers,
-                     "file_bytes": dir_size(path),
-                     "latency_ms_b32": 1e3 * latency_per_sentence(m, lat, 32, 5),
-                     "latency_ms_b1": 1e3 * latency_per_sentence(m, lat[:16], 1, 3)}
+                     "parameters": sum(p.numel() for p in m.parameters()), "file_bytes": dir_size(path),
+                     "latency_ms_b32": b32[name], "latency_ms_b1": b1[name]}
         print(name, res[name], flush=True)
+    res["load_avg_1m_end"] = os.getloadavg()[0]
     t, s = res["teacher"], res["student_kd3"]
     res["student_keeps"] = s["dev_accuracy"] / t["dev_accuracy"]
     res["student_speedup_b32"] = t["latency_ms_b32"] / s["latency_ms_b32"]

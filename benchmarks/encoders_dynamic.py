@@ -1,7 +1,7 @@
 """Dynamic INT8 on all-MiniLM-L6-v2: size, latency (batch 1 and 32), fidelity, retrieval, SST-2.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/encoders_dynamic.py \
-        [--sentences 2000] [--classifier out/distill/teacher] [--threads 2]
+        [--sentences 2000] [--classifier out/distill/teacher] [--threads 2,1]
 
 --classifier: a MiniLM classifier fine-tuned on SST-2 (benchmarks/encoders_distill.py writes
 one); its SST-2 dev accuracy is measured in fp32 and int8 (head kept float).
@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders_common import SHARED, environment, latency_per_sentence, wikitext_sentences, write_json  # noqa: E402
+import os  # noqa: E402
+
+from encoders_common import (SHARED, environment, latency_interleaved, latency_per_sentence,  # noqa: E402
+                             wikitext_sentences, write_json)
 
 from quantkit.api import load_encoder, quantize_dynamic  # noqa: E402
 from quantkit.distill.trainer import accuracy, read_labelled  # noqa: E402
@@ -42,12 +45,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=2000)
     ap.add_argument("--classifier", default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2,1",
+                    help="torch intra-op threads to time with, comma-separated (first = the main columns)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference-kernel", action="store_true",
                     help="also time the plain-torch reference kernel (slow: minutes)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in str(args.threads).split(",")]
+    torch.set_num_threads(threads[0])
     t0 = time.time()
     res: dict = {"environment": environment(), "model": "all-MiniLM-L6-v2"}
     fp32 = load_encoder()
@@ -63,9 +68,21 @@ def main() -> int:
             res.setdefault("fp32", {"file_bytes": dir_size(fp32.source_dir), "linear_bytes": s["linear_bytes_before"]})
             res[name] = row
             if not emb:
-                for bs in (1, 32):
-                    res["fp32"][f"latency_ms_b{bs}"] = 1e3 * latency_per_sentence(fp32, lat_sents, bs, args.runs)
-                    row[f"latency_ms_b{bs}"] = 1e3 * latency_per_sentence(q, lat_sents, bs, args.runs)
+                # fp32 and int8 timed in alternation, at each thread count; load recorded per batch size
+                res["latency"] = []
+                for nt in threads:
+                    torch.set_num_threads(nt)
+                    for bs in (1, 32):
+                        load0 = os.getloadavg()[0]
+                        ms = latency_interleaved({"fp32": fp32, "int8": q}, lat_sents, bs, args.runs)
+                        res["latency"].append({"threads": nt, "batch": bs, "fp32_ms": ms["fp32"], "int8_ms": ms["int8"],
+                                               "speedup": ms["fp32"] / ms["int8"],
+                                               "load_avg_1m": [load0, os.getloadavg()[0]]})
+                        print(res["latency"][-1], flush=True)
+                        if nt == threads[0]:
+                            res["fp32"][f"latency_ms_b{bs}"] = ms["fp32"]
+                            row[f"latency_ms_b{bs}"] = ms["int8"]
+                torch.set_num_threads(threads[0])
                 ref = fp32.encode(sents)
             got = q.encode(sents)
             cos = (ref * got).sum(1)

@@ -19,6 +19,9 @@ from quantkit.distill.losses import IGNORE, kd_loss, minilmv2_loss, relation_los
 from quantkit.distill.trainer import DistillConfig, distill, evenly_spaced, read_labelled
 from quantkit.util.errors import QuantkitError
 
+from encoder_fixtures import one_thread, save_tiny_bert  # noqa: F401  (one_thread: fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SST2 = SHARED / "sst2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,18 +172,7 @@ def test_embedding_distillation(tmp_path):
 # ---- resume and bad input (tiny random BERT: fast) ------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    from quantkit.api import load_encoder
-    from quantkit.models.encoder import Encoder, EncoderMeta, save_encoder
-
-    mini = load_encoder()
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=mini.config.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64)
-    enc = Encoder(BertModel(cfg, add_pooling_layer=False), mini.tokenizer, EncoderMeta(labels=["0", "1"]),
-                  mini.source_dir)
-    return Path(save_encoder(enc, tmp_path_factory.mktemp("tiny") / "tiny-bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert", labels=["0", "1"])
 
 
 def _tiny_cfg(tiny_dir, out, **kw):

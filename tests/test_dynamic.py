@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 from quantkit.quant import int8_kernels as K
+
+from encoder_fixtures import one_thread  # noqa: F401  (fixture)
 from quantkit.quant.dynamic import (DynamicInt8Config, Int8DynamicLinear, Int8Embedding, Int8LSTM,
                                     prepare_dynamic_, quantize_dynamic_, state_dict_bytes)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -55,12 +59,16 @@ def test_linear_close_to_float_and_per_row_helps():
 
 @pytest.mark.skipif(not K.fbgemm_available(), reason="no fbgemm kernel in this torch build")
 @pytest.mark.parametrize("per_row", [True, False])
-def test_fbgemm_matches_reference(per_row):
+@pytest.mark.parametrize("rows", [33, 2 * K.ROW_BLOCK + 7])     # one block; several, last partial
+@pytest.mark.parametrize("bias", [True, False])
+def test_fbgemm_matches_reference(per_row, rows, bias):
     torch.manual_seed(1)
-    lin = nn.Linear(384, 100)
-    x = torch.randn(33, 384)
+    lin = nn.Linear(384, 100, bias=bias)
+    x = torch.randn(rows, 384)
+    x[rows // 2] *= 50                                      # an outlier token in a middle block
     a = Int8DynamicLinear.from_float(lin, "fbgemm", per_row)(x)
     b = Int8DynamicLinear.from_float(lin, "reference", per_row)(x)
+    assert a.shape == b.shape == (rows, 100)
     # same integer arithmetic; only the activation zero-point nudging may differ by one step
     assert snr_db(b, a) > 40
 

@@ -14,6 +14,9 @@ from quantkit.api import load_encoder, quantize_dynamic
 from quantkit.models.encoder import check_encoder_dir, dir_size, load_encoder as load_fp32_only
 from quantkit.util.errors import QuantkitError
 
+from encoder_fixtures import minilm, one_thread, save_tiny_bert  # noqa: F401  (one_thread: fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,7 +45,7 @@ def recall_at_k(ref: torch.Tensor, got: torch.Tensor, k: int = 10) -> float:
 
 @pytest.fixture(scope="module")
 def fp32():
-    return load_encoder()
+    return minilm()          # one load per session, shared with test_distill
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +61,9 @@ def int8_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, fp32):
+def tiny_dir(tmp_path_factory):
     """A random 2-layer, 32-wide BERT with MiniLM's tokenizer: fast CLI and error-path tests."""
-    from transformers import BertConfig, BertModel
-
-    from quantkit.models.encoder import Encoder, EncoderMeta, save_encoder
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=fp32.config.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64)
-    enc = Encoder(BertModel(cfg, add_pooling_layer=False), fp32.tokenizer, EncoderMeta(), fp32.source_dir)
-    return Path(save_encoder(enc, tmp_path_factory.mktemp("tiny") / "tiny-bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert")
 
 
 def test_encode_api(fp32):

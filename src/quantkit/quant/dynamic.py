@@ -72,8 +72,11 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if K.resolve_kernel(self.kernel) == "fbgemm":
             if self._packed is None:
-                self._packed = K.pack_fbgemm(self.weight_int8, self.weight_scale)
-            return K.linear_fbgemm(x, self._packed, self.bias, self.per_row).to(x.dtype)
+                # per-tensor activations: the bias rides in the kernel's output stage
+                fused = None if self.per_row else self.bias
+                self._packed = K.pack_fbgemm(self.weight_int8, self.weight_scale, fused)
+            return K.linear_fbgemm(x, self._packed, self.bias if self.per_row else None,
+                                   self.per_row).to(x.dtype)
         return K.linear_reference(x, self.weight_int8, self.weight_scale, self.bias, self.per_row).to(x.dtype)
 
     def extra_repr(self) -> str:

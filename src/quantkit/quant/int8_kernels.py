@@ -29,6 +29,9 @@ import torch
 # Symmetric int8 weights use -127..127 so negation is exact and the fbgemm sums cannot overflow.
 WEIGHT_QMAX = 127
 ACT_QMAX = 127          # reduce_range: 7-bit activations
+# rows per fbgemm call on the per-row path: 256 x 1536 fp32 activations (1.5 MB) stay in cache
+# across the row max, the scaling, the kernel and the rescale (256-512 measured best of 64-512)
+ROW_BLOCK = 256
 KERNELS = ("auto", "fbgemm", "reference")
 
 
@@ -64,10 +67,16 @@ def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     return q, scale, zp
 
 
+def row_scale(x2: torch.Tensor) -> torch.Tensor:
+    """max |x| of each row, [rows, 1]. abs().amax(): measured 10x faster on CPU than
+    vector_norm(ord=inf) or aminmax, whose row reductions are not vectorised."""
+    return x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+
+
 def _row_normalise(x2: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not per_row:
         return x2, None
-    s = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    s = row_scale(x2)
     return x2 / s, s
 
 
@@ -104,25 +113,56 @@ def fbgemm_available() -> bool:
         return False
 
 
-def pack_fbgemm(wq: torch.Tensor, w_scale: torch.Tensor):
-    """Prepack an int8 per-channel weight for torch.ops.quantized.linear_dynamic."""
+def pack_fbgemm(wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """Prepack an int8 per-channel weight for torch.ops.quantized.linear_dynamic.
+
+    With a bias, the kernel adds it in its output stage (no extra pass over the output); only
+    per-tensor activations can use that, since per-row scaling must come before the bias."""
     with warnings.catch_warnings():
         # creating a qint8 tensor is deprecated in 2.13; the kernel it feeds is not
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(
             wq, w_scale.double(), torch.zeros_like(w_scale, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qw, None)
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().contiguous())
 
 
 def linear_fbgemm(x: torch.Tensor, packed, bias: torch.Tensor | None, per_row: bool = True) -> torch.Tensor:
-    """Same arithmetic as linear_reference in one fbgemm call (weight packed without bias)."""
+    """Same arithmetic as linear_reference in one fbgemm call per block of rows.
+
+    Per row, the passes around the kernel (row max, x / r, r * y + b) are what int8 costs
+    beyond the GEMM; run over a whole batch (2,400 tokens x 1,536) they went to memory and
+    ate half to two thirds of what the int8 GEMM saved over fp32 (1 thread). Blocks of
+    ROW_BLOCK rows keep x, x / r and y in cache between the passes and the kernel, and
+    r * y + b is written straight into the output (addcmul, no temporary): MiniLM at batch 32,
+    1 thread, 1.06x -> 1.29x faster than fp32. Per tensor there are no extra passes: pack the bias into
+    `packed` (pack_fbgemm(..., bias)) and pass bias=None here.
+    """
     shape = x.shape
-    x2, r = _row_normalise(x.reshape(-1, shape[-1]).float(), per_row)
-    y = torch.ops.quantized.linear_dynamic(x2.contiguous(), packed, True)
-    if r is not None:
-        y = y * r
-    if bias is not None:
-        y = y + bias
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    x2 = x2.contiguous()
+    op = torch.ops.quantized.linear_dynamic
+    if not per_row:
+        y = op(x2, packed, True)
+        if bias is not None:
+            y = y.add_(bias)
+        return y.reshape(*shape[:-1], y.shape[-1])
+    rows = x2.shape[0]
+    y = None
+    for i in range(0, max(rows, 1), ROW_BLOCK):
+        xs = x2[i:i + ROW_BLOCK]
+        r = row_scale(xs)
+        ys = op(xs / r, packed, True)
+        if y is None:
+            if rows <= ROW_BLOCK:
+                y = ys.mul_(r) if bias is None else torch.addcmul(bias, ys, r, out=ys)
+                break
+            y = x2.new_empty(rows, ys.shape[1])
+        if bias is None:
+            torch.mul(ys, r, out=y[i:i + ROW_BLOCK])
+        else:
+            torch.addcmul(bias, ys, r, out=y[i:i + ROW_BLOCK])
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
