@@ -12,12 +12,15 @@ in_features]; GGUF lists dimensions the other way round, readers and writers con
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
 from gguf import GGUFValueType
+
+if TYPE_CHECKING:  # torch only for annotations: the planner imports this module without torch
+    import torch
 
 
 @dataclass
@@ -56,6 +59,13 @@ class TensorInfo:
         for s in self.shape:
             n *= s
         return n
+
+    @property
+    def layer(self) -> int | None:
+        """Block index from the name (GGUF blk.N., HF layers.N. / h.N.), None outside blocks."""
+        m = re.match(r"blk\.(\d+)\.", self.name) or re.search(r"\blayers?\.(\d+)\.", self.name) \
+            or re.search(r"\.h\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

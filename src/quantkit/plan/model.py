@@ -1,9 +1,9 @@
 """What the planner knows about a model: its shape and its tensors, read from headers only.
 
 `ModelShape` carries ArchSpec's fields (quantkit.models.source) plus the few that decide which
-tensors exist when we build them from a config. It is a separate, torch-free dataclass so
-`quantkit plan` and `quantkit explain` start in a fraction of a second; `from_arch_spec` takes
-an ArchSpec from the model readers when one is at hand.
+tensors exist when we build them from a config; `from_arch_spec` takes an ArchSpec from the
+model readers when one is at hand. Nothing here imports torch, so `quantkit plan` and
+`quantkit explain` start in a fraction of a second (models.source is torch-free to import).
 
 Sources: a GGUF file (header: metadata + tensor infos), an HF directory (config.json +
 safetensors headers), one safetensors file (8-byte length + JSON header; config.json beside
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from ..codecs.registry import qtype
+from ..models.source import TensorInfo
 from ..util.errors import QuantkitError
 
 _TABLE = os.path.join(os.path.dirname(__file__), "models.yaml")
@@ -34,26 +35,8 @@ _TABLE = os.path.join(os.path.dirname(__file__), "models.yaml")
 SWA_CACHE_ARCHS = {"gemma2", "gemma3", "gemma3n", "cohere2", "gpt-oss", "llama4"}
 
 
-@dataclass(frozen=True)
-class Tensor:
-    """One tensor as stored: canonical (GGUF) name when known, row-major shape, type, bytes."""
-    name: str
-    shape: tuple[int, ...]
-    type: str
-    nbytes: int
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def layer(self) -> int | None:
-        m = re.match(r"blk\.(\d+)\.", self.name) or re.search(r"\blayers?\.(\d+)\.", self.name) \
-            or re.search(r"\.h\.(\d+)\.", self.name)
-        return int(m.group(1)) if m else None
+# The planner's tensors are the models layer's TensorInfo (torch-free to import).
+Tensor = TensorInfo
 
 
 @dataclass
