@@ -87,10 +87,16 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
 DEMO_PROMPT = "The capital of France is"
 
 
+DEMO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikitext2-test-excerpt.txt")
+
+
 def demo(out_dir: str | os.PathLike | None = None, file_types=("q8_0", "q4_0"), prompt: str = DEMO_PROMPT,
-         max_tokens: int = 24, show_progress: bool = True) -> list[dict[str, Any]]:
+         max_tokens: int = 24, show_progress: bool = True, eval_chunks: int = 2,
+         eval_ctx: int = 256) -> list[dict[str, Any]]:
     """The main job: quantize the bundled model to each file type, run each in llama.cpp on a short
-    prompt, and return one row per format (size, bits per weight, load time, tokens/s, output)."""
+    prompt, and score each against the F32 reference on a short text (perplexity, KL divergence,
+    top-1 agreement; `eval_chunks` x `eval_ctx` tokens of the WikiText-2 excerpt shipped with
+    quantkit; 0 chunks skips it). One row per format; the HTML report is out_dir/report.html."""
     from .eval.runtimes import LlamaCpp
     from .models.bundled import cache_dir
     from .util.progress import progress
@@ -114,6 +120,19 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=("q8_0", "q4_0"), 
                      "bits_per_weight": info["bits_per_weight"], "quantize_s": res.seconds,
                      "load_s": gen.load_s, "prompt_tok_s": gen.prompt_tok_s, "gen_tok_s": gen.gen_tok_s,
                      "threads": gen.n_threads, "output": gen.text})
+    if eval_chunks > 0 and rows:
+        from .eval.report import write_report
+        result = evaluate([r["file"] for r in rows], text=DEMO_TEXT, n_chunks=eval_chunks, n_ctx=eval_ctx,
+                          speed=False, show_progress=show_progress)
+        scored = {os.path.abspath(r["path"]): r for r in result.rows if not r.get("is_reference")}
+        for r in rows:
+            q = scored.get(os.path.abspath(r["file"]), {})
+            r.update(ppl=q.get("ppl"), kld=q.get("kld_mean"), top1=q.get("top1_agreement"))
+        ref = next((r for r in result.rows if r.get("is_reference")), None)
+        report = write_report(result, os.path.join(out_dir, "report.html"))
+        for r in rows:
+            r.update(ref_ppl=ref and ref.get("ppl"), report=report,
+                     eval_tokens=f"{eval_chunks} x {eval_ctx}")
     return rows
 
 
