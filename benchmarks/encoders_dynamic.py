@@ -28,17 +28,9 @@ from encoders_common import (SHARED, environment, latency_interleaved, latency_p
 
 from quantkit.api import load_encoder, quantize_dynamic  # noqa: E402
 from quantkit.distill.trainer import accuracy, read_labelled  # noqa: E402
+from quantkit.eval.metrics import recall_at_k  # noqa: E402
 from quantkit.models.encoder import dir_size, save_encoder  # noqa: E402
 from quantkit.quant.dynamic import DynamicInt8Config, quantize_encoder_  # noqa: E402
-
-
-def recall_at_k(ref: torch.Tensor, got: torch.Tensor, k: int = 10) -> float:
-    def topk(e):
-        s = e @ e.t()
-        s.fill_diagonal_(-2)
-        return s.topk(k, dim=1).indices
-    a, b = topk(ref), topk(got)
-    return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a))
 
 
 def main() -> int:

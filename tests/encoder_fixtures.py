@@ -5,7 +5,7 @@
   Callers must not modify it: deep-copy first.
 - `save_tiny_bert(path, labels)`: a random 2-layer, 32-wide BERT with MiniLM's tokenizer, for
   fast CLI, resume and error-path tests.
-- `one_thread`: a module fixture. The models here are small or the batches short, so a second
+- these modules use conftest's `one_thread` fixture: the models here are small or the batches short, so a second
   intra-op thread adds little on an idle 2-core box (about 1.3x) and costs much on a busy one:
   every op ends at a barrier that waits for whichever thread was descheduled (MiniLM at
   batch 1, load average 4: 190 ms per sentence with 2 threads, 29 ms with 1).
@@ -41,11 +41,3 @@ def save_tiny_bert(path: Path, labels: list[str] | None = None) -> Path:
     enc = Encoder(BertModel(cfg, add_pooling_layer=False), mini.tokenizer, EncoderMeta(labels=labels),
                   mini.source_dir)
     return Path(save_encoder(enc, path))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

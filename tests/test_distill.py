@@ -19,7 +19,7 @@ from quantkit.distill.losses import IGNORE, kd_loss, minilmv2_loss, relation_los
 from quantkit.distill.trainer import DistillConfig, distill, evenly_spaced, read_labelled
 from quantkit.util.errors import QuantkitError
 
-from encoder_fixtures import one_thread, save_tiny_bert  # noqa: F401  (one_thread: fixture)
+from encoder_fixtures import save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

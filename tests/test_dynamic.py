@@ -10,7 +10,6 @@ from torch import nn
 
 from quantkit.quant import int8_kernels as K
 
-from encoder_fixtures import one_thread  # noqa: F401  (fixture)
 from quantkit.quant.dynamic import (DynamicInt8Config, Int8DynamicLinear, Int8Embedding, Int8LSTM,
                                     prepare_dynamic_, quantize_dynamic_, state_dict_bytes)
 

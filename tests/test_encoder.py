@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from quantkit.api import load_encoder, quantize_dynamic
+from quantkit.eval.metrics import recall_at_k
 from quantkit.models.encoder import check_encoder_dir, dir_size, load_encoder as load_fp32_only
 from quantkit.util.errors import QuantkitError
 
-from encoder_fixtures import minilm, one_thread, save_tiny_bert  # noqa: F401  (one_thread: fixture)
+from encoder_fixtures import minilm, save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -31,16 +32,6 @@ def wikitext_sentences(n: int, split: str = "test") -> list[str]:
             if len(out) == n:
                 break
     return out
-
-
-def recall_at_k(ref: torch.Tensor, got: torch.Tensor, k: int = 10) -> float:
-    """Mean overlap of each query's top-k neighbours (self excluded) under both embeddings."""
-    def topk(e):
-        s = e @ e.t()
-        s.fill_diagonal_(-2)
-        return s.topk(k, dim=1).indices
-    a, b = topk(ref), topk(got)
-    return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a))
 
 
 @pytest.fixture(scope="module")

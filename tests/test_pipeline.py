@@ -14,13 +14,7 @@ from quantkit.quant.rtn import QuantSpec
 from quantkit.util.errors import QuantkitError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 512, structured: bool = False):

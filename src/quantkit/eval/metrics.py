@@ -135,3 +135,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
         dominated = any((s2 <= s and k2 <= k) and (s2 < s or k2 < k) for j, (s2, k2) in enumerate(points) if j != i)
         out.append(not dominated)
     return out
+
+
+def recall_at_k(ref, got, k: int = 10) -> float:
+    """Retrieval agreement of two embeddings of the same items (torch tensors [n, d], rows
+    normalised): mean overlap of each item's top-k neighbours, itself excluded."""
+    def topk(e):
+        s = e @ e.t()
+        s.fill_diagonal_(-2)
+        return s.topk(k, dim=1).indices
+    a, b = topk(ref), topk(got)
+    return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a))
