@@ -98,3 +98,29 @@ def test_cli_explain_json_and_errors(capsys, monkeypatch):
     assert cli.main(["explain", "  "]) == 2
     err = capsys.readouterr().err
     assert "empty model name" in err and err.count("\n") == 1
+
+
+def test_iq_types_sizes_from_the_block_table():
+    from quantkit.plan import formats
+    from quantkit.plan.model import from_name
+    # gguf GGML_QUANT_SIZES: IQ4_XS 136 bytes / 256 weights, IQ4_NL 18 / 32, IQ3_XXS 98 / 256, IQ2_XXS 66 / 256
+    m = from_name("llama-2-7b")
+    ts = {t.name: t for t in formats.tensor_bytes(m, "iq4_xs")}
+    assert ts["blk.0.attn_q.weight"].nbytes == 4096 * 4096 // 256 * 136
+    assert ts["blk.0.ffn_down.weight"].nbytes == 4096 * 11008 // 256 * 136   # 11008 = 43 x 256
+    assert ts["output.weight"].nbytes == 32000 * 4096 // 256 * 210         # head in Q6_K
+    assert ts["token_embd.weight"].type == "iq4_xs"
+    ts = {t.name: t for t in formats.tensor_bytes(m, "iq2_xxs")}
+    assert ts["blk.0.attn_k.weight"].nbytes == 4096 * 4096 // 256 * 66
+    assert ts["output.weight"].type == "q5_k"
+    # rows that are not a multiple of 256 fall back to IQ4_NL (Gemma-3-270M: hidden 640)
+    g = {t.name: t for t in formats.tensor_bytes(from_name("gemma-3-270m"), "iq3_xxs")}
+    assert g["blk.0.attn_q.weight"].type == "iq4_nl"
+    assert g["blk.0.attn_q.weight"].nbytes == 1024 * 640 // 32 * 18
+
+
+def test_explain_iq_name_has_size_and_says_it_is_approximate():
+    i = explain("Llama-2-13B-chat-IQ3_XXS.gguf")
+    assert i.qtype == "iq3_xxs" and i.bits == 3.0625
+    assert i.est_file_bytes and 4.5e9 < i.est_file_bytes < 5.5e9     # ~3.1 bits x 13 B
+    assert any("approximate" in n for n in i.notes)

@@ -190,6 +190,74 @@ def test_split_decode_is_harmonic():
     assert speed.split_decode([(1e9, 100e9), (1e9, 10e9)]) == pytest.approx(1 / 0.11)
 
 
+def _toy_model():
+    """2 layers, hidden 256, tied 1000-token embedding: a hand-countable shape."""
+    ts = [Tensor("token_embd.weight", (1000, 256), "q8_0", 1000 * 8 * 34)]
+    for i in range(2):
+        ts += [Tensor(f"blk.{i}.attn_q.weight", (256, 256), "q4_0", 256 * 8 * 18),
+               Tensor(f"blk.{i}.ffn_down.weight", (256, 256), "q6_k", 256 * 210),
+               Tensor(f"blk.{i}.attn_norm.weight", (256,), "f32", 1024)]
+    return ModelShape(name="toy", arch="llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=4, head_dim=64,
+                      n_ff=256, n_vocab=1000, n_ctx_train=512, tied_embeddings=True, tensors=ts)
+
+
+def test_cpu_decode_model_by_hand():
+    m = _toy_model()
+    cm = speed.CpuDecodeModel("toy", 1, 10e9, 1e-4, 2e-5,
+                              {"q8_0": 1e-11, "q4_0": 5e-11, "q4_0+repack": 3e-11, "q6_k": 4e-11}, "test")
+    t = speed.cpu_decode_terms(m, m.tensors, n_past=100)
+    # q4_0 [256, 256] rows are a multiple of 8: ggml-cpu repacks them; the tied embedding is the head
+    assert t["weights_by_kind"] == {"q8_0": 256_000, "q4_0+repack": 2 * 65_536, "q6_k": 2 * 65_536}
+    # KV: 2 layers x 100 cells x (K + V) 256 values x 2 bytes (f16)
+    assert t["kv_bytes"] == 2 * 100 * 2 * 256 * 2
+    weights = 1000 * 8 * 34 + 2 * (256 * 8 * 18 + 256 * 210 + 1024)
+    assert t["bytes"] == weights + t["kv_bytes"]
+    s = 1e-4 + 2 * 2e-5 + t["bytes"] / 10e9 + 256_000 * 1e-11 + 131_072 * 3e-11 + 131_072 * 4e-11
+    assert cm.seconds(m, m.tensors, 100) == pytest.approx(s, rel=1e-12)
+    # a repackable type measured only in its plain layout falls back to that cost; an unknown one is an error
+    assert speed.CpuDecodeModel("t", 1, 1e9, 0, 0, {"q4_0": 7e-11}, "").c("q4_0+repack") == 7e-11
+    with pytest.raises(QuantkitError, match="iq2_xs"):
+        cm.c("iq2_xs")
+
+
+def test_cpu_speed_calibration_is_data_with_a_source(bundled_gguf):
+    cm = speed.cpu_model()
+    assert cm is not None and "plan_speed_calibrate.py" in cm.source
+    assert cm.bandwidth > 1e9 and cm.o_token >= 0 and cm.o_layer >= 0
+    assert all(v >= 0 for v in cm.c_per_weight.values())
+    # every type llama.cpp's mixes put into the bundled Gemma file has a calibrated cost
+    m = load(bundled_gguf)
+    assert cm.covers(m, m.tensors)
+    p = plan(bundled_gguf, PlanOptions(devices=["calibrated-cpu"], formats=["q4_k_m", "q8_0"], n_ctx=4096))
+    q4, q8 = (r.cells[0] for r in p.rows)
+    assert q4.decode_expected == pytest.approx(1 / cm.seconds(m, m.tensors, 2048))
+    assert 0 < q4.decode_expected < q4.decode_upper and 0 < q8.decode_expected < q8.decode_upper
+    assert "cpu-speed" in p.footnotes
+
+
+def test_torch_cpu_resident_by_hand():
+    m = _toy_model()
+    ts = formats.tensor_bytes(m, "fp32")
+    w = 4 * (256_000 + 4 * 65_536 + 2 * 256)
+    assert formats.total(ts) == w
+    # logits of the second half of 64 tokens: 32 x 1000 x 4 B, plus hidden states 2 x 64 x 256 x 4 B;
+    # attention: 2 x 4 heads x 64^2 x 4 B scores + one 64^2 fp32 mask + hidden + q,k,v 64 x 12 x 64 x 4 B
+    logits = 32 * 1000 * 4 + 2 * 64 * 256 * 4
+    attn = 2 * 4 * 64 * 64 * 4 + 64 * 64 * 4 + 2 * 64 * 256 * 4 + 64 * 12 * 64 * 4
+    assert memory.torch_cpu_forward(m, 64) == max(logits, attn)
+    # from a GGUF: file pages + a float32 copy of every non-F32 tensor + the model's parameters
+    load_peak = m.stored_bytes + 4 * (256_000 + 4 * 65_536) + w
+    assert memory.torch_cpu_resident(m, ts, 64, from_gguf=True) == memory.TORCH_CPU_BASE + load_peak
+    assert memory.torch_cpu_resident(m, ts, 64, from_gguf=False) == memory.TORCH_CPU_BASE + w + max(logits, attn)
+
+
+def test_plan_torch_fp32_rss_grows_with_the_scored_logits(bundled_gguf):
+    rows = [plan(bundled_gguf, PlanOptions(runtime="torch", formats=["fp32"], n_ctx=n)).rows[0] for n in (512, 8192)]
+    assert rows[0].cpu_resident is not None
+    # 8192 tokens keep 4096 rows of 262,144 fp32 logits (4 GiB): far above the load peak
+    assert rows[1].cpu_resident - rows[0].cpu_resident > 4 * GIB - 2 * GIB
+
+
 # ---------------------------------------------------------------- training
 
 def test_training_full_is_16_bytes_per_parameter():

@@ -25,6 +25,16 @@ from .model import ModelShape, Tensor
 
 # llama.cpp file types -> the default tensor type of the mix (the GGUF writer's table)
 GGUF_FTYPES = {name: default for name, (_, default) in FILE_TYPES.items()}
+# IQ (importance-matrix) file types -> their default tensor type (llama.cpp src/llama-quant.cpp,
+# llama_model_quantize_impl). Their mixes are not reproduced: IQ_APPROX says how they are sized.
+IQ_FTYPES = {"iq1_s": "iq1_s", "iq1_m": "iq1_m", "iq2_xxs": "iq2_xxs", "iq2_xs": "iq2_xs", "iq2_s": "iq2_xs",
+             "iq2_m": "iq2_s", "iq3_xxs": "iq3_xxs", "iq3_xs": "iq3_s", "iq3_s": "iq3_s", "iq3_m": "iq3_s",
+             "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs"}
+GGUF_FTYPES.update(IQ_FTYPES)
+IQ_APPROX = ("IQ sizes are approximate: every matrix in the file type's default type (block sizes from gguf's "
+             "GGML_QUANT_SIZES), IQ4_NL where rows are not a multiple of 256 (Q8_0 where not of 32), the output "
+             "head in Q5_K (IQ1/IQ2_XXS/IQ2_XS/IQ3_XXS) or Q6_K; llama.cpp's per-tensor upgrades (attn_v, ffn_down) "
+             "are not modelled")
 
 TORCH_DTYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f16": "f16", "f32": "f32"}
 
@@ -111,6 +121,8 @@ def gguf_types(m: ModelShape, ftype: str, tensors: list[Tensor] | None = None) -
     if ftype not in GGUF_FTYPES:
         raise QuantkitError(f"unknown GGUF type '{ftype}'", hint="one of " + ", ".join(GGUF_FTYPES))
     tensors = [Tensor(canonical(t.name), t.shape, t.type, t.nbytes) for t in (tensors or m.tensors)]
+    if ftype in IQ_FTYPES:
+        return _iq_types(m, ftype, tensors)
     by_name = {t.name: t for t in tensors}
     order = tensor_order(list(by_name))
     facts = ModelFacts(m.arch, m.n_layer, m.n_head, m.n_head_kv, m.n_expert,
@@ -125,6 +137,28 @@ def gguf_types(m: ModelShape, ftype: str, tensors: list[Tensor] | None = None) -
             out[n] = "f32" if len(t.shape) < 2 or "ffn_gate_inp" in n else src
             continue
         out[n] = policy.choose(n, t.shape, src)
+    return out
+
+
+def _iq_types(m: ModelShape, ftype: str, tensors: list[Tensor]) -> dict[str, str]:
+    """Per-tensor types of an IQ file type, approximately [IQ_APPROX]."""
+    default = IQ_FTYPES[ftype]
+    head_type = "q5_k" if ftype in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq3_xxs") else "q6_k"
+    has_output = any(t.name == "output.weight" for t in tensors)
+    out: dict[str, str] = {}
+    for t in tensors:
+        src = t.type if t.type in ("f32", "f16", "bf16") else "f32"
+        if not _quantizable(t):
+            out[t.name] = "f32" if len(t.shape) < 2 or "ffn_gate_inp" in t.name else src
+            continue
+        head = t.name == "output.weight" or (t.name == "token_embd.weight" and not has_output)
+        ty = head_type if head else default
+        n = t.shape[-1]
+        if n % qtype(ty).block_size:
+            ty = "iq4_nl" if n % 32 == 0 else "q8_0"
+            if n % 32:
+                ty = "f16"
+        out[t.name] = ty
     return out
 
 

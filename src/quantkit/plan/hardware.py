@@ -111,9 +111,28 @@ def suggest(name: str, choices, n: int = 3) -> str:
     return ", ".join(close)
 
 
+CALIBRATED_CPU = "calibrated-cpu"
+
+
+def calibrated_cpu() -> Device | None:
+    """The CPU whose decode speed was calibrated (plan/cpu_speed.yaml): its tokens/s come from the
+    calibrated cost model (speed.CpuDecodeModel), not from bound x efficiency."""
+    from .speed import cpu_model
+    cm = cpu_model()
+    if cm is None:
+        return None
+    return Device(CALIBRATED_CPU, f"{cm.machine} (calibrated)", "cpu", 32 * GIB, cm.bandwidth, None, cm.source)
+
+
 def device(spec: str) -> Device:
     """A device by table name; "2x rtx-3090" or "rtx-3090*2" means two of them (layers split)."""
     s = _norm(spec)
+    if s in (CALIBRATED_CPU, "this-cpu"):
+        d = calibrated_cpu()
+        if d is None:
+            raise QuantkitError("no CPU calibration (plan/cpu_speed.yaml)",
+                                hint="run benchmarks/plan_speed_calibrate.py")
+        return d
     count = 1
     m = re.fullmatch(r"(\d+)\s*[x*]\s*(.+)", s) or None
     if m:

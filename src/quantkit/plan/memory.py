@@ -58,6 +58,8 @@ FOOTNOTES = {
     "qlora": "QLoRA: NF4 base weights, 4 bits + one absmax per 64 weights; double quantization stores the "
              "absmax in 8 bits with one fp32 per 256 blocks, 0.127 bits/param instead of 0.5; paged optimizers "
              "move optimizer state to CPU RAM on memory spikes. Dettmers et al., arXiv:2305.14314, sec. 3.",
+    "cpu-speed": "Calibrated on this machine by benchmarks/plan_speed_calibrate.py: least squares over random llama "
+                 "models (two shapes, every GGUF type, pure), checked on Gemma-3-270M's llama.cpp mixes; BENCHMARKS.md, Plan.",
     "speed": "Decoding reads every weight once per token (MoE: the active experts) plus the KV cache of the "
              "context so far, so tokens/s <= bandwidth / bytes read per token. Prompt processing is compute-"
              "bound: 2 FLOPs per weight per token plus 2 n_layer n_ctx d_attn (Kaplan et al., arXiv:2001.08361, "
@@ -345,6 +347,40 @@ def llamacpp_compute_touched(m: ModelShape, n_prompt: int) -> int:
     act = ub * m.n_embd * 4
     qkv = ub * (m.n_head + 2 * m.n_head_kv) * m.head_dim * 4
     return max(m.n_vocab * 4 + 2 * act, ub * n_kv * m.n_head * 4 + qkv + 2 * act, 3 * ub * m.n_ff * 4 + 2 * act)
+
+
+def torch_cpu_forward(m: ModelShape, n_ctx: int, n_keep: int | None = None) -> int:
+    """Peak activations of one float32 forward pass of transformers on a CPU, batch 1, eager
+    attention, no grad, over n_ctx tokens keeping the logits of the last n_keep positions
+    (quantkit eval keeps the second half). The largest stage wins: ggml-style reuse is what
+    torch's allocator gives too, as each layer's temporaries are freed before the next.
+    - logits: n_keep x n_vocab fp32, with the hidden states (2 x n_ctx x n_embd fp32);
+    - attention: scores and their softmax (2 x n_head x n_ctx^2 fp32) plus the causal masks
+      ([n_ctx, n_ctx] fp32, one per attention kind: full and sliding window)."""
+    n_keep = n_ctx - n_ctx // 2 if n_keep is None else n_keep
+    hidden = 2 * n_ctx * m.n_embd * 4
+    logits = n_keep * m.n_vocab * 4 + hidden
+    n_masks = 2 if any(m.swa_layers()) else 1
+    attn = 2 * m.n_head * n_ctx * n_ctx * 4 + n_masks * n_ctx * n_ctx * 4 + hidden \
+        + n_ctx * (m.n_head + 2 * m.n_head_kv) * m.head_dim * 4
+    ffn = 3 * n_ctx * m.n_ff * 4 + hidden
+    return max(logits, attn, ffn)
+
+
+def torch_cpu_resident(m: ModelShape, tensors: list[Tensor], n_ctx: int, from_gguf: bool) -> int:
+    """Peak RSS of quantkit's torch runtime (transformers, float32, CPU) scoring one n_ctx chunk.
+    Loading a GGUF (quantkit.eval.torch_runtime.model_from_gguf) holds, at the end of
+    load_state_dict, the file's pages (memory-mapped, all read), the dequantized float32 state
+    dict and the model's own float32 parameters: file + 2 x weights (F32 tensors of the file are
+    views of the map, not copies). After loading, the state dict is freed and the forward pass
+    adds its activations to the weights. Peak = process base + the larger of the two."""
+    w = sum(t.n_elements for t in tensors) * 4
+    if from_gguf:
+        copies = sum(t.n_elements * 4 for t in m.tensors if t.type != "f32")
+        load = m.stored_bytes + copies + w
+    else:
+        load = w
+    return TORCH_CPU_BASE + max(load, w + torch_cpu_forward(m, n_ctx))
 
 
 def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int) -> int:

@@ -181,6 +181,8 @@ def explain(name: str) -> NameInfo:
                 info.notes.append(f"'q{mq.group(1)}' without a variant means {t} (the only {mq.group(1)}-bit GGML type before K-quants)")
         if t:
             info.qtype = t
+            if t in formats.IQ_FTYPES:
+                info.notes.append(formats.IQ_APPROX)
             ggml_t = formats.GGUF_FTYPES.get(t, t)
             if ggml_t in QTYPES:
                 q = qtype(ggml_t)

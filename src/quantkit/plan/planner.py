@@ -63,7 +63,7 @@ class Cell:
         gib = self.memory_needed / memory.GIB
         if self.status == "no":
             return f"no ({gib:.1f} GiB)"
-        spd = f"{self.decode_expected:.1f} t/s" if self.decode_expected else ""
+        spd = f"{self.decode_expected:.1f} t/s" if self.decode_expected else "speed n/a (type not calibrated)"
         if self.status == "partial":
             return f"{self.layers_on_gpu}/{self.n_layers} layers, {spd}"
         return f"yes {gib:.1f} GiB, {spd}"
@@ -117,7 +117,7 @@ def _devices(o: PlanOptions) -> list[Device]:
 
 
 def _fit(m: ModelShape, inf: memory.Inference, d: Device, host: Device, ram: int, bpt_weights: float,
-         bpt_kv: float, flops: float, eff: hardware.Efficiency) -> Cell:
+         bpt_kv: float, flops: float, eff: hardware.Efficiency, calibrated_tps: float | None = None) -> Cell:
     n = m.n_layer
     prompt_eff = eff.prompt
     if not d.is_gpu:
@@ -127,6 +127,8 @@ def _fit(m: ModelShape, inf: memory.Inference, d: Device, host: Device, ram: int
             return Cell(d.name, "no", None, n, need, avail, None, None, None)
         up = speed.decode_upper_bound(d.bandwidth, bpt_weights + bpt_kv)
         pr = speed.prompt_tokens_per_s(d.tflops, flops, prompt_eff)
+        if d.name == hardware.CALIBRATED_CPU:
+            return Cell(d.name, "fits", None, n, need, avail, up, calibrated_tps, pr)
         return Cell(d.name, "fits", None, n, need, avail, up, up * eff.decode(d.kind), pr)
     # discrete GPU(s): repeating layers + output head on the GPU, token embedding stays in RAM
     # (llama.cpp keeps token_embd on the CPU; -ngl counts the output as one more layer)
@@ -197,11 +199,23 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
         bpt_kv = speed.kv_bytes_per_token(inf.kv_detail.bytes_per_cell_layer, half, m.swa_layers(),
                                           m.sliding_window, o.batch) / o.batch
         flops = speed.flops_per_token(m, ts, half)
+        cal = None
+        cm = speed.cpu_model()
+        if (cm and o.runtime == "llama.cpp" and o.batch == 1 and any(d.name == hardware.CALIBRATED_CPU for d in devs)
+                and cm.covers(m, ts)):
+            cal = 1.0 / cm.seconds(m, ts, half, o.kv_type)
         cells = []
         for d in devs:
             r = ram if ram else (host.total_memory if d.is_gpu else d.total_memory)
-            cells.append(_fit(m, inf, d, host, r, bpt_w, bpt_kv, flops, eff))
-        rss = memory.cpu_resident(m, inf, n_ctx * o.batch) if o.runtime == "llama.cpp" else None
+            cells.append(_fit(m, inf, d, host, r, bpt_w, bpt_kv, flops, eff, cal))
+        if o.runtime == "llama.cpp":
+            rss = memory.cpu_resident(m, inf, n_ctx * o.batch)
+        elif f.name == "fp32" and o.batch == 1:
+            # quantkit's torch runtime on a CPU runs float32: loading, then scoring one n_ctx chunk
+            from_gguf = m.source.startswith("GGUF header")
+            rss = memory.torch_cpu_resident(m, ts, n_ctx, from_gguf)
+        else:
+            rss = None
         rows.append(FormatRow(f.name, formats.describe(f), inf, bpt_w + bpt_kv, flops, cells, rss))
     tr = None
     if o.train:
@@ -225,7 +239,16 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
         "compute buffer is an estimate [compute]; weights are exact from "
         + ("the file header" if m.stored_format else "the config") + " [mix] [gptq]",
     ]
-    notes = ["kv-swa", "compute", "mix", "gptq", "speed"]
+    if any(r.format in formats.IQ_FTYPES for r in rows):
+        assumptions.append(formats.IQ_APPROX)
+    if any(d.name == hardware.CALIBRATED_CPU for d in devs):
+        cm = speed.cpu_model()
+        assumptions.append(
+            f"{hardware.CALIBRATED_CPU}: decode s/token = {cm.o_token * 1e3:.2f} ms + {cm.o_layer * 1e6:.0f} us x layers "
+            f"+ bytes read / {cm.bandwidth / 1e9:.1f} GB/s + per-weight cost of each tensor type (plan/cpu_speed.yaml, "
+            f"{cm.threads} thread; batch 1 only) [cpu-speed]")
+    notes = ["kv-swa", "compute", "mix", "gptq", "speed"] + (
+        ["cpu-speed"] if any(d.name == hardware.CALIBRATED_CPU for d in devs) else [])
     if o.kv_type not in ("f16", "bf16", "f32"):
         notes.append("kv-q")
     if o.train:

@@ -8,7 +8,10 @@ tokens so far. Example from first principles: 4-channel DDR4-3600 moves 3600e6 x
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+from dataclasses import dataclass
 
 from ..util.errors import QuantkitError
 from .model import ModelShape, Tensor
@@ -67,3 +70,77 @@ def prompt_tokens_per_s(tflops: float | None, flops: float, efficiency: float) -
     if not tflops:
         return None
     return tflops * 1e12 * efficiency / flops
+
+
+# ---------------------------------------------------------------- calibrated CPU decode model
+
+_CPU_SPEED = os.path.join(os.path.dirname(__file__), "cpu_speed.yaml")
+
+
+def _repacked(t: Tensor) -> bool:
+    from .memory import CPU_REPACK_TYPES
+    return (t.type in CPU_REPACK_TYPES and len(t.shape) == 2 and t.shape[0] % 8 == 0
+            and t.name != "token_embd.weight")
+
+
+def cpu_decode_terms(m: ModelShape, tensors: list[Tensor], n_past: int, kv_type: str = "f16") -> dict:
+    """What one decoded token costs on a CPU, as counts: layers, bytes read (weights + KV so far),
+    and the matrix weights multiplied, by kind (GGUF type, '+repack' where ggml-cpu repacks it).
+    The token embedding is read one row at a time unless it doubles as the output head."""
+    from .memory import kv_row_bytes
+    frac = (m.n_expert_used / m.n_expert) if m.n_expert else 1.0
+    by_kind: dict[str, float] = {}
+    for t in tensors:
+        if len(t.shape) < 2 or (t.name == "token_embd.weight" and not m.tied_embeddings):
+            continue
+        k = t.type + ("+repack" if _repacked(t) else "")
+        by_kind[k] = by_kind.get(k, 0.0) + t.n_elements * (frac if _EXPERT.search(t.name) else 1.0)
+    kv = kv_bytes_per_token(kv_row_bytes(m, kv_type), n_past, m.swa_layers(), m.sliding_window)
+    return {"n_layer": m.n_layer, "bytes": weight_bytes_per_token(m, tensors) + kv, "kv_bytes": kv,
+            "weights_by_kind": by_kind}
+
+
+@dataclass(frozen=True)
+class CpuDecodeModel:
+    """seconds/token = o_token + o_layer n_layer + bytes read / bandwidth + sum n_weights c[kind]
+    (cpu_speed.yaml: constants fitted on calibration models by benchmarks/plan_speed_calibrate.py)."""
+    machine: str
+    threads: int
+    bandwidth: float
+    o_token: float
+    o_layer: float
+    c_per_weight: dict
+    source: str
+
+    def has(self, kind: str) -> bool:
+        return kind in self.c_per_weight or kind.split("+")[0] in self.c_per_weight
+
+    def c(self, kind: str) -> float:
+        if kind in self.c_per_weight:
+            return self.c_per_weight[kind]
+        base = kind.split("+")[0]
+        if base in self.c_per_weight:       # a repackable type never measured repacked
+            return self.c_per_weight[base]
+        raise QuantkitError(f"no calibrated CPU cost for tensor type {kind}",
+                            hint="run benchmarks/plan_speed_calibrate.py with that type")
+
+    def seconds_from_terms(self, terms: dict) -> float:
+        return (self.o_token + self.o_layer * terms["n_layer"] + terms["bytes"] / self.bandwidth
+                + sum(n * self.c(k) for k, n in terms["weights_by_kind"].items()))
+
+    def seconds(self, m: ModelShape, tensors: list[Tensor], n_past: int, kv_type: str = "f16") -> float:
+        return self.seconds_from_terms(cpu_decode_terms(m, tensors, n_past, kv_type))
+
+    def covers(self, m: ModelShape, tensors: list[Tensor]) -> bool:
+        return all(self.has(k) for k in cpu_decode_terms(m, tensors, 1)["weights_by_kind"])
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> CpuDecodeModel | None:
+    if not os.path.exists(_CPU_SPEED):
+        return None
+    import yaml
+    with open(_CPU_SPEED, encoding="utf-8") as f:
+        r = yaml.safe_load(f)
+    return CpuDecodeModel(r["machine"], int(r["threads"]), float(r["bandwidth"]), float(r["o_token"]),
+                          float(r["o_layer"]), {k: float(v) for k, v in r["c_per_weight"].items()}, r["source"])
