@@ -1,6 +1,8 @@
 """GPTQ: equals RTN exactly when the Hessian has no off-diagonal terms (integer grids and
-llama.cpp's block grids, the latter byte for byte with llama.cpp's encoder); beats RTN on
-correlated inputs by a stated factor; dampening fallback on singular / indefinite Hessians."""
+llama.cpp's block grids, legacy and K-quants, the latter byte for byte with llama.cpp's encoder
+when the scale search is off); the block scale search never loses to llama.cpp's rule; beats
+RTN on correlated inputs by a stated factor; dampening fallback on singular / indefinite
+Hessians."""
 
 import itertools
 import warnings
@@ -8,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from quantkit.codecs import ggml
+from quantkit.codecs import ggml, kquants
+from quantkit.codecs.kquants import KQUANT_TYPES
 from quantkit.codecs.intpack import LEGACY_GRIDS
 from quantkit.quant.gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight
 from quantkit.quant.rtn import QuantSpec, quantize_rtn
@@ -45,9 +48,36 @@ def test_identity_hessian_on_llama_cpp_grid_gives_llama_cpp_bytes(name):
     W = _w(seed=2)
     W[0, :32] = 0.0                                   # an all-zero block
     W[1, 40] = 3.0                                    # one huge value
-    res = quantize_weight(W, torch.eye(256), name)
+    res = quantize_weight(W, torch.eye(256), name, GPTQConfig(scale_search=False))
     assert torch.equal(res.weight.to_bytes(), ggml.quantize_rows(name, W))
     assert torch.equal(res.dequantized, ggml.dequantize_rows(name, ggml.quantize_rows(name, W), 256))
+
+
+@pytest.mark.parametrize("name", list(KQUANT_TYPES))
+def test_identity_hessian_on_k_quant_grid_gives_llama_cpp_bytes(name):
+    """Super-block scales from llama.cpp's reference encoder, codes re-rounded by GPTQ onto
+    them: with nothing to compensate, every code is llama.cpp's (its final rounding is also
+    round-to-nearest on the same grid)."""
+    W = _w(out_f=16, in_f=512, seed=5)
+    W[0, :256] = 0.0
+    res = quantize_weight(W, torch.eye(512), name)
+    ref = kquants.quantize(name, W)
+    assert torch.equal(res.weight.to_bytes(), ref)
+    assert torch.equal(res.dequantized, kquants.dequantize(name, ref.reshape(-1), W.shape))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_scale_search_never_worse_than_llama_cpp_rule(name):
+    """With a diagonal Hessian the search minimises exactly the weighted error it is judged
+    by, and llama.cpp's own scale is one of its candidates."""
+    W = _w(seed=6)
+    h = torch.rand(256, generator=torch.Generator().manual_seed(7)) * 10 + 0.1
+    H = torch.diag(h)
+    plain = quantize_weight(W, H, name, GPTQConfig(scale_search=False)).dequantized
+    searched = quantize_weight(W, H, name).dequantized
+    err = lambda Wq: ((W - Wq) ** 2 * h).reshape(48, 8, 32).sum(-1)  # noqa: E731 - per block
+    assert bool((err(searched) <= err(plain) * (1 + 1e-5) + 1e-12).all())
+    assert float(err(searched).sum()) < 0.93 * float(err(plain).sum())
 
 
 def _correlated(in_f=256, n=4096, seed=0):
@@ -69,6 +99,8 @@ def _rel_err(W, Wq, X):
     (QuantSpec(3, 128, False), True, 5.0),
     ("q4_0", False, 5.0),
     ("q4_1", True, 5.0),
+    ("q4_k", False, 4.0),
+    ("q3_k", True, 3.0),
 ])
 def test_gptq_beats_rtn_on_correlated_inputs(grid, act, factor):
     W = _w(seed=3)
@@ -78,7 +110,9 @@ def test_gptq_beats_rtn_on_correlated_inputs(grid, act, factor):
     for chunk in X.split(1000):
         n = accumulate_hessian(chunk, H, n)
     res = quantize_weight(W, H, grid, GPTQConfig(act_order=act))
-    if isinstance(grid, str):
+    if isinstance(grid, str) and grid in KQUANT_TYPES:
+        rtn = kquants.dequantize(grid, kquants.quantize(grid, W).reshape(-1), W.shape)
+    elif isinstance(grid, str):
         rtn = ggml.dequantize_rows(grid, ggml.quantize_rows(grid, W), 256)
     else:
         rtn = quantize_rtn(W, grid).dequantize()
@@ -136,5 +170,7 @@ def test_bad_input():
         quantize_weight(W, torch.eye(64), QuantSpec(4, 32, True))
     with pytest.raises(ValueError, match="does not divide"):
         quantize_weight(_w(in_f=96), torch.eye(96), QuantSpec(4, 64, True))
-    with pytest.raises(ValueError, match="no GPTQ grid"):
+    with pytest.raises(ValueError, match="multiple of 256"):
         quantize_weight(_w(in_f=64), torch.eye(64), "q4_k")
+    with pytest.raises(ValueError, match="no GPTQ grid"):
+        quantize_weight(_w(in_f=64), torch.eye(64), "iq4_nl")

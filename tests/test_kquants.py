@@ -216,3 +216,22 @@ def test_bytes_equal_llama_cpp_on_real_weights(bundled_gguf):
                 assert np.array_equal(ours, ref), f"{name} -> {qt}: {_blocks_differ(qt, ours, ref)} differ"
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("qt", KQUANT_TYPES)
+def test_block_grid_and_repack_match_ggml(qt):
+    """GPTQ's view of a K-quant block: block_grid's (s, m, off) reproduce libggml's decoding of
+    any codes written back by repack, and repack with the block's own codes is the identity."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)
+    b = quantize_blocks(qt, x)
+    s, m, off, sub, nmax = kquants.block_grid(qt, b)
+    L = torch.randint(0, nmax + 1, (64, 256), generator=g)
+    b2 = kquants.repack(qt, b, L)
+    expect = ((L.float() - off).reshape(64, -1, sub) * s[..., None] - m[..., None]).reshape(64, 256)
+    got = torch.from_numpy(ggml_dequantize(qt, b2.numpy().reshape(-1), 64 * 256)).reshape(64, 256)
+    assert torch.equal(got, expect)
+    assert torch.equal(kquants.block_codes(qt, b2).long(), L)
+    assert torch.equal(kquants.repack(qt, b, kquants.block_codes(qt, b)), b)
+    with pytest.raises(ValueError, match="out of range"):
+        kquants.repack(qt, b, L + nmax + 1)

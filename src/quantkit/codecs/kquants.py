@@ -379,28 +379,39 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     if not bool(nz.all()):   # `if (!d) continue;`: make_qx_quants' levels stay
         cols = (~nz).nonzero()[:, 0]
         L[:, cols] = _qx_levels(xs[:, cols], best_iscale[cols], zero[cols], 32)
-    Lb = _rows_u8(L, nb).reshape(nb, 2, 4, 32)
-    lo = Lb & 0xF
-    ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)
-    hi = Lb >> 4
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), q_sc.to(torch.int8).view(torch.uint8), d_bytes],
-                    dim=1)
+    out = torch.cat([_pack_q6_codes(_rows_u8(L, nb)), q_sc.to(torch.int8).view(torch.uint8), d_bytes], dim=1)
     if bool(zero_block.any()):
         out[zero_block] = 0
     return out
 
 
-def _dq6_k(b: torch.Tensor) -> torch.Tensor:
+def _pack_q6_codes(Lb: torch.Tensor) -> torch.Tensor:
+    """levels uint8 [nb, 256] in 0..63 -> ql (128 bytes) + qh (64 bytes)."""
+    nb = Lb.shape[0]
+    Lb = Lb.reshape(nb, 2, 4, 32)
+    lo = Lb & 0xF
+    ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)
+    hi = Lb >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64)], dim=1)
+
+
+def _q6_codes(b: torch.Tensor) -> torch.Tensor:
+    """levels uint8 [nb, 256] in 0..63 (_pack_q6_codes' inverse)."""
     nb = b.shape[0]
     # contiguous copies first: torch's uint8 shifts are slow on strided views
     ql = b[:, :128].contiguous().reshape(nb, 2, 1, 64)
     qh = b[:, 128:192].contiguous().reshape(nb, 2, 1, 32)
-    sc = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = _f16_from(b[:, 208:210])
     lo = torch.cat([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=2)
     hi = torch.cat([(qh & 3) << 4, ((qh >> 2) & 3) << 4, ((qh >> 4) & 3) << 4, (qh >> 6) << 4], dim=2)
-    q = (lo | hi).reshape(nb, 16, 16).float().sub_(32.0)
+    return (lo | hi).reshape(nb, QK_K)
+
+
+def _dq6_k(b: torch.Tensor) -> torch.Tensor:
+    nb = b.shape[0]
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = _f16_from(b[:, 208:210])
+    q = _q6_codes(b).reshape(nb, 16, 16).float().sub_(32.0)
     # in place: a broadcast over the innermost dim is several times slower in a new tensor
     return q.mul_((d[:, None] * sc)[:, :, None]).reshape(nb, QK_K)
 
@@ -434,22 +445,33 @@ def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     return header, _rows_u8(L, nb)
 
 
+def _pack_q4_codes(L: torch.Tensor) -> torch.Tensor:
+    q = L.reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _pack_high_bits(hb: torch.Tensor) -> torch.Tensor:
+    """hb [nb, 256] of 0/1 -> 32 bytes: bit k of byte j is element 32k + j (_bits8's inverse)."""
+    hb = hb.reshape(-1, 8, 32)
+    out = hb[:, 0].clone()
+    for k in range(1, 8):
+        out |= hb[:, k] << k
+    return out
+
+
+def _pack_q5_codes(L: torch.Tensor) -> torch.Tensor:
+    """levels [nb, 256] in 0..31 -> qh (32 bytes) + ql (128 bytes)."""
+    return torch.cat([_pack_high_bits(L >> 4), _pack_q4_codes(L & 0xF)], dim=1)
+
+
 def _q4_k(x: torch.Tensor) -> torch.Tensor:
     header, L = _q45_k(x, 15, -1.0, 20)
-    q = L.reshape(-1, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    return torch.cat([header, qs], dim=1)
+    return torch.cat([header, _pack_q4_codes(L)], dim=1)
 
 
 def _q5_k(x: torch.Tensor) -> torch.Tensor:
     header, L = _q45_k(x, 31, -0.5, 15)
-    q = L.reshape(-1, 4, 2, 32)
-    ql = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
-    hb = (q >> 4).reshape(-1, 8, 32)          # bit k of qh[j]: high bit of L[32k + j]
-    qh = hb[:, 0].clone()
-    for k in range(1, 8):
-        qh |= hb[:, k] << k
-    return torch.cat([header, qh, ql], dim=1)
+    return torch.cat([header, _pack_q5_codes(L)], dim=1)
 
 
 def _dq45_k(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -467,12 +489,20 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([q & 0xF, q >> 4], dim=2).reshape(-1, QK_K)
 
 
+def _q4_codes(b: torch.Tensor) -> torch.Tensor:
+    return _nibbles(b[:, 16:144])
+
+
+def _q5_codes(b: torch.Tensor) -> torch.Tensor:
+    return _nibbles(b[:, 48:176]) | (_bits8(b[:, 16:48]) << 4)
+
+
 def _dq4_k(b: torch.Tensor) -> torch.Tensor:
-    return _dq45_k(b, _nibbles(b[:, 16:144]))
+    return _dq45_k(b, _q4_codes(b))
 
 
 def _dq5_k(b: torch.Tensor) -> torch.Tensor:
-    return _dq45_k(b, _nibbles(b[:, 48:176]) | (_bits8(b[:, 16:48]) << 4))
+    return _dq45_k(b, _q5_codes(b))
 
 
 # ----------------------------------------------------------------------------- Q3_K
@@ -493,16 +523,25 @@ def _q3_k(x: torch.Tensor) -> torch.Tensor:
     L = _levels(xs / torch.where(nz, dl, 1.0), -4, 3)
     if not bool(nz.all()):
         L = torch.where(nz, L, L0)
-    Lb = _rows_u8(L, nb)
-    hb = (Lb >> 2).reshape(nb, 8, 32)            # L > 3: bit k of hmask[m] for element 32k + m
-    hmask = hb[:, 0].clone()
-    for k in range(1, 8):
-        hmask |= hb[:, k] << k
     lo, hi = l[:, :8], l[:, 8:]
     s_lo = (lo & 0xF) | ((hi & 0xF) << 4)
     g = (l >> 4).reshape(nb, 4, 4)               # scale 4g + k: bits 2g..2g+1 of byte 8 + k
     s_hi = g[:, 0] | (g[:, 1] << 2) | (g[:, 2] << 4) | (g[:, 3] << 6)
-    return torch.cat([hmask, _pack_2bit(Lb & 3), s_lo.to(torch.uint8), s_hi.to(torch.uint8), d_bytes], dim=1)
+    return torch.cat([_pack_q3_codes(_rows_u8(L, nb)), s_lo.to(torch.uint8), s_hi.to(torch.uint8), d_bytes], dim=1)
+
+
+def _pack_q3_codes(Lb: torch.Tensor) -> torch.Tensor:
+    """levels [nb, 256] in 0..7 -> hmask (32 bytes; L > 3: bit k of byte m for element 32k + m)
+    + the low two bits (64 bytes)."""
+    return torch.cat([_pack_high_bits(Lb >> 2), _pack_2bit(Lb & 3)], dim=1)
+
+
+def _q3_codes(b: torch.Tensor) -> torch.Tensor:
+    return _unpack_2bit(b[:, 32:96]) | (_bits8(b[:, :32]) << 2)
+
+
+def _q2_codes(b: torch.Tensor) -> torch.Tensor:
+    return _unpack_2bit(b[:, 16:80])
 
 
 def _dq3_k(b: torch.Tensor) -> torch.Tensor:
@@ -514,7 +553,7 @@ def _dq3_k(b: torch.Tensor) -> torch.Tensor:
     scales = (low | (high << 4)).float().sub_(32.0)
     d = _f16_from(b[:, 108:110])
     # level - 4 where the hmask bit is clear: (q | hbit << 2) - 4
-    q = (_unpack_2bit(b[:, 32:96]) | (_bits8(b[:, :32]) << 2)).reshape(nb, 16, 16).float().sub_(4.0)
+    q = _q3_codes(b).reshape(nb, 16, 16).float().sub_(4.0)
     return q.mul_((d[:, None] * scales)[:, :, None]).reshape(nb, QK_K)
 
 
@@ -547,7 +586,7 @@ def _q2_k(x: torch.Tensor) -> torch.Tensor:
 def _dq2_k(b: torch.Tensor) -> torch.Tensor:
     nb = b.shape[0]
     s = b[:, :16].contiguous()
-    q = _unpack_2bit(b[:, 16:80]).reshape(nb, 16, 16).float()
+    q = _q2_codes(b).reshape(nb, 16, 16).float()
     d, dmin = _f16_from(b[:, 80:82]), _f16_from(b[:, 82:84])
     dl = d[:, None] * (s & 0xF).float()
     ml = dmin[:, None] * (s >> 4).float()
@@ -558,6 +597,64 @@ def _dq2_k(b: torch.Tensor) -> torch.Tensor:
 
 _ENCODERS = {"q6_k": _q6_k, "q5_k": _q5_k, "q4_k": _q4_k, "q3_k": _q3_k, "q2_k": _q2_k}
 _DECODERS = {"q6_k": _dq6_k, "q5_k": _dq5_k, "q4_k": _dq4_k, "q3_k": _dq3_k, "q2_k": _dq2_k}
+
+
+# ----------------------------------------------------------------------------- grids (GPTQ)
+# Every K-quant block decodes as value = s[sub] * (L - off) - m[sub] with L in 0..nmax (off 32
+# for Q6_K, 4 for Q3_K, else 0; m is 0 where off is not): (sub-block width, nmax, byte range
+# of the codes, codes packer). GPTQ fixes s and m from a block's bytes
+# and rounds its own values onto that grid (quant.gptq), then writes the codes back here.
+_CODES = {
+    "q6_k": (16, 63, (0, 192), _pack_q6_codes, _q6_codes),
+    "q5_k": (32, 31, (16, 176), _pack_q5_codes, _q5_codes),
+    "q4_k": (32, 15, (16, 144), _pack_q4_codes, _q4_codes),
+    "q3_k": (16, 7, (0, 96), _pack_q3_codes, _q3_codes),
+    "q2_k": (16, 3, (16, 80), _pack_2bit, _q2_codes),
+}
+
+
+def block_codes(name: str, b: torch.Tensor) -> torch.Tensor:
+    """The codes L uint8 [nb, 256] (0..nmax) stored in blocks b (repack's inverse)."""
+    return _CODES[qtype(name).name][4](b)
+
+
+def block_grid(name: str, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """uint8 [nb, type_size] -> (s, m) float32 [nb, 256 / sub] and (off, sub, nmax): the grid
+    of each sub-block, in the float32 arithmetic of dequantize_row_<name>: value = s * (L - off)
+    - m exactly."""
+    name = qtype(name).name
+    sub, nmax = _CODES[name][:2]
+    nb = b.shape[0]
+    if name == "q6_k":
+        s = _f16_from(b[:, 208:210])[:, None] * b[:, 192:208].contiguous().view(torch.int8).float()
+        return s, torch.zeros_like(s), 32, sub, nmax
+    if name in ("q4_k", "q5_k"):
+        d, dmin = _f16_from(b[:, 0:2]), _f16_from(b[:, 2:4])
+        sc, m = _unpack_k4_scales(b[:, 4:16])
+        return d[:, None] * sc.float(), dmin[:, None] * m.float(), 0, sub, nmax
+    if name == "q3_k":
+        sc = b[:, 96:108].contiguous()
+        low = torch.cat([sc[:, :8] & 0xF, sc[:, :8] >> 4], dim=1)
+        g = sc[:, 8:12]
+        high = torch.cat([g & 3, (g >> 2) & 3, (g >> 4) & 3, g >> 6], dim=1)
+        s = _f16_from(b[:, 108:110])[:, None] * (low | (high << 4)).float().sub_(32.0)
+        return s, torch.zeros_like(s), 4, sub, nmax
+    sc = b[:, :16].contiguous()
+    d, dmin = _f16_from(b[:, 80:82]), _f16_from(b[:, 82:84])
+    return d[:, None] * (sc & 0xF).float(), dmin[:, None] * (sc >> 4).float(), 0, sub, nmax
+
+
+def repack(name: str, b: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Blocks b uint8 [nb, type_size] with their codes replaced by L [nb, 256] (0..nmax); the
+    scales (and mins) are kept. dequantize(repack(b, L)) == s * (L - off) - m of block_grid(b)."""
+    name = qtype(name).name
+    _, nmax, (lo, hi), pack, _ = _CODES[name]
+    L = L.to(torch.int64)
+    if L.numel() and (int(L.min()) < 0 or int(L.max()) > nmax):
+        raise ValueError(f"{name} codes out of range 0..{nmax}")
+    out = b.clone()
+    out[:, lo:hi] = pack(L.to(torch.uint8).reshape(-1, QK_K))
+    return out
 
 
 def _check_blocks(name: str, x: torch.Tensor) -> torch.Tensor:

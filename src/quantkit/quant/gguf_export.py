@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,9 +62,10 @@ class ExportReport:
     types: dict[str, str] = field(default_factory=dict)   # tensor -> type written
 
 
-def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q8_0", *, pure: bool = False,
-                token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                show_progress: bool = True) -> ExportReport:
+def plan_gguf(source: ModelSource, file_type: str = "q8_0", *, pure: bool = False,
+              token_embedding_type: str | None = None, output_tensor_type: str | None = None):
+    """llama-quantize's choices for `source` at `file_type`: (tensor infos by name, [(name,
+    shape, type)] in llama-quantize's tensor order). Raises QuantkitError for a bad type."""
     ft = file_type.lower()
     if ft not in FILE_TYPES:
         raise QuantkitError(f"unknown GGUF file type '{file_type}'",
@@ -90,11 +92,33 @@ def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q
             raise QuantkitError(f"tensor {n} needs type {target}, which quantkit cannot encode yet",
                                 source.path, "use --pure or another file type")
         plan.append((n, info.shape, target))
+    return infos, plan
+
+
+def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q8_0", *, pure: bool = False,
+                token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+                show_progress: bool = True, precomputed: Callable[[str], np.ndarray | None] | None = None,
+                plan: list | None = None) -> ExportReport:
+    """Write `source` as a GGUF of `file_type`, tensor by tensor. `precomputed(name)` may supply a
+    tensor's bytes (GPTQ's, already on the tensor's target grid; None: encode it here)."""
+    ft = file_type.lower()
+    if plan is None:
+        infos, plan = plan_gguf(source, ft, pure=pure, token_embedding_type=token_embedding_type,
+                                output_tensor_type=output_tensor_type)
+    else:
+        infos = {t.name: t for t in source.tensors()}
+    from ..models.gguf import GGUFSource
+    is_gguf = isinstance(source, GGUFSource)
+    s = source.spec
     targets = {n: t for n, _, t in plan}
     total = sum(qtype(t).nbytes(shp) for _, shp, t in plan)
 
     def produce(name: str) -> np.ndarray:
         info, target = infos[name], targets[name]
+        if precomputed is not None:
+            data = precomputed(name)
+            if data is not None:
+                return data
         if is_gguf and target == info.type:
             raw, _ = source.raw(name)
             return raw

@@ -58,6 +58,10 @@ class GPTQConfig:
     damp: float = DEFAULT_DAMP
     act_order: bool = False
     block_size: int = DEFAULT_BLOCK
+    # llama.cpp legacy grids only: choose each block's scale (and min) by a search minimising
+    # the block's rounding error weighted by each column's importance (1 / [U]_jj², the weight
+    # GPTQ's own loss gives a column's error) instead of llama.cpp's max-based rule.
+    scale_search: bool = True
 
     def __post_init__(self):
         if self.damp < 0:
@@ -94,10 +98,10 @@ class _IntGrid:
         self.spec = spec
         self.width = spec.group_width(in_features)
 
-    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return compute_qparams(w, self.spec)
 
-    def round(self, w: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
+    def round(self, w: torch.Tensor, p, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = p
         q = (torch.round(w / scale) + zero).clamp(0, self.spec.maxq)
         return q, (q - zero) * scale
@@ -109,45 +113,104 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
 
 
+def _safe_inv(d: torch.Tensor) -> torch.Tensor:
+    nz = d != 0
+    return torch.where(nz, 1.0 / torch.where(nz, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+# Candidate scales of the block scale search, as multiples of the max-based scale.
+_SYM_FACTORS = torch.tensor([0.80, 0.84, 0.87, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0, 1.02, 1.05])
+_ASYM_SHRINK = torch.tensor([0.0, 0.03, 0.06, 0.1, 0.15])
+
+
+def search_block_scale(w: torch.Tensor, imp: torch.Tensor, levels: int, offset: int, has_min: bool):
+    """Per row of w [rows, 32]: the block scale d (and min mn) minimising Σ_j imp_j (w_j - ŵ_j)²
+    over a few candidate grids, each refitted by weighted least squares given its codes, as
+    llama.cpp's importance-matrix quantizers (make_qx_quants / make_qkx3_quants) do. Returns
+    (mn, d) float32 [rows]; mn is zero for the symmetric types."""
+    rows = w.shape[0]
+    imp = imp.clamp_min(0).to(w.dtype)[None, None, :]
+    x = w[:, None, :]
+    if not has_min:
+        amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True))          # signed, [rows, 1]
+        d0 = amax / -offset                                               # llama.cpp's own scale
+        d = d0 * _SYM_FACTORS[None, :]                                    # [rows, C]
+        L = torch.trunc(x * _safe_inv(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
+        num = (imp * x * L).sum(-1)
+        den = (imp * L * L).sum(-1)
+        d_ls = torch.where(den > 0, num / den.clamp_min(1e-30), d)       # least-squares refit
+        d = torch.cat([d0, d_ls], dim=1).half().float()                   # llama.cpp's rule stays a candidate
+        x = w[:, None, :]
+        L = torch.trunc(x * _safe_inv(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
+        err = (imp * (x - L * d[..., None]) ** 2).sum(-1)
+        err = torch.where(torch.isfinite(d), err, torch.full_like(err, float("inf")))
+        best = err.argmin(dim=1, keepdim=True)
+        return torch.zeros(rows), d.gather(1, best).squeeze(1)
+    lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    rng = (hi - lo)[:, None, None]
+    a, b = torch.meshgrid(_ASYM_SHRINK, _ASYM_SHRINK, indexing="ij")
+    mn = lo[:, None] + (rng[..., 0] * a.reshape(1, -1))                  # [rows, C]
+    mx = hi[:, None] - (rng[..., 0] * b.reshape(1, -1))
+    d = (mx - mn) / levels
+    L = torch.trunc((x - mn[..., None]) * _safe_inv(d)[..., None] + 0.5).clamp(0, levels)
+    # weighted least squares of x ≈ d L + m
+    sw, sl, sx = imp.sum(-1), (imp * L).sum(-1), (imp * x).sum(-1)
+    sll, slx = (imp * L * L).sum(-1), (imp * L * x).sum(-1)
+    det = sw * sll - sl * sl
+    ok = det > 1e-12 * sw * sll
+    d_ls = (sw * slx - sl * sx) / torch.where(ok, det, torch.ones_like(det))
+    m_ls = (sll * sx - sl * slx) / torch.where(ok, det, torch.ones_like(det))
+    fit = ok & (d_ls > 0)
+    d = torch.cat([d, torch.where(fit, d_ls, d)], dim=1).half().float()   # raw candidates stay
+    mn = torch.cat([mn, torch.where(fit, m_ls, mn)], dim=1).half().float()
+    L = torch.trunc((x - mn[..., None]) * _safe_inv(d)[..., None] + 0.5).clamp(0, levels)
+    err = (imp * (x - (L * d[..., None] + mn[..., None])) ** 2).sum(-1)
+    err = torch.where(torch.isfinite(d) & torch.isfinite(mn), err, torch.full_like(err, float("inf")))
+    best = err.argmin(dim=1, keepdim=True)
+    return mn.gather(1, best).squeeze(1), d.gather(1, best).squeeze(1)
+
+
 class _LegacyGrid:
     """llama.cpp's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 block of 32, following quantize_row_*_ref: scale
     from the block (first element of largest magnitude, or min/max), d stored as fp16 while the
     codes use 1/d in float32, truncation after +8.5 (+16.5, +0.5), roundf for Q8_0. Later
     columns of a block, moved by GPTQ's updates, may fall outside the block's range: they clamp
-    to the nearest code, which the reference never needs."""
+    to the nearest code, which the reference never needs. With `search`, the scale (and min)
+    come from search_block_scale instead of the max-based rule; the format is unchanged."""
 
     width = 32
 
-    def __init__(self, name: str, in_features: int):
+    def __init__(self, name: str, in_features: int, search: bool = False):
         if name not in LEGACY_GRIDS:
             raise ValueError(f"no GPTQ grid for {name} (supported: {', '.join(LEGACY_GRIDS)})")
         if in_features % 32:
             raise ValueError(f"{name} needs rows that are a multiple of 32, got {in_features}")
         self.name = name
         self.levels, self.offset, self.has_min = LEGACY_GRIDS[name]
+        self.search = search and name != "q8_0"
 
-    def params(self, w: torch.Tensor):
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None):
         w = w.float()
         if not torch.isfinite(w).all():
             raise ValueError("weights contain NaN or Inf")
-        if self.has_min:
+        mn = torch.zeros(w.shape[0])
+        if self.search and imp is not None:
+            mn, d = search_block_scale(w, imp, self.levels, self.offset, self.has_min)
+        elif self.has_min:
             mn = w.min(dim=1).values
             d = (w.max(dim=1).values - mn) / self.levels
-            m16 = mn.half().float()
+        elif self.name == "q8_0":
+            d = w.abs().max(dim=1).values / 127
         else:
-            mn = m16 = torch.zeros(w.shape[0])
-            if self.name == "q8_0":
-                d = w.abs().max(dim=1).values / 127
-            else:
-                amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-                d = amax / -(self.offset)
-        inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+            amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+            d = amax / -(self.offset)
+        m16 = mn.half().float()
         d16 = d.half().float()
-        if not torch.isfinite(d16).all():
+        if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
             raise ValueError(f"a block's scale overflows fp16 (|w| up to {float(w.abs().max()):.3g})")
-        return mn, inv, d16, m16
+        return mn, _safe_inv(d), d16, m16
 
-    def round(self, w: torch.Tensor, p):
+    def round(self, w: torch.Tensor, p, j: int):
         mn, inv, d16, m16 = p
         if self.name == "q8_0":
             q = _roundf(w * inv).clamp(-128, 127) + 128
@@ -157,6 +220,42 @@ class _LegacyGrid:
             return q, q * d16 + m16
         q = torch.trunc(w * inv + (self.offset + 0.5)).clamp(0, self.levels)
         return q, (q - self.offset) * d16
+
+
+class _KGrid:
+    """A llama.cpp K-quant super-block of 256 (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K): when GPTQ reaches
+    a super-block, llama.cpp's reference quantizer (codecs.kquants, bit-exact) encodes the
+    partially updated weights; the sub-block scales and mins of those bytes are then fixed and
+    every column is rounded onto them, and the final codes are written back into the bytes."""
+
+    width = 256
+
+    def __init__(self, name: str, in_features: int):
+        from ..codecs import kquants
+        self.kq = kquants
+        if name not in kquants.KQUANT_TYPES:
+            raise ValueError(f"no GPTQ grid for {name}")
+        if in_features % 256:
+            raise ValueError(f"{name} needs rows that are a multiple of 256, got {in_features}")
+        self.name = name
+
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None):
+        w = w.float().contiguous()
+        if not torch.isfinite(w).all():
+            raise ValueError("weights contain NaN or Inf")
+        b = self.kq.quantize(self.name, w)
+        s, m, off, sub, nmax = self.kq.block_grid(self.name, b)
+        return b, s, m, off, sub, nmax, self.kq.block_codes(self.name, b).float()
+
+    def round(self, w: torch.Tensor, p, j: int):
+        """As llama.cpp's final rounding: nearest_int((x + m) / s), a true division; a sub-block
+        with s = 0 keeps the encoder's own code (its values are -m whatever the code)."""
+        _, s, m, off, sub, nmax, own = p
+        sj, mj = s[:, j // sub], m[:, j // sub]
+        nz = sj != 0
+        q = torch.round((w + mj) / torch.where(nz, sj, torch.ones_like(sj))) + off
+        q = torch.where(nz, q.clamp(0, nmax), own[:, j])
+        return q, (q - off) * sj - mj
 
 
 @dataclass
@@ -175,6 +274,10 @@ class LegacyBlocks:
                                  None if self.m is None else self.m.reshape(-1))
         return b.reshape(out_f, -1)
 
+    def split_rows(self, rows: list[int]) -> list["LegacyBlocks"]:
+        ms = self.m.split(rows) if self.m is not None else [None] * len(rows)
+        return [LegacyBlocks(self.name, c, d, m) for c, d, m in zip(self.codes.split(rows), self.d.split(rows), ms)]
+
     def dequantize(self) -> torch.Tensor:
         out_f, in_f = self.codes.shape
         q = self.codes.reshape(out_f, -1, 32).float()
@@ -185,8 +288,26 @@ class LegacyBlocks:
 
 
 @dataclass
+class KBlocks:
+    """A weight as llama.cpp K-quant bytes: data uint8 [out, row_bytes]."""
+    name: str
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    def to_bytes(self) -> torch.Tensor:
+        return self.data
+
+    def split_rows(self, rows: list[int]) -> list["KBlocks"]:
+        return [KBlocks(self.name, d, (r, self.shape[1])) for d, r in zip(self.data.split(rows), rows)]
+
+    def dequantize(self) -> torch.Tensor:
+        from ..codecs import kquants
+        return kquants.dequantize(self.name, self.data.reshape(-1), self.shape)
+
+
+@dataclass
 class GPTQResult:
-    weight: QuantizedWeight | LegacyBlocks
+    weight: QuantizedWeight | LegacyBlocks | KBlocks
     dequantized: torch.Tensor       # Ŵ float32 [out, in], exactly weight.dequantize()
     damp: float                     # the dampening ratio finally used
     loss: float                     # Σ (w - q)² / Hinv_jj² / 2, GPTQ's own error estimate
@@ -223,13 +344,23 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
                      "(the calibration activations are degenerate)")
 
 
+def _make_grid(grid, in_f: int, config: GPTQConfig):
+    if isinstance(grid, QuantSpec):
+        return _IntGrid(grid, in_f)
+    name = grid.lower()
+    if name in LEGACY_GRIDS:
+        return _LegacyGrid(name, in_f, search=config.scale_search)
+    return _KGrid(name, in_f)
+
+
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
                     config: GPTQConfig = GPTQConfig()) -> GPTQResult:
-    """GPTQ of W [out, in] given H [in, in]; `grid` a QuantSpec or a legacy llama.cpp type name."""
+    """GPTQ of W [out, in] given H [in, in]; `grid` a QuantSpec or a llama.cpp type name
+    (legacy: q4_0 q4_1 q5_0 q5_1 q8_0; K-quants: q6_k q5_k q4_k q3_k q2_k)."""
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not match")
     out_f, in_f = W.shape
-    g = _IntGrid(grid, in_f) if isinstance(grid, QuantSpec) else _LegacyGrid(grid.lower(), in_f)
+    g = _make_grid(grid, in_f, config)
     W = W.to(WORK_DTYPE).clone()
     if not torch.isfinite(W).all():
         raise ValueError("weights contain NaN or Inf")
@@ -244,15 +375,19 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
     n_groups = in_f // g.width
     params: list = [None] * n_groups
     if config.act_order:
+        hdiag = torch.diagonal(H).clone()
         for gi in range(n_groups):              # static groups, from the original weights
-            params[gi] = g.params(W[:, gi * g.width:(gi + 1) * g.width])
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            sl = slice(gi * g.width, (gi + 1) * g.width)
+            params[gi] = g.params(W[:, sl], hdiag[sl])
+        perm = torch.argsort(hdiag, descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
     else:
         perm = torch.arange(in_f)
     Hinv, damp = _inverse_cholesky(H, config.damp)
     del H
+    # a column's error costs (w - q)² / [U]_jj² in GPTQ's loss: its importance in a block search
+    importance = torch.diagonal(Hinv).pow(-2)
 
     codes = torch.zeros(out_f, in_f, dtype=WORK_DTYPE)   # natural column order
     Q = torch.zeros_like(W)                              # permuted order
@@ -269,9 +404,10 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
                 col = perm_l[i1 + i]
                 gi = col // g.width
                 if params[gi] is None:          # first column of a group, in natural order
-                    params[gi] = g.params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g.width])
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g.width]
+                    params[gi] = g.params(ahead, importance[i1 + i:i1 + i + g.width])
                 w = W1[:, i]
-                q, dq = g.round(w, params[gi])
+                q, dq = g.round(w, params[gi], col % g.width)
                 codes[:, col] = q
                 Q[:, i1 + i] = dq
                 err = (w - dq) / Hinv1[i, i]
@@ -283,12 +419,18 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
     inv_perm = torch.argsort(perm)
     deq = Q[:, inv_perm]
     codes_i = codes.to(torch.int32)
+    weight: QuantizedWeight | LegacyBlocks | KBlocks
     if isinstance(g, _IntGrid):
         scales = torch.stack([p[0] for p in params], dim=1)
         zeros = torch.stack([p[1] for p in params], dim=1)
         qw = QuantizedWeight(codes_i, scales.to(grid.scale_dtype), zeros, grid)
-        weight: QuantizedWeight | LegacyBlocks = qw
+        weight = qw
         deq_exact = dequantize(codes_i, qw.scales, zeros, g.width)
+    elif isinstance(g, _KGrid):
+        blocks = torch.stack([p[0] for p in params], dim=1).reshape(-1, params[0][0].shape[1])
+        data = g.kq.repack(g.name, blocks, codes_i.reshape(-1, 256))
+        weight = KBlocks(g.name, data.reshape(out_f, -1), (out_f, in_f))
+        deq_exact = weight.dequantize()
     else:
         d16 = torch.stack([p[2] for p in params], dim=1)
         m16 = torch.stack([p[3] for p in params], dim=1) if g.has_min else None

@@ -41,7 +41,9 @@ METHODS = ("gptq", "rtn", "none")
 @dataclass(frozen=True)
 class PipelineConfig:
     method: str = "gptq"                       # "gptq" | "rtn" | "none" (no quantization)
-    grid: QuantSpec | str = QuantSpec()        # integer grid, or a llama.cpp legacy type ("q4_0")
+    # integer grid, a llama.cpp type ("q4_0", "q4_k"), or a function of the linear's full name
+    # returning one of those (None: leave that linear unquantized)
+    grid: QuantSpec | str | Callable[[str], QuantSpec | str | None] = QuantSpec()
     gptq: GPTQConfig = GPTQConfig()
     true_sequential: bool = True               # False: every linear calibrated on the block's float inputs
 
@@ -155,19 +157,48 @@ def _groups(layer: nn.Module) -> list[tuple[str, ...]]:
     return groups
 
 
-def _quantize(name: str, W: torch.Tensor, H: torch.Tensor | None, cfg: PipelineConfig, report: PipelineReport):
+def _grid_of(cfg: PipelineConfig, name: str):
+    return cfg.grid(name) if callable(cfg.grid) else cfg.grid
+
+
+def _quantize(name: str, W: torch.Tensor, H: torch.Tensor | None, grid, cfg: PipelineConfig,
+              report: PipelineReport):
     try:
         if cfg.method == "rtn":
-            if not isinstance(cfg.grid, QuantSpec):
+            if not isinstance(grid, QuantSpec):
                 raise ValueError("RTN onto llama.cpp grids is the GGUF exporter's job (quant.gguf_export)")
-            qw = quantize_rtn(W, cfg.grid)
+            qw = quantize_rtn(W, grid)
             return qw, qw.dequantize()
-        res = quantize_weight(W, H, cfg.grid, cfg.gptq)
+        res = quantize_weight(W, H, grid, cfg.gptq)
     except ValueError as e:
         raise QuantkitError(f"cannot quantize {name}: {e}") from None
     report.damp[name] = res.damp
     report.loss[name] = res.loss
     return res.weight, res.dequantized
+
+
+def _quantize_group(lp: str, names: tuple[str, ...], lin: dict[str, nn.Linear], H, cfg: PipelineConfig,
+                    report: PipelineReport, done: dict) -> None:
+    """Quantize the linears of a group that share an input (and so one Hessian). Those on the
+    same grid are solved as one matrix, their rows stacked: every grid here is per row and
+    GPTQ's updates act on each row alone, so the result is the same as one call per linear,
+    with one Hessian factorisation and larger, faster products."""
+    by_grid: dict[object, list[str]] = {}
+    for name in names:
+        grid = _grid_of(cfg, f"{lp}.{name}")
+        if grid is not None:
+            by_grid.setdefault(grid, []).append(name)
+    for grid, members in by_grid.items():
+        Ws = [lin[n].weight.data for n in members]
+        label = ", ".join(f"{lp}.{n}" for n in members)
+        qw, deq = _quantize(label, torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, grid, cfg, report)
+        rows = [w.shape[0] for w in Ws]
+        parts = qw.split_rows(rows) if len(Ws) > 1 else [qw]
+        for n, part, d in zip(members, parts, deq.split(rows)):
+            lin[n].weight.data = d.to(lin[n].weight.dtype).contiguous()
+            done[f"{lp}.{n}"] = part
+            if len(members) > 1:
+                report.damp[f"{lp}.{n}"] = report.damp.get(label, 0.0)
 
 
 @torch.no_grad()
@@ -201,10 +232,8 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
                 for stage in stages:
                     hs = _calibrate(layer, stage, lin, hidden, kwargs) if cfg.method == "gptq" else {}
                     for g in stage:
-                        for name in g:
-                            qw, deq = _quantize(f"{lp}.{name}", lin[name].weight.data, hs.get(g), cfg, report)
-                            lin[name].weight.data = deq.to(lin[name].weight.dtype)
-                            done[f"{lp}.{name}"] = qw
+                        _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
+                        hs.pop(g, None)
             if hidden is not None:
                 hidden = run_block(layer, hidden, kwargs)
             if on_block is not None:

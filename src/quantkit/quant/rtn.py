@@ -70,6 +70,11 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scales, self.zeros, self.spec.group_width(self.q.shape[1]))
 
+    def split_rows(self, rows: list[int]) -> list["QuantizedWeight"]:
+        """The weights of stacked linears, apart again (rows: each one's output count)."""
+        return [QuantizedWeight(q, s, z, self.spec)
+                for q, s, z in zip(self.q.split(rows), self.scales.split(rows), self.zeros.split(rows))]
+
 
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """w float [rows, k] (one group per row) -> scale float32 [rows] (already rounded to

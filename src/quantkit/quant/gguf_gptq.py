@@ -1,0 +1,172 @@
+"""GPTQ-compensated GGUF: GPTQ whose quantization grid is llama.cpp's own block format.
+
+For every decoder linear whose llama.cpp type (chosen by llama-quantize's rules for the file
+type, quant.gguf_policy) is a legacy block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or a K-quant
+(Q6_K .. Q2_K), GPTQ (quant.gptq) quantizes the weight onto exactly that type's grid, block by
+block, and the codes are written as the type's bytes: a stock GGUF that llama.cpp runs at full
+speed. Every other tensor (embeddings, output head, norms, and linears whose type has no GPTQ
+grid) is written as llama-quantize writes it (quant.gguf_export).
+
+Pipeline: the model is built in transformers (float32) from the GGUF or Hugging Face source;
+calibration text is tokenized with the model's own tokenizer (llama.cpp's for a GGUF); blocks
+are quantized in order (quant.pipeline), each on inputs produced by the already-quantized
+blocks before it. The quantized tensors are spooled to a temporary file next to the output, so
+memory holds one block's Hessians and solutions, not the whole quantized model; the GGUF is
+then written tensor by tensor (temporary name, renamed when complete).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..models.open import open_model
+from ..util.errors import QuantkitError
+from .gguf_export import ExportReport, export_gguf, plan_gguf
+from .gptq import GPTQConfig
+
+# the llama.cpp types GPTQ can solve for (quant.gptq grids)
+GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
+
+
+@dataclass
+class GGUFGPTQReport(ExportReport):
+    gptq_seconds: float = 0.0
+    n_gptq: int = 0                                       # linears solved by GPTQ
+    damp: dict[str, float] = field(default_factory=dict)
+
+
+class LlamaCppTokenizer:
+    """The GGUF's own tokenizer through llama.cpp (vocab only), shaped like a Hugging Face
+    tokenizer for quant.calib: tokenizer(text, add_special_tokens=False)["input_ids"]."""
+
+    def __init__(self, path: str):
+        from ..eval.runtimes import LlamaCpp
+        self._rt = LlamaCpp(path, vocab_only=True)
+        import llama_cpp as lib
+        llm = self._rt.llm
+        adds = bool(lib.llama_vocab_get_add_bos(lib.llama_model_get_vocab(llm.model)))
+        self.bos_token_id = int(llm.token_bos()) if adds else None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self._rt.tokenize(text, add_bos=add_special_tokens)}
+
+
+def _torch_model(src, path: str):
+    """(transformers model in float32, tokenizer, HF arch) for a GGUF or HF directory source."""
+    from ..models.arch import HF_ARCHS, find_hf_arch
+    from ..models.gguf import GGUFSource
+    if isinstance(src, GGUFSource):
+        from ..eval.torch_runtime import model_from_gguf
+        return model_from_gguf(path), LlamaCppTokenizer(path), HF_ARCHS[src.spec.arch]
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    arch = find_hf_arch(cfg.get("architectures"), cfg.get("model_type"))
+    if arch is None:
+        raise QuantkitError(f"GPTQ to GGUF does not know the architecture {cfg.get('model_type')!r}", path,
+                            "supported: llama, mistral, qwen2, gemma3")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), arch
+
+
+class _Spool:
+    """Quantized tensors on disk until the GGUF writer asks for them (one file, appended)."""
+
+    def __init__(self, directory: str):
+        self._f = tempfile.NamedTemporaryFile(dir=directory, prefix=".quantkit-gptq-", suffix=".spool", delete=False)
+        self.path = self._f.name
+        self.where: dict[str, tuple[int, int]] = {}
+        self._map = None
+
+    def put(self, name: str, data: np.ndarray) -> None:
+        self.where[name] = (self._f.tell(), data.nbytes)
+        self._f.write(np.ascontiguousarray(data).tobytes())
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self.where:
+            return None
+        if self._map is None:
+            self._f.flush()
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        off, n = self.where[name]
+        return self._map[off:off + n]
+
+    def close(self) -> None:
+        self._map = None
+        self._f.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, file_type: str = "q4_0", *,
+                     calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
+                     gptq: GPTQConfig = GPTQConfig(), pure: bool = False,
+                     token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+                     show_progress: bool = True) -> GGUFGPTQReport:
+    """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
+    model) at llama.cpp `file_type`, calibrated on `calib` (any UTF-8 text; default wikitext-2
+    valid), nsamples x seqlen tokens."""
+    from ..models.arch import hf_to_gguf_name, permute_for_rope
+    from ..util.atomic import check_writable_dir
+    from .calib import calibration_ids
+    from .pipeline import PipelineConfig, quantize_model
+
+    t0 = time.perf_counter()
+    out = os.fspath(out)
+    check_writable_dir(out)
+    src = open_model(model)
+    try:
+        path = src.path
+        infos, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
+                                output_tensor_type=output_tensor_type)
+        targets = {n: t for n, _, t in plan}
+        spec = src.spec
+        tmodel, tokenizer, arch = _torch_model(src, path)
+        ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
+
+        def gguf_name(hf_linear: str) -> str | None:
+            try:
+                return hf_to_gguf_name(arch, hf_linear + ".weight")
+            except KeyError:
+                return None
+
+        def grid_for(hf_linear: str):
+            g = gguf_name(hf_linear)
+            t = targets.get(g) if g else None
+            return t if t in GPTQ_TYPES else None
+
+        spool = _Spool(os.path.dirname(os.path.abspath(out)) or ".")
+        n_gptq = 0
+        try:
+            def on_block(i, lp, layer, done):
+                nonlocal n_gptq
+                for hf_linear, qw in done.items():
+                    g = gguf_name(hf_linear)
+                    rows = qw.to_bytes()
+                    if arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
+                        rows = permute_for_rope(rows, spec.n_head if ".attn_q." in g else spec.n_head_kv)
+                    spool.put(g, rows.contiguous().numpy().reshape(-1))
+                    n_gptq += 1
+
+            pcfg = PipelineConfig(method="gptq", grid=grid_for, gptq=gptq)
+            report = quantize_model(tmodel, ids, pcfg, on_block=on_block, show_progress=show_progress)
+            del tmodel
+            gptq_s = time.perf_counter() - t0
+            res = export_gguf(src, out, file_type, plan=plan, precomputed=spool.get, show_progress=show_progress)
+        finally:
+            spool.close()
+    finally:
+        src.close()
+    damp = {k: v for k, v in report.damp.items() if "," not in k}
+    return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
+                          gptq_s, n_gptq, damp)
