@@ -240,15 +240,63 @@ def test_torch_cpu_resident_by_hand():
     ts = formats.tensor_bytes(m, "fp32")
     w = 4 * (256_000 + 4 * 65_536 + 2 * 256)
     assert formats.total(ts) == w
-    # logits of the second half of 64 tokens: 32 x 1000 x 4 B, plus hidden states 2 x 64 x 256 x 4 B;
-    # attention: 2 x 4 heads x 64^2 x 4 B scores + one 64^2 fp32 mask + hidden + q,k,v 64 x 12 x 64 x 4 B
-    logits = 32 * 1000 * 4 + 2 * 64 * 256 * 4
-    attn = 2 * 4 * 64 * 64 * 4 + 64 * 64 * 4 + 2 * 64 * 256 * 4 + 64 * 12 * 64 * 4
-    assert memory.torch_cpu_forward(m, 64) == max(logits, attn)
-    # from a GGUF: file pages + a float32 copy of every non-F32 tensor + the model's parameters
-    load_peak = m.stored_bytes + 4 * (256_000 + 4 * 65_536) + w
-    assert memory.torch_cpu_resident(m, ts, 64, from_gguf=True) == memory.TORCH_CPU_BASE + load_peak
-    assert memory.torch_cpu_resident(m, ts, 64, from_gguf=False) == memory.TORCH_CPU_BASE + w + max(logits, attn)
+    n = 64
+    hid = n * 256 * 4
+    q = kv = n * 4 * 64 * 4                       # 4 heads = 4 KV heads x 64: no repeat_kv copies
+    mask = n * n * 4                              # no sliding window: one fp32 mask
+    scores = 4 * n * n * 4
+    rope = 2 * n * 64 * 4                         # cos and sin of the one layer kind
+    attn = mask + 2 * scores + 2 * hid + q + 2 * kv + rope + 2 * q
+    mlp = mask + scores + 2 * hid + 3 * n * 256 * 4
+    logits = 32 * 1000 * 4 + hid                  # the second half of 64 tokens
+    f = memory.torch_cpu_forward(m, n)
+    assert (f["masks"], f["attention"], f["mlp"], f["logits"]) == (mask, attn, mlp, logits)
+    # every tensor here is below glibc's 32 MiB mmap threshold: all of a stage comes from the heap,
+    # the heap grows to the larger stage, and only the logits (also heap-sized here) add to it
+    assert f["heap"] == max(attn, mlp)
+    assert f["peak"] == f["heap"] + logits
+    heap = memory.GLIBC_TRIM_THRESHOLD
+    assert heap == 64 * (1 << 20)
+    # from a GGUF: reader header objects + file pages + a float32 copy of every non-F32 tensor
+    # + the model's parameters + the free heap glibc keeps (64 MiB)
+    load_peak = (memory.TORCH_CPU_BASE + 1000 * memory.GGUF_READER_BYTES_PER_TOKEN + m.stored_bytes
+                 + 4 * (256_000 + 4 * 65_536) + w + heap)
+    forward = memory.TORCH_CPU_BASE + w + heap + f["peak"]
+    parts = memory.torch_cpu_parts(m, ts, n, from_gguf=True)
+    assert (parts["load"], parts["forward"]) == (load_peak, forward)
+    assert memory.torch_cpu_resident(m, ts, n, from_gguf=True) == max(load_peak, forward)
+    assert memory.torch_cpu_resident(m, ts, n, from_gguf=False) == max(memory.TORCH_CPU_BASE + w, forward)
+
+
+def test_torch_cpu_forward_gqa_sliding_window_and_mmap_threshold():
+    # Gemma-3-270M's shape at 4096 tokens: 4 heads, 1 KV head x 256, two masks (full + sliding)
+    m = ModelShape(name="g", arch="gemma3", n_layer=6, n_embd=640, n_head=4, n_head_kv=1, head_dim=256,
+                   n_ff=2048, n_vocab=262_144, n_ctx_train=32_768, tied_embeddings=True, sliding_window=512,
+                   sliding_window_pattern=[True] * 5 + [False])
+    n = 4096
+    f = memory.torch_cpu_forward(m, n)
+    assert f["masks"] == 2 * n * n * 4                                   # 2 x 67 MB, mmap'd
+    hid, q, kv = n * 640 * 4, n * 1024 * 4, n * 256 * 4                  # 10.5, 16.8, 4.2 MB: heap
+    # heap: residual + hidden, q, k, v, cos/sin of 2 layer kinds, repeat_kv k and v, output + copy
+    assert f["heap"] == 2 * hid + q + 2 * kv + 2 * 2 * n * 256 * 4 + 2 * q + 2 * q   # 130 MB
+    # the MLP's [4096, 2048] fp32 tensors are exactly 32 MiB: mmap'd, not heap
+    assert n * 2048 * 4 == memory.GLIBC_MMAP_THRESHOLD_MAX
+    assert f["logits"] == 2048 * 262_144 * 4 + hid                       # 2.15 GB: the largest stage
+    assert f["peak"] == f["heap"] + f["logits"]
+    # logits grow as n/2 x 1 MiB, eager attention as 40 n^2 bytes: attention wins only above ~13k tokens
+    g = memory.torch_cpu_forward(m, 16384)
+    assert g["attention"] > g["logits"] and g["peak"] < g["heap"] + g["attention"]
+
+
+def test_plan_torch_fp32_rss_matches_the_benchmark(bundled_gguf):
+    """The plan's numbers as benchmarks/results/plan_torch_rss.json recorded them (the measured
+    peaks are within 5%: BENCHMARKS.md, Plan)."""
+    res = json.load(open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "plan_torch_rss.json")))
+    for c in res["cases"]:
+        p = plan(bundled_gguf, PlanOptions(runtime="torch", formats=["fp32"], n_ctx=c["n_ctx"]))
+        assert p.rows[0].cpu_resident == c["planned_peak_rss"]
+        assert abs(c["error"]) <= 0.05
+    assert "glibc" in p.footnotes and "eager" in p.footnotes
 
 
 def test_plan_torch_fp32_rss_grows_with_the_scored_logits(bundled_gguf):
@@ -368,3 +416,12 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path, capsys, monkeypatch):
     p.write_bytes(struct.pack("<Q", 10_000) + b"{}")
     rc, out, err = run_cli(["plan", str(p)], capsys, monkeypatch)
     assert rc == 2 and "safetensors" in err
+
+
+def test_cli_plan_list_devices_includes_the_calibrated_cpu(capsys, monkeypatch):
+    rc, out, _ = run_cli(["plan", "--list-devices"], capsys, monkeypatch)
+    assert rc == 0
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert "rtx-3060" in names or any(n.startswith("rtx-") for n in names)
+    if hardware.calibrated_cpu() is not None:
+        assert hardware.CALIBRATED_CPU in names

@@ -84,7 +84,11 @@ def run(args) -> int:
 
     _check_numbers(args)
     if args.list_devices:
-        for name, d in hardware.devices().items():
+        devs = dict(hardware.devices())
+        cal = hardware.calibrated_cpu()
+        if cal is not None:
+            devs[cal.name] = cal
+        for name, d in devs.items():
             print(f"{name:<18} {d.kind:<5} {d.memory_bytes / (1 << 30):6.0f} GiB {d.bandwidth / 1e9:7.1f} GB/s  {d.label}")
         return 0
     if args.list_models:

@@ -29,8 +29,25 @@ N_UBATCH = 512          # llama.cpp / llama-cpp-python default physical batch
 LLAMACPP_CPU_BASE = 42 * MIB
 # A CUDA context with cuBLAS workspace typically holds 250-500 MiB of VRAM; we plan 400 MiB.
 CUDA_CONTEXT = 400 * MIB
-# torch on CPU: interpreter + torch + transformers imported (RSS before loading weights).
-TORCH_CPU_BASE = 450 * MIB
+# torch on CPU: RSS of a process that has imported torch, transformers, quantkit's runtime and the
+# transformers modules that building a model imports (modeling_utils, the model class, masking_utils):
+# 388.6 MB measured by benchmarks/plan_torch_rss.py (torch + transformers alone: 250 MB; transformers
+# imports its modeling code lazily, on first use, which adds 138 MB).
+TORCH_CPU_BASE = 371 * MIB
+# glibc malloc on 64-bit Linux: M_MMAP_THRESHOLD starts at 128 KiB and rises to the size of each
+# mmap'd chunk freed, up to DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB; M_TRIM_THRESHOLD follows at twice
+# that, 64 MiB (glibc malloc/malloc.c, mallopt(3)). Once loading has freed dequantization temporaries
+# of a few MiB, blocks below the threshold come from the heap, and the heap gives memory back only
+# when more than M_TRIM_THRESHOLD is free at its top. So the heap keeps up to 64 MiB of freed
+# memory resident: measured with mallinfo2() at 65-89 MB free heap at the load peak and 89-115 MB
+# after loading (benchmarks/results/plan_torch_rss.json). [glibc]
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
+GLIBC_TRIM_THRESHOLD = 2 * GLIBC_MMAP_THRESHOLD_MAX
+# quantkit's GGUF reader (quantkit.models.gguf_file) while the file is open: the header's file
+# pages, the token strings' payload copied into a bytes object, the scores and token types as Python
+# lists (float object 24 B + 2 list slots 16 B), the tensor table: 27.5 MB for Gemma-3's 262144
+# tokens measured (the listed parts account for 21 MB), 105 bytes per token.
+GGUF_READER_BYTES_PER_TOKEN = 105
 
 FOOTNOTES = {
     "kv-swa": "llama.cpp src/llama-kv-cache-iswa.cpp: sliding-window layers get their own cache of "
@@ -60,6 +77,13 @@ FOOTNOTES = {
              "move optimizer state to CPU RAM on memory spikes. Dettmers et al., arXiv:2305.14314, sec. 3.",
     "cpu-speed": "Calibrated on this machine by benchmarks/plan_speed_calibrate.py: least squares over random llama "
                  "models (two shapes, every GGUF type, pure), checked on Gemma-3-270M's llama.cpp mixes; BENCHMARKS.md, Plan.",
+    "glibc": "glibc malloc: dynamic mmap threshold up to 32 MiB (DEFAULT_MMAP_THRESHOLD_MAX), heap trimmed only "
+             "above M_TRIM_THRESHOLD = 2 x that = 64 MiB of free top (glibc malloc/malloc.c, mallopt(3)); measured "
+             "with mallinfo2() by benchmarks/plan_torch_rss.py.",
+    "eager": "transformers eager attention (eager_attention_forward): scores = matmul(q, k^T) * scaling, + mask, "
+             "softmax: two [n_head, n, n] fp32 tensors live at each step; the returned weights are kept by the "
+             "decoder layer (`hidden_states, _ = self.self_attn(...)`) through its MLP; one additive fp32 mask "
+             "[n, n] per layer type (full, sliding) lives through all layers.",
     "speed": "Decoding reads every weight once per token (MoE: the active experts) plus the KV cache of the "
              "context so far, so tokens/s <= bandwidth / bytes read per token. Prompt processing is compute-"
              "bound: 2 FLOPs per weight per token plus 2 n_layer n_ctx d_attn (Kaplan et al., arXiv:2001.08361, "
@@ -349,38 +373,70 @@ def llamacpp_compute_touched(m: ModelShape, n_prompt: int) -> int:
     return max(m.n_vocab * 4 + 2 * act, ub * n_kv * m.n_head * 4 + qkv + 2 * act, 3 * ub * m.n_ff * 4 + 2 * act)
 
 
-def torch_cpu_forward(m: ModelShape, n_ctx: int, n_keep: int | None = None) -> int:
-    """Peak activations of one float32 forward pass of transformers on a CPU, batch 1, eager
-    attention, no grad, over n_ctx tokens keeping the logits of the last n_keep positions
-    (quantkit eval keeps the second half). The largest stage wins: ggml-style reuse is what
-    torch's allocator gives too, as each layer's temporaries are freed before the next.
-    - logits: n_keep x n_vocab fp32, with the hidden states (2 x n_ctx x n_embd fp32);
-    - attention: scores and their softmax (2 x n_head x n_ctx^2 fp32) plus the causal masks
-      ([n_ctx, n_ctx] fp32, one per attention kind: full and sliding window)."""
+def torch_cpu_forward(m: ModelShape, n_ctx: int, n_keep: int | None = None) -> dict[str, int]:
+    """Activations of one float32 forward pass of transformers on a CPU, batch 1, eager attention,
+    no grad, over n_ctx tokens keeping the logits of the last n_keep positions (quantkit eval keeps
+    the second half) [eager]. Bytes over the weights, by stage:
+    - masks: one additive fp32 mask [n, n] per attention kind (full, sliding window), live through
+      all layers;
+    - attention step: masks + scores and their transform (2 x n_head x n^2 fp32) + the residual and
+      hidden states, q, k, v, the rotary cos/sin of both layer kinds, the k, v copies repeat_kv makes
+      for grouped-query attention, the attention output and its contiguous copy;
+    - MLP step: masks + the attention weights the decoder layer keeps (n_head x n^2) + residual,
+      hidden and gate, up, gelu(gate) [n, n_ff];
+    - logits: n_keep x n_vocab fp32 + the final hidden states (the masks are freed by then).
+    glibc [glibc] serves tensors below 32 MiB (its largest mmap threshold) from the heap, which
+    grows to the largest set of them live at once and stays that size for the rest of the pass;
+    tensors of 32 MiB and more are mmap'd and go back to the system when freed. So the peak is
+    heap + the largest stage's mmap'd tensors."""
     n_keep = n_ctx - n_ctx // 2 if n_keep is None else n_keep
-    hidden = 2 * n_ctx * m.n_embd * 4
-    logits = n_keep * m.n_vocab * 4 + hidden
-    n_masks = 2 if any(m.swa_layers()) else 1
-    attn = 2 * m.n_head * n_ctx * n_ctx * 4 + n_masks * n_ctx * n_ctx * 4 + hidden \
-        + n_ctx * (m.n_head + 2 * m.n_head_kv) * m.head_dim * 4
-    ffn = 3 * n_ctx * m.n_ff * 4 + hidden
-    return max(logits, attn, ffn)
+    n, f4 = n_ctx, 4
+    hid = n * m.n_embd * f4
+    q, kv, ff = n * m.n_head * m.head_dim * f4, n * m.n_head_kv * m.head_dim * f4, n * m.n_ff * f4
+    n_kinds = 2 if any(m.swa_layers()) else 1
+    mask = n * n * f4
+    scores = m.n_head * n * n * f4
+    rope = 2 * n_kinds * n * m.head_dim * f4
+    rep = [q, q] if m.n_head_kv < m.n_head else []
+    attn = [mask] * n_kinds + [scores, scores, hid, hid, q, kv, kv, rope, q, q] + rep
+    mlp = [mask] * n_kinds + [scores, hid, hid, ff, ff, ff]
+    logits = n_keep * m.n_vocab * f4 + hid
+    small = lambda ts: sum(t for t in ts if t < GLIBC_MMAP_THRESHOLD_MAX)  # noqa: E731
+    heap = max(small(attn), small(mlp))
+    mapped = max(sum(attn) - small(attn), sum(mlp) - small(mlp), logits)
+    return {"masks": n_kinds * mask, "attention": sum(attn), "mlp": sum(mlp), "logits": logits,
+            "heap": heap, "peak": heap + mapped}
+
+
+def torch_cpu_parts(m: ModelShape, tensors: list[Tensor], n_ctx: int, from_gguf: bool) -> dict[str, int]:
+    """Peak RSS of quantkit's torch runtime (transformers, float32, CPU) scoring one n_ctx chunk,
+    term by term (bytes). Two phases; the peak is the larger:
+    - load (a GGUF through quantkit.eval.torch_runtime.model_from_gguf), at the end of
+      load_state_dict: process base + the open reader's header objects (per vocabulary token)
+      + the file's pages (memory-mapped, all read) + the dequantized float32 state dict (F32 tensors
+      of the file are views of the map; Gemma's norms are shifted copies, a few KB) + the model's
+      float32 parameters + the free heap glibc keeps (M_TRIM_THRESHOLD, 64 MiB) [glibc];
+    - forward: process base + parameters + the free heap glibc keeps after loading (64 MiB) + the
+      forward's activations: the heap its sub-32-MiB tensors grow and the mmap'd tensors of its
+      largest stage (torch_cpu_forward) [eager].
+    A model loaded from an HF directory (from_pretrained) is planned as base + parameters for the
+    load phase: not measured."""
+    w = sum(t.n_elements for t in tensors) * 4
+    fwd = torch_cpu_forward(m, n_ctx)
+    forward = TORCH_CPU_BASE + w + GLIBC_TRIM_THRESHOLD + fwd["peak"]
+    if from_gguf:
+        state = sum(t.n_elements * 4 for t in m.tensors if t.type != "f32")
+        load = (TORCH_CPU_BASE + m.n_vocab * GGUF_READER_BYTES_PER_TOKEN + m.stored_bytes + state + w
+                + GLIBC_TRIM_THRESHOLD)
+    else:
+        load = TORCH_CPU_BASE + w
+    return {"base": TORCH_CPU_BASE, "weights": w, "load": load, "forward": forward,
+            "forward_stage": fwd["peak"], "peak": max(load, forward)}
 
 
 def torch_cpu_resident(m: ModelShape, tensors: list[Tensor], n_ctx: int, from_gguf: bool) -> int:
-    """Peak RSS of quantkit's torch runtime (transformers, float32, CPU) scoring one n_ctx chunk.
-    Loading a GGUF (quantkit.eval.torch_runtime.model_from_gguf) holds, at the end of
-    load_state_dict, the file's pages (memory-mapped, all read), the dequantized float32 state
-    dict and the model's own float32 parameters: file + 2 x weights (F32 tensors of the file are
-    views of the map, not copies). After loading, the state dict is freed and the forward pass
-    adds its activations to the weights. Peak = process base + the larger of the two."""
-    w = sum(t.n_elements for t in tensors) * 4
-    if from_gguf:
-        copies = sum(t.n_elements * 4 for t in m.tensors if t.type != "f32")
-        load = m.stored_bytes + copies + w
-    else:
-        load = w
-    return TORCH_CPU_BASE + max(load, w + torch_cpu_forward(m, n_ctx))
+    """Peak RSS of quantkit's torch runtime on a CPU (see torch_cpu_parts)."""
+    return torch_cpu_parts(m, tensors, n_ctx, from_gguf)["peak"]
 
 
 def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int) -> int:

@@ -251,6 +251,14 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
         ["cpu-speed"] if any(d.name == hardware.CALIBRATED_CPU for d in devs) else [])
     if o.kv_type not in ("f16", "bf16", "f32"):
         notes.append("kv-q")
+    if any(r.cpu_resident is not None for r in rows) and o.runtime == "torch":
+        assumptions.append(
+            f"torch RSS (fp32 on a CPU, as quantkit eval runs it): process base {memory.TORCH_CPU_BASE // memory.MIB} MiB "
+            "+ the larger of loading (reader header, file pages, dequantized state dict, parameters, glibc heap) and "
+            "parameters + glibc heap + the forward's heap of sub-32-MiB tensors + its largest stage (eager attention "
+            "scores and masks, MLP, kept logits) "
+            "[eager] [glibc]")
+        notes += ["eager", "glibc"]
     if o.train:
         notes += ["zero", "act"] + (["lora"] if o.train != "full" else []) + (["qlora"] if o.train == "qlora" else [])
     return Plan(m, o, n_ctx, devs, rows, tr, assumptions, {k: memory.FOOTNOTES[k] for k in notes})
