@@ -59,10 +59,14 @@ class QuantizeResult:
 
 def quantize(model=None, output: str | os.PathLike | None = None, *, format: str = "gguf:q4_0",  # noqa: A002
              method: str = "rtn", pure: bool = False, token_embedding_type: str | None = None,
-             output_tensor_type: str | None = None, show_progress: bool = True) -> QuantizeResult:
+             output_tensor_type: str | None = None, calib: str | None = None, nsamples: int = 128,
+             seqlen: int = 512, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
+             true_sequential: bool = True, show_progress: bool = True) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT. `format` is "gguf:<file type>" (f32, f16, bf16, q8_0, q5_1,
-    q5_0, q4_1, q4_0, and K-quant mixes where the encoders exist); method "rtn" is llama.cpp's own
-    round-to-nearest, byte for byte."""
+    q5_0, q4_1, q4_0, q6_k and the K-quant mixes). Method "rtn" is llama.cpp's own
+    round-to-nearest, byte for byte; "gptq" solves every decoder linear onto the same llama.cpp
+    type with GPTQ (calibrated on `calib`, nsamples x seqlen tokens; default wikitext-2 valid)
+    and writes every other tensor as "rtn" does: the same file layout and size, a lower error."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
@@ -73,8 +77,20 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     if not fmt.startswith("gguf:"):
         raise QuantkitError(f"unknown output format '{format}'",
                             hint="use gguf:<type>, e.g. gguf:q4_0 (" + ", ".join(supported_file_types()) + ")")
+    if method == "gptq":
+        from .quant.gguf_gptq import export_gguf_gptq
+        from .quant.gptq import GPTQConfig
+        try:
+            cfg = GPTQConfig(damp=damp, act_order=act_order, scale_search=scale_search)
+        except ValueError as e:
+            raise QuantkitError(str(e), hint="--damp takes a fraction such as 0.01") from None
+        rep = export_gguf_gptq(model, output, fmt.split(":", 1)[1], calib=calib, nsamples=nsamples, seqlen=seqlen,
+                               gptq=cfg, true_sequential=true_sequential, pure=pure,
+                               token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
+                               show_progress=show_progress)
+        return QuantizeResult(rep.path, fmt, method, rep.seconds, rep.n_bytes, rep.types)
     if method != "rtn":
-        raise QuantkitError(f"method '{method}' is not available for {format}", hint="use --method rtn")
+        raise QuantkitError(f"method '{method}' is not available for {format}", hint="use --method rtn or gptq")
     src = open_model(model)
     try:
         rep = export_gguf(src, output, fmt.split(":", 1)[1], pure=pure, token_embedding_type=token_embedding_type,

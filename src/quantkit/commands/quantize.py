@@ -15,7 +15,7 @@ def register(sub) -> None:
                         "compressed-tensors (GPU checkpoints, with --bits/--group-size)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "dynamic-int8"],
                    help="rtn: round to nearest (GGUF: exactly as llama.cpp); gptq: GPTQ with calibration "
-                        "(GPU formats); dynamic-int8: BERT-family encoders")
+                        "(GGUF: onto the llama.cpp type's own grid; GPU formats); dynamic-int8: BERT-family encoders")
     p.add_argument("--pure", action="store_true",
                    help="one type for every 2-D weight (llama-quantize --pure); default follows llama.cpp's mix")
     p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")

@@ -1,5 +1,7 @@
 """`quantkit quantize MODEL --method rtn|gptq --format gptq|compressed-tensors --bits 4
---group-size 128 [--act-order] [--sym|--asym] [--calib FILE --nsamples N --seqlen L] -o OUT_DIR`.
+--group-size 128 [--act-order] [--sym|--asym] [--calib FILE --nsamples N --seqlen L] -o OUT_DIR`,
+and `quantkit quantize MODEL --method gptq --format gguf:<type> [--calib ...] -o OUT.gguf`
+(GPTQ-compensated GGUF).
 
 The lead's `quantize` command calls `register_args(parser)` to add these flags and dispatches
 here (`run(args)`) when the format is a GPU format or the method is gptq.
@@ -30,15 +32,30 @@ def register_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     g.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01; raised automatically if needed)")
+    g.add_argument("--no-scale-search", dest="scale_search", action="store_false",
+                   help="GPTQ to GGUF: keep llama.cpp's max-based block scales instead of searching for the "
+                        "scale that minimises the importance-weighted block error")
+    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="GPTQ: calibrate every linear of a block on the block's float inputs (one pass, faster) "
+                        "instead of attention, o, MLP up/gate, down in turn on already-quantized outputs")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import api
     fmt = (args.format or "").lower()
     method = getattr(args, "method", "rtn")
+    if fmt.startswith("gguf:") and method == "gptq":
+        res = api.quantize(args.model, args.output, format=fmt, method="gptq", pure=args.pure,
+                           token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
+                           calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
+                           act_order=args.act_order, scale_search=args.scale_search,
+                           true_sequential=args.true_sequential)
+        print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; GPTQ onto llama.cpp's "
+              f"{fmt[5:]} grids, calibrated on {args.nsamples} x {args.seqlen} tokens)")
+        return 0
     if fmt not in GPU_FORMATS:
-        raise QuantkitError(f"--method {method} with --format {args.format} is not available yet",
-                            hint="GPTQ writes --format gptq or compressed-tensors; for GGUF use --method rtn")
+        raise QuantkitError(f"--method {method} with --format {args.format} is not available",
+                            hint="GPTQ writes --format gguf:<type>, gptq or compressed-tensors")
     if args.model is None:
         raise QuantkitError("GPTQ and compressed-tensors outputs need a Hugging Face model directory",
                             hint="pass MODEL (a directory with config.json and *.safetensors)")

@@ -19,6 +19,7 @@ from ..models.encoder import Encoder, load_encoder, save_encoder
 from . import int8_kernels as K
 
 METHOD = "dynamic-int8"
+POST_OPS = ("none", "gelu")
 
 
 @dataclass
@@ -38,11 +39,14 @@ class Int8DynamicLinear(nn.Module):
     """nn.Linear with int8 per-output-channel weights and per-batch int8 activations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto",
-                 per_row: bool = True):
+                 per_row: bool = True, post_op: str = "none"):
         super().__init__()
+        if post_op not in POST_OPS:
+            raise ValueError(f"unknown post_op {post_op!r}; choose {', '.join(POST_OPS)}")
         self.in_features, self.out_features = in_features, out_features
         self.kernel = kernel
         self.per_row = per_row
+        self.post_op = post_op      # "gelu": GELU(erf) applied to the output (fused by oneDNN)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         if bias:
@@ -70,18 +74,31 @@ class Int8DynamicLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if K.resolve_kernel(self.kernel) == "fbgemm":
+        kernel = K.resolve_kernel(self.kernel)
+        if kernel == "onednn":
+            if self._packed is None:
+                self._packed = K.pack_onednn(self.weight_int8)
+            fused = self.post_op if not self.per_row else "none"
+            y = K.linear_onednn(x, self._packed, self.weight_scale, self.bias, self.per_row, fused)
+            if fused != self.post_op:
+                y = nn.functional.gelu(y)
+            return y.to(x.dtype)
+        if kernel == "fbgemm":
             if self._packed is None:
                 # per-tensor activations: the bias rides in the kernel's output stage
                 fused = None if self.per_row else self.bias
                 self._packed = K.pack_fbgemm(self.weight_int8, self.weight_scale, fused)
-            return K.linear_fbgemm(x, self._packed, self.bias if self.per_row else None,
-                                   self.per_row).to(x.dtype)
-        return K.linear_reference(x, self.weight_int8, self.weight_scale, self.bias, self.per_row).to(x.dtype)
+            y = K.linear_fbgemm(x, self._packed, self.bias if self.per_row else None, self.per_row)
+        else:
+            y = K.linear_reference(x, self.weight_int8, self.weight_scale, self.bias, self.per_row)
+        if self.post_op == "gelu":
+            y = nn.functional.gelu(y)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8, "
-                f"activations per {'row' if self.per_row else 'tensor'}")
+                f"activations per {'row' if self.per_row else 'tensor'}"
+                + ("" if self.post_op == "none" else f", then {self.post_op}"))
 
 
 class Int8Embedding(nn.Module):
@@ -112,9 +129,12 @@ class Int8Embedding(nn.Module):
 class Int8LSTM(nn.Module):
     """Inference-only int8 replacement for a unidirectional nn.LSTM (any number of layers).
 
-    Per layer, the input projection of all time steps is one int8 matmul; the recurrent
-    projection is one int8 matmul per step (h is re-quantized each step, per batch); gate
-    non-linearities and the cell state stay float32.
+    Per layer, the input projection of all time steps is one int8 matmul (bias fused); the
+    recurrent projection is one int8 matmul per step, h re-quantized each step; gate
+    non-linearities and the cell state stay float32. h = o * tanh(c) lies in (-1, 1) for every
+    row, so the recurrent projection always uses one activation grid per batch ("tensor"): the
+    per-row grid buys no accuracy there and its four extra passes per step are what a batch-1
+    step costs most. `per_row` applies to the input projection only.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
@@ -127,7 +147,7 @@ class Int8LSTM(nn.Module):
         for layer in range(num_layers):
             n_in = input_size if layer == 0 else hidden_size
             self.ih.append(Int8DynamicLinear(n_in, 4 * hidden_size, True, kernel, per_row))
-            self.hh.append(Int8DynamicLinear(hidden_size, 4 * hidden_size, False, kernel, per_row))
+            self.hh.append(Int8DynamicLinear(hidden_size, 4 * hidden_size, False, kernel, per_row=False))
 
     @classmethod
     def from_float(cls, lstm: nn.LSTM, kernel: str = "auto", per_row: bool = True) -> "Int8LSTM":

@@ -39,6 +39,7 @@ class GGUFGPTQReport(ExportReport):
     gptq_seconds: float = 0.0
     n_gptq: int = 0                                       # linears solved by GPTQ
     damp: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per pipeline phase
 
 
 class LlamaCppTokenizer:
@@ -110,7 +111,7 @@ class _Spool:
 
 def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, file_type: str = "q4_0", *,
                      calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
-                     gptq: GPTQConfig = GPTQConfig(), pure: bool = False,
+                     gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
                      show_progress: bool = True) -> GGUFGPTQReport:
     """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
@@ -122,6 +123,9 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     from .pipeline import PipelineConfig, quantize_model
 
     t0 = time.perf_counter()
+    if nsamples <= 0 or seqlen <= 1:
+        raise QuantkitError(f"need at least 1 sample of at least 2 tokens (got {nsamples} x {seqlen})",
+                            hint="--nsamples N --seqlen L, e.g. 128 x 512")
     out = os.fspath(out)
     check_writable_dir(out)
     src = open_model(model)
@@ -158,7 +162,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                     spool.put(g, rows.contiguous().numpy().reshape(-1))
                     n_gptq += 1
 
-            pcfg = PipelineConfig(method="gptq", grid=grid_for, gptq=gptq)
+            pcfg = PipelineConfig(method="gptq", grid=grid_for, gptq=gptq, true_sequential=true_sequential)
             report = quantize_model(tmodel, ids, pcfg, on_block=on_block, show_progress=show_progress)
             del tmodel
             gptq_s = time.perf_counter() - t0
@@ -167,6 +171,5 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
             spool.close()
     finally:
         src.close()
-    damp = {k: v for k, v in report.damp.items() if "," not in k}
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
-                          gptq_s, n_gptq, damp)
+                          gptq_s, n_gptq, dict(report.damp), dict(report.phases))

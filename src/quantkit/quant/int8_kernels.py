@@ -32,7 +32,7 @@ ACT_QMAX = 127          # reduce_range: 7-bit activations
 # rows per fbgemm call on the per-row path: 256 x 1536 fp32 activations (1.5 MB) stay in cache
 # across the row max, the scaling, the kernel and the rescale (256-512 measured best of 64-512)
 ROW_BLOCK = 256
-KERNELS = ("auto", "fbgemm", "reference")
+KERNELS = ("auto", "onednn", "fbgemm", "reference")
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,9 +173,79 @@ def resolve_kernel(kernel: str) -> str:
         return "fbgemm" if fbgemm_available() else "reference"
     if kernel == "fbgemm" and not fbgemm_available():
         raise RuntimeError("the fbgemm int8 kernel is not available in this torch build")
+    if kernel == "onednn" and not onednn_available():
+        raise RuntimeError("the oneDNN int8 kernel is not available in this torch build")
     return kernel
 
 
 def quantize_rows_symmetric(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Embedding tables: one scale per row (per token), symmetric int8."""
     return quantize_weight_per_channel(w)
+
+
+# ---- oneDNN ---------------------------------------------------------------------------
+# Activations to uint8 with a 7-bit range here too: oneDNN's AVX2 int8 GEMM (no VNNI) also sums
+# u8 x s8 pairs in 16 bits (vpmaddubsw), so 127 * 127 * 2 must not overflow.
+ROW_ZERO_POINT = 64     # per-row grid: symmetric, steps of max|x| / 63 around 64
+
+
+@functools.cache
+def onednn_available() -> bool:
+    if not hasattr(torch.ops, "onednn") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        q, s = quantize_weight_per_channel(torch.randn(8, 16))
+        p = pack_onednn(q)
+        for per_row in (True, False):
+            linear_onednn(torch.randn(3, 16), p, s, torch.zeros(8), per_row)
+        return True
+    except Exception:   # op missing or unsupported CPU: the fbgemm / reference paths remain
+        return False
+
+
+def pack_onednn(wq: torch.Tensor):
+    return torch.ops.onednn.qlinear_prepack(wq, None)
+
+
+def linear_onednn(x: torch.Tensor, packed, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  per_row: bool = True, post_op: str = "none") -> torch.Tensor:
+    """Dynamic int8 linear through oneDNN's int8 matmul (`onednn::qlinear_pointwise`, fp32 out).
+
+    Per tensor: torch's fused dynamic quantizer (one min/max pass, one rounding pass), then the
+    kernel adds the bias and, with post_op="gelu", applies GELU (erf) in its output stage, so a
+    BERT FFN's first layer costs no pass beyond the GEMM. Per row: each row quantized on its own
+    symmetric grid (quantize_per_channel along rows), the GEMM run with scale 1, and the row
+    scales and the bias applied in one addcmul; no fused activation (it must follow the rescale).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    x2 = x2.contiguous()
+    op = torch.ops.onednn.qlinear_pointwise
+    wz = _zeros_like_scale(w_scale)
+    if not per_row:
+        q = torch.quantize_per_tensor_dynamic(x2, torch.quint8, True)
+        algo = "none" if post_op == "gelu" else ""
+        y = op(q.int_repr(), q.q_scale(), q.q_zero_point(), packed, w_scale, wz, bias, 1.0, 0,
+               torch.float32, post_op, [], algo)
+        return y.reshape(*shape[:-1], y.shape[-1])
+    if post_op != "none":
+        raise ValueError("a fused activation needs per-tensor activations")
+    s = row_scale(x2).div_(ROW_ZERO_POINT - 1)                     # [rows, 1]
+    zp = torch.full((x2.shape[0],), ROW_ZERO_POINT, dtype=torch.long)
+    xq = torch.quantize_per_channel(x2, s.view(-1), zp, 0, torch.quint8).int_repr()
+    y = op(xq, 1.0, ROW_ZERO_POINT, packed, w_scale, wz, None, 1.0, 0, torch.float32, "none", [], "")
+    y = y.mul_(s) if bias is None else torch.addcmul(bias, y, s, out=y)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+_ZEROS: dict[int, torch.Tensor] = {}
+
+
+def _zeros_like_scale(w_scale: torch.Tensor) -> torch.Tensor:
+    n = w_scale.numel()
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = torch.zeros(n, dtype=torch.long)
+    return z

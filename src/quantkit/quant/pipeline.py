@@ -70,8 +70,14 @@ class BlockInputs:
 class PipelineReport:
     seconds: float = 0.0
     damp: dict[str, float] = field(default_factory=dict)      # per linear, GPTQ only
-    loss: dict[str, float] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)      # per solved matrix ("a, b, c" when stacked)
     final_hidden: list[torch.Tensor] | None = None            # the last block's outputs (before the final norm)
+    phases: dict[str, float] = field(default_factory=dict)    # seconds: capture, hessians, solve, propagate, write
+
+    def _add(self, phase: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + t - t0
+        return t
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
@@ -197,8 +203,9 @@ def _quantize_group(lp: str, names: tuple[str, ...], lin: dict[str, nn.Linear], 
         for n, part, d in zip(members, parts, deq.split(rows)):
             lin[n].weight.data = d.to(lin[n].weight.dtype).contiguous()
             done[f"{lp}.{n}"] = part
-            if len(members) > 1:
-                report.damp[f"{lp}.{n}"] = report.damp.get(label, 0.0)
+            report.damp[f"{lp}.{n}"] = report.damp.get(label, 0.0)
+        if len(members) > 1:                 # damp per linear; the loss stays per solved matrix
+            report.damp.pop(label, None)
 
 
 @torch.no_grad()
@@ -217,6 +224,7 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
         raise QuantkitError("GPTQ needs calibration data", hint="pass --calib FILE or use --method rtn")
     inputs = capture_block_inputs(model, input_ids) if need_data else None
     hidden = inputs.hidden if inputs else None
+    t = report._add("capture", t0)
     bar = progress(total=len(layers), desc=f"{cfg.method} blocks", unit="block", leave=False) if show_progress else None
     try:
         for i, layer in enumerate(layers):
@@ -231,13 +239,17 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
                 stages = [[g] for g in groups] if cfg.true_sequential else [groups]
                 for stage in stages:
                     hs = _calibrate(layer, stage, lin, hidden, kwargs) if cfg.method == "gptq" else {}
+                    t = report._add("hessians", t)
                     for g in stage:
                         _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
                         hs.pop(g, None)
+                    t = report._add("solve", t)
             if hidden is not None:
                 hidden = run_block(layer, hidden, kwargs)
+                t = report._add("propagate", t)
             if on_block is not None:
                 on_block(i, lp, layer, done)
+                t = report._add("write", t)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -248,10 +260,15 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
     return report
 
 
+class _StopBlock(Exception):
+    """Raised by the last Hessian hook of a stage: the rest of the block is not needed."""
+
+
 def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, nn.Linear], hidden,
                kwargs) -> dict[tuple[str, ...], torch.Tensor]:
     """One pass of the block over the calibration data; the Hessian of each group's shared
-    input, hooked on the group's first linear."""
+    input, hooked on the group's first linear. The pass stops at the last of those inputs (in a
+    true-sequential stage the q/k/v Hessian needs only the input norm, not the block)."""
     hs: dict[tuple[str, ...], torch.Tensor] = {}
     counts: dict[tuple[str, ...], int] = {}
     handles = []
@@ -261,12 +278,22 @@ def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, n
         hs[g] = new_hessian(lin[g[0]].in_features)
         counts[g] = 0
 
-        def hook(_mod, inp, _out, g=g):
-            counts[g] = accumulate_hessian(inp[0], hs[g], counts[g])
+    last = groups[-1]   # groups come in data-flow order
 
-        handles.append(lin[g[0]].register_forward_hook(hook))
+    def hook(mod, inp, g):
+        counts[g] = accumulate_hessian(inp[0], hs[g], counts[g])
+        if g == last:
+            raise _StopBlock
+
+    for g in groups:
+        handles.append(lin[g[0]].register_forward_pre_hook(lambda mod, inp, g=g: hook(mod, inp, g)))
     try:
-        run_block(layer, hidden, kwargs)
+        with torch.no_grad():
+            for h in hidden:
+                try:
+                    layer(h, **kwargs)
+                except _StopBlock:
+                    pass
     finally:
         for h in handles:
             h.remove()
