@@ -172,3 +172,26 @@ def test_cli(model_dir, texts, tmp_path, capsys):
     assert code != 0 and len(lines) == 1 and "Traceback" not in e, e   # progress bars aside
     assert "at least 1 sample" in lines[0]
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_config_file(model_dir, texts, tmp_path, capsys):
+    """The same run from a config file; command-line flags win over it; bad keys and values
+    end in one line naming the file."""
+    from quantkit.cli import main
+    cfg = tmp_path / "q.yaml"
+    out = tmp_path / "from-config.gguf"
+    cfg.write_text(f"model: {model_dir}\noutput: {tmp_path / 'ignored.gguf'}\nmethod: gptq\nformat: gguf:q5_0\n"
+                   f"calib: {texts[0]}\nnsamples: 4\nseqlen: 64\nact_order: true\n", encoding="utf-8")
+    assert main(["quantize", "--config", str(cfg), "-o", str(out)]) == 0
+    assert "q5_0 grids, calibrated on 4 x 64 tokens" in capsys.readouterr().out
+    assert out.exists() and not (tmp_path / "ignored.gguf").exists()
+    for body, needle in (("nsamples: many\n", "'nsamples': 'many' is not a valid value"),
+                         ("bits: 7\n", "'bits': 7 is not one of"),
+                         ("act_order: 3\n", "takes true or false"),
+                         ("colour: blue\n", "unknown option 'colour'"),
+                         ("- a list\n", "must hold a mapping")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(body, encoding="utf-8")
+        assert main(["quantize", "--config", str(bad), "-o", str(tmp_path / "z.gguf")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and str(bad) in err and len(err.splitlines()) == 1, err

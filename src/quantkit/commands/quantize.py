@@ -8,7 +8,10 @@ def register(sub) -> None:
                        description="Quantize a model. GGUF output matches llama-quantize byte for byte "
                                    "(same tensor types, same bytes) for the same file type.")
     p.add_argument("model", nargs="?", help="a .gguf file or Hugging Face model directory (default: the bundled model)")
-    p.add_argument("-o", "--output", required=True, help="output file (GGUF) or directory")
+    p.add_argument("-o", "--output", help="output file (GGUF) or directory (required, here or in --config)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of these options (keys: model, output, method, format, bits, group_size, "
+                        "calib, nsamples, ...); flags given on the command line win")
     p.add_argument("--format", default="gguf:q4_0",
                    help="gguf:<type> with type f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, "
                         "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k (default gguf:q4_0); or gptq / "
@@ -23,10 +26,54 @@ def register(sub) -> None:
     p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
     from . import quantize_gptq
     quantize_gptq.register_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _actions={a.dest: a for a in p._actions if a.dest not in ("help", "config")})
+
+
+def apply_config(args) -> None:
+    """Fill options from --config FILE (a mapping of option names to values), each checked as its
+    flag would be; options given on the command line keep their value."""
+    import yaml
+
+    from ..util.errors import QuantkitError
+    path = args.config
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise QuantkitError("no such config file", path) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"config file is not valid YAML/JSON ({type(e).__name__})", path) from None
+    if not isinstance(cfg, dict):
+        raise QuantkitError("config file must hold a mapping of option: value", path)
+    actions = args._actions
+    for key, value in cfg.items():
+        dest = str(key).replace("-", "_")
+        act = actions.get(dest)
+        if act is None or dest.startswith("_"):
+            raise QuantkitError(f"unknown option '{key}' in config file", path,
+                                "keys are the long flags of `quantkit quantize`, e.g. method, format, nsamples")
+        if getattr(args, dest) != act.default:
+            continue                                  # given on the command line
+        if act.nargs == 0:                            # a flag: the option's value, true/false
+            if not isinstance(value, bool):         # (act_order: true, sym: false, scale_search: false)
+                raise QuantkitError(f"option '{key}' takes true or false, got {value!r}", path)
+        else:
+            try:
+                value = act.type(value) if act.type and value is not None else value
+            except (TypeError, ValueError):
+                raise QuantkitError(f"option '{key}': {value!r} is not a valid value", path) from None
+            if act.choices is not None and value not in act.choices:
+                raise QuantkitError(f"option '{key}': {value!r} is not one of "
+                                    + ", ".join(map(str, act.choices)), path)
+        setattr(args, dest, value)
 
 
 def run(args) -> int:
+    from ..util.errors import QuantkitError
+    if args.config:
+        apply_config(args)
+    if not args.output:
+        raise QuantkitError("no output path", hint="give -o OUT (or output: in --config)")
     if args.method == "gptq" or args.format.lower() in ("gptq", "compressed-tensors"):
         from . import quantize_gptq
         return quantize_gptq.run(args)
