@@ -151,3 +151,36 @@ def test_calibration_chunks_and_short_text(tmp_path, shared_data):
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(QuantkitError, match="not UTF-8"):
         calibration_ids(_Tok(), str(bad), nsamples=1, seqlen=2)
+
+
+def test_streaming_blocks_give_the_same_result_and_are_released():
+    """load_block: blocks arrive empty, are filled just before their turn and released after;
+    the quantized weights equal those of the whole model held in memory."""
+    import copy
+    ref = tiny_model("llama", structured=True)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    cfg = PipelineConfig(method="gptq", grid="q4_0")
+    whole = copy.deepcopy(ref)
+    got_whole, got_stream = {}, {}
+    quantize_model(whole, ids, cfg, show_progress=False,
+                   on_block=lambda i, lp, layer, done: got_whole.update({k: v.to_bytes() for k, v in done.items()}))
+    stream = copy.deepcopy(ref)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        for layer in stream.model.layers:
+            for p in layer.parameters():
+                p.fill_(float("nan"))                # anything not loaded would poison the result
+    loaded = []
+
+    def load_block(i, lp, layer):
+        loaded.append(i)
+        assert all(not l.weight.is_meta for l in stream.model.layers[i].modules() if isinstance(l, torch.nn.Linear))
+        for n, p in layer.named_parameters():
+            p.data = state[f"{lp}.{n}"].clone()
+
+    quantize_model(stream, ids, cfg, show_progress=False, load_block=load_block,
+                   on_block=lambda i, lp, layer, done: got_stream.update({k: v.to_bytes() for k, v in done.items()}))
+    assert loaded == [0, 1]
+    assert got_whole.keys() == got_stream.keys() and len(got_whole) == 14
+    assert all(torch.equal(got_whole[k], got_stream[k]) for k in got_whole)
+    assert all(p.is_meta for p in stream.model.layers.parameters())

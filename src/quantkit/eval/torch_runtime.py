@@ -20,14 +20,33 @@ def _meta(src, key: str, default=None):
     return v.value if v is not None else default
 
 
-def model_from_gguf(path: str):
-    """A transformers model (float32) holding a GGUF's weights, dequantized: the inverse of
-    quantkit's HF -> GGUF conversion (Gemma's stored 1 + w norms shifted back, llama's q/k rows
-    permuted back to the half-split rotary layout). Gemma-3 and llama GGUFs."""
+def gguf_tensor_for_hf(src, arch, hf_name: str):
+    """The float32 tensor of HF parameter `hf_name` from a GGUFSource, or None if the GGUF has
+    no such tensor: the inverse of quantkit's HF -> GGUF conversion (Gemma's stored 1 + w norms
+    shifted back, llama's q/k rows permuted back to the half-split rotary layout)."""
+    from ..models.arch import hf_to_gguf_name
+    spec = src.spec
+    g = hf_to_gguf_name(arch, hf_name)
+    if g is None:
+        return None
+    t = src.load(g)
+    if arch.norm_shift and g.endswith("norm.weight"):
+        t = t - arch.norm_shift
+    if arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
+        n = spec.n_head if ".attn_q." in g else spec.n_head_kv
+        half = t.shape[0] // n // 2
+        t = t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+    return t
+
+
+def model_from_gguf(path: str, load: bool = True):
+    """A transformers model (float32) holding a GGUF's weights, dequantized (gguf_tensor_for_hf).
+    Gemma-3 and llama GGUFs. load=False: (model, arch) with parameters allocated but not
+    filled, for callers that load parts of it themselves (quant.gguf_gptq, block by block)."""
     import torch
     import transformers as tf
 
-    from ..models.arch import HF_ARCHS, hf_to_gguf_name
+    from ..models.arch import HF_ARCHS
     from ..models.gguf import GGUFSource
 
     with GGUFSource(path) as src:
@@ -63,19 +82,13 @@ def model_from_gguf(path: str):
             from transformers.modeling_utils import no_init_weights
         with no_init_weights():  # every weight is overwritten below; random init only costs time
             model = cls(cfg).float().eval()
+        if not load:
+            return model, arch
         state = {}
         for name in model.state_dict():
-            g = hf_to_gguf_name(arch, name)
-            if g is None:
-                continue
-            t = src.load(g)
-            if arch.norm_shift and g.endswith("norm.weight"):
-                t = t - arch.norm_shift
-            if arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
-                n = spec.n_head if ".attn_q." in g else spec.n_head_kv
-                half = t.shape[0] // n // 2
-                t = t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-            state[name] = t
+            t = gguf_tensor_for_hf(src, arch, name)
+            if t is not None:
+                state[name] = t
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (spec.tied_embeddings and m == "lm_head.weight")]
         if missing or unexpected:

@@ -425,6 +425,15 @@ class HFSource(ModelSource):
         """The Hugging Face tensor a canonical tensor comes from."""
         return self._entries[name].hf_name
 
+    def load_hf(self, hf_name: str) -> torch.Tensor | None:
+        """A Hugging Face parameter as stored (float32, no GGUF transforms), or None if the
+        checkpoint has no such tensor (tied output heads)."""
+        if hf_name not in self._raw_index:
+            return None
+        h = self._handles[self._raw_index[hf_name][0]]
+        t = h.get_tensor(hf_name) if hasattr(h, "get_tensor") else h[hf_name]
+        return t.to(torch.float32, copy=True).contiguous()
+
     def load(self, name: str) -> torch.Tensor:
         try:
             e = self._entries[name]

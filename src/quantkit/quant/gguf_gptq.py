@@ -7,10 +7,10 @@ block, and the codes are written as the type's bytes: a stock GGUF that llama.cp
 speed. Every other tensor (embeddings, output head, norms, and linears whose type has no GPTQ
 grid) is written as llama-quantize writes it (quant.gguf_export).
 
-Pipeline: the model is built in transformers (float32) from the GGUF or Hugging Face source;
-calibration text is tokenized with the model's own tokenizer (llama.cpp's for a GGUF); blocks
-are quantized in order (quant.pipeline), each on inputs produced by the already-quantized
-blocks before it. The quantized tensors are spooled to a temporary file next to the output, so
+Pipeline: the model's skeleton is built in transformers (float32) with only the embeddings
+loaded; calibration text is tokenized with the model's own tokenizer (llama.cpp's for a GGUF);
+blocks are loaded from the source one at a time, quantized (quant.pipeline) on inputs produced
+by the already-quantized blocks before them, and released. The quantized tensors are spooled to a temporary file next to the output, so
 memory holds one block's Hessians and solutions, not the whole quantized model; the GGUF is
 then written tensor by tensor (temporary name, renamed when complete).
 """
@@ -58,24 +58,51 @@ class LlamaCppTokenizer:
         return {"input_ids": self._rt.tokenize(text, add_bos=add_special_tokens)}
 
 
-def _torch_model(src, path: str):
-    """(transformers model in float32, tokenizer, HF arch) for a GGUF or HF directory source."""
-    from ..models.arch import HF_ARCHS, find_hf_arch
+def _streaming_model(src, path: str):
+    """(transformers model skeleton in float32 with only the tensors outside the decoder blocks
+    loaded, tokenizer, HF arch, fetch(hf_name) -> tensor) for a GGUF or HF-directory source.
+    The blocks' parameters are allocated but never written until their block is loaded
+    (quant.pipeline's load_block), so they take no memory before then."""
+    from ..eval.torch_runtime import gguf_tensor_for_hf, model_from_gguf
     from ..models.gguf import GGUFSource
     if isinstance(src, GGUFSource):
-        from ..eval.torch_runtime import model_from_gguf
-        return model_from_gguf(path), LlamaCppTokenizer(path), HF_ARCHS[src.spec.arch]
-    import json
+        model, arch = model_from_gguf(path, load=False)
+        tokenizer = LlamaCppTokenizer(path)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    arch = find_hf_arch(cfg.get("architectures"), cfg.get("model_type"))
-    if arch is None:
-        raise QuantkitError(f"GPTQ to GGUF does not know the architecture {cfg.get('model_type')!r}", path,
-                            "supported: llama, mistral, qwen2, gemma3")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path), arch
+        def fetch(hf_name: str):
+            t = gguf_tensor_for_hf(src, arch, hf_name)
+            if t is not None:
+                t = t.clone()                       # never a view of the file's map
+                from ..models.arch import hf_to_gguf_name
+                src.release(hf_to_gguf_name(arch, hf_name))
+            return t
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers
+            from transformers.modeling_utils import no_init_weights
+        arch = src.hf_arch
+        config = AutoConfig.from_pretrained(path)
+        config._attn_implementation = "eager"
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        fetch = src.load_hf
+    model.eval()
+    from .pipeline import decoder_layers
+    _, _, prefix = decoder_layers(model)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, p in model.named_parameters():
+        if name.startswith(prefix + ".") or name == "lm_head.weight":
+            continue                                 # blocks: later; the output head never runs here
+        t = fetch(name)
+        if t is None:
+            raise QuantkitError(f"the model has no tensor for {name}", path)
+        p.data = t
+    if tied:
+        model.tie_weights()
+    return model, tokenizer, arch, fetch
 
 
 class _Spool:
@@ -135,8 +162,15 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                                 output_tensor_type=output_tensor_type)
         targets = {n: t for n, _, t in plan}
         spec = src.spec
-        tmodel, tokenizer, arch = _torch_model(src, path)
+        tmodel, tokenizer, arch, fetch = _streaming_model(src, path)
         ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
+
+        def load_block(i, lp, layer):
+            for n, p in layer.named_parameters():
+                t = fetch(f"{lp}.{n}")
+                if t is None or t.shape != p.shape:
+                    raise QuantkitError(f"the model has no tensor of shape {tuple(p.shape)} for {lp}.{n}", path)
+                p.data = t
 
         def gguf_name(hf_linear: str) -> str | None:
             try:
@@ -163,7 +197,8 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                     n_gptq += 1
 
             pcfg = PipelineConfig(method="gptq", grid=grid_for, gptq=gptq, true_sequential=true_sequential)
-            report = quantize_model(tmodel, ids, pcfg, on_block=on_block, show_progress=show_progress)
+            report = quantize_model(tmodel, ids, pcfg, on_block=on_block, show_progress=show_progress,
+                                    load_block=load_block)
             del tmodel
             gptq_s = time.perf_counter() - t0
             res = export_gguf(src, out, file_type, plan=plan, precomputed=spool.get, show_progress=show_progress)

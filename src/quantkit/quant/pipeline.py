@@ -72,7 +72,7 @@ class PipelineReport:
     damp: dict[str, float] = field(default_factory=dict)      # per linear, GPTQ only
     loss: dict[str, float] = field(default_factory=dict)      # per solved matrix ("a, b, c" when stacked)
     final_hidden: list[torch.Tensor] | None = None            # the last block's outputs (before the final norm)
-    phases: dict[str, float] = field(default_factory=dict)    # seconds: capture, hessians, solve, propagate, write
+    phases: dict[str, float] = field(default_factory=dict)    # seconds: capture, load, hessians, solve, propagate, write
 
     def _add(self, phase: str, t0: float) -> float:
         t = time.perf_counter()
@@ -211,11 +211,17 @@ def _quantize_group(lp: str, names: tuple[str, ...], lin: dict[str, nn.Linear], 
 @torch.no_grad()
 def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: PipelineConfig,
                    on_block: Callable[[int, str, nn.Module, dict], None] | None = None,
-                   show_progress: bool = True) -> PipelineReport:
+                   show_progress: bool = True,
+                   load_block: Callable[[int, str, nn.Module], None] | None = None) -> PipelineReport:
     """Quantize every linear of every decoder block of `model` in place (weights replaced by
     their dequantized values) and call on_block(index, prefix, layer, {linear name: quantized
     weight}) after each block. input_ids [n, seqlen]: calibration (GPTQ, and method "none" to
-    propagate); RTN needs none."""
+    propagate); RTN needs none.
+
+    Streaming: with `load_block(index, prefix, layer)`, the decoder blocks' weights are not in
+    memory to begin with (only what runs before block 0, the embeddings); each block is loaded
+    just before it is quantized and its storage released (moved to the meta device) once
+    on_block has written it, so peak memory is one block plus the calibration activations."""
     t0 = time.perf_counter()
     report = PipelineReport()
     _, layers, prefix = decoder_layers(model)
@@ -229,6 +235,9 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
     try:
         for i, layer in enumerate(layers):
             lp = f"{prefix}.{i}"
+            if load_block is not None:
+                load_block(i, lp, layer)
+                t = report._add("load", t)
             lin = _linears(layer)
             kwargs = inputs.layer_kwargs[i] if inputs else {}
             done: dict[str, object] = {}
@@ -250,6 +259,9 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
             if on_block is not None:
                 on_block(i, lp, layer, done)
                 t = report._add("write", t)
+            if load_block is not None:
+                layer.to("meta")                      # frees the block's storage
+                done.clear()
             if bar is not None:
                 bar.update(1)
     finally:
