@@ -78,10 +78,18 @@ def main() -> None:
     results.setdefault("runs", {})
 
     def save():
+        """Merge into the file (another instance may be running other types or methods)."""
         os.makedirs(os.path.dirname(res_path), exist_ok=True)
-        with open(res_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(res_path + ".tmp", res_path)
+        disk = json.load(open(res_path)) if os.path.exists(res_path) else {}
+        for k, v in results.items():
+            if isinstance(v, dict) and isinstance(disk.get(k), dict):
+                disk[k].update(v)
+            else:
+                disk[k] = v
+        tmp = f"{res_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(disk, f, indent=2)
+        os.replace(tmp, res_path)
 
     from quantkit.eval.evaluate import f32_reference
     from quantkit.models.bundled import bundled_path
@@ -104,7 +112,8 @@ def main() -> None:
                 continue
             if method == "gptq":
                 cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--method", "gptq", "--format", f"gguf:{ft}",
-                       "--calib", valid, "--nsamples", str(args.chunks), "--seqlen", "512", "-o", out]
+                       "--calib", valid, "--nsamples", str(args.chunks), "--seqlen", "512", "--threads", str(args.threads),
+                       "-o", out]
             else:
                 cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
                       + [f32, out, ft.upper(), str(args.threads)]

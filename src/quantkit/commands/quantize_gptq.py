@@ -32,6 +32,9 @@ def register_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     g.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01; raised automatically if needed)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
+                        "other work, 1 thread wastes less time waiting than 2)")
     g.add_argument("--no-scale-search", dest="scale_search", action="store_false",
                    help="GPTQ to GGUF: keep llama.cpp's max-based block scales instead of searching for the "
                         "scale that minimises the importance-weighted block error")
@@ -44,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import api
     fmt = (args.format or "").lower()
     method = getattr(args, "method", "rtn")
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise QuantkitError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     if fmt.startswith("gguf:") and method == "gptq":
         res = api.quantize(args.model, args.output, format=fmt, method="gptq", pure=args.pure,
                            token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
