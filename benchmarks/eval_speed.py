@@ -3,7 +3,10 @@
     python benchmarks/eval_speed.py [--chunks 8] [--ctx 512] [--threads N] [--logits-all-baseline]
 
 Models: the bundled Gemma-3-270M Q4_K_M, its F32 dequantization (the reference) and F16, Q8_0,
-Q5_0, Q4_1, Q4_0 made from that F32 by llama.cpp's quantizer (setup, not timed).
+Q5_0, Q4_1, Q4_0 made from that F32 by llama.cpp's quantizer (setup, not timed; about a minute).
+The five derived files (1.5 GB) go to a temporary folder removed at the end (--work DIR keeps
+them there for another run instead); the F32 reference stays in quantkit's eval cache, under
+its size cap.
 
 A: `quantkit.eval.evaluate` of the 6 models against the F32 reference, with no log-probability
    cache (so the reference pass is included: 7 forward passes per chunk), in a fresh process
@@ -23,8 +26,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -46,14 +51,13 @@ def _quantize(inp: str, out: str, ftype: int, n_threads: int) -> None:
         assert llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params)) == 0
 
 
-def setup(n_threads: int) -> tuple[str, list[str]]:
+def setup(n_threads: int, d: str) -> tuple[str, list[str]]:
     from quantkit.eval.evaluate import f32_reference
-    from quantkit.models.bundled import bundled_path, cache_dir
+    from quantkit.models.bundled import bundled_path
     from quantkit.quant.gguf_policy import FILE_TYPES
     from quantkit.util.atomic import atomic_output
     src = bundled_path()
     ref = f32_reference(src, n_threads, show_progress=False)
-    d = os.path.join(cache_dir(), "bench-eval")
     os.makedirs(d, exist_ok=True)
     models = [src]
     for ft in LADDER:
@@ -137,6 +141,7 @@ def main() -> None:
                                                    "wikitext-2", "test.txt"))
     ap.add_argument("--logits-all-baseline", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "eval_speed.json"))
+    ap.add_argument("--work", help="keep the derived GGUF files in this folder (default: a temporary one, removed)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     ap.add_argument("--models", nargs="*", help=argparse.SUPPRESS)
@@ -146,7 +151,16 @@ def main() -> None:
         child_eval(args)
         return
 
-    ref, models = setup(args.threads)
+    work = args.work or tempfile.mkdtemp(prefix="quantkit-bench-eval-")
+    try:
+        run(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: str) -> None:
+    ref, models = setup(args.threads, work)
     chunks = chunks_for(ref, args.text, args.chunks, args.ctx)
     load0 = os.getloadavg()
 

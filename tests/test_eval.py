@@ -1,5 +1,6 @@
 """quantkit eval: perplexity and KL divergence against slow, obvious implementations; torch and
-llama.cpp agreeing on the same token ids; Q8_0 / Q4_0 of the bundled model; bad input.
+llama.cpp agreeing on the same token ids; Q8_0 / Q4_0 of the bundled model; encoder classifiers
+(SST-2 dev accuracy beside size and latency); the cache's size cap; bad input.
 
 Kept short (< 1 min on 2 busy cores): one or two chunks of 128 tokens, one thread (llama.cpp's
 spinning threads slow down badly on an oversubscribed machine), llama.cpp's own quantizer to
@@ -17,7 +18,7 @@ import pytest
 
 from quantkit.cli import main
 from quantkit.eval import metrics
-from quantkit.eval.evaluate import EvalOptions, ModelFacts, check_same_vocab, evaluate, ladder_types
+from quantkit.eval.evaluate import EvalOptions, ModelFacts, check_same_vocab, evaluate, ladder_types, run_probe
 from quantkit.util.errors import QuantkitError
 
 N_CTX = 128
@@ -314,3 +315,146 @@ def test_bad_input(tiny, text, eval_cache, tmp_path, capsys, bundled_gguf):
            "does not exist")
     _fails(["eval", tiny["f32"], "--text", text, "--report", str(tmp_path), *base], capsys, "existing directory")
     _fails(["eval", tiny["f32"], "--text", str(tmp_path / "nope.txt"), *base], capsys, "nope.txt", "cannot read")
+
+
+# ------------------------------------------------------------------------------- classifiers
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory) -> dict[str, str]:
+    """A small random BERT classifier (MiniLM's tokenizer, labels 0/1 as SST-2's), its dynamic
+    int8 made by quantkit, a head-less encoder and a classifier with other label names."""
+    from encoder_fixtures import save_tiny_bert
+
+    import quantkit.api as qk
+    root = tmp_path_factory.mktemp("cls")
+    out = {"fp32": str(save_tiny_bert(root / "cls-fp32", ["0", "1"]))}
+    out["int8"] = str(root / "cls-int8")
+    qk.quantize_dynamic(out["fp32"], out["int8"])
+    out["nohead"] = str(save_tiny_bert(root / "nohead"))
+    out["otherlabels"] = str(save_tiny_bert(root / "otherlabels", ["neg", "pos"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sst2_dev(shared_data) -> str:
+    return os.path.join(shared_data, "sst2", "dev.tsv")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_classifier_accuracy_size_latency(classifiers, sst2_dev, eval_cache):
+    """SST-2 dev accuracy of an fp32 classifier and its int8, side by side with size and latency;
+    each accuracy equals distill's own accuracy() of the same model (an independent path)."""
+    import torch
+
+    from quantkit.api import load_encoder
+    from quantkit.distill.trainer import accuracy, read_labelled
+    threads = torch.get_num_threads()
+    res = evaluate([classifiers["fp32"], classifiers["int8"]],
+                   EvalOptions(task_data=sst2_dev, n_threads=1, speed=False, show_progress=False))
+    assert torch.get_num_threads() == threads           # the caller's thread setting is left alone
+    assert res.meta["kind"] == "classifier" and res.meta["task"] == "SST-2 dev" and res.meta["n_examples"] == 872
+    ref, q = _row(res, classifiers["fp32"]), _row(res, classifiers["int8"])
+    texts, labels = read_labelled(sst2_dev, ["0", "1"])
+    for r, key in ((ref, "fp32"), (q, "int8")):
+        assert r["n_examples"] == 872
+        # the same batches (32): padding length changes the GEMM shapes, which can flip a borderline int8 prediction
+        assert r["accuracy"] == accuracy(load_encoder(classifiers[key]), texts, labels, batch_size=32)
+        assert r["ppl"] is None and r["runtime"] == "torch"
+    assert ref["is_reference"] and ref["kld_mean"] == 0 and ref["top1_agreement"] == 1
+    assert q["quantization"] == "dynamic-int8" and not q["is_reference"]
+    assert 0 < q["kld_mean"] < 0.01 and q["top1_agreement"] > 0.9
+    # int8 linear weights: 8 bits + one fp32 scale per row of 32 or 64 inputs (the biases are not weights)
+    assert ref["bits_per_weight_linear"] == pytest.approx(32)
+    assert 8 < q["bits_per_weight_linear"] < 9 and q["file_bytes"] < ref["file_bytes"]
+    assert ref["n_params"] == q["n_params"]
+
+    # speed and memory: the int8 model alone in a fresh process (as `evaluate` runs it per model)
+    sp = run_probe(classifiers["int8"], texts[:32], 0, 1, 1, kind="classifier")
+    assert sp["runtime"] == "torch" and sp["threads"] == 1 and sp["batch"] == 32 and sp["n_latency"] == 8
+    assert sp["latency_ms"] > 0 and sp["sent_s"] > 0 and 0 < sp["load_s"] < 5
+    assert sp["peak_rss_bytes"] > sp["rss_before_load_bytes"] > 0
+
+
+def test_classifier_cli_table_json_report(classifiers, sst2_dev, eval_cache, tmp_path, capsys):
+    import json
+    from test_report import CHROMIUM, rendered_points
+    base = ["eval", classifiers["fp32"], classifiers["int8"], "--task-data", sst2_dev, "--task-limit", "100",
+            "--threads", "1", "--no-speed"]
+    assert main(base) == 0
+    table = capsys.readouterr().out
+    assert "SST-2 dev acc %" in table and "cls-int8" in table and "100 labelled examples" in table
+    report = tmp_path / "cls.html"
+    assert main([*base, "--json", "--report", str(report)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in out["models"]] == ["cls-fp32", "cls-int8"]
+    assert all(0 <= r["accuracy"] <= 1 and r["n_examples"] == 100 for r in out["models"])
+    assert "--task-limit 100" in out["meta"]["command"]
+    page = report.read_text(encoding="utf-8")
+    assert "SST-2 dev accuracy" in page and "dynamic-int8" in page
+    if CHROMIUM:
+        assert [p["data-model"] for p in rendered_points(report, tmp_path)] == ["cls-fp32", "cls-int8"]
+
+
+def test_classifier_bad_input(classifiers, tiny, sst2_dev, text, eval_cache, tmp_path, capsys):
+    base = ["--task-data", sst2_dev, "--threads", "1", "--no-speed"]
+    _fails(["eval", classifiers["fp32"], tiny["f32"], *base], capsys, "classifiers and language models", "tiny-f32.gguf")
+    _fails(["eval", classifiers["nohead"], *base], capsys, "not a classifier", "nohead")
+    _fails(["eval", classifiers["fp32"], classifiers["otherlabels"], *base], capsys,
+           "labels ['neg', 'pos'] differ from the reference's ['0', '1']", "otherlabels")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("label\tsentence\n1\tfine\n2\tunknown label\n", encoding="utf-8")
+    _fails(["eval", classifiers["fp32"], "--task-data", str(bad), "--no-speed"], capsys, "line 3", "unknown label '2'")
+    _fails(["eval", classifiers["fp32"], "--task-data", str(tmp_path / "none.tsv"), "--no-speed"], capsys, "none.tsv")
+    _fails(["eval", classifiers["fp32"], "--ladder", "--no-speed"], capsys, "not encoders")
+
+
+# ------------------------------------------------------------------------------- cache cap
+def test_cache_prunes_least_recently_used_first(tmp_path, monkeypatch):
+    from quantkit.eval import cache as ec
+    root = tmp_path / "eval"
+    (root / "logprobs").mkdir(parents=True)
+    (root / "refs" / "abc").mkdir(parents=True)
+    files = {}
+    for i, (name, size) in enumerate([("logprobs/a.npy", 400), ("refs/abc/m-f32.gguf", 1000), ("logprobs/b.npy", 400),
+                                      ("logprobs/c.npy", 400)]):
+        p = root / name
+        p.write_bytes(b"\0" * size)
+        os.utime(p, (1000 + i, 1000 + i))
+        files[name] = p
+    (root / "logprobs" / ".d.npy.1234.partial").write_bytes(b"\0" * 5000)   # another run writing: untouched
+    (root / "digests.json").write_text("{}")                                   # not a prunable file
+    # the reference GGUF used again now, through its marker (its own mtime keys the SHA-256 memo)
+    ec.touch(str(files["refs/abc/m-f32.gguf"]), keep_mtime=True)
+    assert os.stat(files["refs/abc/m-f32.gguf"]).st_mtime == 1001
+
+    got = ec.prune(str(root), 1500)
+    assert got == {"removed_bytes": 800, "removed_files": 2, "kept_bytes": 1400, "limit_bytes": 1500}
+    assert [n for n, p in files.items() if p.exists()] == ["refs/abc/m-f32.gguf", "logprobs/c.npy"]
+    assert (root / "logprobs" / ".d.npy.1234.partial").exists() and (root / "digests.json").exists()
+
+    assert ec.prune(str(root), 0)["removed_files"] == 2
+    assert not (root / "refs" / "abc").exists()        # the emptied reference folder goes too
+
+    assert ec.parse_size("4G") == 4 << 30 and ec.parse_size("1.5MiB") == 3 << 19 and ec.parse_size("123") == 123
+    monkeypatch.setenv(ec.ENV, "2g")
+    assert ec.max_bytes() == 2 << 30 and ec.max_bytes("10M") == 10 << 20
+    monkeypatch.delenv(ec.ENV)
+    assert ec.max_bytes() == ec.DEFAULT_MAX_BYTES
+    with pytest.raises(QuantkitError, match="--cache-max '4X'"):
+        ec.max_bytes("4X")
+
+
+def test_cache_cap_applies_after_a_run(tiny, text, eval_cache, capsys):
+    """A run under a cap smaller than its own reference chunks: afterwards the cache holds at most
+    the cap (what is left is the newest); an unreadable cap fails before any work."""
+    from quantkit.eval.cache import cached_files
+    root = os.path.join(eval_cache, "eval")
+    # each reference chunk: 63 scored rows x 1024 tokens x 4 B = 258 KB; the cap holds one of the two
+    res = evaluate([tiny["q8_0"]], _opts(text, ref=tiny["f32"], n_chunks=2, cache_max="300K"))
+    pruned = res.meta["cache_pruned"]
+    assert pruned["limit_bytes"] == 300 << 10 and pruned["removed_files"] >= 1
+    left = cached_files(root)
+    assert len(left) == 1 and 0 < sum(s for _, s, _ in left) <= 300 << 10
+    again = evaluate([tiny["q8_0"]], _opts(text, ref=tiny["f32"], n_chunks=2, cache_max="300K"))
+    assert again.meta["timings"]["ref_cached_chunks"] == 1      # the kept chunk is re-used, the other re-made
+    assert _row(again, tiny["q8_0"])["kld_mean"] == _row(res, tiny["q8_0"])["kld_mean"]
+    _fails(["eval", tiny["q8_0"], "--text", text, "--cache-max", "lots", "--no-speed"], capsys, "--cache-max 'lots'")

@@ -1,4 +1,8 @@
-"""quantkit eval MODEL [MODEL ...] [--ref REF] [--text FILE] [--chunks N] [--ctx 512] [--json] [--report out.html] [--ladder]."""
+"""quantkit eval MODEL [MODEL ...] [--ref REF] [--text FILE] [--chunks N] [--ctx 512] [--json] [--report out.html] [--ladder].
+
+Language models (GGUF, HF causal LMs) are scored by perplexity and KL divergence; encoder
+classifiers (BERT-family directories with a head) by task accuracy (--task-data, SST-2 dev by
+default); one run takes one kind."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ def register(sub) -> None:
         description="Score models on the same token ids against one reference (llama.cpp's perplexity "
                     "protocol: chunks of BOS + n_ctx-1 tokens, the second half of each scored), with the "
                     "reference's log-probabilities cached on disk. GGUF files run in llama.cpp, Hugging Face "
-                    "directories in transformers (torch, CPU, float32).")
+                    "directories in transformers (torch, CPU, float32). Encoder classifiers (BERT-family "
+                    "directories with a classification head, fp32 or dynamic-int8) are scored by task accuracy "
+                    "instead (SST-2 dev by default).")
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="a .gguf file or Hugging Face model directory (default: the bundled model); "
                         "torch:FILE.gguf runs a GGUF (gemma3, llama) in transformers at F32")
@@ -25,6 +31,13 @@ def register(sub) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the load / tokens-per-second / peak-RSS probes")
     p.add_argument("--speed-runs", type=int, default=3, metavar="N", help="runs per speed figure, median reported (default 3)")
     p.add_argument("--no-cache", action="store_true", help="do not keep the reference's log-probabilities on disk")
+    p.add_argument("--cache-max", metavar="SIZE",
+                   help="cap of the eval cache (reference log-probabilities, F32 references), least recently used "
+                        "deleted first after each run, e.g. 4G, 500M, 0 (default: $QUANTKIT_EVAL_CACHE_MAX or 4G)")
+    p.add_argument("--task-data", metavar="FILE",
+                   help="classifiers: label<TAB>text examples (default: $QUANTKIT_EVAL_TASK_DATA or SST-2 dev.tsv "
+                        "of a development checkout)")
+    p.add_argument("--task-limit", type=int, metavar="N", help="classifiers: score the first N examples only")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (table, size vs KLD chart)")
     p.add_argument("--ladder", nargs="?", const="default", metavar="TYPES",
@@ -43,6 +56,8 @@ def _f(x, fmt: str) -> str:
 
 
 def format_table(res) -> str:
+    if res.meta.get("kind") == "classifier":
+        return format_classifier_table(res)
     rows = []
     head = ["model", "size MB", "bpw", "bpw lin", "PPL", "KLD mean", "KLD med", "KLD p99", "top-1 %",
             "load s", "pp tok/s", "tg tok/s", "peak RSS MB"]
@@ -54,14 +69,38 @@ def format_table(res) -> str:
                      f"{r['kld_p99']:.4f}", f"{100 * r['top1_agreement']:.2f}",
                      _f(sp.get("load_s"), ".2f"), _f(sp.get("pp_tok_s"), ".1f"), _f(sp.get("tg_tok_s"), ".1f"),
                      _mb(sp.get("peak_rss_bytes"))])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
     m = res.meta
-    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out = _align(head, rows)
     out += ["", m["protocol"],
             f"reference: {m['reference']} ({m['reference_how']}; {m['reference_runtime']})",
             f"text: {m['text']}; tokenizer: {m['tokenizer']}"]
+    if m.get("speed"):
+        out.append(f"speed: {m['speed']}")
+    return "\n".join(out)
+
+
+def _align(head, rows) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def format_classifier_table(res) -> str:
+    m = res.meta
+    head = ["model", "size MB", "bpw", "bpw lin", f"{m['task']} acc %", "agree %", "KLD mean", "KLD p99",
+            "load s", "ms/sent (b1)", "sent/s (b32)", "peak RSS MB"]
+    rows = []
+    for r in res.rows:
+        sp = r.get("speed") or {}
+        rows.append([r["name"] + (" (ref)" if r["is_reference"] else ""), _mb(r["file_bytes"]),
+                     _f(r["bits_per_weight"], ".2f"), _f(r["bits_per_weight_linear"], ".2f"),
+                     f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_stderr']:.2f}",
+                     f"{100 * r['top1_agreement']:.2f}", f"{r['kld_mean']:.5f}", f"{r['kld_p99']:.4f}",
+                     _f(sp.get("load_s"), ".2f"), _f(sp.get("latency_ms"), ".1f"), _f(sp.get("sent_s"), ".1f"),
+                     _mb(sp.get("peak_rss_bytes"))])
+    out = _align(head, rows)
+    out += ["", m["protocol"], f"reference: {m['reference']} ({m['reference_how']}; {m['reference_runtime']})"]
     if m.get("speed"):
         out.append(f"speed: {m['speed']}")
     return "\n".join(out)
@@ -72,6 +111,8 @@ def command_line(args) -> str:
     parts = ["quantkit", "eval", *args.models]
     for flag, value in (("--ref", args.ref), ("--text", args.text), ("--chunks", args.chunks), ("--ctx", args.ctx),
                         ("--threads", args.threads), ("--speed-runs", None if args.no_speed else args.speed_runs),
+                        ("--cache-max", args.cache_max), ("--task-data", args.task_data),
+                        ("--task-limit", args.task_limit),
                         ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
                         ("--ladder-dir", args.ladder_dir), ("--report", args.report)):
         if value is not None:
@@ -94,13 +135,18 @@ def run(args) -> int:
     if args.chunks < 0:
         raise QuantkitError(f"--chunks {args.chunks}: give 0 (all) or a positive number")
     options = dict(ref=args.ref, text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
-                   speed=not args.no_speed, speed_runs=args.speed_runs, cache=not args.no_cache)
+                   speed=not args.no_speed, speed_runs=args.speed_runs, cache=not args.no_cache,
+                   cache_max=args.cache_max, task_data=args.task_data, task_limit=args.task_limit)
     if args.ladder and args.ladder != "default" and os.path.exists(args.ladder):
         args.models.insert(0, args.ladder)   # `eval --ladder model.gguf`: the path is the model
         args.ladder = "default"
     if args.ladder:
         if len(args.models) > 1:
             raise QuantkitError("--ladder takes one MODEL", hint="give one model (or none for the bundled one)")
+        from ..eval.classify import is_encoder_dir
+        if args.models and is_encoder_dir(args.models[0]):
+            raise QuantkitError("--ladder quantizes language models to GGUF types, not encoders", args.models[0],
+                                "make an encoder's int8 with `quantkit quantize-dynamic`, then eval both")
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
         res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir, **options)
     else:

@@ -12,7 +12,9 @@ exact for the KL divergence: 255 x 262144 x 4 B = 268 MB for Gemma-3 at n_ctx 51
 once to a memory-mapped cache file keyed by the reference file's SHA-256, the runtime and the
 chunk's token ids; each model then needs one forward pass per chunk and reads the reference
 chunk back memory-mapped. N models cost N + 1 passes (N when the reference is cached), and at
-most one chunk of full-vocabulary values is in memory at a time. llama.cpp's logits are read as
+most one chunk of full-vocabulary values is in memory at a time. The cache is capped (least
+recently used files deleted after each run; --cache-max, $QUANTKIT_EVAL_CACHE_MAX, default 4 GiB):
+see eval/cache.py. llama.cpp's logits are read as
 a numpy view of its own output buffer (no copy), and only the scored rows are computed at all
 (llama_batch.logits flags), which is what makes this faster than Llama(logits_all=True).
 
@@ -20,6 +22,9 @@ Speed and memory: each model is loaded again in a fresh subprocess that measures
 prompt processing (n_prompt tokens in one batch) and generation (n_gen greedy tokens) over a few
 runs (median reported, threads stated, llama.cpp's own perf counters alongside) and the process's
 peak RSS (VmHWM, with the RSS before loading stated so the model's share is visible).
+
+Encoder classifiers (BERT-family directories with a classification head) are scored by task
+accuracy instead, in the same result shape: see eval/classify.py.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import numpy as np
 from ..util.atomic import atomic_output, check_writable_dir
 from ..util.errors import QuantkitError
 from ..util.progress import progress
+from . import cache as eval_cache
 from . import metrics
 
 PROTOCOL = "llama.cpp perplexity protocol"
@@ -61,6 +67,10 @@ class EvalOptions:
     n_prompt: int = 128
     n_gen: int = 32
     cache: bool = True              # keep reference log-probabilities between runs
+    cache_max: int | str | None = None  # cap of the eval cache (bytes or "4G"); None: $QUANTKIT_EVAL_CACHE_MAX or 4 GiB
+    task_data: str | None = None    # classifiers: label<TAB>text file; None: $QUANTKIT_EVAL_TASK_DATA or SST-2 dev
+    task_limit: int | None = None   # classifiers: score the first N examples only
+    batch_size: int = 32            # classifiers: sentences per forward pass
     show_progress: bool = True
 
 
@@ -219,6 +229,7 @@ def f32_reference(path: str, n_threads: int, show_progress: bool = True) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     out = os.path.join(_cache_root(), "refs", digest[:16], f"{stem}-f32.gguf")
     if os.path.exists(out):
+        eval_cache.touch(out, keep_mtime=True)
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     bar = progress(total=1, desc="F32 reference (dequantize)", unit="file") if show_progress else None
@@ -232,6 +243,7 @@ def f32_reference(path: str, n_threads: int, show_progress: bool = True) -> str:
             rc = llama_cpp.llama_model_quantize(path.encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise QuantkitError(f"llama.cpp could not dequantize the model to F32 (code {rc})", path)
+    eval_cache.touch(out, keep_mtime=True)
     if bar:
         bar.update(1)
         bar.close()
@@ -400,6 +412,14 @@ def make_chunks(tokenize, text: str, n_ctx: int, n_chunks: int, add_bos: bool, b
     return chunks
 
 
+def _load_ref(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise QuantkitError("a cached reference chunk disappeared during the run (pruned by another quantkit eval?)",
+                            path, "run again, or give a larger --cache-max") from None
+
+
 # ------------------------------------------------------------------------- speed probe
 def _vm_kib(field_name: str) -> int:
     with open("/proc/self/status") as f:
@@ -451,10 +471,12 @@ def probe(path: str, tokens: list[int], n_gen: int, runs: int, n_threads: int) -
     return out
 
 
-def run_probe(path: str, tokens: list[int], n_gen: int, runs: int, n_threads: int) -> dict[str, Any]:
-    """`probe` in a fresh Python process, so that peak RSS belongs to that model alone."""
+def run_probe(path: str, tokens: list, n_gen: int, runs: int, n_threads: int, kind: str = "lm") -> dict[str, Any]:
+    """`probe` (kind "lm": token ids) or `classify.probe_classifier` (kind "classifier": sentences)
+    in a fresh Python process, so that peak RSS belongs to that model alone."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"path": path, "tokens": tokens, "n_gen": n_gen, "runs": runs, "n_threads": n_threads}, f)
+        json.dump({"path": path, "tokens": tokens, "n_gen": n_gen, "runs": runs, "n_threads": n_threads,
+                   "kind": kind}, f)
         args_path = f.name
     try:
         env = dict(os.environ, QUANTKIT_QUIET="1")
@@ -526,6 +548,20 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
         if not os.path.exists(split_spec(p)[0]):
             raise QuantkitError("no such file or directory", p, "give a .gguf file or a Hugging Face model directory")
     n_threads = o.n_threads or max(1, os.cpu_count() or 1)
+    cache_limit = eval_cache.max_bytes(o.cache_max)   # a bad size fails before the long run
+    use_cache = o.cache and cache_limit > 0
+
+    from .classify import evaluate_classifiers, is_encoder_dir
+    ref_spec = normalize_spec(o.ref) if o.ref is not None else None
+    encoders = [is_encoder_dir(split_spec(p)[0]) for p in paths + ([ref_spec] if ref_spec else [])]
+    if any(encoders):
+        if not all(encoders):
+            odd = next(p for p, e in zip(paths + [ref_spec], encoders) if not e)
+            raise QuantkitError("cannot score encoder classifiers and language models in one run", odd,
+                                "evaluate classifiers (task accuracy) and language models (perplexity) separately")
+        return evaluate_classifiers([split_spec(p)[0] for p in paths], ref_spec and split_spec(ref_spec)[0], o,
+                                    n_threads)
+
     text_path = o.text or default_text()
     if text_path is None:
         raise QuantkitError("no evaluation text", hint="give --text FILE (e.g. wikitext-2's test.txt)")
@@ -577,7 +613,7 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
     # the reference pass: log-softmax of the scored rows, once per chunk, memory-mapped on disk
     ref_digest = model_digest(ref_file)
     rt_version = runtime_version(ref_kind)
-    cache_dir = os.path.join(_cache_root(), "logprobs") if o.cache else tempfile.mkdtemp(prefix="quantkit-eval-")
+    cache_dir = os.path.join(_cache_root(), "logprobs") if use_cache else tempfile.mkdtemp(prefix="quantkit-eval-")
     os.makedirs(cache_dir, exist_ok=True)
     ref_files = []
     for c in chunks:
@@ -585,6 +621,9 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
         h.update(np.asarray(c, dtype=np.int32).tobytes())
         ref_files.append(os.path.join(cache_dir, f"{h.hexdigest()[:32]}.npy"))
     missing = [i for i, f in enumerate(ref_files) if not os.path.exists(f)]
+    for i, f in enumerate(ref_files):
+        if i not in missing:
+            eval_cache.touch(f)
     timings: dict[str, Any] = {"ref_cached_chunks": len(chunks) - len(missing)}
     total_passes = len(missing) + sum(len(chunks) for p in dict.fromkeys(paths) if p != ref_path)
     bar = progress(total=total_passes, desc="eval", unit="pass") if o.show_progress else None
@@ -617,7 +656,7 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
 
         ref_scores = metrics.Scores()
         for i, c in enumerate(chunks):
-            lp = np.load(ref_files[i], mmap_mode="r")
+            lp = _load_ref(ref_files[i])
             if ref_vocab_n is None:
                 ref_vocab_n = lp.shape[1]
             metrics.score_reference(lp, c[first + 1:], ref_scores)
@@ -641,7 +680,7 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
                 sc_scores = metrics.Scores()
                 for i, c in enumerate(chunks):
                     logits = sc.scored_logits(c, first)
-                    lp = np.load(ref_files[i], mmap_mode="r")
+                    lp = _load_ref(ref_files[i])
                     metrics.score_against_reference(logits, lp, c[first + 1:], sc_scores)
                     del lp, logits
                     if bar:
@@ -656,8 +695,9 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
             bar.close()
         if ref_scorer is not None:
             ref_scorer.close()
-        if not o.cache:
+        if not use_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
+        pruned = eval_cache.prune(_cache_root(), cache_limit) if o.cache else None
     timings["quality_s"] = time.perf_counter() - t_start
     timings["eval_process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -694,7 +734,8 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
                   f"{n_threads} thread(s); peak RSS = VmHWM of that process (Python and runtime included; "
                   f"RSS before loading stated)") if o.speed else None,
         "timings": timings,
-        "cache": cache_dir if o.cache else None,
+        "cache": cache_dir if use_cache else None,
+        "cache_pruned": pruned,
         "machine": machine_info(n_threads),
     }
     return EvalResult(rows, meta)
@@ -746,7 +787,11 @@ def _main(argv: list[str]) -> int:
         with open(argv[1]) as f:
             a = json.load(f)
         try:
-            res = probe(a["path"], a["tokens"], a["n_gen"], a["runs"], a["n_threads"])
+            if a.get("kind") == "classifier":
+                from .classify import probe_classifier
+                res = probe_classifier(a["path"], a["tokens"], a["runs"], a["n_threads"])
+            else:
+                res = probe(a["path"], a["tokens"], a["n_gen"], a["runs"], a["n_threads"])
         except QuantkitError as e:
             print(str(e), file=sys.stderr)
             return 2

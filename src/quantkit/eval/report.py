@@ -64,7 +64,7 @@ _JS = r"""
     const c = el('circle', {cx: X(d.size_mb), cy: Y(d.kld), r: 6, class: 'point' + (d.pareto ? ' pareto' : ''),
                             'data-model': d.name, fill: d.pareto ? '#d62728' : '#fff',
                             stroke: d.ref ? '#1f77b4' : '#d62728', 'stroke-width': 2});
-    c.appendChild(el('title', {}, `${d.name}: ${d.size_mb.toFixed(1)} MB, KLD ${d.kld.toPrecision(3)}, PPL ${d.ppl.toFixed(3)}`));
+    c.appendChild(el('title', {}, `${d.name}: ${d.size_mb.toFixed(1)} MB, KLD ${d.kld.toPrecision(3)}, ${d.quality}`));
     g.appendChild(c);
     g.appendChild(el('text', {x: X(d.size_mb) + 9, y: Y(d.kld) - 7, 'font-size': 11}, d.label));
     svg.appendChild(g);
@@ -81,19 +81,44 @@ def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _quality(r: dict) -> str:
+    if r.get("accuracy") is not None:
+        return f"accuracy {100 * r['accuracy']:.2f} %"
+    return f"PPL {r['ppl']:.3f}"
+
+
+def _classifier_table(rows: list[dict], front: list[bool], task: str) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "quantization", "size MB", "bits/weight", "bits/weight (linear)", f"{task} accuracy",
+            "agreement with reference", "KLD mean", "KLD median", "KLD p99", "mean Δp (gold)", "load s",
+            "latency ms/sentence (batch 1)", "sentences/s (batch 32)", "peak RSS MB (before load)"]
+    out = []
+    for r in rows:
+        sp = r.get("speed") or {}
+        rss = (f"{sp['peak_rss_bytes'] / 1e6:,.0f} ({sp['rss_before_load_bytes'] / 1e6:,.0f})"
+               if sp.get("peak_rss_bytes") else "-")
+        out.append([r["name"] + (" (reference)" if r["is_reference"] else ""), r.get("quantization") or "fp32",
+                    f"{r['file_bytes'] / 1e6:,.1f}", _fmt(r["bits_per_weight"], ".3f"),
+                    _fmt(r["bits_per_weight_linear"], ".3f"),
+                    f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_stderr']:.2f} %",
+                    f"{100 * r['top1_agreement']:.2f} %", f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}",
+                    f"{r['kld_p99']:.5f}", f"{100 * r['delta_p_mean']:+.3f} %", _fmt(sp.get("load_s"), ".2f"),
+                    _fmt(sp.get("latency_ms"), ".2f"), _fmt(sp.get("sent_s"), ".1f"), rss])
+    return head, out
+
+
 def render(result) -> str:
     rows = result.rows
     meta = result.meta
+    classifier = meta.get("kind") == "classifier"
     front = pareto_front([(r["file_bytes"], r["kld_mean"]) for r in rows])
     points = [{"name": r["name"], "label": _short(r["name"]), "size_mb": r["file_bytes"] / 1e6, "kld": r["kld_mean"],
-               "ppl": r["ppl"], "pareto": bool(p), "ref": bool(r["is_reference"])} for r, p in zip(rows, front)]
+               "quality": _quality(r), "pareto": bool(p), "ref": bool(r["is_reference"])} for r, p in zip(rows, front)]
     head = ["model", "runtime", "size MB", "bits/weight", "bits/weight (linear)", "PPL", "KLD mean", "KLD median",
             "KLD p99", "top-1 agreement", "mean Δp", "load s", "prompt tok/s", "gen tok/s",
             "llama.cpp pp / tg tok/s", "peak RSS MB (before load)"]
-    trs = []
-    for r, p in zip(rows, front):
+    cells_of = []
+    for r in ([] if classifier else rows):
         sp = r.get("speed") or {}
-        cls = " ".join(c for c, on in (("pareto", p), ("ref", r["is_reference"])) if on)
         llama = (f"{_fmt(sp.get('llama_pp_tok_s'), '.1f')} / {_fmt(sp.get('llama_tg_tok_s'), '.1f')}"
                  if sp.get("llama_pp_tok_s") is not None else "-")
         rss = (f"{sp['peak_rss_bytes'] / 1e6:,.0f} ({sp['rss_before_load_bytes'] / 1e6:,.0f})"
@@ -105,6 +130,12 @@ def render(result) -> str:
                  f"{100 * r['top1_agreement']:.2f} %", f"{100 * r['delta_p_mean']:+.3f} %",
                  _fmt(sp.get("load_s"), ".2f"), _fmt(sp.get("pp_tok_s"), ".1f"), _fmt(sp.get("tg_tok_s"), ".1f"),
                  llama, rss]
+        cells_of.append(cells)
+    if classifier:
+        head, cells_of = _classifier_table(rows, front, meta.get("task", "task"))
+    trs = []
+    for r, p, cells in zip(rows, front, cells_of):
+        cls = " ".join(c for c, on in (("pareto", p), ("ref", r["is_reference"])) if on)
         trs.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     machine = meta.get("machine", {})
     mach = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in machine.items())
@@ -116,7 +147,7 @@ def render(result) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
 <body>
 <h1>quantkit eval</h1>
-<p>{len(rows)} model(s) scored on the same token ids against <code>{html.escape(os.path.basename(meta.get('reference', '')))}</code>
+<p>{len(rows)} model(s) scored on the same {'examples' if classifier else 'token ids'} against <code>{html.escape(os.path.basename(meta.get('reference', '')))}</code>
 ({html.escape(meta.get('reference_how', ''))}).</p>
 <h2>Size against quality</h2>
 <div id="chart"></div>
@@ -132,7 +163,7 @@ linear: the transformer blocks' 2-D weights alone.</p>
 <li><b>protocol</b>: {html.escape(meta.get('protocol', ''))}</li>
 <li><b>reference</b>: <code>{html.escape(meta.get('reference', ''))}</code>, {html.escape(meta.get('reference_runtime', ''))}</li>
 <li><b>tokenizer</b>: {html.escape(meta.get('tokenizer', ''))}</li>
-<li><b>text</b>: <code>{html.escape(meta.get('text', ''))}</code></li>
+<li><b>{'labelled data' if classifier else 'text'}</b>: <code>{html.escape(meta.get('text', ''))}</code></li>
 <li><b>speed and memory</b>: {html.escape(meta.get('speed') or 'not measured (--no-speed)')}</li>
 {met}
 </ul>
