@@ -138,5 +138,36 @@ def main() -> None:
         save()
 
 
+def markdown(res_path: str) -> str:
+    """The BENCHMARKS.md table of a results file."""
+    r = json.load(open(res_path))
+    runs, ev = r.get("runs", {}), r.get("eval", {})
+    texts = list(ev)
+    head = "| file | method | bytes | " + " | ".join(f"KLD {t} | PPL {t} | top-1 {t}" for t in texts) \
+        + " | quantize CPU s (wall s) | peak RSS MB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    imat = runs.get("imatrix", {})
+    keys = ["f32"] + sorted({k for t in texts for k in ev[t] if k != "f32"},
+                            key=lambda k: (k.split("/")[0], ["rtn", "imatrix", "gptq"].index(k.split("/")[1])))
+    for k in keys:
+        ft, method = (k.split("/") + ["reference"])[:2] if k != "f32" else ("F32", "reference")
+        run = runs.get(k, {})
+        cells = []
+        for t in texts:
+            m = ev[t].get(k, {})
+            cells += [f"{m['kld_mean']:.4f}" if m else "", f"{m['ppl']:.3f}" if m else "",
+                      f"{100 * m['top1_agreement']:.1f}%" if m else ""]
+        cost = f"{run['cpu_s']:.0f} ({run['wall_s']:.0f})" if run else ""
+        if method == "imatrix" and imat:
+            cost += f" + matrix {imat['cpu_s']:.0f} ({imat['wall_s']:.0f})"
+        label = {"rtn": "llama.cpp RTN", "imatrix": "llama.cpp + imatrix", "gptq": "quantkit GPTQ"}.get(method, method)
+        lines.append(f"| {ft.upper()} | {label} | {run.get('bytes', '')} | " + " | ".join(cells)
+                     + f" | {cost} | {run.get('peak_rss_mb', '')} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if "--markdown" in sys.argv:
+        print(markdown(os.path.join(HERE, "results", "gguf_gptq.json")))
+    else:
+        main()

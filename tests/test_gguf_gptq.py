@@ -195,3 +195,28 @@ def test_config_file(model_dir, texts, tmp_path, capsys):
         assert main(["quantize", "--config", str(bad), "-o", str(tmp_path / "z.gguf")]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and str(bad) in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_mid_gptq_leaves_nothing(model_dir, texts, tmp_path, sig):
+    """Ctrl-C or kill while GPTQ runs: exit 130, one line, neither the spool of quantized blocks
+    nor a partial GGUF left beside the output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
+            "--nsamples", "64", "--seqlen", "256", "-o", str(out_dir / "x.gguf")]
+    p = subprocess.Popen([sys.executable, "-c", f"import sys; from quantkit.cli import main; sys.exit(main({args!r}))"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.listdir(out_dir):
+        time.sleep(0.02)
+    assert os.listdir(out_dir), "GPTQ never started writing"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert os.listdir(out_dir) == []

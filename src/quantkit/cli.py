@@ -2,7 +2,7 @@
 
 Each subcommand lives in quantkit/commands/<name>.py with `register(subparsers)`, which adds
 its parser and sets `func(args) -> int`. A QuantkitError becomes one line on stderr and exit 2;
-Ctrl-C exits 130 (outputs are atomic, so nothing half-written is left).
+Ctrl-C or SIGTERM exits 130 (outputs are atomic, so nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -40,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_as_interrupt() -> None:
+    """`kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:        # not the main thread (an embedding application): leave it alone
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except QuantkitError as e:
