@@ -72,6 +72,39 @@ def test_fbgemm_matches_reference(per_row, rows, bias):
     assert snr_db(b, a) > 40
 
 
+@pytest.mark.skipif(not K.onednn_available(), reason="no oneDNN int8 kernel in this torch build")
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_matches_reference(per_row, bias):
+    torch.manual_seed(2)
+    lin = nn.Linear(384, 100, bias=bias)
+    x = torch.randn(70, 384)
+    x[9] *= 50
+    a = Int8DynamicLinear.from_float(lin, "onednn", per_row)(x)
+    b = Int8DynamicLinear.from_float(lin, "reference", per_row)(x)
+    ref = lin(x).detach()
+    assert a.shape == b.shape == (70, 100)
+    # per tensor: the same grid as the reference (>= 40 dB apart); per row: a symmetric grid of
+    # the same step count instead of the reference's asymmetric one, as close to fp32 as it is
+    if per_row:
+        assert snr_db(ref, a) > 30 and abs(snr_db(ref, a) - snr_db(ref, b)) < 3
+    else:
+        assert snr_db(b, a) > 40
+
+
+@pytest.mark.parametrize("kernel", ["reference"] + (["onednn"] if K.onednn_available() else []))
+def test_fused_gelu_post_op(kernel):
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 96)
+    x = torch.randn(2, 9, 64)
+    plain = Int8DynamicLinear.from_float(lin, kernel, per_row=False)
+    fused = Int8DynamicLinear.from_float(lin, kernel, per_row=False)
+    fused.post_op = "gelu"
+    assert snr_db(nn.functional.gelu(plain(x)), fused(x)) > 40
+    with pytest.raises(ValueError):
+        Int8DynamicLinear(4, 4, post_op="relu6")
+
+
 def test_embedding_rows():
     torch.manual_seed(0)
     emb = nn.Embedding(50, 16, padding_idx=0)

@@ -2,6 +2,7 @@
 
     quantkit distill finetune --train sst2/train.tsv --dev sst2/dev.tsv -o teacher/
     quantkit distill kd --teacher teacher/ --train sst2/train.tsv --num-layers 3 --augment 2 -o student/
+    quantkit distill kd --teacher teacher/ --train sst2/train.tsv --student-arch bow --augment 4 --epochs 10 -o bow/
     quantkit distill embed --text wikitext-2/valid.txt --num-layers 3 -o minilm-l3/
 
 Flags mirror quantkit.distill.trainer.DistillConfig. Checkpoints go to OUT.ckpt (atomic,
@@ -39,12 +40,17 @@ def _common(p: argparse.ArgumentParser, teacher_flag: str) -> None:
     s.add_argument("--num-layers", type=int, default=None, help="layers, taken evenly from the teacher")
     s.add_argument("--layers", type=_layers, default=None, help="exactly these teacher layers, e.g. 0,2,4")
     s.add_argument("--hidden", type=int, default=None, help="a fresh, narrower student of this hidden size")
+    if teacher_flag != "--teacher":        # finetune and kd: classifiers
+        s.add_argument("--student-arch", choices=("bert", "bow", "cnn"), default="bert",
+                       help="bert (default), or the fastest students: bow (bag of n-grams) / cnn, which read "
+                            "text through the teacher's tokenizer and train at --head-lr")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=5e-5)
-    t.add_argument("--head-lr", type=float, default=1e-3)
+    t.add_argument("--head-lr", type=float, default=1e-3,
+                   help="learning rate of a new classification head (and of a whole bow/cnn student)")
     t.add_argument("--max-length", type=int, default=64, help="tokens per sentence")
     t.add_argument("--train-word-embeddings", action="store_true",
                    help="also update the word-embedding table (frozen by default)")
@@ -98,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
         return 0
+    shape = (f"{summary['student_arch']} student, dim {summary['hidden']}" if "student_arch" in summary
+             else f"{summary['student_layers']} layers x {summary['hidden']}")
     line = (f"wrote {summary['output']}: {summary['objective']}, {summary['steps']} steps, "
-            f"{summary['student_layers']} layers x {summary['hidden']}, {summary['parameters'] / 1e6:.1f}M parameters, "
+            f"{shape}, {summary['parameters'] / 1e6:.1f}M parameters, "
             f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, {summary['seconds']:.0f} s")
     if "dev_accuracy" in summary:
         line += f", dev accuracy {summary['dev_accuracy']:.4f}"

@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
     p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
+    p.add_argument("--kernel", choices=("auto", "onednn", "fbgemm", "reference"), default="auto",
+                   help="dynamic-int8: int8 GEMM kernel (default auto: fbgemm)")
     from . import quantize_gptq
     quantize_gptq.register_args(p)
     p.set_defaults(func=run, _actions={a.dest: a for a in p._actions if a.dest not in ("help", "config")})

@@ -2,7 +2,8 @@
 
 The lead's `quantize` command dispatches here for --method dynamic-int8: `run(args)` takes its
 argparse namespace (model: str | None, None = the bundled all-MiniLM-L6-v2; output: str;
-quantize_embeddings: bool) and writes an int8 encoder directory (safetensors + quantkit.json).
+quantize_embeddings: bool; kernel: str, optional, "auto" | "onednn" | "fbgemm" | "reference")
+and writes an int8 encoder directory (safetensors + quantkit.json).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     output = getattr(args, "output", None)
     if not output:
         raise QuantkitError("no output given", None, "pass -o OUT_DIR")
-    summary = quantize_dynamic(model, output, quantize_embeddings=bool(getattr(args, "quantize_embeddings", False)))
+    summary = quantize_dynamic(model, output, quantize_embeddings=bool(getattr(args, "quantize_embeddings", False)),
+                               kernel=getattr(args, "kernel", None) or "auto")
     print(f"wrote {summary['output']}: {summary['modules']} modules int8 "
           f"({summary['linear']} linear, {summary['embedding']} embedding), "
           f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB "

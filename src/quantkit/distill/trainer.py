@@ -10,6 +10,10 @@ Three objectives, one loop:
 - "embed": a student sentence encoder matches the teacher's pooled embeddings (MSE) on
   unlabelled text.
 
+With `student_arch` "bow" or "cnn", finetune and kd train one of the fastest students instead
+(fast_student.py: a bag of n-grams or a CNN over the teacher's tokenizer, trained on gold plus
+teacher-labelled augmented sentences); everything below is about BERT students.
+
 Students are built from the teacher: the same embeddings and a subset of its layers
 (`layers`, default evenly spaced), or a fresh BERT of a smaller hidden size over the same
 vocabulary; or an existing encoder directory, whose vocabulary must equal the teacher's.
@@ -54,6 +58,7 @@ class DistillConfig:
     num_layers: int | None = None       # student depth (layers taken evenly from the teacher)
     layers: list[int] | None = None     # or exactly which teacher layers
     hidden: int | None = None           # fresh student of this width (random init)
+    student_arch: str = "bert"          # "bert", or "bow" / "cnn": the fastest students (fast_student.py)
     temperature: float = 2.0
     alpha: float = 0.5                  # weight of the soft-label term; 1 - alpha for gold labels
     relation_weight: float = 0.0        # MiniLMv2 Q/K/V relation loss weight (0 = off)
@@ -288,6 +293,11 @@ def distill(cfg: DistillConfig) -> dict:
     if not cfg.output:
         raise QuantkitError("no output given", None, "pass -o OUT_DIR")
     check_writable_dir(cfg.output)
+    if cfg.student_arch != "bert":
+        from .fast_student import ARCHS, distill_fast
+        if cfg.student_arch not in ARCHS:
+            raise QuantkitError(f"unknown student architecture {cfg.student_arch!r}; choose bert, {', '.join(ARCHS)}")
+        return distill_fast(cfg)
     if cfg.objective == "kd" and not cfg.teacher:
         raise QuantkitError("kd needs a classifier teacher", None, "pass --teacher (made by `distill finetune`)")
     ckpt = cfg.checkpoint_dir or os.fspath(cfg.output).rstrip("/") + ".ckpt"

@@ -13,6 +13,13 @@ Pure functions on torch tensors. Two ways to compute an int8 linear layer:
   naive reference loop), `torch._weight_int8pack_mm` 470 ms. So the fbgemm op is the only fast
   int8 matmul in torch 2.13 CPU; `torch.ao.quantization` (the module-swapping front end) is
   deprecated and is not used, only the kernel is.
+- "onednn": `onednn::qlinear_pointwise` (the kernel behind torch's x86 inductor int8 path) on
+  activations quantized by `torch.quantize_per_tensor_dynamic` (or per row by
+  `quantize_per_channel` along rows), bias and optionally GELU fused into its output stage.
+  Per tensor at 2,400 rows it beats fbgemm (the GEMM itself ~1.9x fp32 where fbgemm's is
+  ~1.5x), but it costs ~0.3 ms more per call at 1-10 rows (LSTM steps) and its per-row form is
+  slower than fbgemm's row blocks; MiniLM needs per-row activations for its 0.99 cosine, so
+  "auto" stays fbgemm and "onednn" is an explicit choice (benchmarks/encoders_int8_paths.py).
 
 Activations are quantized with a 7-bit range (0..127, "reduce_range"), as fbgemm requires on
 x86 without VNNI to keep the 16-bit intermediate sums from saturating; the reference does the
