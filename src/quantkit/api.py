@@ -104,48 +104,63 @@ DEMO_PROMPT = "The capital of France is"
 
 
 DEMO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikitext2-test-excerpt.txt")
+DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0-gptq", "q3_k_m")
 
 
-def demo(out_dir: str | os.PathLike | None = None, file_types=("q8_0", "q4_0"), prompt: str = DEMO_PROMPT,
-         max_tokens: int = 24, show_progress: bool = True, eval_chunks: int = 2,
-         eval_ctx: int = 256) -> list[dict[str, Any]]:
-    """The main job: quantize the bundled model to each file type, run each in llama.cpp on a short
-    prompt, and score each against the F32 reference on a short text (perplexity, KL divergence,
-    top-1 agreement; `eval_chunks` x `eval_ctx` tokens of the WikiText-2 excerpt shipped with
-    quantkit; 0 chunks skips it). One row per format; the HTML report is out_dir/report.html."""
+def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, prompt: str = DEMO_PROMPT,
+         max_tokens: int = 24, show_progress: bool = True, eval_chunks: int = 4,
+         eval_ctx: int = 256, calib: str | None = None, calib_samples: int | None = None,
+         calib_seqlen: int | None = None, n_threads: int | None = None) -> list[dict[str, Any]]:
+    """The main job: a ladder of the bundled model (default Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ,
+    Q3_K_M; a rung "TYPE-gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
+    *valid* excerpt shipped with quantkit, 16 x 256 tokens, or `calib`), each run in llama.cpp on a
+    short prompt and scored against the F32 reference on a short text (perplexity, KL divergence,
+    top-1 agreement; `eval_chunks` x `eval_ctx` tokens of the WikiText-2 *test* excerpt shipped
+    with quantkit; 0 chunks skips it). Files go to `out_dir` (written afresh), or (None) come
+    from quantkit's ladder cache, so a rerun re-uses them. One row per rung; the HTML report is
+    out_dir/report.html (or ~/.cache/quantkit/demo/report.html). `n_threads`: llama.cpp's threads
+    (default: up to 2)."""
+    from .eval.evaluate import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
+                                label_ladder, ladder_types)
     from .eval.runtimes import LlamaCpp
-    from .models.bundled import cache_dir
+    from .models.bundled import bundled_path, cache_dir
     from .util.progress import progress
-    out_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
-    os.makedirs(out_dir, exist_ok=True)
-    src = open_model(None)
+    cal = GPTQCalibration(calib, calib_samples or DEFAULT_CALIB_SAMPLES, calib_seqlen or DEFAULT_CALIB_SEQLEN)
+    report_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
+    os.makedirs(report_dir, exist_ok=True)
+    rungs = build_rungs(None, ladder_types(list(file_types)), None if out_dir is None else report_dir,
+                        show_progress=show_progress, calibration=cal,
+                        stem=None if out_dir is None else "gemma-3-270m")
     rows = []
-    for ft in file_types:
-        out = os.path.join(out_dir, f"gemma-3-270m-{ft}.gguf")
-        res = quantize(src.path, out, format=f"gguf:{ft}", show_progress=show_progress)
-        info = inspect(out)
-        with progress(total=2, desc=f"llama.cpp {ft}: load, generate", disable=not show_progress) as bar:
-            rt = LlamaCpp(out, n_ctx=256, n_threads=min(2, os.cpu_count() or 1))
+    for rg in rungs:
+        info = inspect(rg.path)
+        with progress(total=2, desc=f"llama.cpp {rg.label}: load, generate", disable=not show_progress) as bar:
+            rt = LlamaCpp(rg.path, n_ctx=256, n_threads=n_threads or min(2, os.cpu_count() or 1))
             bar.update()
             try:
                 gen = rt.generate(prompt, max_tokens=max_tokens)
             finally:
                 rt.close()
             bar.update()
-        rows.append({"format": ft.upper(), "file": out, "file_bytes": info["file_bytes"],
-                     "bits_per_weight": info["bits_per_weight"], "quantize_s": res.seconds,
+        rows.append({"format": rg.file_type.upper(), "method": rg.method.upper(), "rung": rg.label,
+                     "file": rg.path, "file_bytes": info["file_bytes"],
+                     "bits_per_weight": info["bits_per_weight"], "quantize_s": None if rg.reused else rg.seconds,
+                     "reused": rg.reused, "calibration": rg.calibration,
                      "load_s": gen.load_s, "prompt_tok_s": gen.prompt_tok_s, "gen_tok_s": gen.gen_tok_s,
                      "threads": gen.n_threads, "output": gen.text})
     if eval_chunks > 0 and rows:
         from .eval.report import write_report
-        result = evaluate([r["file"] for r in rows], text=DEMO_TEXT, n_chunks=eval_chunks, n_ctx=eval_ctx,
-                          speed=False, show_progress=show_progress)
+        # the bundled file first: its F32 dequantization is the reference, and it is scored beside its rungs
+        result = evaluate([bundled_path(), *(r["file"] for r in rows)], text=DEMO_TEXT, n_chunks=eval_chunks,
+                          n_ctx=eval_ctx, n_threads=n_threads, speed=False, show_progress=show_progress)
+        label_ladder(result, rungs)
+        result.meta["command"] = "quantkit demo"
         scored = {os.path.abspath(r["path"]): r for r in result.rows if not r.get("is_reference")}
         for r in rows:
             q = scored.get(os.path.abspath(r["file"]), {})
             r.update(ppl=q.get("ppl"), kld=q.get("kld_mean"), top1=q.get("top1_agreement"))
         ref = next((r for r in result.rows if r.get("is_reference")), None)
-        report = write_report(result, os.path.join(out_dir, "report.html"))
+        report = write_report(result, os.path.join(report_dir, "report.html"))
         for r in rows:
             r.update(ref_ppl=ref and ref.get("ppl"), report=report,
                      eval_tokens=f"{eval_chunks} x {eval_ctx}")
@@ -223,8 +238,14 @@ def evaluate(models=None, **options):
     """Score MODELS (paths; None = the bundled model) on the same token ids against one
     reference: perplexity (llama.cpp's protocol), KL divergence, top-1 agreement, size, bits per
     weight, load time, tokens/s, peak RSS. Options are quantkit.eval.evaluate.EvalOptions fields
-    (ref, text, n_chunks, n_ctx, n_threads, speed, speed_runs, cache, ...). Returns an EvalResult
-    (.rows, .meta, .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it."""
+    (ref, text, n_chunks, n_ctx, n_threads, speed, speed_runs, cache, ...). The reference's
+    log-probabilities are cached on disk, capped by `cache_max` (bytes or "4G"; CLI --cache-max;
+    default $QUANTKIT_EVAL_CACHE_MAX or 4 GiB; least recently used deleted first). Encoder
+    classifiers (BERT-family directories with a classification head) are scored by task accuracy
+    instead: `task_data` (label<TAB>text file; CLI --task-data; default SST-2 dev), `task_limit`,
+    `batch_size`. To quantize a model to a ladder of rungs (RTN types and GPTQ rungs such as
+    "q4_0-gptq") and score them all, use eval_ladder(). Returns an EvalResult (.rows, .meta,
+    .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it."""
     from .eval.evaluate import EvalOptions, evaluate as _evaluate
     from .util.errors import QuantkitError
 
@@ -236,14 +257,32 @@ def evaluate(models=None, **options):
     return _evaluate(list(models), EvalOptions(**options))
 
 
-def eval_ladder(model=None, types=None, out_dir=None, **options):
-    """Quantize MODEL to a ladder of GGUF file types (default F16, Q8_0, Q5_0, Q4_1, Q4_0 and the
-    K-quants quantkit encodes) and evaluate the model and every rung against its F32 reference."""
-    from .eval.evaluate import build_ladder, ladder_types
+def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=None, calib_seqlen=None,
+                **options):
+    """Quantize MODEL to a ladder of GGUF rungs and evaluate the model and every rung against its
+    F32 reference. Rungs are file types, quantized by llama.cpp's round-to-nearest ("q4_0"), or
+    with GPTQ onto the same type ("q4_0-gptq"); default F16, Q8_0, Q5_0, Q4_1, Q4_0 RTN,
+    Q4_0 GPTQ and the K-quants quantkit encodes. GPTQ rungs calibrate on `calib` (any UTF-8 text;
+    default: the WikiText-2 *valid* excerpt shipped with quantkit), `calib_samples` x
+    `calib_seqlen` tokens (default 16 x 256); the calibration text must not be the scored one.
+    Rungs are cached in quantkit's cache (keyed by source, type, method and calibration) unless
+    `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method."""
+    from .eval.evaluate import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
+                                default_text, label_ladder, ladder_types)
+    from .util.errors import QuantkitError
 
-    files = build_ladder(model, ladder_types(types), out_dir, show_progress=options.get("show_progress", True))
+    names = ladder_types(types)
+    cal = GPTQCalibration(os.fspath(calib) if calib is not None else None,
+                          calib_samples or DEFAULT_CALIB_SAMPLES, calib_seqlen or DEFAULT_CALIB_SEQLEN)
+    if any(n.endswith("-gptq") for n in names):
+        cal.check()
+        scored = options.get("text") or default_text()
+        if scored and os.path.isfile(scored) and os.path.samefile(scored, cal.path):
+            raise QuantkitError("the GPTQ calibration text is the scored text", cal.path,
+                                "calibrate on other text (--calib FILE), e.g. wikitext-2 valid for a test-split eval")
+    rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)
     first = os.fspath(model) if model is not None else None
-    return evaluate([first, *files], **options)
+    return label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
 
 
 # ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors (issue 3) ----

@@ -1,4 +1,5 @@
-"""quantkit eval MODEL [MODEL ...] [--ref REF] [--text FILE] [--chunks N] [--ctx 512] [--json] [--report out.html] [--ladder].
+"""quantkit eval MODEL [MODEL ...] [--ref REF] [--text FILE] [--chunks N] [--ctx 512] [--json] [--report out.html]
+[--ladder [TYPES]] [--calib FILE] [--calib-samples N] [--calib-seqlen L].
 
 Language models (GGUF, HF causal LMs) are scored by perplexity and KL divergence; encoder
 classifiers (BERT-family directories with a head) by task accuracy (--task-data, SST-2 dev by
@@ -42,8 +43,16 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (table, size vs KLD chart)")
     p.add_argument("--ladder", nargs="?", const="default", metavar="TYPES",
                    help="quantize MODEL to a ladder of GGUF types and evaluate them all (default: F16, Q8_0, "
-                        "Q5_0, Q4_1, Q4_0 and the K-quants quantkit encodes; or a comma list, e.g. q8_0,q4_0)")
-    p.add_argument("--ladder-dir", metavar="DIR", help="where ladder files go (default: quantkit's cache)")
+                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes; or a comma list, e.g. "
+                        "q8_0,q4_0,q4_0-gptq: TYPE is llama.cpp's round-to-nearest, TYPE-gptq GPTQ onto the same type)")
+    p.add_argument("--ladder-dir", metavar="DIR",
+                   help="where ladder files go, written afresh (default: quantkit's cache, where a rung is re-used, "
+                        "keyed by source, type, method and calibration)")
+    p.add_argument("--calib", metavar="FILE",
+                   help="GPTQ rungs: calibration text, any UTF-8 (default: the WikiText-2 valid excerpt shipped "
+                        "with quantkit); never the scored --text")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="GPTQ rungs: calibration samples (default 16)")
+    p.add_argument("--calib-seqlen", type=int, metavar="L", help="GPTQ rungs: tokens per sample (default 256)")
     p.set_defaults(func=run)
 
 
@@ -59,11 +68,13 @@ def format_table(res) -> str:
     if res.meta.get("kind") == "classifier":
         return format_classifier_table(res)
     rows = []
-    head = ["model", "size MB", "bpw", "bpw lin", "PPL", "KLD mean", "KLD med", "KLD p99", "top-1 %",
-            "load s", "pp tok/s", "tg tok/s", "peak RSS MB"]
+    ladder = res.meta.get("ladder")
+    head = ["model", *(["rung"] if ladder else []), "size MB", "bpw", "bpw lin", "PPL", "KLD mean", "KLD med",
+            "KLD p99", "top-1 %", "load s", "pp tok/s", "tg tok/s", "peak RSS MB"]
     for r in res.rows:
         sp = r.get("speed") or {}
-        rows.append([r["name"] + (" (ref)" if r["is_reference"] else ""), _mb(r["file_bytes"]),
+        rows.append([r["name"] + (" (ref)" if r["is_reference"] else ""),
+                     *([r.get("rung") or "-"] if ladder else []), _mb(r["file_bytes"]),
                      _f(r["bits_per_weight"], ".2f"), _f(r["bits_per_weight_linear"], ".2f"),
                      f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}", f"{r['kld_mean']:.5f}", f"{r['kld_median']:.5f}",
                      f"{r['kld_p99']:.4f}", f"{100 * r['top1_agreement']:.2f}",
@@ -74,6 +85,9 @@ def format_table(res) -> str:
     out += ["", m["protocol"],
             f"reference: {m['reference']} ({m['reference_how']}; {m['reference_runtime']})",
             f"text: {m['text']}; tokenizer: {m['tokenizer']}"]
+    if ladder:
+        out.append(f"ladder: RTN = {ladder['rtn']}" + (f"; GPTQ = {ladder['gptq']}" if ladder.get("gptq") else "")
+                   + (f"; re-used from the cache: {', '.join(ladder['reused'])}" if ladder.get("reused") else ""))
     if m.get("speed"):
         out.append(f"speed: {m['speed']}")
     return "\n".join(out)
@@ -114,7 +128,9 @@ def command_line(args) -> str:
                         ("--cache-max", args.cache_max), ("--task-data", args.task_data),
                         ("--task-limit", args.task_limit),
                         ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
-                        ("--ladder-dir", args.ladder_dir), ("--report", args.report)):
+                        ("--ladder-dir", args.ladder_dir), ("--calib", args.calib),
+                        ("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen),
+                        ("--report", args.report)):
         if value is not None:
             parts += [flag, str(value)]
     if args.ladder == "default":
@@ -148,8 +164,13 @@ def run(args) -> int:
             raise QuantkitError("--ladder quantizes language models to GGUF types, not encoders", args.models[0],
                                 "make an encoder's int8 with `quantkit quantize-dynamic`, then eval both")
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
-        res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir, **options)
+        res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir,
+                              calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                              **options)
     else:
+        if args.calib or args.calib_samples or args.calib_seqlen:
+            raise QuantkitError("--calib, --calib-samples and --calib-seqlen calibrate a ladder's GPTQ rungs",
+                                hint="use them with --ladder, e.g. --ladder q4_0,q4_0-gptq")
         res = api.evaluate(args.models or [None], **options)
     res.meta["command"] = command_line(args)
     if args.report:

@@ -111,9 +111,10 @@ def render(result) -> str:
     meta = result.meta
     classifier = meta.get("kind") == "classifier"
     front = pareto_front([(r["file_bytes"], r["kld_mean"]) for r in rows])
-    points = [{"name": r["name"], "label": _short(r["name"]), "size_mb": r["file_bytes"] / 1e6, "kld": r["kld_mean"],
+    points = [{"name": r["name"], "label": r["rung"] if r.get("method") else _short(r["name"]), "size_mb": r["file_bytes"] / 1e6, "kld": r["kld_mean"],
                "quality": _quality(r), "pareto": bool(p), "ref": bool(r["is_reference"])} for r, p in zip(rows, front)]
-    head = ["model", "runtime", "size MB", "bits/weight", "bits/weight (linear)", "PPL", "KLD mean", "KLD median",
+    ladder = meta.get("ladder")
+    head = ["model", *(["rung (method)"] if ladder else []), "runtime", "size MB", "bits/weight", "bits/weight (linear)", "PPL", "KLD mean", "KLD median",
             "KLD p99", "top-1 agreement", "mean Δp", "load s", "prompt tok/s", "gen tok/s",
             "llama.cpp pp / tg tok/s", "peak RSS MB (before load)"]
     cells_of = []
@@ -123,7 +124,8 @@ def render(result) -> str:
                  if sp.get("llama_pp_tok_s") is not None else "-")
         rss = (f"{sp['peak_rss_bytes'] / 1e6:,.0f} ({sp['rss_before_load_bytes'] / 1e6:,.0f})"
                if sp.get("peak_rss_bytes") else "-")
-        cells = [r["name"] + (" (reference)" if r["is_reference"] else ""), r["runtime"],
+        cells = [r["name"] + (" (reference)" if r["is_reference"] else ""), *([r.get("rung") or "-"] if ladder else []),
+                 r["runtime"],
                  f"{r['file_bytes'] / 1e6:,.1f}", _fmt(r["bits_per_weight"], ".3f"),
                  _fmt(r["bits_per_weight_linear"], ".3f"), f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}",
                  f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}", f"{r['kld_p99']:.5f}",
@@ -164,7 +166,7 @@ linear: the transformer blocks' 2-D weights alone.</p>
 <li><b>reference</b>: <code>{html.escape(meta.get('reference', ''))}</code>, {html.escape(meta.get('reference_runtime', ''))}</li>
 <li><b>tokenizer</b>: {html.escape(meta.get('tokenizer', ''))}</li>
 <li><b>{'labelled data' if classifier else 'text'}</b>: <code>{html.escape(meta.get('text', ''))}</code></li>
-<li><b>speed and memory</b>: {html.escape(meta.get('speed') or 'not measured (--no-speed)')}</li>
+{_ladder_li(ladder)}<li><b>speed and memory</b>: {html.escape(meta.get('speed') or 'not measured (--no-speed)')}</li>
 {met}
 </ul>
 <h3>Files</h3><ul>{files}</ul>
@@ -174,6 +176,13 @@ linear: the transformer blocks' 2-D weights alone.</p>
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _ladder_li(ladder: dict | None) -> str:
+    if not ladder:
+        return ""
+    text = f"RTN: {ladder['rtn']}" + (f"; GPTQ: {ladder['gptq']}" if ladder.get("gptq") else "")
+    return f"<li><b>ladder</b>: {html.escape(text)}</li>\n"
 
 
 def _short(name: str) -> str:

@@ -439,9 +439,15 @@ def torch_cpu_resident(m: ModelShape, tensors: list[Tensor], n_ctx: int, from_gg
     return torch_cpu_parts(m, tensors, n_ctx, from_gguf)["peak"]
 
 
+def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int) -> dict[str, int]:
+    """Peak RSS of a llama.cpp CPU process that evaluates n_prompt tokens, term by term (bytes):
+    mmap'd weights (all touched), repacked copies, the KV cache (cleared at start, so resident),
+    output buffer, touched compute pages, the vocabulary and the runtime itself."""
+    return {"weights": inf.weights, "repack": inf.repack, "kv": inf.kv, "output": inf.output,
+            "compute_touched": llamacpp_compute_touched(m, n_prompt),
+            "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN, "base": LLAMACPP_CPU_BASE}
+
+
 def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int) -> int:
-    """Peak RSS of a llama.cpp CPU process that evaluates n_prompt tokens: mmap'd weights (all
-    touched), repacked copies, the KV cache (cleared at start, so resident), output buffer,
-    touched compute pages, the vocabulary and the runtime itself."""
-    return (inf.weights + inf.repack + inf.kv + inf.output + llamacpp_compute_touched(m, n_prompt)
-            + m.n_vocab * VOCAB_BYTES_PER_TOKEN + LLAMACPP_CPU_BASE)
+    """Peak RSS of a llama.cpp CPU process that evaluates n_prompt tokens (cpu_resident_parts)."""
+    return sum(cpu_resident_parts(m, inf, n_prompt).values())
