@@ -45,18 +45,8 @@ def is_encoder_dir(path: str | None) -> bool:
 
 
 def default_task_data() -> str | None:
-    env = os.environ.get(TASK_ENV)
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    for up in (4, 5):  # <repo>/src/quantkit/eval -> <repo>/../shared/data (a development checkout)
-        base = here
-        for _ in range(up):
-            base = os.path.dirname(base)
-        cand = os.path.join(base, "shared", "data", "sst2", "dev.tsv")
-        if os.path.isfile(cand):
-            return cand
-    return None
+    from ..util.data import shared_data_file
+    return shared_data_file("sst2/dev.tsv", env=TASK_ENV)
 
 
 def task_name(path: str) -> str:

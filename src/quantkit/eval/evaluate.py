@@ -364,18 +364,8 @@ def runtime_version(kind: str) -> str:
 
 # ------------------------------------------------------------------------- text and chunks
 def default_text() -> str | None:
-    env = os.environ.get("QUANTKIT_EVAL_TEXT")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    for up in (4, 5):  # <repo>/src/quantkit/eval -> <repo>/../shared/data (a development checkout)
-        base = here
-        for _ in range(up):
-            base = os.path.dirname(base)
-        cand = os.path.join(base, "shared", "data", "wikitext-2", "test.txt")
-        if os.path.isfile(cand):
-            return cand
-    return None
+    from ..util.data import shared_data_file
+    return shared_data_file("wikitext-2/test.txt", env="QUANTKIT_EVAL_TEXT")
 
 
 def make_chunks(tokenize, text: str, n_ctx: int, n_chunks: int, add_bos: bool, bos: int | None,

@@ -17,13 +17,10 @@ DEFAULT_SEQLEN = 512
 
 def default_calibration_file() -> str:
     """wikitext-2 valid: $QUANTKIT_DATA/wikitext-2/valid.txt, else <repo>/../shared/data/..."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(here)))
-    roots = [os.environ.get("QUANTKIT_DATA", ""), os.path.join(os.path.dirname(repo), "shared", "data")]
-    for root in roots:
-        p = os.path.join(root, "wikitext-2", "valid.txt")
-        if root and os.path.isfile(p):
-            return p
+    from ..util.data import shared_data_file
+    p = shared_data_file("wikitext-2/valid.txt")
+    if p:
+        return p
     raise QuantkitError("no default calibration text (wikitext-2 valid) found",
                         hint="pass --calib FILE (any UTF-8 text) or set QUANTKIT_DATA")
 
