@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate_as_interrupt() -> None:
-    """`kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+    """`kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
+    SIGINT gets Python's handler even where the shell started us with it ignored (a background
+    job of a non-interactive shell), so `kill -INT` always cleans up too."""
     import signal
 
     def handler(signum, frame):
@@ -49,6 +51,7 @@ def _terminate_as_interrupt() -> None:
 
     try:
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:        # not the main thread (an embedding application): leave it alone
         pass
 
