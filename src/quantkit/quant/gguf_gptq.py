@@ -10,9 +10,10 @@ grid) is written as llama-quantize writes it (quant.gguf_export).
 Pipeline: the model's skeleton is built in transformers (float32) with only the embeddings
 loaded; calibration text is tokenized with the model's own tokenizer (llama.cpp's for a GGUF);
 blocks are loaded from the source one at a time, quantized (quant.pipeline) on inputs produced
-by the already-quantized blocks before them, and released. The quantized tensors are spooled to a temporary file next to the output, so
-memory holds one block's Hessians and solutions, not the whole quantized model; the GGUF is
-then written tensor by tensor (temporary name, renamed when complete).
+by the already-quantized blocks before them, and released. The quantized tensors are spooled
+to a temporary file next to the output, so memory holds one block's Hessians and solutions,
+not the whole quantized model; the GGUF is then written tensor by tensor (temporary name,
+renamed when complete).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _streaming_model(src, path: str):
     The blocks' parameters are allocated but never written until their block is loaded
     (quant.pipeline's load_block), so they take no memory before then."""
     from ..eval.torch_runtime import gguf_tensor_for_hf, model_from_gguf
+    from ..models.arch import hf_to_gguf_name
     from ..models.gguf import GGUFSource
     if isinstance(src, GGUFSource):
         model, arch = model_from_gguf(path, load=False)
@@ -73,7 +75,6 @@ def _streaming_model(src, path: str):
             t = gguf_tensor_for_hf(src, arch, hf_name)
             if t is not None:
                 t = t.clone()                       # never a view of the file's map
-                from ..models.arch import hf_to_gguf_name
                 src.release(hf_to_gguf_name(arch, hf_name))
             return t
     else:
