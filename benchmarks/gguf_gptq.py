@@ -81,11 +81,14 @@ def main() -> None:
         """Merge into the file (another instance may be running other types or methods)."""
         os.makedirs(os.path.dirname(res_path), exist_ok=True)
         disk = json.load(open(res_path)) if os.path.exists(res_path) else {}
-        for k, v in results.items():
-            if isinstance(v, dict) and isinstance(disk.get(k), dict):
-                disk[k].update(v)
-            else:
-                disk[k] = v
+        def merge(dst: dict, src: dict) -> None:
+            for k, v in src.items():
+                if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "f32":
+                    merge(dst[k], v)
+                else:
+                    dst[k] = v
+
+        merge(disk, results)
         tmp = f"{res_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(disk, f, indent=2)
