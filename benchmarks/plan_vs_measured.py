@@ -35,7 +35,6 @@ N_DECODE = 64
 # for a descheduled thread; one thread measures the memory/compute path, not the scheduler
 THREADS = int(os.environ.get("QUANTKIT_BENCH_THREADS", "1"))
 ROUNDS = 4
-QUANT_THREADS = 2          # writing the type files is not measured
 # every GGUF file type of the decode-speed check (benchmarks/plan_speed_calibrate.py)
 TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 CTXS = (512, 4096, 32768)
@@ -110,22 +109,8 @@ def bandwidth() -> float:
 
 def quantize(src: str, dst: str, ftype: str) -> None:
     """Write `dst` in file type `ftype` with llama.cpp's own quantizer (its normal mix)."""
-    import ctypes
-
-    import llama_cpp
-    if os.path.exists(dst):
-        return
-    from gguf import LlamaFileType
-    params = llama_cpp.llama_model_quantize_default_params()
-    name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(ftype, "MOSTLY_" + ftype.upper())
-    params.ftype = int(getattr(LlamaFileType, name))
-    params.allow_requantize = True
-    params.nthread = QUANT_THREADS
-    tmp = dst + ".partial"
-    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize {ftype} failed: {rc}")
-    os.replace(tmp, dst)
+    from plan_speed_calibrate import llama_quantize      # benchmarks/ is sys.path[0]
+    llama_quantize(src, dst, ftype, pure=False)
 
 
 def file_tensors(path: str) -> dict:
