@@ -7,6 +7,7 @@ llama.cpp tokenizer path), and its bad inputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -220,3 +221,41 @@ def test_interrupt_mid_gptq_leaves_nothing(model_dir, texts, tmp_path, sig):
     assert p.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert os.listdir(out_dir) == []
+
+
+def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):
+    """`quantize F32.gguf --format compressed-tensors`: RTN from the GGUF packs exactly what RTN
+    from the Hugging Face directory packs (the GGUF's q/k rows un-permuted back); the GGUF's
+    checkpoint loads in transformers + compressed-tensors with its tokenizer files, and its GPTQ
+    (calibrated with llama.cpp's tokenizer) is closer to the float model than its RTN."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    outs = {}
+    for name, src, method in (("hf-rtn", model_dir, "rtn"), ("gguf-rtn", f32[0], "rtn"), ("gguf-gptq", f32[0], "gptq")):
+        outs[name] = tmp_path / name
+        api.quantize_gpu(str(src), outs[name], format="compressed-tensors", method=method, bits=4, group_size=128,
+                         calib=texts[0], nsamples=8, seqlen=128, show_progress=False)
+    a, b = tensors(outs["hf-rtn"]), tensors(outs["gguf-rtn"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    cfg = json.loads((outs["gguf-rtn"] / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized" and cfg["architectures"] == ["LlamaForCausalLM"]
+    tok = AutoTokenizer.from_pretrained(outs["gguf-gptq"])
+    ids = torch.tensor([tok(texts[1][:3000])["input_ids"][:200]])
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        p = torch.log_softmax(ref(ids).logits[0], -1)
+        kld = {}
+        for name in ("gguf-rtn", "gguf-gptq"):
+            m = AutoModelForCausalLM.from_pretrained(outs[name], dtype=torch.float32)
+            q = torch.log_softmax(m(ids).logits[0], -1)
+            kld[name] = float((p.exp() * (p - q)).sum(-1).mean())
+    assert kld["gguf-gptq"] * 1.3 < kld["gguf-rtn"], kld

@@ -211,3 +211,24 @@ def test_cli_module(model_dir, tmp_path, capsys):
         quantize_gptq.run(p.parse_args([model_dir, "-o", str(tmp_path / "g.gguf"), "--method", "rtn"]))
     with pytest.raises(SystemExit):
         p.parse_args([model_dir, "-o", "x", "--bits", "7"])
+
+
+def test_write_safetensors_reads_back_in_safetensors(tmp_path):
+    """quantkit's streaming shard writer: every dtype the checkpoints hold, empty tensors and the
+    metadata read back identically through the safetensors package."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from quantkit.models.gpu_formats import write_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(3, 5, generator=g), "packed": torch.randint(-2**31, 2**31 - 1, (7, 2), dtype=torch.int32),
+               "scale": torch.randn(4, 4, generator=g).bfloat16(), "half": torch.randn(9, generator=g).half(),
+               "shape": torch.tensor([5, 3]), "empty": torch.zeros(0, 3), "codes": torch.randint(0, 255, (5,), dtype=torch.uint8)}
+    path = str(tmp_path / "x.safetensors")
+    write_safetensors(path, tensors, {"format": "pt"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt"}

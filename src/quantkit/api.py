@@ -61,7 +61,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              method: str = "rtn", pure: bool = False, token_embedding_type: str | None = None,
              output_tensor_type: str | None = None, calib: str | None = None, nsamples: int = 128,
              seqlen: int = 512, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-             true_sequential: bool = True, show_progress: bool = True) -> QuantizeResult:
+             true_sequential: bool = True, shrink: float = 0.0, show_progress: bool = True) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT. `format` is "gguf:<file type>" (f32, f16, bf16, q8_0, q5_1,
     q5_0, q4_1, q4_0, q6_k and the K-quant mixes). Method "rtn" is llama.cpp's own
     round-to-nearest, byte for byte; "gptq" solves every decoder linear onto the same llama.cpp
@@ -81,9 +81,9 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         from .quant.gguf_gptq import export_gguf_gptq
         from .quant.gptq import GPTQConfig
         try:
-            cfg = GPTQConfig(damp=damp, act_order=act_order, scale_search=scale_search)
+            cfg = GPTQConfig(damp=damp, act_order=act_order, scale_search=scale_search, shrink=shrink)
         except ValueError as e:
-            raise QuantkitError(str(e), hint="--damp takes a fraction such as 0.01") from None
+            raise QuantkitError(str(e), hint="--damp and --shrink take fractions such as 0.01") from None
         rep = export_gguf_gptq(model, output, fmt.split(":", 1)[1], calib=calib, nsamples=nsamples, seqlen=seqlen,
                                gptq=cfg, true_sequential=true_sequential, pure=pure,
                                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
@@ -289,17 +289,20 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=
 def quantize_gpu(model, output: str | os.PathLike, *, format: str = "compressed-tensors",  # noqa: A002
                  method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = True,
                  act_order: bool = False, calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
-                 damp: float = 0.01, show_progress: bool = True):
-    """Quantize the decoder linears of a Hugging Face causal-LM directory with RTN or GPTQ and
-    write a GPTQ ("gptq") or compressed-tensors ("compressed-tensors", pack-quantized) checkpoint
-    directory. GPTQ calibrates on `calib` (any UTF-8 text; default wikitext-2 valid), `nsamples`
-    x `seqlen` tokens from the model's own tokenizer. Returns quant.pipeline.GPUExportResult."""
+                 damp: float = 0.01, shrink: float = 0.0, show_progress: bool = True):
+    """Quantize the decoder linears of a causal LM (a Hugging Face directory or a GGUF file; None:
+    the bundled Gemma-3-270M) with RTN or GPTQ and write a GPTQ ("gptq") or compressed-tensors
+    ("compressed-tensors", pack-quantized) checkpoint directory. GPTQ calibrates on `calib` (any
+    UTF-8 text; default wikitext-2 valid), `nsamples` x `seqlen` tokens from the model's own
+    tokenizer. Returns quant.pipeline.GPUExportResult."""
     from .models.gpu_formats import GPUFormatConfig
     from .quant.pipeline import export_gpu_checkpoint
     from .util.errors import QuantkitError
-    if model is None or not os.path.isdir(os.fspath(model)):
-        raise QuantkitError("GPTQ and compressed-tensors outputs need a Hugging Face model directory",
-                            None if model is None else os.fspath(model), "pass a directory with config.json")
+    if model is None:
+        from .models.bundled import bundled_path
+        model = bundled_path()
     cfg = GPUFormatConfig(format.lower(), bits, group_size, sym, act_order, method, damp)
+    if not 0.0 <= shrink <= 1.0:
+        raise QuantkitError(f"--shrink must be in [0, 1], got {shrink}")
     return export_gpu_checkpoint(os.fspath(model), os.fspath(output), cfg, calib=calib, nsamples=nsamples,
-                                 seqlen=seqlen, show_progress=show_progress)
+                                 seqlen=seqlen, shrink=shrink, show_progress=show_progress)

@@ -32,6 +32,10 @@ def register_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     g.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01; raised automatically if needed)")
+    g.add_argument("--shrink", type=float, default=0.0,
+                   help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0: plain GPTQ, default; "
+                        "1: importance-weighted rounding without cross-column compensation); some shrinkage "
+                        "keeps the error compensation from fitting the calibration text's correlations")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
@@ -57,19 +61,16 @@ def run(args: argparse.Namespace) -> int:
                            token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                            calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
                            act_order=args.act_order, scale_search=args.scale_search,
-                           true_sequential=args.true_sequential)
+                           true_sequential=args.true_sequential, shrink=args.shrink)
         print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; GPTQ onto llama.cpp's "
               f"{fmt[5:]} grids, calibrated on {args.nsamples} x {args.seqlen} tokens)")
         return 0
     if fmt not in GPU_FORMATS:
         raise QuantkitError(f"--method {method} with --format {args.format} is not available",
                             hint="GPTQ writes --format gguf:<type>, gptq or compressed-tensors")
-    if args.model is None:
-        raise QuantkitError("GPTQ and compressed-tensors outputs need a Hugging Face model directory",
-                            hint="pass MODEL (a directory with config.json and *.safetensors)")
     res = api.quantize_gpu(args.model, args.output, format=fmt, method=method, bits=args.bits,
                            group_size=args.group_size, sym=args.sym, act_order=args.act_order, calib=args.calib,
-                           nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp)
+                           nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, shrink=args.shrink)
     print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear layers "
           f"{method} {args.bits}-bit g{args.group_size} {'sym' if args.sym else 'asym'}"
           f"{' act-order' if args.act_order else ''}, format {fmt})")

@@ -37,7 +37,6 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 
 from ..codecs.intpack import pack_int32, unpack_int32
 from ..util.errors import QuantkitError
@@ -46,7 +45,7 @@ GPU_FORMATS = ("gptq", "compressed-tensors")
 FORMAT_BITS = {"gptq": (2, 3, 4, 8), "compressed-tensors": (2, 3, 4, 5, 6, 8)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
-SHARD_BYTES = 2 * 1024**3
+SHARD_BYTES = 1024**3         # a shard is held in memory until written: 1 GiB bounds it
 
 
 @dataclass(frozen=True)
@@ -140,6 +139,32 @@ def dequantize_compressed(tensors: dict[str, torch.Tensor], prefix: str, bits: i
     return w.reshape(out_f, in_f)
 
 
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int32: "I32", torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16"}
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written tensor by tensor from each tensor's own memory (the
+    `safetensors` package first copies the whole shard into one buffer). Same bytes layout:
+    8-byte little-endian header length, JSON header padded with spaces to 8 bytes, data."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            t = t.detach().contiguous()
+            if t.numel():
+                # raw bytes of the tensor's storage (little-endian on every platform torch runs on)
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 class CheckpointWriter:
     """Writes a Hugging Face checkpoint directory shard by shard (`flush()` ends a shard, e.g.
     after each decoder block), then config.json with quantization_config, the safetensors index
@@ -180,7 +205,7 @@ class CheckpointWriter:
         if not self._pending:
             return
         path = os.path.join(self.dir, f"shard-{len(self._shards):05d}.safetensors")
-        save_file(self._pending, path, metadata={"format": "pt"})
+        write_safetensors(path, self._pending, metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._total += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0

@@ -6,8 +6,9 @@ llama.cpp's terms: GGUF tensor names, GGUF metadata keys, and tensor values tran
 llama.cpp's convert_hf_to_gguf.py transforms them (q/k row permutation for llama-style rotary,
 Gemma's 1 + w norms, ...; the per-architecture facts live in `arch.HF_ARCHS`).
 
-Nothing is read eagerly but headers: safetensors files are opened with `safe_open` (memory
-mapped, one tensor read per `load`), .bin files with `torch.load(mmap=True)`.
+Nothing is read eagerly but headers: safetensors tensors are read with pread, one per `load`
+(never memory-mapped, so a model larger than RAM streams through in bounded memory), .bin
+files with `torch.load(mmap=True)`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,65 @@ _TORCH_DTYPES: dict[torch.dtype, str] = {
 }
 
 
+class _SafetensorsFile:
+    """A .safetensors file read with pread, not mapped: memory holds only the tensors asked for
+    (a mapping's touched pages would count in the process's RSS until unmapped, so a model
+    larger than RAM could not stream through). Header checked against the file size."""
+
+    _TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 8, 0)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 * 1024**2):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(os.pread(self._fd, n, 8))
+            header.pop("__metadata__", None)
+            self._base = 8 + n
+            self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+            for name, e in header.items():
+                begin, end = (int(x) for x in e["data_offsets"])
+                if not 0 <= begin <= end or self._base + end > size:
+                    raise ValueError(f"tensor {name} lies past the end of the file (truncated download?)")
+                self.entries[name] = (str(e["dtype"]), tuple(int(d) for d in e["shape"]), begin, end)
+        except Exception:
+            os.close(self._fd)
+            raise
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        dt, shape, begin, end = self.entries[name]
+        buf = bytearray(end - begin)
+        view, pos = memoryview(buf), 0
+        while pos < len(buf):                    # pread may return less than asked
+            got = os.preadv(self._fd, [view[pos:]], self._base + begin + pos)
+            if got <= 0:
+                raise OSError(f"unexpected end of file reading {name}")
+            pos += got
+        if not buf:
+            return torch.empty(shape, dtype=self._TORCH[dt])
+        return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 @dataclass
 class _Entry:
     """Where a canonical tensor comes from and what happens to it on the way."""
@@ -70,7 +130,9 @@ def _str(v: str) -> MetaValue:
 class HFSource(ModelSource):
     """A Hugging Face directory of a Llama-family model (llama, mistral, qwen2, gemma3)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, tokenizer: bool = True):
+        """tokenizer=False: weights only (no GGUF vocabulary is converted; `tokenizer` is None and
+        the metadata has no tokenizer keys): for readers that use the directory's own tokenizer."""
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise QuantkitError("no such model directory", self.path, "check the path")
@@ -113,14 +175,18 @@ class HFSource(ModelSource):
 
         # llama.cpp needs one token per embedding row: pad the vocabulary to the rows
         vocab_rows = self._embedding_rows()
-        tok = convert_tokenizer(self.path, self.config, vocab_rows or self.hparams.get("vocab_size"),
-                                add_space_prefix=arch.spm_add_space_prefix)
-        self.tokenizer = tok.tokenizer
-        self._entries = self._plan_tensors(tok.n_tokens)
+        if tokenizer:
+            tok = convert_tokenizer(self.path, self.config, vocab_rows or self.hparams.get("vocab_size"),
+                                    add_space_prefix=arch.spm_add_space_prefix)
+            self.tokenizer, n_tokens = tok.tokenizer, tok.n_tokens
+        else:
+            tok, self.tokenizer, n_tokens = None, None, vocab_rows or int(self.hparams.get("vocab_size") or 0)
+        self._entries = self._plan_tensors(n_tokens)
         self._order = canonical_order(list(self._entries), arch)
         self.spec = self._make_spec()
         self.metadata = self._make_metadata()
-        self.metadata.update(tok.metadata)
+        if tok is not None:
+            self.metadata.update(tok.metadata)
 
     # ------------------------------------------------------------------ weights
 
@@ -158,17 +224,13 @@ class HFSource(ModelSource):
         index: dict[str, tuple[str, tuple[int, ...], str]] = {}
         for fn in files:
             if kind == "safetensors":
-                from safetensors import safe_open
                 try:
-                    h = safe_open(fn, framework="pt")
-                    names = list(h.keys())
-                    for name in names:
-                        sl = h.get_slice(name)
-                        dt = sl.get_dtype()
+                    h = _SafetensorsFile(fn)
+                    for name, (dt, shape, _, _) in h.entries.items():
                         if dt not in _ST_DTYPES:
                             raise QuantkitError(f"tensor {name} has unsupported dtype {dt}", fn,
                                                 "quantized checkpoints are not read here; use the float model")
-                        index[name] = (fn, tuple(sl.get_shape()), _ST_DTYPES[dt][0])
+                        index[name] = (fn, shape, _ST_DTYPES[dt][0])
                 except QuantkitError:
                     raise
                 except Exception as e:  # SafetensorError, OSError
@@ -432,7 +494,8 @@ class HFSource(ModelSource):
             return None
         h = self._handles[self._raw_index[hf_name][0]]
         t = h.get_tensor(hf_name) if hasattr(h, "get_tensor") else h[hf_name]
-        return t.to(torch.float32, copy=True).contiguous()
+        # a .bin tensor is a view of the memory-mapped file; a safetensors one is a fresh buffer
+        return t.to(torch.float32, copy=not isinstance(h, _SafetensorsFile)).contiguous()
 
     def load(self, name: str) -> torch.Tensor:
         try:
@@ -449,7 +512,7 @@ class HFSource(ModelSource):
             raise QuantkitError(f"cannot read tensor {e.hf_name} ({msg})", e.file,
                                 "the file is corrupt or truncated") from None
         # a .bin tensor is a view of the memory-mapped file: never hand that out to be modified
-        t = t.to(torch.float32, copy=not hasattr(h, "get_tensor"))
+        t = t.to(torch.float32, copy=not isinstance(h, _SafetensorsFile))
         if e.keep_rows is not None:
             t = t[: e.keep_rows]
         if e.permute_heads:
@@ -459,4 +522,7 @@ class HFSource(ModelSource):
         return t.contiguous()
 
     def close(self) -> None:
+        for h in self._handles.values():
+            if isinstance(h, _SafetensorsFile):
+                h.close()
         self._handles.clear()

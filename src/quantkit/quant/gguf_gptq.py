@@ -30,6 +30,7 @@ from ..models.open import open_model
 from ..util.errors import QuantkitError
 from .gguf_export import ExportReport, export_gguf, plan_gguf
 from .gptq import GPTQConfig
+from .streaming import streaming_model
 
 # the llama.cpp types GPTQ can solve for (quant.gptq grids)
 GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
@@ -41,69 +42,6 @@ class GGUFGPTQReport(ExportReport):
     n_gptq: int = 0                                       # linears solved by GPTQ
     damp: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per pipeline phase
-
-
-class LlamaCppTokenizer:
-    """The GGUF's own tokenizer through llama.cpp (vocab only), shaped like a Hugging Face
-    tokenizer for quant.calib: tokenizer(text, add_special_tokens=False)["input_ids"]."""
-
-    def __init__(self, path: str):
-        from ..eval.runtimes import LlamaCpp
-        self._rt = LlamaCpp(path, vocab_only=True)
-        import llama_cpp as lib
-        llm = self._rt.llm
-        adds = bool(lib.llama_vocab_get_add_bos(lib.llama_model_get_vocab(llm.model)))
-        self.bos_token_id = int(llm.token_bos()) if adds else None
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": self._rt.tokenize(text, add_bos=add_special_tokens)}
-
-
-def _streaming_model(src, path: str):
-    """(transformers model skeleton in float32 with only the tensors outside the decoder blocks
-    loaded, tokenizer, HF arch, fetch(hf_name) -> tensor) for a GGUF or HF-directory source.
-    The blocks' parameters are allocated but never written until their block is loaded
-    (quant.pipeline's load_block), so they take no memory before then."""
-    from ..eval.torch_runtime import gguf_tensor_for_hf, model_from_gguf
-    from ..models.arch import hf_to_gguf_name
-    from ..models.gguf import GGUFSource
-    if isinstance(src, GGUFSource):
-        model, arch = model_from_gguf(path, load=False)
-        tokenizer = LlamaCppTokenizer(path)
-
-        def fetch(hf_name: str):
-            t = gguf_tensor_for_hf(src, arch, hf_name)
-            if t is not None:
-                t = t.clone()                       # never a view of the file's map
-                src.release(hf_to_gguf_name(arch, hf_name))
-            return t
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # older transformers
-            from transformers.modeling_utils import no_init_weights
-        arch = src.hf_arch
-        config = AutoConfig.from_pretrained(path)
-        config._attn_implementation = "eager"
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        fetch = src.load_hf
-    model.eval()
-    from .pipeline import decoder_layers
-    _, _, prefix = decoder_layers(model)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    for name, p in model.named_parameters():
-        if name.startswith(prefix + ".") or name == "lm_head.weight":
-            continue                                 # blocks: later; the output head never runs here
-        t = fetch(name)
-        if t is None:
-            raise QuantkitError(f"the model has no tensor for {name}", path)
-        p.data = t
-    if tied:
-        model.tie_weights()
-    return model, tokenizer, arch, fetch
 
 
 class _Spool:
@@ -163,7 +101,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                                 output_tensor_type=output_tensor_type)
         targets = {n: t for n, _, t in plan}
         spec = src.spec
-        tmodel, tokenizer, arch, fetch = _streaming_model(src, path)
+        tmodel, tokenizer, arch, fetch = streaming_model(src, path)
         ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
 
         def load_block(i, lp, layer):

@@ -62,10 +62,16 @@ class GPTQConfig:
     # the block's rounding error weighted by each column's importance (1 / [U]_jj², the weight
     # GPTQ's own loss gives a column's error) instead of llama.cpp's max-based rule.
     scale_search: bool = True
+    # shrink H toward its diagonal, H <- (1 - shrink) H + shrink diag(H): 0 is plain GPTQ; 1 keeps
+    # no cross-column compensation (importance-weighted rounding, like llama.cpp's imatrix). The
+    # off-diagonal correlations are what is most specific to the calibration text.
+    shrink: float = 0.0
 
     def __post_init__(self):
         if self.damp < 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise ValueError(f"shrink must be in [0, 1], got {self.shrink}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
@@ -260,7 +266,7 @@ class _KGrid:
 
 @dataclass
 class LegacyBlocks:
-    """A weight on a llama.cpp block grid: codes int32 [out, in] (unsigned; q8_0 stored +128),
+    """A weight on a llama.cpp block grid: codes uint8 [out, in] (unsigned; q8_0 stored +128),
     d and m float32 [out, in/32] (fp16 values)."""
     name: str
     codes: torch.Tensor
@@ -270,9 +276,16 @@ class LegacyBlocks:
     def to_bytes(self) -> torch.Tensor:
         """uint8 [out, row_bytes]: the GGUF rows."""
         out_f, in_f = self.codes.shape
-        b = encode_legacy_blocks(self.name, self.codes.reshape(-1, 32), self.d.reshape(-1),
-                                 None if self.m is None else self.m.reshape(-1))
-        return b.reshape(out_f, -1)
+        out = None
+        step = max(1, (1 << 22) // in_f)          # rows per encode: bounded temporaries
+        for r0 in range(0, out_f, step):
+            r1 = min(r0 + step, out_f)
+            b = encode_legacy_blocks(self.name, self.codes[r0:r1].reshape(-1, 32), self.d[r0:r1].reshape(-1),
+                                     None if self.m is None else self.m[r0:r1].reshape(-1))
+            if out is None:
+                out = torch.empty(out_f, b.numel() // (r1 - r0), dtype=torch.uint8)
+            out[r0:r1] = b.reshape(r1 - r0, -1)
+        return out if out is not None else torch.empty(0, 0, dtype=torch.uint8)
 
     def split_rows(self, rows: list[int]) -> list["LegacyBlocks"]:
         ms = self.m.split(rows) if self.m is not None else [None] * len(rows)
@@ -314,7 +327,7 @@ class GPTQResult:
 
 
 # ---- solver ------------------------------------------------------------------------------------
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+def _inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp·mean(diag H)·I)^-1 (Hinv = Uᵀ U), raising damp x10
     (with a warning) while the factorisation fails: a rank-deficient H (fewer calibration tokens
     than inputs, duplicated features) is common, and more dampening is the standard remedy.
@@ -323,19 +336,32 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     chol(J H J) = L' gives H = R Rᵀ with R = J L' J upper triangular, so H^-1 = R^-ᵀ R^-1 and
     U = R^-1. The textbook route (cholesky_inverse, then a second Cholesky) costs two
     factorisations, and torch's cholesky_inverse measured 20-40x slower with 2 threads on a
-    loaded 2-core machine."""
-    mean_diag = float(torch.diagonal(H).mean())
-    idx = torch.arange(H.shape[0])
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    loaded 2-core machine.
+
+    `box` holds J H J (H flipped on both axes) and is emptied: the factorisation owns that copy
+    and frees it as soon as it has L, so a large Hessian is held at most three times at once."""
+    Hd = box.pop()
+    n = Hd.shape[0]
+    diag0 = torch.diagonal(Hd).clone()
+    mean_diag = float(diag0.mean())
     ratio = damp
     for _ in range(_MAX_DAMP_TRIES):
-        Hd = H.flip(0, 1)
-        Hd[idx, idx] += ratio * mean_diag
+        torch.diagonal(Hd).copy_(diag0 + ratio * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            U = torch.linalg.solve_triangular(L.flip(0, 1), eye, upper=True)
+            del Hd
+            Lf = L.flip(0, 1)
+            del L
+            eye = torch.eye(n, dtype=Lf.dtype)
+            U = torch.linalg.solve_triangular(Lf, eye, upper=True)
+            del eye
             if torch.isfinite(U).all():
                 return U, ratio
+            del U                              # rare: rebuild the flipped H from its factor, retry
+            L = Lf.flip(0, 1)
+            del Lf
+            Hd = L @ L.t()
+        del L
         new = ratio * 10 if ratio > 0 else DEFAULT_DAMP
         warnings.warn(f"GPTQ: Hessian is not positive definite with damp {ratio:g}; raising damp to {new:g}",
                       RuntimeWarning, stacklevel=3)
@@ -353,6 +379,11 @@ def _make_grid(grid, in_f: int, config: GPTQConfig):
     return _KGrid(name, in_f)
 
 
+# rows solved at a time: GPTQ's rows are independent given Hinv, so one factorisation serves
+# every chunk and memory holds a few chunk-sized copies, not several copies of the whole matrix
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
                     config: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """GPTQ of W [out, in] given H [in, in]; `grid` a QuantSpec or a llama.cpp type name
@@ -361,82 +392,121 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not match")
     out_f, in_f = W.shape
     g = _make_grid(grid, in_f, config)
-    W = W.to(WORK_DTYPE).clone()
     if not torch.isfinite(W).all():
         raise ValueError("weights contain NaN or Inf")
     H = H.to(WORK_DTYPE).clone()
     if not torch.isfinite(H).all():
         raise ValueError("Hessian contains NaN or Inf")
-
+    if config.shrink > 0:
+        diag = torch.diagonal(H).clone()
+        H.mul_(1 - config.shrink)
+        H.diagonal().add_(diag, alpha=config.shrink)
     dead = torch.diagonal(H) == 0               # inputs never active: their weights do not matter
     H[dead, dead] = 1
-    W[:, dead] = 0
+    any_dead = bool(dead.any())
 
-    n_groups = in_f // g.width
-    params: list = [None] * n_groups
     if config.act_order:
         hdiag = torch.diagonal(H).clone()
-        for gi in range(n_groups):              # static groups, from the original weights
-            sl = slice(gi * g.width, (gi + 1) * g.width)
-            params[gi] = g.params(W[:, sl], hdiag[sl])
         perm = torch.argsort(hdiag, descending=True, stable=True)
-        W = W[:, perm]
         H = H[perm][:, perm]
     else:
-        perm = torch.arange(in_f)
-    Hinv, damp = _inverse_cholesky(H, config.damp)
+        hdiag, perm = None, torch.arange(in_f)
+    box = [H.flip(0, 1)]
     del H
+    Hinv, damp = _inverse_cholesky(box, config.damp)
     # a column's error costs (w - q)² / [U]_jj² in GPTQ's loss: its importance in a block search
     importance = torch.diagonal(Hinv).pow(-2)
-
-    codes = torch.zeros(out_f, in_f, dtype=WORK_DTYPE)   # natural column order
-    Q = torch.zeros_like(W)                              # permuted order
-    loss = 0.0
-    perm_l = perm.tolist()
-    bs = config.block_size
-    for i1 in range(0, in_f, bs):
-        i2 = min(i1 + bs, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        with _one_thread():
-            for i in range(i2 - i1):
-                col = perm_l[i1 + i]
-                gi = col // g.width
-                if params[gi] is None:          # first column of a group, in natural order
-                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g.width]
-                    params[gi] = g.params(ahead, importance[i1 + i:i1 + i + g.width])
-                w = W1[:, i]
-                q, dq = g.round(w, params[gi], col % g.width)
-                codes[:, col] = q
-                Q[:, i1 + i] = dq
-                err = (w - dq) / Hinv1[i, i]
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                Err1[:, i] = err
-        loss += float(Err1.pow(2).sum()) / 2
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-
     inv_perm = torch.argsort(perm)
-    deq = Q[:, inv_perm]
-    codes_i = codes.to(torch.int32)
-    weight: QuantizedWeight | LegacyBlocks | KBlocks
+    perm_l = perm.tolist()
+    n_groups = in_f // g.width
+    chunk = max(1, _CHUNK_ELEMENTS // in_f)
+    n_threads = torch.get_num_threads()       # the column loop runs on one; a large block search on all
+    # full-matrix codes for the formats that keep them (legacy blocks as bytes: 0..255 fit)
+    codes_i = None if isinstance(g, _KGrid) else \
+        torch.empty(out_f, in_f, dtype=torch.int32 if isinstance(g, _IntGrid) else torch.uint8)
+    deq = torch.empty(out_f, in_f, dtype=WORK_DTYPE)
+    pieces: list = []
+    loss = 0.0
+    for r0 in range(0, out_f, chunk):
+        r1 = min(r0 + chunk, out_f)
+        Wc = W[r0:r1].to(WORK_DTYPE).clone()
+        if any_dead:
+            Wc[:, dead] = 0
+        params: list = [None] * n_groups
+        if config.act_order:
+            for gi in range(n_groups):          # static groups, from the original weights
+                sl = slice(gi * g.width, (gi + 1) * g.width)
+                params[gi] = g.params(Wc[:, sl], hdiag[sl])
+            Wc = Wc[:, perm]
+        codes = torch.zeros(r1 - r0, in_f, dtype=WORK_DTYPE)   # natural column order
+        Q = torch.zeros_like(Wc)                               # permuted order
+        bs = config.block_size
+        for i1 in range(0, in_f, bs):
+            i2 = min(i1 + bs, in_f)
+            W1 = Wc[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            with _one_thread():
+                for i in range(i2 - i1):
+                    col = perm_l[i1 + i]
+                    gi = col // g.width
+                    if params[gi] is None:          # first column of a group, in natural order
+                        ahead = W1[:, i:i + g.width]    # the group's columns: rest of this block, then the next
+                        if ahead.shape[1] < g.width:
+                            ahead = torch.cat([ahead, Wc[:, i2:i2 + g.width - ahead.shape[1]]], dim=1)
+                        if ahead.numel() >= (1 << 16) and n_threads > 1:
+                            torch.set_num_threads(n_threads)
+                        params[gi] = g.params(ahead, importance[i1 + i:i1 + i + g.width])
+                        torch.set_num_threads(1)
+                    w = W1[:, i]
+                    q, dq = g.round(w, params[gi], col % g.width)
+                    codes[:, col] = q
+                    Q[:, i1 + i] = dq
+                    err = (w - dq) / Hinv1[i, i]
+                    W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                    Err1[:, i] = err
+            loss += float(Err1.pow(2).sum()) / 2
+            Wc[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        del Wc
+        codes_c = codes.to(torch.int32)
+        del codes
+        # this chunk's stored weight, decoded, must equal the solver's values: guards any drift
+        piece = _weight_piece(g, grid, params, codes_c)
+        exact = piece.dequantize()
+        solved = Q[:, inv_perm]
+        del Q
+        if not torch.allclose(solved, exact, rtol=0, atol=1e-6 * (1 + float(exact.abs().max()))):
+            raise AssertionError("GPTQ: dequantized codes differ from the solver's values")
+        del solved
+        deq[r0:r1] = exact
+        if codes_i is not None:
+            codes_i[r0:r1] = codes_c
+        pieces.append(piece)
+        del exact, codes_c
+    return GPTQResult(_join_pieces(g, grid, pieces, codes_i, (out_f, in_f)), deq, damp, loss)
+
+
+def _weight_piece(g, grid, params: list, codes: torch.Tensor):
+    """The stored form of a chunk of rows from its per-group params and codes."""
     if isinstance(g, _IntGrid):
         scales = torch.stack([p[0] for p in params], dim=1)
         zeros = torch.stack([p[1] for p in params], dim=1)
-        qw = QuantizedWeight(codes_i, scales.to(grid.scale_dtype), zeros, grid)
-        weight = qw
-        deq_exact = dequantize(codes_i, qw.scales, zeros, g.width)
-    elif isinstance(g, _KGrid):
+        return QuantizedWeight(codes, scales.to(grid.scale_dtype), zeros, grid)
+    if isinstance(g, _KGrid):
         blocks = torch.stack([p[0] for p in params], dim=1).reshape(-1, params[0][0].shape[1])
-        data = g.kq.repack(g.name, blocks, codes_i.reshape(-1, 256))
-        weight = KBlocks(g.name, data.reshape(out_f, -1), (out_f, in_f))
-        deq_exact = weight.dequantize()
-    else:
-        d16 = torch.stack([p[2] for p in params], dim=1)
-        m16 = torch.stack([p[3] for p in params], dim=1) if g.has_min else None
-        weight = LegacyBlocks(g.name, codes_i, d16, m16)
-        deq_exact = weight.dequantize()
-    # the solver's Ŵ and the stored codes must agree: guard against any drift between the two
-    if not torch.allclose(deq, deq_exact, rtol=0, atol=1e-6 * (1 + float(deq_exact.abs().max()))):
-        raise AssertionError("GPTQ: dequantized codes differ from the solver's values")
-    return GPTQResult(weight, deq_exact, damp, loss)
+        data = g.kq.repack(g.name, blocks, codes.reshape(-1, 256))
+        return KBlocks(g.name, data.reshape(codes.shape[0], -1), tuple(codes.shape))
+    d16 = torch.stack([p[2] for p in params], dim=1)
+    m16 = torch.stack([p[3] for p in params], dim=1) if g.has_min else None
+    return LegacyBlocks(g.name, codes.to(torch.uint8), d16, m16)
+
+
+def _join_pieces(g, grid, pieces: list, codes: torch.Tensor, shape: tuple[int, int]):
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(g, _IntGrid):
+        return QuantizedWeight(codes, torch.cat([p.scales for p in pieces]), torch.cat([p.zeros for p in pieces]), grid)
+    if isinstance(g, _KGrid):
+        return KBlocks(g.name, torch.cat([p.data for p in pieces]), shape)
+    return LegacyBlocks(g.name, codes, torch.cat([p.d for p in pieces]),
+                        torch.cat([p.m for p in pieces]) if g.has_min else None)

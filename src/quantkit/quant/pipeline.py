@@ -230,6 +230,10 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
         raise QuantkitError("GPTQ needs calibration data", hint="pass --calib FILE or use --method rtn")
     inputs = capture_block_inputs(model, input_ids) if need_data else None
     hidden = inputs.hidden if inputs else None
+    if load_block is not None:               # streaming: the embeddings' work is done (callers
+        for mod in model.modules():           # write them from the source, not from the model)
+            if isinstance(mod, nn.Embedding):
+                mod.to("meta")
     t = report._add("capture", t0)
     bar = progress(total=len(layers), desc=f"{cfg.method} blocks", unit="block", leave=False) if show_progress else None
     try:
@@ -325,67 +329,132 @@ class GPUExportResult:
     model: nn.Module | None = None      # the model with dequantized weights, when asked for
 
 
-def export_gpu_checkpoint(model_dir: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
-                          seqlen: int = 512, keep_model: bool = False, show_progress: bool = True) -> GPUExportResult:
-    """Quantize a Hugging Face causal-LM directory's decoder linears (RTN or GPTQ) and write a
-    GPTQ or compressed-tensors checkpoint directory. `cfg`: models.gpu_formats.GPUFormatConfig.
-    Embeddings, norms and the output head stay in the model dtype (fp16 for GPTQ)."""
+def _checkpoint_dtype(src, hf_config: dict) -> torch.dtype:
+    """The dtype unquantized tensors keep in the checkpoint: the HF config's, or for a GGUF the
+    token embedding's storage type (F32/F16/BF16; a quantized one: bfloat16)."""
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    if stored:
+        return getattr(torch, str(stored), torch.float32)
+    from ..models.gguf import GGUFSource
+    if isinstance(src, GGUFSource):
+        t = next((t for t in src.tensors() if t.name == "token_embd.weight"), None)
+        kind = t.type if t is not None else ""
+        return {"f32": torch.float32, "f16": torch.float16}.get(kind, torch.bfloat16)
+    return torch.float32
+
+
+def _gguf_tokenizer_files(gguf_path: str, directory: str) -> bool:
+    """Tokenizer files for a checkpoint made from a GGUF, through transformers' GGUF tokenizer
+    conversion. False (and nothing written) when transformers cannot convert this vocabulary."""
+    import os
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
+                                            gguf_file=os.path.basename(gguf_path))
+        tok.save_pretrained(directory)
+        return True
+    except Exception:  # noqa: BLE001 - optional: the weights are the checkpoint
+        return False
+
+
+def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
+                          seqlen: int = 512, shrink: float = 0.0, keep_model: bool = False,
+                          show_progress: bool = True) -> GPUExportResult:
+    """Quantize a causal LM's decoder linears (RTN or GPTQ) and write a GPTQ or compressed-tensors
+    checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (llama, gemma3;
+    its tensors dequantized to float32; calibrated with llama.cpp's tokenizer). `cfg`:
+    models.gpu_formats.GPUFormatConfig. Embeddings, norms and the output head stay in the model
+    dtype (fp16 for GPTQ). Streaming: one decoder block in memory at a time (keep_model: all of
+    them, kept dequantized in the returned model)."""
     import json
     import os
 
+    from ..models.gguf import GGUFSource
     from ..models.gpu_formats import CheckpointWriter
+    from ..models.hf import HFSource
+    from ..models.open import open_model
     from ..util.atomic import atomic_output
     from .calib import calibration_ids
+    from .streaming import streaming_model
 
     t0 = time.perf_counter()
-    cfg_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise QuantkitError("not a Hugging Face model directory (no config.json)", model_dir,
-                            "GPTQ and compressed-tensors outputs start from a Hugging Face directory")
-    with open(cfg_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
+    model_path = os.fspath(model_path)
     if cfg.method not in ("rtn", "gptq"):
         raise QuantkitError(f"method '{cfg.method}' cannot write {cfg.format}", hint="use --method rtn or gptq")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    stored = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-    model_dtype = getattr(torch, stored, torch.float32)
-    # calibration and solving run in float32 (WORK_DTYPE); the checkpoint keeps the model's dtype
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = None
-    if cfg.method == "gptq":
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        ids = calibration_ids(tok, calib, nsamples, seqlen)
-    grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise QuantkitError(f"tensor {name} contains NaN or Inf", model_dir)
-    _, layers, prefix = decoder_layers(model)
-    tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
-    n_linear = 0
-    with atomic_output(output, directory=True) as tmp:
-        writer = CheckpointWriter(tmp, cfg, hf_config, model_dtype)
-        for name, t in model.state_dict().items():
-            if name.startswith(prefix + ".") or (tied and name == "lm_head.weight"):
-                continue
-            writer.add(name, t)
-        writer.flush()
+    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "config.json")):
+        src = HFSource(model_path, tokenizer=False)        # calibration uses the directory's tokenizer
+    else:
+        src = open_model(model_path)
+    try:
+        from_gguf = isinstance(src, GGUFSource)
+        model, tokenizer, _, fetch = streaming_model(src, model_path)
+        if from_gguf:
+            hf_config = model.config.to_dict()
+            hf_config["architectures"] = [type(model).__name__]
+            hf_config.pop("_attn_implementation_autoset", None)
+        else:
+            with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+                hf_config = json.load(f)
+        model_dtype = _checkpoint_dtype(src, hf_config)
+        ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if cfg.method == "gptq" else None
+        grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
+        _, layers, prefix = decoder_layers(model)
+        tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
 
-        def on_block(i, lp, layer, done):
-            nonlocal n_linear
-            for name, t in layer.state_dict().items():
-                full = f"{lp}.{name}"
-                mod = full.rsplit(".", 1)[0]
-                if mod in done and name.endswith(".weight"):
+        def load_block(i, lp, layer):
+            for n, p in layer.named_parameters():
+                t = fetch(f"{lp}.{n}")
+                if t is None or t.shape != p.shape:
+                    raise QuantkitError(f"the model has no tensor of shape {tuple(p.shape)} for {lp}.{n}",
+                                        model_path)
+                if not torch.isfinite(t).all():
+                    raise QuantkitError(f"tensor {lp}.{n} contains NaN or Inf", model_path,
+                                        "the source weights are damaged; re-download or re-convert them")
+                p.data = t
+
+        n_linear = 0
+        with atomic_output(output, directory=True) as tmp:
+            writer = CheckpointWriter(tmp, cfg, hf_config, model_dtype)
+            for name, t in model.state_dict().items():
+                if name.startswith(prefix + ".") or name == "lm_head.weight":
                     continue
-                writer.add(full, t)
-            for mod, qw in done.items():
-                writer.add_linear(mod, qw)
-                n_linear += 1
-            writer.flush()
+                if not torch.isfinite(t).all():
+                    raise QuantkitError(f"tensor {name} contains NaN or Inf", model_path)
+                writer.add(name, t)
+            if not tied:
+                head = fetch("lm_head.weight")
+                if head is None:
+                    raise QuantkitError("the model has no output head (lm_head.weight)", model_path)
+                if keep_model:
+                    model.lm_head.weight.data = head
+                writer.add("lm_head.weight", head)
+                del head
+            writer.flush()                  # the embeddings' shard: written, then released after capture
 
-        pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order))
-        report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress)
-        writer.finish(model_dir)
+            def on_block(i, lp, layer, done):
+                nonlocal n_linear
+                for name, t in layer.state_dict().items():
+                    full = f"{lp}.{name}"
+                    mod = full.rsplit(".", 1)[0]
+                    if mod in done and name.endswith(".weight"):
+                        continue
+                    writer.add(full, t)
+                for mod, qw in done.items():
+                    writer.add_linear(mod, qw)
+                    n_linear += 1
+
+            if keep_model:                 # every block stays in memory, dequantized in place
+                for i, layer in enumerate(layers):
+                    load_block(i, f"{prefix}.{i}", layer)
+            pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order,
+                                                                                shrink=shrink))
+            report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress,
+                                    load_block=None if keep_model else load_block)
+            writer.finish(None if from_gguf else model_path)
+            if from_gguf:
+                _gguf_tokenizer_files(model_path, tmp)
+    finally:
+        src.close()
     size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
     return GPUExportResult(os.path.abspath(output), cfg.format, cfg.method, time.perf_counter() - t0, size,
                            n_linear, report, model if keep_model else None)

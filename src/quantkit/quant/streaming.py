@@ -1,0 +1,74 @@
+"""Models whose decoder blocks are loaded one at a time: a transformers skeleton (float32) with
+only the tensors outside the blocks in memory, the model's own tokenizer (llama.cpp's for a
+GGUF), and fetch(hf_name) that reads any tensor from the source on demand. Used by the
+GPTQ-compensated GGUF export (quant.gguf_gptq) and the GPU checkpoint export
+(quant.pipeline.export_gpu_checkpoint)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..util.errors import QuantkitError
+
+
+class LlamaCppTokenizer:
+    """The GGUF's own tokenizer through llama.cpp (vocab only), shaped like a Hugging Face
+    tokenizer for quant.calib: tokenizer(text, add_special_tokens=False)["input_ids"]."""
+
+    def __init__(self, path: str):
+        from ..eval.runtimes import LlamaCpp
+        self._rt = LlamaCpp(path, vocab_only=True)
+        import llama_cpp as lib
+        llm = self._rt.llm
+        adds = bool(lib.llama_vocab_get_add_bos(lib.llama_model_get_vocab(llm.model)))
+        self.bos_token_id = int(llm.token_bos()) if adds else None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self._rt.tokenize(text, add_bos=add_special_tokens)}
+
+
+def streaming_model(src, path: str):
+    """(transformers model skeleton in float32 with only the tensors outside the decoder blocks
+    loaded, tokenizer, HF arch, fetch(hf_name) -> tensor) for a GGUF or HF-directory source.
+    The blocks' parameters are allocated but never written until their block is loaded
+    (quant.pipeline's load_block), so they take no memory before then."""
+    from ..eval.torch_runtime import gguf_tensor_for_hf, model_from_gguf
+    from ..models.arch import hf_to_gguf_name
+    from ..models.gguf import GGUFSource
+    if isinstance(src, GGUFSource):
+        model, arch = model_from_gguf(path, load=False)
+        tokenizer = LlamaCppTokenizer(path)
+
+        def fetch(hf_name: str):
+            t = gguf_tensor_for_hf(src, arch, hf_name)
+            if t is not None:
+                t = t.clone()                       # never a view of the file's map
+                src.release(hf_to_gguf_name(arch, hf_name))
+            return t
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers
+            from transformers.modeling_utils import no_init_weights
+        arch = src.hf_arch
+        config = AutoConfig.from_pretrained(path)
+        config._attn_implementation = "eager"
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        fetch = src.load_hf
+    model.eval()
+    from .pipeline import decoder_layers
+    _, _, prefix = decoder_layers(model)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, p in model.named_parameters():
+        if name.startswith(prefix + ".") or name == "lm_head.weight":
+            continue                                 # blocks: later; the output head never runs here
+        t = fetch(name)
+        if t is None:
+            raise QuantkitError(f"the model has no tensor for {name}", path)
+        p.data = t
+    if tied:
+        model.tie_weights()
+    return model, tokenizer, arch, fetch
