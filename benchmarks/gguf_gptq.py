@@ -45,11 +45,14 @@ def timed(cmd: list[str], log: str) -> dict:
             "peak_rss_mb": round(int(last[4]) / 1024, 0), "command": " ".join(cmd)}
 
 
-def sst2_text() -> str:
-    path = os.path.join(WORK, "sst2-dev.txt")
+def sst2_text(split: str = "dev") -> str:
+    """SST-2 sentences, one per line (dev: the reported out-of-domain text; train: the text used
+    to choose GPTQ settings, so that dev is never tuned on)."""
+    path = os.path.join(WORK, f"sst2-{split}.txt")
     if not os.path.exists(path):
-        with open(os.path.join(DATA, "sst2", "dev.tsv"), encoding="utf-8") as f:
-            lines = [ln.split("\t", 1)[1].strip() for ln in f.read().splitlines()[1:] if "\t" in ln]
+        os.makedirs(WORK, exist_ok=True)
+        with open(os.path.join(DATA, "sst2", f"{split}.tsv"), encoding="utf-8") as f:
+            lines = [ln.split("\t", 1)[1].strip() for ln in f.read().splitlines()[1:] if "\t" in ln][:5000]
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     return path
@@ -63,6 +66,9 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--methods", default="rtn,imatrix,gptq")
+    ap.add_argument("--shrink", type=float, default=0.0, help="quantkit --shrink for the gptq rows (label gptq-sS)")
+    ap.add_argument("--texts", default="wikitext-2 test,sst-2 dev",
+                    help="eval texts: wikitext-2 test, sst-2 dev, sst-2 train (the last for choosing settings)")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     py = sys.executable
@@ -108,15 +114,17 @@ def main() -> None:
     files = {}
     for ft in args.types.split(","):
         for method in methods:
+            if method == "gptq" and args.shrink:
+                method = f"gptq-s{args.shrink:g}"
             out = os.path.join(WORK, f"{ft}-{method}-{args.chunks}.gguf")
             files[(ft, method)] = out
             key = f"{ft}/{method}"
             if os.path.exists(out) and key in runs:
                 continue
-            if method == "gptq":
+            if method.startswith("gptq"):
                 cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--method", "gptq", "--format", f"gguf:{ft}",
                        "--calib", valid, "--nsamples", str(args.chunks), "--seqlen", "512", "--threads", str(args.threads),
-                       "-o", out]
+                       "--shrink", str(args.shrink), "-o", out]
             else:
                 cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
                       + [f32, out, ft.upper(), str(args.threads)]
@@ -128,7 +136,9 @@ def main() -> None:
         return
     from quantkit import api
     results.setdefault("eval", {})
-    for label, text in (("wikitext-2 test", test), ("sst-2 dev", sst2_text())):
+    texts = {"wikitext-2 test": test, "sst-2 dev": sst2_text("dev"), "sst-2 train": sst2_text("train")}
+    for label in args.texts.split(","):
+        text = texts[label]
         r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
                          n_threads=args.threads, show_progress=False)
         names = {os.path.realpath(p): f"{ft}/{m}" for (ft, m), p in files.items()}
