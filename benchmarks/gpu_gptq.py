@@ -16,6 +16,7 @@ reference on wikitext-2 test and on SST-2 dev sentences (out of the calibration'
 Times, CPU seconds and peak RSS of each quantizer are measured in child processes.
 
     python benchmarks/gpu_gptq.py [--bits 4,3] [--chunks 64] [--threads 2] [--methods ...]
+    (methods: quantkit-rtn, quantkit-gptq, quantkit-gptq-s0.1 (with --shrink 0.1), llmc-rtn, llmc-gptq)
 Results: benchmarks/results/gpu_gptq.json.
 """
 
@@ -97,11 +98,13 @@ def main() -> None:
             if os.path.exists(out) and key in runs:
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            tool, how = method.split("-")
+            tool, how, *extra = method.split("-")        # quantkit-gptq-s0.1: with --shrink 0.1
             if tool == "quantkit":
                 cmd = [sys.executable, "-m", "quantkit.cli", "quantize", f32, "--method", how,
                        "--format", "compressed-tensors", "--bits", str(bits), "--group-size", "128",
                        "--threads", str(args.threads), "-o", out]
+                if extra and extra[0].startswith("s"):
+                    cmd += ["--shrink", extra[0][1:]]
                 if how == "gptq":
                     cmd += ["--act-order", "--calib", valid, "--nsamples", str(args.chunks), "--seqlen", "512"]
             else:

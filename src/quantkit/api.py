@@ -57,16 +57,21 @@ class QuantizeResult:
     types: dict[str, str] = field(default_factory=dict)
 
 
+GGUF_GPTQ_SHRINK = 0.1    # default Hessian shrinkage for GPTQ onto llama.cpp grids (BENCHMARKS.md)
+
+
 def quantize(model=None, output: str | os.PathLike | None = None, *, format: str = "gguf:q4_0",  # noqa: A002
              method: str = "rtn", pure: bool = False, token_embedding_type: str | None = None,
              output_tensor_type: str | None = None, calib: str | None = None, nsamples: int = 128,
              seqlen: int = 512, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-             true_sequential: bool = True, shrink: float = 0.0, show_progress: bool = True) -> QuantizeResult:
+             true_sequential: bool = True, shrink: float | None = None, show_progress: bool = True) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT. `format` is "gguf:<file type>" (f32, f16, bf16, q8_0, q5_1,
     q5_0, q4_1, q4_0, q6_k and the K-quant mixes). Method "rtn" is llama.cpp's own
     round-to-nearest, byte for byte; "gptq" solves every decoder linear onto the same llama.cpp
     type with GPTQ (calibrated on `calib`, nsamples x seqlen tokens; default wikitext-2 valid)
-    and writes every other tensor as "rtn" does: the same file layout and size, a lower error."""
+    and writes every other tensor as "rtn" does: the same file layout and size, a lower error.
+    `shrink` (GPTQ): the Hessian moved toward its diagonal by this fraction; None: 0.1 on these
+    grids (lower KL divergence than 0 for Q4_0, Q4_1 and Q3_K_M, in and out of domain)."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
@@ -81,7 +86,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         from .quant.gguf_gptq import export_gguf_gptq
         from .quant.gptq import GPTQConfig
         try:
-            cfg = GPTQConfig(damp=damp, act_order=act_order, scale_search=scale_search, shrink=shrink)
+            cfg = GPTQConfig(damp=damp, act_order=act_order, scale_search=scale_search,
+                             shrink=GGUF_GPTQ_SHRINK if shrink is None else shrink)
         except ValueError as e:
             raise QuantkitError(str(e), hint="--damp and --shrink take fractions such as 0.01") from None
         rep = export_gguf_gptq(model, output, fmt.split(":", 1)[1], calib=calib, nsamples=nsamples, seqlen=seqlen,

@@ -32,10 +32,11 @@ def register_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     g.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01; raised automatically if needed)")
-    g.add_argument("--shrink", type=float, default=0.0,
-                   help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0: plain GPTQ, default; "
-                        "1: importance-weighted rounding without cross-column compensation); some shrinkage "
-                        "keeps the error compensation from fitting the calibration text's correlations")
+    g.add_argument("--shrink", type=float, default=None,
+                   help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0: plain GPTQ; 1: "
+                        "importance-weighted rounding without cross-column compensation; default 0.1 for "
+                        "gguf:* formats, where it measured lower error in and out of domain, 0 for gptq / "
+                        "compressed-tensors, where it is not measured yet)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                             hint="GPTQ writes --format gguf:<type>, gptq or compressed-tensors")
     res = api.quantize_gpu(args.model, args.output, format=fmt, method=method, bits=args.bits,
                            group_size=args.group_size, sym=args.sym, act_order=args.act_order, calib=args.calib,
-                           nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, shrink=args.shrink)
+                           nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
+                           shrink=0.0 if args.shrink is None else args.shrink)
     print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear layers "
           f"{method} {args.bits}-bit g{args.group_size} {'sym' if args.sym else 'asym'}"
           f"{' act-order' if args.act_order else ''}, format {fmt})")

@@ -825,7 +825,7 @@ CALIB_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "wikitext2-valid-excerpt.txt")
 DEFAULT_CALIB_SAMPLES = 16
 DEFAULT_CALIB_SEQLEN = 256
-_GPTQ_RUNG_VERSION = "1"                 # bump when the GPTQ rung's recipe changes: cached rungs are rebuilt
+_GPTQ_RUNG_VERSION = "2"                 # bump when the GPTQ rung's recipe changes: cached rungs are rebuilt
 
 
 def parse_rung(name: str) -> tuple[str, str]:
