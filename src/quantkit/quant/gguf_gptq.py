@@ -30,7 +30,7 @@ from ..models.open import open_model
 from ..util.errors import QuantkitError
 from .gguf_export import ExportReport, export_gguf, plan_gguf
 from .gptq import GPTQConfig
-from .streaming import streaming_model
+from .streaming import block_loader, streaming_model
 
 # the llama.cpp types GPTQ can solve for (quant.gptq grids)
 GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
@@ -104,12 +104,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
         tmodel, tokenizer, arch, fetch = streaming_model(src, path)
         ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
 
-        def load_block(i, lp, layer):
-            for n, p in layer.named_parameters():
-                t = fetch(f"{lp}.{n}")
-                if t is None or t.shape != p.shape:
-                    raise QuantkitError(f"the model has no tensor of shape {tuple(p.shape)} for {lp}.{n}", path)
-                p.data = t
+        load_block = block_loader(fetch, path)
 
         def gguf_name(hf_linear: str) -> str | None:
             try:

@@ -375,7 +375,7 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
     from ..models.open import open_model
     from ..util.atomic import atomic_output
     from .calib import calibration_ids
-    from .streaming import streaming_model
+    from .streaming import block_loader, streaming_model
 
     t0 = time.perf_counter()
     model_path = os.fspath(model_path)
@@ -401,16 +401,7 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
         _, layers, prefix = decoder_layers(model)
         tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
 
-        def load_block(i, lp, layer):
-            for n, p in layer.named_parameters():
-                t = fetch(f"{lp}.{n}")
-                if t is None or t.shape != p.shape:
-                    raise QuantkitError(f"the model has no tensor of shape {tuple(p.shape)} for {lp}.{n}",
-                                        model_path)
-                if not torch.isfinite(t).all():
-                    raise QuantkitError(f"tensor {lp}.{n} contains NaN or Inf", model_path,
-                                        "the source weights are damaged; re-download or re-convert them")
-                p.data = t
+        load_block = block_loader(fetch, model_path)
 
         n_linear = 0
         with atomic_output(output, directory=True) as tmp:

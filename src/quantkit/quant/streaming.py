@@ -72,3 +72,18 @@ def streaming_model(src, path: str):
     if tied:
         model.tie_weights()
     return model, tokenizer, arch, fetch
+
+
+def block_loader(fetch, path: str):
+    """load_block(index, prefix, layer) for quant.pipeline.quantize_model: fills a decoder
+    block's parameters from `fetch` (checked for shape and NaN/Inf, named in the error)."""
+    def load_block(i: int, lp: str, layer) -> None:
+        for n, p in layer.named_parameters():
+            t = fetch(f"{lp}.{n}")
+            if t is None or t.shape != p.shape:
+                raise QuantkitError(f"the model has no tensor of shape {tuple(p.shape)} for {lp}.{n}", path)
+            if not torch.isfinite(t).all():
+                raise QuantkitError(f"tensor {lp}.{n} contains NaN or Inf", path,
+                                    "the source weights are damaged; re-download or re-convert them")
+            p.data = t
+    return load_block
