@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders_common import environment, latency_interleaved, wikitext_sentences, write_json  # noqa: E402
+from encoders_common import (environment, latency_interleaved, median_seconds, wikitext_sentences,  # noqa: E402
+                             write_json)
 
 from quantkit.api import load_encoder  # noqa: E402
 from quantkit.quant import int8_kernels as K  # noqa: E402
@@ -42,14 +42,8 @@ LINEARS = ("query", "key", "value", "attention.output.dense", "intermediate.dens
 
 
 def ms(fn, runs: int = 7) -> float:
-    fn()
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    """Median milliseconds per call after two warm-up calls."""
+    return 1e3 * median_seconds(fn, runs, warmup=2)
 
 
 def profile_shares(enc, batches) -> dict:
