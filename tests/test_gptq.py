@@ -132,6 +132,25 @@ def test_accumulate_hessian_is_the_running_mean():
     torch.testing.assert_close(H.double(), 2 * flat.t() @ flat / 150, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [300, 700, 1100])
+def test_upper_triangle_hessian_equals_the_full_one(d):
+    """The half-work update (tiles on and above the diagonal, then mirrored) is the running mean
+    2/N Σ x xᵀ for widths under, between and over the 512-wide tiles."""
+    from quantkit.quant.gptq import symmetrize_hessian
+    X = torch.randn(3, 40, d, generator=torch.Generator().manual_seed(5))
+    H, Hu = new_hessian(d), new_hessian(d)
+    n = nu = 0
+    for x in X:
+        n = accumulate_hessian(x, H, n)
+        nu = accumulate_hessian(x, Hu, nu, upper=True)
+    symmetrize_hessian(Hu)
+    assert n == nu == 120
+    assert torch.equal(Hu, Hu.t())
+    flat = X.reshape(-1, d).double()
+    torch.testing.assert_close(Hu.double(), 2 * flat.t() @ flat / 120, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(Hu, H, rtol=1e-5, atol=1e-5)
+
+
 def test_singular_hessian_raises_damp_with_a_warning():
     W = _w(in_f=64)
     H = torch.ones(64, 64)                            # rank 1: Cholesky hits a zero pivot

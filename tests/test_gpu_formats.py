@@ -232,3 +232,93 @@ def test_write_safetensors_reads_back_in_safetensors(tmp_path):
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
     with safe_open(path, "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_streamed_export_equals_the_in_memory_one(model_dir, tmp_path):
+    """Streaming (blocks one at a time; embeddings and head read a chunk of rows at a time, the
+    calibration captured through an embedding of only the rows it uses, the ids renumbered) writes
+    the very bytes of the export that holds the whole model."""
+    outs = {}
+    for keep in (True, False):
+        outs[keep] = tmp_path / f"keep-{keep}"
+        export_gpu_checkpoint(model_dir, str(outs[keep]), GPUFormatConfig("compressed-tensors", bits=4, group_size=32,
+                                                                          act_order=True),
+                              nsamples=8, seqlen=32, keep_model=keep, show_progress=False)
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(outs[True]), tensors(outs[False])
+    assert a.keys() == b.keys() and "lm_head.weight" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_compact_embeddings_gathers_across_chunks(model_dir, monkeypatch):
+    """Rows gathered from several chunks, renumbered ids: the embedding's output is unchanged."""
+    from quantkit.models.hf import HFSource
+    from quantkit.quant import streaming
+    monkeypatch.setattr(streaming, "EMBED_CHUNK_ROWS", 100)
+    src = HFSource(model_dir, tokenizer=False)
+    try:
+        model, _, arch, _ = streaming.streaming_model(src, model_dir, lazy_embeddings=True)
+        full = src.load_hf("model.embed_tokens.weight")
+        ids = torch.tensor([[1, 511, 99, 100, 1], [250, 0, 511, 101, 7]])
+        new = streaming.compact_embeddings(model, streaming.row_reader(src, arch), ids)
+    finally:
+        src.close()
+    emb = model.get_input_embeddings()
+    assert emb.weight.shape == (8, full.shape[1])              # 8 distinct ids
+    assert torch.equal(emb(new), full[ids])
+
+
+def test_write_safetensors_row_chunks(tmp_path):
+    """A RowChunks entry is written chunk by chunk, converted to its dtype, with the bytes of the
+    whole tensor; a chunk holding NaN stops the write with the tensor's name."""
+    from quantkit.models.gpu_formats import RowChunks, write_safetensors
+    w = torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "r.safetensors")
+    write_safetensors(path, {"a": torch.ones(2), "w": RowChunks("w", (10, 3), torch.bfloat16, lambda r0, r1: w[r0:r1], chunk=4)})
+    back = load_file(path)
+    assert torch.equal(back["w"], w.bfloat16()) and torch.equal(back["a"], torch.ones(2))
+    bad = w.clone()
+    bad[9, 0] = float("nan")
+    with pytest.raises(QuantkitError, match="tensor w contains NaN"):
+        write_safetensors(path, {"w": RowChunks("w", (10, 3), torch.float32, lambda r0, r1: bad[r0:r1], chunk=4)})
+
+
+@pytest.mark.parametrize("reserve", [1 << 20, 64])
+def test_checkpoint_writer_streams_shards(tmp_path, monkeypatch, reserve):
+    """Tensors go to disk as they are added (the header last, in reserved space, or moved to the
+    front when it outgrows that space); shards roll over at SHARD_BYTES; the safetensors package
+    reads every shard back, with the index naming each tensor's shard."""
+    from safetensors import safe_open
+
+    from quantkit.models import gpu_formats as gf
+    monkeypatch.setattr(gf, "HEADER_RESERVE", reserve)
+    monkeypatch.setattr(gf, "SHARD_BYTES", 1000)
+    g = torch.Generator().manual_seed(2)
+    w = gf.CheckpointWriter(str(tmp_path), GPUFormatConfig("compressed-tensors"), {"model_type": "llama"}, torch.float32)
+    ref = {}
+    for i in range(5):
+        t = torch.randn(10, 12, generator=g)               # 480 bytes: a new shard every 3 tensors
+        w.add(f"t{i}", t)
+        ref[f"t{i}"] = t
+    emb = torch.randn(7, 4, generator=g)
+    w.add_rows("emb", (7, 4), lambda r0, r1: emb[r0:r1])
+    ref["emb"] = emb
+    w.finish()
+    back = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            assert h.metadata() == {"format": "pt"}
+        back.update(load_file(str(f)))
+    assert back.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(back[k], ref[k]), k
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(ref) and len(set(index["weight_map"].values())) == 2
+    with pytest.raises(ValueError, match="written twice"):
+        w.add("t0", torch.zeros(1))

@@ -122,6 +122,38 @@ def test_gptq_pipeline_beats_rtn_on_logits(arch):
     assert e_gptq * 3 < e_rtn, (e_gptq, e_rtn)     # measured 5.5-6.5x lower logit MSE
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_reused_block_outputs_equal_rerunning_each_stage(arch):
+    """True-sequential GPTQ taking the attention's and MLP's outputs from the inputs the o_proj
+    and down_proj stages saw gives, bit for bit, the weights and hidden states of re-running the
+    block for every stage and once more to propagate."""
+    import copy
+    ref = tiny_model(arch, structured=True)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    spec = QuantSpec(4, 32, True, torch.float32)
+    out = {}
+    for reuse in (True, False):
+        m = copy.deepcopy(ref)
+        calls = {"attn": 0}
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("attn", calls["attn"] + 1))
+        got = {}
+        rep = quantize_model(m, ids, PipelineConfig(method="gptq", grid=spec, gptq=GPTQConfig(act_order=True),
+                                                    reuse_outputs=reuse),
+                             on_block=lambda i, p, layer, q: got.update({f"{p}.{n}": w.dequantize() for n, w in q.items()}),
+                             show_progress=False)
+        out[reuse] = (got, rep.final_hidden, calls["attn"])
+    (w1, h1, a1), (w0, h0, a0) = out[True], out[False]
+    assert sorted(w1) == sorted(w0) and len(w1) == 14
+    for n in w1:
+        assert torch.equal(w1[n], w0[n]), n
+    for a, b in zip(h1, h0):
+        assert torch.equal(a, b)
+    # q_proj runs (2 blocks x 4 samples) in the o_proj stage only with the cache; without it also in
+    # the gate/up and down stages and to propagate
+    assert a1 == 8 and a0 == 32, (a1, a0)
+
+
 def test_rtn_pipeline_needs_no_data_and_gptq_does():
     model = tiny_model()
     with pytest.raises(QuantkitError, match="calibration"):

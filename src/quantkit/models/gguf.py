@@ -150,6 +150,21 @@ class GGUFSource(ModelSource):
         info = self._infos[name]
         return dequantize_bytes(info.type, self._file.data(self._entries[name]), info.shape)
 
+    def load_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 (of ne1) of a 2-D tensor, float32, a fresh copy: only those rows' bytes are
+        read and dequantized, and their pages dropped from RSS again."""
+        info = self._infos[name]
+        rows, n = info.shape
+        if not 0 <= r0 <= r1 <= rows:
+            raise IndexError(f"rows {r0}:{r1} of {name} with {rows} rows")
+        e = self._entries[name]
+        row_bytes = e.nbytes // rows
+        data = self._file.data(e)[r0 * row_bytes:r1 * row_bytes]
+        out = dequantize_bytes(info.type, data, (r1 - r0, n)).clone()
+        del data
+        self._file.release(e)
+        return out
+
     def release(self, name: str) -> None:
         self._file.release(self._entries[name])
 

@@ -45,7 +45,8 @@ GPU_FORMATS = ("gptq", "compressed-tensors")
 FORMAT_BITS = {"gptq": (2, 3, 4, 8), "compressed-tensors": (2, 3, 4, 5, 6, 8)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
-SHARD_BYTES = 1024**3         # a shard is held in memory until written: 1 GiB bounds it
+SHARD_BYTES = 4 * 1024**3     # tensors go to disk as they come: a shard's size bounds no memory
+HEADER_RESERVE = 1 << 20      # bytes kept for a shard's JSON header, written last (space-padded)
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,36 @@ _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int32: "I32", torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16"}
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+class RowChunks:
+    """A 2-D tensor written without ever being whole in memory: read(r0, r1) gives rows r0:r1
+    (any float dtype; converted to `dtype`), `chunk` rows at a time."""
+
+    def __init__(self, name: str, shape: tuple[int, int], dtype: torch.dtype, read, chunk: int = 8192):
+        self.name, self.shape, self.dtype, self.read, self.chunk = name, tuple(shape), dtype, read, chunk
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def pieces(self):
+        for r0 in range(0, self.shape[0], self.chunk):
+            r1 = min(r0 + self.chunk, self.shape[0])
+            t = self.read(r0, r1)
+            if tuple(t.shape) != (r1 - r0, self.shape[1]):
+                raise QuantkitError(f"tensor {self.name}: rows {r0}:{r1} came back with shape {tuple(t.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise QuantkitError(f"tensor {self.name} contains NaN or Inf")
+            yield t.to(self.dtype)
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor | RowChunks],
+                      metadata: dict[str, str] | None = None) -> None:
     """A .safetensors file written tensor by tensor from each tensor's own memory (the
-    `safetensors` package first copies the whole shard into one buffer). Same bytes layout:
-    8-byte little-endian header length, JSON header padded with spaces to 8 bytes, data."""
+    `safetensors` package first copies the whole shard into one buffer), a RowChunks entry
+    chunk by chunk. Same bytes layout: 8-byte little-endian header length, JSON header padded
+    with spaces to 8 bytes, data."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     off = 0
     for name, t in tensors.items():
@@ -159,10 +186,23 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in tensors.values():
-            t = t.detach().contiguous()
-            if t.numel():
-                # raw bytes of the tensor's storage (little-endian on every platform torch runs on)
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            for piece in (t.pieces() if isinstance(t, RowChunks) else (t,)):
+                piece = piece.detach().contiguous()
+                if piece.numel():
+                    # raw bytes of the tensor's storage (little-endian on every platform torch runs on)
+                    f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _prepend_header(path: str, raw: bytes, data_start: int) -> None:
+    """Rewrite a shard whose data begins at data_start with header `raw` (padded to 8) in front."""
+    raw += b" " * (-len(raw) % 8)
+    tmp = path + ".tmp"
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(len(raw).to_bytes(8, "little"))
+        dst.write(raw)
+        src.seek(data_start)
+        shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(tmp, path)
 
 
 class CheckpointWriter:
@@ -175,9 +215,11 @@ class CheckpointWriter:
         self.cfg = cfg
         self.hf_config = dict(hf_config)
         self.dtype = torch.float16 if cfg.format == "gptq" else dtype
-        self._pending: dict[str, torch.Tensor] = {}
+        self._file = None                       # the shard being written
+        self._header: dict = {}                 # its tensors: name -> dtype, shape, data_offsets
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
+        self._names: set[str] = set()
         self._total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -187,28 +229,61 @@ class CheckpointWriter:
             t = t.to(self.dtype)
         self._put(name, t)
 
+    def add_rows(self, name: str, shape: tuple[int, int], read) -> None:
+        """An unquantized 2-D tensor (embeddings, head) read(r0, r1) a chunk of rows at a time
+        and written as it comes, in the model dtype: never whole in memory."""
+        self._put(name, RowChunks(name, shape, self.dtype, read))
+
     def add_linear(self, prefix: str, qw, bias: torch.Tensor | None = None) -> None:
         for name, t in linear_tensors(self.cfg, prefix, qw).items():
             self._put(name, t)
         if bias is not None:
             self.add(f"{prefix}.bias", bias)
 
-    def _put(self, name: str, t: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
+    def _put(self, name: str, t) -> None:
+        """Written to the open shard at once: its data after a reserved header space, the header
+        itself when the shard is closed. Nothing is held in memory."""
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
-        self._pending[name] = t.contiguous()
-        self._pending_bytes += t.numel() * t.element_size()
+        if self._file is None:
+            path = os.path.join(self.dir, f"shard-{len(self._shards):05d}.safetensors")
+            self._file = open(path, "wb")
+            self._file.seek(8 + HEADER_RESERVE)
+        n = t.numel() * t.element_size()
+        self._header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._pending_bytes, self._pending_bytes + n]}
+        self._names.add(name)
+        for piece in (t.pieces() if isinstance(t, RowChunks) else (t,)):
+            piece = piece.detach().contiguous()
+            if piece.numel():
+                self._file.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+        self._pending_bytes += n
         if self._pending_bytes >= SHARD_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
+        """Close the shard being written: its header goes into the reserved space, padded with
+        spaces (as the safetensors format allows); a header too large for it moves the data."""
+        if self._file is None:
             return
-        path = os.path.join(self.dir, f"shard-{len(self._shards):05d}.safetensors")
-        write_safetensors(path, self._pending, metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
+        f, self._file = self._file, None
+        header = {"__metadata__": {"format": "pt"}, **self._header}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        try:
+            if len(raw) <= HEADER_RESERVE:
+                f.seek(0)
+                f.write(HEADER_RESERVE.to_bytes(8, "little"))
+                f.write(raw + b" " * (HEADER_RESERVE - len(raw)))
+                f.close()
+            else:                                   # rare: rewrite with the header in front
+                f.close()
+                _prepend_header(f.name, raw, 8 + HEADER_RESERVE)
+        except BaseException:
+            f.close()
+            raise
+        self._shards.append(list(self._header))
         self._total += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+        self._header, self._pending_bytes = {}, 0
 
     def finish(self, source_dir: str | None = None) -> None:
         self.flush()

@@ -91,6 +91,24 @@ class _SafetensorsFile:
             return torch.empty(shape, dtype=self._TORCH[dt])
         return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(shape)
 
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 (along the first axis) of a tensor, reading only their bytes."""
+        dt, shape, begin, end = self.entries[name]
+        if not shape or not 0 <= r0 <= r1 <= shape[0]:
+            raise IndexError(f"rows {r0}:{r1} of {name} with shape {shape}")
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        buf = bytearray((r1 - r0) * row_bytes)
+        view, pos = memoryview(buf), 0
+        while pos < len(buf):
+            got = os.preadv(self._fd, [view[pos:]], self._base + begin + r0 * row_bytes + pos)
+            if got <= 0:
+                raise OSError(f"unexpected end of file reading {name}")
+            pos += got
+        out_shape = (r1 - r0, *shape[1:])
+        if not buf:
+            return torch.empty(out_shape, dtype=self._TORCH[dt])
+        return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(out_shape)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -496,6 +514,17 @@ class HFSource(ModelSource):
         t = h.get_tensor(hf_name) if hasattr(h, "get_tensor") else h[hf_name]
         # a .bin tensor is a view of the memory-mapped file; a safetensors one is a fresh buffer
         return t.to(torch.float32, copy=not isinstance(h, _SafetensorsFile)).contiguous()
+
+    def load_hf_rows(self, hf_name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of a Hugging Face parameter as stored, float32; from safetensors only
+        those rows are read."""
+        if hf_name not in self._raw_index:
+            raise KeyError(f"{hf_name} is not a tensor of {self.path}")
+        h = self._handles[self._raw_index[hf_name][0]]
+        if isinstance(h, _SafetensorsFile):
+            return h.get_rows(hf_name, r0, r1).to(torch.float32)
+        t = h.get_tensor(hf_name) if hasattr(h, "get_tensor") else h[hf_name]
+        return t[r0:r1].to(torch.float32, copy=True).contiguous()
 
     def load(self, name: str) -> torch.Tensor:
         try:

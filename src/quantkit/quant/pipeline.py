@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..util.errors import QuantkitError
+from ..util.memory import map_large, trim
 from ..util.progress import progress
-from .gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight
+from .gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight, symmetrize_hessian
 from .rtn import QuantSpec, quantize_rtn
 
 # Inside a decoder block: groups of linears sharing an input, in data-flow order.
@@ -46,6 +47,9 @@ class PipelineConfig:
     grid: QuantSpec | str | Callable[[str], QuantSpec | str | None] = QuantSpec()
     gptq: GPTQConfig = GPTQConfig()
     true_sequential: bool = True               # False: every linear calibrated on the block's float inputs
+    # true-sequential GPTQ: take the attention's and the MLP's outputs from the inputs the o_proj and
+    # down_proj stages saw (one block forward in all) instead of re-running them (same values)
+    reuse_outputs: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -229,7 +233,10 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
     if cfg.method == "gptq" and input_ids is None:
         raise QuantkitError("GPTQ needs calibration data", hint="pass --calib FILE or use --method rtn")
     inputs = capture_block_inputs(model, input_ids) if need_data else None
-    hidden = inputs.hidden if inputs else None
+    # every block's inputs, then outputs, in one buffer [n, 1, seqlen, hidden], overwritten block by block
+    hidden = list(torch.stack(inputs.hidden).unbind(0)) if inputs else None
+    if inputs:
+        inputs.hidden = None
     if load_block is not None:               # streaming: the embeddings' work is done (callers
         for mod in model.modules():           # write them from the source, not from the model)
             if isinstance(mod, nn.Embedding):
@@ -245,20 +252,30 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
             lin = _linears(layer)
             kwargs = inputs.layer_kwargs[i] if inputs else {}
             done: dict[str, object] = {}
+            cache = None
             if cfg.method != "none":
                 groups = _groups(layer)
+                if cfg.method == "gptq" and cfg.true_sequential and cfg.reuse_outputs:
+                    cache = _OutputCache.for_layer(layer, groups, lin, len(hidden))
                 # true-sequential: calibrate each group on the outputs of the groups quantized
                 # before it; otherwise all groups from one pass over the block's float weights
                 stages = [[g] for g in groups] if cfg.true_sequential else [groups]
                 for stage in stages:
-                    hs = _calibrate(layer, stage, lin, hidden, kwargs) if cfg.method == "gptq" else {}
+                    hs = _calibrate(layer, stage, lin, hidden, kwargs, cache) if cfg.method == "gptq" else {}
                     t = report._add("hessians", t)
                     for g in stage:
                         _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
                         hs.pop(g, None)
+                        if cache is not None:
+                            cache.quantized(g)
                     t = report._add("solve", t)
+                    trim()
             if hidden is not None:
-                hidden = run_block(layer, hidden, kwargs)
+                if cache is not None:
+                    cache.propagate(layer, hidden, kwargs)      # in place: sample k's input is done with
+                else:
+                    for k, h in enumerate(run_block(layer, hidden, kwargs)):
+                        hidden[k].copy_(h)
                 t = report._add("propagate", t)
             if on_block is not None:
                 on_block(i, lp, layer, done)
@@ -266,6 +283,7 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
             if load_block is not None:
                 layer.to("meta")                      # frees the block's storage
                 done.clear()
+                trim()                                # and hands it back to the system
             if bar is not None:
                 bar.update(1)
     finally:
@@ -280,11 +298,98 @@ class _StopBlock(Exception):
     """Raised by the last Hessian hook of a stage: the rest of the block is not needed."""
 
 
+class _OutputCache:
+    """True-sequential calibration without re-running what is already final. A block's attention
+    returns o_proj(x_o) and its MLP returns down_proj(x_d), where x_o depends only on q/k/v and
+    x_d only on what precedes down_proj. So the stage that calibrates o_proj keeps the x_o it
+    sees; once o_proj is quantized the attention's output is o_proj(x_o), and later stages and
+    the propagation take it from here instead of recomputing the attention. Likewise x_d, kept
+    by the down_proj stage, gives the MLP's output at propagation. The block then costs one
+    forward pass in all, not one per stage plus one to propagate; every value is the one the
+    uncached passes compute (tested bit for bit against `reuse_outputs=False`).
+
+    Applies to blocks whose `self_attn` ends in `o_proj` and whose `mlp` ends in `down_proj`
+    (llama, mistral, qwen2, gemma3), as the decoder layers of transformers call them:
+    `hidden, _ = self.self_attn(...)` and `hidden = self.mlp(hidden)`."""
+
+    ATTN, MLP = ("self_attn.o_proj",), ("mlp.down_proj",)
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, lin: dict[str, nn.Linear], n: int):
+        self.attn, self.mlp, self.lin, self.n = attn, mlp, lin, n
+        # one buffer per kept tensor [n, ...] (a single large allocation, returned to the system
+        # when freed, instead of n mid-sized ones that fragment the heap)
+        self.x_attn: torch.Tensor | None = None     # o_proj inputs, then (once quantized) the attention's outputs
+        self.attn_ready = False
+        self.x_mlp: torch.Tensor | None = None      # down_proj inputs
+        self.k = 0                                  # the sample being run
+
+    @classmethod
+    def for_layer(cls, layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, nn.Linear], n: int):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or cls.ATTN not in groups or cls.MLP not in groups:
+            return None
+        if getattr(attn, "o_proj", None) is not lin[cls.ATTN[0]] or getattr(mlp, "down_proj", None) is not lin[cls.MLP[0]]:
+            return None
+        return cls(attn, mlp, lin, n)
+
+    def keeps(self, g: tuple[str, ...]) -> bool:
+        return g in (self.ATTN, self.MLP)
+
+    def keep(self, g: tuple[str, ...], x: torch.Tensor) -> None:
+        target = "x_attn" if g == self.ATTN else "x_mlp"
+        buf = getattr(self, target)
+        if buf is None:
+            buf = torch.empty(self.n, *x.shape, dtype=x.dtype)
+            setattr(self, target, buf)
+        buf[self.k].copy_(x)
+
+    @torch.no_grad()
+    def quantized(self, g: tuple[str, ...]) -> None:
+        if g == self.ATTN and self.x_attn is not None:
+            o = self.lin[self.ATTN[0]]
+            out = None
+            for k in range(self.n):
+                y = o(self.x_attn[k])
+                if out is None:
+                    out = torch.empty(self.n, *y.shape, dtype=y.dtype)
+                out[k].copy_(y)
+            self.x_attn = out
+            self.attn_ready = True
+
+    def _attn_forward(self, *args, **kwargs):
+        return self.x_attn[self.k], None
+
+    def _mlp_forward(self, *args, **kwargs):
+        return self.lin[self.MLP[0]](self.x_mlp[self.k])
+
+    def run(self, layer: nn.Module, h: torch.Tensor, kwargs: dict, k: int, mlp: bool = False):
+        """The layer on sample k, the attention (and with `mlp` the MLP) taken from the cache."""
+        self.k = k
+        if self.attn_ready:
+            self.attn.forward = self._attn_forward
+        if mlp:
+            self.mlp.forward = self._mlp_forward
+        try:
+            return layer(h, **kwargs)
+        finally:
+            self.attn.__dict__.pop("forward", None)
+            self.mlp.__dict__.pop("forward", None)
+
+    @torch.no_grad()
+    def propagate(self, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> None:
+        """The block's outputs, written over its inputs."""
+        mlp = self.x_mlp is not None
+        for k, h in enumerate(hidden):
+            hidden[k].copy_(_out(self.run(layer, h, kwargs, k, mlp=mlp)))
+        self.x_attn = self.x_mlp = None
+
+
 def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, nn.Linear], hidden,
-               kwargs) -> dict[tuple[str, ...], torch.Tensor]:
+               kwargs, cache: _OutputCache | None = None) -> dict[tuple[str, ...], torch.Tensor]:
     """One pass of the block over the calibration data; the Hessian of each group's shared
     input, hooked on the group's first linear. The pass stops at the last of those inputs (in a
-    true-sequential stage the q/k/v Hessian needs only the input norm, not the block)."""
+    true-sequential stage the q/k/v Hessian needs only the input norm, not the block). With a
+    cache, the inputs of o_proj and down_proj are kept and the attention's output is reused."""
     hs: dict[tuple[str, ...], torch.Tensor] = {}
     counts: dict[tuple[str, ...], int] = {}
     handles = []
@@ -297,7 +402,9 @@ def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, n
     last = groups[-1]   # groups come in data-flow order
 
     def hook(mod, inp, g):
-        counts[g] = accumulate_hessian(inp[0], hs[g], counts[g])
+        counts[g] = accumulate_hessian(inp[0], hs[g], counts[g], upper=True)
+        if cache is not None and cache.keeps(g):
+            cache.keep(g, inp[0].detach())
         if g == last:
             raise _StopBlock
 
@@ -305,14 +412,19 @@ def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, n
         handles.append(lin[g[0]].register_forward_pre_hook(lambda mod, inp, g=g: hook(mod, inp, g)))
     try:
         with torch.no_grad():
-            for h in hidden:
+            for k, h in enumerate(hidden):
                 try:
-                    layer(h, **kwargs)
+                    if cache is not None:
+                        cache.run(layer, h, kwargs, k)
+                    else:
+                        layer(h, **kwargs)
                 except _StopBlock:
                     pass
     finally:
         for h in handles:
             h.remove()
+    for H in hs.values():
+        symmetrize_hessian(H)
     return hs
 
 
@@ -366,18 +478,17 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
     models.gpu_formats.GPUFormatConfig. Embeddings, norms and the output head stay in the model
     dtype (fp16 for GPTQ). Streaming: one decoder block in memory at a time (keep_model: all of
     them, kept dequantized in the returned model)."""
-    import json
+    import gc
     import os
 
     from ..models.gguf import GGUFSource
-    from ..models.gpu_formats import CheckpointWriter
     from ..models.hf import HFSource
     from ..models.open import open_model
     from ..util.atomic import atomic_output
-    from .calib import calibration_ids
-    from .streaming import block_loader, streaming_model
+
 
     t0 = time.perf_counter()
+    map_large()
     model_path = os.fspath(model_path)
     if cfg.method not in ("rtn", "gptq"):
         raise QuantkitError(f"method '{cfg.method}' cannot write {cfg.format}", hint="use --method rtn or gptq")
@@ -387,65 +498,103 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
         src = open_model(model_path)
     try:
         from_gguf = isinstance(src, GGUFSource)
-        model, tokenizer, _, fetch = streaming_model(src, model_path)
-        if from_gguf:
-            hf_config = model.config.to_dict()
-            hf_config["architectures"] = [type(model).__name__]
-            hf_config.pop("_attn_implementation_autoset", None)
-        else:
-            with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
-                hf_config = json.load(f)
-        model_dtype = _checkpoint_dtype(src, hf_config)
-        ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if cfg.method == "gptq" else None
-        grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
-        _, layers, prefix = decoder_layers(model)
-        tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
-
-        load_block = block_loader(fetch, model_path)
-
-        n_linear = 0
         with atomic_output(output, directory=True) as tmp:
-            writer = CheckpointWriter(tmp, cfg, hf_config, model_dtype)
-            for name, t in model.state_dict().items():
-                if name.startswith(prefix + ".") or name == "lm_head.weight":
-                    continue
-                if not torch.isfinite(t).all():
-                    raise QuantkitError(f"tensor {name} contains NaN or Inf", model_path)
-                writer.add(name, t)
-            if not tied:
-                head = fetch("lm_head.weight")
-                if head is None:
-                    raise QuantkitError("the model has no output head (lm_head.weight)", model_path)
-                if keep_model:
-                    model.lm_head.weight.data = head
-                writer.add("lm_head.weight", head)
-                del head
-            writer.flush()                  # the embeddings' shard: written, then released after capture
-
-            def on_block(i, lp, layer, done):
-                nonlocal n_linear
-                for name, t in layer.state_dict().items():
-                    full = f"{lp}.{name}"
-                    mod = full.rsplit(".", 1)[0]
-                    if mod in done and name.endswith(".weight"):
-                        continue
-                    writer.add(full, t)
-                for mod, qw in done.items():
-                    writer.add_linear(mod, qw)
-                    n_linear += 1
-
-            if keep_model:                 # every block stays in memory, dequantized in place
-                for i, layer in enumerate(layers):
-                    load_block(i, f"{prefix}.{i}", layer)
-            pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order,
-                                                                                shrink=shrink))
-            report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress,
-                                    load_block=None if keep_model else load_block)
-            writer.finish(None if from_gguf else model_path)
-            if from_gguf:
+            if from_gguf:       # first: its memory (~0.75 GB for a 262k vocabulary) is returned before the model's
                 _gguf_tokenizer_files(model_path, tmp)
+                gc.collect()
+                trim()
+            n_linear, report, model = _export_streaming(src, model_path, tmp, cfg, from_gguf, calib, nsamples,
+                                                        seqlen, shrink, keep_model, show_progress)
     finally:
         src.close()
     size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
     return GPUExportResult(os.path.abspath(output), cfg.format, cfg.method, time.perf_counter() - t0, size,
                            n_linear, report, model if keep_model else None)
+
+
+def _export_streaming(src, model_path: str, tmp: str, cfg, from_gguf: bool, calib, nsamples: int, seqlen: int,
+                      shrink: float, keep_model: bool, show_progress: bool):
+    """export_gpu_checkpoint's work once the output directory `tmp` exists: (linears written,
+    report, model)."""
+    import gc
+    import json
+    import os
+
+    from ..models.gpu_formats import CheckpointWriter
+    from .calib import calibration_ids
+    from .streaming import block_loader, compact_embeddings, embedding_name, row_reader, streaming_model
+
+    # the token embeddings are read a chunk of rows at a time, both to write them and to keep
+    # only the rows the calibration uses: never whole in memory (unless the model is kept)
+    lazy = not keep_model
+    model, tokenizer, arch, fetch = streaming_model(src, model_path, lazy_embeddings=lazy)
+    rows = row_reader(src, arch)
+    embed_name = embedding_name(model)
+    embed_shape = tuple(model.get_input_embeddings().weight.shape)
+    if from_gguf:
+        hf_config = model.config.to_dict()
+        hf_config["architectures"] = [type(model).__name__]
+        hf_config.pop("_attn_implementation_autoset", None)
+    else:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+            hf_config = json.load(f)
+    model_dtype = _checkpoint_dtype(src, hf_config)
+    ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if cfg.method == "gptq" else None
+    del tokenizer                   # done with; llama.cpp's vocabulary alone holds ~0.15 GB for Gemma-3
+    gc.collect()
+    grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
+    _, layers, prefix = decoder_layers(model)
+    tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
+
+    load_block = block_loader(fetch, model_path)
+
+    n_linear = 0
+    writer = CheckpointWriter(tmp, cfg, hf_config, model_dtype)
+    for name, t in model.state_dict().items():
+        if name.startswith(prefix + ".") or name == "lm_head.weight":
+            continue
+        if lazy and name == embed_name:
+            writer.add_rows(name, embed_shape, lambda r0, r1: rows(embed_name, r0, r1))
+            continue
+        if not torch.isfinite(t).all():
+            raise QuantkitError(f"tensor {name} contains NaN or Inf", model_path)
+        writer.add(name, t)
+    if not tied and lazy:
+        try:
+            writer.add_rows("lm_head.weight", tuple(model.lm_head.weight.shape),
+                            lambda r0, r1: rows("lm_head.weight", r0, r1))
+        except KeyError:            # a source without the head
+            raise QuantkitError("the model has no output head (lm_head.weight)", model_path) from None
+    elif not tied:
+        head = fetch("lm_head.weight")
+        if head is None:
+            raise QuantkitError("the model has no output head (lm_head.weight)", model_path)
+        model.lm_head.weight.data = head
+        writer.add("lm_head.weight", head)
+        del head
+    writer.flush()                  # the embeddings' shard
+    if lazy and ids is not None:
+        ids = compact_embeddings(model, rows, ids)
+    trim()
+
+    def on_block(i, lp, layer, done):
+        nonlocal n_linear
+        for name, t in layer.state_dict().items():
+            full = f"{lp}.{name}"
+            mod = full.rsplit(".", 1)[0]
+            if mod in done and name.endswith(".weight"):
+                continue
+            writer.add(full, t)
+        for mod, qw in done.items():
+            writer.add_linear(mod, qw)
+            n_linear += 1
+
+    if keep_model:                 # every block stays in memory, dequantized in place
+        for i, layer in enumerate(layers):
+            load_block(i, f"{prefix}.{i}", layer)
+    pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order,
+                                                                        shrink=shrink))
+    report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress,
+                            load_block=None if keep_model else load_block)
+    writer.finish(None if from_gguf else model_path)
+    return n_linear, report, model

@@ -27,11 +27,12 @@ class LlamaCppTokenizer:
         return {"input_ids": self._rt.tokenize(text, add_bos=add_special_tokens)}
 
 
-def streaming_model(src, path: str):
+def streaming_model(src, path: str, lazy_embeddings: bool = False):
     """(transformers model skeleton in float32 with only the tensors outside the decoder blocks
     loaded, tokenizer, HF arch, fetch(hf_name) -> tensor) for a GGUF or HF-directory source.
     The blocks' parameters are allocated but never written until their block is loaded
-    (quant.pipeline's load_block), so they take no memory before then."""
+    (quant.pipeline's load_block), so they take no memory before then. lazy_embeddings: the
+    token embeddings are not loaded either (see `compact_embeddings`)."""
     from ..eval.torch_runtime import gguf_tensor_for_hf, model_from_gguf
     from ..models.arch import hf_to_gguf_name
     from ..models.gguf import GGUFSource
@@ -62,9 +63,12 @@ def streaming_model(src, path: str):
     from .pipeline import decoder_layers
     _, _, prefix = decoder_layers(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
+    embed = model.get_input_embeddings().weight
     for name, p in model.named_parameters():
         if name.startswith(prefix + ".") or name == "lm_head.weight":
             continue                                 # blocks: later; the output head never runs here
+        if lazy_embeddings and p is embed:
+            continue
         t = fetch(name)
         if t is None:
             raise QuantkitError(f"the model has no tensor for {name}", path)
@@ -87,3 +91,48 @@ def block_loader(fetch, path: str):
                                     "the source weights are damaged; re-download or re-convert them")
             p.data = t
     return load_block
+
+
+def embedding_name(model) -> str:
+    """The parameter name of a model's token embedding (the first name, when tied)."""
+    w = model.get_input_embeddings().weight
+    return next(n for n, p in model.named_parameters() if p is w)
+
+
+def row_reader(src, arch):
+    """rows(hf_name, r0, r1) -> float32 rows of a 2-D source tensor, reading only those rows
+    (embeddings and output heads: no per-architecture transform applies to them)."""
+    from ..models.arch import hf_to_gguf_name
+    from ..models.gguf import GGUFSource
+    if isinstance(src, GGUFSource):
+        def rows(hf_name: str, r0: int, r1: int) -> torch.Tensor:
+            return src.load_rows(hf_to_gguf_name(arch, hf_name), r0, r1)
+        return rows
+    return src.load_hf_rows
+
+
+EMBED_CHUNK_ROWS = 8192
+
+
+@torch.no_grad()
+def compact_embeddings(model, rows, input_ids: torch.Tensor) -> torch.Tensor:
+    """Give the model's token embedding only the rows `input_ids` use, read through `rows`, and
+    return the ids renumbered into it: capturing the calibration's block-0 inputs then needs a
+    few MB instead of the whole table (0.67 GB in float32 for Gemma-3's 262k vocabulary). The
+    embedding module itself runs (Gemma's scaling included), so its output is unchanged."""
+    emb = model.get_input_embeddings()
+    name = embedding_name(model)
+    vocab, width = emb.num_embeddings, emb.embedding_dim
+    uniq, inv = torch.unique(input_ids, return_inverse=True)
+    if len(uniq) and (int(uniq[0]) < 0 or int(uniq[-1]) >= vocab):
+        raise QuantkitError(f"calibration token ids run outside the vocabulary of {vocab}")
+    table = torch.empty(len(uniq), width, dtype=torch.float32)
+    for r0 in range(0, vocab, EMBED_CHUNK_ROWS):
+        r1 = min(r0 + EMBED_CHUNK_ROWS, vocab)
+        sel = (uniq >= r0) & (uniq < r1)
+        if bool(sel.any()):
+            table[sel] = rows(name, r0, r1)[uniq[sel] - r0]
+    if not torch.isfinite(table).all():
+        raise QuantkitError(f"tensor {name} contains NaN or Inf")
+    emb.weight.data = table
+    return inv.reshape(input_ids.shape)
