@@ -210,9 +210,16 @@ def test_streaming_blocks_give_the_same_result_and_are_released():
         for n, p in layer.named_parameters():
             p.data = state[f"{lp}.{n}"].clone()
 
-    quantize_model(stream, ids, cfg, show_progress=False, load_block=load_block,
-                   on_block=lambda i, lp, layer, done: got_stream.update({k: v.to_bytes() for k, v in done.items()}))
+    sizes = {}
+
+    def on_block(i, lp, layer, done):
+        got_stream.update({k: v.to_bytes() for k, v in done.items()})
+        sizes.update({f"{lp}.{n}": m.weight.numel() for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
+
+    quantize_model(stream, ids, cfg, show_progress=False, load_block=load_block, on_block=on_block)
     assert loaded == [0, 1]
+    # weights no later pass needs were dropped before the block ended: every linear but down_proj
+    assert {k for k, n in sizes.items() if n} == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     assert got_whole.keys() == got_stream.keys() and len(got_whole) == 14
     assert all(torch.equal(got_whole[k], got_stream[k]) for k in got_whole)
     assert all(p.is_meta for p in stream.model.layers.parameters())
