@@ -28,9 +28,10 @@ import torch
 
 from ..models.open import open_model
 from ..util.errors import QuantkitError
+from ..util.memory import map_large, trim
 from .gguf_export import ExportReport, export_gguf, plan_gguf
 from .gptq import GPTQConfig
-from .streaming import block_loader, streaming_model
+from .streaming import block_loader, compact_embeddings, row_reader, streaming_model
 
 # the llama.cpp types GPTQ can solve for (quant.gptq grids)
 GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
@@ -89,6 +90,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     from .pipeline import PipelineConfig, quantize_model
 
     t0 = time.perf_counter()
+    map_large()
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError(f"need at least 1 sample of at least 2 tokens (got {nsamples} x {seqlen})",
                             hint="--nsamples N --seqlen L, e.g. 128 x 512")
@@ -101,8 +103,13 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                                 output_tensor_type=output_tensor_type)
         targets = {n: t for n, _, t in plan}
         spec = src.spec
-        tmodel, tokenizer, arch, fetch = streaming_model(src, path)
+        # the token embeddings are never loaded whole: the exporter copies them from the source,
+        # and block 0's inputs are captured through the rows the calibration uses
+        tmodel, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=True)
         ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
+        del tokenizer
+        ids = compact_embeddings(tmodel, row_reader(src, arch), ids)
+        trim()
 
         load_block = block_loader(fetch, path)
 
