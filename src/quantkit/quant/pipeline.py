@@ -506,7 +506,6 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
     from ..models.open import open_model
     from ..util.atomic import atomic_output
 
-
     t0 = time.perf_counter()
     map_large()
     model_path = os.fspath(model_path)
