@@ -114,3 +114,22 @@ def test_inspect_bundled(bundled_gguf):
     assert info["file_bytes"] > info["tensor_bytes"] > 0
     assert abs(info["bits_per_weight"] - 8 * info["tensor_bytes"] / info["parameters"]) < 1e-9
     assert info["tokenizer"]["model"] == "llama" and info["tokenizer"]["n_tokens"] == 262144
+
+
+def test_load_rows_equals_rows_of_the_whole_tensor(bundled_gguf):
+    """GGUFSource.load_rows reads and dequantizes only the rows asked for: equal to the same rows
+    of the whole tensor for every 2-D storage type in the bundled file (K-quants, legacy, F32)."""
+    import torch
+    with GGUFSource(bundled_gguf) as src:
+        seen = set()
+        for t in src.tensors():
+            if len(t.shape) != 2 or t.type in seen:
+                continue
+            seen.add(t.type)
+            whole = src.load(t.name)
+            rows = t.shape[0]
+            for r0, r1 in ((0, 1), (3, min(rows, 40)), (rows - 2, rows)):
+                assert torch.equal(src.load_rows(t.name, r0, r1), whole[r0:r1]), (t.name, t.type, r0, r1)
+        assert len(seen) >= 2, seen
+        with pytest.raises(IndexError):
+            src.load_rows("token_embd.weight", 5, 10**9)

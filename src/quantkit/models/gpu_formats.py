@@ -186,11 +186,16 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor | RowChunks],
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in tensors.values():
-            for piece in (t.pieces() if isinstance(t, RowChunks) else (t,)):
-                piece = piece.detach().contiguous()
-                if piece.numel():
-                    # raw bytes of the tensor's storage (little-endian on every platform torch runs on)
-                    f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+            _write_data(f, t)
+
+
+def _write_data(f, t: torch.Tensor | RowChunks) -> None:
+    """A tensor's raw bytes (little-endian on every platform torch runs on), chunk by chunk for
+    a RowChunks."""
+    for piece in (t.pieces() if isinstance(t, RowChunks) else (t,)):
+        piece = piece.detach().contiguous()
+        if piece.numel():
+            f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _prepend_header(path: str, raw: bytes, data_start: int) -> None:
@@ -253,10 +258,7 @@ class CheckpointWriter:
         self._header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self._pending_bytes, self._pending_bytes + n]}
         self._names.add(name)
-        for piece in (t.pieces() if isinstance(t, RowChunks) else (t,)):
-            piece = piece.detach().contiguous()
-            if piece.numel():
-                self._file.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+        _write_data(self._file, t)
         self._pending_bytes += n
         if self._pending_bytes >= SHARD_BYTES:
             self.flush()

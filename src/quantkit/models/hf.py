@@ -78,12 +78,12 @@ class _SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        dt, shape, begin, end = self.entries[name]
-        buf = bytearray(end - begin)
+    def _read(self, name: str, dt: str, shape: tuple[int, ...], offset: int, n: int) -> torch.Tensor:
+        """n bytes from `offset` in the data section as a tensor of `shape`."""
+        buf = bytearray(n)
         view, pos = memoryview(buf), 0
         while pos < len(buf):                    # pread may return less than asked
-            got = os.preadv(self._fd, [view[pos:]], self._base + begin + pos)
+            got = os.preadv(self._fd, [view[pos:]], self._base + offset + pos)
             if got <= 0:
                 raise OSError(f"unexpected end of file reading {name}")
             pos += got
@@ -91,23 +91,17 @@ class _SafetensorsFile:
             return torch.empty(shape, dtype=self._TORCH[dt])
         return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(shape)
 
+    def get_tensor(self, name: str) -> torch.Tensor:
+        dt, shape, begin, end = self.entries[name]
+        return self._read(name, dt, shape, begin, end - begin)
+
     def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 (along the first axis) of a tensor, reading only their bytes."""
         dt, shape, begin, end = self.entries[name]
         if not shape or not 0 <= r0 <= r1 <= shape[0]:
             raise IndexError(f"rows {r0}:{r1} of {name} with shape {shape}")
         row_bytes = (end - begin) // shape[0] if shape[0] else 0
-        buf = bytearray((r1 - r0) * row_bytes)
-        view, pos = memoryview(buf), 0
-        while pos < len(buf):
-            got = os.preadv(self._fd, [view[pos:]], self._base + begin + r0 * row_bytes + pos)
-            if got <= 0:
-                raise OSError(f"unexpected end of file reading {name}")
-            pos += got
-        out_shape = (r1 - r0, *shape[1:])
-        if not buf:
-            return torch.empty(out_shape, dtype=self._TORCH[dt])
-        return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(out_shape)
+        return self._read(name, dt, (r1 - r0, *shape[1:]), begin + r0 * row_bytes, (r1 - r0) * row_bytes)
 
     def close(self) -> None:
         if self._fd >= 0:
