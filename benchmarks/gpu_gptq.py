@@ -16,7 +16,8 @@ reference on wikitext-2 test and on SST-2 dev sentences (out of the calibration'
 Times, CPU seconds and peak RSS of each quantizer are measured in child processes.
 
     python benchmarks/gpu_gptq.py [--bits 4,3] [--chunks 64] [--threads 2] [--methods ...]
-    (methods: quantkit-rtn, quantkit-gptq, quantkit-gptq-s0.1 (with --shrink 0.1), llmc-rtn, llmc-gptq)
+    (methods: quantkit-rtn, quantkit-gptq, llmc-rtn, llmc-gptq; quantkit-gptq takes suffixes:
+     -s0.1 adds --shrink 0.1, -ns adds --no-scale-search, e.g. quantkit-gptq-s0.1-ns)
 Results: benchmarks/results/gpu_gptq.json.
 """
 
@@ -98,13 +99,13 @@ def main() -> None:
             if os.path.exists(out) and key in runs:
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            tool, how, *extra = method.split("-")        # quantkit-gptq-s0.1: with --shrink 0.1
+            tool, how, *extra = method.split("-")
             if tool == "quantkit":
                 cmd = [sys.executable, "-m", "quantkit.cli", "quantize", f32, "--method", how,
                        "--format", "compressed-tensors", "--bits", str(bits), "--group-size", "128",
                        "--threads", str(args.threads), "-o", out]
-                if extra and extra[0].startswith("s"):
-                    cmd += ["--shrink", extra[0][1:]]
+                for opt in extra:                        # -s0.1: --shrink 0.1; -ns: --no-scale-search
+                    cmd += ["--no-scale-search"] if opt == "ns" else ["--shrink", opt[1:]]
                 if how == "gptq":
                     cmd += ["--act-order", "--calib", valid, "--nsamples", str(args.chunks), "--seqlen", "512"]
             else:

@@ -322,3 +322,27 @@ def test_checkpoint_writer_streams_shards(tmp_path, monkeypatch, reserve):
     assert sorted(index["weight_map"]) == sorted(ref) and len(set(index["weight_map"].values())) == 2
     with pytest.raises(ValueError, match="written twice"):
         w.add("t0", torch.zeros(1))
+
+
+def test_gguf_tokenizer_files_named_class_equal_autotokenizers(bundled_gguf, tmp_path):
+    """The bundled Gemma GGUF's tokenizer files, with the tokenizer class named from the file's
+    architecture (fast: no config is built from the whole file), are byte for byte the files
+    transformers' own AutoTokenizer path writes, and they load back and add Gemma's <bos>."""
+    from transformers import AutoTokenizer
+
+    from quantkit.models.gguf import GGUFSource
+    from quantkit.quant.pipeline import _gguf_tokenizer_files
+    src = GGUFSource(bundled_gguf)
+    arch = src.metadata["general.architecture"].value
+    src.close()
+    assert arch == "gemma3"
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    assert _gguf_tokenizer_files(bundled_gguf, str(fast), arch)
+    assert _gguf_tokenizer_files(bundled_gguf, str(slow))
+    names = sorted(os.listdir(fast))
+    assert names == sorted(os.listdir(slow)) and "tokenizer.json" in names
+    for n in names:
+        assert (fast / n).read_bytes() == (slow / n).read_bytes(), n
+    text = "The tokenizer's   spaces, 数字 123 and émigrés."
+    ids = AutoTokenizer.from_pretrained(fast)(text)["input_ids"]
+    assert len(ids) > 10 and ids[0] == 2                            # <bos>, then the text

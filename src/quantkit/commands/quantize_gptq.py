@@ -41,8 +41,9 @@ def register_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
     g.add_argument("--no-scale-search", dest="scale_search", action="store_false",
-                   help="GPTQ to GGUF: keep llama.cpp's max-based block scales instead of searching for the "
-                        "scale that minimises the importance-weighted block error")
+                   help="GPTQ: keep the max-based scales (llama.cpp's rule for gguf:* blocks, the group's "
+                        "min/max for gptq / compressed-tensors) instead of searching for the scale that "
+                        "minimises the importance-weighted block or group error")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="GPTQ: calibrate every linear of a block on the block's float inputs (one pass, faster) "
                         "instead of attention, o, MLP up/gate, down in turn on already-quantized outputs")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     res = api.quantize_gpu(args.model, args.output, format=fmt, method=method, bits=args.bits,
                            group_size=args.group_size, sym=args.sym, act_order=args.act_order, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
-                           shrink=0.0 if args.shrink is None else args.shrink)
+                           shrink=0.0 if args.shrink is None else args.shrink, scale_search=args.scale_search)
     print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear layers "
           f"{method} {args.bits}-bit g{args.group_size} {'sym' if args.sym else 'asym'}"
           f"{' act-order' if args.act_order else ''}, format {fmt})")

@@ -59,6 +59,7 @@ class GPUFormatConfig:
     act_order: bool = False
     method: str = "gptq"         # "gptq" | "rtn", recorded in the metadata
     damp: float = 0.01
+    scale_search: bool = True    # GPTQ: each group's scale from an importance-weighted search
 
     def __post_init__(self):
         if self.format not in GPU_FORMATS:
@@ -75,7 +76,11 @@ def _gptq_quant_config(cfg: GPUFormatConfig) -> dict:
     return {"bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.act_order, "sym": cfg.sym,
             "static_groups": True, "true_sequential": True, "damp_percent": cfg.damp,
             "quant_method": "gptq", "checkpoint_format": "gptq",
-            "meta": {"quantizer": ["quantkit"], "method": cfg.method}}
+            "meta": {"quantizer": ["quantkit"], "method": cfg.method, "scale_search": _searched(cfg)}}
+
+
+def _searched(cfg: GPUFormatConfig) -> bool:
+    return cfg.method == "gptq" and cfg.scale_search
 
 
 def _ct_quant_config(cfg: GPUFormatConfig) -> dict:
@@ -83,7 +88,7 @@ def _ct_quant_config(cfg: GPUFormatConfig) -> dict:
     weights = {"num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym,
                "strategy": "channel" if cfg.group_size == -1 else "group",
                "group_size": None if cfg.group_size == -1 else cfg.group_size,
-               "dynamic": False, "observer": "minmax"}
+               "dynamic": False, "observer": "mse" if _searched(cfg) else "minmax"}
     if cfg.act_order:
         weights["actorder"] = "weight"      # static groups: no g_idx, normal kernels
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

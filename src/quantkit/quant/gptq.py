@@ -58,9 +58,10 @@ class GPTQConfig:
     damp: float = DEFAULT_DAMP
     act_order: bool = False
     block_size: int = DEFAULT_BLOCK
-    # llama.cpp legacy grids only: choose each block's scale (and min) by a search minimising
-    # the block's rounding error weighted by each column's importance (1 / [U]_jj², the weight
-    # GPTQ's own loss gives a column's error) instead of llama.cpp's max-based rule.
+    # llama.cpp legacy grids and integer grids: choose each block's (group's) scale (and min or
+    # zero) by a search minimising its rounding error weighted by each column's importance
+    # (1 / [U]_jj², the weight GPTQ's own loss gives a column's error; diag(H) for act-order's
+    # static groups) instead of the max-based rule. K-quants keep llama.cpp's own encoder.
     scale_search: bool = True
     # shrink H toward its diagonal, H <- (1 - shrink) H + shrink diag(H): 0 is plain GPTQ; 1 keeps
     # no cross-column compensation (importance-weighted rounding, like llama.cpp's imatrix). The
@@ -118,15 +119,65 @@ def symmetrize_hessian(H: torch.Tensor) -> torch.Tensor:
 
 
 # ---- grids -----------------------------------------------------------------------------------
-class _IntGrid:
-    """Integer grid of rtn.QuantSpec: params (scale, zero) per (row, group)."""
+# Clipping ratios of the integer grids' scale search: fractions of the group's min/max range.
+_INT_CLIP = [1.0 - 0.025 * i for i in range(1, 21)]
 
-    def __init__(self, spec: QuantSpec, in_features: int):
+
+def search_group_scale(w: torch.Tensor, imp: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of w [rows, k] (one group per row): the scale and zero of spec's grid minimising
+    Σ_j imp_j (w_j - ŵ_j)² over the range [min, max] clipped by each ratio of _INT_CLIP, and
+    each candidate's scale refitted by weighted least squares given its codes (zero kept: it is
+    an integer). The unclipped range, RTN's (compute_qparams), is a candidate, so the weighted
+    error is never larger than RTN's. Scales are rounded to spec.scale_dtype before they are
+    judged. Returns what compute_qparams returns."""
+    scale, zero = compute_qparams(w, spec)
+    w = w.float()
+    imp = imp.clamp_min(0).float()[None, :]
+    maxq = spec.maxq
+
+    def judge(s, z):
+        q = (torch.round(w / s[:, None]) + z[:, None]).clamp(0, maxq) - z[:, None]
+        return (imp * (q * s[:, None] - w) ** 2).sum(1), q
+
+    best, q = judge(scale, zero)
+    mn = w.min(dim=1).values.clamp(max=0)
+    mx = w.max(dim=1).values.clamp(min=0)
+    for f in _INT_CLIP:
+        if spec.sym:
+            s = (torch.maximum(-mn, mx) * f / (maxq / 2)).to(spec.scale_dtype).float()
+            z = zero
+        else:
+            s = ((mx - mn) * f / maxq).to(spec.scale_dtype).float()
+            z = torch.round(-mn * f / torch.where(s > 0, s, torch.ones_like(s))).clamp(spec.zero_min, maxq)
+            z = z.to(torch.int32)
+        for refit in (False, True):
+            if refit:               # s = Σ imp w L / Σ imp L² for the codes L of the clipped scale
+                den = (imp * q * q).sum(1)
+                s = torch.where(den > 0, (imp * q * w).sum(1) / den.clamp_min(1e-30), s)
+                s = s.to(spec.scale_dtype).float()
+            ok = torch.isfinite(s) & (s > 0)
+            s = torch.where(ok, s, scale)
+            err, q = judge(s, z)
+            better = ok & (err < best)
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+class _IntGrid:
+    """Integer grid of rtn.QuantSpec: params (scale, zero) per (row, group); with `search`,
+    from search_group_scale instead of the group's min/max."""
+
+    def __init__(self, spec: QuantSpec, in_features: int, search: bool = False):
         spec.check_shape(in_features)
         self.spec = spec
         self.width = spec.group_width(in_features)
+        self.search = search
 
     def params(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.search and imp is not None:
+            return search_group_scale(w, imp, self.spec)
         return compute_qparams(w, self.spec)
 
     def round(self, w: torch.Tensor, p, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,7 +445,7 @@ def _inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
 
 def _make_grid(grid, in_f: int, config: GPTQConfig):
     if isinstance(grid, QuantSpec):
-        return _IntGrid(grid, in_f)
+        return _IntGrid(grid, in_f, search=config.scale_search)
     name = grid.lower()
     if name in LEGACY_GRIDS:
         return _LegacyGrid(name, in_f, search=config.scale_search)
@@ -428,15 +479,16 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
     any_dead = bool(dead.any())
 
     if config.act_order:
-        hdiag = torch.diagonal(H).clone()
-        perm = torch.argsort(hdiag, descending=True, stable=True)
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         H = H[perm][:, perm]
     else:
-        hdiag, perm = None, torch.arange(in_f)
+        perm = torch.arange(in_f)
     box = [H.flip(0, 1)]
     del H
     Hinv, damp = _inverse_cholesky(box, config.damp)
     # a column's error costs (w - q)² / [U]_jj² in GPTQ's loss: its importance in a block search
+    # (in visiting order; act-order's static groups index it through inv_perm). Weighting by
+    # diag(H) instead, the raw activation energy, measured worse, out of domain most (BENCHMARKS.md).
     importance = torch.diagonal(Hinv).pow(-2)
     inv_perm = torch.argsort(perm)
     perm_l = perm.tolist()
@@ -458,7 +510,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
         if config.act_order:
             for gi in range(n_groups):          # static groups, from the original weights
                 sl = slice(gi * g.width, (gi + 1) * g.width)
-                params[gi] = g.params(Wc[:, sl], hdiag[sl])
+                params[gi] = g.params(Wc[:, sl], importance[inv_perm[sl]])
             Wc = Wc[:, perm]
         codes = torch.zeros(r1 - r0, in_f, dtype=WORK_DTYPE)   # natural column order
         Q = torch.zeros_like(Wc)                               # permuted order

@@ -269,7 +269,7 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
                         _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
                         hs.pop(g, None)
                         if cache is not None:
-                            cache.quantized(g)
+                            cache.quantized(g, layer, hidden, kwargs)
                     if cache is not None and load_block is not None:
                         cache.release_spent(lin, done, lp)
                     t = report._add("solve", t)
@@ -302,15 +302,24 @@ class _StopBlock(Exception):
     """Raised by the last Hessian hook of a stage: the rest of the block is not needed."""
 
 
+def _zeros(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
 class _OutputCache:
     """True-sequential calibration without re-running what is already final. A block's attention
     returns o_proj(x_o) and its MLP returns down_proj(x_d), where x_o depends only on q/k/v and
     x_d only on what precedes down_proj. So the stage that calibrates o_proj keeps the x_o it
     sees; once o_proj is quantized the attention's output is o_proj(x_o), and later stages and
-    the propagation take it from here instead of recomputing the attention. Likewise x_d, kept
-    by the down_proj stage, gives the MLP's output at propagation. The block then costs one
-    forward pass in all, not one per stage plus one to propagate; every value is the one the
-    uncached passes compute (tested bit for bit against `reuse_outputs=False`).
+    the propagation need nothing more of the attention. Likewise x_d, kept by the down_proj
+    stage, gives the MLP's output at propagation. The block then costs one forward pass in all,
+    not one per stage plus one to propagate; every value is the one the uncached passes compute
+    (tested bit for bit against `reuse_outputs=False`).
+
+    The attention's output is not kept either: it is added into the hidden states in place, h <-
+    h + attention part (the block run with its MLP returning zeros), and from then on the block
+    runs with its attention returning zeros. Both are exact for these blocks: every norm after
+    a sublayer maps 0 to 0 and the residual adds it, so h + 0 = h.
 
     Applies to blocks whose `self_attn` ends in `o_proj` and whose `mlp` ends in `down_proj`
     (llama, mistral, qwen2, gemma3), as the decoder layers of transformers call them:
@@ -322,8 +331,8 @@ class _OutputCache:
         self.attn, self.mlp, self.lin, self.n = attn, mlp, lin, n
         # one buffer per kept tensor [n, ...] (a single large allocation, returned to the system
         # when freed, instead of n mid-sized ones that fragment the heap)
-        self.x_attn: torch.Tensor | None = None     # o_proj inputs, then (once quantized) the attention's outputs
-        self.attn_ready = False
+        self.x_attn: torch.Tensor | None = None     # o_proj inputs
+        self.attn_ready = False                     # the hidden states already include the attention
         self.x_mlp: torch.Tensor | None = None      # down_proj inputs
         self.k = 0                                  # the sample being run
 
@@ -348,17 +357,23 @@ class _OutputCache:
         buf[self.k].copy_(x)
 
     @torch.no_grad()
-    def quantized(self, g: tuple[str, ...]) -> None:
-        if g == self.ATTN and self.x_attn is not None:
-            o = self.lin[self.ATTN[0]]
-            out = None
-            for k in range(self.n):
-                y = o(self.x_attn[k])
-                if out is None:
-                    out = torch.empty(self.n, *y.shape, dtype=y.dtype)
-                out[k].copy_(y)
-            self.x_attn = out
-            self.attn_ready = True
+    def quantized(self, g: tuple[str, ...], layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> None:
+        """After group g is quantized: for o_proj, the attention's final output goes into the
+        hidden states (in place) and its inputs are dropped."""
+        if g != self.ATTN or self.x_attn is None:
+            return
+        o = self.lin[self.ATTN[0]]
+        self.mlp.forward = _zeros
+        try:
+            for k, h in enumerate(hidden):
+                out = o(self.x_attn[k])
+                self.attn.forward = lambda *a, out=out, **kw: (out, None)
+                h.copy_(_out(layer(h, **kwargs)))
+        finally:
+            self.attn.__dict__.pop("forward", None)
+            self.mlp.__dict__.pop("forward", None)
+        self.x_attn = None
+        self.attn_ready = True
 
     def release_spent(self, lin: dict[str, nn.Linear], done: dict, lp: str) -> None:
         """Streaming: drop the weights no pass will use again. Once the attention's output is
@@ -376,14 +391,16 @@ class _OutputCache:
             if f"{lp}.{n}" in done and w.numel():
                 w.data = torch.empty(0, dtype=w.dtype)
 
-    def _attn_forward(self, *args, **kwargs):
-        return self.x_attn[self.k], None
+    @staticmethod
+    def _attn_forward(hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
 
     def _mlp_forward(self, *args, **kwargs):
         return self.lin[self.MLP[0]](self.x_mlp[self.k])
 
     def run(self, layer: nn.Module, h: torch.Tensor, kwargs: dict, k: int, mlp: bool = False):
-        """The layer on sample k, the attention (and with `mlp` the MLP) taken from the cache."""
+        """The layer on sample k: once the hidden states include the attention, without it; with
+        `mlp`, the MLP's output taken from the cache."""
         self.k = k
         if self.attn_ready:
             self.attn.forward = self._attn_forward
@@ -475,14 +492,24 @@ def _checkpoint_dtype(src, hf_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def _gguf_tokenizer_files(gguf_path: str, directory: str) -> bool:
+# GGUF general.architecture -> transformers model_type, where the two names differ
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
+def _gguf_tokenizer_files(gguf_path: str, directory: str, arch: str | None = None) -> bool:
     """Tokenizer files for a checkpoint made from a GGUF, through transformers' GGUF tokenizer
-    conversion. False (and nothing written) when transformers cannot convert this vocabulary."""
+    conversion. False (and nothing written) when transformers cannot convert this vocabulary.
+    With the file's architecture known, the tokenizer class is named up front: otherwise
+    AutoTokenizer first reads the whole file through gguf-py to build a model config, which
+    takes ~20 s and ~0.8 GB for a 262k vocabulary; the class and the files are the same."""
     import os
     from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
+    named = {"tokenizer_type": model_type} if model_type and TOKENIZER_MAPPING_NAMES.get(model_type) else {}
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
-                                            gguf_file=os.path.basename(gguf_path))
+                                            gguf_file=os.path.basename(gguf_path), **named)
         tok.save_pretrained(directory)
         return True
     except Exception:  # noqa: BLE001 - optional: the weights are the checkpoint
@@ -519,7 +546,7 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
         from_gguf = isinstance(src, GGUFSource)
         with atomic_output(output, directory=True) as tmp:
             if from_gguf:       # first: its memory (~0.75 GB for a 262k vocabulary) is returned before the model's
-                _gguf_tokenizer_files(model_path, tmp)
+                _gguf_tokenizer_files(model_path, tmp, src.metadata["general.architecture"].value)
                 gc.collect()
                 trim()
             n_linear, report, model = _export_streaming(src, model_path, tmp, cfg, from_gguf, calib, nsamples,
@@ -612,7 +639,7 @@ def _export_streaming(src, model_path: str, tmp: str, cfg, from_gguf: bool, cali
         for i, layer in enumerate(layers):
             load_block(i, f"{prefix}.{i}", layer)
     pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order,
-                                                                        shrink=shrink))
+                                                                        shrink=shrink, scale_search=cfg.scale_search))
     report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress,
                             load_block=None if keep_model else load_block)
     writer.finish(None if from_gguf else model_path)
