@@ -36,7 +36,7 @@ def register_args(p: argparse.ArgumentParser) -> None:
                    help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0: plain GPTQ; 1: "
                         "importance-weighted rounding without cross-column compensation; default 0.1 for "
                         "gguf:* formats, where it measured lower error in and out of domain, 0 for gptq / "
-                        "compressed-tensors, where it is not measured yet)")
+                        "compressed-tensors, where it did not help at 3 bits)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
