@@ -60,8 +60,8 @@ class GPTQConfig:
     block_size: int = DEFAULT_BLOCK
     # llama.cpp legacy grids and integer grids: choose each block's (group's) scale (and min or
     # zero) by a search minimising its rounding error weighted by each column's importance
-    # (1 / [U]_jj², the weight GPTQ's own loss gives a column's error; diag(H) for act-order's
-    # static groups) instead of the max-based rule. K-quants keep llama.cpp's own encoder.
+    # (1 / [U]_jj², the weight GPTQ's own loss gives a column's error, at the column's place in
+    # the visiting order) instead of the max-based rule. K-quants keep llama.cpp's own encoder.
     scale_search: bool = True
     # shrink H toward its diagonal, H <- (1 - shrink) H + shrink diag(H): 0 is plain GPTQ; 1 keeps
     # no cross-column compensation (importance-weighted rounding, like llama.cpp's imatrix). The
