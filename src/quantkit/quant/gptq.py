@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..codecs.intpack import LEGACY_GRIDS, encode_legacy_blocks
-from .rtn import QuantizedWeight, QuantSpec, compute_qparams, dequantize
+from .rtn import QuantizedWeight, QuantSpec, compute_qparams, dequantize, quantize_codes
 
 # Working precision of the Hessian, its inverse and the weights being updated. float32, as the
 # GPTQ reference and llm-compressor: float64 doubles time and memory for no measurable gain once
@@ -136,7 +136,7 @@ def search_group_scale(w: torch.Tensor, imp: torch.Tensor, spec: QuantSpec) -> t
     maxq = spec.maxq
 
     def judge(s, z):
-        q = (torch.round(w / s[:, None]) + z[:, None]).clamp(0, maxq) - z[:, None]
+        q = (quantize_codes(w, s[:, None], z[:, None], maxq) - z[:, None]).float()
         return (imp * (q * s[:, None] - w) ** 2).sum(1), q
 
     best, q = judge(scale, zero)
