@@ -168,3 +168,71 @@ def test_unknown_tensor_type_override(bundled_gguf, tmp_path, capsys):
     assert code == 2
     assert_one_line(err, "q9_9")
     assert os.listdir(tmp_path) == []
+
+
+def test_directory_output_never_replaces_foreign_files(tmp_path):
+    """A directory output replaces an empty directory or quantkit's own earlier output, never a
+    folder of someone's files (`-o .`, `-o` the source model's folder), nor a file."""
+    from quantkit.util.atomic import MARKER, atomic_output
+    from quantkit.util.errors import QuantkitError
+    out = tmp_path / "out"
+    for run in range(2):                       # first write, then a rerun replacing its own output
+        with atomic_output(out, directory=True) as tmp:
+            (tmp_path / tmp / f"w{run}.txt").write_text("x")
+        assert sorted(os.listdir(out)) == sorted([MARKER, f"w{run}.txt"])
+    foreign = tmp_path / "model"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(QuantkitError, match="did not write"):
+        with atomic_output(foreign, directory=True):
+            raise AssertionError("must not start")
+    (tmp_path / "f.bin").write_text("x")
+    with pytest.raises(QuantkitError, match="existing file"):
+        with atomic_output(tmp_path / "f.bin", directory=True):
+            raise AssertionError("must not start")
+    # a foreign folder that appears while the output is being written is not replaced either
+    late = tmp_path / "late"
+    with pytest.raises(QuantkitError, match="did not write"):
+        with atomic_output(late, directory=True) as tmp:
+            (tmp_path / tmp / "w.txt").write_text("x")
+            late.mkdir()
+            (late / "mine.txt").write_text("keep")
+    assert os.listdir(late) == ["mine.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["f.bin", "late", "model", "out"]     # no temporaries left
+    assert os.listdir(foreign) == ["config.json"]
+
+
+def test_gguf_format_rejects_integer_grid_flags(capsys, tmp_path):
+    out = str(tmp_path / "x.gguf")
+    code, err = run_cli(["quantize", "--format", "gguf:q4_0", "--bits", "3", "--group-size", "32", "-o", out], capsys)
+    assert code == 2
+    assert_one_line(err, "--bits/--group-size do not apply to --format gguf:q4_0")
+    code, err = run_cli(["quantize", "--format", "gguf:q4_1", "--asym", "-o", out], capsys)
+    assert code == 2
+    assert_one_line(err, "--asym do not apply")
+    assert os.listdir(tmp_path) == []
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--bits", "7", "-o", "x"])
+    assert e.value.code == 2
+    assert_one_line(capsys.readouterr().err, "quantkit quantize: error: argument --bits: invalid choice: 7",
+                    "quantkit quantize --help")
+
+
+def test_unforeseen_os_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """A system error that no check caught (here: the config file cannot be read) is one line."""
+    import builtins
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text("method: rtn\n")
+    real_open = builtins.open
+
+    def deny(path, *a, **k):
+        if os.fspath(path) == str(cfg):
+            raise PermissionError(13, "Permission denied", str(cfg))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", deny)
+    code, err = run_cli(["quantize", "--config", str(cfg), "-o", str(tmp_path / "x.gguf")], capsys)
+    assert code == 2
+    assert_one_line(err, str(cfg), "Permission denied")

@@ -259,3 +259,24 @@ def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):
             q = torch.log_softmax(m(ids).logits[0], -1)
             kld[name] = float((p.exp() * (p - q)).sum(-1).mean())
     assert kld["gguf-gptq"] * 1.3 < kld["gguf-rtn"], kld
+
+
+def test_out_of_space_while_spooling_gptq_blocks(model_dir, texts, tmp_path):
+    """A disk that fills while GPTQ spools its quantized blocks (before the GGUF is written):
+    one line naming the output, exit 2, neither spool nor partial file left."""
+    import subprocess
+    import sys
+    out = tmp_path / "x.gguf"
+    args = ["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
+            "--nsamples", "4", "--seqlen", "64", "-o", str(out)]
+    # a file-size limit below one block's quantized tensors (~0.37 MB) fails the spool's write
+    # with EFBIG, as a full disk fails it with ENOSPC
+    code = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+            f"from quantkit.cli import main\nsys.exit(main({args!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln
+             and "s/it]" not in ln and "block" not in ln.split(":")[0]]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "out of space" in lines[0] and str(out) in lines[0], lines[0]
+    assert os.listdir(tmp_path) == []

@@ -1,8 +1,9 @@
 """The `quantkit` command: parse, call the Python API, print.
 
 Each subcommand lives in quantkit/commands/<name>.py with `register(subparsers)`, which adds
-its parser and sets `func(args) -> int`. A QuantkitError becomes one line on stderr and exit 2;
-Ctrl-C or SIGTERM exits 130 (outputs are atomic, so nothing half-written is left).
+its parser and sets `func(args) -> int`. A QuantkitError (or an OSError no check foresaw) becomes
+one line on stderr and exit 2; Ctrl-C or SIGTERM exits 130 (outputs are atomic, so nothing
+half-written is left).
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ COMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line (what is wrong, where to look), not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantkit",
         description="Fit language models to the hardware you have: inspect, quantize, evaluate, plan.",
     )
@@ -75,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:            # a system error no check foresaw (permissions, a full disk): one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"quantkit {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

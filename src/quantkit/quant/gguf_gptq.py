@@ -48,15 +48,24 @@ class GGUFGPTQReport(ExportReport):
 class _Spool:
     """Quantized tensors on disk until the GGUF writer asks for them (one file, appended)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, final: str):
+        self.final = final                  # the output the spool serves, named in a disk-full error
         self._f = tempfile.NamedTemporaryFile(dir=directory, prefix=".quantkit-gptq-", suffix=".spool", delete=False)
         self.path = self._f.name
         self.where: dict[str, tuple[int, int]] = {}
         self._map = None
 
     def put(self, name: str, data: np.ndarray) -> None:
+        from ..util.atomic import disk_full
         self.where[name] = (self._f.tell(), data.nbytes)
-        self._f.write(np.ascontiguousarray(data).tobytes())
+        try:
+            self._f.write(np.ascontiguousarray(data).tobytes())
+            self._f.flush()
+        except OSError as e:
+            err = disk_full(e, self.final)
+            if err is not None:
+                raise err from None
+            raise
 
     def get(self, name: str) -> np.ndarray | None:
         if name not in self.where:
@@ -124,7 +133,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
             t = targets.get(g) if g else None
             return t if t in GPTQ_TYPES else None
 
-        spool = _Spool(os.path.dirname(os.path.abspath(out)) or ".")
+        spool = _Spool(os.path.dirname(os.path.abspath(out)) or ".", out)
         n_gptq = 0
         try:
             def on_block(i, lp, layer, done):
