@@ -346,3 +346,107 @@ def test_gguf_tokenizer_files_named_class_equal_autotokenizers(bundled_gguf, tmp
     text = "The tokenizer's   spaces, 数字 123 and émigrés."
     ids = AutoTokenizer.from_pretrained(fast)(text)["input_ids"]
     assert len(ids) > 10 and ids[0] == 2                            # <bos>, then the text
+
+
+def _cli(args):
+    """`quantkit ARGS` in a child process: (exit code, stderr)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", f"import sys; from quantkit.cli import main; sys.exit(main({args!r}))"],
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stderr
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln
+             and "s/it]" not in ln and "block" not in ln.split(":")[0]]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_gpu_cli_bad_inputs_end_in_one_line(model_dir, tmp_path):
+    """Bad inputs of `quantize --format gptq|compressed-tensors`: one line, exit 2, nothing left."""
+    import shutil
+    from safetensors.torch import save_file
+    before = sorted(os.listdir(model_dir))
+    # -o naming the source model's own folder: refused before any work, the folder untouched
+    code, err = _cli(["quantize", str(model_dir), "--format", "gptq", "-o", str(model_dir)])
+    assert code == 2 and "did not write" in _one_line(err) and str(model_dir) in err
+    assert sorted(os.listdir(model_dir)) == before
+    work = tmp_path / "work"
+    work.mkdir()
+    short = work / "short.txt"
+    short.write_text("the cat sat on the mat\n", encoding="utf-8")
+    code, err = _cli(["quantize", str(model_dir), "--format", "compressed-tensors", "--method", "gptq",
+                      "--calib", str(short), "--nsamples", "8", "--seqlen", "64", "--group-size", "32",
+                      "-o", str(work / "a")])
+    line = _one_line(err)
+    assert code == 2 and "calibration text too short: it has 6 tokens" in line and "need 504" in line, line
+    # a group size that does not divide the input features (64): named, with the layer
+    code, err = _cli(["quantize", str(model_dir), "--format", "compressed-tensors", "--group-size", "1024",
+                      "-o", str(work / "b")])
+    line = _one_line(err)
+    assert code == 2 and "group size 1024 does not divide the 64 input features of model.layers.0." in line, line
+    assert str(model_dir) in line
+    # NaN in a decoder weight: the tensor is named
+    bad = tmp_path / "nan-model"
+    shutil.copytree(model_dir, bad)
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    for method in ("rtn", "gptq"):
+        code, err = _cli(["quantize", str(bad), "--format", "gptq", "--method", method, "--nsamples", "4",
+                          "--seqlen", "16", "--group-size", "32", "-o", str(work / f"c-{method}")])
+        line = _one_line(err)
+        assert code == 2 and "model.layers.1.mlp.down_proj.weight" in line and "NaN" in line, line
+    assert sorted(os.listdir(work)) == ["short.txt"]
+    assert not any("partial" in f for f in os.listdir(tmp_path))
+
+
+def test_gpu_cli_interrupt_leaves_nothing(model_dir, tmp_path):
+    """Ctrl-C while a GPU checkpoint is being calibrated and written: exit 130, one line, no
+    partial directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["quantize", str(model_dir), "--format", "compressed-tensors", "--method", "gptq", "--nsamples", "256",
+            "--seqlen", "256", "-o", str(out_dir / "ckpt")]
+    p = subprocess.Popen([sys.executable, "-c", f"import sys; from quantkit.cli import main; sys.exit(main({args!r}))"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.listdir(out_dir):
+        time.sleep(0.02)
+    assert os.listdir(out_dir), "the export never started writing"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert os.listdir(out_dir) == []
+
+
+def test_gpu_checkpoint_records_its_settings(model_dir, tmp_path):
+    """quantize_config.json records the GPTQ run as it was made: true_sequential off when asked,
+    the marker that lets a later run replace the directory, and a rerun replacing its output."""
+    from quantkit import api
+    from quantkit.util.atomic import MARKER
+    out = tmp_path / "g"
+    weights = {}
+    for ts in (False, True):
+        api.quantize_gpu(model_dir, out, format="gptq", method="gptq", group_size=32, nsamples=4, seqlen=16,
+                         true_sequential=ts, show_progress=False)
+        qc = json.load(open(out / "quantize_config.json"))
+        assert qc["true_sequential"] is ts and qc["damp_percent"] == 0.01
+        assert "damp_raised" not in qc["meta"]
+        assert os.path.isfile(out / MARKER)
+        weights[ts] = _all_tensors(out)
+    # the option is applied, not only recorded: the first stage (q/k/v, on the block's float
+    # inputs either way) is the same in block 0, the later stages saw different inputs
+    p = "model.layers.0.self_attn"
+    assert torch.equal(weights[False][f"{p}.q_proj.qweight"], weights[True][f"{p}.q_proj.qweight"])
+    assert not torch.equal(weights[False][f"{p}.o_proj.qweight"], weights[True][f"{p}.o_proj.qweight"])
+    api.quantize_gpu(model_dir, out, format="gptq", method="rtn", group_size=32, show_progress=False)
+    assert json.load(open(out / "quantize_config.json"))["true_sequential"] is False   # RTN: no calibration

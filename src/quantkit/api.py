@@ -2,7 +2,9 @@
 
     import quantkit.api as qk
     qk.inspect("model.gguf")
-    qk.quantize("model.gguf", "out.gguf", qtype="q4_0")
+    qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0")
+    qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0", method="gptq")
+    qk.quantize_gpu("model_dir", "out_dir", format="gptq", bits=4, group_size=128)
 """
 
 from __future__ import annotations
@@ -295,21 +297,25 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=
 def quantize_gpu(model, output: str | os.PathLike, *, format: str = "compressed-tensors",  # noqa: A002
                  method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = True,
                  act_order: bool = False, calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
-                 damp: float = 0.01, shrink: float = 0.0, scale_search: bool = True, show_progress: bool = True):
+                 damp: float = 0.01, shrink: float = 0.0, scale_search: bool = True, true_sequential: bool = True,
+                 show_progress: bool = True):
     """Quantize the decoder linears of a causal LM (a Hugging Face directory or a GGUF file; None:
     the bundled Gemma-3-270M) with RTN or GPTQ and write a GPTQ ("gptq") or compressed-tensors
     ("compressed-tensors", pack-quantized) checkpoint directory. GPTQ calibrates on `calib` (any
     UTF-8 text; default wikitext-2 valid), `nsamples` x `seqlen` tokens from the model's own
     tokenizer; each group's scale (and zero) comes from a search weighted by GPTQ's column
-    importance unless `scale_search` is False (then the group's min/max, as RTN). Returns
-    quant.pipeline.GPUExportResult."""
+    importance unless `scale_search` is False (then the group's min/max, as RTN); with
+    `true_sequential` (default) a block's linears are calibrated in turn (attention, o, MLP
+    gate/up, down) on the outputs of those already quantized, else all on the block's float
+    inputs. Returns quant.pipeline.GPUExportResult."""
     from .models.gpu_formats import GPUFormatConfig
     from .quant.pipeline import export_gpu_checkpoint
     from .util.errors import QuantkitError
     if model is None:
         from .models.bundled import bundled_path
         model = bundled_path()
-    cfg = GPUFormatConfig(format.lower(), bits, group_size, sym, act_order, method, damp, scale_search)
+    cfg = GPUFormatConfig(format.lower(), bits, group_size, sym, act_order, method, damp, scale_search,
+                          true_sequential)
     if not 0.0 <= shrink <= 1.0:
         raise QuantkitError(f"--shrink must be in [0, 1], got {shrink}")
     return export_gpu_checkpoint(os.fspath(model), os.fspath(output), cfg, calib=calib, nsamples=nsamples,

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model and write GGUF (llama.cpp) or an int8 encoder",
-                       description="Quantize a model. GGUF output matches llama-quantize byte for byte "
-                                   "(same tensor types, same bytes) for the same file type.")
+    p = sub.add_parser("quantize", help="quantize a model: GGUF (llama.cpp), GPU checkpoints (GPTQ, "
+                                        "compressed-tensors) or an int8 encoder",
+                       description="Quantize a model. --format gguf:<type> writes a llama.cpp file: with --method "
+                                   "rtn it matches llama-quantize byte for byte (same tensor types, same bytes); "
+                                   "with --method gptq the same layout, solved by GPTQ onto the type's own grid. "
+                                   "--format gptq | compressed-tensors writes a GPU checkpoint directory "
+                                   "(--bits, --group-size, --sym/--asym; RTN or GPTQ). --method dynamic-int8 "
+                                   "writes a BERT-family encoder with int8 linear layers.")
     p.add_argument("model", nargs="?", help="a .gguf file or Hugging Face model directory (default: the bundled model)")
     p.add_argument("-o", "--output", help="output file (GGUF) or directory (required, here or in --config)")
     p.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of these options (keys: model, output, method, format, bits, group_size, "
-                        "calib, nsamples, ...); flags given on the command line win")
+                        "calib, nsamples, ...; on/off flags as true/false under their option name: act_order, "
+                        "sym, scale_search, true_sequential); flags given on the command line win")
     p.add_argument("--format", default="gguf:q4_0",
                    help="gguf:<type> with type f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, "
                         "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k (default gguf:q4_0); or gptq / "
@@ -76,7 +82,15 @@ def run(args) -> int:
         apply_config(args)
     if not args.output:
         raise QuantkitError("no output path", hint="give -o OUT (or output: in --config)")
-    if args.method == "gptq" or args.format.lower() in ("gptq", "compressed-tensors"):
+    fmt = args.format.lower()
+    if fmt.startswith("gguf:") and (args.bits != 4 or args.group_size != 128 or not args.sym):
+        given = [f for f, on in (("--bits", args.bits != 4), ("--group-size", args.group_size != 128),
+                                 ("--asym", not args.sym)) if on]
+        raise QuantkitError(f"{'/'.join(given)} do not apply to --format {args.format}: a llama.cpp type fixes "
+                            "its own bits, blocks and zero points",
+                            hint="pick the type instead, e.g. gguf:q4_1 for 4 bits with a minimum; or write "
+                                 "--format gptq or compressed-tensors")
+    if args.method == "gptq" or fmt in ("gptq", "compressed-tensors"):
         from . import quantize_gptq
         return quantize_gptq.run(args)
     if args.method == "dynamic-int8":

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     res = api.quantize_gpu(args.model, args.output, format=fmt, method=method, bits=args.bits,
                            group_size=args.group_size, sym=args.sym, act_order=args.act_order, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp,
-                           shrink=0.0 if args.shrink is None else args.shrink, scale_search=args.scale_search)
+                           shrink=0.0 if args.shrink is None else args.shrink, scale_search=args.scale_search,
+                           true_sequential=args.true_sequential)
     print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear layers "
           f"{method} {args.bits}-bit g{args.group_size} {'sym' if args.sym else 'asym'}"
           f"{' act-order' if args.act_order else ''}, format {fmt})")

@@ -60,6 +60,7 @@ class GPUFormatConfig:
     method: str = "gptq"         # "gptq" | "rtn", recorded in the metadata
     damp: float = 0.01
     scale_search: bool = True    # GPTQ: each group's scale from an importance-weighted search
+    true_sequential: bool = True  # GPTQ: a block's linears calibrated stage by stage on quantized outputs
 
     def __post_init__(self):
         if self.format not in GPU_FORMATS:
@@ -72,11 +73,13 @@ class GPUFormatConfig:
                                 hint="use 32, 64, 128, 1024 or -1 (per channel)")
 
 
-def _gptq_quant_config(cfg: GPUFormatConfig) -> dict:
+def _gptq_quant_config(cfg: GPUFormatConfig, damp_raised: dict[str, float] | None = None) -> dict:
+    meta = {"quantizer": ["quantkit"], "method": cfg.method, "scale_search": _searched(cfg)}
+    if damp_raised:
+        meta["damp_raised"] = dict(damp_raised)      # linears whose Hessian needed more than damp_percent
     return {"bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.act_order, "sym": cfg.sym,
-            "static_groups": True, "true_sequential": True, "damp_percent": cfg.damp,
-            "quant_method": "gptq", "checkpoint_format": "gptq",
-            "meta": {"quantizer": ["quantkit"], "method": cfg.method, "scale_search": _searched(cfg)}}
+            "static_groups": True, "true_sequential": cfg.method == "gptq" and cfg.true_sequential,
+            "damp_percent": cfg.damp, "quant_method": "gptq", "checkpoint_format": "gptq", "meta": meta}
 
 
 def _searched(cfg: GPUFormatConfig) -> bool:
@@ -292,7 +295,10 @@ class CheckpointWriter:
         self._total += self._pending_bytes
         self._header, self._pending_bytes = {}, 0
 
-    def finish(self, source_dir: str | None = None) -> None:
+    def finish(self, source_dir: str | None = None, damp_raised: dict[str, float] | None = None) -> None:
+        """Name the shards, write config.json (and quantize_config.json) and the tokenizer files.
+        `damp_raised`: GPTQ's dampening per linear where it had to exceed cfg.damp (recorded in
+        the GPTQ format's meta)."""
         self.flush()
         n = len(self._shards)
         weight_map = {}
@@ -304,7 +310,7 @@ class CheckpointWriter:
             with open(os.path.join(self.dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))},
                           f, indent=2)
-        qc = _gptq_quant_config(self.cfg) if self.cfg.format == "gptq" else _ct_quant_config(self.cfg)
+        qc = _gptq_quant_config(self.cfg, damp_raised) if self.cfg.format == "gptq" else _ct_quant_config(self.cfg)
         config = dict(self.hf_config)
         config["quantization_config"] = qc
         dtype_name = str(self.dtype).removeprefix("torch.")

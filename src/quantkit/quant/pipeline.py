@@ -558,6 +558,18 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
                            n_linear, report, model if keep_model else None)
 
 
+def _check_group_size(layers, prefix: str, group_size: int, model_path: str) -> None:
+    """Every decoder linear's input features must be a whole number of groups."""
+    if group_size == -1:
+        return
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod.in_features % group_size:
+                raise QuantkitError(f"group size {group_size} does not divide the {mod.in_features} input features "
+                                    f"of {prefix}.{i}.{name}", model_path,
+                                    "choose a group size that divides it, or -1 for one scale per output channel")
+
+
 def _export_streaming(src, model_path: str, tmp: str, cfg, from_gguf: bool, calib, nsamples: int, seqlen: int,
                       shrink: float, keep_model: bool, show_progress: bool):
     """export_gpu_checkpoint's work once the output directory `tmp` exists: (linears written,
@@ -585,11 +597,12 @@ def _export_streaming(src, model_path: str, tmp: str, cfg, from_gguf: bool, cali
         with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
             hf_config = json.load(f)
     model_dtype = _checkpoint_dtype(src, hf_config)
+    grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
+    _, layers, prefix = decoder_layers(model)
+    _check_group_size(layers, prefix, cfg.group_size, model_path)    # before any calibration work
     ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if cfg.method == "gptq" else None
     del tokenizer                   # done with; llama.cpp's vocabulary alone holds ~0.15 GB for Gemma-3
     gc.collect()
-    grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
-    _, layers, prefix = decoder_layers(model)
     tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
 
     load_block = block_loader(fetch, model_path)
@@ -638,9 +651,11 @@ def _export_streaming(src, model_path: str, tmp: str, cfg, from_gguf: bool, cali
     if keep_model:                 # every block stays in memory, dequantized in place
         for i, layer in enumerate(layers):
             load_block(i, f"{prefix}.{i}", layer)
-    pcfg = PipelineConfig(method=cfg.method, grid=grid, gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order,
-                                                                        shrink=shrink, scale_search=cfg.scale_search))
+    pcfg = PipelineConfig(method=cfg.method, grid=grid, true_sequential=cfg.true_sequential,
+                          gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order, shrink=shrink,
+                                          scale_search=cfg.scale_search))
     report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress,
                             load_block=None if keep_model else load_block)
-    writer.finish(None if from_gguf else model_path)
+    writer.finish(None if from_gguf else model_path,
+                  damp_raised={k: v for k, v in report.damp.items() if v > cfg.damp})
     return n_linear, report, model
