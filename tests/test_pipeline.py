@@ -30,6 +30,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 512, structured:
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**common, tie_word_embeddings=True)
         cls = tf.Qwen2ForCausalLM
+    elif arch == "mistral":              # a sliding window shorter than the test sequences
+        cfg = tf.MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
+        cls = tf.MistralForCausalLM
     elif arch == "gemma3":
         cfg = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
         cls = tf.Gemma3ForCausalLM
@@ -53,7 +56,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 512, structured:
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_unquantized_pipeline_reproduces_hidden_states(arch):
     model = tiny_model(arch)
     ids = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(1))
@@ -95,7 +98,7 @@ def _logits_err(model, ref_model, ids):
     return float((a - b).pow(2).mean() / b.pow(2).mean())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_gptq_pipeline_beats_rtn_on_logits(arch):
     import copy
     ref = tiny_model(arch, structured=True)
@@ -223,3 +226,19 @@ def test_streaming_blocks_give_the_same_result_and_are_released():
     assert got_whole.keys() == got_stream.keys() and len(got_whole) == 14
     assert all(torch.equal(got_whole[k], got_stream[k]) for k in got_whole)
     assert all(p.is_meta for p in stream.model.layers.parameters())
+
+
+def test_default_calibration_text_without_a_checkout(monkeypatch, shared_data):
+    """An installed quantkit (no ../shared/data beside it, no $QUANTKIT_DATA) calibrates on the
+    copy of wikitext-2 valid shipped in the package: the same bytes as the shared file."""
+    import quantkit.util.data as data
+    from quantkit.quant.calib import default_calibration_file
+    with open(os.path.join(shared_data, "wikitext-2", "valid.txt"), "rb") as f:
+        shared = f.read()
+    with open(default_calibration_file(), "rb") as f:
+        assert f.read() == shared
+    monkeypatch.setattr(data, "shared_data_file", lambda *a, **k: None)
+    p = default_calibration_file()
+    assert p.endswith(os.path.join("quantkit", "data", "wikitext2-valid.txt"))
+    with open(p, "rb") as f:
+        assert f.read() == shared
