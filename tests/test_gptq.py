@@ -253,3 +253,30 @@ def test_row_chunks_give_the_same_result(grid, act, monkeypatch):
     # BLAS may block a 7-row product differently from a 40-row one (last-bit differences that
     # can flip a rounding): nearly every code equal, the same error to 1%
     assert same > 0.99 and abs(err_w - err_c) < 0.01 * err_w, (float(same), err_w, err_c)
+
+
+@pytest.mark.parametrize("n", [700, 1000])
+def test_blockwise_triangular_inverse_matches_the_solve(n, monkeypatch):
+    """Past _TRI_INV_LEAF columns the Cholesky factor is inverted by halves (products instead of
+    one triangular solve). Here the leaf is lowered to 128 so that uneven splits (700 = 384 + 316,
+    then 256 + 128 and smaller) are exercised: the result is upper triangular with exact zeros
+    below, within 1e-6 (relative to its largest entry) of a float64 inverse, as the plain solve
+    is, and GPTQ's factor U from it satisfies Uᵀ U = (H + damp)^-1."""
+    import quantkit.quant.gptq as gq
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, 2 * n, generator=g)
+    H = X @ X.t() / n
+    R = torch.linalg.cholesky((H + 0.01 * torch.eye(n)).flip(0, 1)).flip(0, 1)
+    ref = torch.linalg.solve_triangular(R.double(), torch.eye(n, dtype=torch.float64), upper=True)
+    out = torch.empty_like(R)
+    gq._invert_upper(R, out, leaf=128)
+    assert bool((out.tril(-1) == 0).all())
+    scale = float(ref.abs().max())
+    assert float((out.double() - ref).abs().max()) <= 1e-6 * scale
+    plain = torch.linalg.solve_triangular(R, torch.eye(n), upper=True)
+    assert float((plain.double() - ref).abs().max()) <= 1e-6 * scale       # the bound is the solve's own class
+    monkeypatch.setattr(gq, "_TRI_INV_LEAF", 128)
+    U, damp = gq._inverse_cholesky([H.flip(0, 1).clone()], 0.01)
+    Hinv = torch.linalg.inv((H + 0.01 * float(torch.diagonal(H).mean()) * torch.eye(n)).double())
+    assert damp == 0.01
+    assert float((U.double().t() @ U.double() - Hinv).abs().max()) <= 1e-5 * float(Hinv.abs().max())

@@ -400,6 +400,30 @@ class GPTQResult:
 
 
 # ---- solver ------------------------------------------------------------------------------------
+# Triangular inverses up to this size are one triangular solve against the identity (LAPACK's
+# trsm, n³ flops); larger ones split in halves, so most of the work is matrix products (2n³/3
+# flops, at the matmul rate). Every Hessian of a model up to ~7B (inputs <= 4096 wide) stays
+# on the first path; a 13B model's 13824-wide down projection takes the second.
+_TRI_INV_LEAF = 4096
+
+
+def _invert_upper(R: torch.Tensor, out: torch.Tensor, leaf: int = _TRI_INV_LEAF) -> None:
+    """out <- R^-1 for an upper-triangular R (out is upper triangular too, zeros below).
+    Blockwise, [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]], the halves recursively."""
+    n = R.shape[0]
+    if n <= leaf:
+        out.copy_(torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype), upper=True))
+        return
+    k = (n // 2 + 127) // 128 * 128                  # block edges on 128-column boundaries
+    _invert_upper(R[:k, :k], out[:k, :k], leaf)
+    _invert_upper(R[k:, k:], out[k:, k:], leaf)
+    t = out[:k, :k] @ R[:k, k:]                      # A^-1 B
+    torch.matmul(t, out[k:, k:], out=out[:k, k:])
+    del t
+    out[:k, k:].neg_()
+    out[k:, :k].zero_()
+
+
 def _inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp·mean(diag H)·I)^-1 (Hinv = Uᵀ U), raising damp x10
     (with a warning) while the factorisation fails: a rank-deficient H (fewer calibration tokens
@@ -407,9 +431,9 @@ def _inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
 
     U comes from one Cholesky and one triangular solve: with J the reversal permutation,
     chol(J H J) = L' gives H = R Rᵀ with R = J L' J upper triangular, so H^-1 = R^-ᵀ R^-1 and
-    U = R^-1. The textbook route (cholesky_inverse, then a second Cholesky) costs two
-    factorisations, and torch's cholesky_inverse measured 20-40x slower with 2 threads on a
-    loaded 2-core machine.
+    U = R^-1 (`_invert_upper` past _TRI_INV_LEAF columns). The textbook route
+    (cholesky_inverse, then a second Cholesky) costs two factorisations, and torch's
+    cholesky_inverse measured 20-40x slower with 2 threads on a loaded 2-core machine.
 
     `box` holds J H J (H flipped on both axes) and is emptied: the factorisation owns that copy
     and frees it as soon as it has L, so a large Hessian is held at most three times at once."""
@@ -425,9 +449,13 @@ def _inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
             del Hd
             Lf = L.flip(0, 1)
             del L
-            eye = torch.eye(n, dtype=Lf.dtype)
-            U = torch.linalg.solve_triangular(Lf, eye, upper=True)
-            del eye
+            if n <= _TRI_INV_LEAF:
+                eye = torch.eye(n, dtype=Lf.dtype)
+                U = torch.linalg.solve_triangular(Lf, eye, upper=True)
+                del eye
+            else:
+                U = torch.empty_like(Lf)
+                _invert_upper(Lf, U)
             if torch.isfinite(U).all():
                 return U, ratio
             del U                              # rare: rebuild the flipped H from its factor, retry
