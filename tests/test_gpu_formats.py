@@ -184,8 +184,8 @@ def test_format_rejects_unsupported_bits(model_dir, tmp_path):
     with pytest.raises(QuantkitError, match="group size 100"):
         GPUFormatConfig("compressed-tensors", group_size=100)
     with pytest.raises(QuantkitError, match="calibration text too short"):
-        export_gpu_checkpoint(model_dir, str(tmp_path / "x"), GPUFormatConfig("gptq"), nsamples=100_000, seqlen=512,
-                              show_progress=False)
+        export_gpu_checkpoint(model_dir, str(tmp_path / "x"), GPUFormatConfig("gptq", group_size=32), nsamples=100_000,
+                              seqlen=512, show_progress=False)
     assert not os.path.exists(tmp_path / "x") and os.listdir(tmp_path) == []
 
 
