@@ -202,25 +202,11 @@ def test_config_file(model_dir, texts, tmp_path, capsys):
 def test_interrupt_mid_gptq_leaves_nothing(model_dir, texts, tmp_path, sig):
     """Ctrl-C or kill while GPTQ runs: exit 130, one line, neither the spool of quantized blocks
     nor a partial GGUF left beside the output."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from test_bad_input import interrupt_mid_run
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = ["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
-            "--nsamples", "64", "--seqlen", "256", "-o", str(out_dir / "x.gguf")]
-    p = subprocess.Popen([sys.executable, "-c", f"import sys; from quantkit.cli import main; sys.exit(main({args!r}))"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.listdir(out_dir):
-        time.sleep(0.02)
-    assert os.listdir(out_dir), "GPTQ never started writing"
-    p.send_signal(getattr(signal, sig))
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and "interrupted" in err
-    assert os.listdir(out_dir) == []
+    interrupt_mid_run(["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
+                       "--nsamples", "64", "--seqlen", "256", "-o", str(out_dir / "x.gguf")], out_dir, sig)
 
 
 def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):

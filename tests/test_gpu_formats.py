@@ -406,26 +406,11 @@ def test_gpu_cli_bad_inputs_end_in_one_line(model_dir, tmp_path):
 def test_gpu_cli_interrupt_leaves_nothing(model_dir, tmp_path):
     """Ctrl-C while a GPU checkpoint is being calibrated and written: exit 130, one line, no
     partial directory."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from test_bad_input import interrupt_mid_run
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = ["quantize", str(model_dir), "--format", "compressed-tensors", "--method", "gptq", "--nsamples", "256",
-            "--seqlen", "256", "-o", str(out_dir / "ckpt")]
-    p = subprocess.Popen([sys.executable, "-c", f"import sys; from quantkit.cli import main; sys.exit(main({args!r}))"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.listdir(out_dir):
-        time.sleep(0.02)
-    assert os.listdir(out_dir), "the export never started writing"
-    time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and "interrupted" in err
-    assert os.listdir(out_dir) == []
+    interrupt_mid_run(["quantize", str(model_dir), "--format", "compressed-tensors", "--method", "gptq",
+                       "--nsamples", "256", "--seqlen", "256", "-o", str(out_dir / "ckpt")], out_dir, settle=0.5)
 
 
 def test_gpu_checkpoint_records_its_settings(model_dir, tmp_path):
