@@ -402,8 +402,9 @@ class GPTQResult:
 # ---- solver ------------------------------------------------------------------------------------
 # Triangular inverses up to this size are one triangular solve against the identity (LAPACK's
 # trsm, n³ flops); larger ones split in halves, so most of the work is matrix products (2n³/3
-# flops, at the matmul rate). Every Hessian of a model up to ~7B (inputs <= 4096 wide) stays
-# on the first path; a 13B model's 13824-wide down projection takes the second.
+# flops, at the matmul rate). Hessians up to 4096 wide (all of Gemma-3-270M's, a 7B model's
+# attention and gate/up inputs) stay on the first path, bit for bit as before; the MLP down
+# projections of 7B and larger models (11008, 13824 inputs) take the second.
 _TRI_INV_LEAF = 4096
 
 
