@@ -35,6 +35,7 @@ from quantkit.models.arch import (
 from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
 from quantkit.models.tokenizer_convert import convert_tokenizer
 from quantkit.util.errors import QuantkitError
+from quantkit.util.memory import pread_into
 
 _ST_DTYPES: dict[str, tuple[str, int]] = {
     "F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F64": ("f64", 8),
@@ -81,12 +82,7 @@ class _SafetensorsFile:
     def _read(self, name: str, dt: str, shape: tuple[int, ...], offset: int, n: int) -> torch.Tensor:
         """n bytes from `offset` in the data section as a tensor of `shape`."""
         buf = bytearray(n)
-        view, pos = memoryview(buf), 0
-        while pos < len(buf):                    # pread may return less than asked
-            got = os.preadv(self._fd, [view[pos:]], self._base + offset + pos)
-            if got <= 0:
-                raise OSError(f"unexpected end of file reading {name}")
-            pos += got
+        pread_into(self._fd, buf, self._base + offset, name)
         if not buf:
             return torch.empty(shape, dtype=self._TORCH[dt])
         return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(shape)

@@ -53,7 +53,6 @@ class _Spool:
         self._f = tempfile.NamedTemporaryFile(dir=directory, prefix=".quantkit-gptq-", suffix=".spool", delete=False)
         self.path = self._f.name
         self.where: dict[str, tuple[int, int]] = {}
-        self._map = None
 
     def put(self, name: str, data: np.ndarray) -> None:
         from ..util.atomic import disk_full
@@ -68,16 +67,19 @@ class _Spool:
             raise
 
     def get(self, name: str) -> np.ndarray | None:
+        """A fresh buffer read with pread. Not a memory map: a map's touched pages count in the
+        process's RSS until it is unmapped, which made writing an 8 GB GGUF hold its whole 7.5 GB
+        spool resident (8.05 GiB peak at 44 layers of 13B shapes, against 4.96 GiB for the solves)."""
         if name not in self.where:
             return None
-        if self._map is None:
-            self._f.flush()
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        from ..util.memory import pread_into
+        self._f.flush()
         off, n = self.where[name]
-        return self._map[off:off + n]
+        buf = np.empty(n, dtype=np.uint8)
+        pread_into(self._f.fileno(), buf, off, f"{name} from the spool {self.path}")
+        return buf
 
     def close(self) -> None:
-        self._map = None
         self._f.close()
         try:
             os.unlink(self.path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 _LIBC = None
@@ -56,3 +57,16 @@ def map_large(threshold: int = 8 << 20) -> bool:
     if not lib or not hasattr(lib, "mallopt"):
         return False
     return bool(lib.mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(lib.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
+def pread_into(fd: int, buf, offset: int, what: str) -> None:
+    """Fill the writable buffer `buf` from `fd` at `offset` with pread, not a memory map (a map's
+    touched pages count in RSS until it is unmapped). `what` names the data in the error raised
+    if the file ends early."""
+    view = memoryview(buf).cast("B")
+    pos = 0
+    while pos < len(view):                   # pread may return less than asked
+        got = os.preadv(fd, [view[pos:]], offset + pos)
+        if got <= 0:
+            raise OSError(f"unexpected end of file reading {what}")
+        pos += got
