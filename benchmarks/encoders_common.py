@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "src" / "quantkit" / "data"   # WikiText-2 and SST-2, shipped with the package
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--text", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data",
+    ap.add_argument("--text", default=os.path.join(os.path.dirname(HERE), "src", "quantkit", "data",
                                                    "wikitext-2", "test.txt"))
     ap.add_argument("--logits-all-baseline", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "eval_speed.json"))

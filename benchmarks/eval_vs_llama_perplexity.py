@@ -46,7 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", default=os.path.join(cache_dir(), "llama-tools", "bin", "llama-perplexity"))
     ap.add_argument("--model")
-    ap.add_argument("--text", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data",
+    ap.add_argument("--text", default=os.path.join(os.path.dirname(HERE), "src", "quantkit", "data",
                                                    "wikitext-2", "test.txt"))
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)

@@ -6,7 +6,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 sys.path.insert(0, HERE)  # tests/ggml_reference.py and friends
 
 os.environ.setdefault("QUANTKIT_QUIET", "1")
@@ -15,10 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> str:
-    path = os.path.join(SHARED, "data")
-    assert os.path.isdir(path), f"shared data not found at {path}"
-    return path
+def data_dir() -> str:
+    """quantkit/data: WikiText-2 and SST-2, shipped with the package."""
+    from quantkit.util.data import DATA_DIR
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,10 @@ from quantkit.util.errors import QuantkitError
 from encoder_fixtures import save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SST2 = SHARED / "sst2"
+from quantkit.util.data import DATA_DIR
+
+DATA = Path(DATA_DIR)
+SST2 = DATA / "sst2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("QUANTKIT_QUIET", "1")
 
@@ -161,8 +163,8 @@ def test_kd_student_with_relations_and_augmentation(teacher, dev_file, tmp_path)
 
 
 def test_embedding_distillation(tmp_path):
-    s = distill(DistillConfig(objective="embed", train=str(SHARED / "wikitext-2" / "valid.txt"),
-                              dev=str(SHARED / "wikitext-2" / "test.txt"), output=str(tmp_path / "emb"),
+    s = distill(DistillConfig(objective="embed", train=str(DATA / "wikitext-2" / "valid.txt"),
+                              dev=str(DATA / "wikitext-2" / "test.txt"), output=str(tmp_path / "emb"),
                               num_layers=1, limit=96, max_steps=6, batch_size=16, lr=2e-4, max_length=24,
                               dev_limit=32))
     assert _falls(s["losses"], 2)

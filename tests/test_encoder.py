@@ -18,13 +18,15 @@ from quantkit.util.errors import QuantkitError
 from encoder_fixtures import minilm, save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from quantkit.util.data import DATA_DIR
+
+DATA = Path(DATA_DIR)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def wikitext_sentences(n: int, split: str = "test") -> list[str]:
     out = []
-    with open(SHARED / "wikitext-2" / f"{split}.txt", encoding="utf-8") as f:
+    with open(DATA / "wikitext-2" / f"{split}.txt", encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if len(line.split()) >= 8 and not line.startswith("="):

@@ -40,8 +40,8 @@ def eval_cache(bundled_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text(shared_data) -> str:
-    return os.path.join(shared_data, "wikitext-2", "test.txt")
+def text(data_dir) -> str:
+    return os.path.join(data_dir, "wikitext-2", "test.txt")
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ from test_gguf_gptq import model_dir as gptq_model  # noqa: E402,F401  (a tiny l
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, shared_data, text, eval_cache, tmp_path, capsys):
+def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, data_dir, text, eval_cache, tmp_path, capsys):
     """`eval --ladder q4_0,q4_0-gptq`: both rungs built into the cache, labelled by method, the
     GPTQ one closer to the reference on text its calibration never saw; a rerun re-uses both
     files; another calibration makes another GPTQ file."""
@@ -296,7 +296,7 @@ def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, shared_data, text,
     import quantkit.api as qk
     f32 = tmp_path / "tiny-f32.gguf"
     qk.quantize(str(gptq_model), str(f32), format="gguf:f32", show_progress=False)
-    calib = os.path.join(shared_data, "wikitext-2", "valid.txt")
+    calib = os.path.join(data_dir, "wikitext-2", "valid.txt")
     argv = ["eval", str(f32), "--ladder", "q4_0,q4_0-gptq", "--calib", calib, "--calib-samples", "8",
             "--calib-seqlen", "128", "--text", text, "--chunks", "2", "--ctx", "256", "--threads", "1", "--no-speed"]
 
@@ -391,8 +391,8 @@ def classifiers(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sst2_dev(shared_data) -> str:
-    return os.path.join(shared_data, "sst2", "dev.tsv")
+def sst2_dev(data_dir) -> str:
+    return os.path.join(data_dir, "sst2", "dev.tsv")
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -90,10 +90,10 @@ def test_runs_in_llama_cpp_with_same_greedy_continuation(exported, ft):
     assert outs[0].tokens == outs[1].tokens
 
 
-def test_tokenizer_ids_equal_llama_cpp_on_wikitext(bundled_gguf, exported, shared_data):
+def test_tokenizer_ids_equal_llama_cpp_on_wikitext(bundled_gguf, exported, data_dir):
     """The written file carries the tokenizer: llama.cpp tokenizes a page of wikitext-2 identically
     with quantkit's file and with the original."""
-    text = open(os.path.join(shared_data, "wikitext-2", "test.txt"), encoding="utf-8").read()[:4000]
+    text = open(os.path.join(data_dir, "wikitext-2", "test.txt"), encoding="utf-8").read()[:4000]
     ours = exported("q8_0")[0]
     a = LlamaCpp(ours, n_ctx=64).tokenize(text)
     b = LlamaCpp(bundled_gguf, n_ctx=64).tokenize(text)

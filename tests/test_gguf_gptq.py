@@ -57,9 +57,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def texts(shared_data, tmp_path_factory):
+def texts(data_dir, tmp_path_factory):
     """Calibration text (wikitext-2 valid) and held-out token text (wikitext-2 test)."""
-    wt = Path(shared_data) / "wikitext-2"
+    wt = Path(data_dir) / "wikitext-2"
     return str(wt / "valid.txt"), (wt / "test.txt").read_text(encoding="utf-8")[:20000]
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, shared_data):
+def model_dir(tmp_path_factory, data_dir):
     """A tiny structured llama saved as a Hugging Face directory, with a word-level tokenizer
     built from wikitext-2 valid (nothing downloaded)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory, shared_data):
     d = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_model("llama", structured=True)
     model.save_pretrained(d)
-    with open(os.path.join(shared_data, "wikitext-2", "valid.txt"), encoding="utf-8") as f:
+    with open(os.path.join(data_dir, "wikitext-2", "valid.txt"), encoding="utf-8") as f:
         words = f.read(200_000).split()
     vocab = {"<unk>": 0, "<s>": 1}
     for w in words:

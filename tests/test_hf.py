@@ -22,7 +22,7 @@ from quantkit.models.hf import HFSource
 from quantkit.util.errors import QuantkitError
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+WIKITEXT = Path(DATA_DIR) / "wikitext-2"
 
 # llama.cpp's F32 logits against transformers' F32 logits, relative to the logit scale
 # (max |logit|). Both sides compute in float32 with different summation orders: measured
@@ -41,7 +41,7 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def _wikitext_lines(name: str, n: int) -> list[str]:
     path = WIKITEXT / name
-    assert path.is_file(), f"{path} not found: the tests need ../shared/data beside the repository"
+    assert path.is_file(), f"{path} not found: quantkit/data ships it"
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         s = line.strip()

@@ -171,8 +171,8 @@ class _Tok:
         return {"input_ids": [len(w) for w in text.split()]}
 
 
-def test_calibration_chunks_and_short_text(tmp_path, shared_data):
-    valid = os.path.join(shared_data, "wikitext-2", "valid.txt")
+def test_calibration_chunks_and_short_text(tmp_path, data_dir):
+    valid = os.path.join(data_dir, "wikitext-2", "valid.txt")
     ids = calibration_ids(_Tok(), valid, nsamples=4, seqlen=16)
     assert ids.shape == (4, 16) and (ids[:, 0] == 1).all()
     with open(valid, encoding="utf-8") as f:
@@ -228,17 +228,11 @@ def test_streaming_blocks_give_the_same_result_and_are_released():
     assert all(p.is_meta for p in stream.model.layers.parameters())
 
 
-def test_default_calibration_text_without_a_checkout(monkeypatch, shared_data):
-    """An installed quantkit (no ../shared/data beside it, no $QUANTKIT_DATA) calibrates on the
-    copy of wikitext-2 valid shipped in the package: the same bytes as the shared file."""
-    import quantkit.util.data as data
+def test_default_calibration_text_is_shipped_wikitext_valid(data_dir):
+    """An installed quantkit calibrates on the copy of wikitext-2 valid shipped in the package."""
     from quantkit.quant.calib import default_calibration_file
-    with open(os.path.join(shared_data, "wikitext-2", "valid.txt"), "rb") as f:
-        shared = f.read()
-    with open(default_calibration_file(), "rb") as f:
-        assert f.read() == shared
-    monkeypatch.setattr(data, "shared_data_file", lambda *a, **k: None)
     p = default_calibration_file()
-    assert p.endswith(os.path.join("quantkit", "data", "wikitext2-valid.txt"))
-    with open(p, "rb") as f:
-        assert f.read() == shared
+    assert p == os.path.join(data_dir, "wikitext-2", "valid.txt")
+    with open(p, encoding="utf-8") as f:
+        head = f.read(200)
+    assert "Homarus gammarus" in head

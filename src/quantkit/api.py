@@ -285,7 +285,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=
     if any(n.endswith("-gptq") for n in names):
         cal.check()
         scored = options.get("text") or default_text()
-        if scored and os.path.isfile(scored) and os.path.samefile(scored, cal.path):
+        if os.path.isfile(scored) and os.path.samefile(scored, cal.path):
             raise QuantkitError("the GPTQ calibration text is the scored text", cal.path,
                                 "calibrate on other text (--calib FILE), e.g. wikitext-2 valid for a test-split eval")
     rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)

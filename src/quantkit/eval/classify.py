@@ -44,9 +44,9 @@ def is_encoder_dir(path: str | None) -> bool:
         return False
 
 
-def default_task_data() -> str | None:
-    from ..util.data import shared_data_file
-    return shared_data_file("sst2/dev.tsv", env=TASK_ENV)
+def default_task_data() -> str:
+    from ..util.data import data_file
+    return data_file("sst2/dev.tsv", env=TASK_ENV)
 
 
 def task_name(path: str) -> str:
@@ -188,9 +188,6 @@ def _evaluate_classifiers(paths: list[str], ref_spec: str | None, o, n_threads: 
     from .evaluate import EvalResult, _label, machine_info, run_probe
     t_start = time.perf_counter()
     data = o.task_data or default_task_data()
-    if data is None:
-        raise QuantkitError("no labelled data for the classifiers", hint="give --task-data FILE (label<TAB>text lines, "
-                                                                           "e.g. SST-2's dev.tsv)")
     if o.task_limit is not None and o.task_limit < 1:
         raise QuantkitError(f"--task-limit {o.task_limit}: give a positive number of examples")
     if ref_spec is not None:

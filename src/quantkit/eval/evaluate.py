@@ -443,9 +443,9 @@ def runtime_version(kind: str) -> str:
 
 
 # ------------------------------------------------------------------------- text and chunks
-def default_text() -> str | None:
-    from ..util.data import shared_data_file
-    return shared_data_file("wikitext-2/test.txt", env="QUANTKIT_EVAL_TEXT")
+def default_text() -> str:
+    from ..util.data import data_file
+    return data_file("wikitext-2/test.txt", env="QUANTKIT_EVAL_TEXT")
 
 
 def make_chunks(tokenize, text: str, n_ctx: int, n_chunks: int, add_bos: bool, bos: int | None,
@@ -633,8 +633,6 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
                                     n_threads)
 
     text_path = o.text or default_text()
-    if text_path is None:
-        raise QuantkitError("no evaluation text", hint="give --text FILE (e.g. wikitext-2's test.txt)")
     try:
         with open(text_path, encoding="utf-8") as f:
             text = f.read()

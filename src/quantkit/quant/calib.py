@@ -1,8 +1,7 @@
 """Calibration tokens for GPTQ: a UTF-8 text tokenized with the model's own tokenizer, cut into
 N consecutive chunks of `seqlen` tokens, each starting with BOS when the tokenizer has one (as
 llama-imatrix chunks and the evaluation's chunks do, so the calibration sees the same attention
-sink the model sees at run time). Default text: wikitext-2 valid (the shared data beside a
-checkout, else the copy shipped in quantkit/data, the same file)."""
+sink the model sees at run time). Default text: wikitext-2 valid, shipped in quantkit/data."""
 
 from __future__ import annotations
 
@@ -17,17 +16,9 @@ DEFAULT_SEQLEN = 512
 
 
 def default_calibration_file() -> str:
-    """wikitext-2 valid: $QUANTKIT_DATA/wikitext-2/valid.txt, else <repo>/../shared/data/...,
-    else the copy installed with the package."""
-    from ..util.data import shared_data_file
-    p = shared_data_file("wikitext-2/valid.txt")
-    if p:
-        return p
-    p = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "wikitext2-valid.txt")
-    if os.path.isfile(p):
-        return p
-    raise QuantkitError("no default calibration text (wikitext-2 valid) found",
-                        hint="pass --calib FILE (any UTF-8 text) or set QUANTKIT_DATA")
+    """wikitext-2 valid, shipped in quantkit/data."""
+    from ..util.data import data_file
+    return data_file("wikitext-2/valid.txt")
 
 
 def read_text(path: str) -> str:
