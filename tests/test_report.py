@@ -75,6 +75,18 @@ def _result() -> EvalResult:
     return EvalResult(rows, meta)
 
 
+def _realistic_result() -> EvalResult:
+    """An F32 reference of 1.07 GB and nine quantized files of 150 to 550 MB with KL divergence
+    from 0.002 to 0.5, named as real files are (long, sharing a prefix, two pairs close together)."""
+    q = [("q8_0", 571, 0.002, 15.30), ("q6_k", 450, 0.0064, 15.34), ("q5_1", 402, 0.017, 15.45),
+         ("q5_0", 380, 0.02, 15.52), ("q5_0-gptq", 381, 0.019, 15.50), ("q4_1", 356, 0.08, 15.90),
+         ("q4_0", 330, 0.2, 16.7), ("q4_0-gptq", 331, 0.072, 16.2), ("q2_k", 172, 0.52, 24.0)]
+    rows = [_row("gemma-3-270m-f32.gguf", 1073, 0.0, 15.28, ref=True)]
+    rows += [_row(f"gemma-3-270m-{t}.gguf", mb, kld, ppl) for t, mb, kld, ppl in q]
+    res = _result()
+    return EvalResult(rows, {**res.meta, "reference": "/models/gemma-3-270m-f32.gguf"})
+
+
 @needs_chromium
 def test_report_renders_one_point_per_model_with_pareto_front(tmp_path):
     res = _result()

@@ -20,59 +20,218 @@ from .metrics import pareto_front
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.9em}td{white-space:nowrap}th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.table-wrap{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:.8em}#results-table{width:100%}
+th,td{padding:.3em .45em;border-bottom:1px solid #ddd;text-align:right;vertical-align:top}
+th{background:#f4f4f4;font-weight:600;vertical-align:bottom}
+td:first-child,th:first-child{text-align:left}#results-table td:first-child{min-width:10em;overflow-wrap:anywhere}
 tr.pareto td:first-child{font-weight:600}tr.ref td{background:#f7fbff}
-code,pre{background:#f6f6f6;padding:.15em .3em;border-radius:3px}pre{padding:.6em;overflow-x:auto;white-space:pre-wrap}
-.note{color:#666;font-size:.85em}#chart svg{border:1px solid #eee;background:#fff}
+#machine td{text-align:left;overflow-wrap:anywhere}
+code,pre{background:#f6f6f6;padding:.15em .3em;border-radius:3px;overflow-wrap:anywhere}
+pre{padding:.6em;white-space:pre-wrap}
+.note{color:#666;font-size:.85em}#chart{max-width:100%}#chart svg{display:block;background:#fff}
 """
 
+# The chart, drawn from the JSON in #results. Size runs linearly over the quantized files only; a
+# reference outside that span sits in a strip of its own beside the axis (its size written under
+# it), so it cannot squeeze the others into a corner. Mean KL divergence runs on a log axis
+# (decades, with 2 and 5 labelled when three decades or fewer are shown); a KL divergence of 0
+# (the reference) sits on a row of its own below it, and anything under six decades below the
+# largest value sits on the axis floor. Labels are placed greedily: beside, above or below their
+# point, else moved up or down with a leader line, never over another label or point, always inside
+# the plot.
 _JS = r"""
 (function(){
   const data = JSON.parse(document.getElementById('results').textContent);
-  const W = 760, H = 440, L = 70, R = 30, T = 20, B = 55;
+  const host = document.getElementById('chart');
   const ns = 'http://www.w3.org/2000/svg';
   const el = (name, attrs, text) => { const e = document.createElementNS(ns, name);
     for (const k in attrs) e.setAttribute(k, attrs[k]); if (text !== undefined) e.textContent = text; return e; };
-  const xs = data.map(d => d.size_mb), ys = data.map(d => d.kld);
-  const xmin = Math.min(...xs) * 0.9, xmax = Math.max(...xs) * 1.05;
-  const ymax = Math.max(...ys, 1e-6) * 1.1;
-  const X = v => L + (v - xmin) / (xmax - xmin || 1) * (W - L - R);
-  const Y = v => H - B - v / ymax * (H - T - B);
-  const svg = el('svg', {width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: 'img',
-                         'aria-label': 'file size against mean KL divergence'});
-  for (let i = 0; i <= 5; i++) {
-    const yv = ymax * i / 5, xv = xmin + (xmax - xmin) * i / 5;
-    svg.appendChild(el('line', {x1: L, x2: W - R, y1: Y(yv), y2: Y(yv), stroke: '#eee'}));
-    svg.appendChild(el('text', {x: L - 6, y: Y(yv) + 4, 'text-anchor': 'end', 'font-size': 11}, yv.toPrecision(2)));
-    svg.appendChild(el('text', {x: X(xv), y: H - B + 16, 'text-anchor': 'middle', 'font-size': 11}, xv.toFixed(0)));
+  const fmtKl = v => (v >= 1e-3 && v < 1e4) ? String(+v.toPrecision(1)) : v.toExponential(0);
+  const fmtMb = v => v.toLocaleString('en-US', {maximumFractionDigits: v < 10 ? 1 : 0});
+  const RED = '#d62728', BLUE = '#1f77b4';
+
+  function niceTicks(lo, hi, n) {
+    const raw = (hi - lo) / Math.max(n, 1), p = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 2.5, 5, 10].map(m => m * p).find(s => s >= raw);
+    const out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi; v += step) out.push(+v.toPrecision(12));
+    return out;
   }
-  svg.appendChild(el('line', {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: '#888'}));
-  svg.appendChild(el('line', {x1: L, x2: L, y1: T, y2: H - B, stroke: '#888'}));
-  svg.appendChild(el('text', {x: (L + W - R) / 2, y: H - 12, 'text-anchor': 'middle', 'font-size': 13}, 'file size (MB)'));
-  svg.appendChild(el('text', {x: 16, y: (T + H - B) / 2, 'text-anchor': 'middle', 'font-size': 13,
-                              transform: `rotate(-90 16 ${(T + H - B) / 2})`}, 'mean KL divergence to the reference'));
-  const front = data.filter(d => d.pareto).sort((a, b) => a.size_mb - b.size_mb);
-  if (front.length > 1) {
-    let pts = []; front.forEach((d, i) => { if (i) pts.push(`${X(d.size_mb)},${Y(front[i - 1].kld)}`);
-                                            pts.push(`${X(d.size_mb)},${Y(d.kld)}`); });
-    svg.appendChild(el('polyline', {points: pts.join(' '), fill: 'none', stroke: '#d62728',
-                                    'stroke-width': 1.5, 'stroke-dasharray': '5,3', class: 'pareto-line'}));
+
+  function legend(svg, W, L) {
+    const items = [[{fill: RED, stroke: RED}, 'Pareto front: nothing smaller is closer to the reference'],
+                   [{fill: '#fff', stroke: RED}, 'dominated'], [{fill: RED, stroke: BLUE}, 'reference']];
+    let x = L, y = 14;
+    for (const [style, text] of items) {
+      const t = el('text', {'font-size': 12, fill: '#444', class: 'legend'}, text);
+      svg.appendChild(t);
+      const w = t.getBBox().width + 40;
+      if (x > L && x + w > W) { x = L; y += 18; }
+      svg.appendChild(el('circle', Object.assign({cx: x + 6, cy: y, r: 5, 'stroke-width': 2}, style)));
+      t.setAttribute('x', x + 16); t.setAttribute('y', y + 4);
+      x += w;
+    }
+    return y + 16;
   }
-  data.forEach(d => {
-    const g = el('g', {});
-    const c = el('circle', {cx: X(d.size_mb), cy: Y(d.kld), r: 6, class: 'point' + (d.pareto ? ' pareto' : ''),
-                            'data-model': d.name, fill: d.pareto ? '#d62728' : '#fff',
-                            stroke: d.ref ? '#1f77b4' : '#d62728', 'stroke-width': 2});
-    c.appendChild(el('title', {}, `${d.name}: ${d.size_mb.toFixed(1)} MB, KLD ${d.kld.toPrecision(3)}, ${d.quality}`));
-    g.appendChild(c);
-    g.appendChild(el('text', {x: X(d.size_mb) + 9, y: Y(d.kld) - 7, 'font-size': 11}, d.label));
-    svg.appendChild(g);
-  });
-  const legend = el('text', {x: W - R, y: T + 10, 'text-anchor': 'end', 'font-size': 11, fill: '#d62728'},
-                    'filled, dashed: Pareto front (nothing smaller is closer to the reference)');
-  svg.appendChild(legend);
-  document.getElementById('chart').appendChild(svg);
+
+  function scales(W, H, L, R, T, B) {
+    const quant = data.filter(d => !d.ref), span = quant.length ? quant : data;
+    const smin = Math.min(...span.map(d => d.size_mb)), smax = Math.max(...span.map(d => d.size_mb));
+    const pad = (smax - smin) * 0.06 || smax * 0.1 || 1, lo = smin - pad, hi = smax + pad;
+    const side = d => (!d.ref || !quant.length) ? 0 : d.size_mb > hi ? 1 : d.size_mb < lo ? -1 : 0;
+    const strip = 110, ls = data.some(d => side(d) < 0) ? strip : 0, rs = data.some(d => side(d) > 0) ? strip : 0;
+    const px0 = L + ls, px1 = W - R - rs;
+    const pos = data.map(d => d.kld).filter(v => v > 0);
+    let e1 = pos.length ? Math.ceil(Math.log10(Math.max(...pos)) - 1e-9) : -1;
+    let e0 = pos.length ? Math.floor(Math.log10(Math.min(...pos)) + 1e-9) : -3;
+    if (e1 - e0 < 1) e0 = e1 - 1;
+    if (e1 - e0 > 6) e0 = e1 - 6;
+    const zero = data.some(d => !(d.kld > 0)), logBottom = H - B - (zero ? 36 : 0);
+    const Y = v => v > 0 ? logBottom - 10 - (Math.max(Math.log10(v), e0) - e0) / (e1 - e0) * (logBottom - T - 20)
+                         : H - B - 14;
+    const X = v => px0 + (v - lo) / (hi - lo) * (px1 - px0);
+    const stripX = {};
+    for (const s of [-1, 1]) {
+      const inStrip = data.filter(d => side(d) === s).sort((a, b) => a.size_mb - b.size_mb);
+      const x0 = s < 0 ? L : px1;
+      inStrip.forEach((d, i) => { stripX[d.name] = x0 + strip * (i + 1) / (inStrip.length + 1); });
+    }
+    const x = d => d.name in stripX ? stripX[d.name] : X(d.size_mb);
+    return {lo, hi, px0, px1, ls, rs, e0, e1, zero, logBottom, X, Y, x, side};
+  }
+
+  function axes(svg, s, W, H, L, R, T, B) {
+    svg.appendChild(el('rect', {x: s.px0, y: T, width: s.px1 - s.px0, height: H - B - T, fill: '#fff', class: 'plot-area'}));
+    const strips = [];
+    if (s.ls) strips.push(L); if (s.rs) strips.push(s.px1);
+    for (const x0 of strips) {
+      svg.appendChild(el('rect', {x: x0, y: T, width: 110, height: H - B - T, fill: '#f3f8fd', class: 'ref-strip'}));
+      svg.appendChild(el('text', {x: x0 + 55, y: T + 14, 'text-anchor': 'middle', 'font-size': 11, fill: BLUE,
+                                  class: 'strip-caption'}, 'reference,'));
+      svg.appendChild(el('text', {x: x0 + 55, y: T + 27, 'text-anchor': 'middle', 'font-size': 11, fill: BLUE,
+                                  class: 'strip-caption'}, 'off the size scale'));
+    }
+    const label = decades => decades <= 3 ? [1, 2, 5] : [1];
+    for (let e = s.e0; e <= s.e1; e++) for (let m = 1; m <= 9; m++) {
+      const v = m * Math.pow(10, e); if (e === s.e1 && m > 1) break;
+      const y = s.Y(v);
+      svg.appendChild(el('line', {x1: L, x2: W - R, y1: y, y2: y, stroke: m === 1 ? '#ddd' : '#f1f1f1'}));
+      if (label(s.e1 - s.e0).includes(m))
+        svg.appendChild(el('text', {x: L - 6, y: y + 4, 'text-anchor': 'end', 'font-size': m === 1 ? 11 : 10,
+                                    fill: m === 1 ? '#222' : '#777', class: 'tick'}, fmtKl(v)));
+    }
+    if (s.zero) {
+      const y = s.Y(0), yb = s.logBottom;
+      svg.appendChild(el('line', {x1: L, x2: W - R, y1: y, y2: y, stroke: '#ddd'}));
+      svg.appendChild(el('text', {x: L - 6, y: y + 4, 'text-anchor': 'end', 'font-size': 11, class: 'tick'}, '0'));
+      for (const d of [-3, 3]) svg.appendChild(el('line', {x1: L - 5, x2: L + 5, y1: yb + d + 3, y2: yb + d - 3, stroke: '#888'}));
+    }
+    const n = Math.max(2, Math.floor((s.px1 - s.px0) / 90));
+    for (const v of niceTicks(s.lo, s.hi, n)) {
+      const x = s.X(v);
+      svg.appendChild(el('line', {x1: x, x2: x, y1: T, y2: H - B, stroke: '#f1f1f1'}));
+      svg.appendChild(el('line', {x1: x, x2: x, y1: H - B, y2: H - B + 4, stroke: '#888'}));
+      svg.appendChild(el('text', {x, y: H - B + 17, 'text-anchor': 'middle', 'font-size': 11, class: 'tick'}, fmtMb(v)));
+    }
+    for (const d of data) if (s.side(d)) {
+      const x = s.x(d);
+      svg.appendChild(el('line', {x1: x, x2: x, y1: H - B, y2: H - B + 4, stroke: BLUE}));
+      svg.appendChild(el('text', {x, y: H - B + 17, 'text-anchor': 'middle', 'font-size': 11, fill: BLUE, class: 'tick'},
+                         fmtMb(d.size_mb)));
+    }
+    svg.appendChild(el('line', {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: '#888'}));
+    svg.appendChild(el('line', {x1: L, x2: L, y1: T, y2: H - B, stroke: '#888'}));
+    for (const x of [s.ls ? s.px0 : null, s.rs ? s.px1 : null]) if (x !== null) {
+      svg.appendChild(el('line', {x1: x, x2: x, y1: T, y2: H - B, stroke: '#cfe0f0'}));
+      for (const d of [-3, 3]) svg.appendChild(el('line', {x1: x + d - 3, x2: x + d + 3, y1: H - B + 5, y2: H - B - 5, stroke: '#888'}));
+    }
+    svg.appendChild(el('text', {x: (s.px0 + s.px1) / 2, y: H - 14, 'text-anchor': 'middle', 'font-size': 13},
+                       'file size (MB)'));
+    svg.appendChild(el('text', {x: 16, y: (T + H - B) / 2, 'text-anchor': 'middle', 'font-size': 13,
+                                transform: `rotate(-90 16 ${(T + H - B) / 2})`}, 'mean KL divergence to the reference (log)'));
+  }
+
+  function placeLabels(svg, layer, pts, bounds, lines) {
+    const hit = (a, b) => a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+    const overlap = (a, b) => Math.max(0, Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x)) *
+                              Math.max(0, Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y));
+    const clamp = c => Object.assign(c, {x: Math.min(Math.max(c.x, bounds.x), bounds.x + bounds.w - c.w),
+                                         y: Math.min(Math.max(c.y, bounds.y), bounds.y + bounds.h - c.h)});
+    const crosses = (s, b) => {  // does segment s = [x1, y1, x2, y2] pass through box b (Liang-Barsky)
+      let t0 = 0, t1 = 1; const dx = s[2] - s[0], dy = s[3] - s[1];
+      for (const [p, q] of [[-dx, s[0] - b.x], [dx, b.x + b.w - s[0]], [-dy, s[1] - b.y], [dy, b.y + b.h - s[1]]]) {
+        if (p === 0) { if (q <= 0) return false; continue; }
+        const r = q / p; if (p < 0) t0 = Math.max(t0, r); else t1 = Math.min(t1, r);
+        if (t0 >= t1) return false;
+      }
+      return true; };
+    // hard: points, placed labels, captions; soft: the neighbourhood of other points (a label there reads as theirs)
+    const hard = pts.map(p => ({x: p.x - 7, y: p.y - 7, w: 14, h: 14})), leaders = [];
+    for (const t of svg.querySelectorAll('.strip-caption')) { const b = t.getBBox(); hard.push({x: b.x, y: b.y, w: b.width, h: b.height}); }
+    const order = pts.slice().sort((a, b) => (b.d.ref - a.d.ref) || (a.x - b.x));
+    for (const p of order) {
+      const t = el('text', {'font-size': 11, class: 'label', 'data-model': p.d.name, fill: p.d.ref ? BLUE : '#222',
+                            stroke: '#fff', 'stroke-width': 3, 'stroke-linejoin': 'round', 'paint-order': 'stroke'}, p.d.label);
+      layer.appendChild(t);
+      const bb = t.getBBox(), w = bb.width + 2, h = bb.height, r = 10;
+      const near = [[p.x + r, p.y - h / 2], [p.x - r - w, p.y - h / 2], [p.x - w / 2, p.y - r - h], [p.x - w / 2, p.y + r],
+                    [p.x + 4, p.y - r - h], [p.x + 4, p.y + r], [p.x - 4 - w, p.y - r - h], [p.x - 4 - w, p.y + r]];
+      const cands = near.map(([x, y]) => clamp({x, y, w, h}));
+      for (let k = 1; k <= 16; k++) for (const sg of [-1, 1]) for (const x of [p.x + r, p.x - r - w, p.x - w / 2])
+        cands.push(clamp({x, y: p.y - h / 2 + sg * k * (h + 4), w, h}));
+      const others = pts.filter(q => q !== p).map(q => ({x: q.x - 16, y: q.y - 16, w: 32, h: 32}));
+      const leader = c => { const qx = Math.min(Math.max(p.x, c.x), c.x + c.w), qy = Math.min(Math.max(p.y, c.y), c.y + c.h);
+                            const dist = Math.hypot(qx - p.x, qy - p.y);
+                            return dist > 13 ? [p.x + (qx - p.x) * 7 / dist, p.y + (qy - p.y) * 7 / dist, qx, qy] : null; };
+      let best = null, cost = Infinity;
+      for (const c of cands) {
+        const pad = {x: c.x - 2, y: c.y - 2, w: c.w + 4, h: c.h + 4}, seg = leader(c);
+        let cc = hard.reduce((acc, o) => acc + (hit(pad, o) ? 1000 + overlap(pad, o) : 0), 0);
+        cc += others.reduce((acc, o) => acc + overlap(pad, o) / 4, 0);
+        cc += leaders.filter(s => crosses(s, pad)).length * 500 + lines.filter(s => crosses(s, pad)).length * 30;
+        if (seg) cc += 20 + hard.slice(pts.length).filter(b => crosses(seg, b)).length * 500 + Math.hypot(seg[2] - p.x, seg[3] - p.y) / 4;
+        if (cc < cost) { cost = cc; best = c; }
+        if (cc === 0) break;
+      }
+      t.setAttribute('x', best.x + 1 - bb.x); t.setAttribute('y', best.y - bb.y);
+      hard.push(best);
+      const seg = leader(best);
+      if (seg) { leaders.push(seg); svg.insertBefore(el('line', {x1: seg[0], y1: seg[1], x2: seg[2], y2: seg[3], stroke: '#999', class: 'leader'}), layer); }
+    }
+  }
+
+  function draw() {
+    host.textContent = '';
+    const W = Math.max(480, Math.min(1100, host.clientWidth || 900)), L = 76, R = 16, B = 50;
+    const svg = el('svg', {width: W, role: 'img', 'aria-label': 'file size against mean KL divergence (log scale)'});
+    host.appendChild(svg);
+    const T = legend(svg, W - R, L), H = T + 430;
+    svg.setAttribute('height', H); svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
+    const s = scales(W, H, L, R, T, B);
+    axes(svg, s, W, H, L, R, T, B);
+    const front = data.filter(d => d.pareto).sort((a, b) => a.size_mb - b.size_mb), steps = [];
+    front.forEach((d, i) => { if (i) steps.push([s.x(front[i - 1]), s.Y(front[i - 1].kld), s.x(d), s.Y(front[i - 1].kld)],
+                                                [s.x(d), s.Y(front[i - 1].kld), s.x(d), s.Y(d.kld)]); });
+    if (steps.length) svg.appendChild(el('polyline', {points: [steps[0].slice(0, 2), ...steps.map(q => q.slice(2))].join(' '),
+                                                      fill: 'none', stroke: RED, 'stroke-width': 1.5,
+                                                      'stroke-dasharray': '5,3', class: 'pareto-line'}));
+    const pts = data.map(d => ({d, x: s.x(d), y: s.Y(d.kld)}));
+    const labels = el('g', {class: 'labels'});
+    for (const p of pts) {
+      const d = p.d, c = el('circle', {cx: p.x, cy: p.y, r: 6, class: 'point' + (d.pareto ? ' pareto' : ''),
+                                       'data-model': d.name, fill: d.pareto ? RED : '#fff',
+                                       stroke: d.ref ? BLUE : RED, 'stroke-width': 2});
+      c.appendChild(el('title', {}, `${d.name}: ${d.size_mb.toFixed(1)} MB, KLD ${d.kld.toPrecision(3)}, ${d.quality}`));
+      svg.appendChild(c);
+    }
+    svg.appendChild(labels);
+    placeLabels(svg, labels, pts, {x: L + 3, y: T + 3, w: W - R - L - 6, h: H - B - T - 6}, steps);
+  }
+
+  draw();
+  let width = host.clientWidth;
+  window.addEventListener('resize', () => { if (host.clientWidth !== width) { width = host.clientWidth; draw(); } });
 })();
 """
 
@@ -99,9 +258,9 @@ def _classifier_table(rows: list[dict], front: list[bool], task: str) -> tuple[l
         out.append([r["name"] + (" (reference)" if r["is_reference"] else ""), r.get("quantization") or "fp32",
                     f"{r['file_bytes'] / 1e6:,.1f}", _fmt(r["bits_per_weight"], ".3f"),
                     _fmt(r["bits_per_weight_linear"], ".3f"),
-                    f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_stderr']:.2f} %",
-                    f"{100 * r['top1_agreement']:.2f} %", f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}",
-                    f"{r['kld_p99']:.5f}", f"{100 * r['delta_p_mean']:+.3f} %", _fmt(sp.get("load_s"), ".2f"),
+                    f"{100 * r['accuracy']:.2f} ±\u00a0{100 * r['accuracy_stderr']:.2f}\u00a0%",
+                    f"{100 * r['top1_agreement']:.2f}\u00a0%", f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}",
+                    f"{r['kld_p99']:.5f}", f"{100 * r['delta_p_mean']:+.3f}\u00a0%", _fmt(sp.get("load_s"), ".2f"),
                     _fmt(sp.get("latency_ms"), ".2f"), _fmt(sp.get("sent_s"), ".1f"), rss])
     return head, out
 
@@ -127,9 +286,9 @@ def render(result) -> str:
         cells = [r["name"] + (" (reference)" if r["is_reference"] else ""), *([r.get("rung") or "-"] if ladder else []),
                  r["runtime"],
                  f"{r['file_bytes'] / 1e6:,.1f}", _fmt(r["bits_per_weight"], ".3f"),
-                 _fmt(r["bits_per_weight_linear"], ".3f"), f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}",
+                 _fmt(r["bits_per_weight_linear"], ".3f"), f"{r['ppl']:.4f} ±\u00a0{r['ppl_stderr']:.4f}",
                  f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}", f"{r['kld_p99']:.5f}",
-                 f"{100 * r['top1_agreement']:.2f} %", f"{100 * r['delta_p_mean']:+.3f} %",
+                 f"{100 * r['top1_agreement']:.2f}\u00a0%", f"{100 * r['delta_p_mean']:+.3f}\u00a0%",
                  _fmt(sp.get("load_s"), ".2f"), _fmt(sp.get("pp_tok_s"), ".1f"), _fmt(sp.get("tg_tok_s"), ".1f"),
                  llama, rss]
         cells_of.append(cells)
@@ -155,8 +314,8 @@ def render(result) -> str:
 <div id="chart"></div>
 <noscript><p class="note">The chart needs JavaScript; the table below has every number.</p></noscript>
 <h2>Results</h2>
-<table id="results-table"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>
-<tbody>{''.join(trs)}</tbody></table>
+<div class="table-wrap"><table id="results-table"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>
+<tbody>{''.join(trs)}</tbody></table></div>
 <p class="note">Bold: on the Pareto front of size against mean KLD. Bits per weight: whole file bytes x 8 / parameters;
 linear: the transformer blocks' 2-D weights alone.</p>
 <h2>How this was measured</h2>
