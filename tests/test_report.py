@@ -4,6 +4,9 @@ with background networking off, and the page references no external resource."""
 
 from __future__ import annotations
 
+import html
+import json
+import math
 import re
 import shutil
 import subprocess
@@ -107,11 +110,106 @@ def test_report_renders_one_point_per_model_with_pareto_front(tmp_path):
     assert by["gemma-<q4_0>.gguf"][1] < by["gemma-q5_0.gguf"][1] < by["gemma-q8_0.gguf"][1]
 
 
+# Injected into a copy of the page by the layout test: after load, the boxes a person would see
+# (getBoundingClientRect, in CSS pixels of the window) go into <pre id="layout">, which --dump-dom returns.
+_MEASURE = """<script>
+window.addEventListener('load', () => {
+  const box = e => { if (!e) return null; const r = e.getBoundingClientRect(); return {x: r.left, y: r.top, r: r.right, b: r.bottom}; };
+  const all = s => Array.from(document.querySelectorAll(s));
+  const root = document.documentElement;
+  const out = {client_width: root.clientWidth, scroll_width: root.scrollWidth,
+               svg: box(document.querySelector('#chart svg')), plot: box(document.querySelector('#chart rect.plot-area')),
+               table: box(document.getElementById('results-table')),
+               labels: all('#chart text.label').map(e => Object.assign({model: e.dataset.model, text: e.textContent}, box(e))),
+               points: all('#chart circle.point').map(e => Object.assign({model: e.dataset.model}, box(e))),
+               ticks: all('#chart text.tick').map(e => e.textContent)};
+  const pre = document.createElement('pre');
+  pre.id = 'layout';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _layout(result: EvalResult, tmp_path: Path, width: int = 1280) -> dict:
+    """Render RESULT's report at WIDTH x 900 in headless Chromium and return the measured boxes."""
+    out = tmp_path / "report.html"
+    write_report(result, out)
+    probe = tmp_path / "probe.html"
+    probe.write_text(out.read_text(encoding="utf-8").replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
+    proc = _chromium(tmp_path, f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = re.search(r'<pre id="layout">(.*?)</pre>', proc.stdout, re.S)
+    assert m, "the measuring script did not run"
+    return json.loads(html.unescape(m.group(1)))
+
+
+def _intersect(a: dict, b: dict, tol: float = 0.5) -> bool:
+    return a["x"] + tol < b["r"] and b["x"] + tol < a["r"] and a["y"] + tol < b["b"] and b["y"] + tol < a["b"]
+
+
+@needs_chromium
+@pytest.mark.parametrize("make", [_realistic_result, _result], ids=["realistic", "small"])
+def test_report_layout_fits_1280_and_reads(tmp_path, make):
+    res = make()
+    lay = _layout(res, tmp_path)
+    # nothing runs off a 1280-pixel window: not the page, not the table
+    assert lay["scroll_width"] <= 1280 and lay["client_width"] <= 1280, lay
+    assert lay["table"]["r"] <= lay["client_width"], (lay["table"], lay["client_width"])
+    svg, plot = lay["svg"], lay["plot"]
+    assert svg and plot, "no chart, or no rect.plot-area marking the axes' extent"
+    assert svg["r"] <= lay["client_width"]
+
+    # every model has one point and one label; labels inside the chart, apart from each other and from the points
+    names = [r["name"] for r in res.rows]
+    assert [p["model"] for p in lay["points"]] == names
+    labels = lay["labels"]
+    assert sorted(lab["model"] for lab in labels) == sorted(names)
+    for lab in labels:
+        assert svg["x"] <= lab["x"] and lab["r"] <= svg["r"] and svg["y"] <= lab["y"] and lab["b"] <= svg["b"], lab
+        assert lab["r"] <= 1280
+        for p in lay["points"]:
+            assert not _intersect(lab, p, tol=1.5), (lab, p)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            assert not _intersect(a, b), (a, b)
+
+    # KL divergence on a log axis: the point's height is linear in log10(KL), so a decade is a fixed distance
+    centre = {p["model"]: ((p["x"] + p["r"]) / 2, (p["y"] + p["b"]) / 2) for p in lay["points"]}
+    quant = [r for r in res.rows if not r["is_reference"]]
+    lo, hi = min(quant, key=lambda r: r["kld_mean"]), max(quant, key=lambda r: r["kld_mean"])
+    per_decade = (centre[lo["name"]][1] - centre[hi["name"]][1]) / math.log10(hi["kld_mean"] / lo["kld_mean"])
+    assert per_decade > 40
+    for r in quant:
+        expect = centre[lo["name"]][1] - per_decade * math.log10(r["kld_mean"] / lo["kld_mean"])
+        assert abs(centre[r["name"]][1] - expect) < 1.0, (r["name"], centre[r["name"]], expect)
+
+    # the size axis spans the quantized files; the reference is marked apart, its size written under it
+    xs = [centre[r["name"]][0] for r in quant]
+    assert max(xs) - min(xs) >= 0.6 * (plot["r"] - plot["x"]), (xs, plot)
+    assert all(plot["x"] <= x <= plot["r"] for x in xs)
+    ref = next(r for r in res.rows if r["is_reference"])
+    assert centre[ref["name"]][0] > plot["r"]
+    assert f"{ref['file_bytes'] / 1e6:,.0f}" in lay["ticks"]
+
+
+@needs_chromium
+def test_report_layout_log_decades_are_equal(tmp_path):
+    # the brief's own reading of a log axis: 0.002 to 0.02 is as far as 0.02 to 0.2
+    res = _realistic_result()
+    lay = _layout(res, tmp_path)
+    y = {p["model"]: (p["y"] + p["b"]) / 2 for p in lay["points"]}
+    kl = {r["kld_mean"]: r["name"] for r in res.rows}
+    a, b, c = y[kl[0.002]], y[kl[0.02]], y[kl[0.2]]
+    assert a > b > c and abs((a - b) - (b - c)) <= 2, (a, b, c)
+    assert {"0.001", "0.01", "0.1", "0.002", "0.005", "0.02", "0.05"} <= set(lay["ticks"])
+
+
 @needs_chromium
 def test_report_screenshot_is_not_blank(tmp_path):
     out = tmp_path / "report.html"
-    write_report(_result(), out)
+    write_report(_realistic_result(), out)
     shot = tmp_path / "shot.png"
-    proc = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,900", out.resolve().as_uri())
+    proc = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,900", out.resolve().as_uri())
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
