@@ -90,6 +90,19 @@ def _realistic_result() -> EvalResult:
     return EvalResult(rows, {**res.meta, "reference": "/models/gemma-3-270m-f32.gguf"})
 
 
+def _classifier_result() -> EvalResult:
+    """A classifier report (the wider table: accuracy, agreement, latency) with long Hub-style names."""
+    rows = []
+    for name, quant, mb, kld, ref in [("distilbert-base-uncased-finetuned-sst-2-english-fp32", None, 268, 0.0, True),
+                                      ("distilbert-base-uncased-finetuned-sst-2-english-int8", "dynamic-int8", 132, 0.004, False)]:
+        r = _row(name, mb, kld, 1.0, ref)
+        r.update(quantization=quant, accuracy=0.91, accuracy_stderr=0.01,
+                 speed={"load_s": 0.4, "latency_ms": 5.2, "sent_s": 300.0, "peak_rss_bytes": int(5e8),
+                        "rss_before_load_bytes": int(1e8)})
+        rows.append(r)
+    return EvalResult(rows, {**_result().meta, "kind": "classifier", "task": "SST-2 dev"})
+
+
 @needs_chromium
 def test_report_renders_one_point_per_model_with_pareto_front(tmp_path):
     res = _result()
@@ -120,6 +133,7 @@ window.addEventListener('load', () => {
   const out = {client_width: root.clientWidth, scroll_width: root.scrollWidth,
                svg: box(document.querySelector('#chart svg')), plot: box(document.querySelector('#chart rect.plot-area')),
                table: box(document.getElementById('results-table')),
+               table_box: box(document.getElementById('results-table').parentElement),
                labels: all('#chart text.label').map(e => Object.assign({model: e.dataset.model, text: e.textContent}, box(e))),
                points: all('#chart circle.point').map(e => Object.assign({model: e.dataset.model}, box(e))),
                ticks: all('#chart text.tick').map(e => e.textContent)};
@@ -149,13 +163,14 @@ def _intersect(a: dict, b: dict, tol: float = 0.5) -> bool:
 
 
 @needs_chromium
-@pytest.mark.parametrize("make", [_realistic_result, _result], ids=["realistic", "small"])
+@pytest.mark.parametrize("make", [_realistic_result, _result, _classifier_result], ids=["realistic", "small", "classifier"])
 def test_report_layout_fits_1280_and_reads(tmp_path, make):
     res = make()
     lay = _layout(res, tmp_path)
     # nothing runs off a 1280-pixel window: not the page, not the table
     assert lay["scroll_width"] <= 1280 and lay["client_width"] <= 1280, lay
     assert lay["table"]["r"] <= lay["client_width"], (lay["table"], lay["client_width"])
+    assert lay["table"]["r"] <= lay["table_box"]["r"] + 0.5, (lay["table"], lay["table_box"])  # no scrolling inside it
     svg, plot = lay["svg"], lay["plot"]
     assert svg and plot, "no chart, or no rect.plot-area marking the axes' extent"
     assert svg["r"] <= lay["client_width"]
@@ -177,17 +192,19 @@ def test_report_layout_fits_1280_and_reads(tmp_path, make):
     # KL divergence on a log axis: the point's height is linear in log10(KL), so a decade is a fixed distance
     centre = {p["model"]: ((p["x"] + p["r"]) / 2, (p["y"] + p["b"]) / 2) for p in lay["points"]}
     quant = [r for r in res.rows if not r["is_reference"]]
-    lo, hi = min(quant, key=lambda r: r["kld_mean"]), max(quant, key=lambda r: r["kld_mean"])
-    per_decade = (centre[lo["name"]][1] - centre[hi["name"]][1]) / math.log10(hi["kld_mean"] / lo["kld_mean"])
-    assert per_decade > 40
-    for r in quant:
-        expect = centre[lo["name"]][1] - per_decade * math.log10(r["kld_mean"] / lo["kld_mean"])
-        assert abs(centre[r["name"]][1] - expect) < 1.0, (r["name"], centre[r["name"]], expect)
-
-    # the size axis spans the quantized files; the reference is marked apart, its size written under it
     xs = [centre[r["name"]][0] for r in quant]
-    assert max(xs) - min(xs) >= 0.6 * (plot["r"] - plot["x"]), (xs, plot)
-    assert all(plot["x"] <= x <= plot["r"] for x in xs)
+    assert all(plot["x"] <= x <= plot["r"] for x in xs), (xs, plot)
+    if len(quant) > 1:
+        lo, hi = min(quant, key=lambda r: r["kld_mean"]), max(quant, key=lambda r: r["kld_mean"])
+        per_decade = (centre[lo["name"]][1] - centre[hi["name"]][1]) / math.log10(hi["kld_mean"] / lo["kld_mean"])
+        assert per_decade > 40
+        for r in quant:
+            expect = centre[lo["name"]][1] - per_decade * math.log10(r["kld_mean"] / lo["kld_mean"])
+            assert abs(centre[r["name"]][1] - expect) < 1.0, (r["name"], centre[r["name"]], expect)
+        # the size axis spans the quantized files
+        assert max(xs) - min(xs) >= 0.6 * (plot["r"] - plot["x"]), (xs, plot)
+
+    # the reference is marked apart, to the right of the size axis, its size written under it
     ref = next(r for r in res.rows if r["is_reference"])
     assert centre[ref["name"]][0] > plot["r"]
     assert f"{ref['file_bytes'] / 1e6:,.0f}" in lay["ticks"]

@@ -22,9 +22,9 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;m
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
 .table-wrap{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;font-size:.8em}#results-table{width:100%}
-th,td{padding:.3em .45em;border-bottom:1px solid #ddd;text-align:right;vertical-align:top}
+th,td{padding:.3em .4em;border-bottom:1px solid #ddd;text-align:right;vertical-align:top}
 th{background:#f4f4f4;font-weight:600;vertical-align:bottom}
-td:first-child,th:first-child{text-align:left}#results-table td:first-child{min-width:10em;overflow-wrap:anywhere}
+td:first-child,th:first-child{text-align:left}#results-table td:first-child{min-width:8em;overflow-wrap:anywhere}
 tr.pareto td:first-child{font-weight:600}tr.ref td{background:#f7fbff}
 #machine td{text-align:left;overflow-wrap:anywhere}
 code,pre{background:#f6f6f6;padding:.15em .3em;border-radius:3px;overflow-wrap:anywhere}
@@ -61,7 +61,8 @@ _JS = r"""
 
   function legend(svg, W, L) {
     const items = [[{fill: RED, stroke: RED}, 'Pareto front: nothing smaller is closer to the reference'],
-                   [{fill: '#fff', stroke: RED}, 'dominated'], [{fill: RED, stroke: BLUE}, 'reference']];
+                   ...(data.some(d => !d.pareto) ? [[{fill: '#fff', stroke: RED}, 'dominated']] : []),
+                   ...(data.some(d => d.ref) ? [[{fill: RED, stroke: BLUE}, 'reference']] : [])];
     let x = L, y = 14;
     for (const [style, text] of items) {
       const t = el('text', {'font-size': 12, fill: '#444', class: 'legend'}, text);
@@ -108,9 +109,9 @@ _JS = r"""
     for (const x0 of strips) {
       svg.appendChild(el('rect', {x: x0, y: T, width: 110, height: H - B - T, fill: '#f3f8fd', class: 'ref-strip'}));
       svg.appendChild(el('text', {x: x0 + 55, y: T + 14, 'text-anchor': 'middle', 'font-size': 11, fill: BLUE,
-                                  class: 'strip-caption'}, 'reference,'));
+                                  stroke: '#f3f8fd', 'stroke-width': 4, 'paint-order': 'stroke', class: 'strip-caption'}, 'reference,'));
       svg.appendChild(el('text', {x: x0 + 55, y: T + 27, 'text-anchor': 'middle', 'font-size': 11, fill: BLUE,
-                                  class: 'strip-caption'}, 'off the size scale'));
+                                  stroke: '#f3f8fd', 'stroke-width': 4, 'paint-order': 'stroke', class: 'strip-caption'}, 'off the size scale'));
     }
     const label = decades => decades <= 3 ? [1, 2, 5] : [1];
     for (let e = s.e0; e <= s.e1; e++) for (let m = 1; m <= 9; m++) {
@@ -130,6 +131,7 @@ _JS = r"""
     const n = Math.max(2, Math.floor((s.px1 - s.px0) / 90));
     for (const v of niceTicks(s.lo, s.hi, n)) {
       const x = s.X(v);
+      if ((s.rs && x > s.px1 - 20) || (s.ls && x < s.px0 + 20)) continue;  // clear of the break mark
       svg.appendChild(el('line', {x1: x, x2: x, y1: T, y2: H - B, stroke: '#f1f1f1'}));
       svg.appendChild(el('line', {x1: x, x2: x, y1: H - B, y2: H - B + 4, stroke: '#888'}));
       svg.appendChild(el('text', {x, y: H - B + 17, 'text-anchor': 'middle', 'font-size': 11, class: 'tick'}, fmtMb(v)));
@@ -152,7 +154,7 @@ _JS = r"""
                                 transform: `rotate(-90 16 ${(T + H - B) / 2})`}, 'mean KL divergence to the reference (log)'));
   }
 
-  function placeLabels(svg, layer, pts, bounds, lines) {
+  function placeLabels(svg, layer, pts, bounds, lines, floor) {
     const hit = (a, b) => a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
     const overlap = (a, b) => Math.max(0, Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x)) *
                               Math.max(0, Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y));
@@ -172,7 +174,8 @@ _JS = r"""
     const order = pts.slice().sort((a, b) => (b.d.ref - a.d.ref) || (a.x - b.x));
     for (const p of order) {
       const t = el('text', {'font-size': 11, class: 'label', 'data-model': p.d.name, fill: p.d.ref ? BLUE : '#222',
-                            stroke: '#fff', 'stroke-width': 3, 'stroke-linejoin': 'round', 'paint-order': 'stroke'}, p.d.label);
+                            stroke: '#fff', 'stroke-width': 3, 'stroke-linejoin': 'round', 'paint-order': 'stroke'},
+                 p.d.label + (p.d.kld > 0 && p.d.kld < floor ? ` (KL < ${fmtKl(floor)})` : ''));
       layer.appendChild(t);
       const bb = t.getBBox(), w = bb.width + 2, h = bb.height, r = 10;
       const near = [[p.x + r, p.y - h / 2], [p.x - r - w, p.y - h / 2], [p.x - w / 2, p.y - r - h], [p.x - w / 2, p.y + r],
@@ -226,7 +229,7 @@ _JS = r"""
       svg.appendChild(c);
     }
     svg.appendChild(labels);
-    placeLabels(svg, labels, pts, {x: L + 3, y: T + 3, w: W - R - L - 6, h: H - B - T - 6}, steps);
+    placeLabels(svg, labels, pts, {x: L + 3, y: T + 3, w: W - R - L - 6, h: H - B - T - 6}, steps, Math.pow(10, s.e0));
   }
 
   draw();
@@ -298,6 +301,7 @@ def render(result) -> str:
     for r, p, cells in zip(rows, front, cells_of):
         cls = " ".join(c for c, on in (("pareto", p), ("ref", r["is_reference"])) if on)
         trs.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    ths = "".join(f"<th>{html.escape(h).replace('/', '/<wbr>')}</th>" for h in head)  # headers may wrap after a slash
     machine = meta.get("machine", {})
     mach = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in machine.items())
     met = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.get("metrics", {}).items())
@@ -314,7 +318,7 @@ def render(result) -> str:
 <div id="chart"></div>
 <noscript><p class="note">The chart needs JavaScript; the table below has every number.</p></noscript>
 <h2>Results</h2>
-<div class="table-wrap"><table id="results-table"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>
+<div class="table-wrap"><table id="results-table"><thead><tr>{ths}</tr></thead>
 <tbody>{''.join(trs)}</tbody></table></div>
 <p class="note">Bold: on the Pareto front of size against mean KLD. Bits per weight: whole file bytes x 8 / parameters;
 linear: the transformer blocks' 2-D weights alone.</p>
