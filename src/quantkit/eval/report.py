@@ -2,9 +2,10 @@
 
 The table of every model, a chart of file size against mean KL divergence with the Pareto front
 (no other model is both smaller and closer to the reference) marked, and the exact command,
-protocol and machine. The chart is an SVG drawn by a few lines of inline JavaScript from the
-results embedded as JSON, so the page needs nothing but a browser; points carry
-class="point" and data-model, which is what the headless-Chromium test counts.
+protocol and machine. The chart is an SVG drawn by inline JavaScript from the results embedded as
+JSON, so the page needs nothing but a browser. Points carry class="point" and data-model (the
+headless-Chromium tests count them), labels class="label" and data-model, and rect.plot-area
+spans the size axis. The table wraps long names and headers so that it fits a 1280-pixel window.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ pre{padding:.6em;white-space:pre-wrap}
 # reference outside that span sits in a strip of its own beside the axis (its size written under
 # it), so it cannot squeeze the others into a corner. Mean KL divergence runs on a log axis
 # (decades, with 2 and 5 labelled when three decades or fewer are shown); a KL divergence of 0
-# (the reference) sits on a row of its own below it, and anything under six decades below the
-# largest value sits on the axis floor. Labels are placed greedily: beside, above or below their
-# point, else moved up or down with a leader line, never over another label or point, always inside
-# the plot.
+# (the reference) sits on a row of its own below it; the axis spans at most six decades, and a
+# value below them sits on its floor, its label saying so. Labels are placed greedily: beside,
+# above or below their point, else moved up or down with a leader line, never over another label or
+# point, always inside the plot.
 _JS = r"""
 (function(){
   const data = JSON.parse(document.getElementById('results').textContent);
