@@ -39,8 +39,8 @@ pre{padding:.6em;white-space:pre-wrap}
 # (decades, with 2 and 5 labelled when three decades or fewer are shown); a KL divergence of 0
 # (the reference) sits on a row of its own below it; the axis spans at most six decades, and a
 # value below them sits on its floor, its label saying so. Labels are placed greedily: beside,
-# above or below their point, else moved up or down with a leader line, never over another label or
-# point, always inside the plot.
+# above or below their point, else moved up or down with a leader line, clear of other labels and
+# points where there is room, always inside the plot.
 _JS = r"""
 (function(){
   const data = JSON.parse(document.getElementById('results').textContent);
