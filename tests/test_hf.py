@@ -19,6 +19,7 @@ import torch
 from gguf import GGUFValueType
 
 from quantkit.models.hf import HFSource
+from quantkit.util.data import DATA_DIR
 from quantkit.util.errors import QuantkitError
 
 REPO = Path(__file__).resolve().parents[1]
