@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.eval.evaluate import EvalResult
+from quantkit.eval.results import EvalResult
 from quantkit.eval.metrics import pareto_front
 from quantkit.eval.report import write_report
 

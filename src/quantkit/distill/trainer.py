@@ -38,10 +38,12 @@ from torch import nn
 from ..models.encoder import Encoder, EncoderMeta, load_encoder, save_encoder
 from ..quant.dynamic import open_encoder
 from ..util.atomic import atomic_output, check_writable_dir
-from ..util.errors import QuantkitError, require_file
+from ..util.errors import QuantkitError
 from ..util.progress import progress
+from ..util.textdata import read_labelled, read_text, sample_indices
 from . import augment as A
 from .losses import IGNORE, embedding_mse, kd_loss, minilmv2_loss
+from .scoring import accuracy, embedding_cosine
 
 OBJECTIVES = ("finetune", "kd", "embed")
 
@@ -91,60 +93,6 @@ class DistillConfig:
         for k in ("output", "dev", "dev_limit", "checkpoint_dir", "save_every", "resume", "max_steps", "epochs"):
             d.pop(k)
         return d
-
-
-# ---- data -----------------------------------------------------------------------------
-def read_labelled(path: str, labels: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """`label<TAB>text` lines (a first line `label<TAB>sentence` is a header). Returns
-    (texts, labels); with `labels` given, any other label is an error naming its line."""
-    require_file(path, "labels file")
-    texts, ys = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise QuantkitError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if n == 1 and parts[0].strip().lower() == "label":
-            continue
-        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-            raise QuantkitError(f"line {n}: expected 'label<TAB>text', got {line[:60]!r}", path)
-        y = parts[0].strip()
-        if labels is not None and y not in labels:
-            raise QuantkitError(f"line {n}: unknown label {y!r} (the model's labels are {', '.join(labels)})", path)
-        texts.append(parts[1].strip())
-        ys.append(y)
-    if not texts:
-        raise QuantkitError("no examples", path)
-    return texts, ys
-
-
-def read_text(path: str, min_words: int = 5, max_words: int = 64) -> list[str]:
-    """Unlabelled sentences: one per non-empty line, headings (`= x =`) skipped, capped."""
-    require_file(path, "text file")
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                w = line.split()
-                if len(w) >= min_words and not (w[0] == "=" and w[-1] == "="):
-                    out.append(" ".join(w[:max_words]))
-    except UnicodeDecodeError as e:
-        raise QuantkitError(f"not UTF-8 text ({e.reason})", path) from None
-    if not out:
-        raise QuantkitError(f"no lines of {min_words}+ words", path)
-    return out
-
-
-def _sample(n: int, limit: int | None, seed: int) -> list[int]:
-    idx = list(range(n))
-    if limit is not None and limit < n:
-        g = torch.Generator().manual_seed(seed)
-        idx = sorted(torch.randperm(n, generator=g)[:limit].tolist())
-    return idx
 
 
 # ---- students -------------------------------------------------------------------------
@@ -206,7 +154,7 @@ def make_student(teacher: Encoder, cfg: DistillConfig) -> Encoder:
 
 
 # ---- checkpoints ----------------------------------------------------------------------
-def _save_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, step: int, cfg: DistillConfig) -> None:
+def save_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, step: int, cfg: DistillConfig) -> None:
     from safetensors.torch import save_file
 
     with atomic_output(path, directory=True) as tmp:
@@ -220,7 +168,7 @@ def _save_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, st
             json.dump({"step": step, "trajectory": cfg.trajectory()}, f, indent=2)
 
 
-def _load_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, cfg: DistillConfig) -> int:
+def load_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, cfg: DistillConfig) -> int:
     from safetensors.torch import load_file
 
     try:
@@ -272,20 +220,6 @@ def _lr_at(step: int, total: int, cfg: DistillConfig) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
-@torch.no_grad()
-def accuracy(enc: Encoder, texts: list[str], labels: list[str], batch_size: int = 64) -> float:
-    pred = enc.predict(texts, batch_size).argmax(-1).tolist()
-    names = enc.meta.labels
-    return sum(names[p] == y for p, y in zip(pred, labels)) / len(labels)
-
-
-@torch.no_grad()
-def embedding_cosine(teacher: Encoder | torch.Tensor, student: Encoder, texts: list[str]) -> float:
-    """Mean cosine of student to teacher embeddings (teacher given as an Encoder or its vectors)."""
-    ref = teacher if isinstance(teacher, torch.Tensor) else teacher.encode(texts)
-    return float((ref * student.encode(texts)).sum(1).mean())
-
-
 def distill(cfg: DistillConfig) -> dict:
     """Train per `cfg`; writes the student (or fine-tuned model) to cfg.output; returns a summary."""
     if cfg.objective not in OBJECTIVES:
@@ -321,13 +255,13 @@ def distill(cfg: DistillConfig) -> dict:
     dev_texts = dev_labels = None
     if cfg.objective == "embed":
         texts = read_text(cfg.train)
-        texts = [texts[i] for i in _sample(len(texts), cfg.limit, cfg.seed)]
+        texts = [texts[i] for i in sample_indices(len(texts), cfg.limit, cfg.seed)]
         gold = None
         if cfg.dev:
             dev_texts = read_text(cfg.dev)[:cfg.dev_limit or 1000]
     else:
         texts, ylabels = read_labelled(cfg.train, base.meta.labels)
-        keep = _sample(len(texts), cfg.limit, cfg.seed)
+        keep = sample_indices(len(texts), cfg.limit, cfg.seed)
         texts, ylabels = [texts[i] for i in keep], [ylabels[i] for i in keep]
         if cfg.objective == "finetune" and not base.meta.labels:
             base.add_head(sorted(set(ylabels)))
@@ -393,7 +327,7 @@ def distill(cfg: DistillConfig) -> dict:
 
     step = 0
     if cfg.resume and os.path.isdir(ckpt):
-        step = _load_checkpoint(ckpt, student, opt, cfg)
+        step = load_checkpoint(ckpt, student, opt, cfg)
     elif cfg.resume:
         raise QuantkitError("no checkpoint to resume from", ckpt, "run without --resume first")
 
@@ -444,13 +378,13 @@ def distill(cfg: DistillConfig) -> dict:
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             bar.update(1)
             if step % cfg.save_every == 0 and step < total:
-                _save_checkpoint(ckpt, student, opt, step, cfg)
+                save_checkpoint(ckpt, student, opt, step, cfg)
     finally:
         bar.close()
         for h in (t_rel, s_rel):
             if h is not None:
                 h.remove()
-    _save_checkpoint(ckpt, student, opt, step, cfg)
+    save_checkpoint(ckpt, student, opt, step, cfg)
 
     student.eval().requires_grad_(False)
     summary = {"objective": cfg.objective, "steps": step, "examples": n_gold, "augmented": len(texts) - n_gold,
