@@ -155,6 +155,32 @@ def test_ladder_types_follow_what_quantkit_encodes():
         assert "q4_k_m" in types
     with pytest.raises(QuantkitError, match="q9_9"):
         ladder_types(["q8_0", "q9_9"])
+    # a GPTQ rung is what `quantize --method gptq` makes of the same type: the same Hessian shrinkage
+    import quantkit.api as qk
+    from quantkit.eval.ladder import GPTQ_RUNG_SHRINK
+    assert GPTQ_RUNG_SHRINK == qk.GGUF_GPTQ_SHRINK
+
+
+def test_result_rows_keep_their_json_keys():
+    """A row's JSON object has the keys `quantkit eval --json` has always written: speed only when
+    measured, a rung only in a ladder, the build facts only for a rung built in this run."""
+    from quantkit.eval.results import ClassifierRow, EvalResult, ModelRow
+    summary = dict(n_scored=3, nll=1.0, ppl=2.7, ppl_stderr=0.1, kld_mean=0.01, kld_stderr=0.001, kld_median=0.005,
+                   kld_p99=0.1, kld_max=0.2, top1_agreement=0.9, delta_p_mean=-0.01, delta_p_rms=0.02)
+    r = ModelRow(path="/m/a.gguf", runtime="llama.cpp", is_reference=False, eval_s=1.0, eval_load_s=0.1, **summary)
+    r.set_size("a.gguf", 1000, 250, {"q8_0": 2}, 200, 500)
+    head = ["path", "runtime", "is_reference", "eval_s", "eval_load_s", *summary]
+    size = ["name", "file_bytes", "n_params", "types", "bits_per_weight", "bits_per_weight_linear"]
+    assert list(r.to_dict()) == head + size and r.bits_per_weight == 32.0 and r.bits_per_weight_linear == 20.0
+    r.speed = {"load_s": 0.1}
+    r.rung = "source"
+    assert list(r.to_dict()) == head + size + ["speed", "rung", "method"]
+    r.rung, r.method, r.file_type, r.build_s, r.build_reused, r.calibration = "Q8_0 RTN", "rtn", "q8_0", 1.0, False, None
+    assert list(r.to_dict())[-6:] == ["rung", "method", "file_type", "build_s", "build_reused", "calibration"]
+    again = EvalResult([r.to_dict()], {}).rows[0]            # a saved result read back: typed again
+    assert isinstance(again, ModelRow) and again == r
+    c = EvalResult([{"path": "/m/c", "runtime": "torch", "accuracy": 0.9}], {"kind": "classifier"}).rows[0]
+    assert isinstance(c, ClassifierRow) and c.accuracy == 0.9 and c.to_dict()["ppl"] is None
 
 
 # ------------------------------------------------------------------------------- bundled model
@@ -223,6 +249,27 @@ def test_bundled_f32_in_torch_matches_llama_cpp(bundled_set, text, eval_cache):
 
 
 # ------------------------------------------------------------------------------- tiny model
+def test_runtimes_share_one_protocol(tiny):
+    """llama.cpp (a GGUF) and torch (the same model's HF directory) behind one Runtime: the same
+    token ids give the same scored logits."""
+    from quantkit.runtimes import Runtime, open_runtime
+    ll, tt = open_runtime(tiny["f32"], 64, 1), open_runtime(tiny["hf"], 64, 1)
+    try:
+        assert isinstance(ll, Runtime) and isinstance(tt, Runtime) and (ll.kind, tt.kind) == ("llama.cpp", "torch")
+        assert ll.n_vocab == tt.n_vocab and ll.load_s > 0 and tt.load_s > 0
+        ids = ([ll.bos_id()] if ll.add_bos() else []) + ll.tokenize("The tower is 324 metres tall, about the same "
+                                                                    "height as an 81-storey building.")
+        assert len(ids) > 12
+        a, b = ll.scored_logits(ids, 6).copy(), tt.scored_logits(ids, 6)
+        assert a.shape == b.shape == (len(ids) - 7, ll.n_vocab)
+        # llama.cpp keeps K and V in an F16 cache: measured 8e-4 of the logit scale on this model
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * float(np.abs(b).max()))
+        assert ll.timed_generate(ids, 2) > 0 and tt.timed_prompt(ids) > 0
+    finally:
+        ll.close()
+        tt.close()
+
+
 def test_torch_and_llama_cpp_perplexities_agree(tiny, text, eval_cache):
     """The same HF model in transformers (torch, F32) and as quantkit's F32 GGUF in llama.cpp,
     on the same token ids (llama.cpp's tokenizer): perplexities within 0.1 %."""
