@@ -1,4 +1,5 @@
-"""The size cap of `quantkit eval`'s disk cache, oldest first.
+"""`quantkit eval`'s disk cache: where it lives, the memoised model digests that key it, and its
+size cap, oldest first.
 
 What it holds (under $QUANTKIT_CACHE/eval, default ~/.cache/quantkit/eval): the reference's
 log-probabilities, one .npy per chunk keyed by model hash + runtime + token ids (255 x 262144 x 4 B
