@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoders_common import ROOT, SHARED, environment, latency_interleaved, write_json  # noqa: E402
 
 from quantkit.api import distill, load_encoder  # noqa: E402
-from quantkit.distill.trainer import accuracy, read_labelled  # noqa: E402
+from quantkit.distill.scoring import accuracy  # noqa: E402
+from quantkit.util.textdata import read_labelled  # noqa: E402
 from quantkit.models.encoder import dir_size  # noqa: E402
 
 

@@ -27,7 +27,8 @@ from encoders_common import (SHARED, environment, latency_interleaved, latency_p
                              wikitext_sentences, write_json)
 
 from quantkit.api import load_encoder, quantize_dynamic  # noqa: E402
-from quantkit.distill.trainer import accuracy, read_labelled  # noqa: E402
+from quantkit.distill.scoring import accuracy  # noqa: E402
+from quantkit.util.textdata import read_labelled  # noqa: E402
 from quantkit.eval.metrics import recall_at_k  # noqa: E402
 from quantkit.models.encoder import dir_size, save_encoder  # noqa: E402
 from quantkit.quant.dynamic import DynamicInt8Config, quantize_encoder_  # noqa: E402

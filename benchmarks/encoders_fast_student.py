@@ -38,7 +38,8 @@ from quantkit.api import distill, load_encoder  # noqa: E402
 from quantkit.distill import augment as A  # noqa: E402
 from quantkit.distill import fast_student as F  # noqa: E402
 from quantkit.distill.losses import IGNORE  # noqa: E402
-from quantkit.distill.trainer import _sample, accuracy, read_labelled  # noqa: E402
+from quantkit.distill.scoring import accuracy  # noqa: E402
+from quantkit.util.textdata import read_labelled, sample_indices  # noqa: E402
 from quantkit.models.encoder import dir_size  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def main() -> int:
         print(write_json("encoders_fast_student_latency", res))
         return 0
     texts, ylabels = read_labelled(train, labels)
-    keep = _sample(len(texts), args.limit, 0)
+    keep = sample_indices(len(texts), args.limit, 0)
     texts, gold = [texts[i] for i in keep], [labels.index(ylabels[i]) for i in keep]
     acfg = A.AugmentConfig()
     t = time.time()

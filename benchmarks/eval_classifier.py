@@ -46,7 +46,8 @@ def main() -> int:
             return 2
 
     from quantkit.api import evaluate, load_encoder, quantize_dynamic
-    from quantkit.distill.trainer import accuracy, read_labelled
+    from quantkit.distill.scoring import accuracy
+    from quantkit.util.textdata import read_labelled
     work = tempfile.mkdtemp(prefix="quantkit-bench-cls-")
     try:
         models = []
@@ -59,16 +60,19 @@ def main() -> int:
         res = evaluate(models, task_data=args.data, n_threads=args.threads, speed_runs=args.runs, show_progress=False)
         wall = time.perf_counter() - t0
         texts, labels = read_labelled(args.data, res.meta["labels"])
+        acc64 = {}
         for r in res.rows:   # the same number by distill's own path, same batches; and at its default batch 64
-            enc = load_encoder(r["path"])
+            enc = load_encoder(r.path)
             acc = accuracy(enc, texts, labels, batch_size=32)
-            assert abs(acc - r["accuracy"]) < 1e-9, (r["name"], acc, r["accuracy"])
-            r["accuracy_batch64"] = accuracy(enc, texts, labels, batch_size=64)
+            assert abs(acc - r.accuracy) < 1e-9, (r.name, acc, r.accuracy)
+            acc64[r.path] = accuracy(enc, texts, labels, batch_size=64)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     out = {"command": " ".join(["python", "benchmarks/eval_classifier.py", *sys.argv[1:]]), "wall_s": wall,
            "load_average_before": load0, "load_average_after": os.getloadavg(), **res.to_dict()}
+    rows = [dict(r, accuracy_batch64=acc64[r["path"]]) for r in out["models"]]
+    out["models"] = rows
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2, default=str)
@@ -76,7 +80,7 @@ def main() -> int:
     print(f"| model | size MB | bits/weight (linear) | {res.meta['task']} accuracy | (batches of 64) | "
           f"agreement with teacher | KLD mean | load s | ms/sentence (batch 1) | sentences/s (batch 32) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in res.rows:
+    for r in rows:
         sp = r["speed"]
         name = {os.path.abspath(args.teacher): "teacher (MiniLM-L6)",
                 os.path.abspath(args.student): "student (3 layers, KD)"}.get(r["path"], r["name"])

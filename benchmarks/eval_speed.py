@@ -46,13 +46,13 @@ def _quantize(inp: str, out: str, ftype: int, n_threads: int) -> None:
     params.ftype = ftype
     params.allow_requantize = True
     params.nthread = n_threads
-    from quantkit.eval.runtimes import _quiet_stderr
-    with _quiet_stderr():
+    from quantkit.runtimes.llama_cpp import quiet_stderr
+    with quiet_stderr():
         assert llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params)) == 0
 
 
 def setup(n_threads: int, d: str) -> tuple[str, list[str]]:
-    from quantkit.eval.evaluate import f32_reference
+    from quantkit.eval.lm import f32_reference
     from quantkit.models.bundled import bundled_path
     from quantkit.quant.gguf_policy import FILE_TYPES
     from quantkit.util.atomic import atomic_output
@@ -70,7 +70,8 @@ def setup(n_threads: int, d: str) -> tuple[str, list[str]]:
 
 
 def chunks_for(ref: str, text: str, n_chunks: int, n_ctx: int) -> list[list[int]]:
-    from quantkit.eval.evaluate import LlamaCppScorer, make_chunks
+    from quantkit.eval.lm import make_chunks
+    from quantkit.runtimes.llama_cpp import LlamaCppScorer
     tok = LlamaCppScorer(ref, n_ctx, 1, vocab_only=True)
     try:
         with open(text, encoding="utf-8") as f:
@@ -81,8 +82,8 @@ def chunks_for(ref: str, text: str, n_chunks: int, n_ctx: int) -> list[list[int]
 
 def single_pass(path: str, chunks: list[list[int]], n_ctx: int, n_threads: int) -> tuple[float, float]:
     """One model alone: load, every chunk's scored logits, perplexity. (seconds, ppl)"""
-    from quantkit.eval.evaluate import LlamaCppScorer
-    from quantkit.eval.metrics import _logsumexp
+    from quantkit.runtimes.llama_cpp import LlamaCppScorer
+    from quantkit.eval.metrics import logsumexp
     first = n_ctx // 2
     t0 = time.perf_counter()
     sc = LlamaCppScorer(path, n_ctx, n_threads)
@@ -93,7 +94,7 @@ def single_pass(path: str, chunks: list[list[int]], n_ctx: int, n_threads: int) 
             t = np.asarray(c[first + 1:])
             for i in range(0, x.shape[0], 16):
                 xb = x[i:i + 16]
-                nll.append(_logsumexp(xb)[:, 0] - xb[np.arange(xb.shape[0]), t[i:i + 16]])
+                nll.append(logsumexp(xb)[:, 0] - xb[np.arange(xb.shape[0]), t[i:i + 16]])
     finally:
         sc.close()
     return time.perf_counter() - t0, float(np.exp(np.concatenate(nll).mean()))
@@ -129,7 +130,7 @@ def child_eval(args) -> None:
     wall = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"wall_s": wall, "peak_rss_bytes": hwm, "rows": res.rows, "meta": res.meta}))
+    print(json.dumps({"wall_s": wall, "peak_rss_bytes": hwm, "rows": [r.to_dict() for r in res.rows], "meta": res.meta}))
 
 
 def main() -> None:

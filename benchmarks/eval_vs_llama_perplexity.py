@@ -57,14 +57,15 @@ def main() -> int:
         print(f"{args.bin}: no llama-perplexity binary; run benchmarks/build_llama_tools.sh", file=sys.stderr)
         return 2
     os.environ.setdefault("QUANTKIT_QUIET", "1")
-    from quantkit.eval.evaluate import EvalOptions, evaluate, f32_reference
+    from quantkit.eval.evaluate import EvalOptions, evaluate
+    from quantkit.eval.lm import f32_reference
     from quantkit.models.bundled import bundled_path
     model = args.model or f32_reference(bundled_path(), args.threads, show_progress=False)
 
     load0 = os.getloadavg()
     ours = evaluate([model], EvalOptions(text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
                                          speed=False, cache=False, show_progress=False))
-    r = ours.rows[0]
+    r = ours.rows[0].to_dict()
     theirs = {f"n_batch={b}": llama_perplexity(args.bin, model, args.text, args.ctx, args.chunks, args.threads, b)
               for b in (args.ctx, 4 * args.ctx)}  # one chunk per batch, and llama-perplexity's default 4 per batch
     result = {"model": model, "text": args.text, "chunks": args.chunks, "n_ctx": args.ctx, "threads": args.threads,

@@ -100,7 +100,7 @@ def main() -> None:
             json.dump(disk, f, indent=2)
         os.replace(tmp, res_path)
 
-    from quantkit.eval.evaluate import f32_reference
+    from quantkit.eval.lm import f32_reference
     from quantkit.models.bundled import bundled_path
     f32 = f32_reference(bundled_path(), args.threads, show_progress=False)
     results["reference"] = f32
@@ -144,8 +144,8 @@ def main() -> None:
         names = {os.path.realpath(p): f"{ft}/{m}" for (ft, m), p in files.items()}
         rows = {}
         for row in r.rows:
-            key = names.get(os.path.realpath(row.get("path", "")), "f32")
-            rows[key] = {k: row.get(k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+            key = names.get(os.path.realpath(row.path), "f32")
+            rows[key] = {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
         results["eval"][label] = rows
         print(label, json.dumps(rows, indent=1), flush=True)
         save()

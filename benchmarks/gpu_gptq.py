@@ -42,7 +42,7 @@ def prepare(f32: str, chunks: int) -> tuple[str, str]:
     """The F32 weights as a Hugging Face directory (for llm-compressor) and the calibration ids."""
     import torch
 
-    from quantkit.eval.torch_runtime import model_from_gguf
+    from quantkit.runtimes.torch import model_from_gguf
     from quantkit.quant.calib import calibration_ids
     from quantkit.quant.pipeline import _gguf_tokenizer_files
     from quantkit.quant.streaming import LlamaCppTokenizer
@@ -83,7 +83,7 @@ def main() -> None:
             json.dump(results, f, indent=2)
         os.replace(res_path + ".tmp", res_path)
 
-    from quantkit.eval.evaluate import f32_reference
+    from quantkit.eval.lm import f32_reference
     from quantkit.models.bundled import bundled_path
     f32 = f32_reference(bundled_path(), args.threads, show_progress=False)
     hf_dir, ids_path = prepare(f32, args.chunks)

@@ -1,6 +1,6 @@
 """Check `quantkit plan --runtime torch --format fp32` peak RSS against the torch runtime.
 
-The workload is quantkit eval's reference pass (src/quantkit/eval/torch_runtime.py): load the
+The workload is quantkit eval's reference pass (src/quantkit/runtimes/torch.py): load the
 bundled Gemma-3-270M GGUF into transformers in float32 (TorchCausalLM(from_gguf=True)), then one
 forward pass over n_ctx tokens keeping the logits of the second half (scored_logits(tokens,
 n_ctx // 2), as `quantkit eval` scores a chunk). Each sequence length runs in a fresh process;
@@ -62,7 +62,7 @@ def child(n_ctx: int) -> None:
     import torch
     import transformers  # noqa: F401
 
-    from quantkit.eval.torch_runtime import TorchCausalLM
+    from quantkit.runtimes.torch import TorchCausalLM
     from quantkit.models.bundled import bundled_path
     out = {"import_torch_transformers": _state()}
     # what building the model imports (transformers' lazy modules): part of the process base

@@ -447,7 +447,7 @@ def write_markdown(r: dict) -> None:
         lsd = st.get("before_load_state_dict", {})
         lines += [
             "### Torch runtime (transformers, float32, CPU): peak RSS", "",
-            "Workload: quantkit eval's reference pass (src/quantkit/eval/torch_runtime.py): load the bundled "
+            "Workload: quantkit eval's reference pass (src/quantkit/runtimes/torch.py): load the bundled "
             "Gemma-3-270M GGUF into transformers in float32 (eager attention), then one forward over n_ctx tokens "
             "keeping the logits of the second half (logits_to_keep). Fresh process per length; peak = "
             "`resource.getrusage` ru_maxrss; the child also records RSS, RssFile and glibc's mallinfo2() before and "

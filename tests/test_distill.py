@@ -16,8 +16,9 @@ import torch
 
 from quantkit.distill import augment as A
 from quantkit.distill.losses import IGNORE, kd_loss, minilmv2_loss, relation_loss
-from quantkit.distill.trainer import DistillConfig, distill, evenly_spaced, read_labelled
+from quantkit.distill.trainer import DistillConfig, distill, evenly_spaced
 from quantkit.util.errors import QuantkitError
+from quantkit.util.textdata import read_labelled
 
 from encoder_fixtures import save_tiny_bert
 
@@ -188,16 +189,16 @@ def test_resume_continues_the_same_trajectory(tiny_dir, tmp_path, monkeypatch):
     from quantkit.distill import trainer
 
     ref = distill(_tiny_cfg(tiny_dir, tmp_path / "a"))
-    real_save = trainer._save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_die(path, student, opt, step, cfg):
         real_save(path, student, opt, step, cfg)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         distill(_tiny_cfg(tiny_dir, tmp_path / "b"))
-    monkeypatch.setattr(trainer, "_save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     assert not (tmp_path / "b").exists() and (tmp_path / "b.ckpt" / "state.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     res = distill(_tiny_cfg(tiny_dir, tmp_path / "b", resume=True))

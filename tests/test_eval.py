@@ -18,7 +18,10 @@ import pytest
 
 from quantkit.cli import main
 from quantkit.eval import metrics
-from quantkit.eval.evaluate import EvalOptions, ModelFacts, check_same_vocab, evaluate, ladder_types, run_probe
+from quantkit.eval.evaluate import EvalOptions, evaluate
+from quantkit.eval.facts import ModelFacts, check_same_vocab
+from quantkit.eval.ladder import ladder_types
+from quantkit.eval.speed import run_probe
 from quantkit.util.errors import QuantkitError
 
 N_CTX = 128
@@ -81,8 +84,8 @@ def _opts(text, **kw) -> EvalOptions:
     return EvalOptions(**base)
 
 
-def _row(res, path) -> dict:
-    (r,) = [r for r in res.rows if r["path"] == os.path.abspath(path)]
+def _row(res, path):
+    (r,) = [r for r in res.rows if r.path == os.path.abspath(path)]
     return r
 
 
@@ -152,6 +155,32 @@ def test_ladder_types_follow_what_quantkit_encodes():
         assert "q4_k_m" in types
     with pytest.raises(QuantkitError, match="q9_9"):
         ladder_types(["q8_0", "q9_9"])
+    # a GPTQ rung is what `quantize --method gptq` makes of the same type: the same Hessian shrinkage
+    import quantkit.api as qk
+    from quantkit.eval.ladder import GPTQ_RUNG_SHRINK
+    assert GPTQ_RUNG_SHRINK == qk.GGUF_GPTQ_SHRINK
+
+
+def test_result_rows_keep_their_json_keys():
+    """A row's JSON object has the keys `quantkit eval --json` has always written: speed only when
+    measured, a rung only in a ladder, the build facts only for a rung built in this run."""
+    from quantkit.eval.results import ClassifierRow, EvalResult, ModelRow
+    summary = dict(n_scored=3, nll=1.0, ppl=2.7, ppl_stderr=0.1, kld_mean=0.01, kld_stderr=0.001, kld_median=0.005,
+                   kld_p99=0.1, kld_max=0.2, top1_agreement=0.9, delta_p_mean=-0.01, delta_p_rms=0.02)
+    r = ModelRow(path="/m/a.gguf", runtime="llama.cpp", is_reference=False, eval_s=1.0, eval_load_s=0.1, **summary)
+    r.set_size("a.gguf", 1000, 250, {"q8_0": 2}, 200, 500)
+    head = ["path", "runtime", "is_reference", "eval_s", "eval_load_s", *summary]
+    size = ["name", "file_bytes", "n_params", "types", "bits_per_weight", "bits_per_weight_linear"]
+    assert list(r.to_dict()) == head + size and r.bits_per_weight == 32.0 and r.bits_per_weight_linear == 20.0
+    r.speed = {"load_s": 0.1}
+    r.rung = "source"
+    assert list(r.to_dict()) == head + size + ["speed", "rung", "method"]
+    r.rung, r.method, r.file_type, r.build_s, r.build_reused, r.calibration = "Q8_0 RTN", "rtn", "q8_0", 1.0, False, None
+    assert list(r.to_dict())[-6:] == ["rung", "method", "file_type", "build_s", "build_reused", "calibration"]
+    again = EvalResult([r.to_dict()], {}).rows[0]            # a saved result read back: typed again
+    assert isinstance(again, ModelRow) and again == r
+    c = EvalResult([{"path": "/m/c", "runtime": "torch", "accuracy": 0.9}], {"kind": "classifier"}).rows[0]
+    assert isinstance(c, ClassifierRow) and c.accuracy == 0.9 and c.to_dict()["ppl"] is None
 
 
 # ------------------------------------------------------------------------------- bundled model
@@ -161,12 +190,12 @@ def test_bundled_q8_q4_against_f32_and_llama_cpp_logits(bundled_set, text, eval_
     import llama_cpp
     res = evaluate([bundled_set["q8_0"], bundled_set["q4_0"]], _opts(text, ref=bundled_set["f32"]))
     ref, q8, q4 = (_row(res, bundled_set[k]) for k in ("f32", "q8_0", "q4_0"))
-    assert ref["is_reference"] and ref["kld_mean"] == 0
-    assert 3 < ref["ppl"] < 60, ref["ppl"]                    # Gemma-3-270M on wikitext-2: ~8-20
-    assert 0 < q8["kld_mean"] < 0.01, q8["kld_mean"]         # measured 0.0016
-    assert q4["kld_mean"] > 10 * q8["kld_mean"], (q4["kld_mean"], q8["kld_mean"])   # measured 0.28
-    assert q8["top1_agreement"] > q4["top1_agreement"]
-    assert res.rows[0]["n_scored"] == N_CTX - 1 - FIRST
+    assert ref.is_reference and ref.kld_mean == 0
+    assert 3 < ref.ppl < 60, ref.ppl                    # Gemma-3-270M on wikitext-2: ~8-20
+    assert 0 < q8.kld_mean < 0.01, q8.kld_mean         # measured 0.0016
+    assert q4.kld_mean > 10 * q8.kld_mean, (q4.kld_mean, q8.kld_mean)   # measured 0.28
+    assert q8.top1_agreement > q4.top1_agreement
+    assert res.rows[0].n_scored == N_CTX - 1 - FIRST
     assert res.meta["timings"]["ref_cached_chunks"] == 0
 
     # the slow, obvious way: the whole text tokenized as llama-perplexity does, every position's logits
@@ -192,8 +221,8 @@ def test_bundled_q8_q4_against_f32_and_llama_cpp_logits(bundled_set, text, eval_
         lp = {k: _slow_log_softmax(full[k][j]) for k in full}
         nll.append(-lp["f32"][tokens[j + 1]])
         kld.append(float((np.exp(lp["f32"]) * (lp["f32"] - lp["q8_0"])).sum()))
-    assert ref["ppl"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
-    assert q8["kld_mean"] == pytest.approx(float(np.mean(kld)), rel=1e-3)
+    assert ref.ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
+    assert q8.kld_mean == pytest.approx(float(np.mean(kld)), rel=1e-3)
 
     # second run, the same bytes under another name as the model: the reference now comes from
     # the on-disk cache (no reference pass) and the KL divergence of a model to itself is exactly 0
@@ -201,10 +230,10 @@ def test_bundled_q8_q4_against_f32_and_llama_cpp_logits(bundled_set, text, eval_
     again = evaluate([same], _opts(text, ref=bundled_set["f32"]))
     assert again.meta["timings"]["ref_cached_chunks"] == 1
     r = _row(again, same)
-    assert not r["is_reference"]
-    assert r["kld_mean"] == 0 and r["kld_p99"] == 0 and r["top1_agreement"] == 1
-    assert r["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
-    assert _row(again, bundled_set["f32"])["ppl"] == ref["ppl"]
+    assert not r.is_reference
+    assert r.kld_mean == 0 and r.kld_p99 == 0 and r.top1_agreement == 1
+    assert r.ppl == pytest.approx(ref.ppl, rel=1e-6)
+    assert _row(again, bundled_set["f32"]).ppl == ref.ppl
 
 
 def test_bundled_f32_in_torch_matches_llama_cpp(bundled_set, text, eval_cache):
@@ -213,28 +242,49 @@ def test_bundled_f32_in_torch_matches_llama_cpp(bundled_set, text, eval_cache):
     (measured 7.90020 llama.cpp, 7.90071 torch on this chunk)."""
     spec = "torch:" + bundled_set["f32"]
     res = evaluate([spec], _opts(text, ref=bundled_set["f32"]))
-    ll, tt = _row(res, bundled_set["f32"]), next(r for r in res.rows if r["path"] == "torch:" + os.path.abspath(bundled_set["f32"]))
-    assert tt["runtime"] == "torch" and tt["name"].startswith("torch:")
-    assert tt["ppl"] == pytest.approx(ll["ppl"], rel=1e-3), (tt["ppl"], ll["ppl"])
-    assert tt["kld_mean"] < 1e-3 and tt["top1_agreement"] > 0.95
+    ll, tt = _row(res, bundled_set["f32"]), next(r for r in res.rows if r.path == "torch:" + os.path.abspath(bundled_set["f32"]))
+    assert tt.runtime == "torch" and tt.name.startswith("torch:")
+    assert tt.ppl == pytest.approx(ll.ppl, rel=1e-3), (tt.ppl, ll.ppl)
+    assert tt.kld_mean < 1e-3 and tt.top1_agreement > 0.95
 
 
 # ------------------------------------------------------------------------------- tiny model
+def test_runtimes_share_one_protocol(tiny):
+    """llama.cpp (a GGUF) and torch (the same model's HF directory) behind one Runtime: the same
+    token ids give the same scored logits."""
+    from quantkit.runtimes import Runtime, open_runtime
+    ll, tt = open_runtime(tiny["f32"], 64, 1), open_runtime(tiny["hf"], 64, 1)
+    try:
+        assert isinstance(ll, Runtime) and isinstance(tt, Runtime) and (ll.kind, tt.kind) == ("llama.cpp", "torch")
+        assert ll.n_vocab == tt.n_vocab and ll.load_s > 0 and tt.load_s > 0
+        ids = ([ll.bos_id()] if ll.add_bos() else []) + ll.tokenize("The tower is 324 metres tall, about the same "
+                                                                    "height as an 81-storey building.")
+        assert len(ids) > 12
+        a, b = ll.scored_logits(ids, 6).copy(), tt.scored_logits(ids, 6)
+        assert a.shape == b.shape == (len(ids) - 7, ll.n_vocab)
+        # llama.cpp keeps K and V in an F16 cache: measured 8e-4 of the logit scale on this model
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * float(np.abs(b).max()))
+        assert ll.timed_generate(ids, 2) > 0 and tt.timed_prompt(ids) > 0
+    finally:
+        ll.close()
+        tt.close()
+
+
 def test_torch_and_llama_cpp_perplexities_agree(tiny, text, eval_cache):
     """The same HF model in transformers (torch, F32) and as quantkit's F32 GGUF in llama.cpp,
     on the same token ids (llama.cpp's tokenizer): perplexities within 0.1 %."""
     res = evaluate([tiny["hf"]], _opts(text, ref=tiny["f32"], n_chunks=2))
     ll, tt = _row(res, tiny["f32"]), _row(res, tiny["hf"])
-    assert (ll["runtime"], tt["runtime"]) == ("llama.cpp", "torch")
-    assert tt["ppl"] == pytest.approx(ll["ppl"], rel=1e-3), (tt["ppl"], ll["ppl"])
-    assert tt["kld_mean"] < 1e-4 and tt["top1_agreement"] > 0.99
-    assert np.isfinite(ll["ppl"]) and ll["ppl"] > 1
+    assert (ll.runtime, tt.runtime) == ("llama.cpp", "torch")
+    assert tt.ppl == pytest.approx(ll.ppl, rel=1e-3), (tt.ppl, ll.ppl)
+    assert tt.kld_mean < 1e-4 and tt.top1_agreement > 0.99
+    assert np.isfinite(ll.ppl) and ll.ppl > 1
 
     # the other way round: the HF directory as the default reference, tokenized by transformers
     res2 = evaluate([tiny["hf"], tiny["f32"]], _opts(text, n_chunks=2))
-    assert res2.rows[0]["path"] == os.path.abspath(tiny["hf"]) and res2.rows[0]["is_reference"]
+    assert res2.rows[0].path == os.path.abspath(tiny["hf"]) and res2.rows[0].is_reference
     assert res2.meta["reference_runtime"].startswith("torch")
-    assert _row(res2, tiny["f32"])["ppl"] == pytest.approx(res2.rows[0]["ppl"], rel=1e-3)
+    assert _row(res2, tiny["f32"]).ppl == pytest.approx(res2.rows[0].ppl, rel=1e-3)
 
 
 def test_default_reference_is_f32_dequantization(tiny, text, eval_cache):
@@ -242,18 +292,18 @@ def test_default_reference_is_f32_dequantization(tiny, text, eval_cache):
     KL divergence is llama.cpp's arithmetic (activations rounded to Q8 in quantized dot products)."""
     res = evaluate([tiny["q8_0"], tiny["q4_0"]], _opts(text))
     ref = res.rows[0]
-    assert ref["is_reference"] and ref["path"].endswith("-f32.gguf")
+    assert ref.is_reference and ref.path.endswith("-f32.gguf")
     assert res.meta["reference_how"].startswith("F32 dequantization of tiny-q8_0.gguf")
-    assert ref["types"] == {"f32": sum(ref["types"].values())}
+    assert ref.types == {"f32": sum(ref.types.values())}
     q4, q8 = _row(res, tiny["q4_0"]), _row(res, tiny["q8_0"])
-    assert 0 <= q8["kld_mean"] < 1e-3 and q8["kld_mean"] < q4["kld_mean"] / 10, (q8["kld_mean"], q4["kld_mean"])
-    assert q4["bits_per_weight_linear"] == pytest.approx(4.5) and q8["bits_per_weight_linear"] == pytest.approx(8.5)
+    assert 0 <= q8.kld_mean < 1e-3 and q8.kld_mean < q4.kld_mean / 10, (q8.kld_mean, q4.kld_mean)
+    assert q4.bits_per_weight_linear == pytest.approx(4.5) and q8.bits_per_weight_linear == pytest.approx(8.5)
 
 
 def test_speed_probe_matches_llama_cpp_counters(tiny, text, eval_cache):
     res = evaluate([tiny["q8_0"]], _opts(text, ref=tiny["f32"], speed=True, speed_runs=2, n_prompt=64, n_gen=8))
     for r in res.rows:
-        sp = r["speed"]
+        sp = r.speed
         assert sp["threads"] == 1 and sp["n_prompt"] == 64 and sp["n_gen"] == 8 and len(sp["pp_tok_s_runs"]) == 2
         assert sp["pp_tok_s"] > 0 and sp["tg_tok_s"] > 0 and sp["load_s"] > 0
         assert sp["peak_rss_bytes"] > sp["rss_before_load_bytes"] > 0
@@ -402,7 +452,8 @@ def test_classifier_accuracy_size_latency(classifiers, sst2_dev, eval_cache):
     import torch
 
     from quantkit.api import load_encoder
-    from quantkit.distill.trainer import accuracy, read_labelled
+    from quantkit.distill.scoring import accuracy
+    from quantkit.util.textdata import read_labelled
     threads = torch.get_num_threads()
     res = evaluate([classifiers["fp32"], classifiers["int8"]],
                    EvalOptions(task_data=sst2_dev, n_threads=1, speed=False, show_progress=False))
@@ -411,17 +462,17 @@ def test_classifier_accuracy_size_latency(classifiers, sst2_dev, eval_cache):
     ref, q = _row(res, classifiers["fp32"]), _row(res, classifiers["int8"])
     texts, labels = read_labelled(sst2_dev, ["0", "1"])
     for r, key in ((ref, "fp32"), (q, "int8")):
-        assert r["n_examples"] == 872
+        assert r.n_examples == 872
         # the same batches (32): padding length changes the GEMM shapes, which can flip a borderline int8 prediction
-        assert r["accuracy"] == accuracy(load_encoder(classifiers[key]), texts, labels, batch_size=32)
-        assert r["ppl"] is None and r["runtime"] == "torch"
-    assert ref["is_reference"] and ref["kld_mean"] == 0 and ref["top1_agreement"] == 1
-    assert q["quantization"] == "dynamic-int8" and not q["is_reference"]
-    assert 0 < q["kld_mean"] < 0.01 and q["top1_agreement"] > 0.9
+        assert r.accuracy == accuracy(load_encoder(classifiers[key]), texts, labels, batch_size=32)
+        assert r.ppl is None and r.runtime == "torch"
+    assert ref.is_reference and ref.kld_mean == 0 and ref.top1_agreement == 1
+    assert q.quantization == "dynamic-int8" and not q.is_reference
+    assert 0 < q.kld_mean < 0.01 and q.top1_agreement > 0.9
     # int8 linear weights: 8 bits + one fp32 scale per row of 32 or 64 inputs (the biases are not weights)
-    assert ref["bits_per_weight_linear"] == pytest.approx(32)
-    assert 8 < q["bits_per_weight_linear"] < 9 and q["file_bytes"] < ref["file_bytes"]
-    assert ref["n_params"] == q["n_params"]
+    assert ref.bits_per_weight_linear == pytest.approx(32)
+    assert 8 < q.bits_per_weight_linear < 9 and q.file_bytes < ref.file_bytes
+    assert ref.n_params == q.n_params
 
     # speed and memory: the int8 model alone in a fresh process (as `evaluate` runs it per model)
     sp = run_probe(classifiers["int8"], texts[:32], 0, 1, 1, kind="classifier")
@@ -512,5 +563,5 @@ def test_cache_cap_applies_after_a_run(tiny, text, eval_cache, capsys):
     assert len(left) == 1 and 0 < sum(s for _, s, _ in left) <= 300 << 10
     again = evaluate([tiny["q8_0"]], _opts(text, ref=tiny["f32"], n_chunks=2, cache_max="300K"))
     assert again.meta["timings"]["ref_cached_chunks"] == 1      # the kept chunk is re-used, the other re-made
-    assert _row(again, tiny["q8_0"])["kld_mean"] == _row(res, tiny["q8_0"])["kld_mean"]
+    assert _row(again, tiny["q8_0"]).kld_mean == _row(res, tiny["q8_0"]).kld_mean
     _fails(["eval", tiny["q8_0"], "--text", text, "--cache-max", "lots", "--no-speed"], capsys, "--cache-max 'lots'")

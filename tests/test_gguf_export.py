@@ -8,7 +8,7 @@ import pytest
 
 from ggml_reference import llama_quantize
 from quantkit import api
-from quantkit.eval.runtimes import LlamaCpp
+from quantkit.runtimes.llama_cpp import LlamaCpp
 from quantkit.models.gguf import GGUFSource
 
 PROMPT = "The history of the Roman Empire"

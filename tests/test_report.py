@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.eval.evaluate import EvalResult
+from quantkit.eval.results import EvalResult
 from quantkit.eval.metrics import pareto_front
 from quantkit.eval.report import write_report
 
@@ -114,8 +114,8 @@ def test_report_renders_one_point_per_model_with_pareto_front(tmp_path):
     assert "&lt;q4_0&gt;" in page  # names are escaped in the table
 
     points = rendered_points(out, tmp_path)
-    assert [p["data-model"] for p in points] == [r["name"] for r in res.rows]
-    front = pareto_front([(r["file_bytes"], r["kld_mean"]) for r in res.rows])
+    assert [p["data-model"] for p in points] == [r.name for r in res.rows]
+    front = pareto_front([(r.file_bytes, r.kld_mean) for r in res.rows])
     assert ["pareto" in p["class"].split() for p in points] == front == [True, True, True, False, True]
     # smaller files to the left, larger KL divergence higher up (smaller y in SVG)
     by = {p["data-model"]: (float(p["cx"]), float(p["cy"])) for p in points}

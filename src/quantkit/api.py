@@ -118,19 +118,20 @@ DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0-gptq", "q3_k_m")
 def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, prompt: str = DEMO_PROMPT,
          max_tokens: int = 24, show_progress: bool = True, eval_chunks: int = 4,
          eval_ctx: int = 256, calib: str | None = None, calib_samples: int | None = None,
-         calib_seqlen: int | None = None, n_threads: int | None = None) -> list[dict[str, Any]]:
+         calib_seqlen: int | None = None, n_threads: int | None = None) -> list:
     """The main job: a ladder of the bundled model (default Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ,
     Q3_K_M; a rung "TYPE-gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
     *valid* excerpt shipped with quantkit, 16 x 256 tokens, or `calib`), each run in llama.cpp on a
     short prompt and scored against the F32 reference on a short text (perplexity, KL divergence,
     top-1 agreement; `eval_chunks` x `eval_ctx` tokens of the WikiText-2 *test* excerpt shipped
     with quantkit; 0 chunks skips it). Files go to `out_dir` (written afresh), or (None) come
-    from quantkit's ladder cache, so a rerun re-uses them. One row per rung; the HTML report is
+    from quantkit's ladder cache, so a rerun re-uses them. One eval.results.DemoRow per rung; the HTML report is
     out_dir/report.html (or ~/.cache/quantkit/demo/report.html). `n_threads`: llama.cpp's threads
     (default: up to 2)."""
-    from .eval.evaluate import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
-                                label_ladder, ladder_types)
-    from .eval.runtimes import LlamaCpp
+    from .eval.ladder import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
+                              label_ladder, ladder_types)
+    from .eval.results import DemoRow
+    from .runtimes.llama_cpp import LlamaCpp
     from .models.bundled import bundled_path, cache_dir
     from .util.progress import progress
     cal = GPTQCalibration(calib, calib_samples or DEFAULT_CALIB_SAMPLES, calib_seqlen or DEFAULT_CALIB_SEQLEN)
@@ -150,28 +151,27 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
             finally:
                 rt.close()
             bar.update()
-        rows.append({"format": rg.file_type.upper(), "method": rg.method.upper(), "rung": rg.label,
-                     "file": rg.path, "file_bytes": info["file_bytes"],
-                     "bits_per_weight": info["bits_per_weight"], "quantize_s": None if rg.reused else rg.seconds,
-                     "reused": rg.reused, "calibration": rg.calibration,
-                     "load_s": gen.load_s, "prompt_tok_s": gen.prompt_tok_s, "gen_tok_s": gen.gen_tok_s,
-                     "threads": gen.n_threads, "output": gen.text})
+        rows.append(DemoRow(format=rg.file_type.upper(), method=rg.method.upper(), rung=rg.label,
+                            file=rg.path, file_bytes=info["file_bytes"],
+                            bits_per_weight=info["bits_per_weight"], quantize_s=None if rg.reused else rg.seconds,
+                            reused=rg.reused, calibration=rg.calibration,
+                            load_s=gen.load_s, prompt_tok_s=gen.prompt_tok_s, gen_tok_s=gen.gen_tok_s,
+                            threads=gen.n_threads, output=gen.text))
     if eval_chunks > 0 and rows:
         from .eval.report import write_report
         # the bundled file first: its F32 dequantization is the reference, and it is scored beside its rungs
-        result = evaluate([bundled_path(), *(r["file"] for r in rows)], text=DEMO_TEXT, n_chunks=eval_chunks,
+        result = evaluate([bundled_path(), *(r.file for r in rows)], text=DEMO_TEXT, n_chunks=eval_chunks,
                           n_ctx=eval_ctx, n_threads=n_threads, speed=False, show_progress=show_progress)
         label_ladder(result, rungs)
         result.meta["command"] = "quantkit demo"
-        scored = {os.path.abspath(r["path"]): r for r in result.rows if not r.get("is_reference")}
-        for r in rows:
-            q = scored.get(os.path.abspath(r["file"]), {})
-            r.update(ppl=q.get("ppl"), kld=q.get("kld_mean"), top1=q.get("top1_agreement"))
-        ref = next((r for r in result.rows if r.get("is_reference")), None)
+        scored = {os.path.abspath(r.path): r for r in result.rows if not r.is_reference}
+        ref = next((r for r in result.rows if r.is_reference), None)
         report = write_report(result, os.path.join(report_dir, "report.html"))
         for r in rows:
-            r.update(ref_ppl=ref and ref.get("ppl"), report=report,
-                     eval_tokens=f"{eval_chunks} x {eval_ctx}")
+            q = scored.get(os.path.abspath(r.file))
+            if q is not None:
+                r.ppl, r.kld, r.top1 = q.ppl, q.kld_mean, q.top1_agreement
+            r.ref_ppl, r.report, r.eval_tokens = ref and ref.ppl, report, f"{eval_chunks} x {eval_ctx}"
     return rows
 
 
@@ -245,14 +245,14 @@ def distill(**options) -> dict:
 def evaluate(models=None, **options):
     """Score MODELS (paths; None = the bundled model) on the same token ids against one
     reference: perplexity (llama.cpp's protocol), KL divergence, top-1 agreement, size, bits per
-    weight, load time, tokens/s, peak RSS. Options are quantkit.eval.evaluate.EvalOptions fields
+    weight, load time, tokens/s, peak RSS. Options are quantkit.eval.options.EvalOptions fields
     (ref, text, n_chunks, n_ctx, n_threads, speed, speed_runs, cache, ...). The reference's
     log-probabilities are cached on disk, capped by `cache_max` (bytes or "4G"; CLI --cache-max;
     default $QUANTKIT_EVAL_CACHE_MAX or 4 GiB; least recently used deleted first). Encoder
     classifiers (BERT-family directories with a classification head) are scored by task accuracy
     instead: `task_data` (label<TAB>text file; CLI --task-data; default SST-2 dev), `task_limit`,
     `batch_size`. To quantize a model to a ladder of rungs (RTN types and GPTQ rungs such as
-    "q4_0-gptq") and score them all, use eval_ladder(). Returns an EvalResult (.rows, .meta,
+    "q4_0-gptq") and score them all, use eval_ladder(). Returns an EvalResult (.rows: typed rows, .meta,
     .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it."""
     from .eval.evaluate import EvalOptions, evaluate as _evaluate
     from .util.errors import QuantkitError
@@ -275,8 +275,9 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=
     `calib_seqlen` tokens (default 16 x 256); the calibration text must not be the scored one.
     Rungs are cached in quantkit's cache (keyed by source, type, method and calibration) unless
     `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method."""
-    from .eval.evaluate import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
-                                default_text, label_ladder, ladder_types)
+    from .eval.ladder import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
+                              label_ladder, ladder_types)
+    from .eval.lm import default_text
     from .util.errors import QuantkitError
 
     names = ladder_types(types)

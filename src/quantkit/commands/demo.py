@@ -53,27 +53,27 @@ def run(args) -> int:
                     eval_chunks=args.eval_chunks, eval_ctx=args.eval_ctx, calib=args.calib,
                     calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, n_threads=args.threads)
     total = time.perf_counter() - t0
-    print(f"\nprompt: {args.prompt or api.DEMO_PROMPT!r} (greedy, llama.cpp, {rows[0]['threads']} threads)\n")
+    print(f"\nprompt: {args.prompt or api.DEMO_PROMPT!r} (greedy, llama.cpp, {rows[0].threads} threads)\n")
     hdr = (f"{'format':<7} {'method':<6} {'file size':>10} {'bits/weight':>11} {'quantize':>9} {'load':>7} "
            f"{'prompt tok/s':>12} {'gen tok/s':>10}  output")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        out = r["output"].replace("\n", " ").strip()
-        print(f"{r['format']:<7} {r['method']:<6} {r['file_bytes'] / 1e6:>8.1f}MB {r['bits_per_weight']:>11.2f} "
-              f"{_s(r['quantize_s']):>9} {r['load_s']:>6.2f}s {r['prompt_tok_s']:>12.1f} {r['gen_tok_s']:>10.1f}  "
+        out = r.output.replace("\n", " ").strip()
+        print(f"{r.format:<7} {r.method:<6} {r.file_bytes / 1e6:>8.1f}MB {r.bits_per_weight:>11.2f} "
+              f"{_s(r.quantize_s):>9} {r.load_s:>6.2f}s {r.prompt_tok_s:>12.1f} {r.gen_tok_s:>10.1f}  "
               f"{out[:60]}")
-    cal = next((r["calibration"] for r in rows if r.get("calibration")), None)
+    cal = next((r.calibration for r in rows if r.calibration), None)
     if cal:
         print(f"\nRTN: llama.cpp's round-to-nearest; GPTQ: the same llama.cpp types, weights solved by GPTQ on {cal}")
-    if rows[0].get("report"):
-        print(f"\nwhat was lost, against the F32 reference (perplexity {rows[0]['ref_ppl']:.3f}) on "
-              f"{rows[0]['eval_tokens']} tokens of WikiText-2 test (llama.cpp's protocol, second half of each chunk "
+    if rows[0].report:
+        print(f"\nwhat was lost, against the F32 reference (perplexity {rows[0].ref_ppl:.3f}) on "
+              f"{rows[0].eval_tokens} tokens of WikiText-2 test (llama.cpp's protocol, second half of each chunk "
               f"scored):\n")
         print(f"{'format':<7} {'method':<6} {'perplexity':>10} {'KL div.':>9} {'top-1 agree':>11}")
         for r in rows:
-            print(f"{r['format']:<7} {r['method']:<6} {r['ppl']:>10.3f} {r['kld']:>9.4f} {100 * r['top1']:>10.1f}%")
-        print(f"\nreport: {rows[0]['report']}")
-    print("\nfiles: " + ", ".join(r["file"] for r in rows))
+            print(f"{r.format:<7} {r.method:<6} {r.ppl:>10.3f} {r.kld:>9.4f} {100 * r.top1:>10.1f}%")
+        print(f"\nreport: {rows[0].report}")
+    print("\nfiles: " + ", ".join(r.file for r in rows))
     print(f"demo took {total:.0f} s")
     return 0

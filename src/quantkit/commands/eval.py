@@ -72,12 +72,12 @@ def format_table(res) -> str:
     head = ["model", *(["rung"] if ladder else []), "size MB", "bpw", "bpw lin", "PPL", "KLD mean", "KLD med",
             "KLD p99", "top-1 %", "load s", "pp tok/s", "tg tok/s", "peak RSS MB"]
     for r in res.rows:
-        sp = r.get("speed") or {}
-        rows.append([r["name"] + (" (ref)" if r["is_reference"] else ""),
-                     *([r.get("rung") or "-"] if ladder else []), _mb(r["file_bytes"]),
-                     _f(r["bits_per_weight"], ".2f"), _f(r["bits_per_weight_linear"], ".2f"),
-                     f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}", f"{r['kld_mean']:.5f}", f"{r['kld_median']:.5f}",
-                     f"{r['kld_p99']:.4f}", f"{100 * r['top1_agreement']:.2f}",
+        sp = r.speed or {}
+        rows.append([r.name + (" (ref)" if r.is_reference else ""),
+                     *([r.rung or "-"] if ladder else []), _mb(r.file_bytes),
+                     _f(r.bits_per_weight, ".2f"), _f(r.bits_per_weight_linear, ".2f"),
+                     f"{r.ppl:.4f} ± {r.ppl_stderr:.4f}", f"{r.kld_mean:.5f}", f"{r.kld_median:.5f}",
+                     f"{r.kld_p99:.4f}", f"{100 * r.top1_agreement:.2f}",
                      _f(sp.get("load_s"), ".2f"), _f(sp.get("pp_tok_s"), ".1f"), _f(sp.get("tg_tok_s"), ".1f"),
                      _mb(sp.get("peak_rss_bytes"))])
     m = res.meta
@@ -106,11 +106,11 @@ def format_classifier_table(res) -> str:
             "load s", "ms/sent (b1)", "sent/s (b32)", "peak RSS MB"]
     rows = []
     for r in res.rows:
-        sp = r.get("speed") or {}
-        rows.append([r["name"] + (" (ref)" if r["is_reference"] else ""), _mb(r["file_bytes"]),
-                     _f(r["bits_per_weight"], ".2f"), _f(r["bits_per_weight_linear"], ".2f"),
-                     f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_stderr']:.2f}",
-                     f"{100 * r['top1_agreement']:.2f}", f"{r['kld_mean']:.5f}", f"{r['kld_p99']:.4f}",
+        sp = r.speed or {}
+        rows.append([r.name + (" (ref)" if r.is_reference else ""), _mb(r.file_bytes),
+                     _f(r.bits_per_weight, ".2f"), _f(r.bits_per_weight_linear, ".2f"),
+                     f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_stderr:.2f}",
+                     f"{100 * r.top1_agreement:.2f}", f"{r.kld_mean:.5f}", f"{r.kld_p99:.4f}",
                      _f(sp.get("load_s"), ".2f"), _f(sp.get("latency_ms"), ".1f"), _f(sp.get("sent_s"), ".1f"),
                      _mb(sp.get("peak_rss_bytes"))])
     out = _align(head, rows)

@@ -249,7 +249,7 @@ def distill_fast(cfg) -> dict:
     from ..models.encoder import bundled_encoder_path, check_encoder_dir, load_tokenizer
     from ..quant.dynamic import open_encoder
     from . import augment as A
-    from .trainer import _sample, read_labelled
+    from ..util.textdata import read_labelled, sample_indices
 
     t0 = time.time()
     if cfg.objective not in ("kd", "finetune"):
@@ -274,7 +274,7 @@ def distill_fast(cfg) -> dict:
         hf = check_encoder_dir(src)
         tokenizer, labels, pad_id = load_tokenizer(src), None, hf.get("pad_token_id") or 0
     texts, ylabels = read_labelled(cfg.train, labels)
-    keep = _sample(len(texts), cfg.limit, cfg.seed)
+    keep = sample_indices(len(texts), cfg.limit, cfg.seed)
     texts, ylabels = [texts[i] for i in keep], [ylabels[i] for i in keep]
     names = labels or sorted(set(ylabels))
     gold = [names.index(y) for y in ylabels]
@@ -305,6 +305,6 @@ def distill_fast(cfg) -> dict:
         dev_texts, dev_labels = dev_texts[:cfg.dev_limit], dev_labels[:cfg.dev_limit]
         summary["dev_accuracy"] = accuracy(model, dev_texts, dev_labels)
         if cfg.objective == "kd":
-            from .trainer import accuracy as enc_accuracy
+            from .scoring import accuracy as enc_accuracy
             summary["teacher_dev_accuracy"] = enc_accuracy(teacher, dev_texts, dev_labels)
     return summary

@@ -38,10 +38,12 @@ from torch import nn
 from ..models.encoder import Encoder, EncoderMeta, load_encoder, save_encoder
 from ..quant.dynamic import open_encoder
 from ..util.atomic import atomic_output, check_writable_dir
-from ..util.errors import QuantkitError, require_file
+from ..util.errors import QuantkitError
 from ..util.progress import progress
+from ..util.textdata import read_labelled, read_text, sample_indices
 from . import augment as A
 from .losses import IGNORE, embedding_mse, kd_loss, minilmv2_loss
+from .scoring import accuracy, embedding_cosine
 
 OBJECTIVES = ("finetune", "kd", "embed")
 
@@ -91,60 +93,6 @@ class DistillConfig:
         for k in ("output", "dev", "dev_limit", "checkpoint_dir", "save_every", "resume", "max_steps", "epochs"):
             d.pop(k)
         return d
-
-
-# ---- data -----------------------------------------------------------------------------
-def read_labelled(path: str, labels: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """`label<TAB>text` lines (a first line `label<TAB>sentence` is a header). Returns
-    (texts, labels); with `labels` given, any other label is an error naming its line."""
-    require_file(path, "labels file")
-    texts, ys = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise QuantkitError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if n == 1 and parts[0].strip().lower() == "label":
-            continue
-        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-            raise QuantkitError(f"line {n}: expected 'label<TAB>text', got {line[:60]!r}", path)
-        y = parts[0].strip()
-        if labels is not None and y not in labels:
-            raise QuantkitError(f"line {n}: unknown label {y!r} (the model's labels are {', '.join(labels)})", path)
-        texts.append(parts[1].strip())
-        ys.append(y)
-    if not texts:
-        raise QuantkitError("no examples", path)
-    return texts, ys
-
-
-def read_text(path: str, min_words: int = 5, max_words: int = 64) -> list[str]:
-    """Unlabelled sentences: one per non-empty line, headings (`= x =`) skipped, capped."""
-    require_file(path, "text file")
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                w = line.split()
-                if len(w) >= min_words and not (w[0] == "=" and w[-1] == "="):
-                    out.append(" ".join(w[:max_words]))
-    except UnicodeDecodeError as e:
-        raise QuantkitError(f"not UTF-8 text ({e.reason})", path) from None
-    if not out:
-        raise QuantkitError(f"no lines of {min_words}+ words", path)
-    return out
-
-
-def _sample(n: int, limit: int | None, seed: int) -> list[int]:
-    idx = list(range(n))
-    if limit is not None and limit < n:
-        g = torch.Generator().manual_seed(seed)
-        idx = sorted(torch.randperm(n, generator=g)[:limit].tolist())
-    return idx
 
 
 # ---- students -------------------------------------------------------------------------
@@ -206,7 +154,7 @@ def make_student(teacher: Encoder, cfg: DistillConfig) -> Encoder:
 
 
 # ---- checkpoints ----------------------------------------------------------------------
-def _save_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, step: int, cfg: DistillConfig) -> None:
+def save_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, step: int, cfg: DistillConfig) -> None:
     from safetensors.torch import save_file
 
     with atomic_output(path, directory=True) as tmp:
@@ -220,7 +168,7 @@ def _save_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, st
             json.dump({"step": step, "trajectory": cfg.trajectory()}, f, indent=2)
 
 
-def _load_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, cfg: DistillConfig) -> int:
+def load_checkpoint(path: str, student: Encoder, opt: torch.optim.Optimizer, cfg: DistillConfig) -> int:
     from safetensors.torch import load_file
 
     try:
@@ -272,20 +220,6 @@ def _lr_at(step: int, total: int, cfg: DistillConfig) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
-@torch.no_grad()
-def accuracy(enc: Encoder, texts: list[str], labels: list[str], batch_size: int = 64) -> float:
-    pred = enc.predict(texts, batch_size).argmax(-1).tolist()
-    names = enc.meta.labels
-    return sum(names[p] == y for p, y in zip(pred, labels)) / len(labels)
-
-
-@torch.no_grad()
-def embedding_cosine(teacher: Encoder | torch.Tensor, student: Encoder, texts: list[str]) -> float:
-    """Mean cosine of student to teacher embeddings (teacher given as an Encoder or its vectors)."""
-    ref = teacher if isinstance(teacher, torch.Tensor) else teacher.encode(texts)
-    return float((ref * student.encode(texts)).sum(1).mean())
-
-
 def distill(cfg: DistillConfig) -> dict:
     """Train per `cfg`; writes the student (or fine-tuned model) to cfg.output; returns a summary."""
     if cfg.objective not in OBJECTIVES:
@@ -303,80 +237,127 @@ def distill(cfg: DistillConfig) -> dict:
     ckpt = cfg.checkpoint_dir or os.fspath(cfg.output).rstrip("/") + ".ckpt"
     t_start = time.time()
 
-    # models
-    if cfg.objective == "finetune":
-        base = open_encoder(cfg.teacher)
-        teacher = None
-    else:
-        teacher = open_encoder(cfg.teacher)
-        if teacher.meta.quantization:
-            raise QuantkitError("the teacher is quantized; distil from the fp32 model", cfg.teacher)
-        if cfg.objective == "kd" and not teacher.meta.labels:
-            raise QuantkitError("the teacher has no classification head", cfg.teacher,
-                                "fine-tune it first: quantkit distill finetune --train TSV")
-        teacher.eval().requires_grad_(False)
-        base = teacher
-
-    # data
-    dev_texts = dev_labels = None
-    if cfg.objective == "embed":
-        texts = read_text(cfg.train)
-        texts = [texts[i] for i in _sample(len(texts), cfg.limit, cfg.seed)]
-        gold = None
-        if cfg.dev:
-            dev_texts = read_text(cfg.dev)[:cfg.dev_limit or 1000]
-    else:
-        texts, ylabels = read_labelled(cfg.train, base.meta.labels)
-        keep = _sample(len(texts), cfg.limit, cfg.seed)
-        texts, ylabels = [texts[i] for i in keep], [ylabels[i] for i in keep]
-        if cfg.objective == "finetune" and not base.meta.labels:
-            base.add_head(sorted(set(ylabels)))
-        names = base.meta.labels
-        gold = [names.index(y) for y in ylabels]
-        if cfg.dev:
-            dev_texts, dev_labels = read_labelled(cfg.dev, names)
-            dev_texts, dev_labels = dev_texts[:cfg.dev_limit], dev_labels[:cfg.dev_limit]
-
-    if cfg.objective == "finetune":
-        if cfg.student:
-            raise QuantkitError("finetune trains --model itself; --student is for kd and embed")
-        student = make_student(base, cfg) if (cfg.num_layers or cfg.layers or cfg.hidden) else base
-    else:
-        student = make_student(teacher, cfg)
-        check_same_vocab(teacher, student, cfg.student)
+    base, teacher = _open_models(cfg)
+    data = _read_data(cfg, base)
+    student = _student_for(cfg, base, teacher)
     initial_cosine = dev_ref = None
-    if cfg.objective == "embed" and dev_texts is not None:
-        dev_ref = teacher.encode(dev_texts)
+    if cfg.objective == "embed" and data.dev_texts is not None:
+        dev_ref = teacher.encode(data.dev_texts)
         if not cfg.resume:
-            initial_cosine = embedding_cosine(dev_ref, student, dev_texts)
+            initial_cosine = embedding_cosine(dev_ref, student, data.dev_texts)
     student.requires_grad_(True)
     if not cfg.train_word_embeddings:
         student.bert.embeddings.word_embeddings.requires_grad_(False)
-
-    # augmentation (kd): more sentences, labelled by the teacher only
-    n_gold = len(texts)
+    n_gold = len(data.texts)
     if cfg.objective == "kd" and cfg.augment > 0:
-        acfg = A.AugmentConfig(p_unk=cfg.p_unk, p_replace=cfg.p_replace, p_span=cfg.p_span)
-        classes = A.WordClasses.from_corpus(texts, acfg.n_classes, min_count=acfg.min_count, seed=cfg.seed)
-        extra = A.augment_corpus(texts, cfg.augment, acfg, classes, cfg.seed)
-        texts = texts + extra
-        gold = gold + [IGNORE] * len(extra)
+        _augment(cfg, data)
+    targets = teacher_targets(cfg, teacher, data.texts) if teacher is not None and cfg.relation_weight == 0 else None
 
-    # teacher targets, computed once when no per-batch internals are needed
-    targets = None
-    if teacher is not None and cfg.relation_weight == 0:
-        bar = progress(total=len(texts), desc="teacher targets", unit="ex")
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), 128):
-                b = teacher.tokenize(texts[i:i + 128], cfg.max_length)
-                outs.append(teacher.logits(b) if cfg.objective == "kd" else teacher(b))
-                bar.update(len(outs[-1]))
-        bar.close()
-        targets = torch.cat(outs).float()
+    step, losses = _train(cfg, student, teacher, data, targets, ckpt)
 
-    # optimisation
-    student.train()
+    student.eval().requires_grad_(False)
+    summary = {"objective": cfg.objective, "steps": step, "examples": n_gold, "augmented": len(data.texts) - n_gold,
+               "student_layers": student.num_layers, "hidden": student.hidden_size,
+               "parameters": sum(p.numel() for p in student.parameters()),
+               "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
+               "losses": losses, "seconds": round(time.time() - t_start, 1)}
+    if data.dev_texts is not None:
+        if cfg.objective == "embed":
+            summary["dev_cosine"] = embedding_cosine(dev_ref, student, data.dev_texts)
+            if initial_cosine is not None:
+                summary["dev_cosine_initial"] = initial_cosine
+        else:
+            summary["dev_accuracy"] = accuracy(student, data.dev_texts, data.dev_labels)
+            if teacher is not None:
+                summary["teacher_dev_accuracy"] = accuracy(teacher, data.dev_texts, data.dev_labels)
+    student.meta.history = list(student.meta.history) + [{
+        "objective": cfg.objective, "teacher": cfg.teacher, "train": os.path.basename(cfg.train), "steps": step,
+        **{k: summary[k] for k in ("dev_accuracy", "dev_cosine") if k in summary}}]
+    save_encoder(student, cfg.output)
+    summary["output"] = os.fspath(cfg.output)
+    summary["checkpoint"] = ckpt
+    return summary
+
+
+def _open_models(cfg: DistillConfig) -> tuple[Encoder, Encoder | None]:
+    """(the model whose labels and tokenizer the data follows, the teacher or None for finetune)."""
+    if cfg.objective == "finetune":
+        return open_encoder(cfg.teacher), None
+    teacher = open_encoder(cfg.teacher)
+    if teacher.meta.quantization:
+        raise QuantkitError("the teacher is quantized; distil from the fp32 model", cfg.teacher)
+    if cfg.objective == "kd" and not teacher.meta.labels:
+        raise QuantkitError("the teacher has no classification head", cfg.teacher,
+                            "fine-tune it first: quantkit distill finetune --train TSV")
+    teacher.eval().requires_grad_(False)
+    return teacher, teacher
+
+
+@dataclass
+class _Data:
+    texts: list[str]
+    gold: list[int] | None              # label index per text (IGNORE: teacher-labelled only); None for embed
+    dev_texts: list[str] | None = None
+    dev_labels: list[str] | None = None
+
+
+def _read_data(cfg: DistillConfig, base: Encoder) -> _Data:
+    """The training examples (a seeded subset of cfg.limit) and the dev set; finetune of a
+    head-less model adds a head for the labels it finds."""
+    if cfg.objective == "embed":
+        texts = read_text(cfg.train)
+        data = _Data([texts[i] for i in sample_indices(len(texts), cfg.limit, cfg.seed)], None)
+        if cfg.dev:
+            data.dev_texts = read_text(cfg.dev)[:cfg.dev_limit or 1000]
+        return data
+    texts, ylabels = read_labelled(cfg.train, base.meta.labels)
+    keep = sample_indices(len(texts), cfg.limit, cfg.seed)
+    texts, ylabels = [texts[i] for i in keep], [ylabels[i] for i in keep]
+    if cfg.objective == "finetune" and not base.meta.labels:
+        base.add_head(sorted(set(ylabels)))
+    names = base.meta.labels
+    data = _Data(texts, [names.index(y) for y in ylabels])
+    if cfg.dev:
+        dev_texts, dev_labels = read_labelled(cfg.dev, names)
+        data.dev_texts, data.dev_labels = dev_texts[:cfg.dev_limit], dev_labels[:cfg.dev_limit]
+    return data
+
+
+def _student_for(cfg: DistillConfig, base: Encoder, teacher: Encoder | None) -> Encoder:
+    if cfg.objective == "finetune":
+        if cfg.student:
+            raise QuantkitError("finetune trains --model itself; --student is for kd and embed")
+        return make_student(base, cfg) if (cfg.num_layers or cfg.layers or cfg.hidden) else base
+    student = make_student(teacher, cfg)
+    check_same_vocab(teacher, student, cfg.student)
+    return student
+
+
+def _augment(cfg: DistillConfig, data: _Data) -> None:
+    """kd: more sentences, labelled by the teacher only (gold label IGNORE)."""
+    acfg = A.AugmentConfig(p_unk=cfg.p_unk, p_replace=cfg.p_replace, p_span=cfg.p_span)
+    classes = A.WordClasses.from_corpus(data.texts, acfg.n_classes, min_count=acfg.min_count, seed=cfg.seed)
+    extra = A.augment_corpus(data.texts, cfg.augment, acfg, classes, cfg.seed)
+    data.texts = data.texts + extra
+    data.gold = data.gold + [IGNORE] * len(extra)
+
+
+def teacher_targets(cfg: DistillConfig, teacher: Encoder, texts: list[str]) -> torch.Tensor:
+    """The teacher's logits (kd) or pooled embeddings (embed) of every text, computed once
+    (when no per-batch teacher internals are needed)."""
+    bar = progress(total=len(texts), desc="teacher targets", unit="ex")
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), 128):
+            b = teacher.tokenize(texts[i:i + 128], cfg.max_length)
+            outs.append(teacher.logits(b) if cfg.objective == "kd" else teacher(b))
+            bar.update(len(outs[-1]))
+    bar.close()
+    return torch.cat(outs).float()
+
+
+def _optimizer(cfg: DistillConfig, student: Encoder) -> torch.optim.Optimizer:
+    """AdamW: weight decay on the body's matrices only; the head at its own learning rate."""
     head_params = list(student.head.parameters()) if student.head is not None else []
     hp = {id(p) for p in head_params}
     body = [p for p in student.parameters() if id(p) not in hp and p.requires_grad]
@@ -386,21 +367,50 @@ def distill(cfg: DistillConfig) -> dict:
               {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr}]
     if head_params:
         groups.append({"params": head_params, "weight_decay": 0.0, "lr": cfg.head_lr})
-    opt = torch.optim.AdamW(groups)
+    return torch.optim.AdamW(groups)
+
+
+def _loss(cfg: DistillConfig, student: Encoder, teacher: Encoder | None, data: _Data, targets, idx: list[int],
+          batch, rel) -> torch.Tensor:
+    """The objective's loss on one batch (rel: the (teacher, student) Q/K/V hooks, or None)."""
+    if cfg.objective == "embed":
+        return embedding_mse(student(batch), targets[idx])
+    y = torch.tensor([data.gold[i] for i in idx])
+    logits = student.logits(batch)
+    if cfg.objective == "finetune":
+        return nn.functional.cross_entropy(logits, y)
+    if targets is not None:
+        t_logits = targets[idx]
+    else:
+        with torch.no_grad():
+            teacher.eval()
+            t_logits = teacher.logits(batch)
+    loss = kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
+    if rel is not None:
+        t_rel, s_rel = rel
+        loss = loss + cfg.relation_weight * minilmv2_loss(
+            s_rel.out, [t.detach() for t in t_rel.out], batch["attention_mask"], cfg.relation_heads)
+    return loss
+
+
+def _train(cfg: DistillConfig, student: Encoder, teacher: Encoder | None, data: _Data, targets,
+           ckpt: str) -> tuple[int, list[tuple[int, float]]]:
+    """The optimisation loop, resumable: the data order of every epoch and the dropout seed of
+    every step depend on (seed, step) only. Returns (steps done, [(step, loss)])."""
+    student.train()
+    opt = _optimizer(cfg, student)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    texts = data.texts
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
     step = 0
     if cfg.resume and os.path.isdir(ckpt):
-        step = _load_checkpoint(ckpt, student, opt, cfg)
+        step = load_checkpoint(ckpt, student, opt, cfg)
     elif cfg.resume:
         raise QuantkitError("no checkpoint to resume from", ckpt, "run without --resume first")
-
-    t_rel = s_rel = None
+    rel = None
     if cfg.relation_weight > 0:
-        t_rel = _QKV(teacher, cfg.relation_layer % teacher.num_layers)
-        s_rel = _QKV(student, student.num_layers - 1)
+        rel = (_QKV(teacher, cfg.relation_layer % teacher.num_layers), _QKV(student, student.num_layers - 1))
 
     losses: list[tuple[int, float]] = []
     bar = progress(total=total, desc=f"{cfg.objective}", unit="step")
@@ -417,24 +427,7 @@ def distill(cfg: DistillConfig) -> dict:
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 * _lr_at(step, total, cfg)
             batch = student.tokenize([texts[i] for i in idx], cfg.max_length)
-            if cfg.objective == "embed":
-                loss = embedding_mse(student(batch), targets[idx])
-            else:
-                y = torch.tensor([gold[i] for i in idx])
-                logits = student.logits(batch)
-                if cfg.objective == "finetune":
-                    loss = nn.functional.cross_entropy(logits, y)
-                else:
-                    if targets is not None:
-                        t_logits = targets[idx]
-                    else:
-                        with torch.no_grad():
-                            teacher.eval()
-                            t_logits = teacher.logits(batch)
-                    loss = kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
-                    if t_rel is not None:
-                        loss = loss + cfg.relation_weight * minilmv2_loss(
-                            s_rel.out, [t.detach() for t in t_rel.out], batch["attention_mask"], cfg.relation_heads)
+            loss = _loss(cfg, student, teacher, data, targets, idx, batch, rel)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
@@ -444,33 +437,10 @@ def distill(cfg: DistillConfig) -> dict:
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             bar.update(1)
             if step % cfg.save_every == 0 and step < total:
-                _save_checkpoint(ckpt, student, opt, step, cfg)
+                save_checkpoint(ckpt, student, opt, step, cfg)
     finally:
         bar.close()
-        for h in (t_rel, s_rel):
-            if h is not None:
-                h.remove()
-    _save_checkpoint(ckpt, student, opt, step, cfg)
-
-    student.eval().requires_grad_(False)
-    summary = {"objective": cfg.objective, "steps": step, "examples": n_gold, "augmented": len(texts) - n_gold,
-               "student_layers": student.num_layers, "hidden": student.hidden_size,
-               "parameters": sum(p.numel() for p in student.parameters()),
-               "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
-               "losses": losses, "seconds": round(time.time() - t_start, 1)}
-    if dev_texts is not None:
-        if cfg.objective == "embed":
-            summary["dev_cosine"] = embedding_cosine(dev_ref, student, dev_texts)
-            if initial_cosine is not None:
-                summary["dev_cosine_initial"] = initial_cosine
-        else:
-            summary["dev_accuracy"] = accuracy(student, dev_texts, dev_labels)
-            if teacher is not None:
-                summary["teacher_dev_accuracy"] = accuracy(teacher, dev_texts, dev_labels)
-    student.meta.history = list(student.meta.history) + [{
-        "objective": cfg.objective, "teacher": cfg.teacher, "train": os.path.basename(cfg.train), "steps": step,
-        **{k: summary[k] for k in ("dev_accuracy", "dev_cosine") if k in summary}}]
-    save_encoder(student, cfg.output)
-    summary["output"] = os.fspath(cfg.output)
-    summary["checkpoint"] = ckpt
-    return summary
+        for h in rel or ():
+            h.remove()
+    save_checkpoint(ckpt, student, opt, step, cfg)
+    return step, losses

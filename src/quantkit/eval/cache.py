@@ -1,4 +1,5 @@
-"""The size cap of `quantkit eval`'s disk cache, oldest first.
+"""`quantkit eval`'s disk cache: where it lives, the memoised model digests that key it, and its
+size cap, oldest first.
 
 What it holds (under $QUANTKIT_CACHE/eval, default ~/.cache/quantkit/eval): the reference's
 log-probabilities, one .npy per chunk keyed by model hash + runtime + token ids (255 x 262144 x 4 B
@@ -15,15 +16,66 @@ Files being written (atomic_output's hidden .partial names) are never counted or
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 
+from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
 
 ENV = "QUANTKIT_EVAL_CACHE_MAX"
 DEFAULT_MAX_BYTES = 4 << 30
 PRUNED_DIRS = ("logprobs", "refs")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def cache_root() -> str:
+    """$QUANTKIT_CACHE/eval (default ~/.cache/quantkit/eval), made if missing."""
+    from ..models.bundled import cache_dir
+    d = os.path.join(cache_dir(), "eval")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(path: str) -> str:
+    """SHA-256 of a model file (or of a directory's files), memoised by path, size and mtime so
+    a 1 GB reference is hashed once, not on every run."""
+    path = os.path.realpath(path)
+    files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n))]
+             if os.path.isdir(path) else [path])
+    memo_path = os.path.join(cache_root(), "digests.json")
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    digests = []
+    for p in files:
+        st = os.stat(p)
+        key = f"{p}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = sha256_file(p)
+            changed = True
+        digests.append(memo[key])
+        h.update(os.path.basename(p).encode() + b"\0" + memo[key].encode())
+    if changed:
+        try:
+            with atomic_output(memo_path) as tmp, open(tmp, "w") as f:
+                json.dump(memo, f)
+        except (OSError, QuantkitError):
+            pass  # a read-only cache only costs re-hashing
+    return h.hexdigest() if os.path.isdir(path) else digests[0]
 
 
 def parse_size(text: str, where: str = "cache size") -> int:

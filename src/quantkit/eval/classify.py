@@ -3,7 +3,7 @@ latency and memory, in the same table, JSON and HTML report as the language mode
 
 A classifier is a BERT-family directory with a classification head, as quantkit's
 `distill finetune` / `distill kd` write it, fp32 or dynamic-int8 (`quantize-dynamic`). Every
-model scores the same labelled examples (`label<TAB>text`, read by distill's `read_labelled`)
+model scores the same labelled examples (`label<TAB>text`, read by util.textdata's `read_labelled`)
 with its own tokenizer, which must be the reference's (same vocabulary and ids), and its label
 names must be the reference's, in the same order. Per model: accuracy against the gold labels
 (with its binomial standard error); against the reference model (the first model unless --ref):
@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 
 from ..util.errors import QuantkitError
+from ..util.machine import machine_info, vm_kib
 from ..util.progress import progress
+from ..util.textdata import read_labelled
+from .options import EvalOptions
+from .results import ClassifierRow, EvalResult, model_labels
+from .speed import run_probe
 
 TASK_ENV = "QUANTKIT_EVAL_TASK_DATA"
 N_LATENCY = 8      # batch-1 sentences per latency run
@@ -148,8 +153,7 @@ def probe_classifier(path: str, sentences: list[str], runs: int, n_threads: int)
     import transformers.models.bert.modeling_bert  # noqa: F401 - the runtime's import is not the model's load
 
     from ..quant import dynamic  # noqa: F401
-    from .evaluate import _vm_kib
-    rss0 = _vm_kib("VmRSS") * 1024
+    rss0 = vm_kib("VmRSS") * 1024
     enc, load_s = open_classifier(path, n_threads)
     one, many = sentences[:N_LATENCY], sentences[:N_THROUGHPUT]
     enc.predict(one[:1], batch_size=1)  # warm-up: first touch of the weights, kernel packing
@@ -167,11 +171,11 @@ def probe_classifier(path: str, sentences: list[str], runs: int, n_threads: int)
             "n_latency": len(one), "batch": len(many),
             "latency_ms": 1e3 * statistics.median(lat), "latency_ms_runs": [1e3 * x for x in lat],
             "sent_s": statistics.median(thr), "sent_s_runs": thr,
-            "rss_before_load_bytes": rss0, "peak_rss_bytes": _vm_kib("VmHWM") * 1024}
+            "rss_before_load_bytes": rss0, "peak_rss_bytes": vm_kib("VmHWM") * 1024}
 
 
 # ------------------------------------------------------------------------- evaluate
-def evaluate_classifiers(paths: list[str], ref_spec: str | None, o, n_threads: int):
+def evaluate_classifiers(paths: list[str], ref_spec: str | None, o: EvalOptions, n_threads: int) -> EvalResult:
     """The classifier branch of quantkit.eval.evaluate.evaluate (see the module docstring)."""
     import torch
     threads_before = torch.get_num_threads()
@@ -181,11 +185,78 @@ def evaluate_classifiers(paths: list[str], ref_spec: str | None, o, n_threads: i
         torch.set_num_threads(threads_before)
 
 
-def _evaluate_classifiers(paths: list[str], ref_spec: str | None, o, n_threads: int):
-    import torch
+@dataclass
+class Task:
+    path: str            # the labelled data file
+    texts: list[str]
+    labels: list[str]    # the reference's label names, in its head's order
+    gold: np.ndarray     # label index of each example
 
-    from ..distill.trainer import read_labelled
-    from .evaluate import EvalResult, _label, machine_info, run_probe
+
+def read_task(data: str, labels: list[str], limit: int | None) -> Task:
+    texts, gold_names = read_labelled(data, labels)
+    if limit is not None:
+        texts, gold_names = texts[:limit], gold_names[:limit]
+    return Task(data, texts, labels, np.array([labels.index(y) for y in gold_names]))
+
+
+def open_checked(p: str, ref_path: str, ref_vocab: list[str], labels: list[str], n_threads: int):
+    """A classifier that shares the reference's tokenizer and labels, and its load time."""
+    enc, load_s = open_classifier(p, n_threads)
+    if enc.vocab() != ref_vocab:
+        raise QuantkitError(f"tokenizer differs from the reference {os.path.basename(ref_path)} "
+                            f"({len(enc.vocab())} vs {len(ref_vocab)} tokens)", p,
+                            "classifiers are scored on the same token ids; compare models that share a tokenizer")
+    if list(enc.meta.labels) != labels:
+        raise QuantkitError(f"labels {enc.meta.labels} differ from the reference's {labels}", p,
+                            "compare classifiers trained for the same task")
+    return enc, load_s
+
+
+def predict_all(enc, texts: list[str], batch_size: int, bar) -> np.ndarray:
+    """The head's logits [n, n_labels] (float32) for every text, in batches."""
+    import torch
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            out.append(enc.predict(texts[i:i + batch_size], batch_size=batch_size).float().numpy())
+            if bar:
+                bar.update(1)
+    return np.concatenate(out).astype(np.float32)
+
+
+def score_classifiers(order: list[str], ref, task: Task, o: EvalOptions, n_threads: int) -> list[ClassifierRow]:
+    """Each classifier of ORDER (the reference first; `ref` = (encoder, load time)) on the task."""
+    ref_enc, ref_load_s = ref
+    ref_vocab = ref_enc.vocab()
+    n_batches = -(-len(task.texts) // o.batch_size)
+    bar = progress(total=n_batches * len(order), desc="eval", unit="batch") if o.show_progress else None
+    rows: list[ClassifierRow] = []
+    ref_logits = None
+    try:
+        for p in order:
+            t0 = time.perf_counter()
+            if p == order[0]:
+                enc, load_s = ref_enc, ref_load_s
+            else:
+                enc, load_s = open_checked(p, order[0], ref_vocab, task.labels, n_threads)
+            if bar:
+                bar.set_description(f"eval {os.path.basename(os.path.normpath(p))}")
+            logits = predict_all(enc, task.texts, o.batch_size, bar)
+            if ref_logits is None:
+                ref_logits = logits
+            rows.append(ClassifierRow(path=p, runtime="torch", is_reference=p == order[0],
+                                      eval_s=time.perf_counter() - t0, eval_load_s=load_s,
+                                      quantization=(enc.meta.quantization or {}).get("method"),
+                                      n_layers=enc.num_layers, **score(logits, ref_logits, task.gold)))
+            del enc
+    finally:
+        if bar:
+            bar.close()
+    return rows
+
+
+def _evaluate_classifiers(paths: list[str], ref_spec: str | None, o: EvalOptions, n_threads: int) -> EvalResult:
     t_start = time.perf_counter()
     data = o.task_data or default_task_data()
     if o.task_limit is not None and o.task_limit < 1:
@@ -198,81 +269,40 @@ def _evaluate_classifiers(paths: list[str], ref_spec: str | None, o, n_threads: 
     order = [ref_path] + [p for p in dict.fromkeys(paths) if p != ref_path]
 
     ref_enc, ref_load_s = open_classifier(ref_path, n_threads)
-    labels = list(ref_enc.meta.labels)
-    texts, gold_names = read_labelled(data, labels)
-    if o.task_limit is not None:
-        texts, gold_names = texts[:o.task_limit], gold_names[:o.task_limit]
-    gold = np.array([labels.index(y) for y in gold_names])
-    ref_vocab = ref_enc.vocab()
+    task = read_task(data, list(ref_enc.meta.labels), o.task_limit)
     if ref_enc.meta.quantization:
         ref_how += f" ({ref_enc.meta.quantization.get('method')})"
-
-    n_batches = -(-len(texts) // o.batch_size)
-    bar = progress(total=n_batches * len(order), desc="eval", unit="batch") if o.show_progress else None
-    rows: list[dict[str, Any]] = []
-    ref_logits = None
-    try:
-        for p in order:
-            t0 = time.perf_counter()
-            if p == ref_path:
-                enc, load_s = ref_enc, ref_load_s
-            else:
-                enc, load_s = open_classifier(p, n_threads)
-                if enc.vocab() != ref_vocab:
-                    raise QuantkitError(f"tokenizer differs from the reference {os.path.basename(ref_path)} "
-                                        f"({len(enc.vocab())} vs {len(ref_vocab)} tokens)", p,
-                                        "classifiers are scored on the same token ids; "
-                                        "compare models that share a tokenizer")
-                if list(enc.meta.labels) != labels:
-                    raise QuantkitError(f"labels {enc.meta.labels} differ from the reference's {labels}", p,
-                                        "compare classifiers trained for the same task")
-            if bar:
-                bar.set_description(f"eval {os.path.basename(os.path.normpath(p))}")
-            out = []
-            with torch.inference_mode():
-                for i in range(0, len(texts), o.batch_size):
-                    out.append(enc.predict(texts[i:i + o.batch_size], batch_size=o.batch_size).float().numpy())
-                    if bar:
-                        bar.update(1)
-            logits = np.concatenate(out).astype(np.float32)
-            if ref_logits is None:
-                ref_logits = logits
-            rows.append({"path": p, "runtime": "torch", "is_reference": p == ref_path,
-                         "eval_s": time.perf_counter() - t0, "eval_load_s": load_s,
-                         "quantization": (enc.meta.quantization or {}).get("method"),
-                         "n_layers": enc.num_layers, **score(logits, ref_logits, gold)})
-            del enc
-        ref_enc = None
-    finally:
-        if bar:
-            bar.close()
+    rows = score_classifiers(order, (ref_enc, ref_load_s), task, o, n_threads)
+    del ref_enc
     timings: dict[str, Any] = {"quality_s": time.perf_counter() - t_start}
 
-    for r, name in zip(rows, _label([r["path"] for r in rows])):
-        f = describe_classifier(r["path"])
-        r["name"] = name
-        r.update({"file_bytes": f.file_bytes, "n_params": f.n_params, "types": f.types,
-                  "bits_per_weight": 8 * f.file_bytes / f.n_params if f.n_params else None,
-                  "bits_per_weight_linear": 8 * f.linear_bytes / f.linear_params if f.linear_params else None})
+    for r, name in zip(rows, model_labels([r.path for r in rows])):
+        f = describe_classifier(r.path)
+        r.set_size(name, f.file_bytes, f.n_params, f.types, f.linear_params, f.linear_bytes)
     if o.speed:
-        it = progress(rows, desc="speed", unit="model") if o.show_progress else rows
-        for r in it:
-            r["speed"] = run_probe(r["path"], texts[:N_THROUGHPUT], 0, o.speed_runs, n_threads, kind="classifier")
+        for r in (progress(rows, desc="speed", unit="model") if o.show_progress else rows):
+            r.speed = run_probe(r.path, task.texts[:N_THROUGHPUT], 0, o.speed_runs, n_threads, kind="classifier")
     timings["total_s"] = time.perf_counter() - t_start
+    meta = classifier_meta(task, ref_path, ref_how, o, n_threads)
+    meta.update(timings=timings, machine=machine_info(n_threads))
+    return EvalResult(rows, meta)
 
+
+def classifier_meta(task: Task, ref_path: str, ref_how: str, o: EvalOptions, n_threads: int) -> dict[str, Any]:
+    import torch
     import transformers
-    name = task_name(data)
-    meta = {
+    name, data, labels = task_name(task.path), task.path, task.labels
+    return {
         "kind": "classifier",
         "task": name,
-        "protocol": (f"classification accuracy on {name}: {len(texts)} labelled examples "
+        "protocol": (f"classification accuracy on {name}: {len(task.texts)} labelled examples "
                      f"({os.path.basename(data)}{', first ' + str(o.task_limit) if o.task_limit else ''}), "
                      f"labels {labels}; each model's argmax against the gold label; batches of {o.batch_size}, "
                      f"padded, fp32 activations (int8 kernels quantize them per row)"),
         "reference": ref_path, "reference_how": ref_how,
         "reference_runtime": f"torch ({torch.__version__}, transformers {transformers.__version__})",
         "tokenizer": "each model's own WordPiece tokenizer, checked identical to the reference's",
-        "text": os.path.abspath(data), "n_examples": len(texts), "labels": labels, "threads": n_threads,
+        "text": os.path.abspath(data), "n_examples": len(task.texts), "labels": labels, "threads": n_threads,
         "metrics": {"accuracy": "share of examples whose predicted label is the gold label "
                                 "(± binomial standard error)",
                     "top1_agreement": "share of examples where the model predicts the reference's label",
@@ -283,7 +313,4 @@ def _evaluate_classifiers(paths: list[str], ref_spec: str | None, o, n_threads: 
                   f"examples (tokenization included); throughput of one batch of {N_THROUGHPUT}; median of "
                   f"{o.speed_runs} runs after one warm-up; {n_threads} thread(s); peak RSS = VmHWM of that process "
                   f"(RSS before loading, torch and transformers imported, stated)") if o.speed else None,
-        "timings": timings,
-        "machine": machine_info(n_threads),
     }
-    return EvalResult(rows, meta)

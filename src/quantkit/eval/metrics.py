@@ -19,7 +19,7 @@ import numpy as np
 ROW_BLOCK = 16  # rows per step: 16 x 262144 x 4 B = 16 MB of temporaries
 
 
-def _logsumexp(xb: np.ndarray) -> np.ndarray:
+def logsumexp(xb: np.ndarray) -> np.ndarray:
     """[b, V] float32 -> [b, 1] float64: max + log(sum(exp(x - max))), the sum in float64."""
     m = xb.max(axis=1, keepdims=True)
     s = np.exp(xb - m).sum(axis=1, dtype=np.float64, keepdims=True)
@@ -32,7 +32,7 @@ def log_softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"shape mismatch {logits.shape} vs {out.shape}")
     for i in range(0, logits.shape[0], ROW_BLOCK):
         xb = logits[i:i + ROW_BLOCK]
-        out[i:i + ROW_BLOCK] = xb - _logsumexp(xb)
+        out[i:i + ROW_BLOCK] = xb - logsumexp(xb)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def score_against_reference(logits: np.ndarray, ref_logp: np.ndarray, targets: n
         lp = np.asarray(ref_logp[i:j])
         rows = np.arange(j - i)
         t = targets[i:j]
-        lse = _logsumexp(xb)[:, 0]
+        lse = logsumexp(xb)[:, 0]
         q = lq[:j - i]
         np.subtract(xb, lse[:, None], out=q, casting="unsafe")
         nll[i:j] = lse - xb[rows, t].astype(np.float64)

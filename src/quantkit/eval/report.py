@@ -17,6 +17,7 @@ from typing import Any
 
 from ..util.atomic import atomic_output
 from .metrics import pareto_front
+from .results import ClassifierRow, EvalResult, ModelRow, ScoredRow
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -244,55 +245,55 @@ def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _quality(r: dict) -> str:
-    if r.get("accuracy") is not None:
-        return f"accuracy {100 * r['accuracy']:.2f} %"
-    return f"PPL {r['ppl']:.3f}"
+def _quality(r: ScoredRow) -> str:
+    if isinstance(r, ClassifierRow):
+        return f"accuracy {100 * r.accuracy:.2f} %"
+    return f"PPL {r.ppl:.3f}"
 
 
-def _classifier_table(rows: list[dict], front: list[bool], task: str) -> tuple[list[str], list[list[str]]]:
+def _classifier_table(rows: list[ClassifierRow], front: list[bool], task: str) -> tuple[list[str], list[list[str]]]:
     head = ["model", "quantization", "size MB", "bits/weight", "bits/weight (linear)", f"{task} accuracy",
             "agreement with reference", "KLD mean", "KLD median", "KLD p99", "mean Δp (gold)", "load s",
             "latency ms/sentence (batch 1)", "sentences/s (batch 32)", "peak RSS MB (before load)"]
     out = []
     for r in rows:
-        sp = r.get("speed") or {}
+        sp = r.speed or {}
         rss = (f"{sp['peak_rss_bytes'] / 1e6:,.0f} ({sp['rss_before_load_bytes'] / 1e6:,.0f})"
                if sp.get("peak_rss_bytes") else "-")
-        out.append([r["name"] + (" (reference)" if r["is_reference"] else ""), r.get("quantization") or "fp32",
-                    f"{r['file_bytes'] / 1e6:,.1f}", _fmt(r["bits_per_weight"], ".3f"),
-                    _fmt(r["bits_per_weight_linear"], ".3f"),
-                    f"{100 * r['accuracy']:.2f} ±\u00a0{100 * r['accuracy_stderr']:.2f}\u00a0%",
-                    f"{100 * r['top1_agreement']:.2f}\u00a0%", f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}",
-                    f"{r['kld_p99']:.5f}", f"{100 * r['delta_p_mean']:+.3f}\u00a0%", _fmt(sp.get("load_s"), ".2f"),
+        out.append([r.name + (" (reference)" if r.is_reference else ""), r.quantization or "fp32",
+                    f"{r.file_bytes / 1e6:,.1f}", _fmt(r.bits_per_weight, ".3f"),
+                    _fmt(r.bits_per_weight_linear, ".3f"),
+                    f"{100 * r.accuracy:.2f} ±\u00a0{100 * r.accuracy_stderr:.2f}\u00a0%",
+                    f"{100 * r.top1_agreement:.2f}\u00a0%", f"{r.kld_mean:.6f}", f"{r.kld_median:.6f}",
+                    f"{r.kld_p99:.5f}", f"{100 * r.delta_p_mean:+.3f}\u00a0%", _fmt(sp.get("load_s"), ".2f"),
                     _fmt(sp.get("latency_ms"), ".2f"), _fmt(sp.get("sent_s"), ".1f"), rss])
     return head, out
 
 
-def render(result) -> str:
+def render(result: EvalResult) -> str:
     rows = result.rows
     meta = result.meta
     classifier = meta.get("kind") == "classifier"
-    front = pareto_front([(r["file_bytes"], r["kld_mean"]) for r in rows])
-    points = [{"name": r["name"], "label": r["rung"] if r.get("method") else _short(r["name"]), "size_mb": r["file_bytes"] / 1e6, "kld": r["kld_mean"],
-               "quality": _quality(r), "pareto": bool(p), "ref": bool(r["is_reference"])} for r, p in zip(rows, front)]
+    front = pareto_front([(r.file_bytes, r.kld_mean) for r in rows])
+    points = [{"name": r.name, "label": r.rung if isinstance(r, ModelRow) and r.method else _short(r.name), "size_mb": r.file_bytes / 1e6, "kld": r.kld_mean,
+               "quality": _quality(r), "pareto": bool(p), "ref": bool(r.is_reference)} for r, p in zip(rows, front)]
     ladder = meta.get("ladder")
     head = ["model", *(["rung (method)"] if ladder else []), "runtime", "size MB", "bits/weight", "bits/weight (linear)", "PPL", "KLD mean", "KLD median",
             "KLD p99", "top-1 agreement", "mean Δp", "load s", "prompt tok/s", "gen tok/s",
             "llama.cpp pp / tg tok/s", "peak RSS MB (before load)"]
     cells_of = []
     for r in ([] if classifier else rows):
-        sp = r.get("speed") or {}
+        sp = r.speed or {}
         llama = (f"{_fmt(sp.get('llama_pp_tok_s'), '.1f')} / {_fmt(sp.get('llama_tg_tok_s'), '.1f')}"
                  if sp.get("llama_pp_tok_s") is not None else "-")
         rss = (f"{sp['peak_rss_bytes'] / 1e6:,.0f} ({sp['rss_before_load_bytes'] / 1e6:,.0f})"
                if sp.get("peak_rss_bytes") else "-")
-        cells = [r["name"] + (" (reference)" if r["is_reference"] else ""), *([r.get("rung") or "-"] if ladder else []),
-                 r["runtime"],
-                 f"{r['file_bytes'] / 1e6:,.1f}", _fmt(r["bits_per_weight"], ".3f"),
-                 _fmt(r["bits_per_weight_linear"], ".3f"), f"{r['ppl']:.4f} ±\u00a0{r['ppl_stderr']:.4f}",
-                 f"{r['kld_mean']:.6f}", f"{r['kld_median']:.6f}", f"{r['kld_p99']:.5f}",
-                 f"{100 * r['top1_agreement']:.2f}\u00a0%", f"{100 * r['delta_p_mean']:+.3f}\u00a0%",
+        cells = [r.name + (" (reference)" if r.is_reference else ""), *([r.rung or "-"] if ladder else []),
+                 r.runtime,
+                 f"{r.file_bytes / 1e6:,.1f}", _fmt(r.bits_per_weight, ".3f"),
+                 _fmt(r.bits_per_weight_linear, ".3f"), f"{r.ppl:.4f} ±\u00a0{r.ppl_stderr:.4f}",
+                 f"{r.kld_mean:.6f}", f"{r.kld_median:.6f}", f"{r.kld_p99:.5f}",
+                 f"{100 * r.top1_agreement:.2f}\u00a0%", f"{100 * r.delta_p_mean:+.3f}\u00a0%",
                  _fmt(sp.get("load_s"), ".2f"), _fmt(sp.get("pp_tok_s"), ".1f"), _fmt(sp.get("tg_tok_s"), ".1f"),
                  llama, rss]
         cells_of.append(cells)
@@ -300,14 +301,14 @@ def render(result) -> str:
         head, cells_of = _classifier_table(rows, front, meta.get("task", "task"))
     trs = []
     for r, p, cells in zip(rows, front, cells_of):
-        cls = " ".join(c for c, on in (("pareto", p), ("ref", r["is_reference"])) if on)
+        cls = " ".join(c for c, on in (("pareto", p), ("ref", r.is_reference)) if on)
         trs.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     ths = "".join(f"<th>{html.escape(h).replace('/', '/<wbr>')}</th>" for h in head)  # headers may wrap after a slash
     machine = meta.get("machine", {})
     mach = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in machine.items())
     met = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.get("metrics", {}).items())
     data_json = json.dumps(points).replace("</", "<\\/")
-    files = "".join(f"<li><code>{html.escape(r['path'])}</code></li>" for r in rows)
+    files = "".join(f"<li><code>{html.escape(r.path)}</code></li>" for r in rows)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>quantkit eval report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
@@ -354,7 +355,7 @@ def _short(name: str) -> str:
     return base[:-5] if base.endswith(".gguf") else base
 
 
-def write_report(result, path: str | os.PathLike) -> str:
+def write_report(result: EvalResult, path: str | os.PathLike) -> str:
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(render(result))
     return os.fspath(path)

@@ -16,7 +16,7 @@ class LlamaCppTokenizer:
     tokenizer for quant.calib: tokenizer(text, add_special_tokens=False)["input_ids"]."""
 
     def __init__(self, path: str):
-        from ..eval.runtimes import LlamaCpp
+        from ..runtimes.llama_cpp import LlamaCpp
         self._rt = LlamaCpp(path, vocab_only=True)
         import llama_cpp as lib
         llm = self._rt.llm
@@ -33,7 +33,7 @@ def streaming_model(src, path: str, lazy_embeddings: bool = False):
     The blocks' parameters are allocated but never written until their block is loaded
     (quant.pipeline's load_block), so they take no memory before then. lazy_embeddings: the
     token embeddings are not loaded either (see `compact_embeddings`)."""
-    from ..eval.torch_runtime import gguf_tensor_for_hf, model_from_gguf
+    from ..runtimes.torch import gguf_tensor_for_hf, model_from_gguf
     from ..models.arch import hf_to_gguf_name
     from ..models.gguf import GGUFSource
     if isinstance(src, GGUFSource):

@@ -1,4 +1,5 @@
-"""The torch runtime for `quantkit eval`: a Hugging Face directory through transformers, on CPU.
+"""The torch runtime: a transformers causal LM on CPU, from a Hugging Face directory or a GGUF
+(model_from_gguf, its weights dequantized); TorchCausalLM is its `Runtime`.
 
 The plain reference path (DESIGN.md: "the plain torch path is the default and the reference"):
 AutoModelForCausalLM in float32, whatever dtype the checkpoint stores, so a BF16 checkpoint is

@@ -1,0 +1,186 @@
+"""A ladder: one model quantized to several GGUF rungs, each a llama.cpp file type made by
+llama.cpp's own round-to-nearest ("q4_0") or by GPTQ onto the same type ("q4_0-gptq"), built
+into quantkit's cache (re-used between runs) or a folder, then scored together (api.eval_ladder,
+quantkit demo)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from ..runtimes import split_spec
+from ..util.errors import QuantkitError
+from . import cache as eval_cache
+from .cache import cache_root, model_digest, sha256_file
+from .results import EvalResult
+
+# A rung is a GGUF file type, quantized by llama.cpp's own round-to-nearest ("q4_0"), or the same
+# type with GPTQ-compensated weights ("q4_0-gptq": quant.gguf_gptq, calibrated on a text).
+GPTQ_SUFFIX = "-gptq"
+DEFAULT_LADDER = ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0" + GPTQ_SUFFIX]
+LADDER_KQUANTS = ["q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
+FLOAT_TYPES = ("f32", "f16", "bf16")     # nothing for GPTQ to solve
+# GPTQ rungs calibrate on a shipped WikiText-2 *valid* excerpt (the eval scores *test* text), on
+# few tokens: the Hessians of 16 x 256 tokens are enough to beat RTN and cost minutes, not tens
+# of minutes, on 2 cores.
+CALIB_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                          "wikitext2-valid-excerpt.txt")
+DEFAULT_CALIB_SAMPLES = 16
+DEFAULT_CALIB_SEQLEN = 256
+GPTQ_RUNG_VERSION = "2"                  # bump when the GPTQ rung's recipe changes: cached rungs are rebuilt
+# the Hessian shrinkage of a GPTQ rung: api.quantize's default for GPTQ onto llama.cpp grids (GGUF_GPTQ_SHRINK)
+GPTQ_RUNG_SHRINK = 0.1
+
+
+def parse_rung(name: str) -> tuple[str, str]:
+    """"q4_0" -> ("q4_0", "rtn"); "q4_0-gptq" -> ("q4_0", "gptq")."""
+    name = name.strip().lower()
+    if name.endswith(GPTQ_SUFFIX):
+        return name[:-len(GPTQ_SUFFIX)], "gptq"
+    return name, "rtn"
+
+
+def rung_label(name: str) -> str:
+    """"q4_0" -> "Q4_0 RTN", "q4_0-gptq" -> "Q4_0 GPTQ", "f16" -> "F16"."""
+    ft, method = parse_rung(name)
+    return ft.upper() if ft in FLOAT_TYPES else f"{ft.upper()} {method.upper()}"
+
+
+def ladder_types(requested: list[str] | None = None) -> list[str]:
+    """The rungs to build: REQUESTED (validated, lower-cased) or the default ladder (F16, Q8_0,
+    Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quant mixes quantkit encodes)."""
+    from ..quant.gguf_export import supported_file_types
+    ok = supported_file_types()
+    if not requested:
+        return DEFAULT_LADDER + [t for t in LADDER_KQUANTS if t in ok]
+    out = []
+    bad = [t for t in requested if parse_rung(t)[0] not in ok]
+    if bad:
+        raise QuantkitError(f"unknown or unsupported ladder type(s): {', '.join(bad)}",
+                            hint="choose from " + ", ".join(ok) + f"; add {GPTQ_SUFFIX} for GPTQ, e.g. q4_0{GPTQ_SUFFIX}")
+    floats = [t for t in requested if parse_rung(t) in ((f, "gptq") for f in FLOAT_TYPES)]
+    if floats:
+        raise QuantkitError(f"{', '.join(floats)}: GPTQ needs a quantized type, not a float one",
+                            hint=f"e.g. q4_0{GPTQ_SUFFIX} or q3_k_m{GPTQ_SUFFIX}")
+    for t in requested:
+        ft, method = parse_rung(t)
+        name = ft + (GPTQ_SUFFIX if method == "gptq" else "")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+@dataclass
+class Rung:
+    name: str            # "q4_0-gptq"
+    file_type: str       # "q4_0"
+    method: str          # "rtn" | "gptq"
+    label: str           # "Q4_0 GPTQ"
+    path: str
+    seconds: float       # time to build it now (0 when re-used from the cache)
+    reused: bool
+    calibration: str | None = None   # GPTQ: "16 x 256 tokens of FILE"
+
+
+@dataclass
+class GPTQCalibration:
+    text: str | None = None           # None: the shipped WikiText-2 valid excerpt (CALIB_TEXT)
+    nsamples: int = DEFAULT_CALIB_SAMPLES
+    seqlen: int = DEFAULT_CALIB_SEQLEN
+
+    @property
+    def path(self) -> str:
+        return os.path.abspath(self.text) if self.text else CALIB_TEXT
+
+    def check(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise QuantkitError(f"GPTQ calibration needs at least 1 sample of at least 2 tokens "
+                                f"(got {self.nsamples} x {self.seqlen})", hint="--calib-samples N --calib-seqlen L")
+        if not os.path.isfile(self.path):
+            raise QuantkitError("no such calibration file", self.path, "give --calib FILE (any UTF-8 text)")
+
+    def describe(self) -> str:
+        return f"{self.nsamples} x {self.seqlen} tokens of {self.path}"
+
+    def key(self) -> str:
+        """What a cached GPTQ rung depends on besides the source and type: the text's bytes,
+        nsamples, seqlen and the recipe's version."""
+        h = hashlib.sha256(f"{sha256_file(self.path)}|{self.nsamples}|{self.seqlen}|v{GPTQ_RUNG_VERSION}".encode())
+        return h.hexdigest()[:12]
+
+
+def build_rungs(model: str | None, types: list[str], out_dir: str | None = None, show_progress: bool = True,
+                calibration: GPTQCalibration | None = None, stem: str | None = None) -> list[Rung]:
+    """Quantize MODEL to each rung: RTN rungs with quantkit's own exporter (llama.cpp-exact), GPTQ
+    rungs (name + "-gptq") with quant.gguf_gptq, calibrated as `calibration` says. In quantkit's
+    cache (a folder per source digest; GPTQ rungs in a sub-folder per calibration) an existing
+    rung is re-used, so a rerun is instant; in a folder the user names, every rung is written
+    afresh."""
+    from ..models.bundled import bundled_path
+    from ..models.open import open_model
+    from ..quant.gguf_export import export_gguf
+    from ..quant.gguf_gptq import export_gguf_gptq
+    from ..quant.gptq import GPTQConfig
+    src_path = os.path.abspath(os.fspath(model)) if model is not None else bundled_path()
+    parsed = [parse_rung(t) for t in types]
+    cal = calibration or GPTQCalibration()
+    if any(m == "gptq" for _, m in parsed):
+        cal.check()
+    reuse = out_dir is None
+    if out_dir is None:
+        out_dir = os.path.join(cache_root(), "ladder", model_digest(src_path)[:16])
+    os.makedirs(out_dir, exist_ok=True)
+    stem = stem or os.path.splitext(os.path.basename(os.path.normpath(src_path)))[0]
+    rungs = []
+    for (ft, method) in parsed:
+        name = ft + (GPTQ_SUFFIX if method == "gptq" else "")
+        where = os.path.join(out_dir, f"gptq-{cal.key()}") if (method == "gptq" and reuse) else out_dir
+        out = os.path.join(where, f"{stem}-{name}.gguf")
+        reused = reuse and os.path.exists(out)
+        t0 = time.perf_counter()
+        if not reused:
+            os.makedirs(where, exist_ok=True)
+            if method == "gptq":
+                if show_progress:
+                    print(f"{rung_label(name)}: GPTQ on {cal.describe()}", file=sys.stderr, flush=True)
+                export_gguf_gptq(src_path, out, ft, calib=cal.path, nsamples=cal.nsamples, seqlen=cal.seqlen,
+                                 gptq=GPTQConfig(shrink=GPTQ_RUNG_SHRINK), show_progress=show_progress)
+            else:
+                with open_model(src_path) as src:
+                    export_gguf(src, out, ft, show_progress=show_progress)
+        elif reuse:
+            eval_cache.touch(out, keep_mtime=True)
+        rungs.append(Rung(name, ft, method, rung_label(name), out, 0.0 if reused else time.perf_counter() - t0,
+                          reused, cal.describe() if method == "gptq" else None))
+    return rungs
+
+
+def build_ladder(model: str | None, types: list[str], out_dir: str | None = None,
+                 show_progress: bool = True, calibration: GPTQCalibration | None = None) -> list[str]:
+    """The rungs' paths (see build_rungs)."""
+    return [r.path for r in build_rungs(model, types, out_dir, show_progress, calibration)]
+
+
+def label_ladder(result: EvalResult, rungs: list[Rung], calibration: GPTQCalibration | None = None) -> EvalResult:
+    """Mark each row with its rung (method shown: "Q4_0 RTN", "Q4_0 GPTQ") and state the GPTQ
+    calibration in the result's meta."""
+    by_path = {os.path.abspath(r.path): r for r in rungs}
+    for row in result.rows:
+        r = by_path.get(split_spec(row.path)[0])
+        if r is not None:
+            row.rung, row.method, row.file_type = r.label, r.method, r.file_type
+            row.build_s, row.build_reused, row.calibration = r.seconds, r.reused, r.calibration
+        elif row.rung is None:
+            row.rung = "reference" if row.is_reference else "source"
+    gptq = [r for r in rungs if r.method == "gptq"]
+    result.meta["ladder"] = {
+        "rungs": [r.label for r in rungs],
+        "rtn": "llama.cpp's round-to-nearest (quantkit's exporter, byte-exact with llama-quantize)",
+        "gptq": (f"GPTQ onto the same llama.cpp types, calibrated on {gptq[0].calibration} "
+                 f"(never the scored text)") if gptq else None,
+        "reused": [r.label for r in rungs if r.reused],
+    }
+    return result
