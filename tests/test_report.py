@@ -176,7 +176,7 @@ def test_report_layout_fits_1280_and_reads(tmp_path, make):
     assert svg["r"] <= lay["client_width"]
 
     # every model has one point and one label; labels inside the chart, apart from each other and from the points
-    names = [r["name"] for r in res.rows]
+    names = [r.name for r in res.rows]
     assert [p["model"] for p in lay["points"]] == names
     labels = lay["labels"]
     assert sorted(lab["model"] for lab in labels) == sorted(names)
@@ -191,23 +191,23 @@ def test_report_layout_fits_1280_and_reads(tmp_path, make):
 
     # KL divergence on a log axis: the point's height is linear in log10(KL), so a decade is a fixed distance
     centre = {p["model"]: ((p["x"] + p["r"]) / 2, (p["y"] + p["b"]) / 2) for p in lay["points"]}
-    quant = [r for r in res.rows if not r["is_reference"]]
-    xs = [centre[r["name"]][0] for r in quant]
+    quant = [r for r in res.rows if not r.is_reference]
+    xs = [centre[r.name][0] for r in quant]
     assert all(plot["x"] <= x <= plot["r"] for x in xs), (xs, plot)
     if len(quant) > 1:
-        lo, hi = min(quant, key=lambda r: r["kld_mean"]), max(quant, key=lambda r: r["kld_mean"])
-        per_decade = (centre[lo["name"]][1] - centre[hi["name"]][1]) / math.log10(hi["kld_mean"] / lo["kld_mean"])
+        lo, hi = min(quant, key=lambda r: r.kld_mean), max(quant, key=lambda r: r.kld_mean)
+        per_decade = (centre[lo.name][1] - centre[hi.name][1]) / math.log10(hi.kld_mean / lo.kld_mean)
         assert per_decade > 40
         for r in quant:
-            expect = centre[lo["name"]][1] - per_decade * math.log10(r["kld_mean"] / lo["kld_mean"])
-            assert abs(centre[r["name"]][1] - expect) < 1.0, (r["name"], centre[r["name"]], expect)
+            expect = centre[lo.name][1] - per_decade * math.log10(r.kld_mean / lo.kld_mean)
+            assert abs(centre[r.name][1] - expect) < 1.0, (r.name, centre[r.name], expect)
         # the size axis spans the quantized files
         assert max(xs) - min(xs) >= 0.6 * (plot["r"] - plot["x"]), (xs, plot)
 
     # the reference is marked apart, to the right of the size axis, its size written under it
-    ref = next(r for r in res.rows if r["is_reference"])
-    assert centre[ref["name"]][0] > plot["r"]
-    assert f"{ref['file_bytes'] / 1e6:,.0f}" in lay["ticks"]
+    ref = next(r for r in res.rows if r.is_reference)
+    assert centre[ref.name][0] > plot["r"]
+    assert f"{ref.file_bytes / 1e6:,.0f}" in lay["ticks"]
 
 
 @needs_chromium
@@ -216,7 +216,7 @@ def test_report_layout_log_decades_are_equal(tmp_path):
     res = _realistic_result()
     lay = _layout(res, tmp_path)
     y = {p["model"]: (p["y"] + p["b"]) / 2 for p in lay["points"]}
-    kl = {r["kld_mean"]: r["name"] for r in res.rows}
+    kl = {r.kld_mean: r.name for r in res.rows}
     a, b, c = y[kl[0.002]], y[kl[0.02]], y[kl[0.2]]
     assert a > b > c and abs((a - b) - (b - c)) <= 2, (a, b, c)
     assert {"0.001", "0.01", "0.1", "0.002", "0.005", "0.02", "0.05"} <= set(lay["ticks"])
