@@ -109,6 +109,8 @@ def test_flags_that_contradict_the_string_are_named():
     assert from_flags("gptq:w4g128+gptq", "gptq", bits=4) == parse_recipe("gptq:w4g128+gptq")
     assert from_flags("gptq", "gptq", bits=3, group_size=32, sym=False).spelling() == "gptq:w3g32-asym+gptq"
     assert from_flags(method="dynamic-int8") == parse_recipe("int8")
+    with pytest.raises(QuantkitError, match="dynamic-int8 writes an int8 encoder, not --format q4_0"):
+        from_flags("q4_0", "dynamic-int8")
 
 
 def test_defaults_live_in_one_place():
