@@ -133,6 +133,14 @@ def _quantize_args(argv):
     return options.recipe_from_args(args)
 
 
+def test_every_recipe_field_is_a_flag_and_a_config_key():
+    keys = build_parser().parse_args(["quantize", "-o", "x"])._actions
+    assert set(rc.CONFIG_KEYS) <= set(keys)
+    assert set(rc.CONFIG_KEYS) == {"format", "method", "bits", "group_size", "sym", "calib", "nsamples", "seqlen",
+                                   *GPTQKnobs.__dataclass_fields__}
+    assert set(Recipe().to_dict()) <= set(rc.CONFIG_KEYS)
+
+
 def test_cli_flags_and_config_file_give_the_same_recipe(tmp_path, capsys):
     want = from_flags("compressed-tensors", "gptq", bits=3, group_size=32, sym=False, calib="c.txt", nsamples=8,
                       seqlen=64, damp=0.02, act_order=True, true_sequential=False, scale_search=False, shrink=0.2)

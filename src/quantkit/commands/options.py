@@ -84,11 +84,13 @@ def recipe_from_args(args) -> rc.Recipe:
 # ---- --config FILE ---------------------------------------------------------------------------
 def add_config_arg(p: argparse.ArgumentParser, command: str) -> None:
     """--config FILE: call after every other flag is added; its keys are those flags' names."""
-    keys = [a.dest for a in p._actions if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS]
+    acts = [a for a in p._actions if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS]
+    keys = list(dict.fromkeys(a.dest for a in acts))
+    flags = list(dict.fromkeys(a.dest for a in acts if a.nargs == 0))
     p.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of these options under their long-flag names (" + ", ".join(keys)
-                        + "; on/off flags as true/false: act_order, sym, scale_search, true_sequential); flags "
-                          "given on the command line win")
+                        + "; on/off flags as true/false: " + ", ".join(flags) + "); flags given on the command "
+                          "line win")
     p.set_defaults(_actions={a.dest: a for a in p._actions if a.dest in keys}, _command=command)
 
 
