@@ -3,8 +3,11 @@
     import quantkit.api as qk
     qk.inspect("model.gguf")
     qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0")
-    qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0", method="gptq")
-    qk.quantize_gpu("model_dir", "out_dir", format="gptq", bits=4, group_size=128)
+    qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0+gptq", nsamples=64)
+    qk.quantize_gpu("model_dir", "out_dir", format="gptq:w4g128+gptq")
+    qk.quantize_gpu("model_dir", "out_dir", recipe=quantkit.recipe.from_flags("gptq", "gptq", bits=3))
+
+What to make is a recipe (quantkit.recipe): a string such as "gguf:q4_0+gptq", or a Recipe.
 """
 
 from __future__ import annotations

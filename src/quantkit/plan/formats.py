@@ -89,6 +89,8 @@ def parse_format(s: str) -> Format:
     (quietly: model headers carry them; `quantkit plan` notes a user's old spelling)."""
     from ..recipe import FORMAT_BITS, SPEC_HELP, parse_weight_spec, split_recipe
     k = s.strip().lower()
+    if k in GGUF_FTYPES:
+        return Format(k, "gguf", bits=0)
     if k in TORCH_DTYPES:
         return Format({"f16": "fp16", "f32": "fp32"}.get(k, k), "dense", bits=16 if "16" in k else 32)
     head = k.split("+")[0]
