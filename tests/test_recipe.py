@@ -53,6 +53,7 @@ def test_spellings_read_as_documented():
     assert parse_recipe("gptq:w8").spelling() == "gptq:w8g128"
     assert parse_recipe("gptq:w8g-1").group_size == -1
     assert parse_recipe("int8").method == "dynamic-int8"
+    assert Recipe("gptq", bits=3) == parse_recipe("gptq:w3g128")        # typed construction, defaults filled
     assert parse_recipe("q4_0+gptq").label() == "Q4_0 GPTQ" and parse_recipe("f16").label() == "F16"
 
 

@@ -105,7 +105,7 @@ class Recipe:
     zero points (bits, group_size, sym are None); gptq / compressed-tensors: bits, group_size,
     sym; int8: 8 bits per output channel, symmetric, method "dynamic-int8"."""
     format: str = "gguf"
-    type: str | None = "q4_0"
+    type: str | None = None       # gguf: None is DEFAULT_FORMAT's type, q4_0
     method: str = "rtn"
     bits: int | None = None
     group_size: int | None = None
@@ -190,6 +190,8 @@ def _validate(r: Recipe) -> None:
     if r.method not in methods:
         raise QuantkitError(f"{name}: unknown method '{r.method}' for {r.format}", hint="methods: " + ", ".join(methods))
     if r.format == "gguf":
+        if r.type is None:
+            object.__setattr__(r, "type", DEFAULT_FORMAT.split(":")[1])
         if r.type not in GGUF_FILE_TYPES:
             raise QuantkitError(f"{name}: '{r.type}' is not a llama.cpp file type quantkit writes",
                                 hint="types: " + ", ".join(GGUF_FILE_TYPES))

@@ -817,7 +817,6 @@ def evaluate(models: list[str | None], options: EvalOptions | None = None) -> Ev
 GPTQ_SUFFIX = "-gptq"
 DEFAULT_LADDER = ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0+gptq"]
 LADDER_KQUANTS = ["q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
-FLOAT_TYPES = ("f32", "f16", "bf16")     # nothing for GPTQ to solve
 # GPTQ rungs calibrate as recipe.LADDER_CALIBRATION says: few tokens of a shipped WikiText-2
 # *valid* excerpt (the eval scores *test* text).
 CALIB_TEXT = calib_text_path(ladder=True)
