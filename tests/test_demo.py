@@ -37,7 +37,7 @@ def test_demo_prints_table_and_writes_runnable_files(bundled_gguf, tmp_path, cap
 
 
 def test_demo_rejects_bad_rungs(capsys):
-    assert main(["demo", "--types", "q4_0,f16-gptq"]) == 2
+    assert main(["demo", "--types", "q4_0,f16+gptq"]) == 2
     err = capsys.readouterr().err.strip()
     assert "GPTQ needs a quantized type" in err and "\n" not in err
     assert main(["demo", "--types", "q4_0-gtpq"]) == 2

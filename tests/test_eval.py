@@ -146,19 +146,16 @@ def test_different_vocabulary_is_refused():
 def test_ladder_types_follow_what_quantkit_encodes():
     from quantkit.quant.gguf_export import supported_file_types
     types = ladder_types()
-    assert types[:6] == ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0-gptq"]    # Q4_0 RTN beside Q4_0 GPTQ
-    assert {t.removesuffix("-gptq") for t in types} <= set(supported_file_types())
-    assert ladder_types(["Q4_0-GPTQ", "q4_0", "q4_0-gptq"]) == ["q4_0-gptq", "q4_0"]
+    assert types[:6] == ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0+gptq"]    # Q4_0 RTN beside Q4_0 GPTQ
+    assert {t.removesuffix("+gptq") for t in types} <= set(supported_file_types())
+    assert ladder_types(["Q4_0+GPTQ", "q4_0", "gguf:q4_0+gptq"]) == ["q4_0+gptq", "q4_0"]
+    assert ladder_types(["q4_0-gptq"]) == ["q4_0+gptq"]        # the old spelling, read with a note
     with pytest.raises(QuantkitError, match="GPTQ needs a quantized type"):
-        ladder_types(["f16-gptq"])
+        ladder_types(["f16+gptq"])
     if "q4_k_m" in supported_file_types():
         assert "q4_k_m" in types
     with pytest.raises(QuantkitError, match="q9_9"):
         ladder_types(["q8_0", "q9_9"])
-    # a GPTQ rung is what `quantize --method gptq` makes of the same type: the same Hessian shrinkage
-    import quantkit.api as qk
-    from quantkit.eval.ladder import GPTQ_RUNG_SHRINK
-    assert GPTQ_RUNG_SHRINK == qk.GGUF_GPTQ_SHRINK
 
 
 def test_result_rows_keep_their_json_keys():
@@ -339,7 +336,7 @@ from test_gguf_gptq import model_dir as gptq_model  # noqa: E402,F401  (a tiny l
 
 @pytest.mark.usefixtures("one_thread")
 def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, data_dir, text, eval_cache, tmp_path, capsys):
-    """`eval --ladder q4_0,q4_0-gptq`: both rungs built into the cache, labelled by method, the
+    """`eval --ladder q4_0,q4_0+gptq`: both rungs built into the cache, labelled by method, the
     GPTQ one closer to the reference on text its calibration never saw; a rerun re-uses both
     files; another calibration makes another GPTQ file."""
     import json
@@ -347,8 +344,8 @@ def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, data_dir, text, ev
     f32 = tmp_path / "tiny-f32.gguf"
     qk.quantize(str(gptq_model), str(f32), format="gguf:f32", show_progress=False)
     calib = os.path.join(data_dir, "wikitext-2", "valid.txt")
-    argv = ["eval", str(f32), "--ladder", "q4_0,q4_0-gptq", "--calib", calib, "--calib-samples", "8",
-            "--calib-seqlen", "128", "--text", text, "--chunks", "2", "--ctx", "256", "--threads", "1", "--no-speed"]
+    argv = ["eval", str(f32), "--ladder", "q4_0,q4_0+gptq", "--calib", calib, "--nsamples", "8",
+            "--seqlen", "128", "--text", text, "--chunks", "2", "--ctx", "256", "--threads", "1", "--no-speed"]
 
     def run(*extra):
         assert main([*argv, *extra, "--json"]) == 0
@@ -363,14 +360,14 @@ def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, data_dir, text, ev
     assert k_gptq * 1.3 < k_rtn, (k_gptq, k_rtn)    # measured about 2x (tests/test_gguf_gptq.py)
     assert f"8 x 128 tokens of {calib}" in out["meta"]["ladder"]["gptq"]
     assert out["meta"]["ladder"]["reused"] == []
-    assert "--calib-samples 8" in out["meta"]["command"]
+    assert "--nsamples 8" in out["meta"]["command"]
 
     again, rows2 = run()                                          # cached: nothing rebuilt, the same scores
     assert again["meta"]["ladder"]["reused"] == ["Q4_0 RTN", "Q4_0 GPTQ"]
     assert rows2["Q4_0 GPTQ"]["path"] == rows["Q4_0 GPTQ"]["path"]
     assert rows2["Q4_0 GPTQ"]["kld_mean"] == pytest.approx(k_gptq, rel=1e-6)
 
-    other, rows3 = run("--calib-samples", "4")                   # another calibration: another GPTQ file
+    other, rows3 = run("--nsamples", "4")                   # another calibration: another GPTQ file
     assert other["meta"]["ladder"]["reused"] == ["Q4_0 RTN"]
     assert rows3["Q4_0 GPTQ"]["path"] != rows["Q4_0 GPTQ"]["path"]
 
@@ -415,12 +412,12 @@ def test_bad_input(tiny, text, eval_cache, tmp_path, capsys, bundled_gguf):
     _fails(["eval", tiny["f32"], "--text", str(tmp_path / "nope.txt"), *base], capsys, "nope.txt", "cannot read")
 
     # GPTQ rungs: calibration on the scored text, a missing calibration file, flags without --ladder
-    _fails(["eval", tiny["f32"], "--ladder", "q4_0-gptq", "--calib", text, "--text", text, *base], capsys,
+    _fails(["eval", tiny["f32"], "--ladder", "q4_0+gptq", "--calib", text, "--text", text, *base], capsys,
            "calibration text is the scored text")
-    _fails(["eval", tiny["f32"], "--ladder", "q4_0-gptq", "--calib", str(tmp_path / "nocal.txt"), "--text", text,
+    _fails(["eval", tiny["f32"], "--ladder", "q4_0+gptq", "--calib", str(tmp_path / "nocal.txt"), "--text", text,
             *base], capsys, "nocal.txt", "no such calibration file")
-    _fails(["eval", tiny["f32"], "--ladder", "q4_0,f16-gptq", "--text", text, *base], capsys, "GPTQ needs a quantized")
-    _fails(["eval", tiny["f32"], "--calib-samples", "4", "--text", text, *base], capsys, "with --ladder")
+    _fails(["eval", tiny["f32"], "--ladder", "q4_0,f16+gptq", "--text", text, *base], capsys, "GPTQ needs a quantized")
+    _fails(["eval", tiny["f32"], "--nsamples", "4", "--text", text, *base], capsys, "with --ladder")
 
 
 # ------------------------------------------------------------------------------- classifiers

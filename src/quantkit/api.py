@@ -3,8 +3,11 @@
     import quantkit.api as qk
     qk.inspect("model.gguf")
     qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0")
-    qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0", method="gptq")
-    qk.quantize_gpu("model_dir", "out_dir", format="gptq", bits=4, group_size=128)
+    qk.quantize("model.gguf", "out.gguf", format="gguf:q4_0+gptq", nsamples=64)
+    qk.quantize_gpu("model_dir", "out_dir", format="gptq:w4g128+gptq")
+    qk.quantize_gpu("model_dir", "out_dir", recipe=quantkit.recipe.from_flags("gptq", "gptq", bits=3))
+
+What to make is a recipe (quantkit.recipe): a string such as "gguf:q4_0+gptq", or a Recipe.
 """
 
 from __future__ import annotations
@@ -59,82 +62,96 @@ class QuantizeResult:
     types: dict[str, str] = field(default_factory=dict)
 
 
-GGUF_GPTQ_SHRINK = 0.1    # default Hessian shrinkage for GPTQ onto llama.cpp grids (BENCHMARKS.md)
+def _recipe(recipe, calibration=None, **flags):
+    """A Recipe from `recipe` (a Recipe or a recipe string) or, when it is None, from loose
+    keyword arguments (None: not given); never both."""
+    from .recipe import Recipe, from_flags, parse_recipe
+    from .util.errors import QuantkitError
+    if recipe is None:
+        return from_flags(**flags, calibration=calibration)
+    given = [k for k, v in flags.items() if v is not None]
+    if given:
+        raise QuantkitError(f"give a recipe or {', '.join(given)}, not both",
+                            hint="put calibration and GPTQ options in the Recipe (recipe.from_flags)")
+    return parse_recipe(recipe) if isinstance(recipe, str) else recipe
 
 
-def quantize(model=None, output: str | os.PathLike | None = None, *, format: str = "gguf:q4_0",  # noqa: A002
-             method: str = "rtn", pure: bool = False, token_embedding_type: str | None = None,
-             output_tensor_type: str | None = None, calib: str | None = None, nsamples: int = 128,
-             seqlen: int = 512, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-             true_sequential: bool = True, shrink: float | None = None, show_progress: bool = True) -> QuantizeResult:
-    """Quantize MODEL and write OUTPUT. `format` is "gguf:<file type>" (f32, f16, bf16, q8_0, q5_1,
-    q5_0, q4_1, q4_0, q6_k and the K-quant mixes). Method "rtn" is llama.cpp's own
+def quantize(model=None, output: str | os.PathLike | None = None, *, format: str | None = None,  # noqa: A002
+             method: str | None = None, pure: bool = False, token_embedding_type: str | None = None,
+             output_tensor_type: str | None = None, calib: str | None = None, nsamples: int | None = None,
+             seqlen: int | None = None, damp: float | None = None, act_order: bool | None = None,
+             scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
+             recipe=None, show_progress: bool = True) -> QuantizeResult:
+    """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
+    `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
+    f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
+    with `method` and the calibration / GPTQ keywords. Method "rtn" is llama.cpp's own
     round-to-nearest, byte for byte; "gptq" solves every decoder linear onto the same llama.cpp
-    type with GPTQ (calibrated on `calib`, nsamples x seqlen tokens; default wikitext-2 valid)
-    and writes every other tensor as "rtn" does: the same file layout and size, a lower error.
-    `shrink` (GPTQ): the Hessian moved toward its diagonal by this fraction; None: 0.1 on these
-    grids (lower KL divergence than 0 for Q4_0, Q4_1 and Q3_K_M, in and out of domain)."""
+    type with GPTQ (calibrated on `calib`, nsamples x seqlen tokens; defaults in quantkit.recipe:
+    wikitext-2 valid, 128 x 512) and writes every other tensor as "rtn" does: the same file
+    layout and size, a lower error. `shrink` (GPTQ): the Hessian moved toward its diagonal by
+    this fraction; None: recipe.DEFAULT_SHRINK (0.1 on these grids)."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
         raise QuantkitError("no output path", hint="give -o OUT")
-    fmt = format.lower()
-    if fmt in ("gptq", "compressed-tensors"):
-        raise QuantkitError(f"format '{format}' is written by quantize_gpu()", hint="call quantkit.api.quantize_gpu")
-    if not fmt.startswith("gguf:"):
-        raise QuantkitError(f"unknown output format '{format}'",
-                            hint="use gguf:<type>, e.g. gguf:q4_0 (" + ", ".join(supported_file_types()) + ")")
-    if method == "gptq":
+    r = _recipe(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
+                act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
+    fmt = r.spelling().split("+")[0]
+    if r.format != "gguf":
+        raise QuantkitError(f"format '{r.spelling()}' is written by "
+                            + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),
+                            hint="call quantkit.api." + ("quantize_gpu" if r.format != "int8" else "quantize_dynamic"))
+    if r.type not in supported_file_types():
+        raise QuantkitError(f"type '{r.type}' cannot be encoded here",
+                            hint="use one of " + ", ".join(supported_file_types()))
+    if r.method == "gptq":
         from .quant.gguf_gptq import export_gguf_gptq
         from .quant.gptq import GPTQConfig
-        try:
-            cfg = GPTQConfig(damp=damp, act_order=act_order, scale_search=scale_search,
-                             shrink=GGUF_GPTQ_SHRINK if shrink is None else shrink)
-        except ValueError as e:
-            raise QuantkitError(str(e), hint="--damp and --shrink take fractions such as 0.01") from None
-        rep = export_gguf_gptq(model, output, fmt.split(":", 1)[1], calib=calib, nsamples=nsamples, seqlen=seqlen,
-                               gptq=cfg, true_sequential=true_sequential, pure=pure,
+        g = r.gptq
+        cfg = GPTQConfig(damp=g.damp, act_order=g.act_order, scale_search=g.scale_search, shrink=r.shrink)
+        cal = r.calibration
+        rep = export_gguf_gptq(model, output, r.type, calib=cal.file, nsamples=cal.nsamples, seqlen=cal.seqlen,
+                               gptq=cfg, true_sequential=g.true_sequential, pure=pure,
                                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
                                show_progress=show_progress)
-        return QuantizeResult(rep.path, fmt, method, rep.seconds, rep.n_bytes, rep.types)
-    if method != "rtn":
-        raise QuantkitError(f"method '{method}' is not available for {format}", hint="use --method rtn or gptq")
+        return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
     src = open_model(model)
     try:
-        rep = export_gguf(src, output, fmt.split(":", 1)[1], pure=pure, token_embedding_type=token_embedding_type,
+        rep = export_gguf(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
                           output_tensor_type=output_tensor_type, show_progress=show_progress)
     finally:
         src.close()
-    return QuantizeResult(rep.path, fmt, method, rep.seconds, rep.n_bytes, rep.types)
+    return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
 
 
 DEMO_PROMPT = "The capital of France is"
 
 
 DEMO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikitext2-test-excerpt.txt")
-DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0-gptq", "q3_k_m")
+DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0+gptq", "q3_k_m")
 
 
 def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, prompt: str = DEMO_PROMPT,
          max_tokens: int = 24, show_progress: bool = True, eval_chunks: int = 4,
-         eval_ctx: int = 256, calib: str | None = None, calib_samples: int | None = None,
-         calib_seqlen: int | None = None, n_threads: int | None = None) -> list:
+         eval_ctx: int = 256, calib: str | None = None, nsamples: int | None = None,
+         seqlen: int | None = None, n_threads: int | None = None) -> list:
     """The main job: a ladder of the bundled model (default Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ,
-    Q3_K_M; a rung "TYPE-gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
-    *valid* excerpt shipped with quantkit, 16 x 256 tokens, or `calib`), each run in llama.cpp on a
+    Q3_K_M; a rung "TYPE+gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
+    *valid* excerpt shipped with quantkit, 16 x 256 tokens (recipe.LADDER_CALIBRATION), or
+    `calib`, `nsamples` x `seqlen`), each run in llama.cpp on a
     short prompt and scored against the F32 reference on a short text (perplexity, KL divergence,
     top-1 agreement; `eval_chunks` x `eval_ctx` tokens of the WikiText-2 *test* excerpt shipped
     with quantkit; 0 chunks skips it). Files go to `out_dir` (written afresh), or (None) come
     from quantkit's ladder cache, so a rerun re-uses them. One eval.results.DemoRow per rung; the HTML report is
     out_dir/report.html (or ~/.cache/quantkit/demo/report.html). `n_threads`: llama.cpp's threads
     (default: up to 2)."""
-    from .eval.ladder import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
-                              label_ladder, ladder_types)
+    from .eval.ladder import build_rungs, label_ladder, ladder_types
     from .eval.results import DemoRow
     from .runtimes.llama_cpp import LlamaCpp
     from .models.bundled import bundled_path, cache_dir
     from .util.progress import progress
-    cal = GPTQCalibration(calib, calib_samples or DEFAULT_CALIB_SAMPLES, calib_seqlen or DEFAULT_CALIB_SEQLEN)
+    cal = _ladder_calibration(calib, nsamples, seqlen)
     report_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
     os.makedirs(report_dir, exist_ok=True)
     rungs = build_rungs(None, ladder_types(list(file_types)), None if out_dir is None else report_dir,
@@ -252,7 +269,7 @@ def evaluate(models=None, **options):
     classifiers (BERT-family directories with a classification head) are scored by task accuracy
     instead: `task_data` (label<TAB>text file; CLI --task-data; default SST-2 dev), `task_limit`,
     `batch_size`. To quantize a model to a ladder of rungs (RTN types and GPTQ rungs such as
-    "q4_0-gptq") and score them all, use eval_ladder(). Returns an EvalResult (.rows: typed rows, .meta,
+    "q4_0+gptq") and score them all, use eval_ladder(). Returns an EvalResult (.rows: typed rows, .meta,
     .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it."""
     from .eval.evaluate import EvalOptions, evaluate as _evaluate
     from .util.errors import QuantkitError
@@ -265,25 +282,33 @@ def evaluate(models=None, **options):
     return _evaluate(list(models), EvalOptions(**options))
 
 
-def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=None, calib_seqlen=None,
-                **options):
+def _ladder_calibration(calib, nsamples, seqlen):
+    """The ladder's GPTQ calibration: the options given, the rest from recipe.LADDER_CALIBRATION."""
+    from .eval.ladder import GPTQCalibration
+    from .recipe import LADDER_CALIBRATION, Calibration
+    c = Calibration(os.fspath(calib) if calib is not None else None,
+                    LADDER_CALIBRATION.nsamples if nsamples is None else nsamples,
+                    LADDER_CALIBRATION.seqlen if seqlen is None else seqlen)
+    return GPTQCalibration(c.file, c.nsamples, c.seqlen)
+
+
+def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None, seqlen=None, **options):
     """Quantize MODEL to a ladder of GGUF rungs and evaluate the model and every rung against its
     F32 reference. Rungs are file types, quantized by llama.cpp's round-to-nearest ("q4_0"), or
-    with GPTQ onto the same type ("q4_0-gptq"); default F16, Q8_0, Q5_0, Q4_1, Q4_0 RTN,
-    Q4_0 GPTQ and the K-quants quantkit encodes. GPTQ rungs calibrate on `calib` (any UTF-8 text;
-    default: the WikiText-2 *valid* excerpt shipped with quantkit), `calib_samples` x
-    `calib_seqlen` tokens (default 16 x 256); the calibration text must not be the scored one.
+    with GPTQ onto the same type ("q4_0+gptq"; recipe strings, see quantkit.recipe); default F16,
+    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes. GPTQ rungs calibrate
+    on `calib` (any UTF-8 text; default: the WikiText-2 *valid* excerpt shipped with quantkit),
+    `nsamples` x `seqlen` tokens (default: recipe.LADDER_CALIBRATION, 16 x 256); the
+    calibration text must not be the scored one.
     Rungs are cached in quantkit's cache (keyed by source, type, method and calibration) unless
     `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method."""
-    from .eval.ladder import (DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, GPTQCalibration, build_rungs,
-                              label_ladder, ladder_types)
+    from .eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
     from .eval.lm import default_text
     from .util.errors import QuantkitError
 
     names = ladder_types(types)
-    cal = GPTQCalibration(os.fspath(calib) if calib is not None else None,
-                          calib_samples or DEFAULT_CALIB_SAMPLES, calib_seqlen or DEFAULT_CALIB_SEQLEN)
-    if any(n.endswith("-gptq") for n in names):
+    cal = _ladder_calibration(calib, nsamples, seqlen)
+    if any(parse_rung(n)[1] == "gptq" for n in names):
         cal.check()
         scored = options.get("text") or default_text()
         if os.path.isfile(scored) and os.path.samefile(scored, cal.path):
@@ -295,14 +320,19 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, calib_samples=
 
 
 # ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors (issue 3) ----
-def quantize_gpu(model, output: str | os.PathLike, *, format: str = "compressed-tensors",  # noqa: A002
-                 method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = True,
-                 act_order: bool = False, calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
-                 damp: float = 0.01, shrink: float = 0.0, scale_search: bool = True, true_sequential: bool = True,
-                 show_progress: bool = True):
+def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,  # noqa: A002
+                 method: str | None = None, bits: int | None = None, group_size: int | None = None,
+                 sym: bool | None = None, act_order: bool | None = None, calib: str | None = None,
+                 nsamples: int | None = None, seqlen: int | None = None, damp: float | None = None,
+                 shrink: float | None = None, scale_search: bool | None = None,
+                 true_sequential: bool | None = None, recipe=None, show_progress: bool = True):
     """Quantize the decoder linears of a causal LM (a Hugging Face directory or a GGUF file; None:
     the bundled Gemma-3-270M) with RTN or GPTQ and write a GPTQ ("gptq") or compressed-tensors
-    ("compressed-tensors", pack-quantized) checkpoint directory. GPTQ calibrates on `calib` (any
+    ("compressed-tensors", pack-quantized) checkpoint directory. What to make is `recipe` (a
+    Recipe or a string such as "compressed-tensors:w4g128-asym+gptq") or the keywords: `format`
+    (default compressed-tensors; it may carry the spec, "gptq:w4g128"), `method` (default gptq
+    unless the format string says +rtn or +gptq), bits 4, group_size 128, sym; every default
+    in quantkit.recipe (calibration 128 x 512, damp 0.01, shrink 0 for these formats). GPTQ calibrates on `calib` (any
     UTF-8 text; default wikitext-2 valid), `nsamples` x `seqlen` tokens from the model's own
     tokenizer; each group's scale (and zero) comes from a search weighted by GPTQ's column
     importance unless `scale_search` is False (then the group's min/max, as RTN); with
@@ -312,12 +342,21 @@ def quantize_gpu(model, output: str | os.PathLike, *, format: str = "compressed-
     from .models.gpu_formats import GPUFormatConfig
     from .quant.pipeline import export_gpu_checkpoint
     from .util.errors import QuantkitError
+    if recipe is None:
+        format = format or "compressed-tensors"  # noqa: A001
+        if method is None and "+" not in format:
+            method = "gptq"
+    r = _recipe(recipe, format=format, method=method, bits=bits, group_size=group_size, sym=sym,
+                act_order=act_order, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp, shrink=shrink,
+                scale_search=scale_search, true_sequential=true_sequential)
+    if r.format not in ("gptq", "compressed-tensors"):
+        raise QuantkitError(f"format '{r.spelling()}' is not a GPU checkpoint",
+                            hint="gptq or compressed-tensors; GGUF files come from quantize()")
     if model is None:
         from .models.bundled import bundled_path
         model = bundled_path()
-    cfg = GPUFormatConfig(format.lower(), bits, group_size, sym, act_order, method, damp, scale_search,
-                          true_sequential)
-    if not 0.0 <= shrink <= 1.0:
-        raise QuantkitError(f"--shrink must be in [0, 1], got {shrink}")
-    return export_gpu_checkpoint(os.fspath(model), os.fspath(output), cfg, calib=calib, nsamples=nsamples,
-                                 seqlen=seqlen, shrink=shrink, show_progress=show_progress)
+    g, cal = r.gptq, r.calibration
+    cfg = GPUFormatConfig(r.format, r.bits, r.group_size, r.sym, g.act_order, r.method, g.damp, g.scale_search,
+                          g.true_sequential)
+    return export_gpu_checkpoint(os.fspath(model), os.fspath(output), cfg, calib=cal.file, nsamples=cal.nsamples,
+                                 seqlen=cal.seqlen, shrink=r.shrink, show_progress=show_progress)

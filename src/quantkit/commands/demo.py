@@ -7,6 +7,7 @@ import time
 
 
 def register(sub) -> None:
+    from ..api import DEMO_LADDER
     p = sub.add_parser("demo", help="quantize the bundled Gemma-3-270M to a ladder of GGUF types, run and score each",
                        description="Quantize the bundled Gemma-3-270M to a ladder of GGUF types (default Q8_0, Q5_0, "
                                    "Q4_0 with llama.cpp's round-to-nearest and with GPTQ, Q3_K_M), run each in "
@@ -16,19 +17,19 @@ def register(sub) -> None:
                                    "files are cached, so a rerun takes about a minute.")
     p.add_argument("--out-dir", help="where the GGUF files and report.html go, written afresh (default: "
                                      "quantkit's cache, re-used between runs; report in ~/.cache/quantkit/demo)")
-    p.add_argument("--types", default="q8_0,q5_0,q4_0,q4_0-gptq,q3_k_m",
-                   help="comma-separated rungs: GGUF file types (llama.cpp round-to-nearest) or TYPE-gptq "
-                        "(default q8_0,q5_0,q4_0,q4_0-gptq,q3_k_m)")
+    p.add_argument("--types", default=None, metavar="RUNGS",
+                   help="comma-separated rungs, recipes of GGUF file types: TYPE (llama.cpp round-to-nearest) "
+                        "or TYPE+gptq (default " + ",".join(DEMO_LADDER) + "; the old TYPE-gptq is still read)")
     p.add_argument("--prompt", default=None, help="prompt to continue")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--eval-chunks", type=int, default=4,
                    help="chunks of the shipped WikiText-2 test excerpt to score against the F32 reference (0: none)")
     p.add_argument("--eval-ctx", type=int, default=256, help="tokens per eval chunk (default 256)")
-    p.add_argument("--calib", metavar="FILE",
-                   help="GPTQ rungs: calibration text (default: the WikiText-2 valid excerpt shipped with quantkit)")
-    p.add_argument("--calib-samples", type=int, metavar="N", help="GPTQ rungs: calibration samples (default 16)")
-    p.add_argument("--calib-seqlen", type=int, metavar="L", help="GPTQ rungs: tokens per sample (default 256)")
     p.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: up to 2)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the tables")
+    from . import options
+    options.add_calibration_args(p.add_argument_group("calibration of the GPTQ rungs"), ladder=True)
+    options.add_config_arg(p, "demo")
     p.set_defaults(func=run)
 
 
@@ -39,20 +40,27 @@ def _s(x) -> str:
 def run(args) -> int:
     from .. import api
     from ..util.errors import QuantkitError
+    from . import options
+    options.apply_config(args)
+    calib, nsamples, seqlen = options.calibration_options(args)
     if args.max_tokens < 1:
         raise QuantkitError("--max-tokens must be at least 1")
-    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    types = [t.strip().lower() for t in (args.types or ",".join(api.DEMO_LADDER)).split(",") if t.strip()]
     if not types:
-        raise QuantkitError("--types is empty", hint="e.g. --types q8_0,q4_0,q4_0-gptq")
+        raise QuantkitError("--types is empty", hint="e.g. --types q8_0,q4_0,q4_0+gptq")
     if args.eval_chunks < 0:
         raise QuantkitError("--eval-chunks must be 0 or more")
     if args.threads is not None and args.threads < 1:
         raise QuantkitError("--threads must be at least 1")
     t0 = time.perf_counter()
     rows = api.demo(args.out_dir, types, prompt=args.prompt or api.DEMO_PROMPT, max_tokens=args.max_tokens,
-                    eval_chunks=args.eval_chunks, eval_ctx=args.eval_ctx, calib=args.calib,
-                    calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, n_threads=args.threads)
+                    eval_chunks=args.eval_chunks, eval_ctx=args.eval_ctx, calib=calib,
+                    nsamples=nsamples, seqlen=seqlen, n_threads=args.threads)
     total = time.perf_counter() - t0
+    if args.json:
+        options.print_json({"prompt": args.prompt or api.DEMO_PROMPT, "seconds": total,
+                            "rows": [r.to_dict() for r in rows]})
+        return 0
     print(f"\nprompt: {args.prompt or api.DEMO_PROMPT!r} (greedy, llama.cpp, {rows[0].threads} threads)\n")
     hdr = (f"{'format':<7} {'method':<6} {'file size':>10} {'bits/weight':>11} {'quantize':>9} {'load':>7} "
            f"{'prompt tok/s':>12} {'gen tok/s':>10}  output")

@@ -1,5 +1,5 @@
 """quantkit eval MODEL [MODEL ...] [--ref REF] [--text FILE] [--chunks N] [--ctx 512] [--json] [--report out.html]
-[--ladder [TYPES]] [--calib FILE] [--calib-samples N] [--calib-seqlen L].
+[--ladder [RUNGS]] [--calib FILE] [--nsamples N] [--seqlen L] [--config FILE].
 
 Language models (GGUF, HF causal LMs) are scored by perplexity and KL divergence; encoder
 classifiers (BERT-family directories with a head) by task accuracy (--task-data, SST-2 dev by
@@ -41,18 +41,18 @@ def register(sub) -> None:
     p.add_argument("--task-limit", type=int, metavar="N", help="classifiers: score the first N examples only")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (table, size vs KLD chart)")
-    p.add_argument("--ladder", nargs="?", const="default", metavar="TYPES",
+    p.add_argument("--ladder", nargs="?", const="default", metavar="RUNGS",
                    help="quantize MODEL to a ladder of GGUF types and evaluate them all (default: F16, Q8_0, "
-                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes; or a comma list, e.g. "
-                        "q8_0,q4_0,q4_0-gptq: TYPE is llama.cpp's round-to-nearest, TYPE-gptq GPTQ onto the same type)")
+                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes; or a comma list of "
+                        "recipes, e.g. q8_0,q4_0,q4_0+gptq: TYPE (or gguf:TYPE) is llama.cpp's round-to-nearest, "
+                        "TYPE+gptq GPTQ onto the same type; the old TYPE-gptq is still read)")
     p.add_argument("--ladder-dir", metavar="DIR",
                    help="where ladder files go, written afresh (default: quantkit's cache, where a rung is re-used, "
                         "keyed by source, type, method and calibration)")
-    p.add_argument("--calib", metavar="FILE",
-                   help="GPTQ rungs: calibration text, any UTF-8 (default: the WikiText-2 valid excerpt shipped "
-                        "with quantkit); never the scored --text")
-    p.add_argument("--calib-samples", type=int, metavar="N", help="GPTQ rungs: calibration samples (default 16)")
-    p.add_argument("--calib-seqlen", type=int, metavar="L", help="GPTQ rungs: tokens per sample (default 256)")
+    from . import options
+    options.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
+                                                      "scored --text)"), ladder=True)
+    options.add_config_arg(p, "eval")
     p.set_defaults(func=run)
 
 
@@ -129,7 +129,7 @@ def command_line(args) -> str:
                         ("--task-limit", args.task_limit),
                         ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
                         ("--ladder-dir", args.ladder_dir), ("--calib", args.calib),
-                        ("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen),
+                        ("--nsamples", args.nsamples), ("--seqlen", args.seqlen),
                         ("--report", args.report)):
         if value is not None:
             parts += [flag, str(value)]
@@ -143,7 +143,10 @@ def run(args) -> int:
     from .. import api
     from ..util.atomic import check_writable_dir
     from ..util.errors import QuantkitError
+    from . import options as opts
 
+    opts.apply_config(args)
+    args.calib, args.nsamples, args.seqlen = opts.calibration_options(args)
     if args.report:  # fail before the long run, not after it
         check_writable_dir(args.report)
         if os.path.isdir(args.report):
@@ -165,12 +168,11 @@ def run(args) -> int:
                                 "make an encoder's int8 with `quantkit quantize-dynamic`, then eval both")
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
         res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir,
-                              calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                              **options)
+                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, **options)
     else:
-        if args.calib or args.calib_samples or args.calib_seqlen:
-            raise QuantkitError("--calib, --calib-samples and --calib-seqlen calibrate a ladder's GPTQ rungs",
-                                hint="use them with --ladder, e.g. --ladder q4_0,q4_0-gptq")
+        if args.calib or args.nsamples or args.seqlen:
+            raise QuantkitError("--calib, --nsamples and --seqlen calibrate a ladder's GPTQ rungs",
+                                hint="use them with --ladder, e.g. --ladder q4_0,q4_0+gptq")
         res = api.evaluate(args.models or [None], **options)
     res.meta["command"] = command_line(args)
     if args.report:

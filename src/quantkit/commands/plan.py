@@ -88,18 +88,26 @@ def run(args) -> int:
         cal = hardware.calibrated_cpu()
         if cal is not None:
             devs[cal.name] = cal
+        if args.json:
+            print(json.dumps([{"name": name, "kind": d.kind, "memory_bytes": d.memory_bytes,
+                               "bandwidth": d.bandwidth, "label": d.label} for name, d in devs.items()], indent=2))
+            return 0
         for name, d in devs.items():
             print(f"{name:<18} {d.kind:<5} {d.memory_bytes / (1 << 30):6.0f} GiB {d.bandwidth / 1e9:7.1f} GB/s  {d.label}")
         return 0
     if args.list_models:
-        print("\n".join(known_names()))
+        print(json.dumps(known_names(), indent=2) if args.json else "\n".join(known_names()))
         return 0
     if not args.model:
         from ..util.errors import QuantkitError
         raise QuantkitError("no MODEL given", hint="an HF directory, a .gguf, a .safetensors, or a name such as llama-2-13b")
+    from ..recipe import deprecation_note, warn_deprecated
+    fmts = [f.strip() for x in (args.format or []) for f in x.split(",") if f.strip()]
+    for f in fmts:
+        warn_deprecated(deprecation_note(f))
     o = PlanOptions(devices=args.device or [], vram_gb=args.vram, bandwidth_gbs=args.bandwidth, tflops=args.tflops,
                     n_ctx=args.ctx, batch=args.batch, kv_type=args.kv_type, runtime=args.runtime,
-                    formats=[f for x in (args.format or []) for f in x.split(",") if f] or None,
+                    formats=fmts or None,
                     swa_full=args.swa_full, flash_attn=args.flash_attn, ram_gb=args.ram, train=args.train,
                     rank=args.rank, lora_targets=args.lora_targets)
     p = plan(args.model, o)
@@ -126,7 +134,9 @@ def register(sub) -> None:
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (llama.cpp)")
     p.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "torch"])
     p.add_argument("--format", action="append", metavar="F[,F...]",
-                   help="formats to plan (default: common GGUF types, or GPU formats with --runtime torch)")
+                   help="formats to plan (default: common GGUF types, or GPU formats with --runtime torch): "
+                        "recipes as `quantize --format` takes them (q4_k_m or gguf:q4_k_m, gptq:w4g128) or "
+                        "awq:w4g128, fp16, bf16, int8 (LLM.int8), int4, nf4, nf4-nodq, IQ types")
     p.add_argument("--swa-full", action="store_true", help="llama.cpp: full-size cache for sliding-window layers")
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp: flash attention (smaller compute buffer)")
     p.add_argument("--train", choices=["full", "lora", "qlora"], help="also plan fine-tuning memory")
@@ -134,5 +144,5 @@ def register(sub) -> None:
     p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="LoRA target matrices")
     p.add_argument("--list-devices", action="store_true", help="print the hardware table and exit")
     p.add_argument("--list-models", action="store_true", help="print the built-in model names and exit")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print JSON (also with --list-devices, --list-models)")
     p.set_defaults(func=run)

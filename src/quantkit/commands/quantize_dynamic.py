@@ -1,6 +1,6 @@
-"""`quantkit quantize MODEL --method dynamic-int8 [--quantize-embeddings] -o OUT`.
+"""`quantkit quantize MODEL --format int8 (or --method dynamic-int8) [--quantize-embeddings] -o OUT`.
 
-The lead's `quantize` command dispatches here for --method dynamic-int8: `run(args)` takes its
+The `quantize` command dispatches here for the recipe int8: `run(args)` takes its
 argparse namespace (model: str | None, None = the bundled all-MiniLM-L6-v2; output: str;
 quantize_embeddings: bool; kernel: str, optional, "auto" | "onednn" | "fbgemm" | "reference")
 and writes an int8 encoder directory (safetensors + quantkit.json).
@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
         raise QuantkitError("no output given", None, "pass -o OUT_DIR")
     summary = quantize_dynamic(model, output, quantize_embeddings=bool(getattr(args, "quantize_embeddings", False)),
                                kernel=getattr(args, "kernel", None) or "auto")
+    if getattr(args, "json", False):
+        from .options import print_json
+        print_json({**summary, "recipe": "int8"})
+        return 0
     print(f"wrote {summary['output']}: {summary['modules']} modules int8 "
           f"({summary['linear']} linear, {summary['embedding']} embedding), "
           f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB "

@@ -1,5 +1,5 @@
 """A ladder: one model quantized to several GGUF rungs, each a llama.cpp file type made by
-llama.cpp's own round-to-nearest ("q4_0") or by GPTQ onto the same type ("q4_0-gptq"), built
+llama.cpp's own round-to-nearest ("q4_0") or by GPTQ onto the same type ("q4_0+gptq"), built
 into quantkit's cache (re-used between runs) or a folder, then scored together (api.eval_ladder,
 quantkit demo)."""
 
@@ -11,65 +11,59 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..recipe import DEFAULT_SHRINK, LADDER_CALIBRATION, calib_text_path, parse_recipe, valid_spellings
 from ..runtimes import split_spec
 from ..util.errors import QuantkitError
 from . import cache as eval_cache
 from .cache import cache_root, model_digest, sha256_file
 from .results import EvalResult
 
-# A rung is a GGUF file type, quantized by llama.cpp's own round-to-nearest ("q4_0"), or the same
-# type with GPTQ-compensated weights ("q4_0-gptq": quant.gguf_gptq, calibrated on a text).
+# A rung is a recipe (quantkit.recipe) of a GGUF file type: llama.cpp's own round-to-nearest
+# ("q4_0"), or the same type with GPTQ-compensated weights ("q4_0+gptq": quant.gguf_gptq,
+# calibrated on a text). Rung files keep the name "TYPE-gptq.gguf", so cached rungs stay valid.
 GPTQ_SUFFIX = "-gptq"
-DEFAULT_LADDER = ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0" + GPTQ_SUFFIX]
+DEFAULT_LADDER = ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0+gptq"]
 LADDER_KQUANTS = ["q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
-FLOAT_TYPES = ("f32", "f16", "bf16")     # nothing for GPTQ to solve
-# GPTQ rungs calibrate on a shipped WikiText-2 *valid* excerpt (the eval scores *test* text), on
-# few tokens: the Hessians of 16 x 256 tokens are enough to beat RTN and cost minutes, not tens
-# of minutes, on 2 cores.
-CALIB_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
-                          "wikitext2-valid-excerpt.txt")
-DEFAULT_CALIB_SAMPLES = 16
-DEFAULT_CALIB_SEQLEN = 256
+# GPTQ rungs calibrate as recipe.LADDER_CALIBRATION says: few tokens of a shipped WikiText-2
+# *valid* excerpt (the eval scores *test* text).
+CALIB_TEXT = calib_text_path(ladder=True)
+DEFAULT_CALIB_SAMPLES = LADDER_CALIBRATION.nsamples
+DEFAULT_CALIB_SEQLEN = LADDER_CALIBRATION.seqlen
 GPTQ_RUNG_VERSION = "2"                  # bump when the GPTQ rung's recipe changes: cached rungs are rebuilt
-# the Hessian shrinkage of a GPTQ rung: api.quantize's default for GPTQ onto llama.cpp grids (GGUF_GPTQ_SHRINK)
-GPTQ_RUNG_SHRINK = 0.1
 
 
-def parse_rung(name: str) -> tuple[str, str]:
-    """"q4_0" -> ("q4_0", "rtn"); "q4_0-gptq" -> ("q4_0", "gptq")."""
-    name = name.strip().lower()
-    if name.endswith(GPTQ_SUFFIX):
-        return name[:-len(GPTQ_SUFFIX)], "gptq"
-    return name, "rtn"
+def parse_rung(name: str, warn: bool = True) -> tuple[str, str]:
+    """"q4_0" / "gguf:q4_0" -> ("q4_0", "rtn"); "q4_0+gptq" -> ("q4_0", "gptq"); the old
+    "q4_0-gptq" too, with a note on stderr (unless `warn` is False)."""
+    r = parse_recipe(name, warn=warn)
+    if r.format != "gguf":
+        raise QuantkitError(f"ladder rung '{name}' is {r.format}, not a GGUF type", hint=valid_spellings())
+    return r.type, r.method
 
 
 def rung_label(name: str) -> str:
-    """"q4_0" -> "Q4_0 RTN", "q4_0-gptq" -> "Q4_0 GPTQ", "f16" -> "F16"."""
-    ft, method = parse_rung(name)
-    return ft.upper() if ft in FLOAT_TYPES else f"{ft.upper()} {method.upper()}"
+    """"q4_0" -> "Q4_0 RTN", "q4_0+gptq" -> "Q4_0 GPTQ", "f16" -> "F16"."""
+    return parse_recipe(name, warn=False).label()
 
 
 def ladder_types(requested: list[str] | None = None) -> list[str]:
-    """The rungs to build: REQUESTED (validated, lower-cased) or the default ladder (F16, Q8_0,
-    Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quant mixes quantkit encodes)."""
+    """The rungs to build: REQUESTED (validated, canonical spellings) or the default ladder (F16,
+    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quant mixes quantkit encodes)."""
     from ..quant.gguf_export import supported_file_types
     ok = supported_file_types()
     if not requested:
         return DEFAULT_LADDER + [t for t in LADDER_KQUANTS if t in ok]
     out = []
-    bad = [t for t in requested if parse_rung(t)[0] not in ok]
-    if bad:
-        raise QuantkitError(f"unknown or unsupported ladder type(s): {', '.join(bad)}",
-                            hint="choose from " + ", ".join(ok) + f"; add {GPTQ_SUFFIX} for GPTQ, e.g. q4_0{GPTQ_SUFFIX}")
-    floats = [t for t in requested if parse_rung(t) in ((f, "gptq") for f in FLOAT_TYPES)]
-    if floats:
-        raise QuantkitError(f"{', '.join(floats)}: GPTQ needs a quantized type, not a float one",
-                            hint=f"e.g. q4_0{GPTQ_SUFFIX} or q3_k_m{GPTQ_SUFFIX}")
     for t in requested:
-        ft, method = parse_rung(t)
-        name = ft + (GPTQ_SUFFIX if method == "gptq" else "")
-        if name not in out:
-            out.append(name)
+        try:
+            r = parse_recipe(t)
+        except QuantkitError as e:
+            raise QuantkitError(f"unknown or unsupported ladder type: {e}") from None
+        if r.format != "gguf" or r.type not in ok:
+            raise QuantkitError(f"unknown or unsupported ladder type(s): {t}",
+                                hint="choose from " + ", ".join(ok) + "; add +gptq for GPTQ, e.g. q4_0+gptq")
+        if r.spelling(short=True) not in out:
+            out.append(r.spelling(short=True))
     return out
 
 
@@ -98,7 +92,7 @@ class GPTQCalibration:
     def check(self) -> None:
         if self.nsamples < 1 or self.seqlen < 2:
             raise QuantkitError(f"GPTQ calibration needs at least 1 sample of at least 2 tokens "
-                                f"(got {self.nsamples} x {self.seqlen})", hint="--calib-samples N --calib-seqlen L")
+                                f"(got {self.nsamples} x {self.seqlen})", hint="--nsamples N --seqlen L")
         if not os.path.isfile(self.path):
             raise QuantkitError("no such calibration file", self.path, "give --calib FILE (any UTF-8 text)")
 
@@ -147,7 +141,7 @@ def build_rungs(model: str | None, types: list[str], out_dir: str | None = None,
                 if show_progress:
                     print(f"{rung_label(name)}: GPTQ on {cal.describe()}", file=sys.stderr, flush=True)
                 export_gguf_gptq(src_path, out, ft, calib=cal.path, nsamples=cal.nsamples, seqlen=cal.seqlen,
-                                 gptq=GPTQConfig(shrink=GPTQ_RUNG_SHRINK), show_progress=show_progress)
+                                 gptq=GPTQConfig(shrink=DEFAULT_SHRINK["gguf"]), show_progress=show_progress)
             else:
                 with open_model(src_path) as src:
                     export_gguf(src, out, ft, show_progress=show_progress)

@@ -83,30 +83,52 @@ class Format:
 
 
 def parse_format(s: str) -> Format:
+    """A format name: a recipe of quantkit.recipe (gguf:q4_k_m or q4_k_m, gptq:w4g128, any
+    +method: sizes do not depend on it), awq:w4g128, or a torch storage (fp16, bf16, int8 =
+    LLM.int8, int4, nf4, nf4-nodq). The old gptq-4bit-128g / awq-4bit-128g are still read
+    (quietly: model headers carry them; `quantkit plan` notes a user's old spelling)."""
+    from ..recipe import FORMAT_BITS, SPEC_HELP, parse_weight_spec, split_recipe
     k = s.strip().lower()
     if k in GGUF_FTYPES:
         return Format(k, "gguf", bits=0)
     if k in TORCH_DTYPES:
         return Format({"f16": "fp16", "f32": "fp32"}.get(k, k), "dense", bits=16 if "16" in k else 32)
-    m = re.fullmatch(r"(gptq|awq)[-_]?(\d+)bit(?:[-_](\d+|none)g)?([-_]act(?:[-_]?order)?)?", k)
-    if m:
-        bits = int(m.group(2))
-        if bits not in (2, 3, 4, 8):
-            raise QuantkitError(f"format '{s}': GPTQ/AWQ bits must be 2, 3, 4 or 8")
-        g = 128 if m.group(3) is None else (-1 if m.group(3) == "none" else int(m.group(3)))
-        if m.group(1) == "awq" and bits != 4:
-            raise QuantkitError(f"format '{s}': AWQ kernels are 4-bit only")
-        return Format(k, m.group(1), bits=bits, group_size=g, act_order=bool(m.group(4)))
-    if k in ("int4", "int4-rtn"):
+    head = k.split("+")[0]
+    if head.removeprefix("gguf:") in IQ_FTYPES:      # sized here, not written by quantkit
+        return Format(head.removeprefix("gguf:"), "gguf", bits=0)
+    if head in ("int4", "int4-rtn"):
         return Format("int4", "int4", bits=4)
-    if k in ("int8", "llm.int8", "bnb-int8"):
+    if head in ("int8", "llm.int8", "bnb-int8"):
         return Format("int8", "int8", bits=8)
-    if k in ("nf4", "bnb-nf4", "nf4-dq"):
+    if head in ("nf4", "bnb-nf4", "nf4-dq"):
         return Format("nf4", "nf4", bits=4, double_quant=True)
-    if k == "nf4-nodq":
+    if head == "nf4-nodq":
         return Format("nf4-nodq", "nf4", bits=4, double_quant=False)
-    raise QuantkitError(f"unknown format '{s}'",
-                        hint="GGUF: " + ", ".join(GGUF_FTYPES) + "; GPU: fp16, bf16, int8, nf4, gptq-4bit-128g, awq-4bit-128g")
+    m = re.fullmatch(r"awq[-_]?(\d+)bit(?:[-_](\d+|none)g)?", head)
+    if m or head.startswith("awq:"):
+        bits, g = ((int(m.group(1)), 128 if m.group(2) is None else (-1 if m.group(2) == "none" else int(m.group(2))))
+                   if m else parse_weight_spec(head[4:], f"format '{s}'")[:2])
+        if bits != 4:
+            raise QuantkitError(f"format '{s}': AWQ kernels are 4-bit only", hint="awq:w4g128")
+        return Format(k, "awq", bits=4, group_size=g)
+    try:
+        p = split_recipe(k)
+    except QuantkitError as e:
+        if ":" in head:                      # the format is known: the recipe's error names the part
+            raise
+        raise QuantkitError(f"unknown format '{s}'",
+                            hint="GGUF: " + ", ".join(GGUF_FTYPES) + "; GPU: fp16, bf16, int8, nf4, gptq:SPEC, "
+                                 f"awq:SPEC with SPEC {SPEC_HELP}") from None
+    if p.format == "gguf":
+        return Format(p.type, "gguf", bits=0)
+    if p.format == "gptq":
+        bits = 4 if p.bits is None else p.bits
+        if bits not in FORMAT_BITS["gptq"]:
+            raise QuantkitError(f"format '{s}': GPTQ bits must be 2, 3, 4 or 8")
+        return Format(k, "gptq", bits=bits, group_size=128 if p.group_size is None else p.group_size,
+                      act_order=bool(p.act_order))
+    raise QuantkitError(f"format '{s}': plan does not size {p.format} yet",
+                        hint="GGUF: gguf:TYPE; GPU: fp16, bf16, int8, nf4, gptq:SPEC, awq:SPEC")
 
 
 # ---------------------------------------------------------------- llama.cpp mixes

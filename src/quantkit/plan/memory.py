@@ -411,7 +411,7 @@ def torch_cpu_forward(m: ModelShape, n_ctx: int, n_keep: int | None = None) -> d
 def torch_cpu_parts(m: ModelShape, tensors: list[Tensor], n_ctx: int, from_gguf: bool) -> dict[str, int]:
     """Peak RSS of quantkit's torch runtime (transformers, float32, CPU) scoring one n_ctx chunk,
     term by term (bytes). Two phases; the peak is the larger:
-    - load (a GGUF through quantkit.eval.torch_runtime.model_from_gguf), at the end of
+    - load (a GGUF through quantkit.runtimes.torch.model_from_gguf), at the end of
       load_state_dict: process base + the open reader's header objects (per vocabulary token)
       + the file's pages (memory-mapped, all read) + the dequantized float32 state dict (F32 tensors
       of the file are views of the map; Gemma's norms are shifted copies, a few KB) + the model's

@@ -9,16 +9,14 @@ import os
 
 import torch
 
+from ..recipe import CALIB_TEXT, DEFAULT_NSAMPLES, DEFAULT_SEQLEN  # noqa: F401  (defaults live in recipe)
 from ..util.errors import QuantkitError
-
-DEFAULT_NSAMPLES = 128
-DEFAULT_SEQLEN = 512
 
 
 def default_calibration_file() -> str:
     """wikitext-2 valid, shipped in quantkit/data."""
     from ..util.data import data_file
-    return data_file("wikitext-2/valid.txt")
+    return data_file(CALIB_TEXT)
 
 
 def read_text(path: str) -> str:

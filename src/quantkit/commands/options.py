@@ -1,0 +1,144 @@
+"""Flags shared by the commands that take a recipe or a calibration, and --config FILE.
+
+One set of calibration flags (--calib FILE --nsamples N --seqlen L) on quantize, eval and demo,
+their defaults from quantkit.recipe; GPTQ knobs named as GPTQKnobs' fields; a config file holds
+the same options under their long-flag names, checked as the flags are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import recipe as rc
+from ..util.errors import QuantkitError
+
+
+def add_calibration_args(g, ladder: bool) -> None:
+    """--calib --nsamples --seqlen (None: the recipe's defaults, or the ladder preset's); a
+    ladder command also reads its old --calib-samples / --calib-seqlen, hidden."""
+    if ladder:
+        cal, text = rc.LADDER_CALIBRATION, "the WikiText-2 valid excerpt shipped with quantkit"
+        why = (" (the ladder preset: fewer tokens than quantize's "
+               f"{rc.DEFAULT_NSAMPLES} x {rc.DEFAULT_SEQLEN}, to keep GPTQ rungs to minutes)")
+    else:
+        cal, text, why = rc.Calibration(), "wikitext-2 valid, shipped with quantkit", ""
+    g.add_argument("--calib", metavar="FILE", help=f"GPTQ calibration text, any UTF-8 file (default: {text})")
+    g.add_argument("--nsamples", type=int, metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
+    g.add_argument("--seqlen", type=int, metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
+    if ladder:
+        g.add_argument("--calib-samples", dest="old_calib_samples", type=int, help=argparse.SUPPRESS)
+        g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=int, help=argparse.SUPPRESS)
+
+
+def calibration_options(args) -> tuple[str | None, int | None, int | None]:
+    """(calib, nsamples, seqlen) as given; the old ladder flags mapped, with a note."""
+    nsamples, seqlen = args.nsamples, args.seqlen
+    for old, new, value in (("--calib-samples", "--nsamples", getattr(args, "old_calib_samples", None)),
+                            ("--calib-seqlen", "--seqlen", getattr(args, "old_calib_seqlen", None))):
+        if value is None:
+            continue
+        print(f"quantkit: note: {old} is the old spelling of {new}; it is read for one more release",
+              file=sys.stderr, flush=True)
+        if new == "--nsamples":
+            nsamples = value if nsamples is None else nsamples
+        else:
+            seqlen = value if seqlen is None else seqlen
+    return args.calib, nsamples, seqlen
+
+
+def add_gptq_args(g) -> None:
+    """The GPTQ knobs, one flag per GPTQKnobs field."""
+    d = rc.GPTQKnobs()
+    g.add_argument("--act-order", action="store_const", const=True, default=None,
+                   help="GPTQ: visit columns by decreasing activation energy (static groups: no g_idx reordering)")
+    g.add_argument("--damp", type=float, default=None,
+                   help=f"GPTQ dampening, fraction of the mean Hessian diagonal (default {d.damp}; raised "
+                        "automatically if needed)")
+    g.add_argument("--shrink", type=float, default=None,
+                   help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0: plain GPTQ; 1: "
+                        "importance-weighted rounding without cross-column compensation; default "
+                        f"{rc.DEFAULT_SHRINK['gguf']} for gguf:* formats, where it measured lower error in and out "
+                        f"of domain, {rc.DEFAULT_SHRINK['gptq']} for gptq / compressed-tensors, where it did not "
+                        "help at 3 bits)")
+    g.add_argument("--no-scale-search", dest="scale_search", action="store_const", const=False, default=None,
+                   help="GPTQ: keep the max-based scales (llama.cpp's rule for gguf:* blocks, the group's "
+                        "min/max for gptq / compressed-tensors) instead of searching for the scale that "
+                        "minimises the importance-weighted block or group error")
+    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
+                   help="GPTQ: calibrate every linear of a block on the block's float inputs (one pass, faster) "
+                        "instead of attention, o, MLP up/gate, down in turn on already-quantized outputs")
+
+
+def recipe_from_args(args) -> rc.Recipe:
+    """The Recipe the flags of `quantize` (or a parser shaped like it) say."""
+    calib, nsamples, seqlen = calibration_options(args)
+    return rc.from_flags(args.format, getattr(args, "method", None), bits=getattr(args, "bits", None),
+                         group_size=getattr(args, "group_size", None), sym=getattr(args, "sym", None),
+                         calib=calib, nsamples=nsamples, seqlen=seqlen, damp=getattr(args, "damp", None),
+                         act_order=getattr(args, "act_order", None),
+                         true_sequential=getattr(args, "true_sequential", None),
+                         scale_search=getattr(args, "scale_search", None), shrink=getattr(args, "shrink", None))
+
+
+# ---- --config FILE ---------------------------------------------------------------------------
+def add_config_arg(p: argparse.ArgumentParser, command: str) -> None:
+    """--config FILE: call after every other flag is added; its keys are those flags' names."""
+    acts = [a for a in p._actions if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS]
+    keys = list(dict.fromkeys(a.dest for a in acts))
+    flags = list(dict.fromkeys(a.dest for a in acts if a.nargs == 0))
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of these options under their long-flag names (" + ", ".join(keys)
+                        + "; on/off flags as true/false: " + ", ".join(flags) + "); flags given on the command "
+                          "line win")
+    p.set_defaults(_actions={a.dest: a for a in p._actions if a.dest in keys}, _command=command)
+
+
+def read_config(path: str) -> dict:
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise QuantkitError("no such config file", path) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"config file is not valid YAML/JSON ({type(e).__name__})", path) from None
+    if not isinstance(cfg, dict):
+        raise QuantkitError("config file must hold a mapping of option: value", path)
+    return cfg
+
+
+def apply_config(args) -> None:
+    """Fill options from --config FILE, each checked as its flag would be; options given on the
+    command line keep their value."""
+    if not getattr(args, "config", None):
+        return
+    path = args.config
+    actions = args._actions
+    for key, value in read_config(path).items():
+        dest = str(key).replace("-", "_")
+        if dest == "asym" and isinstance(value, bool):      # asym: true, as --asym
+            dest, value = "sym", not value
+        act = actions.get(dest)
+        if act is None:
+            raise QuantkitError(f"unknown option '{key}' in config file", path,
+                                "valid keys: " + ", ".join(actions))
+        if getattr(args, dest) != act.default:
+            continue                                  # given on the command line
+        if act.nargs == 0:                            # an on/off flag: true/false under its option name
+            if not isinstance(value, bool):
+                raise QuantkitError(f"option '{key}' takes true or false, got {value!r}", path)
+        else:
+            try:
+                value = act.type(value) if act.type and value is not None else value
+            except (TypeError, ValueError):
+                raise QuantkitError(f"option '{key}': {value!r} is not a valid value", path) from None
+            if act.choices is not None and value not in act.choices:
+                raise QuantkitError(f"option '{key}': {value!r} is not one of "
+                                    + ", ".join(map(str, act.choices)), path)
+        setattr(args, dest, value)
+
+
+def print_json(obj) -> None:
+    import json
+    print(json.dumps(obj, indent=2, default=str))
