@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ..codecs.registry import QTYPES, qtype
 from ..util.errors import QuantkitError
 from . import formats, memory
-from .model import _alias_map, from_name, normalize_name
+from .model import alias_map, from_name, normalize_name
 
 _QTYPE_RE = re.compile(r"(?<![a-z0-9])(iq[1-4]_(?:xxs|xs|s|m|nl)|q[2-8]_k(?:_[sml])?|q[4-8]_[01]|q[2-8]_k|f16|f32|bf16)(?![a-z0-9])")
 _SIZE_RE = re.compile(r"(?<![a-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)([bm])(?![a-z0-9])")
@@ -64,7 +64,7 @@ class NameInfo:
 
 
 def _find_base(s: str) -> str | None:
-    amap = _alias_map()
+    amap = alias_map()
     best = None
     for alias, key in amap.items():
         if re.search(rf"(?<![a-z0-9]){re.escape(alias)}(?![a-z0-9])", s):

@@ -170,8 +170,8 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
     if m.n_layer <= 0 or m.n_head <= 0 or m.head_dim <= 0:
         raise QuantkitError(f"model {m.name}: layer/head counts must be positive")
     n_ctx = o.n_ctx if o.n_ctx is not None else (min(4096, m.n_ctx_train) if m.n_ctx_train else 4096)
-    memory._check("--ctx", n_ctx, 1, 16 * 1024 * 1024)
-    memory._check("--batch", o.batch, 1, 65536)
+    memory.check_range("--ctx", n_ctx, 1, 16 * 1024 * 1024)
+    memory.check_range("--batch", o.batch, 1, 65536)
     devs = _devices(o)
     host = hardware.device(HOST_RAM_DEFAULT)
     ram = int(o.ram_gb * memory.GIB) if o.ram_gb else None
