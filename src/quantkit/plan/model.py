@@ -3,11 +3,12 @@
 `ModelShape` carries ArchSpec's fields (quantkit.models.source) plus the few that decide which
 tensors exist when we build them from a config; `from_arch_spec` takes an ArchSpec from the
 model readers when one is at hand. Nothing here imports torch, so `quantkit plan` and
-`quantkit explain` start in a fraction of a second (models.source is torch-free to import).
+`quantkit explain` start in a fraction of a second.
 
-Sources: a GGUF file (header: metadata + tensor infos), an HF directory (config.json +
-safetensors headers), one safetensors file (8-byte length + JSON header; config.json beside
-it), or a name from models.yaml. Nothing is downloaded, no tensor data is read.
+Sources: a GGUF file (its header through models.gguf_file), an HF directory (config.json +
+safetensors headers through models.safetensors_file), one safetensors file (config.json beside
+it), or a name from models.yaml. Config keys, HF classes and block layouts are models.arch's
+data. Nothing is downloaded, no tensor data is read.
 """
 
 from __future__ import annotations
