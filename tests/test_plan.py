@@ -100,8 +100,10 @@ def test_q4_k_m_from_config_matches_the_bundled_file_tensor_by_tensor(bundled_gg
         assert (planned[t.name].type, planned[t.name].nbytes) == (t.type, t.nbytes), t.name
     # the file is the header, the tensors and alignment padding (32 bytes) only
     size = os.path.getsize(bundled_gguf)
-    from quantkit.plan.model import read_gguf_header
-    data_offset = read_gguf_header(bundled_gguf)[2]
+    from quantkit.models.gguf_file import GGUFFile
+    g = GGUFFile(bundled_gguf)
+    data_offset = min(t.offset for t in g.tensors)
+    g.close()
     assert 0 <= size - data_offset - f.stored_bytes < 32 * len(f.tensors)
 
 
@@ -456,3 +458,66 @@ def test_cli_plan_list_devices_includes_the_calibrated_cpu(capsys, monkeypatch):
     assert "rtx-3060" in names or any(n.startswith("rtx-") for n in names)
     if hardware.calibrated_cpu() is not None:
         assert hardware.CALIBRATED_CPU in names
+
+
+def _raw_safetensors(path, header, data_bytes=0):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * data_bytes)
+    return path
+
+
+@pytest.mark.parametrize("header,data_bytes,needle", [
+    ([1, 2], 0, "JSON list, not an object"),
+    ({"w": {"shape": [2], "data_offsets": [0, 4]}}, 4, "tensor w has no dtype"),
+    ({"w": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}}, 4, "tensor w lies past the end"),
+    ({"w": {"dtype": "F16", "shape": [2], "data_offsets": [4, 0]}}, 4, "not an ascending range"),
+    ({"w": {"dtype": "F16", "shape": [2], "data_offsets": [-4, 0]}}, 4, "not an ascending range"),
+    ({"w": {"dtype": "F16", "shape": [-2], "data_offsets": [0, 4]}}, 4, "non-negative integers"),
+    ({"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 4]}}, 4, "4 bytes for shape [3] of F16"),
+    ({"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+      "b": {"dtype": "F16", "shape": [2], "data_offsets": [2, 6]}}, 8, "tensors a and b overlap"),
+    ({"w": "F16"}, 0, "entry is not a JSON object"),
+])
+def test_bad_safetensors_header_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, header, data_bytes, needle):
+    p = _raw_safetensors(tmp_path / "x.safetensors", header, data_bytes)
+    rc, out, err = run_cli(["plan", str(p)], capsys, monkeypatch)
+    assert rc == 2 and needle in err and str(p) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_safetensors_header_read_as_stored(tmp_path):
+    """Names in header order, dtypes lower-cased, bytes from the offsets (I32 GPTQ tensors too)."""
+    from quantkit.plan.model import read_safetensors
+    p = _raw_safetensors(tmp_path / "x.safetensors", {
+        "__metadata__": {"format": "pt"},
+        "b.qweight": {"dtype": "I32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "a.weight": {"dtype": "BF16", "shape": [3], "data_offsets": [24, 30]},
+        "z.empty": {"dtype": "F32", "shape": [0], "data_offsets": [30, 30]}}, 30)
+    ts = read_safetensors(str(p))
+    assert [(t.name, t.shape, t.type, t.nbytes) for t in ts] == [
+        ("b.qweight", (2, 3), "i32", 24), ("a.weight", (3,), "bf16", 6), ("z.empty", (0,), "f32", 0)]
+
+
+def test_gguf_file_type_names_come_from_gguf_py():
+    from quantkit.plan.model import file_type_name
+    assert [file_type_name(v) for v in (0, 1, 15, 18, 30, 32)] == ["f32", "f16", "q4_k_m", "q6_k", "iq4_xs", "bf16"]
+    assert file_type_name(999) == "ftype 999"
+
+
+def test_truncated_gguf_is_a_clear_error(bundled_gguf, tmp_path, capsys, monkeypatch):
+    p = tmp_path / "cut.gguf"
+    with open(bundled_gguf, "rb") as f:
+        p.write_bytes(f.read(5000))
+    rc, out, err = run_cli(["plan", str(p)], capsys, monkeypatch)
+    assert rc == 2 and "not a readable GGUF file" in err and str(p) in err and err.count("\n") == 1
+
+
+def test_plan_reads_headers_without_torch(bundled_gguf):
+    """`quantkit plan` stays fast: the planner and the header readers never import torch."""
+    import subprocess
+    import sys
+    code = ("import sys; from quantkit.plan.planner import plan; from quantkit.plan.names import explain; "
+            f"plan({bundled_gguf!r}); explain('llama-2-13b-gptq'); print('torch' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -188,3 +188,67 @@ def permute_for_rope(w, n_head: int):
     rows = w.shape[0]
     half = rows // n_head // 2
     return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------- shapes from config.json
+
+# Architecture-spec field -> config.json keys that carry it, tried in order (LLaMA-style,
+# GPT-style, ChatGLM). The first five every shape needs; the others have fallbacks.
+HF_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "n_layer": ("num_hidden_layers", "n_layer", "num_layers"),
+    "n_embd": ("hidden_size", "n_embd", "d_model"),
+    "n_head": ("num_attention_heads", "n_head"),
+    "n_ff": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    "n_vocab": ("vocab_size", "padded_vocab_size"),
+}
+HF_CONFIG_OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
+    "n_head_kv": ("num_key_value_heads",),       # ChatGLM: multi_query_group_num (with multi_query_attention)
+    "head_dim": ("head_dim", "kv_channels"),
+    "n_ctx_train": ("max_position_embeddings", "seq_length", "n_positions"),
+    "n_expert": ("num_local_experts", "num_experts"),
+    "n_expert_used": ("num_experts_per_tok",),
+}
+
+# config.json "architectures" classes -> llama.cpp architecture, for reading shapes: the
+# classes quantkit converts (HF_ARCHS) and those whose shapes it only reads.
+HF_CLASS_ARCH: dict[str, str] = {
+    **{c: a.gguf_arch for a in HF_ARCHS.values() for c in a.hf_classes},
+    "MixtralForCausalLM": "llama", "Gemma2ForCausalLM": "gemma2", "GemmaForCausalLM": "gemma",
+    "PhiForCausalLM": "phi2", "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3",
+    "ChatGLMModel": "chatglm", "ChatGLMForConditionalGeneration": "chatglm",
+}
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which tensors one block of a llama.cpp architecture holds, beyond what config.json says."""
+
+    norm: str = "rms"                 # rms | layer (LayerNorm: weight and bias)
+    ffn: str = "gated"                # gated (gate, up, down) | gated_fused (up holds gate) | plain
+    bias: str = "none"                # none | qkv | all
+    norms: str = "pre"                # pre | sandwich (norms after attention and MLP too) | parallel
+    qk_norm: bool = False             # per-head q/k norms
+    fused_qkv: bool = False           # one attn_qkv matrix
+    tied_embeddings: bool = False     # when config.json omits tie_word_embeddings
+    # sliding-window layout when the file does not say: every n-th layer global, or
+    # "odd-global" (layer 0 slides, 1 is global, ...); llama-model.cpp set_swa_pattern
+    swa_pattern: int | str | None = None
+
+
+BLOCK_LAYOUTS: dict[str, BlockLayout] = {
+    "llama": BlockLayout(),
+    "qwen2": BlockLayout(bias="qkv"),
+    "qwen3": BlockLayout(qk_norm=True),
+    "phi2": BlockLayout(norm="layer", ffn="plain", bias="all", norms="parallel"),
+    "chatglm": BlockLayout(ffn="gated_fused", bias="qkv", fused_qkv=True),
+    "gemma": BlockLayout(tied_embeddings=True),
+    "gemma2": BlockLayout(norms="sandwich", tied_embeddings=True, swa_pattern="odd-global"),
+    "gemma3": BlockLayout(norms="sandwich", qk_norm=True, tied_embeddings=True, swa_pattern=6),
+    "cohere2": BlockLayout(swa_pattern=4),
+    "gpt-oss": BlockLayout(swa_pattern=2),
+}
+
+
+def block_layout(gguf_arch: str) -> BlockLayout:
+    """The row for a llama.cpp architecture; a plain Llama block for one not listed."""
+    return BLOCK_LAYOUTS.get(gguf_arch, BlockLayout())

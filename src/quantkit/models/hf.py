@@ -32,10 +32,10 @@ from quantkit.models.arch import (
     permute_for_rope,
     supported_hf_architectures,
 )
+from quantkit.models.safetensors_file import SafetensorsFile
 from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
 from quantkit.models.tokenizer_convert import convert_tokenizer
 from quantkit.util.errors import QuantkitError
-from quantkit.util.memory import pread_into
 
 _ST_DTYPES: dict[str, tuple[str, int]] = {
     "F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F64": ("f64", 8),
@@ -45,44 +45,15 @@ _TORCH_DTYPES: dict[torch.dtype, str] = {
 }
 
 
-class _SafetensorsFile:
-    """A .safetensors file read with pread, not mapped: memory holds only the tensors asked for
-    (a mapping's touched pages would count in the process's RSS until unmapped, so a model
-    larger than RAM could not stream through). Header checked against the file size."""
+class _SafetensorsFile(SafetensorsFile):
+    """A .safetensors file (models.safetensors_file: header checked, data read with pread)
+    whose tensors come back as torch tensors."""
 
     _TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
-    def __init__(self, path: str):
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        try:
-            size = os.fstat(self._fd).st_size
-            head = os.pread(self._fd, 8, 0)
-            if len(head) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, 100 * 1024**2):
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(os.pread(self._fd, n, 8))
-            header.pop("__metadata__", None)
-            self._base = 8 + n
-            self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-            for name, e in header.items():
-                begin, end = (int(x) for x in e["data_offsets"])
-                if not 0 <= begin <= end or self._base + end > size:
-                    raise ValueError(f"tensor {name} lies past the end of the file (truncated download?)")
-                self.entries[name] = (str(e["dtype"]), tuple(int(d) for d in e["shape"]), begin, end)
-        except Exception:
-            os.close(self._fd)
-            raise
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
     def _read(self, name: str, dt: str, shape: tuple[int, ...], offset: int, n: int) -> torch.Tensor:
         """n bytes from `offset` in the data section as a tensor of `shape`."""
-        buf = bytearray(n)
-        pread_into(self._fd, buf, self._base + offset, name)
+        buf = self.read(name, offset, n)
         if not buf:
             return torch.empty(shape, dtype=self._TORCH[dt])
         return torch.frombuffer(buf, dtype=self._TORCH[dt]).reshape(shape)
@@ -98,17 +69,6 @@ class _SafetensorsFile:
             raise IndexError(f"rows {r0}:{r1} of {name} with shape {shape}")
         row_bytes = (end - begin) // shape[0] if shape[0] else 0
         return self._read(name, dt, (r1 - r0, *shape[1:]), begin + r0 * row_bytes, (r1 - r0) * row_bytes)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 @dataclass

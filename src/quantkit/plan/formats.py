@@ -186,7 +186,8 @@ def _iq_types(m: ModelShape, ftype: str, tensors: list[Tensor]) -> dict[str, str
 
 # ---------------------------------------------------------------- bytes per tensor
 
-def _gpu_linear(t: Tensor) -> bool:
+def gpu_linear(t: Tensor) -> bool:
+    """A block linear the GPU formats quantize (not an embedding, the output head or a vector)."""
     n = canonical(t.name)
     return _quantizable(Tensor(n, t.shape, t.type, t.nbytes)) and n not in ("token_embd.weight", "output.weight")
 
@@ -224,7 +225,7 @@ def tensor_bytes(m: ModelShape, fmt: Format | str, tensors: list[Tensor] | None 
     dense = "bf16" if f.name == "bf16" else ("f32" if f.name == "fp32" else "f16")
     for t in src:
         n = canonical(t.name)
-        if f.family == "dense" or not _gpu_linear(t):
+        if f.family == "dense" or not gpu_linear(t):
             out.append(Tensor(n, t.shape, dense, qtype(dense).nbytes(t.shape)))
             continue
         *lead, o, i = t.shape

@@ -91,7 +91,8 @@ FOOTNOTES = {
 }
 
 
-def _check(name: str, v: int, lo: int, hi: int) -> int:
+def check_range(name: str, v: int, lo: int, hi: int) -> int:
+    """`v` if it is an integer in [lo, hi]; otherwise a one-line error naming the option."""
     if not isinstance(v, int) or isinstance(v, bool) or not (lo <= v <= hi):
         raise QuantkitError(f"{name} {v} is out of range", hint=f"give an integer between {lo} and {hi}")
     return v
@@ -134,8 +135,8 @@ def kv_row_bytes(m: ModelShape, kv_type: str) -> int:
 def kv_cache(m: ModelShape, n_ctx: int, batch: int = 1, kv_type: str = "f16", runtime: str = "llama.cpp",
              swa_full: bool = False, n_ubatch: int = N_UBATCH) -> KVCache:
     """The KV cache as the runtime allocates it for `batch` sequences of `n_ctx` tokens each."""
-    _check("--ctx", n_ctx, 1, 16 * 1024 * 1024)
-    _check("--batch", batch, 1, 65536)
+    check_range("--ctx", n_ctx, 1, 16 * 1024 * 1024)
+    check_range("--batch", batch, 1, 65536)
     if runtime == "torch" and kv_type not in ("f16", "bf16"):
         raise QuantkitError(f"--kv-type {kv_type} is for llama.cpp; the torch runtime keeps a 16-bit cache",
                             hint="use --runtime llama.cpp or --kv-type f16")
@@ -264,7 +265,7 @@ def _linear_shapes(ts: list[Tensor]) -> list[tuple[str, int, int, int]]:
     out = []
     for t in ts:
         n = formats.canonical(t.name)
-        if formats._gpu_linear(t):
+        if formats.gpu_linear(t):
             *lead, o, i = t.shape
             out.append((n, math.prod(lead) if lead else 1, o, i))
     return out
@@ -314,8 +315,8 @@ class Training:
 def training(m: ModelShape, mode: str, seq_len: int, batch: int = 1, rank: int = 16,
              targets: str = "q,k,v,o,gate,up,down") -> Training:
     """GPU memory to fine-tune: full (mixed-precision Adam) [zero], LoRA [lora], QLoRA [qlora]."""
-    _check("--ctx", seq_len, 1, 16 * 1024 * 1024)
-    _check("--batch", batch, 1, 65536)
+    check_range("--ctx", seq_len, 1, 16 * 1024 * 1024)
+    check_range("--batch", batch, 1, 65536)
     if mode not in ("full", "lora", "qlora"):
         raise QuantkitError(f"unknown training mode '{mode}'", hint="full, lora or qlora")
     ts = formats.unquantized_shapes(m)
@@ -327,7 +328,7 @@ def training(m: ModelShape, mode: str, seq_len: int, batch: int = 1, rank: int =
     logits = tokens * m.n_vocab * (4 + 4)          # fp32 logits and their gradient
     if mode == "full":
         return Training(mode, 2 * P, 2 * P, 12 * P, P, act, act_ckpt, logits, CUDA_CONTEXT)
-    _check("--rank", rank, 1, 65536)
+    check_range("--rank", rank, 1, 65536)
     keys = [k.strip() for k in targets.split(",") if k.strip()]
     bad = [k for k in keys if k not in LORA_TARGETS and k != "all"]
     if bad:

@@ -3,11 +3,12 @@
 `ModelShape` carries ArchSpec's fields (quantkit.models.source) plus the few that decide which
 tensors exist when we build them from a config; `from_arch_spec` takes an ArchSpec from the
 model readers when one is at hand. Nothing here imports torch, so `quantkit plan` and
-`quantkit explain` start in a fraction of a second (models.source is torch-free to import).
+`quantkit explain` start in a fraction of a second.
 
-Sources: a GGUF file (header: metadata + tensor infos), an HF directory (config.json +
-safetensors headers), one safetensors file (8-byte length + JSON header; config.json beside
-it), or a name from models.yaml. Nothing is downloaded, no tensor data is read.
+Sources: a GGUF file (its header through models.gguf_file), an HF directory (config.json +
+safetensors headers through models.safetensors_file), one safetensors file (config.json beside
+it), or a name from models.yaml. Config keys, HF classes and block layouts are models.arch's
+data. Nothing is downloaded, no tensor data is read.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import glob
 import json
 import os
 import re
-import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaml
+from gguf import LlamaFileType
 
 from ..codecs.registry import qtype
+from ..models.arch import HF_CLASS_ARCH, HF_CONFIG_KEYS, HF_CONFIG_OPTIONAL_KEYS, BlockLayout, block_layout
+from ..models.gguf_file import GGUFFile
+from ..models.safetensors_file import SafetensorsFile
 from ..models.source import TensorInfo
 from ..util.errors import QuantkitError
 
@@ -199,7 +204,7 @@ def known_names() -> list[str]:
     return sorted(_table())
 
 
-def _alias_map() -> dict[str, str]:
+def alias_map() -> dict[str, str]:
     amap = {}
     for name, r in _table().items():
         amap[name] = name
@@ -216,13 +221,13 @@ def normalize_name(s: str) -> str:
 
 def lookup_name(name: str) -> str | None:
     """Table key for a model name, or None."""
-    return _alias_map().get(normalize_name(name))
+    return alias_map().get(normalize_name(name))
 
 
 def from_name(name: str) -> ModelShape:
     key = lookup_name(name)
     if key is None:
-        amap = _alias_map()
+        amap = alias_map()
         close = difflib.get_close_matches(normalize_name(name), list(amap), n=3, cutoff=0.6)
         close = list(dict.fromkeys(amap[c] for c in close))
         hint = (f"did you mean: {', '.join(close)}? " if close else "") + \
@@ -245,204 +250,98 @@ def from_name(name: str) -> ModelShape:
 
 # ---------------------------------------------------------------- GGUF
 
-_GGUF_FTYPE = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
-               11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
-               17: "q5_k_m", 18: "q6_k", 19: "iq2_xxs", 20: "iq2_xs", 21: "q2_k_s", 22: "iq3_xs",
-               23: "iq3_xxs", 24: "iq1_s", 25: "iq4_nl", 26: "iq3_s", 27: "iq3_m", 28: "iq2_s",
-               29: "iq2_m", 30: "iq4_xs", 31: "iq1_m", 32: "bf16"}
-
-
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-class ArrayInfo(list):
-    """A GGUF array value: its first elements (all of them when short) and its length."""
-    def __init__(self, items, length):
-        super().__init__(items)
-        self.length = length
-
-
-def read_gguf_header(path: str) -> tuple[dict, list[Tensor], int]:
-    """(metadata, tensors, data_offset) from a GGUF header, without touching tensor data.
-
-    gguf-py's GGUFReader builds a numpy view per array element (a 262k-token vocabulary takes
-    tens of seconds); the planner needs only scalars, short arrays and array lengths.
-    """
-    import mmap
-
+def file_type_name(ftype: int) -> str:
+    """llama.cpp's file type (general.file_type) by name: 15 -> "q4_k_m", from gguf-py's LlamaFileType."""
     try:
-        f = open(path, "rb")
+        name = LlamaFileType(int(ftype)).name        # ALL_F32, MOSTLY_Q4_K_M
+    except ValueError:
+        return f"ftype {ftype}"
+    kind, _, rest = name.partition("_")
+    return rest.lower() if kind in ("ALL", "MOSTLY") else f"ftype {ftype}"
+
+
+def read_gguf(path: str) -> tuple[dict, list[Tensor]]:
+    """(metadata values, tensors) from a GGUF header (models.gguf_file), no tensor data read."""
+    try:
+        f = GGUFFile(path)
     except OSError as e:
         raise QuantkitError(f"cannot open ({e.strerror})", path) from None
-    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = 0
+    except ValueError as e:      # GGUFFormatError, or an unknown value or tensor type
+        raise QuantkitError(f"not a readable GGUF file ({e})", path) from None
+    try:
+        meta = {k: fld.value for k, fld in f.fields.items()}
+        tensors = []
+        for t in f.tensors:
+            q = qtype(t.ggml_type)
+            tensors.append(Tensor(t.name, t.shape, q.name, q.nbytes(t.shape)))
+    finally:
+        f.close()
+    return meta, tensors
 
-        def take(fmt):
-            nonlocal pos
-            v = struct.unpack_from(fmt, mm, pos)[0]
-            pos += struct.calcsize(fmt)
-            return v
 
-        def string():
-            nonlocal pos
-            n = take("<Q")
-            if n > len(mm) - pos:
-                raise ValueError("string runs past the end of the file")
-            v = bytes(mm[pos:pos + n]).decode("utf-8", "replace")
-            pos += n
-            return v
-
-        def value(vt, keep=True):
-            nonlocal pos
-            if vt in _GGUF_SCALAR:
-                return take(_GGUF_SCALAR[vt])
-            if vt == 8:
-                if keep:
-                    return string()
-                n = take("<Q")
-                pos += n
-                return None
-            if vt == 9:
-                et, n = take("<I"), take("<Q")
-                items = []
-                if et in _GGUF_SCALAR and n > 64:
-                    skip = n * struct.calcsize(_GGUF_SCALAR[et])
-                    pos += skip
-                else:
-                    for i in range(n):
-                        v = value(et, keep=i < 64)
-                        if i < 64:
-                            items.append(v)
-                return ArrayInfo(items, n)
-            raise ValueError(f"unknown GGUF value type {vt}")
-
-        try:
-            if mm[:4] != b"GGUF":
-                raise ValueError("no GGUF magic")
-            pos = 4
-            version = take("<I")
-            if version < 2:
-                raise ValueError(f"GGUF version {version} is too old")
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            meta = {}
-            for _ in range(n_kv):
-                key = string()
-                meta[key] = value(take("<I"))
-            tensors = []
-            for _ in range(n_tensors):
-                name = string()
-                nd = take("<I")
-                dims = [take("<Q") for _ in range(nd)]
-                tt = take("<I")
-                take("<Q")
-                shape = tuple(int(x) for x in reversed(dims))
-                q = qtype(tt)
-                tensors.append(Tensor(name, shape, q.name, q.nbytes(shape)))
-            align = int(meta.get("general.alignment", 32))
-            data_offset = (pos + align - 1) // align * align
-        except (ValueError, struct.error, KeyError) as e:
-            raise QuantkitError(f"not a readable GGUF file ({e})", path) from None
-    return meta, tensors, data_offset
+def _per_layer_max(v, default):
+    """A per-layer list (some archs) counts by its largest entry."""
+    if isinstance(v, list):
+        return max(v) if v else default
+    return v
 
 
 def from_gguf(path: str) -> ModelShape:
-    meta, tensors, _ = read_gguf_header(path)
-
-    def get(key, default=None):
-        return meta.get(key, default)
-
-    arch = get("general.architecture")
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
     if not arch:
         raise QuantkitError("GGUF has no general.architecture key", path)
-    need = {"n_layer": f"{arch}.block_count", "n_embd": f"{arch}.embedding_length",
-            "n_head": f"{arch}.attention.head_count"}
-    vals = {k: get(v) for k, v in need.items()}
-    missing = [need[k] for k, v in vals.items() if v is None]
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    need = {"n_layer": "block_count", "n_embd": "embedding_length", "n_head": "attention.head_count"}
+    missing = [f"{arch}.{k}" for k in need.values() if get(k) is None]
     if missing:
         raise QuantkitError(f"GGUF metadata lacks {', '.join(missing)}", path,
                             "the planner needs them for the KV cache")
-    n_layer, n_embd, n_head = int(vals["n_layer"]), int(vals["n_embd"]), int(vals["n_head"])
-    n_head_kv = get(f"{arch}.attention.head_count_kv", n_head)
-    if isinstance(n_head_kv, list):   # per-layer lists exist for some archs; the cache uses the max
-        n_head_kv = max(n_head_kv) if n_head_kv else n_head
-    head_dim = int(get(f"{arch}.attention.key_length", n_embd // n_head))
+    n_layer, n_embd, n_head = (int(get(k)) for k in need.values())
+    n_head_kv = _per_layer_max(get("attention.head_count_kv", n_head), n_head)
     names = {t.name for t in tensors}
     emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    toks = get("tokenizer.ggml.tokens")
-    n_vocab = (toks.length if isinstance(toks, ArrayInfo) else 0) or (emb.shape[0] if emb else 0)
-    window = get(f"{arch}.attention.sliding_window")
-    pat = get(f"{arch}.attention.sliding_window_pattern")
+    toks = meta.get("tokenizer.ggml.tokens")
+    n_vocab = (len(toks) if isinstance(toks, Sequence) and not isinstance(toks, str) else 0) \
+        or (emb.shape[0] if emb else 0)
+    window = get("attention.sliding_window")
+    pat = get("attention.sliding_window_pattern")
     if window and pat is None:
-        # llama.cpp hard-codes these patterns (llama-model.cpp: set_swa_pattern)
-        pat = {"gemma3": 6, "gemma2": "odd-global", "cohere2": 4, "gpt-oss": 2}.get(arch)
-    ftype = get("general.file_type")
-    n_ff = get(f"{arch}.feed_forward_length", 0)
-    if isinstance(n_ff, list):
-        n_ff = max(n_ff) if n_ff else 0
+        pat = block_layout(arch).swa_pattern      # llama.cpp's hard-coded layout
+    ftype = meta.get("general.file_type")
     m = ModelShape(
         name=os.path.basename(path), arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(n_head_kv), head_dim=head_dim, n_ff=int(n_ff), n_vocab=int(n_vocab),
-        n_ctx_train=int(get(f"{arch}.context_length", 0) or 0),
+        n_head_kv=int(n_head_kv), head_dim=int(get("attention.key_length", n_embd // n_head)),
+        n_ff=int(_per_layer_max(get("feed_forward_length", 0), 0)), n_vocab=int(n_vocab),
+        n_ctx_train=int(get("context_length", 0) or 0),
         tied_embeddings="output.weight" not in names, sliding_window=int(window) if window else None,
         sliding_window_pattern=_pattern(n_layer, pat) if window else None,
-        n_expert=int(get(f"{arch}.expert_count", 0) or 0), n_expert_used=int(get(f"{arch}.expert_used_count", 0) or 0),
+        n_expert=int(get("expert_count", 0) or 0), n_expert_used=int(get("expert_used_count", 0) or 0),
         source=f"GGUF header of {path}",
-        stored_format=_GGUF_FTYPE.get(int(ftype), f"ftype {ftype}") if ftype is not None else "gguf")
+        stored_format=file_type_name(ftype) if ftype is not None else "gguf")
     m.tensors = tensors
     return m
 
 
 # ---------------------------------------------------------------- HF config / safetensors
 
-_ST_DTYPE = {"F64": ("f64", 8), "F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2),
-             "I64": ("i64", 8), "I32": ("i32", 4), "I16": ("i16", 2), "I8": ("i8", 1), "U8": ("u8", 1),
-             "BOOL": ("bool", 1), "F8_E4M3": ("f8_e4m3", 1), "F8_E5M2": ("f8_e5m2", 1)}
+def read_safetensors(path: str) -> list[Tensor]:
+    """Tensor names, shapes, dtypes and exact byte sizes from the header (models.safetensors_file)."""
+    with SafetensorsFile(path) as f:
+        return [Tensor(name, e.shape, e.dtype.lower(), e.nbytes) for name, e in f.entries.items()]
 
 
-def read_safetensors_header(path: str) -> list[Tensor]:
-    """Tensor names, shapes, dtypes and exact byte sizes from the JSON header; no data read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            size = os.fstat(f.fileno()).st_size
-            if n > min(size - 8, 100 << 20):
-                raise ValueError(f"header length {n} is larger than the file")
-            hdr = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise QuantkitError(f"not a readable safetensors file ({e})", path) from None
-    out = []
-    for name, info in hdr.items():
-        if name == "__metadata__":
-            continue
-        dt, _ = _ST_DTYPE.get(info["dtype"], (info["dtype"].lower(), 0))
-        b0, b1 = info["data_offsets"]
-        out.append(Tensor(name, tuple(info["shape"]), dt, int(b1 - b0)))
-    return out
+def _first(cfg: dict, keys: tuple[str, ...]):
+    """The first of `keys` that config.json sets to something other than 0/null/false."""
+    return next((cfg[x] for x in keys if cfg.get(x)), None)
 
 
-_HF_KEYS = {  # ModelShape field -> config keys tried in order (LLaMA-style, GPT-style, ChatGLM)
-    "n_layer": ("num_hidden_layers", "n_layer", "num_layers"),
-    "n_embd": ("hidden_size", "n_embd", "d_model"),
-    "n_head": ("num_attention_heads", "n_head"),
-    "n_ff": ("intermediate_size", "ffn_hidden_size", "n_inner"),
-    "n_vocab": ("vocab_size", "padded_vocab_size"),
-}
-
-_HF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama",
-            "Qwen2ForCausalLM": "qwen2", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-            "Gemma3ForConditionalGeneration": "gemma3", "PhiForCausalLM": "phi2", "ChatGLMModel": "chatglm",
-            "ChatGLMForConditionalGeneration": "chatglm", "GemmaForCausalLM": "gemma",
-            "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
-
-
-def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
-    if "text_config" in cfg and "num_hidden_layers" not in cfg:
-        cfg = {**cfg, **cfg["text_config"]}
+def _hf_required(cfg: dict, path: str | None) -> dict[str, int]:
     vals, missing = {}, []
-    for k, keys in _HF_KEYS.items():
+    for k, keys in HF_CONFIG_KEYS.items():
         v = next((cfg[x] for x in keys if cfg.get(x) is not None), None)
         if v is None:
             missing.append(keys[0])
@@ -453,36 +352,40 @@ def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
     for k, v in vals.items():
         if not isinstance(v, int) or v <= 0:
             raise QuantkitError(f"config.json: {k} = {v!r} is not a positive integer", path)
+    return vals
+
+
+def _hf_swa_pattern(cfg: dict, layout: BlockLayout):
+    if isinstance(cfg.get("layer_types"), list):
+        return [t == "sliding_attention" for t in cfg["layer_types"]]
+    if cfg.get("sliding_window_pattern"):
+        return int(cfg["sliding_window_pattern"])
+    return layout.swa_pattern
+
+
+def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
+    """A shape from config.json: keys, classes and block layouts from models.arch."""
+    if "text_config" in cfg and "num_hidden_layers" not in cfg:
+        cfg = {**cfg, **cfg["text_config"]}
+    vals = _hf_required(cfg, path)
+    opt = {k: _first(cfg, keys) for k, keys in HF_CONFIG_OPTIONAL_KEYS.items()}
     archs = cfg.get("architectures") or []
-    arch = _HF_ARCH.get(archs[0] if archs else "", (cfg.get("model_type") or "llama").replace("_text", ""))
+    arch = HF_CLASS_ARCH.get(archs[0] if archs else "", (cfg.get("model_type") or "llama").replace("_text", ""))
+    lay = block_layout(arch)
     n_head = vals["n_head"]
-    n_head_kv = cfg.get("num_key_value_heads") or (cfg.get("multi_query_group_num") if cfg.get("multi_query_attention") else None) or n_head
-    head_dim = cfg.get("head_dim") or cfg.get("kv_channels") or vals["n_embd"] // n_head
-    ctx = cfg.get("max_position_embeddings") or cfg.get("seq_length") or cfg.get("n_positions") or 0
+    n_head_kv = opt["n_head_kv"] or (cfg.get("multi_query_group_num") if cfg.get("multi_query_attention") else None) \
+        or n_head
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    pat = None
-    if window:
-        if isinstance(cfg.get("layer_types"), list):
-            pat = [t == "sliding_attention" for t in cfg["layer_types"]]
-        elif cfg.get("sliding_window_pattern"):
-            pat = int(cfg["sliding_window_pattern"])
-        elif arch == "gemma2":
-            pat = "odd-global"
-        elif arch == "gemma3":
-            pat = 6
-    tied = cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2", "gemma3"))
+    pat = _hf_swa_pattern(cfg, lay) if window else None
     m = ModelShape(
         name=name, arch=arch, n_layer=vals["n_layer"], n_embd=vals["n_embd"], n_head=n_head,
-        n_head_kv=int(n_head_kv), head_dim=int(head_dim), n_ff=vals["n_ff"], n_vocab=vals["n_vocab"],
-        n_ctx_train=int(ctx), tied_embeddings=bool(tied), sliding_window=window,
+        n_head_kv=int(n_head_kv), head_dim=int(opt["head_dim"] or vals["n_embd"] // n_head), n_ff=vals["n_ff"],
+        n_vocab=vals["n_vocab"], n_ctx_train=int(opt["n_ctx_train"] or 0),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", lay.tied_embeddings)), sliding_window=window,
         sliding_window_pattern=_pattern(vals["n_layer"], pat) if window else None,
-        norm="layer" if arch == "phi2" else "rms",
-        n_expert=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
-        n_expert_used=cfg.get("num_experts_per_tok") or 0,
-        ffn="plain" if arch == "phi2" else ("gated_fused" if arch == "chatglm" else "gated"),
-        bias="all" if arch == "phi2" else ("qkv" if arch in ("qwen2", "chatglm") or cfg.get("add_qkv_bias") else "none"),
-        norms="parallel" if arch == "phi2" else ("sandwich" if arch in ("gemma2", "gemma3") else "pre"),
-        qk_norm=arch in ("gemma3", "qwen3"), fused_qkv=arch == "chatglm",
+        norm=lay.norm, n_expert=opt["n_expert"] or 0, n_expert_used=opt["n_expert_used"] or 0,
+        ffn=lay.ffn, bias="qkv" if lay.bias == "none" and cfg.get("add_qkv_bias") else lay.bias,
+        norms=lay.norms, qk_norm=lay.qk_norm, fused_qkv=lay.fused_qkv,
         source=f"config.json in {path}" if path else "config")
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") == "gptq" or q.get("bits"):
@@ -506,7 +409,7 @@ def from_hf_dir(path: str) -> ModelShape:
     m = from_hf_config(cfg, os.path.basename(os.path.abspath(path)), path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
-        m.tensors = [t for f in files for t in read_safetensors_header(f)]
+        m.tensors = [t for f in files for t in read_safetensors(f)]
         dts = {t.type for t in m.tensors if len(t.shape) >= 2}
         if not m.stored_format:
             m.stored_format = "bf16" if dts == {"bf16"} else ("f16" if dts == {"f16"} else ("f32" if dts == {"f32"} else "mixed"))
@@ -518,12 +421,12 @@ def from_hf_dir(path: str) -> ModelShape:
 def from_safetensors(path: str) -> ModelShape:
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.exists(os.path.join(d, "config.json")):
-        read_safetensors_header(path)   # a broken file is reported as such first
+        read_safetensors(path)   # a broken file is reported as such first
         raise QuantkitError("no config.json beside this safetensors file", path,
                             "the planner needs num_hidden_layers, hidden_size, num_attention_heads, "
                             "intermediate_size, vocab_size from it")
     m = from_hf_config(_read_config(d), os.path.basename(path), d)
-    m.tensors = read_safetensors_header(path)
+    m.tensors = read_safetensors(path)
     dts = {t.type for t in m.tensors if len(t.shape) >= 2}
     m.stored_format = m.stored_format or (next(iter(dts)) if len(dts) == 1 else "mixed")
     return m

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ..codecs.registry import QTYPES, qtype
 from ..util.errors import QuantkitError
 from . import formats, memory
-from .model import _alias_map, from_name, normalize_name
+from .model import alias_map, from_name, normalize_name
 
 _QTYPE_RE = re.compile(r"(?<![a-z0-9])(iq[1-4]_(?:xxs|xs|s|m|nl)|q[2-8]_k(?:_[sml])?|q[4-8]_[01]|q[2-8]_k|f16|f32|bf16)(?![a-z0-9])")
 _SIZE_RE = re.compile(r"(?<![a-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)([bm])(?![a-z0-9])")
@@ -64,7 +64,7 @@ class NameInfo:
 
 
 def _find_base(s: str) -> str | None:
-    amap = _alias_map()
+    amap = alias_map()
     best = None
     for alias, key in amap.items():
         if re.search(rf"(?<![a-z0-9]){re.escape(alias)}(?![a-z0-9])", s):
@@ -73,17 +73,13 @@ def _find_base(s: str) -> str | None:
     return best[1] if best else None
 
 
-def explain(name: str) -> NameInfo:
-    if not name or not name.strip():
-        raise QuantkitError("empty model name", hint='e.g. quantkit explain "Llama-2-13B-chat-GPTQ"')
-    raw = name.strip()
-    # keep underscores (q4_k_m); drop an org prefix and a file extension
-    s = raw.lower().replace(" ", "-").rstrip("/").split("/")[-1]
-    s = re.sub(r"\.(gguf|bin|safetensors|pt)$", "", s)
-    info = NameInfo(raw)
-    toks = info.tokens
+def _has(s: str, word: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){word}(?![a-z0-9])", s) is not None
 
-    # ------------------------------------------------ size and base model
+
+def _size_and_base(info: NameInfo, s: str):
+    """Parameter count from the name, the built-in config it names (its shape, or None), chat."""
+    toks = info.tokens
     m = _SIZE_RE.search(s)
     if m:
         n = float(m.group(2)) * (1e9 if m.group(3) == "b" else 1e6)
@@ -105,10 +101,11 @@ def explain(name: str) -> NameInfo:
     if re.search(r"(?<![a-z0-9])(chat|instruct|it|sft)(?![a-z0-9])", s):
         info.chat = True
         toks.append((re.search(r"(chat|instruct|it|sft)", s).group(0), "fine-tuned for chat / instructions"))
+    return shape
 
-    # ------------------------------------------------ method, bits, group, type
-    has = lambda w: re.search(rf"(?<![a-z0-9]){w}(?![a-z0-9])", s) is not None  # noqa: E731
-    qm = _QTYPE_RE.search(s)
+
+def _group_bits_order(info: NameInfo, s: str) -> None:
+    toks = info.tokens
     gm = _GROUP_RE.search(s)
     bm = _BITS_RE.search(s)
     if gm:
@@ -117,26 +114,29 @@ def explain(name: str) -> NameInfo:
     if bm:
         info.bits = int(bm.group(1))
         toks.append((bm.group(0), f"{bm.group(1)}-bit weights"))
-    if has("act[-_]?order") or has("actorder") or "act-order" in s:
+    if _has(s, "act[-_]?order") or _has(s, "actorder") or "act-order" in s:
         info.act_order = True
         toks.append(("act-order", "GPTQ quantized columns in order of decreasing activation size (desc_act)"))
 
-    if has("gptq"):
-        info.method = "gptq"
-        toks.append(("gptq", "GPTQ: post-training quantization that corrects rounding error with second-order "
-                             "information (Frantar et al. 2022); weights packed in int32, scales fp16"))
-    elif has("awq"):
-        info.method = "awq"
-        toks.append(("awq", "AWQ: activation-aware weight quantization (Lin et al. 2023), 4-bit groups"))
-    elif has("exl2"):
-        info.method = "exl2"
-        toks.append(("exl2", "ExLlamaV2 format: mixed bits per layer, an average bits-per-weight in the name"))
-    elif has("ggml"):
-        info.method = "ggml"
-        toks.append(("ggml", "GGML: llama.cpp's file format before GGUF (August 2023), .bin files"))
-    elif has("gguf"):
-        info.method = "gguf"
-        toks.append(("gguf", "GGUF: llama.cpp's file format; one file per quantization type"))
+
+# method words, in the order they are looked for: (word, token explanation)
+_METHOD_WORDS = [
+    ("gptq", "GPTQ: post-training quantization that corrects rounding error with second-order "
+             "information (Frantar et al. 2022); weights packed in int32, scales fp16"),
+    ("awq", "AWQ: activation-aware weight quantization (Lin et al. 2023), 4-bit groups"),
+    ("exl2", "ExLlamaV2 format: mixed bits per layer, an average bits-per-weight in the name"),
+    ("ggml", "GGML: llama.cpp's file format before GGUF (August 2023), .bin files"),
+    ("gguf", "GGUF: llama.cpp's file format; one file per quantization type"),
+]
+
+
+def _method(info: NameInfo, s: str, qm) -> None:
+    """The quantization method: a method word, a GGML type, intN, NF4, a dense dtype, or GPTQ by naming."""
+    toks = info.tokens
+    word = next((w for w in _METHOD_WORDS if _has(s, w[0])), None)
+    if word:
+        info.method = word[0]
+        toks.append(word)
     elif qm and qm.group(1) not in ("f16", "f32", "bf16"):
         info.method = "gguf"
     m4 = re.search(r"(?<![a-z0-9])int([48])(?![a-z0-9])", s)
@@ -148,51 +148,63 @@ def explain(name: str) -> NameInfo:
             info.group_size = -1
     elif m4 and info.bits is None:
         info.bits = int(m4.group(1))
-    if info.method is None and (has("nf4") or has("bnb") and info.bits == 4):
+    if info.method is None and (_has(s, "nf4") or _has(s, "bnb") and info.bits == 4):
         info.method, info.bits = "nf4", 4
         toks.append(("nf4", "bitsandbytes 4-bit NormalFloat (QLoRA)"))
-    dense = re.search(r"(?<![a-z0-9])(fp32|fp16|bf16|f16|f32|float16|bfloat16|hf)(?![a-z0-9])", s)
-    if info.method is None and dense and not (qm and qm.group(1) not in ("f16", "f32", "bf16")):
-        d = dense.group(1)
-        if d == "hf":
-            if info.bits is None:
-                info.method, info.bits = "none", 16
-                toks.append(("hf", "Hugging Face transformers checkpoint (unquantized, usually fp16/bf16)"))
-        else:
-            info.method = "none"
-            info.bits = 32 if "32" in d else 16
-            toks.append((d, f"unquantized {d} weights ({info.bits} bits per weight)"))
+    _dense(info, s, qm)
     if info.method is None and info.bits is not None and info.bits < 16:
         # "4bit-128g" with no method word: GPTQ-for-LLaMa's naming
         info.method = "gptq"
         info.assumed.append("method")
         info.notes.append("'<bits>bit-<group>g' without a method word is GPTQ-for-LLaMa's naming: GPTQ")
 
-    # GGML/GGUF type
-    if info.method in ("ggml", "gguf"):
-        t = None
-        if qm:
-            t = qm.group(1)
+
+def _dense(info: NameInfo, s: str, qm) -> None:
+    dense = re.search(r"(?<![a-z0-9])(fp32|fp16|bf16|f16|f32|float16|bfloat16|hf)(?![a-z0-9])", s)
+    if info.method is None and dense and not (qm and qm.group(1) not in ("f16", "f32", "bf16")):
+        d = dense.group(1)
+        if d == "hf":
+            if info.bits is None:
+                info.method, info.bits = "none", 16
+                info.tokens.append(("hf", "Hugging Face transformers checkpoint (unquantized, usually fp16/bf16)"))
         else:
-            mq = re.search(r"(?<![a-z0-9])q([2-8])(?![a-z0-9])", s)
-            if mq:
-                t = f"q{mq.group(1)}_0"
-                info.assumed.append("qtype")
-                info.notes.append(f"'q{mq.group(1)}' without a variant means {t} (the only {mq.group(1)}-bit GGML type before K-quants)")
-        if t:
-            info.qtype = t
-            if t in formats.IQ_FTYPES:
-                info.notes.append(formats.IQ_APPROX)
-            ggml_t = formats.GGUF_FTYPES.get(t, t)
-            if ggml_t in QTYPES:
-                q = qtype(ggml_t)
-                info.bits = round(q.bits_per_weight, 4)
-                kind = "K-quant (256-weight super-blocks with 6/8-bit sub-block scales)" if "_k" in t else (
-                    "importance-matrix quant (IQ, lattice codebooks)" if t.startswith("iq") else
-                    "block quant: one fp16 scale (and min for _1) per 32 weights")
-                mix = {"_s": "small mix", "_m": "medium mix: attn_v and ffn_down partly at higher bits",
-                       "_l": "large mix"}.get(t[-2:], "") if re.search(r"_k_[sml]$", t) else ""
-                toks.append((t, f"{t.upper()}: {kind}, {q.bits_per_weight:.3g} bits per weight" + (f"; {mix}" if mix else "")))
+            info.method = "none"
+            info.bits = 32 if "32" in d else 16
+            info.tokens.append((d, f"unquantized {d} weights ({info.bits} bits per weight)"))
+
+
+def _ggml_type(info: NameInfo, s: str, qm) -> None:
+    """GGML/GGUF tensor or file type, and its bits per weight from the codecs registry."""
+    if info.method not in ("ggml", "gguf"):
+        return
+    t = None
+    if qm:
+        t = qm.group(1)
+    else:
+        mq = re.search(r"(?<![a-z0-9])q([2-8])(?![a-z0-9])", s)
+        if mq:
+            t = f"q{mq.group(1)}_0"
+            info.assumed.append("qtype")
+            info.notes.append(f"'q{mq.group(1)}' without a variant means {t} (the only {mq.group(1)}-bit GGML type before K-quants)")
+    if not t:
+        return
+    info.qtype = t
+    if t in formats.IQ_FTYPES:
+        info.notes.append(formats.IQ_APPROX)
+    ggml_t = formats.GGUF_FTYPES.get(t, t)
+    if ggml_t in QTYPES:
+        q = qtype(ggml_t)
+        info.bits = round(q.bits_per_weight, 4)
+        kind = "K-quant (256-weight super-blocks with 6/8-bit sub-block scales)" if "_k" in t else (
+            "importance-matrix quant (IQ, lattice codebooks)" if t.startswith("iq") else
+            "block quant: one fp16 scale (and min for _1) per 32 weights")
+        mix = {"_s": "small mix", "_m": "medium mix: attn_v and ffn_down partly at higher bits",
+               "_l": "large mix"}.get(t[-2:], "") if re.search(r"_k_[sml]$", t) else ""
+        info.tokens.append((t, f"{t.upper()}: {kind}, {q.bits_per_weight:.3g} bits per weight" + (f"; {mix}" if mix else "")))
+
+
+def _conventions(info: NameInfo) -> None:
+    """What GPTQ and AWQ repos hold when the name does not say."""
     if info.method == "gptq":
         if info.bits is None:
             info.bits = 4
@@ -211,16 +223,32 @@ def explain(name: str) -> NameInfo:
             info.group_size = 128
             info.assumed.append("group_size")
 
-    # ------------------------------------------------ format and runtime
-    info.file_format = {
-        "gptq": "safetensors (older: .pt / .bin)", "awq": "safetensors", "exl2": "safetensors",
-        "ggml": "GGML .bin (legacy, pre-GGUF)", "gguf": "GGUF (.gguf)", "int4": "PyTorch .bin / safetensors",
-        "int8": "PyTorch .bin / safetensors", "nf4": "safetensors", "none": "safetensors or PyTorch .bin",
-    }.get(info.method)
+
+_FILE_FORMAT = {
+    "gptq": "safetensors (older: .pt / .bin)", "awq": "safetensors", "exl2": "safetensors",
+    "ggml": "GGML .bin (legacy, pre-GGUF)", "gguf": "GGUF (.gguf)", "int4": "PyTorch .bin / safetensors",
+    "int8": "PyTorch .bin / safetensors", "nf4": "safetensors", "none": "safetensors or PyTorch .bin",
+}
+
+
+def explain(name: str) -> NameInfo:
+    if not name or not name.strip():
+        raise QuantkitError("empty model name", hint='e.g. quantkit explain "Llama-2-13B-chat-GPTQ"')
+    raw = name.strip()
+    # keep underscores (q4_k_m); drop an org prefix and a file extension
+    s = raw.lower().replace(" ", "-").rstrip("/").split("/")[-1]
+    s = re.sub(r"\.(gguf|bin|safetensors|pt)$", "", s)
+    info = NameInfo(raw)
+    shape = _size_and_base(info, s)
+    qm = _QTYPE_RE.search(s)
+    _group_bits_order(info, s)
+    _method(info, s, qm)
+    _ggml_type(info, s, qm)
+    _conventions(info)
+    info.file_format = _FILE_FORMAT.get(info.method)
     info.runtime = RUNTIME.get({"none": "dense"}.get(info.method, info.method)) if info.method else None
     if info.method is None:
         info.notes.append("no quantization tag found: probably an unquantized (fp16/bf16) checkpoint")
-
     _sizes(info, shape)
     return info
 

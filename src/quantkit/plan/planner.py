@@ -163,19 +163,8 @@ def _fit(m: ModelShape, inf: memory.Inference, d: Device, host: Device, ram: int
     return Cell(d.name, "partial", k, n, gpu_fixed + used, avail, up, exp, None)
 
 
-def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
-    o = o or PlanOptions()
-    o.validate()
-    m = load(model) if isinstance(model, str) else model
-    if m.n_layer <= 0 or m.n_head <= 0 or m.head_dim <= 0:
-        raise QuantkitError(f"model {m.name}: layer/head counts must be positive")
-    n_ctx = o.n_ctx if o.n_ctx is not None else (min(4096, m.n_ctx_train) if m.n_ctx_train else 4096)
-    memory._check("--ctx", n_ctx, 1, 16 * 1024 * 1024)
-    memory._check("--batch", o.batch, 1, 65536)
-    devs = _devices(o)
-    host = hardware.device(HOST_RAM_DEFAULT)
-    ram = int(o.ram_gb * memory.GIB) if o.ram_gb else None
-    eff = hardware.efficiency()
+def _format_names(m: ModelShape, o: PlanOptions) -> list[str]:
+    """The formats to plan: the options' or the runtime's defaults, the file's own format first."""
     fmts = o.formats or (GGUF_DEFAULT_FORMATS if o.runtime == "llama.cpp" else TORCH_DEFAULT_FORMATS)
     if m.stored_format and m.stored_format not in fmts:
         try:
@@ -184,43 +173,45 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
                 fmts = [m.stored_format] + list(fmts)
         except QuantkitError:
             pass
-    rows = []
-    src = formats.unquantized_shapes(m)
-    for fs in fmts:
-        f = formats.parse_format(fs)
-        if f.runtime != o.runtime:
-            raise QuantkitError(f"format {f.name} runs in {f.runtime}, not {o.runtime}",
-                                hint=f"add --runtime {f.runtime} or pick another --format")
-        # the file's own format: its header bytes, exactly
-        ts = m.tensors if (m.stored_format == f.name and all(t.nbytes for t in m.tensors)) else formats.tensor_bytes(m, f, src)
-        inf = memory.inference(m, f, n_ctx, o.batch, o.kv_type, o.runtime, o.swa_full, o.flash_attn, tensors=ts)
-        bpt_w = speed.weight_bytes_per_token(m, ts)
-        half = max(1, n_ctx // 2)
-        bpt_kv = speed.kv_bytes_per_token(inf.kv_detail.bytes_per_cell_layer, half, m.swa_layers(),
-                                          m.sliding_window, o.batch) / o.batch
-        flops = speed.flops_per_token(m, ts, half)
-        cal = None
-        cm = speed.cpu_model()
-        if (cm and o.runtime == "llama.cpp" and o.batch == 1 and any(d.name == hardware.CALIBRATED_CPU for d in devs)
-                and cm.covers(m, ts)):
-            cal = 1.0 / cm.seconds(m, ts, half, o.kv_type)
-        cells = []
-        for d in devs:
-            r = ram if ram else (host.total_memory if d.is_gpu else d.total_memory)
-            cells.append(_fit(m, inf, d, host, r, bpt_w, bpt_kv, flops, eff, cal))
-        if o.runtime == "llama.cpp":
-            rss = memory.cpu_resident(m, inf, n_ctx * o.batch)
-        elif f.name == "fp32" and o.batch == 1:
-            # quantkit's torch runtime on a CPU runs float32: loading, then scoring one n_ctx chunk
-            from_gguf = m.source.startswith("GGUF header")
-            rss = memory.torch_cpu_resident(m, ts, n_ctx, from_gguf)
-        else:
-            rss = None
-        rows.append(FormatRow(f.name, formats.describe(f), inf, bpt_w + bpt_kv, flops, cells, rss))
-    tr = None
-    if o.train:
-        tr = memory.training(m, o.train, n_ctx, o.batch, o.rank, o.lora_targets)
+    return fmts
+
+
+def _row(m: ModelShape, o: PlanOptions, f: formats.Format, n_ctx: int, src: list, devs: list[Device],
+         host: Device, ram: int | None, eff: hardware.Efficiency) -> FormatRow:
+    """One format: its memory, the bytes and FLOPs per token, and a cell per device."""
+    # the file's own format: its header bytes, exactly
+    ts = m.tensors if (m.stored_format == f.name and all(t.nbytes for t in m.tensors)) else formats.tensor_bytes(m, f, src)
+    inf = memory.inference(m, f, n_ctx, o.batch, o.kv_type, o.runtime, o.swa_full, o.flash_attn, tensors=ts)
+    bpt_w = speed.weight_bytes_per_token(m, ts)
+    half = max(1, n_ctx // 2)
+    bpt_kv = speed.kv_bytes_per_token(inf.kv_detail.bytes_per_cell_layer, half, m.swa_layers(),
+                                      m.sliding_window, o.batch) / o.batch
+    flops = speed.flops_per_token(m, ts, half)
+    cal = None
+    cm = speed.cpu_model()
+    if (cm and o.runtime == "llama.cpp" and o.batch == 1 and any(d.name == hardware.CALIBRATED_CPU for d in devs)
+            and cm.covers(m, ts)):
+        cal = 1.0 / cm.seconds(m, ts, half, o.kv_type)
+    cells = []
+    for d in devs:
+        r = ram if ram else (host.total_memory if d.is_gpu else d.total_memory)
+        cells.append(_fit(m, inf, d, host, r, bpt_w, bpt_kv, flops, eff, cal))
+    if o.runtime == "llama.cpp":
+        rss = memory.cpu_resident(m, inf, n_ctx * o.batch)
+    elif f.name == "fp32" and o.batch == 1:
+        # quantkit's torch runtime on a CPU runs float32: loading, then scoring one n_ctx chunk
+        from_gguf = m.source.startswith("GGUF header")
+        rss = memory.torch_cpu_resident(m, ts, n_ctx, from_gguf)
+    else:
+        rss = None
+    return FormatRow(f.name, formats.describe(f), inf, bpt_w + bpt_kv, flops, cells, rss)
+
+
+def _assumptions(m: ModelShape, o: PlanOptions, n_ctx: int, devs: list[Device], host: Device,
+                 eff: hardware.Efficiency, rows: list[FormatRow]) -> tuple[list[str], list[str]]:
+    """The assumptions printed under the table, and the footnote keys they cite."""
     swa = m.swa_layers()
+    calibrated = any(d.name == hardware.CALIBRATED_CPU for d in devs)
     assumptions = [
         f"context {n_ctx} tokens x batch {o.batch}, KV cache {o.kv_type}, runtime {o.runtime}"
         + (", flash attention" if o.flash_attn else ", no flash attention"),
@@ -241,14 +232,13 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
     ]
     if any(r.format in formats.IQ_FTYPES for r in rows):
         assumptions.append(formats.IQ_APPROX)
-    if any(d.name == hardware.CALIBRATED_CPU for d in devs):
+    if calibrated:
         cm = speed.cpu_model()
         assumptions.append(
             f"{hardware.CALIBRATED_CPU}: decode s/token = {cm.o_token * 1e3:.2f} ms + {cm.o_layer * 1e6:.0f} us x layers "
             f"+ bytes read / {cm.bandwidth / 1e9:.1f} GB/s + per-weight cost of each tensor type (plan/cpu_speed.yaml, "
             f"{cm.threads} thread; batch 1 only) [cpu-speed]")
-    notes = ["kv-swa", "compute", "mix", "gptq", "speed"] + (
-        ["cpu-speed"] if any(d.name == hardware.CALIBRATED_CPU for d in devs) else [])
+    notes = ["kv-swa", "compute", "mix", "gptq", "speed"] + (["cpu-speed"] if calibrated else [])
     if o.kv_type not in ("f16", "bf16", "f32"):
         notes.append("kv-q")
     if any(r.cpu_resident is not None for r in rows) and o.runtime == "torch":
@@ -261,4 +251,30 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
         notes += ["eager", "glibc"]
     if o.train:
         notes += ["zero", "act"] + (["lora"] if o.train != "full" else []) + (["qlora"] if o.train == "qlora" else [])
+    return assumptions, notes
+
+
+def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
+    o = o or PlanOptions()
+    o.validate()
+    m = load(model) if isinstance(model, str) else model
+    if m.n_layer <= 0 or m.n_head <= 0 or m.head_dim <= 0:
+        raise QuantkitError(f"model {m.name}: layer/head counts must be positive")
+    n_ctx = o.n_ctx if o.n_ctx is not None else (min(4096, m.n_ctx_train) if m.n_ctx_train else 4096)
+    memory.check_range("--ctx", n_ctx, 1, 16 * 1024 * 1024)
+    memory.check_range("--batch", o.batch, 1, 65536)
+    devs = _devices(o)
+    host = hardware.device(HOST_RAM_DEFAULT)
+    ram = int(o.ram_gb * memory.GIB) if o.ram_gb else None
+    eff = hardware.efficiency()
+    rows = []
+    src = formats.unquantized_shapes(m)
+    for fs in _format_names(m, o):
+        f = formats.parse_format(fs)
+        if f.runtime != o.runtime:
+            raise QuantkitError(f"format {f.name} runs in {f.runtime}, not {o.runtime}",
+                                hint=f"add --runtime {f.runtime} or pick another --format")
+        rows.append(_row(m, o, f, n_ctx, src, devs, host, ram, eff))
+    tr = memory.training(m, o.train, n_ctx, o.batch, o.rank, o.lora_targets) if o.train else None
+    assumptions, notes = _assumptions(m, o, n_ctx, devs, host, eff, rows)
     return Plan(m, o, n_ctx, devs, rows, tr, assumptions, {k: memory.FOOTNOTES[k] for k in notes})
