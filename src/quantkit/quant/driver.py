@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from ..models.arch import HFArch
 from ..util.memory import trim
 from .calib import calibration_ids
 from .pipeline import PipelineConfig, PipelineReport, decoder_layers, quantize_model
@@ -34,7 +35,7 @@ class StreamingModel:
     src: object                                        # models.gguf.GGUFSource | models.hf.HFSource
     path: str
     model: nn.Module | None                            # transformers skeleton (None once the blocks are done)
-    arch: object                                       # the source's architecture (GGUF arch spec or HF arch)
+    arch: HFArch                                       # tensor names and per-architecture transforms
     fetch: Callable[[str], torch.Tensor | None]        # any tensor of the source by its HF name
     rows: Callable[[str, int, int], torch.Tensor]      # rows r0:r1 of a 2-D source tensor, by HF name
     lazy_embeddings: bool                              # the token embeddings are read from the source, never whole

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..models.arch import hf_to_gguf_name, permute_for_rope
 from ..models.open import open_model
@@ -94,14 +93,14 @@ class GGUFSink:
     every other tensor as llama-quantize writes it."""
 
     def __init__(self, src, out: str, file_type: str, plan, gptq: GPTQConfig, true_sequential: bool,
-                 spool: Spool, show_progress: bool, t0: float):
+                 show_progress: bool):
         self.src, self.out, self.file_type, self.plan = src, out, file_type, plan
         self.targets = {n: t for n, _, t in plan}
-        self.gptq, self.true_sequential, self.spool = gptq, true_sequential, spool
-        self.show_progress, self.t0 = show_progress, t0
+        self.gptq, self.true_sequential, self.show_progress = gptq, true_sequential, show_progress
+        self.spool = Spool(os.path.dirname(os.path.abspath(out)) or ".", out)
         self.arch = None
         self.n_gptq = 0
-        self.gptq_seconds = 0.0
+        self.blocks_done = 0.0                  # perf_counter() when the last block was spooled
         self.result: ExportReport | None = None
 
     def gguf_name(self, hf_linear: str) -> str | None:
@@ -134,9 +133,13 @@ class GGUFSink:
             self.n_gptq += 1
 
     def finish(self, report: PipelineReport) -> None:
-        self.gptq_seconds = time.perf_counter() - self.t0
+        self.blocks_done = time.perf_counter()
         self.result = export_gguf(self.src, self.out, self.file_type, plan=self.plan, precomputed=self.spool.get,
                                   show_progress=self.show_progress)
+
+    def close(self) -> None:
+        """Removes the spool (also after an error or an interrupt)."""
+        self.spool.close()
 
 
 def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, file_type: str = "q4_0", *,
@@ -160,15 +163,14 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     try:
         _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
                             output_tensor_type=output_tensor_type)
-        spool = Spool(os.path.dirname(os.path.abspath(out)) or ".", out)
+        sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress)
         try:
-            sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, spool, show_progress, t0)
             report, _ = quantize_blocks(src, src.path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
                                         show_progress=show_progress)
         finally:
-            spool.close()
+            sink.close()
     finally:
         src.close()
     res = sink.result
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
-                          sink.gptq_seconds, sink.n_gptq, dict(report.damp), dict(report.phases))
+                          sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases))
