@@ -44,14 +44,14 @@ def prepare(f32: str, chunks: int) -> tuple[str, str]:
 
     from quantkit.runtimes.torch import model_from_gguf
     from quantkit.quant.calib import calibration_ids
-    from quantkit.quant.pipeline import _gguf_tokenizer_files
+    from quantkit.quant.checkpoint import gguf_tokenizer_files
     from quantkit.quant.streaming import LlamaCppTokenizer
     hf_dir = os.path.join(WORK, "gemma-3-270m-f32-hf")
     if not os.path.exists(os.path.join(hf_dir, "model.safetensors")):
         m = model_from_gguf(f32)
         m.config.architectures = [type(m).__name__]
         m.save_pretrained(hf_dir)
-        _gguf_tokenizer_files(f32, hf_dir)
+        gguf_tokenizer_files(f32, hf_dir)
     ids_path = os.path.join(WORK, f"calib-{chunks}x512.pt")
     if not os.path.exists(ids_path):
         ids = calibration_ids(LlamaCppTokenizer(f32), os.path.join(DATA, "wikitext-2", "valid.txt"), chunks, 512)

@@ -1,7 +1,7 @@
 """Peak RSS of reading GPTQ's spool of quantized blocks back for the GGUF writer, at the size the
 44-layer Llama-2-13B-shaped run spools (44 x 7 Q4_0 linears, 7.85 GB), two ways side by side:
 the memory map the spool used to serve from, and the pread into a fresh buffer per tensor it
-uses now (quantkit.quant.gguf_gptq._Spool). Each way runs in a child process of its own and
+uses now (quantkit.quant.gguf_gptq.Spool). Each way runs in a child process of its own and
 reports its VmHWM. Needs ~8 GB free disk beside $QUANTKIT_CACHE/bench-scale.
 
     python benchmarks/spool_rss.py   # writes benchmarks/results/spool_rss.json
@@ -23,13 +23,13 @@ SIZES = [int(HIDDEN * HIDDEN * Q4_0)] * 4 + [int(HIDDEN * MLP * Q4_0)] * 3
 CHILD = r"""
 import json, sys, time
 import numpy as np
-from quantkit.quant.gguf_gptq import _Spool
+from quantkit.quant.gguf_gptq import Spool
 way, work, sizes, layers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-spool = _Spool(work, work + "/spool-bench.gguf")
+spool = Spool(work, work + "/spool-bench.gguf")
 try:
     chunk = np.arange(max(sizes), dtype=np.uint8)
     for l in range(layers):

@@ -281,11 +281,11 @@ def test_spool_reads_back_exactly_without_holding_what_it_read(tmp_path):
     that goes when dropped: the spool used to be memory-mapped, and the mapped pages it had
     served stayed in RSS, so writing the 44-layer 13B-shaped GGUF peaked at 8.05 GiB where the
     solves had needed 4.96 GiB. 256 MiB spooled and read back may leave at most 32 MiB more RSS."""
-    from quantkit.quant.gguf_gptq import _Spool
+    from quantkit.quant.gguf_gptq import Spool
 
     rng = np.random.default_rng(0)
     sizes = [4 << 20] * 63 + [4 << 20 | 12345]          # 256 MiB in all; one odd length
-    spool = _Spool(str(tmp_path), str(tmp_path / "out.gguf"))
+    spool = Spool(str(tmp_path), str(tmp_path / "out.gguf"))
     try:
         digests = {}
         for i, n in enumerate(sizes):

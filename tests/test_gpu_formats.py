@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
-from quantkit.quant.pipeline import export_gpu_checkpoint
+from quantkit.quant.checkpoint import export_gpu_checkpoint
 from quantkit.util.errors import QuantkitError
 from test_intpack import autogptq_pack_rows
 from test_pipeline import tiny_model
@@ -331,14 +331,14 @@ def test_gguf_tokenizer_files_named_class_equal_autotokenizers(bundled_gguf, tmp
     from transformers import AutoTokenizer
 
     from quantkit.models.gguf import GGUFSource
-    from quantkit.quant.pipeline import _gguf_tokenizer_files
+    from quantkit.quant.checkpoint import gguf_tokenizer_files
     src = GGUFSource(bundled_gguf)
     arch = src.metadata["general.architecture"].value
     src.close()
     assert arch == "gemma3"
     fast, slow = tmp_path / "fast", tmp_path / "slow"
-    assert _gguf_tokenizer_files(bundled_gguf, str(fast), arch)
-    assert _gguf_tokenizer_files(bundled_gguf, str(slow))
+    assert gguf_tokenizer_files(bundled_gguf, str(fast), arch)
+    assert gguf_tokenizer_files(bundled_gguf, str(slow))
     names = sorted(os.listdir(fast))
     assert names == sorted(os.listdir(slow)) and "tokenizer.json" in names
     for n in names:

@@ -157,6 +157,27 @@ def test_reused_block_outputs_equal_rerunning_each_stage(arch):
     assert a1 == 8 and a0 == 32, (a1, a0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_calibration_passes_end_at_their_last_input(arch):
+    """Each true-sequential calibration pass runs the block only up to the input it records:
+    the q/k/v pass runs neither attention nor MLP, the o_proj pass no MLP, the gate/up pass no
+    MLP linear, and the down_proj pass records down_proj's input without computing its product
+    (its stand-in returns zeros); the propagation then runs the whole block."""
+    model = tiny_model(arch, structured=True)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    calls = {n: [] for n in ("q_proj", "gate_proj", "down_proj")}
+    for layer in model.model.layers:
+        for n in calls:
+            mod = getattr(layer.self_attn, n, None) or getattr(layer.mlp, n)
+            mod.register_forward_hook(lambda m, i, o, n=n: calls[n].append(bool(o.abs().max() == 0)))
+    quantize_model(model, ids, PipelineConfig(method="gptq", grid=QuantSpec(4, 32, True, torch.float32),
+                                              reuse_outputs=False), show_progress=False)
+    # 2 blocks x 4 samples per pass: q_proj in the o, gate/up and down passes and the propagation;
+    # gate_proj in the down pass and the propagation; down_proj likewise, zeros in its own pass
+    assert len(calls["q_proj"]) == 32 and len(calls["gate_proj"]) == 16
+    assert calls["down_proj"] == ([True] * 4 + [False] * 4) * 2
+
+
 def test_rtn_pipeline_needs_no_data_and_gptq_does():
     model = tiny_model()
     with pytest.raises(QuantkitError, match="calibration"):

@@ -338,9 +338,9 @@ def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,
     importance unless `scale_search` is False (then the group's min/max, as RTN); with
     `true_sequential` (default) a block's linears are calibrated in turn (attention, o, MLP
     gate/up, down) on the outputs of those already quantized, else all on the block's float
-    inputs. Returns quant.pipeline.GPUExportResult."""
+    inputs. Returns quant.checkpoint.GPUExportResult."""
     from .models.gpu_formats import GPUFormatConfig
-    from .quant.pipeline import export_gpu_checkpoint
+    from .quant.checkpoint import export_gpu_checkpoint
     from .util.errors import QuantkitError
     if recipe is None:
         format = format or "compressed-tensors"  # noqa: A001

@@ -25,7 +25,7 @@ compressed-tensors "pack-quantized" (what llm-compressor writes, transformers an
     ["lm_head"].
 
 v1 GPTQ cannot store a zero point of 0 (it would be -1 after the shift), so asymmetric GPTQ
-grids use `QuantSpec(zero_min=1)` (quant.pipeline.grid_spec). The quantized weights passed in
+grids use `QuantSpec(zero_min=1)` (quant.checkpoint.grid_spec). The quantized weights passed in
 are duck-typed (q, scales, zeros, spec.group_width): this floor does not import quant/.
 """
 

@@ -7,13 +7,13 @@ block, and the codes are written as the type's bytes: a stock GGUF that llama.cp
 speed. Every other tensor (embeddings, output head, norms, and linears whose type has no GPTQ
 grid) is written as llama-quantize writes it (quant.gguf_export).
 
-Pipeline: the model's skeleton is built in transformers (float32) with only the embeddings
-loaded; calibration text is tokenized with the model's own tokenizer (llama.cpp's for a GGUF);
-blocks are loaded from the source one at a time, quantized (quant.pipeline) on inputs produced
-by the already-quantized blocks before them, and released. The quantized tensors are spooled
-to a temporary file next to the output, so memory holds one block's Hessians and solutions,
-not the whole quantized model; the GGUF is then written tensor by tensor (temporary name,
-renamed when complete).
+Pipeline (quant.driver): the model's skeleton is built in transformers (float32) with only
+the embeddings loaded; calibration text is tokenized with the model's own tokenizer (llama.cpp's
+for a GGUF); blocks are loaded from the source one at a time, quantized (quant.pipeline) on
+inputs produced by the already-quantized blocks before them, and released. This module's sink
+spools the quantized tensors to a temporary file next to the output, so memory holds one
+block's Hessians and solutions, not the whole quantized model; the GGUF is then written tensor
+by tensor (temporary name, renamed when complete).
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
+from ..models.arch import hf_to_gguf_name, permute_for_rope
 from ..models.open import open_model
 from ..util.errors import QuantkitError
-from ..util.memory import map_large, trim
+from ..util.memory import map_large
+from .driver import StreamingModel, quantize_blocks
 from .gguf_export import ExportReport, export_gguf, plan_gguf
 from .gptq import GPTQConfig
-from .streaming import block_loader, compact_embeddings, row_reader, streaming_model
+from .pipeline import PipelineConfig, PipelineReport
 
 # the llama.cpp types GPTQ can solve for (quant.gptq grids)
 GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
@@ -45,7 +46,7 @@ class GGUFGPTQReport(ExportReport):
     phases: dict[str, float] = field(default_factory=dict)  # seconds per pipeline phase
 
 
-class _Spool:
+class Spool:
     """Quantized tensors on disk until the GGUF writer asks for them (one file, appended)."""
 
     def __init__(self, directory: str, final: str):
@@ -86,6 +87,61 @@ class _Spool:
             pass
 
 
+class GGUFSink:
+    """quant.driver sink: each block's GPTQ solutions, as llama.cpp type bytes (q/k rows
+    permuted as the GGUF stores them), go to the spool; at the end the GGUF is written with
+    every other tensor as llama-quantize writes it."""
+
+    def __init__(self, src, out: str, file_type: str, plan, gptq: GPTQConfig, true_sequential: bool,
+                 show_progress: bool):
+        self.src, self.out, self.file_type, self.plan = src, out, file_type, plan
+        self.targets = {n: t for n, _, t in plan}
+        self.gptq, self.true_sequential, self.show_progress = gptq, true_sequential, show_progress
+        self.spool = Spool(os.path.dirname(os.path.abspath(out)) or ".", out)
+        self.arch = None
+        self.n_gptq = 0
+        self.blocks_done = 0.0                  # perf_counter() when the last block was spooled
+        self.result: ExportReport | None = None
+
+    def gguf_name(self, hf_linear: str) -> str | None:
+        try:
+            return hf_to_gguf_name(self.arch, hf_linear + ".weight")
+        except KeyError:
+            return None
+
+    def grid_for(self, hf_linear: str) -> str | None:
+        """The llama.cpp type GPTQ solves this linear for (None: written as llama-quantize writes it)."""
+        g = self.gguf_name(hf_linear)
+        t = self.targets.get(g) if g else None
+        return t if t in GPTQ_TYPES else None
+
+    def pipeline_config(self, sm: StreamingModel) -> PipelineConfig:
+        self.arch = sm.arch
+        return PipelineConfig(method="gptq", grid=self.grid_for, gptq=self.gptq, true_sequential=self.true_sequential)
+
+    def begin(self, sm: StreamingModel) -> None:
+        """Nothing before the blocks: the exporter copies every other tensor from the source."""
+
+    def block(self, index: int, prefix: str, layer, quantized: dict) -> None:
+        spec = self.src.spec
+        for hf_linear, qw in quantized.items():
+            g = self.gguf_name(hf_linear)
+            rows = qw.to_bytes()
+            if self.arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
+                rows = permute_for_rope(rows, spec.n_head if ".attn_q." in g else spec.n_head_kv)
+            self.spool.put(g, rows.contiguous().numpy().reshape(-1))
+            self.n_gptq += 1
+
+    def finish(self, report: PipelineReport) -> None:
+        self.blocks_done = time.perf_counter()
+        self.result = export_gguf(self.src, self.out, self.file_type, plan=self.plan, precomputed=self.spool.get,
+                                  show_progress=self.show_progress)
+
+    def close(self) -> None:
+        """Removes the spool (also after an error or an interrupt)."""
+        self.spool.close()
+
+
 def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, file_type: str = "q4_0", *,
                      calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
                      gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
@@ -94,10 +150,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
     model) at llama.cpp `file_type`, calibrated on `calib` (any UTF-8 text; default wikitext-2
     valid), nsamples x seqlen tokens."""
-    from ..models.arch import hf_to_gguf_name, permute_for_rope
     from ..util.atomic import check_writable_dir
-    from .calib import calibration_ids
-    from .pipeline import PipelineConfig, quantize_model
 
     t0 = time.perf_counter()
     map_large()
@@ -108,54 +161,16 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     check_writable_dir(out)
     src = open_model(model)
     try:
-        path = src.path
-        infos, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
-                                output_tensor_type=output_tensor_type)
-        targets = {n: t for n, _, t in plan}
-        spec = src.spec
-        # the token embeddings are never loaded whole: the exporter copies them from the source,
-        # and block 0's inputs are captured through the rows the calibration uses
-        tmodel, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=True)
-        ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
-        del tokenizer
-        ids = compact_embeddings(tmodel, row_reader(src, arch), ids)
-        trim()
-
-        load_block = block_loader(fetch, path)
-
-        def gguf_name(hf_linear: str) -> str | None:
-            try:
-                return hf_to_gguf_name(arch, hf_linear + ".weight")
-            except KeyError:
-                return None
-
-        def grid_for(hf_linear: str):
-            g = gguf_name(hf_linear)
-            t = targets.get(g) if g else None
-            return t if t in GPTQ_TYPES else None
-
-        spool = _Spool(os.path.dirname(os.path.abspath(out)) or ".", out)
-        n_gptq = 0
+        _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
+                            output_tensor_type=output_tensor_type)
+        sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress)
         try:
-            def on_block(i, lp, layer, done):
-                nonlocal n_gptq
-                for hf_linear, qw in done.items():
-                    g = gguf_name(hf_linear)
-                    rows = qw.to_bytes()
-                    if arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
-                        rows = permute_for_rope(rows, spec.n_head if ".attn_q." in g else spec.n_head_kv)
-                    spool.put(g, rows.contiguous().numpy().reshape(-1))
-                    n_gptq += 1
-
-            pcfg = PipelineConfig(method="gptq", grid=grid_for, gptq=gptq, true_sequential=true_sequential)
-            report = quantize_model(tmodel, ids, pcfg, on_block=on_block, show_progress=show_progress,
-                                    load_block=load_block)
-            del tmodel
-            gptq_s = time.perf_counter() - t0
-            res = export_gguf(src, out, file_type, plan=plan, precomputed=spool.get, show_progress=show_progress)
+            report, _ = quantize_blocks(src, src.path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                        show_progress=show_progress)
         finally:
-            spool.close()
+            sink.close()
     finally:
         src.close()
+    res = sink.result
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
-                          gptq_s, n_gptq, dict(report.damp), dict(report.phases))
+                          sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases))

@@ -7,9 +7,11 @@
    model's own code building masks and rotary tables. No exception stops the forward: the
    identity layers cost nothing.
 2. Per block: Hessian hooks on the block's linears, true-sequential (q/k/v; o; gate/up; down:
-   each group calibrated on inputs produced by the already-quantized groups before it); GPTQ
-   (or RTN); weights replaced by their dequantized values; the block re-run to produce the next
-   block's inputs; `on_block` called so the caller can write the block's tensors and free it.
+   each group calibrated on inputs produced by the already-quantized groups before it); each
+   calibration pass ends where its last input is recorded, the rest of the block replaced by
+   stand-ins that return zeros (no exception either); GPTQ (or RTN); weights replaced by their
+   dequantized values; the block re-run to produce the next block's inputs; `on_block` called
+   so the caller (quant.driver's sinks) can write the block's tensors and free it.
 
 Linears that share an input (q/k/v, gate/up) share one Hessian.
 """
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from ..util.errors import QuantkitError
-from ..util.memory import map_large, trim
+from ..util.memory import trim
 from ..util.progress import progress
 from .gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight, symmetrize_hessian
 from .rtn import QuantSpec, quantize_rtn
@@ -54,14 +56,6 @@ class PipelineConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-
-
-def grid_spec(fmt: str, bits: int, group_size: int, sym: bool, model_dtype: torch.dtype) -> QuantSpec:
-    """The integer grid a GPU format can hold: GPTQ checkpoints store fp16 scales and (v1) zero
-    points >= 1; compressed-tensors stores scales in the model's dtype."""
-    if fmt == "gptq":
-        return QuantSpec(bits, group_size, sym, torch.float16, zero_min=0 if sym else 1)
-    return QuantSpec(bits, group_size, sym, model_dtype)
 
 
 @dataclass
@@ -229,9 +223,9 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
     t0 = time.perf_counter()
     report = PipelineReport()
     _, layers, prefix = decoder_layers(model)
-    need_data = cfg.method == "gptq" or (cfg.method == "none" and input_ids is not None)
     if cfg.method == "gptq" and input_ids is None:
         raise QuantkitError("GPTQ needs calibration data", hint="pass --calib FILE or use --method rtn")
+    need_data = cfg.method == "gptq" or (cfg.method == "none" and input_ids is not None)
     inputs = capture_block_inputs(model, input_ids) if need_data else None
     # every block's inputs, then outputs, in one buffer [n, 1, seqlen, hidden], overwritten block by block
     hidden = list(torch.stack(inputs.hidden).unbind(0)) if inputs else None
@@ -249,38 +243,9 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
             if load_block is not None:
                 load_block(i, lp, layer)
                 t = report._add("load", t)
-            lin = _linears(layer)
-            kwargs = inputs.layer_kwargs[i] if inputs else {}
             done: dict[str, object] = {}
-            cache = None
-            if cfg.method != "none":
-                groups = _groups(layer)
-                if cfg.method == "gptq" and cfg.true_sequential and cfg.reuse_outputs:
-                    cache = _OutputCache.for_layer(layer, groups, lin, len(hidden))
-                # true-sequential: calibrate each group on the outputs of the groups quantized
-                # before it; otherwise all groups from one pass over the block's float weights
-                stages = [[g] for g in groups] if cfg.true_sequential else [groups]
-                for stage in stages:
-                    hs = _calibrate(layer, stage, lin, hidden, kwargs, cache) if cfg.method == "gptq" else {}
-                    if cache is not None and load_block is not None:
-                        cache.release_spent(lin, done, lp)
-                    t = report._add("hessians", t)
-                    for g in stage:
-                        _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
-                        hs.pop(g, None)
-                        if cache is not None:
-                            cache.quantized(g, layer, hidden, kwargs)
-                    if cache is not None and load_block is not None:
-                        cache.release_spent(lin, done, lp)
-                    t = report._add("solve", t)
-                    trim()
-            if hidden is not None:
-                if cache is not None:
-                    cache.propagate(layer, hidden, kwargs)      # in place: sample k's input is done with
-                else:
-                    for k, h in enumerate(run_block(layer, hidden, kwargs)):
-                        hidden[k].copy_(h)
-                t = report._add("propagate", t)
+            t = _quantize_block(layer, lp, hidden, inputs.layer_kwargs[i] if inputs else {}, cfg, report, done,
+                                load_block is not None, t)
             if on_block is not None:
                 on_block(i, lp, layer, done)
                 t = report._add("write", t)
@@ -298,12 +263,103 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
     return report
 
 
-class _StopBlock(Exception):
-    """Raised by the last Hessian hook of a stage: the rest of the block is not needed."""
+def _quantize_block(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | None, kwargs: dict,
+                    cfg: PipelineConfig, report: PipelineReport, done: dict, streaming: bool, t: float) -> float:
+    """One decoder block: calibrate and quantize its linears (their stored forms into `done`),
+    then run it to turn `hidden`, its inputs, into its outputs (in place). Returns the time
+    the last phase ended."""
+    lin = _linears(layer)
+    cache = None
+    if cfg.method != "none":
+        groups = _groups(layer)
+        if cfg.method == "gptq" and cfg.true_sequential and cfg.reuse_outputs:
+            cache = _OutputCache.for_layer(layer, groups, lin, len(hidden))
+        # true-sequential: calibrate each group on the outputs of the groups quantized
+        # before it; otherwise all groups from one pass over the block's float weights
+        stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+        for stage in stages:
+            hs = _calibrate(layer, stage, lin, hidden, kwargs, cache) if cfg.method == "gptq" else {}
+            if cache is not None and streaming:
+                cache.release_spent(lin, done, lp)
+            t = report._add("hessians", t)
+            for g in stage:
+                _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
+                hs.pop(g, None)
+                if cache is not None:
+                    cache.quantized(g, layer, hidden, kwargs)
+            if cache is not None and streaming:
+                cache.release_spent(lin, done, lp)
+            t = report._add("solve", t)
+            trim()
+    if hidden is not None:
+        if cache is not None:
+            cache.propagate(layer, hidden, kwargs)      # in place: sample k's input is done with
+        else:
+            for k, h in enumerate(run_block(layer, hidden, kwargs)):
+                hidden[k].copy_(h)
+        t = report._add("propagate", t)
+    return t
 
 
 def _zeros(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.zeros_like(x)
+
+
+def _run_with(layer: nn.Module, h: torch.Tensor, kwargs: dict, standins: dict[nn.Module, Callable]):
+    """The layer on h with some of its modules' forward replaced by stand-ins (instance
+    attributes, removed afterwards)."""
+    for mod, forward in standins.items():
+        mod.forward = forward
+    try:
+        return layer(h, **kwargs)
+    finally:
+        for mod in standins:
+            mod.__dict__.pop("forward", None)
+
+
+# Where a calibration pass can end once a group's input is recorded, by the group's first linear:
+# the sublayer holding it, and whether the group reads that sublayer's input ("input": q/k/v,
+# gate/up, so the sublayer need not run at all) or is its last operation ("output": o_proj,
+# down_proj, which need not run). Sublayers in block order.
+_STOPS = {"self_attn.q_proj": ("self_attn", "input"), "self_attn.o_proj": ("self_attn", "output"),
+          "mlp.gate_proj": ("mlp", "input"), "mlp.down_proj": ("mlp", "output")}
+_SUBLAYERS = ("self_attn", "mlp")
+
+
+def _stop_at(layer: nn.Module, g: tuple[str, ...], lin: dict[str, nn.Linear],
+             record: Callable[[torch.Tensor], None]) -> dict[nn.Module, Callable]:
+    """Stand-ins that end a pass through the block at group g's input, handing it to `record`:
+    the group's sublayer (or its last linear) records its input and returns zeros, and every
+    later sublayer returns zeros; the block's output is then discarded. Empty where the block
+    has no known stopping point for g (the pass then runs the whole block). Applies to blocks
+    whose attention and MLP hand their input to q/k/v and gate/up and end in o_proj and
+    down_proj (llama, mistral, qwen2, gemma3)."""
+    if g[0] not in _STOPS:
+        return {}
+    sub, where = _STOPS[g[0]]
+    sublayer, first = getattr(layer, sub, None), lin[g[0]]
+    if sublayer is None or getattr(sublayer, g[0].split(".", 1)[1], None) is not first:
+        return {}
+    if where == "output":
+        def stand_in(x, *args, **kwargs):
+            record(x)
+            return x.new_zeros(*x.shape[:-1], first.out_features)
+        standins = {first: stand_in}
+    elif sub == "self_attn":
+        def stand_in(*args, **kwargs):          # the decoder layer calls it as self_attn(hidden_states=...)
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            record(x)
+            return torch.zeros_like(x), None
+        standins = {sublayer: stand_in}
+    else:
+        def stand_in(x, *args, **kwargs):
+            record(x)
+            return torch.zeros_like(x)
+        standins = {sublayer: stand_in}
+    for later in _SUBLAYERS[_SUBLAYERS.index(sub) + 1:]:
+        if getattr(layer, later, None) is not None:
+            standins[getattr(layer, later)] = _zeros
+    return standins
 
 
 class _OutputCache:
@@ -363,15 +419,10 @@ class _OutputCache:
         if g != self.ATTN or self.x_attn is None:
             return
         o = self.lin[self.ATTN[0]]
-        self.mlp.forward = _zeros
-        try:
-            for k, h in enumerate(hidden):
-                out = o(self.x_attn[k])
-                self.attn.forward = lambda *a, out=out, **kw: (out, None)
-                h.copy_(_out(layer(h, **kwargs)))
-        finally:
-            self.attn.__dict__.pop("forward", None)
-            self.mlp.__dict__.pop("forward", None)
+        for k, h in enumerate(hidden):
+            out = o(self.x_attn[k])
+            h.copy_(_out(_run_with(layer, h, kwargs, {self.attn: lambda *a, out=out, **kw: (out, None),
+                                                      self.mlp: _zeros})))
         self.x_attn = None
         self.attn_ready = True
 
@@ -398,264 +449,58 @@ class _OutputCache:
     def _mlp_forward(self, *args, **kwargs):
         return self.lin[self.MLP[0]](self.x_mlp[self.k])
 
-    def run(self, layer: nn.Module, h: torch.Tensor, kwargs: dict, k: int, mlp: bool = False):
-        """The layer on sample k: once the hidden states include the attention, without it; with
-        `mlp`, the MLP's output taken from the cache."""
+    def standins(self, k: int, mlp: bool = False) -> dict[nn.Module, Callable]:
+        """For running the layer on sample k: once the hidden states include the attention, the
+        attention returns zeros; with `mlp`, the MLP's output is taken from the cache."""
         self.k = k
+        standins: dict[nn.Module, Callable] = {}
         if self.attn_ready:
-            self.attn.forward = self._attn_forward
+            standins[self.attn] = self._attn_forward
         if mlp:
-            self.mlp.forward = self._mlp_forward
-        try:
-            return layer(h, **kwargs)
-        finally:
-            self.attn.__dict__.pop("forward", None)
-            self.mlp.__dict__.pop("forward", None)
+            standins[self.mlp] = self._mlp_forward
+        return standins
 
     @torch.no_grad()
     def propagate(self, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> None:
         """The block's outputs, written over its inputs."""
         mlp = self.x_mlp is not None
         for k, h in enumerate(hidden):
-            hidden[k].copy_(_out(self.run(layer, h, kwargs, k, mlp=mlp)))
+            hidden[k].copy_(_out(_run_with(layer, h, kwargs, self.standins(k, mlp))))
         self.x_attn = self.x_mlp = None
 
 
 def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, nn.Linear], hidden,
                kwargs, cache: _OutputCache | None = None) -> dict[tuple[str, ...], torch.Tensor]:
     """One pass of the block over the calibration data; the Hessian of each group's shared
-    input, hooked on the group's first linear. The pass stops at the last of those inputs (in a
-    true-sequential stage the q/k/v Hessian needs only the input norm, not the block). With a
-    cache, the inputs of o_proj and down_proj are kept and the attention's output is reused."""
+    input, recorded by a hook on the group's first linear. The pass ends at the last of those
+    inputs (`_stop_at`: in a true-sequential stage the q/k/v Hessian needs only the input norm,
+    not the block). With a cache, the inputs of o_proj and down_proj are kept and the
+    attention's output is reused."""
     hs: dict[tuple[str, ...], torch.Tensor] = {}
     counts: dict[tuple[str, ...], int] = {}
-    handles = []
     for g in groups:
         if len({lin[n].in_features for n in g}) != 1:
             raise QuantkitError(f"linears {', '.join(g)} should share one input but differ in width")
         hs[g] = new_hessian(lin[g[0]].in_features)
         counts[g] = 0
 
-    last = groups[-1]   # groups come in data-flow order
-
-    def hook(mod, inp, g):
-        counts[g] = accumulate_hessian(inp[0], hs[g], counts[g], upper=True)
+    def record(g: tuple[str, ...], x: torch.Tensor) -> None:
+        counts[g] = accumulate_hessian(x, hs[g], counts[g], upper=True)
         if cache is not None and cache.keeps(g):
-            cache.keep(g, inp[0].detach())
-        if g == last:
-            raise _StopBlock
+            cache.keep(g, x.detach())
 
-    for g in groups:
-        handles.append(lin[g[0]].register_forward_pre_hook(lambda mod, inp, g=g: hook(mod, inp, g)))
+    last = groups[-1]   # groups come in data-flow order
+    stop = _stop_at(layer, last, lin, lambda x: record(last, x))
+    hooked = groups[:-1] if stop else groups
+    handles = [lin[g[0]].register_forward_pre_hook(lambda mod, inp, g=g: record(g, inp[0])) for g in hooked]
     try:
         with torch.no_grad():
             for k, h in enumerate(hidden):
-                try:
-                    if cache is not None:
-                        cache.run(layer, h, kwargs, k)
-                    else:
-                        layer(h, **kwargs)
-                except _StopBlock:
-                    pass
+                standins = cache.standins(k) if cache is not None else {}
+                _run_with(layer, h, kwargs, {**standins, **stop})
     finally:
         for h in handles:
             h.remove()
     for H in hs.values():
         symmetrize_hessian(H)
     return hs
-
-
-# ---- Hugging Face directory -> GPTQ / compressed-tensors checkpoint ----------------------------
-@dataclass
-class GPUExportResult:
-    output: str
-    format: str
-    method: str
-    seconds: float
-    file_bytes: int
-    n_linear: int
-    report: PipelineReport
-    model: nn.Module | None = None      # the model with dequantized weights, when asked for
-
-
-def _checkpoint_dtype(src, hf_config: dict) -> torch.dtype:
-    """The dtype unquantized tensors keep in the checkpoint: the HF config's, or for a GGUF the
-    token embedding's storage type (F32/F16/BF16; a quantized one: bfloat16)."""
-    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    if stored:
-        return getattr(torch, str(stored), torch.float32)
-    from ..models.gguf import GGUFSource
-    if isinstance(src, GGUFSource):
-        t = next((t for t in src.tensors() if t.name == "token_embd.weight"), None)
-        kind = t.type if t is not None else ""
-        return {"f32": torch.float32, "f16": torch.float16}.get(kind, torch.bfloat16)
-    return torch.float32
-
-
-# GGUF general.architecture -> transformers model_type, where the two names differ
-_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
-
-
-def _gguf_tokenizer_files(gguf_path: str, directory: str, arch: str | None = None) -> bool:
-    """Tokenizer files for a checkpoint made from a GGUF, through transformers' GGUF tokenizer
-    conversion. False (and nothing written) when transformers cannot convert this vocabulary.
-    With the file's architecture known, the tokenizer class is named up front: otherwise
-    AutoTokenizer first reads the whole file through gguf-py to build a model config, which
-    takes ~20 s and ~0.8 GB for a 262k vocabulary; the class and the files are the same."""
-    import os
-    from transformers import AutoTokenizer
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
-    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
-    named = {"tokenizer_type": model_type} if model_type and TOKENIZER_MAPPING_NAMES.get(model_type) else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
-                                            gguf_file=os.path.basename(gguf_path), **named)
-        tok.save_pretrained(directory)
-        return True
-    except Exception:  # noqa: BLE001 - optional: the weights are the checkpoint
-        return False
-
-
-def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
-                          seqlen: int = 512, shrink: float = 0.0, keep_model: bool = False,
-                          show_progress: bool = True) -> GPUExportResult:
-    """Quantize a causal LM's decoder linears (RTN or GPTQ) and write a GPTQ or compressed-tensors
-    checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (llama, gemma3;
-    its tensors dequantized to float32; calibrated with llama.cpp's tokenizer). `cfg`:
-    models.gpu_formats.GPUFormatConfig. Embeddings, norms and the output head stay in the model
-    dtype (fp16 for GPTQ). Streaming: one decoder block in memory at a time (keep_model: all of
-    them, kept dequantized in the returned model)."""
-    import gc
-    import os
-
-    from ..models.gguf import GGUFSource
-    from ..models.hf import HFSource
-    from ..models.open import open_model
-    from ..util.atomic import atomic_output
-
-    t0 = time.perf_counter()
-    map_large()
-    model_path = os.fspath(model_path)
-    if cfg.method not in ("rtn", "gptq"):
-        raise QuantkitError(f"method '{cfg.method}' cannot write {cfg.format}", hint="use --method rtn or gptq")
-    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "config.json")):
-        src = HFSource(model_path, tokenizer=False)        # calibration uses the directory's tokenizer
-    else:
-        src = open_model(model_path)
-    try:
-        from_gguf = isinstance(src, GGUFSource)
-        with atomic_output(output, directory=True) as tmp:
-            if from_gguf:       # first: its memory (~0.35 GB for a 262k vocabulary) is returned before the model's
-                _gguf_tokenizer_files(model_path, tmp, src.metadata["general.architecture"].value)
-                gc.collect()
-                trim()
-            n_linear, report, model = _export_streaming(src, model_path, tmp, cfg, from_gguf, calib, nsamples,
-                                                        seqlen, shrink, keep_model, show_progress)
-    finally:
-        src.close()
-    size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
-    return GPUExportResult(os.path.abspath(output), cfg.format, cfg.method, time.perf_counter() - t0, size,
-                           n_linear, report, model if keep_model else None)
-
-
-def _check_group_size(layers, prefix: str, group_size: int, model_path: str) -> None:
-    """Every decoder linear's input features must be a whole number of groups."""
-    if group_size == -1:
-        return
-    for i, layer in enumerate(layers):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear) and mod.in_features % group_size:
-                raise QuantkitError(f"group size {group_size} does not divide the {mod.in_features} input features "
-                                    f"of {prefix}.{i}.{name}", model_path,
-                                    "choose a group size that divides it, or -1 for one scale per output channel")
-
-
-def _export_streaming(src, model_path: str, tmp: str, cfg, from_gguf: bool, calib, nsamples: int, seqlen: int,
-                      shrink: float, keep_model: bool, show_progress: bool):
-    """export_gpu_checkpoint's work once the output directory `tmp` exists: (linears written,
-    report, model)."""
-    import gc
-    import json
-    import os
-
-    from ..models.gpu_formats import CheckpointWriter
-    from .calib import calibration_ids
-    from .streaming import block_loader, compact_embeddings, embedding_name, row_reader, streaming_model
-
-    # the token embeddings are read a chunk of rows at a time, both to write them and to keep
-    # only the rows the calibration uses: never whole in memory (unless the model is kept)
-    lazy = not keep_model
-    model, tokenizer, arch, fetch = streaming_model(src, model_path, lazy_embeddings=lazy)
-    rows = row_reader(src, arch)
-    embed_name = embedding_name(model)
-    embed_shape = tuple(model.get_input_embeddings().weight.shape)
-    if from_gguf:
-        hf_config = model.config.to_dict()
-        hf_config["architectures"] = [type(model).__name__]
-        hf_config.pop("_attn_implementation_autoset", None)
-    else:
-        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
-            hf_config = json.load(f)
-    model_dtype = _checkpoint_dtype(src, hf_config)
-    grid = grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, model_dtype)
-    _, layers, prefix = decoder_layers(model)
-    _check_group_size(layers, prefix, cfg.group_size, model_path)    # before any calibration work
-    ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if cfg.method == "gptq" else None
-    del tokenizer                   # done with; llama.cpp's vocabulary alone holds ~0.15 GB for Gemma-3
-    gc.collect()
-    tied = bool(hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
-
-    load_block = block_loader(fetch, model_path)
-
-    n_linear = 0
-    writer = CheckpointWriter(tmp, cfg, hf_config, model_dtype)
-    for name, t in model.state_dict().items():
-        if name.startswith(prefix + ".") or name == "lm_head.weight":
-            continue
-        if lazy and name == embed_name:
-            writer.add_rows(name, embed_shape, lambda r0, r1: rows(embed_name, r0, r1))
-            continue
-        if not torch.isfinite(t).all():
-            raise QuantkitError(f"tensor {name} contains NaN or Inf", model_path)
-        writer.add(name, t)
-    if not tied and lazy:
-        try:
-            writer.add_rows("lm_head.weight", tuple(model.lm_head.weight.shape),
-                            lambda r0, r1: rows("lm_head.weight", r0, r1))
-        except KeyError:            # a source without the head
-            raise QuantkitError("the model has no output head (lm_head.weight)", model_path) from None
-    elif not tied:
-        head = fetch("lm_head.weight")
-        if head is None:
-            raise QuantkitError("the model has no output head (lm_head.weight)", model_path)
-        model.lm_head.weight.data = head
-        writer.add("lm_head.weight", head)
-        del head
-    writer.flush()                  # the embeddings' shard
-    if lazy and ids is not None:
-        ids = compact_embeddings(model, rows, ids)
-    trim()
-
-    def on_block(i, lp, layer, done):
-        nonlocal n_linear
-        for name, t in layer.state_dict().items():
-            full = f"{lp}.{name}"
-            mod = full.rsplit(".", 1)[0]
-            if mod in done and name.endswith(".weight"):
-                continue
-            writer.add(full, t)
-        for mod, qw in done.items():
-            writer.add_linear(mod, qw)
-            n_linear += 1
-
-    if keep_model:                 # every block stays in memory, dequantized in place
-        for i, layer in enumerate(layers):
-            load_block(i, f"{prefix}.{i}", layer)
-    pcfg = PipelineConfig(method=cfg.method, grid=grid, true_sequential=cfg.true_sequential,
-                          gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order, shrink=shrink,
-                                          scale_search=cfg.scale_search))
-    report = quantize_model(model, ids, pcfg, on_block=on_block, show_progress=show_progress,
-                            load_block=None if keep_model else load_block)
-    writer.finish(None if from_gguf else model_path,
-                  damp_raised={k: v for k, v in report.damp.items() if v > cfg.damp})
-    return n_linear, report, model

@@ -1,14 +1,15 @@
 """Models whose decoder blocks are loaded one at a time: a transformers skeleton (float32) with
 only the tensors outside the blocks in memory, the model's own tokenizer (llama.cpp's for a
-GGUF), and fetch(hf_name) that reads any tensor from the source on demand. Used by the
-GPTQ-compensated GGUF export (quant.gguf_gptq) and the GPU checkpoint export
-(quant.pipeline.export_gpu_checkpoint)."""
+GGUF), and fetch(hf_name) that reads any tensor from the source on demand. Used by
+quant.driver, behind the GPTQ-compensated GGUF export (quant.gguf_gptq) and the GPU checkpoint
+export (quant.checkpoint)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..util.errors import QuantkitError
+from .pipeline import decoder_layers
 
 
 class LlamaCppTokenizer:
@@ -60,7 +61,6 @@ def streaming_model(src, path: str, lazy_embeddings: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(path)
         fetch = src.load_hf
     model.eval()
-    from .pipeline import decoder_layers
     _, _, prefix = decoder_layers(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     embed = model.get_input_embeddings().weight

@@ -1,0 +1,212 @@
+"""A causal LM (Hugging Face directory or GGUF) -> GPTQ or compressed-tensors checkpoint
+directory: the decoder linears quantized (RTN or GPTQ) by quant.driver's block loop, written
+by this module's sink (models.gpu_formats.CheckpointWriter) block by block as they come."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.gguf import GGUFSource
+from ..models.gpu_formats import CheckpointWriter
+from ..util.errors import QuantkitError
+from ..util.memory import map_large, trim
+from .driver import StreamingModel, quantize_blocks
+from .gptq import GPTQConfig
+from .pipeline import PipelineConfig, PipelineReport, decoder_layers
+from .rtn import QuantSpec
+from .streaming import embedding_name
+
+
+def grid_spec(fmt: str, bits: int, group_size: int, sym: bool, model_dtype: torch.dtype) -> QuantSpec:
+    """The integer grid a GPU format can hold: GPTQ checkpoints store fp16 scales and (v1) zero
+    points >= 1; compressed-tensors stores scales in the model's dtype."""
+    if fmt == "gptq":
+        return QuantSpec(bits, group_size, sym, torch.float16, zero_min=0 if sym else 1)
+    return QuantSpec(bits, group_size, sym, model_dtype)
+
+
+@dataclass
+class GPUExportResult:
+    output: str
+    format: str
+    method: str
+    seconds: float
+    file_bytes: int
+    n_linear: int
+    report: PipelineReport
+    model: nn.Module | None = None      # the model with dequantized weights, when asked for
+
+
+def _checkpoint_dtype(src, hf_config: dict) -> torch.dtype:
+    """The dtype unquantized tensors keep in the checkpoint: the HF config's, or for a GGUF the
+    token embedding's storage type (F32/F16/BF16; a quantized one: bfloat16)."""
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    if stored:
+        return getattr(torch, str(stored), torch.float32)
+    if isinstance(src, GGUFSource):
+        t = next((t for t in src.tensors() if t.name == "token_embd.weight"), None)
+        kind = t.type if t is not None else ""
+        return {"f32": torch.float32, "f16": torch.float16}.get(kind, torch.bfloat16)
+    return torch.float32
+
+
+# GGUF general.architecture -> transformers model_type, where the two names differ
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
+def gguf_tokenizer_files(gguf_path: str, directory: str, arch: str | None = None) -> bool:
+    """Tokenizer files for a checkpoint made from a GGUF, through transformers' GGUF tokenizer
+    conversion. False (and nothing written) when transformers cannot convert this vocabulary.
+    With the file's architecture known, the tokenizer class is named up front: otherwise
+    AutoTokenizer first reads the whole file through gguf-py to build a model config, which
+    takes ~20 s and ~0.8 GB for a 262k vocabulary; the class and the files are the same."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
+    named = {"tokenizer_type": model_type} if model_type and TOKENIZER_MAPPING_NAMES.get(model_type) else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
+                                            gguf_file=os.path.basename(gguf_path), **named)
+        tok.save_pretrained(directory)
+        return True
+    except Exception:  # noqa: BLE001 - optional: the weights are the checkpoint
+        return False
+
+
+def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
+                          seqlen: int = 512, shrink: float = 0.0, keep_model: bool = False,
+                          show_progress: bool = True) -> GPUExportResult:
+    """Quantize a causal LM's decoder linears (RTN or GPTQ) and write a GPTQ or compressed-tensors
+    checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (llama, gemma3;
+    its tensors dequantized to float32; calibrated with llama.cpp's tokenizer). `cfg`:
+    models.gpu_formats.GPUFormatConfig. Embeddings, norms and the output head stay in the model
+    dtype (fp16 for GPTQ). Streaming: one decoder block in memory at a time (keep_model: all of
+    them, kept dequantized in the returned model)."""
+    from ..models.hf import HFSource
+    from ..models.open import open_model
+    from ..util.atomic import atomic_output
+
+    t0 = time.perf_counter()
+    map_large()
+    model_path = os.fspath(model_path)
+    if cfg.method not in ("rtn", "gptq"):
+        raise QuantkitError(f"method '{cfg.method}' cannot write {cfg.format}", hint="use --method rtn or gptq")
+    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "config.json")):
+        src = HFSource(model_path, tokenizer=False)        # calibration uses the directory's tokenizer
+    else:
+        src = open_model(model_path)
+    try:
+        with atomic_output(output, directory=True) as tmp:
+            if isinstance(src, GGUFSource):   # first: its memory (~0.35 GB for a 262k vocabulary) is returned before the model's
+                gguf_tokenizer_files(model_path, tmp, src.metadata["general.architecture"].value)
+                gc.collect()
+                trim()
+            sink = CheckpointSink(tmp, cfg, shrink)
+            report, model = quantize_blocks(src, model_path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                            keep_model=keep_model, show_progress=show_progress)
+    finally:
+        src.close()
+    size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+    return GPUExportResult(os.path.abspath(output), cfg.format, cfg.method, time.perf_counter() - t0, size,
+                           sink.n_linear, report, model)
+
+
+class CheckpointSink:
+    """quant.driver sink writing a GPTQ / compressed-tensors checkpoint into `directory`: the
+    tensors outside the blocks first (the token embeddings and output head a chunk of rows at a
+    time, straight from the source, unless the model is kept whole), then each block as it is
+    quantized (one shard per block), then config.json, the index and the tokenizer files.
+    `cfg`: models.gpu_formats.GPUFormatConfig."""
+
+    def __init__(self, directory: str, cfg, shrink: float):
+        self.dir, self.cfg, self.shrink = directory, cfg, shrink
+        self.n_linear = 0
+        self.writer: CheckpointWriter | None = None
+        self.hf_config: dict = {}
+        self.model_dtype = torch.float32
+        self.from_gguf = False
+        self.path = ""
+
+    def pipeline_config(self, sm: StreamingModel) -> PipelineConfig:
+        cfg, model = self.cfg, sm.model
+        self.from_gguf, self.path = isinstance(sm.src, GGUFSource), sm.path
+        if self.from_gguf:
+            self.hf_config = model.config.to_dict()
+            self.hf_config["architectures"] = [type(model).__name__]
+            self.hf_config.pop("_attn_implementation_autoset", None)
+        else:
+            with open(os.path.join(sm.path, "config.json"), encoding="utf-8") as f:
+                self.hf_config = json.load(f)
+        self.model_dtype = _checkpoint_dtype(sm.src, self.hf_config)
+        _, layers, prefix = decoder_layers(model)
+        _check_group_size(layers, prefix, cfg.group_size, sm.path)
+        return PipelineConfig(method=cfg.method, true_sequential=cfg.true_sequential,
+                              grid=grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, self.model_dtype),
+                              gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order, shrink=self.shrink,
+                                              scale_search=cfg.scale_search))
+
+    def begin(self, sm: StreamingModel) -> None:
+        """The tensors outside the decoder blocks, in a shard of their own."""
+        model, path = sm.model, sm.path
+        _, _, prefix = decoder_layers(model)
+        embed_name = embedding_name(model)
+        embed_shape = tuple(model.get_input_embeddings().weight.shape)
+        tied = bool(self.hf_config.get("tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
+        writer = self.writer = CheckpointWriter(self.dir, self.cfg, self.hf_config, self.model_dtype)
+        for name, t in model.state_dict().items():
+            if name.startswith(prefix + ".") or name == "lm_head.weight":
+                continue
+            if sm.lazy_embeddings and name == embed_name:
+                writer.add_rows(name, embed_shape, lambda r0, r1: sm.rows(embed_name, r0, r1))
+                continue
+            if not torch.isfinite(t).all():
+                raise QuantkitError(f"tensor {name} contains NaN or Inf", path)
+            writer.add(name, t)
+        if not tied and sm.lazy_embeddings:
+            try:
+                writer.add_rows("lm_head.weight", tuple(model.lm_head.weight.shape),
+                                lambda r0, r1: sm.rows("lm_head.weight", r0, r1))
+            except KeyError:            # a source without the head
+                raise QuantkitError("the model has no output head (lm_head.weight)", path) from None
+        elif not tied:
+            head = sm.fetch("lm_head.weight")
+            if head is None:
+                raise QuantkitError("the model has no output head (lm_head.weight)", path)
+            model.lm_head.weight.data = head
+            writer.add("lm_head.weight", head)
+            del head
+        writer.flush()                  # the embeddings' shard
+
+    def block(self, index: int, prefix: str, layer: nn.Module, quantized: dict) -> None:
+        for name, t in layer.state_dict().items():
+            full = f"{prefix}.{name}"
+            mod = full.rsplit(".", 1)[0]
+            if mod in quantized and name.endswith(".weight"):
+                continue
+            self.writer.add(full, t)
+        for mod, qw in quantized.items():
+            self.writer.add_linear(mod, qw)
+            self.n_linear += 1
+
+    def finish(self, report: PipelineReport) -> None:
+        self.writer.finish(None if self.from_gguf else self.path,
+                           damp_raised={k: v for k, v in report.damp.items() if v > self.cfg.damp})
+
+
+def _check_group_size(layers, prefix: str, group_size: int, model_path: str) -> None:
+    """Every decoder linear's input features must be a whole number of groups."""
+    if group_size == -1:
+        return
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod.in_features % group_size:
+                raise QuantkitError(f"group size {group_size} does not divide the {mod.in_features} input features "
+                                    f"of {prefix}.{i}.{name}", model_path,
+                                    "choose a group size that divides it, or -1 for one scale per output channel")
