@@ -319,7 +319,7 @@ class KFormat:
         """dequantize_row_<type> over blocks uint8 [nb, type_size] -> float32 [nb, 256]."""
         nb = b.shape[0]
         s, m = self.grid(b)
-        y = self.unpack(b).reshape(nb, -1, self.sub).float()
+        y = self.unpack(b).reshape(nb, QK_K // self.sub, self.sub).float()
         if self.off:
             y.sub_(float(self.off))
         # in place: a broadcast over the innermost dim is several times slower in a new tensor
@@ -426,3 +426,6 @@ class KGrid:
 
     def join(self, pieces: list[KBlocks], codes, shape: tuple[int, int]) -> KBlocks:
         return KBlocks(self.qtype, torch.cat([p.data for p in pieces]), shape)
+
+
+FORMATS = (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K)

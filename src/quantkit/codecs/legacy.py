@@ -336,3 +336,6 @@ class LegacyGrid:
     def join(self, pieces: list[LegacyBlocks], codes: torch.Tensor, shape: tuple[int, int]) -> LegacyBlocks:
         return LegacyBlocks(self.format, codes, torch.cat([p.d for p in pieces]),
                             torch.cat([p.m for p in pieces]) if self.has_min else None)
+
+
+FORMATS = (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)
