@@ -4,7 +4,6 @@ when the scale search is off); the block scale search never loses to llama.cpp's
 RTN on correlated inputs by a stated factor; dampening fallback on singular / indefinite
 Hessians."""
 
-import itertools
 import warnings
 
 import pytest

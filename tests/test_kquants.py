@@ -227,7 +227,7 @@ def test_bytes_equal_llama_cpp_on_real_weights(bundled_gguf):
 
 @pytest.mark.parametrize("qt", KQUANT_TYPES)
 def test_block_grid_and_repack_match_ggml(qt):
-    """GPTQ's view of a K-quant block: block_grid's (s, m, off) reproduce libggml's decoding of
+    """GPTQ's view of a K-quant block: subblock_grid's (s, m) and the format's off reproduce libggml's decoding of
     any codes written back by repack, and repack with the block's own codes is the identity."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)

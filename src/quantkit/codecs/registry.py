@@ -131,8 +131,6 @@ class QuantType:
         return self.dequantize_rows(data, rows_shape[-1], threads).reshape(shape)
 
 
-QType = QuantType
-
 QTYPES: dict[str, QuantType] = {t.name.lower(): QuantType(t) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 _BY_GGML: dict[GGMLQuantizationType, QuantType] = {q.ggml: q for q in QTYPES.values()}
 
