@@ -106,9 +106,9 @@ def test_legacy_blocks_from_given_scales_equal_llama_cpp_layout(fmt):
     name = fmt.name
     ref = qtype(name).quantize_rows(x).reshape(-1, qtype(name).type_size)
     deq = qtype(name).dequantize_rows(ref, 32)                         # [16, 32]
-    d = ref[:, :2].contiguous().view(torch.float16).float().reshape(-1)
+    d = ref[:, fmt.layout.d].contiguous().view(torch.float16).float().reshape(-1)
     offset, has_min = fmt.offset, fmt.has_min
-    m = ref[:, 2:4].contiguous().view(torch.float16).float().reshape(-1) if has_min else None
+    m = ref[:, fmt.layout.m].contiguous().view(torch.float16).float().reshape(-1) if has_min else None
     base = m[:, None] if has_min else 0.0
     codes = torch.where(d[:, None] != 0, (deq - base) / torch.where(d == 0, 1, d)[:, None], 0.0)
     codes = torch.round(codes).to(torch.int32) + offset
