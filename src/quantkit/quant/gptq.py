@@ -134,7 +134,7 @@ class GPTQResult:
 # Triangular inverses up to this size are one triangular solve against the identity (LAPACK's
 # trsm, n³ flops); larger ones split in halves, so most of the work is matrix products (2n³/3
 # flops, at the matmul rate). Hessians up to 4096 wide (all of Gemma-3-270M's, a 7B model's
-# attention and gate/up inputs) stay on the first path, bit for bit as before; the MLP down
+# attention and gate/up inputs) stay on the first path, one solve; the MLP down
 # projections of 7B and larger models (11008, 13824 inputs) take the second.
 _TRI_INV_LEAF = 4096
 
