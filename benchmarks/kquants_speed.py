@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from quantkit.codecs import kquants  # noqa: E402
+from quantkit.codecs.registry import qtype  # noqa: E402
 
 
 def _timed(fn):
@@ -37,7 +38,7 @@ def _timed(fn):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default=",".join(kquants.KQUANT_TYPES))
+    ap.add_argument("--types", default=",".join(f.name for f in kquants.FORMATS))
     ap.add_argument("--rows", type=int, default=640)
     ap.add_argument("--cols", type=int, default=262144)
     ap.add_argument("--threads", type=int, default=None, help="quantkit worker threads (default: torch's)")
@@ -57,9 +58,9 @@ def main(argv=None) -> int:
     for qt in args.types.split(","):
         best = None
         for _ in range(args.repeats):
-            q, wall, cpu = _timed(lambda: kquants.quantize(qt, x, threads=args.threads))
+            q, wall, cpu = _timed(lambda: qtype(qt).quantize_rows(x, threads=args.threads))
             best = (wall, cpu) if best is None or wall < best[0] else best
-        _, dq_wall, _ = _timed(lambda: kquants.dequantize(qt, q, x.shape, threads=args.threads))
+        _, dq_wall, _ = _timed(lambda: qtype(qt).dequantize(q, x.shape, threads=args.threads))
         row = {"type": qt, "values": x.numel(), "quantkit_s": round(best[0], 2), "quantkit_cpu_s": round(best[1], 2),
                "quantkit_dequantize_s": round(dq_wall, 2)}
         if ref is not None:

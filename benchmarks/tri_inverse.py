@@ -1,6 +1,6 @@
 """GPTQ's inverse of the Cholesky factor: one triangular solve against the identity (LAPACK trsm,
 n³ flops; what quantkit used for every size before) against quantkit's blockwise inverse by
-halves (quant.gptq._invert_upper: matrix products, 2n³/3 flops), side by side in one run, at
+halves (quant.gptq.invert_upper: matrix products, 2n³/3 flops), side by side in one run, at
 the Hessian widths of 7B-13B models. Each is timed on the same factor of a random
 positive-definite matrix (best of `--repeat`), and up to 5120 columns its error is measured
 against a float64 solve (largest entry error relative to the largest entry).
@@ -33,7 +33,7 @@ def factor(n: int) -> torch.Tensor:
 
 
 def main() -> None:
-    from quantkit.quant.gptq import _invert_upper
+    from quantkit.quant.gptq import invert_upper
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4096,5120,13824")
     ap.add_argument("--threads", type=int, default=2)
@@ -51,7 +51,7 @@ def main() -> None:
             out = torch.empty_like(R)
             # quantkit splits only past 4096 columns; at or below it the split is forced here,
             # once, to show what it would cost there
-            _invert_upper(R, out, leaf=4096 if n > 4096 else n // 2)
+            invert_upper(R, out, leaf=4096 if n > 4096 else n // 2)
             return out
 
         row = {}

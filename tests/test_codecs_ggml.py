@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ggml_reference import ggml_dequantize, ggml_quantize
-from quantkit.codecs.ggml import SIMPLE_TYPES, dequantize_rows, quantize_rows
+from quantkit.codecs import legacy
+from quantkit.codecs.registry import qtype
 
-TYPES = list(SIMPLE_TYPES)
+TYPES = ["f32", "f16", "bf16"] + [f.name for f in legacy.FORMATS]
 
 
 def _cases(seed=0):
@@ -42,7 +43,7 @@ CASES = _cases()
 @pytest.mark.parametrize("case", list(CASES))
 def test_bytes_equal_llama_cpp(qt, case):
     x = CASES[case]
-    ours = quantize_rows(qt, torch.from_numpy(x)).numpy()
+    ours = qtype(qt).quantize_rows(torch.from_numpy(x)).numpy()
     ref = ggml_quantize(qt, x)
     assert ours.shape == ref.shape
     # Exact for every type, Q4_0/Q5_0 included: this build of llama.cpp does not fuse
@@ -56,7 +57,7 @@ def test_bytes_equal_llama_cpp(qt, case):
 def test_dequantize_equals_ggml(qt):
     x = CASES["normal"]
     ref = ggml_quantize(qt, x)
-    ours = dequantize_rows(qt, torch.from_numpy(ref), x.shape[1]).numpy()
+    ours = qtype(qt).dequantize_rows(torch.from_numpy(ref), x.shape[1]).numpy()
     assert np.array_equal(ours.view(np.uint32), ggml_dequantize(qt, ref, x.shape[1]).view(np.uint32))
 
 
@@ -64,7 +65,7 @@ def test_dequantize_equals_ggml(qt):
 def test_reconstruction_error_bound(qt):
     """Round trip error stays within the format's step: |x - x̂| <= d (one quantization step)."""
     x = torch.from_numpy(CASES["normal"])
-    xhat = dequantize_rows(qt, quantize_rows(qt, x), x.shape[1])
+    xhat = qtype(qt).dequantize_rows(qtype(qt).quantize_rows(x), x.shape[1])
     blocks = x.reshape(-1, 32)
     levels = {"q8_0": 127, "q5_1": 31, "q5_0": 16, "q4_1": 15, "q4_0": 8}[qt]
     span = blocks.abs().amax(1) if qt in ("q8_0", "q5_0", "q4_0") else blocks.amax(1) - blocks.amin(1)
@@ -74,15 +75,15 @@ def test_reconstruction_error_bound(qt):
 
 
 def test_row_not_divisible_by_block_is_refused():
-    with pytest.raises(ValueError, match="multiple of 32"):
-        quantize_rows("q4_0", torch.zeros(2, 48))
+    with pytest.raises(ValueError, match="multiple of the block size 32"):
+        qtype("q4_0").quantize_rows(torch.zeros(2, 48))
 
 
 @pytest.mark.parametrize("qt", ["f16", "bf16"])
 def test_float_types_nan_inf_overflow_equal_llama_cpp(qt):
     x = CASES["normal"].copy()
     x[0, :6] = [np.nan, np.inf, -np.inf, 3.4e38, -1e-40, 65520.0]   # NaN, Inf, bf16/f16 overflow, subnormal
-    ours = quantize_rows(qt, torch.from_numpy(x)).numpy()
+    ours = qtype(qt).quantize_rows(torch.from_numpy(x)).numpy()
     assert np.array_equal(ours, ggml_quantize(qt, x))
 
 
@@ -92,5 +93,5 @@ def test_check_finite_refuses_nan_and_inf(qt):
     x = torch.from_numpy(CASES["normal"]).repeat(200, 1)      # several chunks
     x[-3, 7] = float("nan") if qt != "q4_0" else float("inf")
     with pytest.raises(NonFiniteError):
-        quantize_rows(qt, x, check_finite=True)
-    quantize_rows(qt, x)                                         # without the check: no error
+        qtype(qt).quantize_rows(x, check_finite=True)
+    qtype(qt).quantize_rows(x)                                         # without the check: no error

@@ -4,15 +4,16 @@ when the scale search is off); the block scale search never loses to llama.cpp's
 RTN on correlated inputs by a stated factor; dampening fallback on singular / indefinite
 Hessians."""
 
-import itertools
 import warnings
 
 import pytest
 import torch
 
-from quantkit.codecs import ggml, kquants
-from quantkit.codecs.kquants import KQUANT_TYPES
-from quantkit.codecs.intpack import LEGACY_GRIDS
+from quantkit.codecs import kquants, legacy
+from quantkit.codecs.registry import qtype
+
+KQUANT_TYPES = [f.name for f in kquants.FORMATS]
+LEGACY_TYPES = [f.name for f in legacy.FORMATS]
 from quantkit.quant.gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight
 from quantkit.quant.rtn import QuantSpec, quantize_rtn
 
@@ -67,17 +68,17 @@ def test_integer_scale_search_never_worse_than_min_max(bits, gs, sym, act):
     assert not bool(res.weight.q[0, :64].ne(z[0, :64]).any())      # zeros stay exactly zero
 
 
-@pytest.mark.parametrize("name", list(LEGACY_GRIDS))
+@pytest.mark.parametrize("name", LEGACY_TYPES)
 def test_identity_hessian_on_llama_cpp_grid_gives_llama_cpp_bytes(name):
     W = _w(seed=2)
     W[0, :32] = 0.0                                   # an all-zero block
     W[1, 40] = 3.0                                    # one huge value
     res = quantize_weight(W, torch.eye(256), name, GPTQConfig(scale_search=False))
-    assert torch.equal(res.weight.to_bytes(), ggml.quantize_rows(name, W))
-    assert torch.equal(res.dequantized, ggml.dequantize_rows(name, ggml.quantize_rows(name, W), 256))
+    assert torch.equal(res.weight.to_bytes(), qtype(name).quantize_rows(W))
+    assert torch.equal(res.dequantized, qtype(name).dequantize_rows(qtype(name).quantize_rows(W), 256))
 
 
-@pytest.mark.parametrize("name", list(KQUANT_TYPES))
+@pytest.mark.parametrize("name", KQUANT_TYPES)
 def test_identity_hessian_on_k_quant_grid_gives_llama_cpp_bytes(name):
     """Super-block scales from llama.cpp's reference encoder, codes re-rounded by GPTQ onto
     them: with nothing to compensate, every code is llama.cpp's (its final rounding is also
@@ -85,9 +86,9 @@ def test_identity_hessian_on_k_quant_grid_gives_llama_cpp_bytes(name):
     W = _w(out_f=16, in_f=512, seed=5)
     W[0, :256] = 0.0
     res = quantize_weight(W, torch.eye(512), name)
-    ref = kquants.quantize(name, W)
+    ref = qtype(name).quantize_rows(W)
     assert torch.equal(res.weight.to_bytes(), ref)
-    assert torch.equal(res.dequantized, kquants.dequantize(name, ref.reshape(-1), W.shape))
+    assert torch.equal(res.dequantized, qtype(name).dequantize(ref.reshape(-1), W.shape))
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1"])
@@ -135,9 +136,9 @@ def test_gptq_beats_rtn_on_correlated_inputs(grid, act, factor):
         n = accumulate_hessian(chunk, H, n)
     res = quantize_weight(W, H, grid, GPTQConfig(act_order=act))
     if isinstance(grid, str) and grid in KQUANT_TYPES:
-        rtn = kquants.dequantize(grid, kquants.quantize(grid, W).reshape(-1), W.shape)
+        rtn = qtype(grid).dequantize(qtype(grid).quantize_rows(W).reshape(-1), W.shape)
     elif isinstance(grid, str):
-        rtn = ggml.dequantize_rows(grid, ggml.quantize_rows(grid, W), 256)
+        rtn = qtype(grid).dequantize_rows(qtype(grid).quantize_rows(W), 256)
     else:
         rtn = quantize_rtn(W, grid).dequantize()
     e_gptq, e_rtn = _rel_err(W, res.dequantized, X), _rel_err(W, rtn, X)
@@ -269,14 +270,14 @@ def test_blockwise_triangular_inverse_matches_the_solve(n, monkeypatch):
     R = torch.linalg.cholesky((H + 0.01 * torch.eye(n)).flip(0, 1)).flip(0, 1)
     ref = torch.linalg.solve_triangular(R.double(), torch.eye(n, dtype=torch.float64), upper=True)
     out = torch.empty_like(R)
-    gq._invert_upper(R, out, leaf=128)
+    gq.invert_upper(R, out, leaf=128)
     assert bool((out.tril(-1) == 0).all())
     scale = float(ref.abs().max())
     assert float((out.double() - ref).abs().max()) <= 1e-6 * scale
     plain = torch.linalg.solve_triangular(R, torch.eye(n), upper=True)
     assert float((plain.double() - ref).abs().max()) <= 1e-6 * scale       # the bound is the solve's own class
     monkeypatch.setattr(gq, "_TRI_INV_LEAF", 128)
-    U, damp = gq._inverse_cholesky([H.flip(0, 1).clone()], 0.01)
+    U, damp = gq.inverse_cholesky([H.flip(0, 1).clone()], 0.01)
     Hinv = torch.linalg.inv((H + 0.01 * float(torch.diagonal(H).mean()) * torch.eye(n)).double())
     assert damp == 0.01
     assert float((U.double().t() @ U.double() - Hinv).abs().max()) <= 1e-5 * float(Hinv.abs().max())

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.codecs import ggml
-from quantkit.codecs.intpack import LEGACY_GRIDS, encode_legacy_blocks, pack_int32, packed_length, unpack_int32
+from quantkit.codecs import legacy
+from quantkit.codecs.intpack import pack_int32, packed_length, unpack_int32
+from quantkit.codecs.registry import qtype
 
 
 def autogptq_pack_rows(intweight: np.ndarray, bits: int) -> np.ndarray:
@@ -97,17 +98,18 @@ def test_bad_input():
         unpack_int32(torch.zeros(2, dtype=torch.int32), 4, 20)
 
 
-@pytest.mark.parametrize("name", list(LEGACY_GRIDS))
-def test_legacy_blocks_from_given_scales_equal_llama_cpp_layout(name):
+@pytest.mark.parametrize("fmt", legacy.FORMATS, ids=lambda f: f.name)
+def test_legacy_blocks_from_given_scales_equal_llama_cpp_layout(fmt):
     """Take llama.cpp-exact bytes, decode codes/d/m from them, re-encode: identical bytes."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 64, generator=g)
-    ref = ggml.quantize_rows(name, x).reshape(-1, ggml.qtype(name).type_size)
-    deq = ggml.dequantize_rows(name, ref, 32)                         # [16, 32]
-    d = ref[:, :2].contiguous().view(torch.float16).float().reshape(-1)
-    levels, offset, has_min = LEGACY_GRIDS[name]
-    m = ref[:, 2:4].contiguous().view(torch.float16).float().reshape(-1) if has_min else None
+    name = fmt.name
+    ref = qtype(name).quantize_rows(x).reshape(-1, qtype(name).type_size)
+    deq = qtype(name).dequantize_rows(ref, 32)                         # [16, 32]
+    d = ref[:, fmt.layout.d].contiguous().view(torch.float16).float().reshape(-1)
+    offset, has_min = fmt.offset, fmt.has_min
+    m = ref[:, fmt.layout.m].contiguous().view(torch.float16).float().reshape(-1) if has_min else None
     base = m[:, None] if has_min else 0.0
     codes = torch.where(d[:, None] != 0, (deq - base) / torch.where(d == 0, 1, d)[:, None], 0.0)
     codes = torch.round(codes).to(torch.int32) + offset
-    assert torch.equal(encode_legacy_blocks(name, codes, d, m), ref)
+    assert torch.equal(legacy.encode_from_codes(fmt, codes, d, m), ref)

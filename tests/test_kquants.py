@@ -19,8 +19,9 @@ import llama_cpp  # noqa: F401  (a declared dependency: its absence must fail, n
 
 from ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
 from quantkit.codecs import kquants  # noqa: E402
-from quantkit.codecs.kquants import KQUANT_TYPES, dequantize, dequantize_blocks, quantize, quantize_blocks  # noqa: E402
 from quantkit.codecs.registry import qtype  # noqa: E402
+
+KQUANT_TYPES = [f.name for f in kquants.FORMATS]
 
 N = 1024  # values per row: 4 super-blocks
 
@@ -76,7 +77,7 @@ def _blocks_differ(qt, ours, ref):
 @pytest.mark.parametrize("case", list(CASES))
 def test_bytes_equal_llama_cpp(qt, case):
     x = CASES[case]
-    ours = quantize(qt, torch.from_numpy(x)).numpy()
+    ours = qtype(qt).quantize_rows(torch.from_numpy(x)).numpy()
     ref = ggml_quantize(qt, x)
     assert ours.shape == ref.shape == (x.shape[0], qtype(qt).row_bytes(N))
     assert np.array_equal(ours, ref), f"{qt}/{case}: {_blocks_differ(qt, ours, ref)} super-blocks differ"
@@ -88,7 +89,7 @@ def test_bytes_equal_llama_cpp_on_grid_inputs(qt):
     x = CASES["normal"][:64]
     for src in KQUANT_TYPES:
         grid = ggml_dequantize(src, ggml_quantize(src, x), N)
-        ours = quantize(qt, torch.from_numpy(grid)).numpy()
+        ours = qtype(qt).quantize_rows(torch.from_numpy(grid)).numpy()
         ref = ggml_quantize(qt, grid)
         assert np.array_equal(ours, ref), f"{qt} from {src} grid: {_blocks_differ(qt, ours, ref)} differ"
 
@@ -101,7 +102,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def test_dequantize_equals_ggml(qt):
     for case in ("normal", "zeros", "huge", "tiny", "mixed_scales", "positive"):
         data = ggml_quantize(qt, CASES[case])
-        ours = dequantize(qt, torch.from_numpy(data), CASES[case].shape).numpy()
+        ours = qtype(qt).dequantize(torch.from_numpy(data), CASES[case].shape).numpy()
         assert np.array_equal(_bits(ours), _bits(ggml_dequantize(qt, data, N))), case
 
 
@@ -120,7 +121,7 @@ def _random_blocks(qt, n, seed):
 @pytest.mark.parametrize("qt", KQUANT_TYPES)
 def test_dequantize_random_bytes_equals_ggml(qt):
     data = _random_blocks(qt, 2048, seed=1)
-    ours = dequantize_blocks(qt, torch.from_numpy(data)).numpy()
+    ours = qtype(qt).dequantize_blocks(torch.from_numpy(data)).numpy()
     ref = ggml_dequantize(qt, data.reshape(1, -1), 2048 * 256).reshape(2048, 256)
     assert np.array_equal(_bits(ours), _bits(ref))
 
@@ -137,10 +138,10 @@ IDEMPOTENT_SHARE = {"q6_k": 1.0, "q4_k": 0.99, "q2_k": 0.98, "q5_k": 0.90, "q3_k
 @pytest.mark.parametrize("qt", KQUANT_TYPES)
 def test_requantize_round_trip(qt):
     x = torch.from_numpy(CASES["normal"])
-    y1 = dequantize(qt, quantize(qt, x), x.shape)
-    q2 = quantize(qt, y1)
+    y1 = qtype(qt).dequantize(qtype(qt).quantize_rows(x), x.shape)
+    q2 = qtype(qt).quantize_rows(y1)
     assert np.array_equal(q2.numpy(), ggml_quantize(qt, y1.numpy()))
-    y2 = dequantize(qt, q2, x.shape)
+    y2 = qtype(qt).dequantize(q2, x.shape)
     share = (y1.reshape(-1, 256) == y2.reshape(-1, 256)).all(dim=1).double().mean().item()
     assert share >= IDEMPOTENT_SHARE[qt], f"{qt}: {share:.4f} of blocks keep their values"
     # and the second pass never moves values further from y1 than the first moved them from x
@@ -152,50 +153,56 @@ def test_sizes_come_from_the_registry(qt):
     q = qtype(qt)
     assert q.block_size == 256
     x = torch.randn(3, 512)
-    assert quantize(qt, x).shape == (3, q.row_bytes(512)) == (3, 2 * q.type_size)
-    assert quantize_blocks(qt, x.reshape(-1, 256)).shape == (6, q.type_size)
+    assert qtype(qt).quantize_rows(x).shape == (3, q.row_bytes(512)) == (3, 2 * q.type_size)
+    assert qtype(qt).quantize_blocks(x.reshape(-1, 256)).shape == (6, q.type_size)
 
 
 def test_threads_do_not_change_bytes_and_restore_torch_threads():
     x = torch.from_numpy(CASES["heavy"]).repeat(40, 1)  # > 1 chunk
     before = torch.get_num_threads()
     for qt in ("q6_k", "q4_k"):
-        one = quantize(qt, x, threads=1)
-        two = quantize(qt, x, threads=2)
+        one = qtype(qt).quantize_rows(x, threads=1)
+        two = qtype(qt).quantize_rows(x, threads=2)
         assert torch.equal(one, two)
     assert torch.get_num_threads() == before
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="multiple of the block size 256"):
-        quantize("q6_k", torch.randn(2, 320))
+        qtype("q6_k").quantize_rows(torch.randn(2, 320))
     with pytest.raises(ValueError):
-        quantize("q4_k", torch.randn(256))
-    with pytest.raises(KeyError):
-        quantize("q4_0", torch.randn(1, 256))
+        qtype("q4_k").quantize_rows(torch.randn(256))
+    with pytest.raises(KeyError, match="no encoder"):
+        qtype("iq4_nl").quantize_rows(torch.randn(1, 256))
     with pytest.raises(ValueError):
-        dequantize("q6_k", torch.zeros(209, dtype=torch.uint8), (1, 256))
+        qtype("q6_k").dequantize(torch.zeros(209, dtype=torch.uint8), (1, 256))
 
 
 def test_input_dtypes_and_layouts():
     x = torch.randn(256, 8)
     xt = x.t()                                       # non-contiguous [8, 256]
     ref = ggml_quantize("q5_k", np.ascontiguousarray(xt.numpy()))
-    assert np.array_equal(quantize("q5_k", xt).numpy(), ref)
+    assert np.array_equal(qtype("q5_k").quantize_rows(xt).numpy(), ref)
     xb = torch.randn(4, 256).to(torch.bfloat16)
     ref = ggml_quantize("q3_k", xb.float().numpy())
-    assert np.array_equal(quantize("q3_k", xb).numpy(), ref)
-    assert quantize("q2_k", torch.zeros(0, 256)).shape == (0, 84)
-    assert dequantize("q2_k", torch.zeros(0, dtype=torch.uint8), (0, 256)).shape == (0, 256)
+    assert np.array_equal(qtype("q3_k").quantize_rows(xb).numpy(), ref)
+    assert qtype("q2_k").quantize_rows(torch.zeros(0, 256)).shape == (0, 84)
+    assert qtype("q2_k").dequantize(torch.zeros(0, dtype=torch.uint8), (0, 256)).shape == (0, 256)
 
 
-def test_dispatch_names():
-    assert kquants.is_kquant("Q6_K") and kquants.is_kquant("q2_k")
-    assert not kquants.is_kquant("q4_0") and not kquants.is_kquant("nonsense")
+def test_registry_lookups():
+    """Names in any case and GGML enum values find the same registered type; the rows, blocks
+    and tensor entry points agree."""
+    from gguf import GGMLQuantizationType
+    assert qtype("Q6_K") is qtype("q6_k") is qtype(GGMLQuantizationType.Q6_K) is qtype(int(GGMLQuantizationType.Q6_K))
+    assert all(qtype(t).implemented for t in KQUANT_TYPES)
+    assert not qtype("iq4_nl").implemented
+    with pytest.raises(KeyError):
+        qtype("nonsense")
     x = torch.randn(2, 512)
-    q = kquants.quantize_rows("q4_k", x)
-    assert torch.equal(kquants.dequantize_rows("q4_k", q, 512), dequantize("q4_k", q, (2, 512)))
-    assert torch.equal(kquants.quantize_blocks("q6_k", x.reshape(-1, 256)), quantize("q6_k", x).reshape(-1, 210))
+    q = qtype("q4_k").quantize_rows(x)
+    assert torch.equal(qtype("q4_k").dequantize_rows(q, 512), qtype("q4_k").dequantize(q, (2, 512)))
+    assert torch.equal(qtype("q6_k").quantize_blocks(x.reshape(-1, 256)), qtype("q6_k").quantize_rows(x).reshape(-1, 210))
 
 
 def test_bytes_equal_llama_cpp_on_real_weights(bundled_gguf):
@@ -211,7 +218,7 @@ def test_bytes_equal_llama_cpp_on_real_weights(bundled_gguf):
             x = ggml_dequantize(qtype(typ).name, np.asarray(data).reshape(-1), n)
             assert x.shape == (int(np.prod(shape[:-1])), n)
             for qt in KQUANT_TYPES:
-                ours = quantize(qt, torch.from_numpy(x)).numpy()
+                ours = qtype(qt).quantize_rows(torch.from_numpy(x)).numpy()
                 ref = ggml_quantize(qt, x)
                 assert np.array_equal(ours, ref), f"{name} -> {qt}: {_blocks_differ(qt, ours, ref)} differ"
     finally:
@@ -220,18 +227,20 @@ def test_bytes_equal_llama_cpp_on_real_weights(bundled_gguf):
 
 @pytest.mark.parametrize("qt", KQUANT_TYPES)
 def test_block_grid_and_repack_match_ggml(qt):
-    """GPTQ's view of a K-quant block: block_grid's (s, m, off) reproduce libggml's decoding of
+    """GPTQ's view of a K-quant block: subblock_grid's (s, m) and the format's off reproduce libggml's decoding of
     any codes written back by repack, and repack with the block's own codes is the identity."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)
-    b = quantize_blocks(qt, x)
-    s, m, off, sub, nmax = kquants.block_grid(qt, b)
+    b = qtype(qt).quantize_blocks(x)
+    fmt = qtype(qt).format
+    s, m = fmt.subblock_grid(b)
+    off, sub, nmax = fmt.off, fmt.sub, fmt.nmax
     L = torch.randint(0, nmax + 1, (64, 256), generator=g)
-    b2 = kquants.repack(qt, b, L)
+    b2 = fmt.repack(b, L)
     expect = ((L.float() - off).reshape(64, -1, sub) * s[..., None] - m[..., None]).reshape(64, 256)
     got = torch.from_numpy(ggml_dequantize(qt, b2.numpy().reshape(-1), 64 * 256)).reshape(64, 256)
     assert torch.equal(got, expect)
-    assert torch.equal(kquants.block_codes(qt, b2).long(), L)
-    assert torch.equal(kquants.repack(qt, b, kquants.block_codes(qt, b)), b)
+    assert torch.equal(fmt.unpack(b2).long(), L)
+    assert torch.equal(fmt.repack(b, fmt.unpack(b)), b)
     with pytest.raises(ValueError, match="out of range"):
-        kquants.repack(qt, b, L + nmax + 1)
+        fmt.repack(b, L + nmax + 1)

@@ -1,5 +1,4 @@
-"""Integer packing: b-bit codes into int32 words (GPTQ, compressed-tensors) and llama.cpp's
-legacy blocks from given scales (the GPTQ-on-GGML-grid path).
+"""Integer packing: b-bit codes into int32 words (GPTQ, compressed-tensors).
 
 One layout serves every width: along the packed dimension the codes form a little-endian
 bitstream, code k at bits [k*b, k*b + b) of the stream, word w holding stream bits
@@ -19,7 +18,6 @@ import math
 
 import torch
 
-from .registry import qtype
 
 PACK_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 _MASK32 = 0xFFFFFFFF
@@ -89,58 +87,3 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torc
     out = torch.stack(codes, dim=-1).reshape(*x.shape[:-1], n_groups * 32)[..., :n]
     return out.to(torch.int32).movedim(-1, dim).contiguous()
 
-
-# ---- llama.cpp legacy blocks from given scales ------------------------------------------------
-# GPTQ on llama.cpp's grid fixes each block's scale (and min) before the block's columns are
-# quantized, so the codes are not what llama.cpp's encoder would derive from the final values;
-# these write the block bytes from (codes, d, m) directly. Layouts as in ggml-common.h.
-
-LEGACY_GRIDS = {
-    # name: (levels - 1, offset subtracted from the code, has a min `m`)
-    "q4_0": (15, 8, False),
-    "q4_1": (15, 0, True),
-    "q5_0": (31, 16, False),
-    "q5_1": (31, 0, True),
-    "q8_0": (255, 128, False),    # int8 codes stored as code - 128
-}
-
-
-def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float16).reshape(-1, 1).contiguous().view(torch.uint8).reshape(-1, 2)
-
-
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    return ((q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)).to(torch.uint8)
-
-
-def _high_bits(q: torch.Tensor) -> torch.Tensor:
-    bits = ((q >> 4) & 1).to(torch.int64)
-    word = (bits << torch.arange(32, dtype=torch.int64)).sum(dim=1)
-    return word.reshape(-1, 1).contiguous().view(torch.uint8)[:, :4]
-
-
-def encode_legacy_blocks(name: str, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-    """codes int [n, 32] in 0..levels (unsigned; q8_0: int8 code + 128), d (and m for q4_1/q5_1)
-    float [n] -> uint8 [n, type_size] in llama.cpp's block layout. d and m are stored as fp16."""
-    if name not in LEGACY_GRIDS:
-        raise KeyError(f"no legacy block layout for {name}")
-    levels, _, has_min = LEGACY_GRIDS[name]
-    if codes.dim() != 2 or codes.shape[1] != 32:
-        raise ValueError(f"codes must be [n, 32], got {tuple(codes.shape)}")
-    q = codes.to(torch.int32)
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) > levels):
-        raise ValueError(f"{name} codes out of range 0..{levels}")
-    parts = [_f16_bytes(d)]
-    if has_min:
-        if m is None:
-            raise ValueError(f"{name} needs the block minimum m")
-        parts.append(_f16_bytes(m))
-    if name == "q8_0":
-        parts.append((q - 128).to(torch.int8).contiguous().view(torch.uint8))
-    elif name in ("q5_0", "q5_1"):
-        parts += [_high_bits(q), _nibbles(q)]
-    else:
-        parts.append(_nibbles(q))
-    out = torch.cat(parts, dim=1)
-    assert out.shape[1] == qtype(name).type_size
-    return out

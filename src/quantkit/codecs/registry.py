@@ -1,24 +1,49 @@
-"""Every tensor type as data.
+"""Every GGUF tensor type, registered once: the only dispatch over types.
 
 The block geometry comes from gguf-py's GGML_QUANT_SIZES (the format's own table), so sizes and
-bits per weight are derived, never re-typed. `QTYPES` maps a lower-case name ("q4_0") to its
-`QType`; `implemented` says whether quantkit has its own encoder for it.
+bits per weight are derived, never re-typed. Every type in that table has an entry (`QTYPES`,
+looked up by `qtype`): a plain `QuantType`, which decodes through gguf-py's numpy decoder and
+cannot encode, unless a subclass for it is registered (`@register`), carrying quantkit's own
+encoder, decoder and GPTQ grid. A new type (an IQ type, say) is one such class:
+
+    @register
+    class IQ4_NL(QuantType):
+        ggml = GGMLQuantizationType.IQ4_NL
+        def encode_blocks(self, x): ...        # float32 [n, block_size] -> uint8 [n, type_size]
+        def decode_blocks(self, b): ...        # uint8 [n, type_size] -> float32 [n, block_size]
+        def gptq_grid(self, in_features, search=False): ...   # a codecs.grid.Grid (optional)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from . import floats, kquants, legacy
+from .grid import Grid
+from .parallel import finite_checked, map_blocks
+
+T = GGMLQuantizationType
 
 
-@dataclass(frozen=True)
-class QType:
-    name: str                      # "q4_0", as users and llama.cpp write it (lower case)
+class QuantType:
+    """A GGUF tensor type: its geometry from GGML_QUANT_SIZES, and its codec. This base class is
+    every type quantkit has no codec of its own for: decoding goes through gguf-py."""
+
     ggml: GGMLQuantizationType
-    block_size: int                # weights per block
-    type_size: int                 # bytes per block
+    chunk_blocks = 8192                # blocks per step on a worker thread (codecs/parallel.py)
 
+    def __init__(self, ggml: GGMLQuantizationType | None = None):
+        self.ggml = GGMLQuantizationType(ggml if ggml is not None else type(self).ggml)
+        self.name = self.ggml.name.lower()   # "q4_0", as users and llama.cpp write it
+        self.block_size, self.type_size = GGML_QUANT_SIZES[self.ggml]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}: {self.block_size} values in {self.type_size} bytes)"
+
+    # ---- geometry
     @property
     def bits_per_weight(self) -> float:
         return self.type_size * 8 / self.block_size
@@ -35,17 +60,102 @@ class QType:
             n_rows *= int(s)
         return n_rows * self.row_bytes(int(shape[-1]))
 
+    # ---- what a registered type provides
+    @property
+    def implemented(self) -> bool:
+        """Whether quantkit can encode this type."""
+        return type(self).encode_blocks is not QuantType.encode_blocks
 
-QTYPES: dict[str, QType] = {
-    t.name.lower(): QType(t.name.lower(), t, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType
-    if t in GGML_QUANT_SIZES
-}
-_BY_GGML = {q.ggml: q for q in QTYPES.values()}
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 [n, block_size] -> uint8 [n, type_size]: llama.cpp's reference encoder."""
+        raise KeyError(f"quantkit has no encoder for {self.name}")
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, type_size] -> float32 [n, block_size]; here gguf-py's numpy decoder, the one
+        path for the types without a decoder of quantkit's own."""
+        out = gguf_quants.dequantize(b.numpy(), self.ggml)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(b.shape[0], self.block_size)
+
+    def _require_encoder(self) -> None:
+        if not self.implemented:
+            raise KeyError(f"quantkit has no encoder for {self.name}")
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> Grid:
+        """The grid GPTQ rounds a weight with rows of `in_features` onto (codecs.grid)."""
+        raise ValueError(f"no GPTQ grid for {self.name}")
+
+    # ---- codec over tensors
+    def quantize_blocks(self, x: torch.Tensor, threads: int | None = None, check_finite: bool = False) -> torch.Tensor:
+        """float32 [n, block_size] -> uint8 [n, type_size], chunk by chunk on worker threads.
+        check_finite: raise NonFiniteError on NaN/Inf (tested chunk by chunk while in cache)."""
+        self._require_encoder()
+        if x.dim() != 2 or x.shape[1] != self.block_size:
+            raise ValueError(f"{self.name}: expected blocks of shape [n, {self.block_size}], got {tuple(x.shape)}")
+        x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        fn = finite_checked(self.encode_blocks) if check_finite else self.encode_blocks
+        return map_blocks(fn, x, self.type_size, torch.uint8, self.chunk_blocks, threads)
+
+    def dequantize_blocks(self, data: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """uint8 [n, type_size] (or its bytes) -> float32 [n, block_size], ggml's dequantize_row."""
+        data = data.detach().to("cpu").contiguous()
+        if data.dtype != torch.uint8 or data.numel() % self.type_size:
+            raise ValueError(f"{self.name}: expected uint8 data, a multiple of {self.type_size} bytes")
+        data = data.reshape(-1, self.type_size)
+        return map_blocks(self.decode_blocks, data, self.block_size, torch.float32, self.chunk_blocks, threads)
+
+    def quantize_rows(self, x: torch.Tensor, check_finite: bool = False, threads: int | None = None) -> torch.Tensor:
+        """float32 [rows, n] -> uint8 [rows, row_bytes] in this type's GGUF layout, llama.cpp's bytes."""
+        self._require_encoder()
+        if x.dim() != 2:
+            raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+        rows, n = x.shape
+        row_bytes = self.row_bytes(n)   # raises on a row that is not a multiple of the block size
+        blocks = x.reshape(-1, self.block_size) if rows * n else x.new_zeros((0, self.block_size))
+        return self.quantize_blocks(blocks, threads, check_finite).reshape(rows, row_bytes)
+
+    def dequantize_rows(self, data: torch.Tensor, n: int, threads: int | None = None) -> torch.Tensor:
+        """uint8 [rows, row_bytes] -> float32 [rows, n]."""
+        data = data.contiguous().reshape(-1, self.row_bytes(n))
+        return self.dequantize_blocks(data, threads).reshape(data.shape[0], n)
+
+    def dequantize(self, data, shape, threads: int | None = None) -> torch.Tensor:
+        """The stored bytes of a tensor of `shape` (row-major, last dim contiguous; a torch uint8
+        tensor or any numpy array, viewed as bytes) -> float32 `shape`."""
+        shape = tuple(int(s) for s in shape)
+        if isinstance(data, np.ndarray):
+            data = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+        rows_shape = shape or (1,)
+        if data.numel() != self.nbytes(rows_shape):
+            raise ValueError(f"{self.name}: {data.numel()} bytes do not hold a tensor of shape {shape} "
+                             f"({self.nbytes(rows_shape)} bytes)")
+        return self.dequantize_rows(data, rows_shape[-1], threads).reshape(shape)
 
 
-def qtype(name_or_ggml) -> QType:
+QTYPES: dict[str, QuantType] = {t.name.lower(): QuantType(t) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+_BY_GGML: dict[GGMLQuantizationType, QuantType] = {q.ggml: q for q in QTYPES.values()}
+
+
+def register(cls: type[QuantType]) -> type[QuantType]:
+    """Make `cls` the codec of its type (cls.ggml): lookups return an instance of it from now on."""
+    q = cls()
+    fmt = getattr(cls, "format", None)
+    if fmt is not None and (fmt.ggml != q.ggml or fmt.layout.type_size != q.type_size):
+        raise AssertionError(f"{cls.__name__}: its format is not {q.name}'s")
+    QTYPES[q.name] = q
+    _BY_GGML[q.ggml] = q
+    return cls
+
+
+def unregister(name_or_ggml) -> None:
+    """Back to no codec of quantkit's own for that type (gguf-py decodes it)."""
+    q = QuantType(qtype(name_or_ggml).ggml)
+    QTYPES[q.name] = q
+    _BY_GGML[q.ggml] = q
+
+
+def qtype(name_or_ggml) -> QuantType:
     """Look up a type by name ("Q4_0", "q4_0") or GGMLQuantizationType / int."""
-    if isinstance(name_or_ggml, QType):
+    if isinstance(name_or_ggml, QuantType):
         return name_or_ggml
     if isinstance(name_or_ggml, str):
         key = name_or_ggml.strip().lower()
@@ -53,3 +163,151 @@ def qtype(name_or_ggml) -> QType:
             raise KeyError(name_or_ggml)
         return QTYPES[key]
     return _BY_GGML[GGMLQuantizationType(int(name_or_ggml))]
+
+
+def can_encode(name_or_ggml) -> bool:
+    try:
+        return qtype(name_or_ggml).implemented
+    except (KeyError, ValueError):
+        return False
+
+
+def gptq_types() -> list[str]:
+    """The types with a GPTQ grid, in the table's order."""
+    return [q.name for q in QTYPES.values() if type(q).gptq_grid is not QuantType.gptq_grid]
+
+
+# ---- float types --------------------------------------------------------------------------------
+
+class _Float(QuantType):
+    """F32, F16, BF16: elementwise. Rows are cut into pieces of floats.PIECE values for the worker
+    threads, or taken whole where the row length is not a multiple of it."""
+
+    encode_values = staticmethod(floats.encode_f32)
+    decode_values = staticmethod(floats.decode_f32)
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_values(x)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return self.decode_values(b, 1)
+
+    def quantize_rows(self, x: torch.Tensor, check_finite: bool = False, threads: int | None = None) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+        x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        rows, n = x.shape
+        fn = finite_checked(self.encode_values) if check_finite else self.encode_values
+        if n % floats.PIECE:                     # odd row length: one piece (these are small tensors)
+            return fn(x)
+        out = map_blocks(fn, x.reshape(-1, floats.PIECE), floats.PIECE * self.type_size, torch.uint8,
+                         self.chunk_blocks, threads)
+        return out.reshape(rows, n * self.type_size)
+
+    def dequantize_rows(self, data: torch.Tensor, n: int, threads: int | None = None) -> torch.Tensor:
+        return self.decode_values(data.contiguous().reshape(-1, self.row_bytes(n)), n)
+
+
+@register
+class F32(_Float):
+    ggml = T.F32
+
+    def dequantize(self, data, shape, threads: int | None = None) -> torch.Tensor:
+        if isinstance(data, np.ndarray):         # no conversion: a view of the stored bytes
+            return torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).reshape(tuple(shape))
+        return super().dequantize(data, shape, threads)
+
+
+@register
+class F16(_Float):
+    ggml = T.F16
+    encode_values = staticmethod(floats.encode_f16)
+    decode_values = staticmethod(floats.decode_f16)
+
+
+@register
+class BF16(_Float):
+    ggml = T.BF16
+    encode_values = staticmethod(floats.encode_bf16)
+    decode_values = staticmethod(floats.decode_bf16)
+
+
+# ---- legacy block types (codecs/legacy.py) ------------------------------------------------------
+
+class _Legacy(QuantType):
+    format: legacy.LegacyFormat
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.format.encode(x)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return legacy.decode(self.format, b)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> legacy.LegacyGrid:
+        return legacy.LegacyGrid(self.format, in_features, search)
+
+
+@register
+class Q4_0(_Legacy):
+    ggml, format = T.Q4_0, legacy.Q4_0
+
+
+@register
+class Q4_1(_Legacy):
+    ggml, format = T.Q4_1, legacy.Q4_1
+
+
+@register
+class Q5_0(_Legacy):
+    ggml, format = T.Q5_0, legacy.Q5_0
+
+
+@register
+class Q5_1(_Legacy):
+    ggml, format = T.Q5_1, legacy.Q5_1
+
+
+@register
+class Q8_0(_Legacy):
+    ggml, format = T.Q8_0, legacy.Q8_0
+
+
+# ---- K-quants (codecs/kquants.py) ---------------------------------------------------------------
+
+class _KQuant(QuantType):
+    format: kquants.KFormat
+    chunk_blocks = kquants.CHUNK_BLOCKS
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.format.encode(x)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return self.format.decode(b)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> kquants.KGrid:
+        return kquants.KGrid(self, self.format, in_features)   # llama.cpp's own encoder sets the scales
+
+
+@register
+class Q2_K(_KQuant):
+    ggml, format = T.Q2_K, kquants.Q2_K
+
+
+@register
+class Q3_K(_KQuant):
+    ggml, format = T.Q3_K, kquants.Q3_K
+
+
+@register
+class Q4_K(_KQuant):
+    ggml, format = T.Q4_K, kquants.Q4_K
+
+
+@register
+class Q5_K(_KQuant):
+    ggml, format = T.Q5_K, kquants.Q5_K
+
+
+@register
+class Q6_K(_KQuant):
+    ggml, format = T.Q6_K, kquants.Q6_K

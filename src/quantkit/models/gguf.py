@@ -15,11 +15,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGUFValueType, GGUFWriter
 from gguf.gguf_writer import WriterState
-from gguf import quants as gguf_quants
 
-from ..codecs import ggml as simple
 from ..codecs.registry import qtype
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
@@ -35,29 +33,9 @@ _WRITER_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.a
                 "split.no", "split.count", "split.tensors.count"}
 
 
-def _kquants():
-    try:
-        from ..codecs import kquants  # written alongside; optional until it lands
-        return kquants
-    except ImportError:
-        return None
-
-
 def dequantize_bytes(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Stored bytes (or values) of a tensor -> float32 torch tensor of `shape` (row-major)."""
-    name = qtype(type_name).name
-    n = shape[-1] if shape else 1
-    if name == "f32":  # no conversion: a view of the stored bytes
-        return torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).reshape(shape)
-    if name in simple.SIMPLE_TYPES:
-        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1, qtype(name).row_bytes(n)))
-        return simple.dequantize_rows(name, raw, n).reshape(shape)
-    kq = _kquants()
-    if kq is not None and hasattr(kq, "dequantize") and name in getattr(kq, "KQUANT_TYPES", ()):
-        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1, qtype(name).row_bytes(n)))
-        return kq.dequantize(name, raw, shape).reshape(shape).float()
-    arr = gguf_quants.dequantize(np.ascontiguousarray(data), GGMLQuantizationType[name.upper()])
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+    return qtype(type_name).dequantize(data, shape)
 
 
 def _u(meta: dict[str, MetaValue], key: str, default=None):

@@ -10,9 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..codecs import ggml as simple
 from ..codecs.parallel import NonFiniteError
-from ..codecs.registry import qtype
+from ..codecs.registry import can_encode, qtype
 from ..models.gguf import write_gguf_file
 from ..models.source import ModelSource
 from ..util.errors import QuantkitError
@@ -24,33 +23,11 @@ def supported_file_types() -> list[str]:
     return [ft for ft, (_, t) in FILE_TYPES.items() if can_encode(t)]
 
 
-def can_encode(type_name: str) -> bool:
-    try:
-        name = qtype(type_name).name
-    except KeyError:
-        return False
-    if name in simple.SIMPLE_TYPES:
-        return True
-    try:
-        from ..codecs import kquants
-    except ImportError:
-        return False
-    return name in getattr(kquants, "KQUANT_TYPES", ())
-
-
 def encode(type_name: str, x: torch.Tensor) -> np.ndarray:
     """float32 tensor (row-major, rows along the last dim) -> GGUF bytes of `type_name`.
     Raises NonFiniteError on NaN/Inf (checked chunk by chunk while the data is in cache)."""
-    name = qtype(type_name).name
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 1 else x.reshape(1, -1)
-    if name in simple.SIMPLE_TYPES:
-        out = simple.quantize_rows(name, x2, check_finite=True)
-    else:
-        from ..codecs import kquants
-        if x2.numel() and not (torch.isfinite(x2.amax()) and torch.isfinite(x2.amin())):
-            raise NonFiniteError(name)
-        out = kquants.quantize(name, x2)
-    return out.numpy().reshape(-1)
+    return qtype(type_name).quantize_rows(x2, check_finite=True).numpy().reshape(-1)
 
 
 @dataclass

@@ -125,3 +125,88 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group
     out_f, in_f = q.shape
     g = (q.reshape(out_f, -1, group_width).float() - zeros.float()[..., None]) * scales.float()[..., None]
     return g.reshape(out_f, in_f)
+
+
+# ---- the integer grid, for GPTQ (codecs.grid.Grid) ------------------------------------------
+# Clipping ratios of the scale search: fractions of the group's min/max range.
+_INT_CLIP = [1.0 - 0.025 * i for i in range(1, 21)]
+
+
+def search_group_scale(w: torch.Tensor, imp: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of w [rows, k] (one group per row): the scale and zero of spec's grid minimising
+    Σ_j imp_j (w_j - ŵ_j)² over the range [min, max] clipped by each ratio of _INT_CLIP, and
+    each candidate's scale refitted by weighted least squares given its codes (zero kept: it is
+    an integer). The unclipped range, RTN's (compute_qparams), is a candidate, so the weighted
+    error is never larger than RTN's. Scales are rounded to spec.scale_dtype before they are
+    judged. Returns what compute_qparams returns."""
+    scale, zero = compute_qparams(w, spec)
+    w = w.float()
+    imp = imp.clamp_min(0).float()[None, :]
+    maxq = spec.maxq
+
+    def judge(s, z):
+        q = (quantize_codes(w, s[:, None], z[:, None], maxq) - z[:, None]).float()
+        return (imp * (q * s[:, None] - w) ** 2).sum(1), q
+
+    best, q = judge(scale, zero)
+    mn = w.min(dim=1).values.clamp(max=0)
+    mx = w.max(dim=1).values.clamp(min=0)
+    for f in _INT_CLIP:
+        if spec.sym:
+            s = (torch.maximum(-mn, mx) * f / (maxq / 2)).to(spec.scale_dtype).float()
+            z = zero
+        else:
+            s = ((mx - mn) * f / maxq).to(spec.scale_dtype).float()
+            z = torch.round(-mn * f / torch.where(s > 0, s, torch.ones_like(s))).clamp(spec.zero_min, maxq)
+            z = z.to(torch.int32)
+        for refit in (False, True):
+            if refit:               # s = Σ imp w L / Σ imp L² for the codes L of the clipped scale
+                den = (imp * q * q).sum(1)
+                s = torch.where(den > 0, (imp * q * w).sum(1) / den.clamp_min(1e-30), s)
+                s = s.to(spec.scale_dtype).float()
+            ok = torch.isfinite(s) & (s > 0)
+            s = torch.where(ok, s, scale)
+            err, q = judge(s, z)
+            better = ok & (err < best)
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+@dataclass(frozen=True)
+class IntParams:
+    """One group per row: scale float32 [rows] (a spec.scale_dtype value) and zero int32 [rows]."""
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+class IntGrid:
+    """The integer grid of a QuantSpec for GPTQ: (scale, zero) per (row, group); with `search`,
+    from search_group_scale instead of the group's min/max."""
+
+    codes_dtype = torch.int32
+
+    def __init__(self, spec: QuantSpec, in_features: int, search: bool = False):
+        spec.check_shape(in_features)
+        self.spec = spec
+        self.width = spec.group_width(in_features)
+        self.search = search
+
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> IntParams:
+        if self.search and imp is not None:
+            return IntParams(*search_group_scale(w, imp, self.spec))
+        return IntParams(*compute_qparams(w, self.spec))
+
+    def round(self, w: torch.Tensor, p: IntParams, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = (torch.round(w / p.scale) + p.zero).clamp(0, self.spec.maxq)
+        return q, (q - p.zero) * p.scale
+
+    def stored(self, params: list[IntParams], codes: torch.Tensor) -> QuantizedWeight:
+        scales = torch.stack([p.scale for p in params], dim=1)
+        zeros = torch.stack([p.zero for p in params], dim=1)
+        return QuantizedWeight(codes, scales.to(self.spec.scale_dtype), zeros, self.spec)
+
+    def join(self, pieces: list[QuantizedWeight], codes: torch.Tensor, shape: tuple[int, int]) -> QuantizedWeight:
+        return QuantizedWeight(codes, torch.cat([p.scales for p in pieces]), torch.cat([p.zeros for p in pieces]),
+                               self.spec)
