@@ -245,7 +245,7 @@ def test_row_chunks_give_the_same_result(grid, act, monkeypatch):
     W, X = _w(out_f=40, seed=6), _correlated()
     H = 2 * X.t() @ X / X.shape[0]
     whole = quantize_weight(W, H, grid, GPTQConfig(act_order=act))
-    monkeypatch.setattr(gptq, "_CHUNK_ELEMENTS", 256 * 7)      # 7 rows per chunk, the last one short
+    monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 256 * 7)      # 7 rows per chunk, the last one short
     chunked = quantize_weight(W, H, grid, GPTQConfig(act_order=act))
     def stored(w):
         return w.to_bytes() if hasattr(w, "to_bytes") else w.q
@@ -258,7 +258,7 @@ def test_row_chunks_give_the_same_result(grid, act, monkeypatch):
 
 @pytest.mark.parametrize("n", [700, 1000])
 def test_blockwise_triangular_inverse_matches_the_solve(n, monkeypatch):
-    """Past _TRI_INV_LEAF columns the Cholesky factor is inverted by halves (products instead of
+    """Past TRI_INV_LEAF columns the Cholesky factor is inverted by halves (products instead of
     one triangular solve). Here the leaf is lowered to 128 so that uneven splits (700 = 384 + 316,
     then 256 + 128 and smaller) are exercised: the result is upper triangular with exact zeros
     below, within 1e-6 (relative to its largest entry) of a float64 inverse, as the plain solve
@@ -276,7 +276,7 @@ def test_blockwise_triangular_inverse_matches_the_solve(n, monkeypatch):
     assert float((out.double() - ref).abs().max()) <= 1e-6 * scale
     plain = torch.linalg.solve_triangular(R, torch.eye(n), upper=True)
     assert float((plain.double() - ref).abs().max()) <= 1e-6 * scale       # the bound is the solve's own class
-    monkeypatch.setattr(gq, "_TRI_INV_LEAF", 128)
+    monkeypatch.setattr(gq, "TRI_INV_LEAF", 128)
     U, damp = gq.inverse_cholesky([H.flip(0, 1).clone()], 0.01)
     Hinv = torch.linalg.inv((H + 0.01 * float(torch.diagonal(H).mean()) * torch.eye(n)).double())
     assert damp == 0.01

@@ -13,8 +13,9 @@ just before the block's first column is quantized, and the columns are then roun
 block's grid exactly as llama.cpp's reference quantizer rounds. The result is a stock GGUF block
 that llama.cpp decodes at full speed.
 
-Groups: without act-order a group's parameters come from the partially updated weights when
-the solver reaches the group's first column (as in the GPTQ reference code); with act-order the
+Groups: without act-order a group's parameters come from the weights updated by every column
+solved before the group's first column (Algorithm 1 of the paper; a group that runs past a lazy
+batch gets the batch's pending updates first, so the result does not depend on block_size); with act-order the
 columns are visited by decreasing diag(H) and the groups are *static*: parameters are computed
 once from the original weights in natural column order, so g_idx stays i // group_size and the
 checkpoint needs no reordering at run time.
@@ -136,10 +137,10 @@ class GPTQResult:
 # flops, at the matmul rate). Hessians up to 4096 wide (all of Gemma-3-270M's, a 7B model's
 # attention and gate/up inputs) stay on the first path, one solve; the MLP down
 # projections of 7B and larger models (11008, 13824 inputs) take the second.
-_TRI_INV_LEAF = 4096
+TRI_INV_LEAF = 4096
 
 
-def invert_upper(R: torch.Tensor, out: torch.Tensor, leaf: int = _TRI_INV_LEAF) -> None:
+def invert_upper(R: torch.Tensor, out: torch.Tensor, leaf: int = TRI_INV_LEAF) -> None:
     """out <- R^-1 for an upper-triangular R (out is upper triangular too, zeros below).
     Blockwise, [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]], the halves recursively."""
     n = R.shape[0]
@@ -163,7 +164,7 @@ def inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
 
     U comes from one Cholesky and one triangular solve: with J the reversal permutation,
     chol(J H J) = L' gives H = R Rᵀ with R = J L' J upper triangular, so H^-1 = R^-ᵀ R^-1 and
-    U = R^-1 (`invert_upper` past _TRI_INV_LEAF columns). The textbook route
+    U = R^-1 (`invert_upper` past TRI_INV_LEAF columns). The textbook route
     (cholesky_inverse, then a second Cholesky) costs two factorisations, and torch's
     cholesky_inverse measured 20-40x slower with 2 threads on a loaded 2-core machine.
 
@@ -181,7 +182,7 @@ def inverse_cholesky(box: list, damp: float) -> tuple[torch.Tensor, float]:
             del Hd
             Lf = L.flip(0, 1)
             del L
-            if n <= _TRI_INV_LEAF:
+            if n <= TRI_INV_LEAF:
                 eye = torch.eye(n, dtype=Lf.dtype)
                 U = torch.linalg.solve_triangular(Lf, eye, upper=True)
                 del eye
@@ -216,7 +217,7 @@ def make_grid(grid: QuantSpec | str, in_features: int, config: GPTQConfig) -> Gr
 
 # rows solved at a time: GPTQ's rows are independent given Hinv, so one factorisation serves
 # every chunk and memory holds a few chunk-sized copies, not several copies of the whole matrix
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
+CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
 def _prepared_hessian(H: torch.Tensor, config: GPTQConfig):
@@ -277,7 +278,12 @@ class _Solve:
                 if params[gi] is None:          # first column of a group, in natural order
                     ahead = W1[i:i + g.width].t()   # the group's columns: rest of this block, then the next
                     if ahead.shape[1] < g.width:
-                        ahead = torch.cat([ahead, Wc[:, i2:i2 + g.width - ahead.shape[1]]], dim=1)
+                        # a group that runs past this block: its later columns still lack the
+                        # updates this block's quantized columns owe them (applied after the block)
+                        more = Wc[:, i2:i2 + g.width - ahead.shape[1]]
+                        if i:
+                            more = more - Err1[:i].t() @ self.Hinv[i1:i1 + i, i2:i2 + more.shape[1]]
+                        ahead = torch.cat([ahead, more], dim=1)
                     if ahead.numel() >= (1 << 16) and self.n_threads > 1:
                         torch.set_num_threads(self.n_threads)
                     params[gi] = g.params(ahead, self.importance[i1 + i:i1 + i + g.width])
@@ -339,7 +345,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
     # diag(H) instead, the raw activation energy, measured worse, out of domain most (BENCHMARKS.md).
     solve = _Solve(g, Hinv, torch.diagonal(Hinv).pow(-2), perm, torch.argsort(perm), config,
                    torch.get_num_threads())
-    chunk = max(1, _CHUNK_ELEMENTS // in_f)
+    chunk = max(1, CHUNK_ELEMENTS // in_f)
     # full-matrix codes for the formats that keep them (legacy blocks as bytes: 0..255 fit)
     codes_i = None if g.codes_dtype is None else torch.empty(out_f, in_f, dtype=g.codes_dtype)
     deq = torch.empty(out_f, in_f, dtype=WORK_DTYPE)
