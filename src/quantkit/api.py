@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-# ---- models: open, inspect, quantize to GGUF, demo (issue 2) --------------------------------
+# ---- models: open, inspect, quantize to GGUF, demo --------------------------------
 def open_model(path=None):
     """A ModelSource for a .gguf file, a Hugging Face directory, or (None) the bundled model."""
     from .models.open import open_model as _open
@@ -192,7 +192,7 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
     return rows
 
 
-# ---- encoders: dynamic int8 and distillation (issue 6) --------------------------------
+# ---- encoders: dynamic int8 and distillation --------------------------------
 def load_encoder(path=None):
     """Load a BERT-family encoder directory, fp32 or dynamic-int8 (None = bundled MiniLM)."""
     from .quant.dynamic import open_encoder
@@ -244,7 +244,7 @@ def explain(name: str):
 
 
 def distill(**options) -> dict:
-    """Fine-tune or distil a BERT-family encoder (issue 6). Options are the fields of
+    """Fine-tune or distil a BERT-family encoder. Options are the fields of
     quantkit.distill.trainer.DistillConfig: objective ("finetune" | "kd" | "embed"), teacher,
     train, output, dev, num_layers / layers / hidden / student, temperature, alpha,
     relation_weight, augment, epochs / max_steps, ... Returns a summary dict (losses, dev
@@ -258,7 +258,7 @@ def distill(**options) -> dict:
     return _distill(DistillConfig(**options))
 
 
-# ---- evaluation: quality, size, speed, memory (issue 4) --------------------------------
+# ---- evaluation: quality, size, speed, memory --------------------------------
 def evaluate(models=None, **options):
     """Score MODELS (paths; None = the bundled model) on the same token ids against one
     reference: perplexity (llama.cpp's protocol), KL divergence, top-1 agreement, size, bits per
@@ -319,7 +319,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     return label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
 
 
-# ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors (issue 3) ----
+# ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors ----
 def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,  # noqa: A002
                  method: str | None = None, bits: int | None = None, group_size: int | None = None,
                  sym: bool | None = None, act_order: bool | None = None, calib: str | None = None,

@@ -22,43 +22,23 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from . import floats, kquants, legacy
+from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
 
 T = GGMLQuantizationType
 
 
-class QuantType:
-    """A GGUF tensor type: its geometry from GGML_QUANT_SIZES, and its codec. This base class is
-    every type quantkit has no codec of its own for: decoding goes through gguf-py."""
+class QuantType(Geometry):
+    """A GGUF tensor type: its geometry (codecs.geometry, from GGML_QUANT_SIZES), and its codec.
+    This base class is every type quantkit has no codec of its own for: decoding goes through
+    gguf-py."""
 
     ggml: GGMLQuantizationType
     chunk_blocks = 8192                # blocks per step on a worker thread (codecs/parallel.py)
 
     def __init__(self, ggml: GGMLQuantizationType | None = None):
-        self.ggml = GGMLQuantizationType(ggml if ggml is not None else type(self).ggml)
-        self.name = self.ggml.name.lower()   # "q4_0", as users and llama.cpp write it
-        self.block_size, self.type_size = GGML_QUANT_SIZES[self.ggml]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name}: {self.block_size} values in {self.type_size} bytes)"
-
-    # ---- geometry
-    @property
-    def bits_per_weight(self) -> float:
-        return self.type_size * 8 / self.block_size
-
-    def row_bytes(self, n: int) -> int:
-        if n % self.block_size:
-            raise ValueError(f"{self.name}: row of {n} values is not a multiple of the block size {self.block_size}")
-        return n // self.block_size * self.type_size
-
-    def nbytes(self, shape) -> int:
-        """Bytes of a tensor of this type; shape in row-major order, last dim contiguous."""
-        n_rows = 1
-        for s in shape[:-1]:
-            n_rows *= int(s)
-        return n_rows * self.row_bytes(int(shape[-1]))
+        super().__init__(ggml if ggml is not None else type(self).ggml)
 
     # ---- what a registered type provides
     @property

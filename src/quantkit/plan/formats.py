@@ -2,7 +2,7 @@
 
 GGUF: llama.cpp's per-tensor type choice for each file type ("mixes" such as Q4_K_M give some
 tensors more bits) from quantkit.quant.gguf_policy, the same rules the GGUF writer uses
-(llama.cpp src/llama-quant.cpp); sizes from the type table in quantkit.codecs.registry.
+(llama.cpp src/llama-quant.cpp); sizes from the type table in quantkit.codecs.geometry.
 int4 (ChatGLM-style weight-only RTN): packed 4-bit codes + one fp16 scale per output row.
 GPTQ (AutoGPTQ / GPTQModel packing): qweight int32 [in*bits/32, out], qzeros int32
 [groups, out*bits/32], scales fp16 [groups, out], g_idx int32 [in]; groups = ceil(in/group_size),
@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..codecs.registry import qtype
+from ..codecs.geometry import type_geometry
 from ..quant.gguf_policy import FILE_TYPES, ModelFacts, TypePolicy, allows_quantization, tensor_order
 from ..util.errors import QuantkitError
 from .model import ModelShape, Tensor
@@ -176,7 +176,7 @@ def _iq_types(m: ModelShape, ftype: str, tensors: list[Tensor]) -> dict[str, str
         head = t.name == "output.weight" or (t.name == "token_embd.weight" and not has_output)
         ty = head_type if head else default
         n = t.shape[-1]
-        if n % qtype(ty).block_size:
+        if n % type_geometry(ty).block_size:
             ty = "iq4_nl" if n % 32 == 0 else "q8_0"
             if n % 32:
                 ty = "f16"
@@ -220,13 +220,13 @@ def tensor_bytes(m: ModelShape, fmt: Format | str, tensors: list[Tensor] | None 
         for t in src:
             n = canonical(t.name)
             ty = types[n]
-            out.append(Tensor(n, t.shape, ty, qtype(ty).nbytes(t.shape)))
+            out.append(Tensor(n, t.shape, ty, type_geometry(ty).nbytes(t.shape)))
         return out
     dense = "bf16" if f.name == "bf16" else ("f32" if f.name == "fp32" else "f16")
     for t in src:
         n = canonical(t.name)
         if f.family == "dense" or not gpu_linear(t):
-            out.append(Tensor(n, t.shape, dense, qtype(dense).nbytes(t.shape)))
+            out.append(Tensor(n, t.shape, dense, type_geometry(dense).nbytes(t.shape)))
             continue
         *lead, o, i = t.shape
         n_mat = math.prod(lead) if lead else 1

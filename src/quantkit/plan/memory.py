@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..codecs.registry import qtype
+from ..codecs.geometry import type_geometry
 from ..util.errors import QuantkitError
 from . import formats
 from .model import ModelShape, Tensor
@@ -54,7 +54,7 @@ FOOTNOTES = {
               "PAD(min(n_ctx, n_swa*n_seq + n_ubatch), 256) cells unless swa_full is set "
               "(github.com/ggml-org/llama.cpp); transformers keeps the window for Gemma-2/3 sliding layers.",
     "kv-q": "Quantized KV rows use the GGML block layout (q8_0: 34 bytes per 32 values, q4_0: 18 per 32): "
-            "quantkit.codecs.registry; llama.cpp needs flash attention for a quantized V cache.",
+            "quantkit.codecs.geometry; llama.cpp needs flash attention for a quantized V cache.",
     "mix": "GGUF mixes: quantkit.quant.gguf_policy, llama.cpp's src/llama-quant.cpp rules (llama_tensor_get_type_impl, "
            "tensor_type_fallback), checked tensor by tensor against the bundled Gemma-3-270M Q4_K_M file.",
     "gptq": "GPTQ packing as AutoGPTQ/GPTQModel store it: qweight int32 [in*bits/32, out], qzeros int32 "
@@ -122,7 +122,7 @@ class KVCache:
 def kv_row_bytes(m: ModelShape, kv_type: str) -> int:
     """Bytes of K plus V of one token in one layer."""
     try:
-        t = qtype(kv_type)
+        t = type_geometry(kv_type)
     except KeyError:
         raise QuantkitError(f"unknown KV cache type '{kv_type}'", hint="f16, q8_0 or q4_0") from None
     n = m.n_embd_k_gqa

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import yaml
 from gguf import LlamaFileType
 
-from ..codecs.registry import qtype
+from ..codecs.geometry import type_geometry
 from ..models.arch import HF_CLASS_ARCH, HF_CONFIG_KEYS, HF_CONFIG_OPTIONAL_KEYS, BlockLayout, block_layout
 from ..models.gguf_file import GGUFFile
 from ..models.safetensors_file import SafetensorsFile
@@ -121,7 +121,7 @@ def _pattern(n_layer: int, pat) -> list[bool] | None:
 # ---------------------------------------------------------------- tensors from a config
 
 def _f(name, shape, dtype="f16"):
-    t = qtype(dtype)
+    t = type_geometry(dtype)
     return Tensor(name, tuple(shape), dtype, t.nbytes(shape))
 
 
@@ -272,7 +272,7 @@ def read_gguf(path: str) -> tuple[dict, list[Tensor]]:
         meta = {k: fld.value for k, fld in f.fields.items()}
         tensors = []
         for t in f.tensors:
-            q = qtype(t.ggml_type)
+            q = type_geometry(t.ggml_type)
             tensors.append(Tensor(t.name, t.shape, q.name, q.nbytes(t.shape)))
     finally:
         f.close()

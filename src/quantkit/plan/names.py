@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..codecs.registry import QTYPES, qtype
+from ..codecs.geometry import GEOMETRIES, type_geometry
 from ..util.errors import QuantkitError
 from . import formats, memory
 from .model import alias_map, from_name, normalize_name
@@ -174,7 +174,7 @@ def _dense(info: NameInfo, s: str, qm) -> None:
 
 
 def _ggml_type(info: NameInfo, s: str, qm) -> None:
-    """GGML/GGUF tensor or file type, and its bits per weight from the codecs registry."""
+    """GGML/GGUF tensor or file type, and its bits per weight from codecs.geometry."""
     if info.method not in ("ggml", "gguf"):
         return
     t = None
@@ -192,8 +192,8 @@ def _ggml_type(info: NameInfo, s: str, qm) -> None:
     if t in formats.IQ_FTYPES:
         info.notes.append(formats.IQ_APPROX)
     ggml_t = formats.GGUF_FTYPES.get(t, t)
-    if ggml_t in QTYPES:
-        q = qtype(ggml_t)
+    if ggml_t in GEOMETRIES:
+        q = type_geometry(ggml_t)
         info.bits = round(q.bits_per_weight, 4)
         kind = "K-quant (256-weight super-blocks with 6/8-bit sub-block scales)" if "_k" in t else (
             "importance-matrix quant (IQ, lattice codebooks)" if t.startswith("iq") else
@@ -288,7 +288,7 @@ def _sizes(info: NameInfo, shape) -> None:
     if fmt:
         f = formats.parse_format(fmt)
         if f.family == "gguf":
-            bpw = qtype(formats.GGUF_FTYPES[f.name]).bits_per_weight
+            bpw = type_geometry(formats.GGUF_FTYPES[f.name]).bits_per_weight
         elif f.family in ("gptq", "awq"):
             g = f.group_size if f.group_size > 0 else 4096
             bpw = f.bits + (16 + f.bits) / g

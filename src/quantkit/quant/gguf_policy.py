@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from gguf import LlamaFileType
 
-from ..codecs.registry import qtype
+from ..codecs.geometry import type_geometry
 
 # file type name -> (llama_ftype, default tensor type)
 FILE_TYPES: dict[str, tuple[LlamaFileType, str]] = {
@@ -111,7 +111,7 @@ class TypePolicy:
         if self.output_tensor_type and cat == "output":
             return self.output_tensor_type
         new = self.default
-        if qtype(new).block_size == 1:       # f32 / f16 / bf16 file types: no mixing
+        if type_geometry(new).block_size == 1:       # f32 / f16 / bf16 file types: no mixing
             return new
         if not self.pure:
             new = self._impl(name, shape, new, cat)
@@ -120,10 +120,10 @@ class TypePolicy:
     @staticmethod
     def _fallback(shape, new: str) -> str:
         ncols = shape[-1]
-        if ncols % qtype(new).block_size == 0:
+        if ncols % type_geometry(new).block_size == 0:
             return new
         ret = _FALLBACK.get(new, new)
-        if ncols % qtype(ret).block_size:
+        if ncols % type_geometry(ret).block_size:
             ret = "f16"
         return ret
 
@@ -143,7 +143,7 @@ class TypePolicy:
 
         if cat == "output" or (self.tied and cat == "token_embd"):
             nx = shape[-1]
-            if f.arch == "falcon" or nx % qtype(new).block_size:
+            if f.arch == "falcon" or nx % type_geometry(new).block_size:
                 return "q8_0"
             return new if new == "q8_0" else "q6_k"
         if cat == "token_embd":
