@@ -6,7 +6,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)  # tests/ggml_reference.py and friends
+sys.path.insert(0, HERE)  # the helpers package
 
 os.environ.setdefault("QUANTKIT_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,3 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def chromium_present():
+    """Not a skip: `make test` installs Debian's chromium; without it the report is untested, a failure."""
+    from helpers.chromium import CHROMIUM
+    assert CHROMIUM is not None, "chromium not installed: run `make test` (it installs Debian's chromium) or apt-get install -y chromium"
+
+
+@pytest.fixture(scope="session")
+def gptq_llama_dir(tmp_path_factory):
+    """A tiny llama on which GPTQ clearly helps (helpers.tiny_models.build_gptq_llama), built once."""
+    from helpers.tiny_models import build_gptq_llama
+    return build_gptq_llama(tmp_path_factory.mktemp("gptq-gguf"))

@@ -7,7 +7,6 @@ import each other through any path, and no name starting with "_" is used outsid
 from __future__ import annotations
 
 import ast
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -204,9 +203,26 @@ def test_no_private_name_outside_its_module():
     for me, path in MODULES.items():
         found += private_uses(path, me)
     for folder in ("tests", "benchmarks"):
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((ROOT / folder).rglob("*.py")):
             found += private_uses(path, "")
     assert not found, "private names used outside their module:\n" + "\n".join(found)
+
+
+def test_tests_mirror_the_source_and_import_no_other_test():
+    """tests/ mirrors src/quantkit (a test folder per package, named like it); shared pieces live
+    in tests/helpers or conftest, never in another test module."""
+    tests = ROOT / "tests"
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders - {"helpers"} <= packages, folders - packages
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                      if n.split(".")[0].startswith(("test_", "conftest"))]
+    assert not found, "test modules importing other test modules:\n" + "\n".join(found)
 
 
 # ------------------------------------------------------------------------------- the checker itself

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ggml_reference import llama_quantize
+from helpers.ggml_reference import llama_quantize
 from quantkit import api
 from quantkit.runtimes.llama_cpp import LlamaCpp
 from quantkit.models.gguf import GGUFSource

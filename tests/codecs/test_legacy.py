@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ggml_reference import ggml_dequantize, ggml_quantize
+from helpers.ggml_reference import ggml_dequantize, ggml_quantize
 from quantkit.codecs import legacy
 from quantkit.codecs.registry import qtype
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,38 +21,6 @@ from quantkit.util.errors import QuantkitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HIDDEN, FF = 256, 512          # multiples of 256: every K-quant applies without fallbacks
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import transformers as tf
-    from test_hf import _save_spm_tokenizer
-
-    root = tmp_path_factory.mktemp("gptq-gguf")
-    d, work = root / "llama", root / "work"
-    d.mkdir()
-    work.mkdir()
-    _save_spm_tokenizer(d, work, 1024, gemma=False)
-    shutil.rmtree(work)
-    cfg = tf.LlamaConfig(vocab_size=1024, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(cfg).float()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        # low-rank embeddings and uneven norm gains: channels correlated, with outliers
-        E = model.model.embed_tokens.weight
-        E.copy_(torch.randn(E.shape[0], 16, generator=g) @ torch.randn(16, HIDDEN, generator=g) * 0.3
-                + 0.05 * torch.randn(E.shape, generator=g))
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.copy_(torch.rand(p.shape, generator=g) * 2.5 + 0.5)
-            elif p.dim() == 2 and "embed" not in n:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-    model.save_pretrained(str(d))
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +56,9 @@ def _kld(ref: np.ndarray, x: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def f32(model_dir, tmp_path_factory, texts):
+def f32(gptq_llama_dir, tmp_path_factory, texts):
     out = tmp_path_factory.mktemp("f32") / "f32.gguf"
-    api.quantize(str(model_dir), out, format="gguf:f32", show_progress=False)
+    api.quantize(str(gptq_llama_dir), out, format="gguf:f32", show_progress=False)
     return out, _logits(out, texts[1])
 
 
@@ -104,12 +71,12 @@ FACTOR = {"q4_0": 1.6, "q4_1": 1.6, "q3_k_m": 1.25, "q5_k_m": 1.4, "q8_0": 1.1}
 
 
 @pytest.mark.parametrize("ft", list(FACTOR))
-def test_gptq_gguf_runs_in_llama_cpp_and_beats_rtn(model_dir, f32, texts, tmp_path, ft):
+def test_gptq_gguf_runs_in_llama_cpp_and_beats_rtn(gptq_llama_dir, f32, texts, tmp_path, ft):
     calib, held_out = texts
     rtn = tmp_path / f"{ft}-rtn.gguf"
     gptq = tmp_path / f"{ft}-gptq.gguf"
-    r_rtn = api.quantize(str(model_dir), rtn, format=f"gguf:{ft}", show_progress=False)
-    r_gptq = api.quantize(str(model_dir), gptq, format=f"gguf:{ft}", method="gptq", calib=calib, nsamples=8,
+    r_rtn = api.quantize(str(gptq_llama_dir), rtn, format=f"gguf:{ft}", show_progress=False)
+    r_gptq = api.quantize(str(gptq_llama_dir), gptq, format=f"gguf:{ft}", method="gptq", calib=calib, nsamples=8,
                           seqlen=128, show_progress=False)
     # a stock file of the type: the same tensors, types, shapes and size as llama.cpp's RTN
     assert r_gptq.types == r_rtn.types
@@ -128,7 +95,7 @@ def test_gptq_gguf_runs_in_llama_cpp_and_beats_rtn(model_dir, f32, texts, tmp_pa
     assert k_gptq * FACTOR[ft] < k_rtn, (k_gptq, k_rtn)
 
 
-def test_gptq_from_gguf_uses_llama_cpp_tokenizer(model_dir, f32, texts, tmp_path):
+def test_gptq_from_gguf_uses_llama_cpp_tokenizer(gptq_llama_dir, f32, texts, tmp_path):
     """A GGUF input: the model is rebuilt in transformers from the file and calibrated on
     llama.cpp's own tokenization; the result matches the HF-directory path's quality."""
     calib, held_out = texts
@@ -141,32 +108,32 @@ def test_gptq_from_gguf_uses_llama_cpp_tokenizer(model_dir, f32, texts, tmp_path
     assert k_gptq * 1.6 < k_rtn, (k_gptq, k_rtn)
 
 
-def test_gptq_gguf_bad_input(model_dir, tmp_path):
+def test_gptq_gguf_bad_input(gptq_llama_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("a few words only\n", encoding="utf-8")
     out = tmp_path / "x.gguf"
     with pytest.raises(QuantkitError, match="calibration text too short"):
-        api.quantize(str(model_dir), out, format="gguf:q4_0", method="gptq", calib=str(short), nsamples=4,
+        api.quantize(str(gptq_llama_dir), out, format="gguf:q4_0", method="gptq", calib=str(short), nsamples=4,
                      seqlen=64, show_progress=False)
     with pytest.raises(QuantkitError, match="q4_9.*not a llama.cpp file type"):
-        api.quantize(str(model_dir), out, format="gguf:q4_9", method="gptq", show_progress=False)
+        api.quantize(str(gptq_llama_dir), out, format="gguf:q4_9", method="gptq", show_progress=False)
     with pytest.raises(QuantkitError, match="damp"):
-        api.quantize(str(model_dir), out, format="gguf:q4_0", method="gptq", damp=-1, show_progress=False)
+        api.quantize(str(gptq_llama_dir), out, format="gguf:q4_0", method="gptq", damp=-1, show_progress=False)
     assert os.listdir(tmp_path) == ["short.txt"]            # nothing half-written, no spool left
 
 
-def test_cli(model_dir, texts, tmp_path, capsys):
+def test_cli(gptq_llama_dir, texts, tmp_path, capsys):
     """`quantkit quantize MODEL --method gptq --format gguf:q4_1 ...` as a user runs it."""
     from quantkit.cli import main
     out = tmp_path / "cli.gguf"
-    code = main(["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_1", "--calib", texts[0],
+    code = main(["quantize", str(gptq_llama_dir), "--method", "gptq", "--format", "gguf:q4_1", "--calib", texts[0],
                  "--nsamples", "4", "--seqlen", "64", "--act-order", "-o", str(out)])
     o, e = capsys.readouterr()
     assert code == 0, e
     assert "GPTQ onto llama.cpp's q4_1 grids, calibrated on 4 x 64 tokens" in o
     with GGUFSource(out) as src:
         assert src.tensor_info("blk.1.ffn_down.weight").type == "q4_1"
-    code = main(["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--nsamples", "0",
+    code = main(["quantize", str(gptq_llama_dir), "--method", "gptq", "--format", "gguf:q4_0", "--nsamples", "0",
                  "-o", str(tmp_path / "y.gguf")])
     o, e = capsys.readouterr()
     lines = [ln for ln in e.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
@@ -175,13 +142,13 @@ def test_cli(model_dir, texts, tmp_path, capsys):
     assert not (tmp_path / "y.gguf").exists()
 
 
-def test_config_file(model_dir, texts, tmp_path, capsys):
+def test_config_file(gptq_llama_dir, texts, tmp_path, capsys):
     """The same run from a config file; command-line flags win over it; bad keys and values
     end in one line naming the file."""
     from quantkit.cli import main
     cfg = tmp_path / "q.yaml"
     out = tmp_path / "from-config.gguf"
-    cfg.write_text(f"model: {model_dir}\noutput: {tmp_path / 'ignored.gguf'}\nmethod: gptq\nformat: gguf:q5_0\n"
+    cfg.write_text(f"model: {gptq_llama_dir}\noutput: {tmp_path / 'ignored.gguf'}\nmethod: gptq\nformat: gguf:q5_0\n"
                    f"calib: {texts[0]}\nnsamples: 4\nseqlen: 64\nact_order: true\n", encoding="utf-8")
     assert main(["quantize", "--config", str(cfg), "-o", str(out)]) == 0
     assert "q5_0 grids, calibrated on 4 x 64 tokens" in capsys.readouterr().out
@@ -199,17 +166,17 @@ def test_config_file(model_dir, texts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_interrupt_mid_gptq_leaves_nothing(model_dir, texts, tmp_path, sig):
+def test_interrupt_mid_gptq_leaves_nothing(gptq_llama_dir, texts, tmp_path, sig):
     """Ctrl-C or kill while GPTQ runs: exit 130, one line, neither the spool of quantized blocks
     nor a partial GGUF left beside the output."""
-    from test_bad_input import interrupt_mid_run
+    from helpers.cli import interrupt_mid_run
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    interrupt_mid_run(["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
+    interrupt_mid_run(["quantize", str(gptq_llama_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
                        "--nsamples", "64", "--seqlen", "256", "-o", str(out_dir / "x.gguf")], out_dir, sig)
 
 
-def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):
+def test_gpu_checkpoint_from_gguf(gptq_llama_dir, f32, texts, tmp_path):
     """`quantize F32.gguf --format compressed-tensors`: RTN from the GGUF packs exactly what RTN
     from the Hugging Face directory packs (the GGUF's q/k rows un-permuted back); the GGUF's
     checkpoint loads in transformers + compressed-tensors with its tokenizer files, and its GPTQ
@@ -224,7 +191,7 @@ def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):
         return out
 
     outs = {}
-    for name, src, method in (("hf-rtn", model_dir, "rtn"), ("gguf-rtn", f32[0], "rtn"), ("gguf-gptq", f32[0], "gptq")):
+    for name, src, method in (("hf-rtn", gptq_llama_dir, "rtn"), ("gguf-rtn", f32[0], "rtn"), ("gguf-gptq", f32[0], "gptq")):
         outs[name] = tmp_path / name
         api.quantize_gpu(str(src), outs[name], format="compressed-tensors", method=method, bits=4, group_size=128,
                          calib=texts[0], nsamples=8, seqlen=128, show_progress=False)
@@ -236,7 +203,7 @@ def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):
     assert cfg["quantization_config"]["format"] == "pack-quantized" and cfg["architectures"] == ["LlamaForCausalLM"]
     tok = AutoTokenizer.from_pretrained(outs["gguf-gptq"])
     ids = torch.tensor([tok(texts[1][:3000])["input_ids"][:200]])
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(gptq_llama_dir, dtype=torch.float32)
     with torch.no_grad():
         p = torch.log_softmax(ref(ids).logits[0], -1)
         kld = {}
@@ -247,13 +214,13 @@ def test_gpu_checkpoint_from_gguf(model_dir, f32, texts, tmp_path):
     assert kld["gguf-gptq"] * 1.3 < kld["gguf-rtn"], kld
 
 
-def test_out_of_space_while_spooling_gptq_blocks(model_dir, texts, tmp_path):
+def test_out_of_space_while_spooling_gptq_blocks(gptq_llama_dir, texts, tmp_path):
     """A disk that fills while GPTQ spools its quantized blocks (before the GGUF is written):
     one line naming the output, exit 2, neither spool nor partial file left."""
     import subprocess
     import sys
     out = tmp_path / "x.gguf"
-    args = ["quantize", str(model_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
+    args = ["quantize", str(gptq_llama_dir), "--method", "gptq", "--format", "gguf:q4_0", "--calib", texts[0],
             "--nsamples", "4", "--seqlen", "64", "-o", str(out)]
     # a file-size limit below one block's quantized tensors (~0.37 MB) fails the spool's write
     # with EFBIG, as a full disk fails it with ENOSPC

@@ -50,7 +50,7 @@ def text(data_dir) -> str:
 @pytest.fixture(scope="module")
 def bundled_set(bundled_gguf, tmp_path_factory) -> dict[str, str]:
     """The bundled model dequantized to F32 and re-quantized to Q8_0 and Q4_0 by llama.cpp."""
-    from ggml_reference import llama_quantize
+    from helpers.ggml_reference import llama_quantize
     d = tmp_path_factory.mktemp("bundled")
     out = {"f32": str(d / "gemma-f32.gguf")}
     llama_quantize(bundled_gguf, out["f32"], "f32")
@@ -65,10 +65,10 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     """A tiny random llama (HF directory, SentencePiece tokenizer trained on wikitext-2), its
     F32 GGUF written by quantkit, and llama.cpp's Q8_0 / Q4_0 of it."""
     import quantkit.api as qk
-    from ggml_reference import llama_quantize
-    from test_hf import _build
+    from helpers.ggml_reference import llama_quantize
+    from helpers.tiny_models import build_hf_model
     root = tmp_path_factory.mktemp("tiny")
-    hf = _build("llama", root)
+    hf = build_hf_model("llama", root)
     f32 = root / "tiny-f32.gguf"
     qk.quantize(str(hf), str(f32), format="gguf:f32", show_progress=False)
     out = {"hf": str(hf), "f32": str(f32)}
@@ -315,7 +315,7 @@ def test_speed_probe_matches_llama_cpp_counters(tiny, text, eval_cache):
 
 def test_cli_json_and_ladder(tiny, text, eval_cache, tmp_path, capsys):
     import json
-    from test_report import CHROMIUM, rendered_points
+    from helpers.chromium import CHROMIUM, rendered_points
     report = tmp_path / "report.html"
     rc = main(["eval", tiny["f32"], "--ladder", "q8_0,q4_0", "--ladder-dir", str(tmp_path), "--text", text,
                "--chunks", "1", "--ctx", str(N_CTX), "--threads", "1", "--no-speed", "--json", "--report", str(report)])
@@ -331,18 +331,17 @@ def test_cli_json_and_ladder(tiny, text, eval_cache, tmp_path, capsys):
         assert [p["data-model"] for p in rendered_points(report, tmp_path)] == names
 
 
-from test_gguf_gptq import model_dir as gptq_model  # noqa: E402,F401  (a tiny llama on which GPTQ clearly helps)
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, data_dir, text, eval_cache, tmp_path, capsys):
+def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_llama_dir, data_dir, text, eval_cache, tmp_path, capsys):
     """`eval --ladder q4_0,q4_0+gptq`: both rungs built into the cache, labelled by method, the
     GPTQ one closer to the reference on text its calibration never saw; a rerun re-uses both
     files; another calibration makes another GPTQ file."""
     import json
     import quantkit.api as qk
     f32 = tmp_path / "tiny-f32.gguf"
-    qk.quantize(str(gptq_model), str(f32), format="gguf:f32", show_progress=False)
+    qk.quantize(str(gptq_llama_dir), str(f32), format="gguf:f32", show_progress=False)
     calib = os.path.join(data_dir, "wikitext-2", "valid.txt")
     argv = ["eval", str(f32), "--ladder", "q4_0,q4_0+gptq", "--calib", calib, "--nsamples", "8",
             "--seqlen", "128", "--text", text, "--chunks", "2", "--ctx", "256", "--threads", "1", "--no-speed"]
@@ -357,7 +356,7 @@ def test_ladder_gptq_rung_beats_rtn_and_is_cached(gptq_model, data_dir, text, ev
     assert rows["Q4_0 RTN"]["method"] == "rtn" and rows["Q4_0 GPTQ"]["method"] == "gptq"
     assert rows["Q4_0 GPTQ"]["file_bytes"] == rows["Q4_0 RTN"]["file_bytes"]      # the same llama.cpp type
     k_rtn, k_gptq = rows["Q4_0 RTN"]["kld_mean"], rows["Q4_0 GPTQ"]["kld_mean"]
-    assert k_gptq * 1.3 < k_rtn, (k_gptq, k_rtn)    # measured about 2x (tests/test_gguf_gptq.py)
+    assert k_gptq * 1.3 < k_rtn, (k_gptq, k_rtn)    # measured about 2x (tests/quant/test_gguf_gptq.py)
     assert f"8 x 128 tokens of {calib}" in out["meta"]["ladder"]["gptq"]
     assert out["meta"]["ladder"]["reused"] == []
     assert "--nsamples 8" in out["meta"]["command"]
@@ -425,7 +424,7 @@ def test_bad_input(tiny, text, eval_cache, tmp_path, capsys, bundled_gguf):
 def classifiers(tmp_path_factory) -> dict[str, str]:
     """A small random BERT classifier (MiniLM's tokenizer, labels 0/1 as SST-2's), its dynamic
     int8 made by quantkit, a head-less encoder and a classifier with other label names."""
-    from encoder_fixtures import save_tiny_bert
+    from helpers.encoders import save_tiny_bert
 
     import quantkit.api as qk
     root = tmp_path_factory.mktemp("cls")
@@ -480,7 +479,7 @@ def test_classifier_accuracy_size_latency(classifiers, sst2_dev, eval_cache):
 
 def test_classifier_cli_table_json_report(classifiers, sst2_dev, eval_cache, tmp_path, capsys):
     import json
-    from test_report import CHROMIUM, rendered_points
+    from helpers.chromium import CHROMIUM, rendered_points
     base = ["eval", classifiers["fp32"], classifiers["int8"], "--task-data", sst2_dev, "--task-limit", "100",
             "--threads", "1", "--no-speed"]
     assert main(base) == 0

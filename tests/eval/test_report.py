@@ -8,53 +8,14 @@ import html
 import json
 import math
 import re
-import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from helpers.chromium import needs_chromium, rendered_points, run_chromium
 from quantkit.eval.results import EvalResult
 from quantkit.eval.metrics import pareto_front
 from quantkit.eval.report import write_report
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Not a skip: `make test` installs Debian's chromium; without it the report is untested, a failure.
-needs_chromium = pytest.mark.usefixtures("chromium_present")
-
-
-@pytest.fixture
-def chromium_present():
-    assert CHROMIUM is not None, "chromium not installed: run `make test` (it installs Debian's chromium) or apt-get install -y chromium"
-
-
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir(exist_ok=True)
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def rendered_points(html_path: str | Path, tmp_path: Path) -> list[dict[str, str]]:
-    """The chart's points in the DOM Chromium built: one dict of attributes per circle.point."""
-    proc = _chromium(tmp_path, "--dump-dom", Path(html_path).resolve().as_uri())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-    class Points(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.found: list[dict[str, str]] = []
-
-        def handle_starttag(self, tag, attrs):
-            a = dict(attrs)
-            if tag == "circle" and "point" in (a.get("class") or "").split():
-                self.found.append(a)
-
-    p = Points()
-    p.feed(proc.stdout)
-    return p.found
 
 
 def _row(name, size_mb, kld, ppl, ref=False):
@@ -151,7 +112,7 @@ def _layout(result: EvalResult, tmp_path: Path, width: int = 1280) -> dict:
     write_report(result, out)
     probe = tmp_path / "probe.html"
     probe.write_text(out.read_text(encoding="utf-8").replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
-    proc = _chromium(tmp_path, f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri())
+    proc = run_chromium(tmp_path, f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri())
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = re.search(r'<pre id="layout">(.*?)</pre>', proc.stdout, re.S)
     assert m, "the measuring script did not run"
@@ -227,6 +188,6 @@ def test_report_screenshot_is_not_blank(tmp_path):
     out = tmp_path / "report.html"
     write_report(_realistic_result(), out)
     shot = tmp_path / "shot.png"
-    proc = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,900", out.resolve().as_uri())
+    proc = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,900", out.resolve().as_uri())
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

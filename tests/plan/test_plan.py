@@ -293,7 +293,7 @@ def test_torch_cpu_forward_gqa_sliding_window_and_mmap_threshold():
 def test_plan_torch_fp32_rss_matches_the_benchmark(bundled_gguf):
     """The plan's numbers as benchmarks/results/plan_torch_rss.json recorded them (the measured
     peaks are within 5%: BENCHMARKS.md, Plan)."""
-    res = json.load(open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "plan_torch_rss.json")))
+    res = json.load(open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "plan_torch_rss.json")))
     for c in res["cases"]:
         p = plan(bundled_gguf, PlanOptions(runtime="torch", formats=["fp32"], n_ctx=c["n_ctx"]))
         assert p.rows[0].cpu_resident == c["planned_peak_rss"]
@@ -310,7 +310,7 @@ def test_plan_llama_cpp_matches_the_benchmark_on_every_type_and_context(bundled_
     the KV cache as llama.cpp logged it; the plan's weight bytes equal, to the byte, the tensor data
     of the file llama.cpp's quantizer wrote and of the file quantkit wrote (both read with gguf-py),
     tensor by tensor. The plan columns are what the code plans today (the JSON is not stale)."""
-    res = json.load(open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plan_vs_measured.json")))
+    res = json.load(open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "plan_vs_measured.json")))
     cases = {(c["format"], c["n_ctx"]): c for c in res["cases"]}
     assert set(cases) == {(t, n) for t in LLAMA_TYPES for n in (512, 4096, 32768)}
     m = load(bundled_gguf)

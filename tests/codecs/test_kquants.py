@@ -17,7 +17,7 @@ import torch
 
 import llama_cpp  # noqa: F401  (a declared dependency: its absence must fail, not skip)
 
-from ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
+from helpers.ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
 from quantkit.codecs import kquants  # noqa: E402
 from quantkit.codecs.registry import qtype  # noqa: E402
 

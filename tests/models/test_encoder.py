@@ -15,7 +15,7 @@ from quantkit.eval.metrics import recall_at_k
 from quantkit.models.encoder import check_encoder_dir, dir_size, load_encoder as load_fp32_only
 from quantkit.util.errors import QuantkitError
 
-from encoder_fixtures import minilm, save_tiny_bert
+from helpers.encoders import minilm, save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 from quantkit.util.data import DATA_DIR

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
 from quantkit.quant.checkpoint import export_gpu_checkpoint
 from quantkit.util.errors import QuantkitError
-from test_intpack import autogptq_pack_rows
-from test_pipeline import tiny_model
+from helpers.intpack import autogptq_pack_rows
+from helpers.tiny_models import tiny_model
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -406,7 +406,7 @@ def test_gpu_cli_bad_inputs_end_in_one_line(model_dir, tmp_path):
 def test_gpu_cli_interrupt_leaves_nothing(model_dir, tmp_path):
     """Ctrl-C while a GPU checkpoint is being calibrated and written: exit 130, one line, no
     partial directory."""
-    from test_bad_input import interrupt_mid_run
+    from helpers.cli import interrupt_mid_run
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     interrupt_mid_run(["quantize", str(model_dir), "--format", "compressed-tensors", "--method", "gptq",

@@ -20,7 +20,7 @@ from quantkit.distill.trainer import DistillConfig, distill, evenly_spaced
 from quantkit.util.errors import QuantkitError
 from quantkit.util.textdata import read_labelled
 
-from encoder_fixtures import save_tiny_bert
+from helpers.encoders import save_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 from quantkit.util.data import DATA_DIR

@@ -2,7 +2,7 @@
 llama.cpp, score each against the F32 reference, print a table and write the HTML report.
 
 Kept short: two RTN rungs and one chunk of 128 tokens. The GPTQ rung of the default ladder (minutes
-of GPTQ on the bundled model) is tested on a tiny model in tests/test_eval.py
+of GPTQ on the bundled model) is tested on a tiny model in tests/eval/test_eval.py
 (test_ladder_gptq_rung_beats_rtn_and_is_cached); here only its wiring, with `--types` parsing."""
 
 import os

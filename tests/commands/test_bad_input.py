@@ -10,42 +10,7 @@ import time
 import pytest
 
 from quantkit.cli import main
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, err
-
-
-def assert_one_line(err: str, *needles: str):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
-def interrupt_mid_run(args, watch, sig: str = "SIGINT", settle: float = 0.0) -> None:
-    """`quantkit ARGS` in a child process, interrupted by `sig` once something appears in the
-    folder `watch` (and `settle` seconds more): exit 130, an "interrupted" line and no
-    traceback, and nothing left in `watch`."""
-    p = subprocess.Popen([sys.executable, "-c", f"import sys; from quantkit.cli import main; sys.exit(main({args!r}))"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.listdir(watch):
-        time.sleep(0.02)
-    assert os.listdir(watch), "the run never started writing"
-    time.sleep(settle)
-    p.send_signal(getattr(signal, sig))
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and "interrupted" in err
-    assert os.listdir(watch) == []
-
-
-def no_partial(d):
-    return [f for f in os.listdir(d) if "partial" in f or f.endswith(".gguf")] == []
+from helpers.cli import assert_one_line, no_partial, run_cli
 
 
 def test_missing_path(tmp_path, capsys):

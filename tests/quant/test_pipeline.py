@@ -12,48 +12,10 @@ from quantkit.quant.gptq import GPTQConfig
 from quantkit.quant.pipeline import PipelineConfig, capture_block_inputs, quantize_model
 from quantkit.quant.rtn import QuantSpec
 from quantkit.util.errors import QuantkitError
+from helpers.tiny_models import tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 512, structured: bool = False):
-    """A 2-layer random causal LM, float32, eval mode. structured: low-rank token embeddings
-    and uneven norm weights, so activations are correlated across channels as in trained LMs
-    (isotropic random activations leave GPTQ little to exploit)."""
-    import transformers as tf
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(**common, tie_word_embeddings=False)
-        cls = tf.LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(**common, tie_word_embeddings=True)
-        cls = tf.Qwen2ForCausalLM
-    elif arch == "mistral":              # a sliding window shorter than the test sequences
-        cfg = tf.MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
-        cls = tf.MistralForCausalLM
-    elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-        cls = tf.Gemma3ForCausalLM
-    else:
-        raise ValueError(arch)
-    cfg.bos_token_id = 1
-    torch.manual_seed(seed)
-    model = cls(cfg).float().eval()
-    with torch.no_grad():                       # larger weights than the init's 0.02: real-ish outliers
-        for n, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in n:
-                p.mul_(3.0)
-        if structured:
-            g = torch.Generator().manual_seed(seed + 5)
-            E = model.model.embed_tokens.weight
-            E.copy_(torch.randn(E.shape[0], 8, generator=g) @ torch.randn(8, E.shape[1], generator=g) * 0.3
-                    + 0.05 * torch.randn(E.shape, generator=g))
-            for n, p in model.named_parameters():
-                if "norm" in n:
-                    p.copy_(torch.rand(p.shape, generator=g) * 2.5 + 0.5)
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])

@@ -1,0 +1,1 @@
+"""Shared pieces of the tests: reference implementations, tiny models, CLI and browser helpers."""
