@@ -34,7 +34,7 @@ if which == "quantkit":
     t0 = time.perf_counter()
     api.quantize(src, out, format="gguf:" + ft, show_progress=False)
 elif which == "llama.cpp":
-    from ggml_reference import llama_quantize
+    from helpers.ggml_reference import llama_quantize
     t0 = time.perf_counter()
     llama_quantize(src, out, ft, nthread=os.cpu_count())
 elif which == "gguf-py":
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--types", default="q4_0,q8_0")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from ggml_reference import llama_quantize
+    from helpers.ggml_reference import llama_quantize
     from quantkit.models.bundled import bundled_path
     from quantkit.models.gguf import GGUFSource
     tmp = tempfile.mkdtemp(prefix="qk-bench-")

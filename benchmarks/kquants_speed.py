@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ref = None
     if not args.no_reference:
         try:
-            import ggml_reference as ref
+            import helpers.ggml_reference as ref
         except ImportError:
             ref = None
     torch.manual_seed(0)
