@@ -274,55 +274,55 @@ def _bpe_vocab(model_dir: str, tok_json: dict, vocab_size: int | None):
 # special tokens, BOS/EOS, chat template (gguf-py SpecialVocab)
 
 
-def _special_vocab(model_dir: str, tok_json: dict | None, tokens: list[str], config: dict) -> dict[str, MetaValue]:
-    meta: dict[str, MetaValue] = {}
-    add: dict[str, bool] = {}
-    ids: dict[str, int] = {}
-    n = len(tokens)
-    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-    tcfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    added_tokens = (tok_json or {}).get("added_tokens", [])
+def _content_of(entry) -> str | None:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+        return entry["content"]
+    return None
 
-    def content_of(entry):
-        if isinstance(entry, str):
-            return entry
-        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
-            return entry["content"]
-        return None
 
-    if tok_json:
-        pp = tok_json.get("post_processor") or {}
-        for proc in pp.get("processors", [pp]) if pp else []:
-            kind = proc.get("type")
-            if kind == "ByteLevel":
+def _post_processor_adds(tok_json: dict | None, tcfg: dict, add: dict[str, bool]) -> None:
+    """add_bos / add_eos from tokenizer.json's post-processor (tcfg's bos/eos filled in from it)."""
+    pp = (tok_json or {}).get("post_processor") or {}
+    for proc in pp.get("processors", [pp]) if pp else []:
+        kind = proc.get("type")
+        if kind == "ByteLevel":
+            add.setdefault("bos", False)
+            add.setdefault("eos", False)
+        elif kind == "TemplateProcessing":
+            # crude, like SpecialVocab: a special token in front of $A means add_bos, one
+            # behind it add_eos; a bare "$A" adds nothing (said explicitly, so that
+            # llama.cpp's per-pre-tokenizer defaults cannot add a BOS transformers does not)
+            single = proc.get("single", [])
+            if len(single) <= 1:
                 add.setdefault("bos", False)
                 add.setdefault("eos", False)
-            elif kind == "TemplateProcessing":
-                # crude, like SpecialVocab: a special token in front of $A means add_bos, one
-                # behind it add_eos; a bare "$A" adds nothing (said explicitly, so that
-                # llama.cpp's per-pre-tokenizer defaults cannot add a BOS transformers does not)
-                single = proc.get("single", [])
-                if len(single) <= 1:
-                    add.setdefault("bos", False)
-                    add.setdefault("eos", False)
-                else:
-                    bos = content_of(tcfg.get("bos_token")) or content_of(tcfg.get("cls_token"))
-                    first = single[0].get("SpecialToken", {}).get("id")
-                    last = single[-1].get("SpecialToken", {}).get("id")
-                    if first:
-                        if not bos:
-                            tcfg["bos_token"] = bos = first
-                        add["bos"] = first == bos
-                    if last:
-                        if content_of(tcfg.get("eos_token")) != last:
-                            tcfg["eos_token"] = last
-                        add["eos"] = True
+                continue
+            bos = _content_of(tcfg.get("bos_token")) or _content_of(tcfg.get("cls_token"))
+            first = single[0].get("SpecialToken", {}).get("id")
+            last = single[-1].get("SpecialToken", {}).get("id")
+            if first:
+                if not bos:
+                    tcfg["bos_token"] = bos = first
+                add["bos"] = first == bos
+            if last:
+                if _content_of(tcfg.get("eos_token")) != last:
+                    tcfg["eos_token"] = last
+                add["eos"] = True
 
+
+def _special_ids(tok_json: dict | None, tcfg: dict, tokens: list[str], config: dict,
+                 add: dict[str, bool]) -> dict[str, int]:
+    """Special token ids from tokenizer_config.json (by content), then config.json's *_token_id."""
+    ids: dict[str, int] = {}
+    n = len(tokens)
+    added_tokens = (tok_json or {}).get("added_tokens", [])
     for typ in SPECIAL_TOKEN_TYPES:
         entry = tcfg.get(f"add_{typ}_token")
         if isinstance(entry, bool) and typ not in add:
             add[typ] = entry
-        content = content_of(tcfg.get(f"{typ}_token"))
+        content = _content_of(tcfg.get(f"{typ}_token"))
         if content is None:
             continue
         tid = next((a.get("id") for a in added_tokens if a.get("content") == content), None)
@@ -338,16 +338,12 @@ def _special_vocab(model_dir: str, tok_json: dict | None, tokens: list[str], con
             tid = tid[0] if tid else None
         if isinstance(tid, int) and 0 <= tid < n:
             ids.setdefault(typ, tid)
+    return ids
 
-    key_of = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
-              "sep": "seperator_token_id", "pad": "padding_token_id", "cls": "cls_token_id",
-              "mask": "mask_token_id"}
-    for typ, tid in ids.items():
-        meta[f"tokenizer.ggml.{key_of[typ]}"] = MetaValue(int(tid), GGUFValueType.UINT32)
-    for typ in ("bos", "eos", "sep"):
-        if typ in add:
-            meta[f"tokenizer.ggml.add_{typ}_token"] = MetaValue(bool(add[typ]), GGUFValueType.BOOL)
 
+def _chat_template_meta(model_dir: str, tcfg: dict) -> dict[str, MetaValue]:
+    """tokenizer.chat_template (and named templates) from tokenizer_config.json or its own files."""
+    meta: dict[str, MetaValue] = {}
     template = tcfg.get("chat_template")
     if template is None:
         jinja = os.path.join(model_dir, "chat_template.jinja")
@@ -373,6 +369,29 @@ def _special_vocab(model_dir: str, tok_json: dict | None, tokens: list[str], con
                 meta[f"tokenizer.chat_template.{name}"] = MetaValue(body, GGUFValueType.STRING)
         if names:
             meta["tokenizer.chat_templates"] = _str_array(names)
+    return meta
+
+
+_SPECIAL_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+                 "sep": "seperator_token_id", "pad": "padding_token_id", "cls": "cls_token_id",
+                 "mask": "mask_token_id"}
+
+
+def _special_vocab(model_dir: str, tok_json: dict | None, tokens: list[str], config: dict) -> dict[str, MetaValue]:
+    """What gguf-py's SpecialVocab writes: special token ids, add_bos/add_eos, chat templates."""
+    meta: dict[str, MetaValue] = {}
+    add: dict[str, bool] = {}
+    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+    tcfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    if tok_json:
+        _post_processor_adds(tok_json, tcfg, add)
+    ids = _special_ids(tok_json, tcfg, tokens, config, add)
+    for typ, tid in ids.items():
+        meta[f"tokenizer.ggml.{_SPECIAL_KEYS[typ]}"] = MetaValue(int(tid), GGUFValueType.UINT32)
+    for typ in ("bos", "eos", "sep"):
+        if typ in add:
+            meta[f"tokenizer.ggml.add_{typ}_token"] = MetaValue(bool(add[typ]), GGUFValueType.BOOL)
+    meta.update(_chat_template_meta(model_dir, tcfg))
     return meta
 
 
