@@ -247,3 +247,24 @@ def test_checker_sees_what_it_must(tmp_path):
     assert sorted(u.split(": ", 1)[1] for u in uses) == ["quantkit.distill.trainer._x", "quantkit.distill.trainer._y",
                                                          "quantkit.eval.cache._marker"], uses
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# ------------------------------------------------------------------------------- sizes
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80
+
+
+def test_no_long_files_or_functions():
+    """No source file over 600 lines; no function over 80 lines unless a comment on its `def`
+    line or the line above says why."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if len(lines) > MAX_FILE_LINES:
+            found.append(f"{path.relative_to(ROOT)}: {len(lines)} lines")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].lstrip().startswith("#")
+                if n > MAX_FUNCTION_LINES and not said:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} is {n} lines")
+    assert not found, "\n".join(found)
