@@ -1,4 +1,4 @@
-"""Eval on encoder classifiers: SST-2 dev accuracy beside size, latency and memory (issue 4).
+"""Eval on encoder classifiers: SST-2 dev accuracy beside size, latency and memory.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/eval_classifier.py \
         [--teacher out/distill/teacher] [--student out/distill/student_kd3] [--threads 2] [--runs 3]

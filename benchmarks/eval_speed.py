@@ -13,7 +13,7 @@ A: `quantkit.eval.evaluate` of the 6 models against the F32 reference, with no l
    whose wall time and peak RSS (VmHWM) are reported.
 B: 7 single-model passes: each model loaded and run over the same chunks, perplexity only (the
    scored rows' log-softmax), the least any one-model perplexity run does; tokenization excluded.
-Target (issue 4): A <= 1.1 x B; A's peak RSS <= the largest model + 1.5 GB.
+Target: A <= 1.1 x B; A's peak RSS <= the largest model + 1.5 GB.
 --logits-all-baseline adds one model through llama-cpp-python's Llama(logits_all=True) (the
 plain way, every position's full-vocabulary logits copied) for comparison.
 

@@ -234,7 +234,7 @@ def test_bundled_q8_q4_against_f32_and_llama_cpp_logits(bundled_set, text, eval_
 
 
 def test_bundled_f32_in_torch_matches_llama_cpp(bundled_set, text, eval_cache):
-    """Issue 4: the F32 reference through the torch path (the GGUF's weights in transformers'
+    """The F32 reference through the torch path (the GGUF's weights in transformers'
     Gemma3ForCausalLM) and through llama.cpp, same token ids: perplexity within 0.1 %
     (measured 7.90020 llama.cpp, 7.90071 torch on this chunk)."""
     spec = "torch:" + bundled_set["f32"]
