@@ -3,7 +3,7 @@
 Each subcommand lives in quantkit/commands/<name>.py with `register(subparsers)`, which adds
 its parser and sets `func(args) -> int`. A QuantkitError (or an OSError no check foresaw) becomes
 one line on stderr and exit 2; Ctrl-C or SIGTERM exits 130 (outputs are atomic, so nothing
-half-written is left).
+half-written is left), quietly however often it is pressed.
 """
 
 from __future__ import annotations
@@ -48,18 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_further_interrupts() -> None:
+    """After the first Ctrl-C (or SIGTERM) the run is unwinding: temporaries are being removed
+    and, at exit, torch's and the other libraries' exit handlers run. A second Ctrl-C there
+    would print a traceback from whichever handler it lands in, or leave a temporary behind, so
+    further SIGINT and SIGTERM are ignored until the process ends with 130."""
+    import signal
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:        # not the main thread
+        pass
+
+
 def _terminate_as_interrupt() -> None:
     """`kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
-    SIGINT gets Python's handler even where the shell started us with it ignored (a background
-    job of a non-interactive shell), so `kill -INT` always cleans up too."""
+    SIGINT gets this handler even where the shell started us with it ignored (a background
+    job of a non-interactive shell), so `kill -INT` always cleans up too. The first signal
+    raises KeyboardInterrupt; later ones are ignored (_ignore_further_interrupts)."""
     import signal
 
     def handler(signum, frame):
+        _ignore_further_interrupts()
         raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, handler)
     except ValueError:        # not the main thread (an embedding application): leave it alone
         pass
 
@@ -79,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantkit {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"quantkit {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        _ignore_further_interrupts()
+        print(f"quantkit {args.command}: interrupted; no partial output was left", file=sys.stderr, flush=True)
         return 130
     except BrokenPipeError:
         return 0

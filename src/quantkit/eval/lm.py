@@ -209,6 +209,19 @@ def reference_files(ref: Reference, ids: list[list[int]], n_ctx: int, first: int
     return files
 
 
+def check_logits(logits: np.ndarray, spec: str, chunk: int) -> None:
+    """Refuse a model whose logits hold NaN or Inf: its perplexity and KL divergence would be
+    `nan`, a score that looks like a result. (One float32 sum finds them; an overflowing sum of
+    finite logits is told apart by the count.)"""
+    if np.isfinite(logits.sum()):
+        return
+    n = int(logits.size - np.isfinite(logits).sum())
+    if n:
+        raise QuantkitError(f"the model's logits hold {n} NaN/Inf values (chunk {chunk + 1}); it cannot be scored",
+                            spec, "its weights are damaged or overflow: check them with `quantkit inspect`, "
+                                  "re-download or re-export the model")
+
+
 def write_reference(ref_rt: Runtime, ch: Chunks, bar) -> None:
     """The reference pass: the log-softmax of the scored rows of each missing chunk, written
     memory-mapped to its cache file."""
@@ -216,6 +229,7 @@ def write_reference(ref_rt: Runtime, ch: Chunks, bar) -> None:
         if bar:
             bar.set_description(f"eval {os.path.basename(ref_rt.path)} (reference)")
         logits = ref_rt.scored_logits(ch.ids[i], ch.first)
+        check_logits(logits, ref_rt.path, i)
         with atomic_output(ch.files[i]) as tmp:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=logits.shape)
             metrics.log_softmax_into(logits, mm)
@@ -254,6 +268,7 @@ def score_model(spec: str, runtime: str, ch: Chunks, ref_vocab_n: int, o: EvalOp
         scores = metrics.Scores()
         for i, c in enumerate(ch.ids):
             logits = rt.scored_logits(c, ch.first)
+            check_logits(logits, spec, i)
             lp = load_ref_chunk(ch.files[i])
             metrics.score_against_reference(logits, lp, c[ch.first + 1:], scores)
             del lp, logits
