@@ -183,8 +183,9 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
         from .util.atomic import check_output
         check_output(out_dir, directory=True, flag="--out-dir")
     report_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
+    types = ladder_types(list(file_types))          # (an unknown rung is refused before any folder is made)
     os.makedirs(report_dir, exist_ok=True)
-    rungs = build_rungs(None, ladder_types(list(file_types)), None if out_dir is None else report_dir,
+    rungs = build_rungs(None, types, None if out_dir is None else report_dir,
                         show_progress=show_progress, calibration=cal,
                         stem=None if out_dir is None else "gemma-3-270m")
     rows = []

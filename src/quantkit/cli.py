@@ -79,16 +79,56 @@ def _terminate_as_interrupt() -> None:
         pass
 
 
+def _quiet_libraries() -> None:
+    """Quiet means quiet: Hugging Face's own bars too ("Loading weights", "Writing model
+    shards"), so stderr holds nothing but quantkit's lines."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+_OUTPUT_DESTS = ("output", "report", "out_dir", "ladder_dir", "checkpoint_dir")
+
+
+def _refuse_special_inputs(args) -> None:
+    """A FIFO, a device or a socket given where a file is read would block the run or feed it
+    endless bytes: every path-valued option that names one is refused up front, in one line.
+    (Outputs get the same refusal, with their own wording, from util.atomic.check_output.)"""
+    import stat
+    for dest, value in vars(args).items():
+        if dest.startswith("_") or dest in _OUTPUT_DESTS:
+            continue
+        for v in (value if isinstance(value, list) else [value]):
+            if not isinstance(v, str) or not v or "\0" in v:
+                continue
+            try:
+                mode = os.stat(v.removeprefix("torch:")).st_mode
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                continue
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device")
+            flag = "MODEL" if dest in ("model", "models") else "--" + dest.replace("_", "-")
+            raise QuantkitError(f"{flag} is {kind}, not a regular file; quantkit reads models, texts and configs "
+                                "from files", v, "give a regular file: copy the stream to a file first")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         os.environ["QUANTKIT_QUIET"] = "1"
+    if os.environ.get("QUANTKIT_QUIET", "") not in ("", "0"):
+        _quiet_libraries()
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     _terminate_as_interrupt()
     try:
+        _refuse_special_inputs(args)
         return int(args.func(args) or 0)
     except QuantkitError as e:
         print(f"quantkit {args.command}: error: {e}", file=sys.stderr)
