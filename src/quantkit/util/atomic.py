@@ -126,8 +126,8 @@ def check_output(path: str | os.PathLike, inputs=(), directory: bool = False, fl
         real_in = os.path.realpath(src)
         same = os.path.exists(final) and os.path.samefile(final, src)
         if same or real_out == real_in:
-            raise QuantkitError(f"{flag} is the input {src} (the same file); quantkit will not overwrite its input",
-                                final, f"give {flag} a new name")
+            raise QuantkitError(f"{flag} is the input {src}; quantkit never overwrites its input", final,
+                                f"give {flag} a new name")
         if directory and (_inside(real_in, real_out) or (os.path.isdir(real_in) and _inside(real_out, real_in))):
             where = "holds" if _inside(real_in, real_out) else "lies inside"
             raise QuantkitError(f"the output directory {where} the input {src}", final,
