@@ -286,10 +286,11 @@ def distill(**options) -> dict:
     unknown = sorted(set(options) - set(DistillConfig.__dataclass_fields__))
     if unknown:
         raise QuantkitError(f"unknown distill option(s): {', '.join(unknown)}")
-    if options.get("output"):
-        from .util.atomic import check_output
-        check_output(options["output"], [options.get(k) for k in ("teacher", "train", "dev", "student")],
-                     directory=True)
+    from .util.atomic import check_output
+    inputs = [options.get(k) for k in ("teacher", "train", "dev", "student")]
+    for key, flag in (("output", "-o"), ("checkpoint_dir", "--checkpoint-dir")):
+        if options.get(key):
+            check_output(options[key], inputs, directory=True, flag=flag)
     return _distill(DistillConfig(**options))
 
 

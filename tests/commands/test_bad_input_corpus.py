@@ -11,7 +11,6 @@ node, an input never overwritten).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -222,6 +221,8 @@ CASES = [
       ("{in}/unknown_key.yaml", "frobnicate")),
     C("config-cannot-trust-pickle", ["quantize", "{in}/hf_pickle", "--config", "{in}/pickle_opt_in.yaml",
                                      "-o", "{out}/o.gguf"], ("{in}/pickle_opt_in.yaml", "trust_pickle")),
+    C("config-format-an-int", ["quantize", "{in}/tiny.gguf", "--config", "{in}/int_format.yaml", "-o", "{out}/o.gguf"],
+      ("'4'", "not a llama.cpp file type")),
     C("config-fifo", ["quantize", "--config", "{in}/fifo", "-o", "{out}/o.gguf"], ("{in}/fifo", "--config", "FIFO")),
     C("config-is-a-directory", ["quantize", "--config", "{in}/dir.gguf", "-o", "{out}/o.gguf"], ("{in}/dir.gguf",)),
     # -- quantize to GPU checkpoints (directories)
@@ -240,6 +241,8 @@ CASES = [
     C("gpu-nan-gptq", ["quantize", "{in}/hf_nan", "--format", "compressed-tensors:w4g128+gptq", "--calib",
                        "{in}/small.txt", "--nsamples", "2", "--seqlen", "32", "-o", "{out}/q"],
       ("k_proj.weight", "NaN/Inf")),
+    C("gpu-damp-negative", ["quantize", "{in}/hf", "--format", "gptq:w4g128", "--damp", "-1", "-o", "{out}/q"],
+      ("--damp", "-1")),
     C("gpu-pickle", ["quantize", "{in}/hf_pickle", "--format", "gptq:w4g128+rtn", "-o", "{out}/q"],
       ("{in}/hf_pickle/pytorch_model.bin", "--trust-pickle")),
     C("gpu-calib-non-utf8", ["quantize", "{in}/hf", "--format", "gptq:w4g128+gptq", "--calib", "{in}/nonutf8.txt",
@@ -273,6 +276,8 @@ CASES = [
                                                                               "--trust-pickle")),
     C("eval-nan-logits", ["eval", "{in}/hf_nan", "--text", "{in}/small.txt", "--chunks", "1", "--ctx", "64",
                           "--no-speed", "--no-cache"], ("{in}/hf_nan", "NaN/Inf", "logits")),
+    C("eval-nan-classifier", ["eval", "{in}/bert_nan", "--task-limit", "20", "--no-speed"],
+      ("{in}/bert_nan", "NaN/Inf", "logits")),
     C("eval-ladder-dir-a-file", ["eval", "--ladder", "q8_0", "--ladder-dir", "{in}/afile", "--no-speed"],
       ("{in}/afile", "existing file")),
     C("eval-negative-chunks", ["eval", "{in}/tiny.gguf", "--chunks", "-1", "--no-speed"], ("--chunks",)),
@@ -309,6 +314,9 @@ CASES = [
                                 "-o", "{in}"], ("{in}", "holds the input")),
     C("distill-o-device", ["distill", "finetune", "--model", "{in}/bert", "--train", "{in}/train.tsv",
                            "-o", "{in}/zero"], ("{in}/zero", "device")),
+    C("distill-checkpoint-is-model", ["distill", "finetune", "--model", "{in}/bert", "--train", "{in}/train.tsv",
+                                      "-o", "{out}/s", "--checkpoint-dir", "{in}/bert"],
+      ("{in}/bert", "--checkpoint-dir is the input")),
     C("distill-o-missing-dir", ["distill", "finetune", "--model", "{in}/bert", "--train", "{in}/train.tsv",
                                 "-o", "{out}/no/s"], ("{out}/no", "does not exist")),
     C("distill-kd-teacher-missing", ["distill", "kd", "--teacher", "{in}/nope", "--train", "{in}/train.tsv",
@@ -397,10 +405,23 @@ def test_full_disk_writing_a_distillation(inputs, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
+@pytest.mark.usefixtures("one_thread")
+def test_full_disk_writing_the_eval_cache(inputs, tmp_path):
+    """The reference's log-probabilities go to a cache file (memory-mapped, its blocks reserved
+    first): a full disk there is the one line too, and no partial cache file is left."""
+    cache = tmp_path / "cache"
+    r = _limited(["eval", str(inputs / "hf"), "--text", str(inputs / "small.txt"), "--chunks", "1", "--ctx", "64",
+                  "--no-speed"], 60_000, QUANTKIT_CACHE=str(cache))
+    assert r.returncode == 2, r.stderr
+    assert_one_line(r.stderr, str(cache), "out of space")
+    left = [os.path.join(d, n) for d, _, names in os.walk(cache) for n in names]
+    assert not [p for p in left if "partial" in p or p.endswith(".npy")], left
+
+
+def _limited(args: list[str], limit: int, **env) -> subprocess.CompletedProcess:
     pre = ("import resource, signal, sys\n"
            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
            f"from quantkit.cli import main\nsys.exit(main({args!r}))\n")
     return subprocess.run([sys.executable, "-c", pre], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **env})

@@ -1,7 +1,9 @@
 """The one check and the one message for NaN/Inf weights, on every quantize path.
 
 A NaN or Inf weight is a damaged model: quantizing it would write garbage (or, for int8, quietly
-zero it), so every quantizer refuses it with the same line, naming the tensor and the file.
+zero it), so every quantizer refuses it with the same line, naming the tensor and the file. A
+model whose logits hold NaN or Inf would be scored `nan` (or, as a classifier, its argmax
+would be label 0): eval refuses it in one line too (`check_logits`).
 """
 
 from __future__ import annotations
@@ -31,3 +33,15 @@ def check_finite(t, name: str, path: str | os.PathLike | None = None) -> None:
     n = count_nonfinite(t)
     if n:
         raise nonfinite_error(name, n, path)
+
+
+def check_logits(logits, model: str, where: str) -> None:
+    """Refuse a model whose logits (a numpy array) hold NaN or Inf; `where` says which batch or
+    chunk. One float32 sum finds them; an overflowing sum of finite logits is told apart by the count."""
+    import numpy as np
+    if np.isfinite(logits.sum()):
+        return
+    n = count_nonfinite(logits)
+    if n:
+        raise QuantkitError(f"the model's logits hold {n} NaN/Inf values ({where}); it cannot be scored", model,
+                            "its weights are damaged or overflow: re-download or re-export the model")
