@@ -29,7 +29,7 @@ def _pickle_opt_in(fn):
     def wrapper(*args, trust_pickle: bool | None = None, **kwargs):
         if trust_pickle is None:
             return fn(*args, **kwargs)
-        from .models.hf import trusting_pickle
+        from .models.pickles import trusting_pickle
         with trusting_pickle(trust_pickle):
             return fn(*args, **kwargs)
     sig = _inspect.signature(fn)
