@@ -8,13 +8,36 @@
     qk.quantize_gpu("model_dir", "out_dir", recipe=quantkit.recipe.from_flags("gptq", "gptq", bits=3))
 
 What to make is a recipe (quantkit.recipe): a string such as "gguf:q4_0+gptq", or a Recipe.
+
+Functions that read language models take `trust_pickle` (default False): a Hugging Face directory
+whose weights are pytorch_model*.bin (pickles) is refused unless it is True.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect as _inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def _pickle_opt_in(fn):
+    """Adds the keyword trust_pickle to `fn`: models.hf.trusting_pickle around the call (None, as
+    when one API function calls another: as the enclosing call says; at the top, False)."""
+    @functools.wraps(fn)
+    def wrapper(*args, trust_pickle: bool | None = None, **kwargs):
+        if trust_pickle is None:
+            return fn(*args, **kwargs)
+        from .models.pickles import trusting_pickle
+        with trusting_pickle(trust_pickle):
+            return fn(*args, **kwargs)
+    sig = _inspect.signature(fn)
+    extra = _inspect.Parameter("trust_pickle", _inspect.Parameter.KEYWORD_ONLY, default=None, annotation="bool | None")
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is _inspect.Parameter.VAR_KEYWORD), len(params))
+    wrapper.__signature__ = sig.replace(parameters=[*params[:at], extra, *params[at:]])
+    return wrapper
 
 
 # ---- models: open, inspect, quantize to GGUF, demo --------------------------------
@@ -24,6 +47,7 @@ def open_model(path=None):
     return _open(path)
 
 
+@_pickle_opt_in
 def inspect(model=None) -> dict[str, Any]:
     """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer."""
     src = open_model(model)
@@ -76,6 +100,7 @@ def _recipe(recipe, calibration=None, **flags):
     return parse_recipe(recipe) if isinstance(recipe, str) else recipe
 
 
+@_pickle_opt_in
 def quantize(model=None, output: str | os.PathLike | None = None, *, format: str | None = None,  # noqa: A002
              method: str | None = None, pure: bool = False, token_embedding_type: str | None = None,
              output_tensor_type: str | None = None, calib: str | None = None, nsamples: int | None = None,
@@ -97,6 +122,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         raise QuantkitError("no output path", hint="give -o OUT")
     r = _recipe(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
                 act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
+    from .util.atomic import check_output
+    check_output(output, [model, r.calibration.file])
     fmt = r.spelling().split("+")[0]
     if r.format != "gguf":
         raise QuantkitError(f"format '{r.spelling()}' is written by "
@@ -152,9 +179,13 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
     from .models.bundled import bundled_path, cache_dir
     from .util.progress import progress
     cal = _ladder_calibration(calib, nsamples, seqlen)
+    if out_dir is not None:
+        from .util.atomic import check_output
+        check_output(out_dir, directory=True, flag="--out-dir")
     report_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
+    types = ladder_types(list(file_types))          # (an unknown rung is refused before any folder is made)
     os.makedirs(report_dir, exist_ok=True)
-    rungs = build_rungs(None, ladder_types(list(file_types)), None if out_dir is None else report_dir,
+    rungs = build_rungs(None, types, None if out_dir is None else report_dir,
                         show_progress=show_progress, calibration=cal,
                         stem=None if out_dir is None else "gemma-3-270m")
     rows = []
@@ -206,11 +237,11 @@ def quantize_dynamic(model, output, quantize_embeddings: bool = False, kernel: s
     from .quant import int8_kernels
     from .quant.dynamic import DynamicInt8Config, open_encoder, quantize_encoder_, state_dict_bytes
     from .models.encoder import save_encoder
-    from .util.atomic import check_writable_dir
+    from .util.atomic import check_output
     from .util.errors import QuantkitError
     import torch
 
-    check_writable_dir(output)
+    check_output(output, [model], directory=True)
     enc = open_encoder(model)
     if enc.meta.quantization:
         raise QuantkitError("model is already quantized", model, "start from the fp32 model")
@@ -255,10 +286,16 @@ def distill(**options) -> dict:
     unknown = sorted(set(options) - set(DistillConfig.__dataclass_fields__))
     if unknown:
         raise QuantkitError(f"unknown distill option(s): {', '.join(unknown)}")
+    from .util.atomic import check_output
+    inputs = [options.get(k) for k in ("teacher", "train", "dev", "student")]
+    for key, flag in (("output", "-o"), ("checkpoint_dir", "--checkpoint-dir")):
+        if options.get(key):
+            check_output(options[key], inputs, directory=True, flag=flag)
     return _distill(DistillConfig(**options))
 
 
 # ---- evaluation: quality, size, speed, memory --------------------------------
+@_pickle_opt_in
 def evaluate(models=None, **options):
     """Score MODELS (paths; None = the bundled model) on the same token ids against one
     reference: perplexity (llama.cpp's protocol), KL divergence, top-1 agreement, size, bits per
@@ -292,6 +329,7 @@ def _ladder_calibration(calib, nsamples, seqlen):
     return GPTQCalibration(c.file, c.nsamples, c.seqlen)
 
 
+@_pickle_opt_in
 def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None, seqlen=None, **options):
     """Quantize MODEL to a ladder of GGUF rungs and evaluate the model and every rung against its
     F32 reference. Rungs are file types, quantized by llama.cpp's round-to-nearest ("q4_0"), or
@@ -308,6 +346,9 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
 
     names = ladder_types(types)
     cal = _ladder_calibration(calib, nsamples, seqlen)
+    if out_dir is not None:
+        from .util.atomic import check_output
+        check_output(out_dir, directory=True, flag="--ladder-dir")
     if any(parse_rung(n)[1] == "gptq" for n in names):
         cal.check()
         scored = options.get("text") or default_text()
@@ -320,6 +361,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
 
 
 # ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors ----
+@_pickle_opt_in
 def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,  # noqa: A002
                  method: str | None = None, bits: int | None = None, group_size: int | None = None,
                  sym: bool | None = None, act_order: bool | None = None, calib: str | None = None,
@@ -355,6 +397,8 @@ def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,
     if model is None:
         from .models.bundled import bundled_path
         model = bundled_path()
+    from .util.atomic import check_output
+    check_output(output, [model, r.calibration.file], directory=True)
     g, cal = r.gptq, r.calibration
     cfg = GPUFormatConfig(r.format, r.bits, r.group_size, r.sym, g.act_order, r.method, g.damp, g.scale_search,
                           g.true_sequential)

@@ -191,3 +191,25 @@ def test_report_screenshot_is_not_blank(tmp_path):
     proc = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,900", out.resolve().as_uri())
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@needs_chromium
+def test_report_with_a_nan_score_still_draws(tmp_path):
+    """A row scored NaN (a NaN KL divergence or perplexity) keeps its table row ("nan") and is left
+    off the chart; the embedded data is strict JSON (no bare NaN, which JSON.parse rejects), so
+    Chromium still draws every other point."""
+    res = _result()
+    res.rows[2].kld_mean = float("nan")
+    res.rows[3].ppl = float("inf")
+    out = tmp_path / "report.html"
+    write_report(res, out)
+    page = out.read_text(encoding="utf-8")
+    data = re.search(r'<script type="application/json" id="results">(.*?)</script>', page, re.S)
+    assert data, "no embedded data"
+
+    def strict(c):
+        raise AssertionError(f"{c} in the report's JSON")
+    points = json.loads(data.group(1).replace("<\\/", "</"), parse_constant=strict)
+    assert [p["name"] for p in points] == [r.name for i, r in enumerate(res.rows) if i != 2]
+    assert len(rendered_points(out, tmp_path)) == len(res.rows) - 1
+    assert "<td>nan</td>" in page

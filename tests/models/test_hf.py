@@ -242,7 +242,7 @@ def test_sharded_bf16_and_pytorch_bin_give_same_tensors(hf_models, tmp_path):
     b = tmp_path / "bin"
     shutil.copytree(d, b, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     torch.save({k: v.to(torch.bfloat16) for k, v in hf.items()}, b / "pytorch_model.bin")
-    with HFSource(d) as st, HFSource(b) as pt:
+    with HFSource(d) as st, HFSource(b, trust_pickle=True) as pt:
         assert [t.name for t in st.tensors()] == [t.name for t in pt.tensors()]
         for t in st.tensors():
             assert torch.equal(st.load(t.name), pt.load(t.name)), t.name

@@ -53,6 +53,7 @@ def register(sub) -> None:
     options.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
                                                       "scored --text)"), ladder=True)
     options.add_config_arg(p, "eval")
+    options.add_trust_pickle_arg(p)
     p.set_defaults(func=run)
 
 
@@ -141,16 +142,18 @@ def command_line(args) -> str:
 
 def run(args) -> int:
     from .. import api
-    from ..util.atomic import check_writable_dir
+    from ..util.atomic import check_output
     from ..util.errors import QuantkitError
     from . import options as opts
 
     opts.apply_config(args)
     args.calib, args.nsamples, args.seqlen = opts.calibration_options(args)
     if args.report:  # fail before the long run, not after it
-        check_writable_dir(args.report)
         if os.path.isdir(args.report):
             raise QuantkitError("report path is an existing directory", args.report, "give a file name, e.g. report.html")
+        inputs = [*(m.removeprefix("torch:") for m in args.models), args.ref, args.text, args.task_data, args.calib,
+                  args.ladder if args.ladder and os.path.exists(args.ladder) else None]
+        check_output(args.report, inputs, flag="--report")
     if args.chunks < 0:
         raise QuantkitError(f"--chunks {args.chunks}: give 0 (all) or a positive number")
     options = dict(ref=args.ref, text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
@@ -168,12 +171,13 @@ def run(args) -> int:
                                 "make an encoder's int8 with `quantkit quantize-dynamic`, then eval both")
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
         res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir,
-                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, **options)
+                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                              trust_pickle=args.trust_pickle, **options)
     else:
         if args.calib or args.nsamples or args.seqlen:
             raise QuantkitError("--calib, --nsamples and --seqlen calibrate a ladder's GPTQ rungs",
                                 hint="use them with --ladder, e.g. --ladder q4_0,q4_0+gptq")
-        res = api.evaluate(args.models or [None], **options)
+        res = api.evaluate(args.models or [None], trust_pickle=args.trust_pickle, **options)
     res.meta["command"] = command_line(args)
     if args.report:
         from ..eval.report import write_report

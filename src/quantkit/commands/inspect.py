@@ -13,6 +13,8 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--tensors", type=int, default=None, metavar="N",
                    help="show only the first N tensors in the table (default: all)")
+    from . import options
+    options.add_trust_pickle_arg(p)
     p.set_defaults(func=run)
 
 
@@ -22,7 +24,7 @@ def _mb(n: int | None) -> str:
 
 def run(args) -> int:
     from .. import api
-    info = api.inspect(args.model)
+    info = api.inspect(args.model, trust_pickle=args.trust_pickle)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0

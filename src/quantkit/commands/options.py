@@ -139,6 +139,15 @@ def apply_config(args) -> None:
         setattr(args, dest, value)
 
 
+def add_trust_pickle_arg(p: argparse.ArgumentParser) -> None:
+    """--trust-pickle: read pytorch_model*.bin weights (pickles). A flag only, never a --config key,
+    so a downloaded config file cannot opt in; add it after add_config_arg."""
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a Hugging Face directory whose weights are pytorch_model*.bin (a pickle; loaded with "
+                        "torch.load(weights_only=True)); without it such a model is refused: convert it to "
+                        "safetensors instead")
+
+
 def print_json(obj) -> None:
     import json
     print(json.dumps(obj, indent=2, default=str))

@@ -35,6 +35,7 @@ def register(sub) -> None:
     from . import options, quantize_gptq
     quantize_gptq.register_args(p)
     options.add_config_arg(p, "quantize")
+    options.add_trust_pickle_arg(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +54,8 @@ def run(args) -> int:
         return quantize_gptq.run(args, r)
     from .. import api
     res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
-                       token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type)
+                       token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
+                       trust_pickle=args.trust_pickle)
     counts: dict[str, int] = {}
     for t in res.types.values():
         counts[t] = counts.get(t, 0) + 1

@@ -45,14 +45,15 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
     cal = r.calibration
     if r.format == "gguf" and r.method == "gptq":
         res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
-                           token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type)
+                           token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
+                           trust_pickle=getattr(args, "trust_pickle", False))
         summary = {"output": res.output, "recipe": r.spelling(), "method": r.method, "seconds": res.seconds,
                    "file_bytes": res.file_bytes, "calibration": {"file": cal.file, "nsamples": cal.nsamples,
                                                                   "seqlen": cal.seqlen}}
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; GPTQ onto llama.cpp's "
                 f"{r.type} grids, calibrated on {cal.nsamples} x {cal.seqlen} tokens)")
     elif r.format in rc.GPU_FORMATS:
-        res = api.quantize_gpu(args.model, args.output, recipe=r)
+        res = api.quantize_gpu(args.model, args.output, recipe=r, trust_pickle=getattr(args, "trust_pickle", False))
         summary = {"output": res.output, "recipe": r.spelling(), "method": r.method, "seconds": res.seconds,
                    "file_bytes": res.file_bytes, "n_linear": res.n_linear}
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear "

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..util.errors import QuantkitError
+from ..util.finite import check_logits
 from ..util.machine import machine_info, vm_kib
 from ..util.progress import progress
 from ..util.textdata import read_labelled
@@ -243,6 +244,7 @@ def score_classifiers(order: list[str], ref, task: Task, o: EvalOptions, n_threa
             if bar:
                 bar.set_description(f"eval {os.path.basename(os.path.normpath(p))}")
             logits = predict_all(enc, task.texts, o.batch_size, bar)
+            check_logits(logits, p, f"on {len(task.texts)} texts of {os.path.basename(task.path)}")
             if ref_logits is None:
                 ref_logits = logits
             rows.append(ClassifierRow(path=p, runtime="torch", is_reference=p == order[0],

@@ -23,6 +23,7 @@ Sizes come from the headers (eval.facts), speed and memory from eval.speed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import resource
@@ -37,6 +38,7 @@ import numpy as np
 from ..runtimes import Runtime, normalize_spec, open_runtime, runtime_version, split_spec
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
+from ..util.finite import check_logits
 from ..util.machine import machine_info
 from ..util.progress import progress
 from . import cache as eval_cache
@@ -209,6 +211,21 @@ def reference_files(ref: Reference, ids: list[list[int]], n_ctx: int, first: int
     return files
 
 
+def reserve(path: str) -> None:
+    """Give the (sparse) file at PATH its blocks now: a store through a memory map into a full
+    disk is a SIGBUS that kills the process, a failed fallocate an OSError (ENOSPC) that
+    atomic_output turns into its one line."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):      # a filesystem without fallocate
+            return
+        raise
+    finally:
+        os.close(fd)
+
+
 def write_reference(ref_rt: Runtime, ch: Chunks, bar) -> None:
     """The reference pass: the log-softmax of the scored rows of each missing chunk, written
     memory-mapped to its cache file."""
@@ -216,8 +233,10 @@ def write_reference(ref_rt: Runtime, ch: Chunks, bar) -> None:
         if bar:
             bar.set_description(f"eval {os.path.basename(ref_rt.path)} (reference)")
         logits = ref_rt.scored_logits(ch.ids[i], ch.first)
+        check_logits(logits, ref_rt.path, f"chunk {i + 1}")
         with atomic_output(ch.files[i]) as tmp:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=logits.shape)
+            reserve(tmp)
             metrics.log_softmax_into(logits, mm)
             mm.flush()
             del mm
@@ -254,6 +273,7 @@ def score_model(spec: str, runtime: str, ch: Chunks, ref_vocab_n: int, o: EvalOp
         scores = metrics.Scores()
         for i, c in enumerate(ch.ids):
             logits = rt.scored_logits(c, ch.first)
+            check_logits(logits, spec, f"chunk {i + 1}")
             lp = load_ref_chunk(ch.files[i])
             metrics.score_against_reference(logits, lp, c[ch.first + 1:], scores)
             del lp, logits

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from typing import Any
 
@@ -270,6 +271,21 @@ def _classifier_table(rows: list[ClassifierRow], front: list[bool], task: str) -
     return head, out
 
 
+def _plottable(point: dict) -> bool:
+    return all(isinstance(point[k], (int, float)) and math.isfinite(point[k]) for k in ("size_mb", "kld"))
+
+
+def _finite_or_null(obj):
+    """`obj` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def render(result: EvalResult) -> str:
     rows = result.rows
     meta = result.meta
@@ -307,7 +323,10 @@ def render(result: EvalResult) -> str:
     machine = meta.get("machine", {})
     mach = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in machine.items())
     met = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.get("metrics", {}).items())
-    data_json = json.dumps(points).replace("</", "<\\/")
+    # a row whose size or KL divergence is not a finite number has no place on the chart (its table
+    # row says "nan"); JSON has no NaN (the browser's JSON.parse rejects Python's bare NaN), so none is written
+    points = [_finite_or_null(p) for p in points if _plottable(p)]
+    data_json = json.dumps(points, allow_nan=False).replace("</", "<\\/")
     files = "".join(f"<li><code>{html.escape(r.path)}</code></li>" for r in rows)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>quantkit eval report</title>

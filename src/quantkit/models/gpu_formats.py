@@ -40,6 +40,7 @@ import torch
 
 from ..codecs.intpack import pack_int32, unpack_int32
 from ..util.errors import QuantkitError
+from ..util.finite import check_finite
 
 GPU_FORMATS = ("gptq", "compressed-tensors")
 FORMAT_BITS = {"gptq": (2, 3, 4, 8), "compressed-tensors": (2, 3, 4, 5, 6, 8)}
@@ -171,8 +172,7 @@ class RowChunks:
             t = self.read(r0, r1)
             if tuple(t.shape) != (r1 - r0, self.shape[1]):
                 raise QuantkitError(f"tensor {self.name}: rows {r0}:{r1} came back with shape {tuple(t.shape)}")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise QuantkitError(f"tensor {self.name} contains NaN or Inf")
+            check_finite(t, self.name)
             yield t.to(self.dtype)
 
 

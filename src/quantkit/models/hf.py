@@ -8,7 +8,10 @@ Gemma's 1 + w norms, ...; the per-architecture facts live in `arch.HF_ARCHS`).
 
 Nothing is read eagerly but headers: safetensors tensors are read with pread, one per `load`
 (never memory-mapped, so a model larger than RAM streams through in bounded memory), .bin
-files with `torch.load(mmap=True)`.
+files with `torch.load(mmap=True, weights_only=True)`, and only when asked: a .bin file is a
+pickle, so it is read only when trusted (models.pickles: the CLI's --trust-pickle, the API's
+trust_pickle=True, or `HFSource(..., trust_pickle=True)`); otherwise it is refused with a
+one-line error that says how to convert it to safetensors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from quantkit.models.arch import (
     permute_for_rope,
     supported_hf_architectures,
 )
+from quantkit.models.pickles import require_trusted
 from quantkit.models.safetensors_file import SafetensorsFile
 from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
 from quantkit.models.tokenizer_convert import convert_tokenizer
@@ -98,10 +102,12 @@ def _str(v: str) -> MetaValue:
 class HFSource(ModelSource):
     """A Hugging Face directory of a Llama-family model (llama, mistral, qwen2, gemma3)."""
 
-    def __init__(self, path: str | os.PathLike, tokenizer: bool = True):
+    def __init__(self, path: str | os.PathLike, tokenizer: bool = True, trust_pickle: bool | None = None):
         """tokenizer=False: weights only (no GGUF vocabulary is converted; `tokenizer` is None and
-        the metadata has no tokenizer keys): for readers that use the directory's own tokenizer."""
+        the metadata has no tokenizer keys): for readers that use the directory's own tokenizer.
+        trust_pickle: read pytorch_model*.bin weights (None: as the enclosing trusting_pickle() says)."""
         self.path = os.fspath(path)
+        self._trust_pickle = trust_pickle
         if not os.path.exists(self.path):
             raise QuantkitError("no such model directory", self.path, "check the path")
         if not os.path.isdir(self.path):
@@ -190,6 +196,8 @@ class HFSource(ModelSource):
     def _index_weights(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
         kind, files = self._weight_files()
         index: dict[str, tuple[str, tuple[int, ...], str]] = {}
+        if kind == "bin":
+            require_trusted(self.path, self._trust_pickle, files)
         for fn in files:
             if kind == "safetensors":
                 try:

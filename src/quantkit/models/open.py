@@ -22,6 +22,8 @@ def open_model(path: str | os.PathLike | None = None) -> ModelSource:
                                 "expected a Hugging Face model directory (config.json + *.safetensors)")
         from .hf import HFSource
         return HFSource(p)
+    if not os.path.isfile(p):              # a FIFO or a device would block the read or never end
+        raise QuantkitError("not a regular file", p, "give a .gguf file or a Hugging Face model directory")
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":

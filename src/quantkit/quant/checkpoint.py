@@ -16,6 +16,7 @@ from torch import nn
 from ..models.gguf import GGUFSource
 from ..models.gpu_formats import CheckpointWriter
 from ..util.errors import QuantkitError
+from ..util.finite import check_finite
 from ..util.memory import map_large, trim
 from .driver import StreamingModel, quantize_blocks
 from .gptq import GPTQConfig
@@ -166,8 +167,7 @@ class CheckpointSink:
             if sm.lazy_embeddings and name == embed_name:
                 writer.add_rows(name, embed_shape, lambda r0, r1: sm.rows(embed_name, r0, r1))
                 continue
-            if not torch.isfinite(t).all():
-                raise QuantkitError(f"tensor {name} contains NaN or Inf", path)
+            check_finite(t, name, path)
             writer.add(name, t)
         if not tied and sm.lazy_embeddings:
             try:

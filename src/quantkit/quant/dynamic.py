@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..models.encoder import Encoder, load_encoder, save_encoder
+from ..util.finite import check_finite
 from . import int8_kernels as K
 
 METHOD = "dynamic-int8"
@@ -280,6 +281,8 @@ def quantize_encoder_(enc: Encoder, config: DynamicInt8Config | None = None) -> 
     config = config or DynamicInt8Config()
     if enc.meta.quantization:
         raise ValueError("encoder is already quantized")
+    for name, t in enc.state_dict().items():
+        check_finite(t, name, enc.source_dir)
     skip = list(config.skip) + ["head"]
     cfg = DynamicInt8Config(config.quantize_embeddings, config.kernel, config.activation_granularity, skip)
     modules = quantize_dynamic_(enc, cfg)

@@ -15,6 +15,7 @@ from ..codecs.registry import can_encode, qtype
 from ..models.gguf import write_gguf_file
 from ..models.source import ModelSource
 from ..util.errors import QuantkitError
+from ..util.finite import count_nonfinite, nonfinite_error
 from ..util.progress import progress
 from .gguf_policy import FILE_TYPES, ModelFacts, TypePolicy, tensor_order
 
@@ -106,9 +107,7 @@ def export_gguf(source: ModelSource, out: str | os.PathLike, file_type: str = "q
         try:
             return encode(target, x)
         except NonFiniteError:
-            bad = int((~torch.isfinite(x)).sum())
-            raise QuantkitError(f"tensor {name} has {bad} NaN/Inf values", source.path,
-                                "the model file is damaged; nothing was written") from None
+            raise nonfinite_error(name, count_nonfinite(x), source.path) from None
 
     def written(name: str, nbytes: int) -> None:
         source.release(name)

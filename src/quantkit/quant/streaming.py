@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..util.errors import QuantkitError
+from ..util.finite import check_finite
 from .pipeline import decoder_layers
 
 
@@ -86,9 +87,7 @@ def block_loader(fetch, path: str):
             t = fetch(f"{lp}.{n}")
             if t is None or t.shape != p.shape:
                 raise QuantkitError(f"the model has no tensor of shape {tuple(p.shape)} for {lp}.{n}", path)
-            if not torch.isfinite(t).all():
-                raise QuantkitError(f"tensor {lp}.{n} contains NaN or Inf", path,
-                                    "the source weights are damaged; re-download or re-convert them")
+            check_finite(t, f"{lp}.{n}", path)
             p.data = t
     return load_block
 
@@ -132,7 +131,6 @@ def compact_embeddings(model, rows, input_ids: torch.Tensor) -> torch.Tensor:
         sel = (uniq >= r0) & (uniq < r1)
         if bool(sel.any()):
             table[sel] = rows(name, r0, r1)[uniq[sel] - r0]
-    if not torch.isfinite(table).all():
-        raise QuantkitError(f"tensor {name} contains NaN or Inf")
+    check_finite(table, name)
     emb.weight.data = table
     return inv.reshape(input_ids.shape)
