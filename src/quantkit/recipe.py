@@ -83,12 +83,20 @@ class Calibration:
     def __post_init__(self):
         if self.file is not None:
             object.__setattr__(self, "file", v.as_path(self.file, "--calib"))
-        object.__setattr__(self, "nsamples", v.as_int(
-            self.nsamples, "--nsamples", 1, MAX_NSAMPLES,
-            hint=f"GPTQ calibration needs at least 1 sample; give 1 to {MAX_NSAMPLES:,}"))
-        object.__setattr__(self, "seqlen", v.as_int(
-            self.seqlen, "--seqlen", 2, MAX_SEQLEN,
-            hint=f"GPTQ calibration needs samples of at least 2 tokens; give 2 to {MAX_SEQLEN:,}"))
+        object.__setattr__(self, "nsamples", check_nsamples(self.nsamples))
+        object.__setattr__(self, "seqlen", check_seqlen(self.seqlen))
+
+
+def check_nsamples(n) -> int:
+    """--nsamples: calibration samples, 1 to MAX_NSAMPLES (flags, config keys, API arguments)."""
+    return v.as_int(n, "--nsamples", 1, MAX_NSAMPLES,
+                    hint=f"GPTQ calibration needs at least 1 sample; give 1 to {MAX_NSAMPLES:,}")
+
+
+def check_seqlen(n) -> int:
+    """--seqlen: tokens per calibration sample, 2 to MAX_SEQLEN."""
+    return v.as_int(n, "--seqlen", 2, MAX_SEQLEN,
+                    hint=f"GPTQ calibration needs samples of at least 2 tokens; give 2 to {MAX_SEQLEN:,}")
 
 
 LADDER_CALIBRATION = Calibration(None, LADDER_NSAMPLES, LADDER_SEQLEN)
@@ -429,5 +437,6 @@ def from_dict(d: dict[str, Any], *, where: str | None = None, calibration: Calib
 
 
 __all__ = ["Recipe", "Calibration", "GPTQKnobs", "parse_recipe", "split_recipe", "deprecation_note", "from_flags", "from_dict",
+           "check_nsamples", "check_seqlen",
            "weight_spec", "parse_weight_spec", "valid_spellings", "CONFIG_KEYS", "LADDER_CALIBRATION",
            "DEFAULT_NSAMPLES", "DEFAULT_SEQLEN", "DEFAULT_DAMP", "DEFAULT_SHRINK", "DEFAULT_FORMAT"]

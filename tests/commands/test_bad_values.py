@@ -11,7 +11,7 @@ from quantkit.cli import main
 from helpers.cli import assert_one_line
 
 LONG = "9" * 5000
-Q = ["quantize", "missing-model"]
+Q = ["quantize", "missing-model", "-o", "out.gguf"]
 E = ["eval", "missing.gguf", "--no-speed"]
 D = ["distill", "finetune", "--train", "missing.tsv"]
 K = ["distill", "kd", "--teacher", "missing-teacher", "--train", "missing.tsv"]
@@ -39,7 +39,7 @@ CASES = [
       for cmd in (Q + ["--format", "gguf:q4_0+gptq"], ["eval", "--ladder", "q4_0+gptq"], ["demo"])
       for flag, val, problem in (("--nsamples", "0", "out of range"), ("--nsamples", "-1", "out of range"),
                                  ("--nsamples", LONG, "too long for a number"), ("--nsamples", "1.5", "not an integer"),
-                                 ("--seqlen", "1", "from 2 to"), ("--seqlen", "1000000000", "out of range"))],
+                                 ("--seqlen", "1", "at least 2 tokens"), ("--seqlen", "1000000000", "out of range"))],
     # threads, on every command that takes them
     *[(cmd + ["--threads", t], ["--threads", problem])
       for cmd in (Q + ["--format", "gptq:w4g128+gptq"], E, ["demo"])

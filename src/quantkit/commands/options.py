@@ -36,13 +36,11 @@ def add_calibration_args(g, ladder: bool) -> None:
     else:
         cal, text, why = rc.Calibration(), "wikitext-2 valid, shipped with quantkit", ""
     g.add_argument("--calib", type=v.str_arg(), metavar="FILE", help=f"GPTQ calibration text, any UTF-8 file (default: {text})")
-    g.add_argument("--nsamples", type=v.int_arg(1, rc.MAX_NSAMPLES), metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
-    g.add_argument("--seqlen", type=v.int_arg(2, rc.MAX_SEQLEN), metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
+    g.add_argument("--nsamples", type=v.int_arg(), metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
+    g.add_argument("--seqlen", type=v.int_arg(), metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
     if ladder:
-        g.add_argument("--calib-samples", dest="old_calib_samples", type=v.int_arg(1, rc.MAX_NSAMPLES),
-                       help=argparse.SUPPRESS)
-        g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=v.int_arg(2, rc.MAX_SEQLEN),
-                       help=argparse.SUPPRESS)
+        g.add_argument("--calib-samples", dest="old_calib_samples", type=v.int_arg(), help=argparse.SUPPRESS)
+        g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=v.int_arg(), help=argparse.SUPPRESS)
 
 
 def calibration_options(args) -> tuple[str | None, int | None, int | None]:
@@ -58,7 +56,10 @@ def calibration_options(args) -> tuple[str | None, int | None, int | None]:
             nsamples = value if nsamples is None else nsamples
         else:
             seqlen = value if seqlen is None else seqlen
-    return args.calib, nsamples, seqlen
+    # ranges checked here, once, for every command (a usage error from argparse would leave
+    # main() by SystemExit instead of returning the one-line error's status)
+    return (args.calib, None if nsamples is None else rc.check_nsamples(nsamples),
+            None if seqlen is None else rc.check_seqlen(seqlen))
 
 
 def add_gptq_args(g) -> None:
@@ -143,6 +144,8 @@ def _config_value(key: str, value, act: argparse.Action, path: str):
     flag's own type check (typed YAML values too: 128, 0.01, .inf), a string where the flag
     takes text, a list of strings where it takes several."""
     name = f"option '{key}'"
+    if value is True and act.nargs == "?" and act.const is not None:
+        return act.const                              # ladder: true, as a bare --ladder
     many = act.nargs in ("*", "+")
     if many and not isinstance(value, list):
         value = [value]
