@@ -137,6 +137,14 @@ def _check_rope(rp: Any, key: str, where: str) -> None:
         for f in ("rope_type", "type"):
             if d.get(f) is not None:
                 v.as_str(d[f], f"{name}.{f}", max_len=100, path=where)
+        kind_ = str(d.get("rope_type") or d.get("type") or "").lower()
+        if kind_ == "yarn" and d.get("factor") is not None and d.get("original_max_position_embeddings") is None:
+            v.fail(f"{name}.original_max_position_embeddings", None, "is missing",
+                   "YaRN scales from the context the model was trained on; give it", where)
+        low, high = d.get("low_freq_factor", 1.0), d.get("high_freq_factor", 4.0)
+        if kind_ == "llama3" and high <= low:
+            v.fail(f"{name}.high_freq_factor", high, f"is not above low_freq_factor {low}",
+                   "Llama-3 RoPE scaling interpolates between the two", where)
 
 
 def _check_heads(cfg: dict, where: str, prefix: str) -> None:

@@ -52,8 +52,9 @@ def kind(value: Any) -> str:
 
 
 def fail(name: str, value: Any, problem: str, hint: str | None = None, path: str | None = None):
-    """Raise the one-line error for `name` = `value`: "NAME VALUE PROBLEM (HINT)"."""
-    subject = f"{name} {echo(value)}" if name else echo(value)
+    """Raise the one-line error for `name` = `value`: "NAME VALUE PROBLEM (HINT)" ("NAME PROBLEM"
+    for a value of None: absent, or JSON/YAML null)."""
+    subject = name if (name and value is None) else f"{name} {echo(value)}" if name else echo(value)
     err = QuantkitError(f"{subject} {problem}", path, hint)
     err.problem = problem
     raise err
