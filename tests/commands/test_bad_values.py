@@ -47,6 +47,8 @@ CASES = [
     (Q + ["--format", "gptq", "--bits", "four"], ["--bits", "not an integer"]),
     (Q + ["--format", "gptq", "--group-size", LONG], ["--group-size", "too long for a number"]),
     (Q + ["--format", LONG[:500]], ["--format", "too long"]),
+    (Q + ["--kernel", "k" * 100_000], ["--kernel", "invalid choice", "…"]),       # argparse's own message, cut
+    (Q + ["--no-such-flag\nsecond line" + "x" * 5000], ["unrecognized arguments", "\\n"]),
     # eval
     (E + ["--chunks", "-1"], ["--chunks", "from 0 to"]),
     (E + ["--ctx", "0"], ["--ctx", "from 8 to"]),
@@ -173,7 +175,7 @@ def test_typed_config_values_are_read_as_their_flags(tmp_path, capsys):
     r = options.recipe_from_args(args)
     assert (r.calibration.nsamples, r.calibration.seqlen, r.gptq.damp, args.threads) == (8, 64, 0.02, 2)
     assert type(r.calibration.nsamples) is int
-    cfg.write_text('{"models": "a.gguf", "ctx": 256}')
+    cfg.write_text('{"models": "a.gguf", "ctx": 256, "ladder": true}')
     args = build_parser().parse_args(["eval", "--config", str(cfg)])
     options.apply_config(args)
-    assert args.models == ["a.gguf"] and args.ctx == 256
+    assert args.models == ["a.gguf"] and args.ctx == 256 and args.ladder == "default"
