@@ -123,6 +123,8 @@ CONFIG_CASES = [
     ("quantize", "nsamples: 1.5\n", ["option 'nsamples'", "not a whole number"]),
     ("quantize", "nsamples: true\n", ["option 'nsamples'", "not an integer"]),
     ("quantize", "seqlen: [64]\n", ["option 'seqlen'", "is a list, not an integer"]),
+    ("quantize", "nsamples: 0\n", ["option 'nsamples'", "at least 1 sample"]),
+    ("eval", "seqlen: 1\nladder: true\n", ["option 'seqlen'", "at least 2 tokens"]),
     ("quantize", "damp: -1\n", ["option 'damp'", "out of range"]),
     ("quantize", "damp: .nan\n", ["option 'damp'", "not a finite number"]),
     ("quantize", "damp: '0.1'\nshrink: 3\n", ["option 'shrink'", "fraction from 0 to 1"]),

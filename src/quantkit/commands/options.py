@@ -21,6 +21,14 @@ MAX_CTX = 1 << 20                 # tokens per evaluated chunk / sequence
 MAX_COUNT = 1_000_000_000         # example limits, chunk counts, steps
 
 
+def _counted(check):
+    """argparse type for --nsamples / --seqlen: a bounded integer numeral; the range (`check`)
+    is applied by calibration_options on every command, and to a config file's value at once."""
+    t = v.int_arg()
+    t.check = check
+    return t
+
+
 def threads_arg():
     """--threads N: 1 to MAX_THREADS."""
     return v.int_arg(1, MAX_THREADS)
@@ -36,8 +44,8 @@ def add_calibration_args(g, ladder: bool) -> None:
     else:
         cal, text, why = rc.Calibration(), "wikitext-2 valid, shipped with quantkit", ""
     g.add_argument("--calib", type=v.str_arg(), metavar="FILE", help=f"GPTQ calibration text, any UTF-8 file (default: {text})")
-    g.add_argument("--nsamples", type=v.int_arg(), metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
-    g.add_argument("--seqlen", type=v.int_arg(), metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
+    g.add_argument("--nsamples", type=_counted(rc.check_nsamples), metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
+    g.add_argument("--seqlen", type=_counted(rc.check_seqlen), metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
     if ladder:
         g.add_argument("--calib-samples", dest="old_calib_samples", type=v.int_arg(), help=argparse.SUPPRESS)
         g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=v.int_arg(), help=argparse.SUPPRESS)
