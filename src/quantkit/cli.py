@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
     """A usage mistake is one line (what is wrong, where to look), not argparse's usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        from .util.errors import clip       # argparse echoes a bad value whole: keep ~300 characters of it
+        self.exit(2, f"{self.prog}: error: {clip(message, 600)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

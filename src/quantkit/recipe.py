@@ -27,6 +27,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .util import validate as v
 from .util.errors import QuantkitError
 
 FORMATS = ("gguf", "gptq", "compressed-tensors", "int8")
@@ -57,6 +58,12 @@ DEFAULT_SHRINK = {"gguf": 0.1, "gptq": 0.0, "compressed-tensors": 0.0}
 LADDER_NSAMPLES = 16
 LADDER_SEQLEN = 256
 LADDER_CALIB_TEXT = "wikitext2-valid-excerpt.txt"     # under quantkit/data
+# Ranges the flags, config keys and API arguments are held to (absurd values end in one line
+# before any work starts, not in an allocation failure an hour later).
+MAX_NSAMPLES = 1 << 20
+MAX_SEQLEN = 1 << 20
+MAX_DAMP = 1.0                   # a fraction of the mean Hessian diagonal
+MAX_RECIPE_TEXT = 100            # the longest recipe spelled is under 40 characters
 CALIB_TEXT = "wikitext-2/valid.txt"                   # quantize's default, under quantkit/data
 
 
@@ -74,10 +81,22 @@ class Calibration:
     seqlen: int = DEFAULT_SEQLEN
 
     def __post_init__(self):
-        if not isinstance(self.nsamples, int) or not isinstance(self.seqlen, int) \
-                or self.nsamples < 1 or self.seqlen < 2:
-            raise QuantkitError(f"GPTQ calibration needs at least 1 sample of at least 2 tokens "
-                                f"(got {self.nsamples} x {self.seqlen})", hint="--nsamples N --seqlen L")
+        if self.file is not None:
+            object.__setattr__(self, "file", v.as_path(self.file, "--calib"))
+        object.__setattr__(self, "nsamples", check_nsamples(self.nsamples))
+        object.__setattr__(self, "seqlen", check_seqlen(self.seqlen))
+
+
+def check_nsamples(n) -> int:
+    """--nsamples: calibration samples, 1 to MAX_NSAMPLES (flags, config keys, API arguments)."""
+    return v.as_int(n, "--nsamples", 1, MAX_NSAMPLES,
+                    hint=f"GPTQ calibration needs at least 1 sample; give 1 to {MAX_NSAMPLES:,}")
+
+
+def check_seqlen(n) -> int:
+    """--seqlen: tokens per calibration sample, 2 to MAX_SEQLEN."""
+    return v.as_int(n, "--seqlen", 2, MAX_SEQLEN,
+                    hint=f"GPTQ calibration needs samples of at least 2 tokens; give 2 to {MAX_SEQLEN:,}")
 
 
 LADDER_CALIBRATION = Calibration(None, LADDER_NSAMPLES, LADDER_SEQLEN)
@@ -93,10 +112,15 @@ class GPTQKnobs:
     shrink: float | None = None
 
     def __post_init__(self):
-        if not self.damp >= 0:
-            raise QuantkitError(f"--damp must be >= 0, got {self.damp}", hint="a fraction such as 0.01")
-        if self.shrink is not None and not 0.0 <= self.shrink <= 1.0:
-            raise QuantkitError(f"--shrink must be in [0, 1], got {self.shrink}", hint="a fraction such as 0.1")
+        object.__setattr__(self, "damp", v.as_float(self.damp, "--damp", 0.0, MAX_DAMP,
+                                                    hint="give a fraction from 0 to 1, such as 0.01"))
+        if self.shrink is not None:
+            object.__setattr__(self, "shrink", v.fraction(self.shrink, "--shrink",
+                                                          hint="give a fraction from 0 to 1, such as 0.1"))
+        for name, flag in (("act_order", "--act-order"), ("true_sequential", "--no-true-sequential"),
+                           ("scale_search", "--no-scale-search")):
+            if not isinstance(getattr(self, name), bool):
+                v.fail(flag, getattr(self, name), "is not true or false", "an on/off option takes true or false")
 
 
 @dataclass(frozen=True)
@@ -182,6 +206,14 @@ def valid_spellings() -> str:
 
 
 def _validate(r: Recipe) -> None:
+    for f in ("format", "method", "type"):
+        if getattr(r, f) is not None or f != "type":
+            v.as_str(getattr(r, f), f"recipe {f}", max_len=MAX_RECIPE_TEXT)
+    for f in ("bits", "group_size"):
+        if getattr(r, f) is not None:
+            v.as_int(getattr(r, f), f"--{f.replace('_', '-')}", -1, 1024)
+    if r.sym is not None and not isinstance(r.sym, bool):
+        v.fail("--sym/--asym", r.sym, "is not true or false", "sym: true (symmetric) or false (with zero points)")
     name = f"recipe '{_spell_loosely(r)}'"
     if r.format not in FORMATS:
         raise QuantkitError(f"{name}: unknown format '{r.format}'",
@@ -257,6 +289,8 @@ def split_recipe(text: str) -> Parsed:
     s = str(text).strip().lower()
     if not s:
         raise QuantkitError("empty recipe", hint=valid_spellings())
+    if len(s) > MAX_RECIPE_TEXT:
+        v.fail("recipe", text, f"is too long ({len(s):,} characters)", valid_spellings())
     old = _old_spelling(s)
     if old is not None:
         return old
@@ -403,5 +437,6 @@ def from_dict(d: dict[str, Any], *, where: str | None = None, calibration: Calib
 
 
 __all__ = ["Recipe", "Calibration", "GPTQKnobs", "parse_recipe", "split_recipe", "deprecation_note", "from_flags", "from_dict",
+           "check_nsamples", "check_seqlen",
            "weight_spec", "parse_weight_spec", "valid_spellings", "CONFIG_KEYS", "LADDER_CALIBRATION",
            "DEFAULT_NSAMPLES", "DEFAULT_SEQLEN", "DEFAULT_DAMP", "DEFAULT_SHRINK", "DEFAULT_FORMAT"]

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import time
 
+from ..util import validate as v
+from . import options as opts
+
+MAX_TOKENS = 4096            # generated tokens per rung
+
 
 def register(sub) -> None:
     from ..api import DEMO_LADDER
@@ -15,21 +20,21 @@ def register(sub) -> None:
                                    "WikiText-2 excerpt shipped with quantkit, and print a table and an HTML "
                                    "report. The first run takes a few minutes on 2 cores (GPTQ most of it); "
                                    "files are cached, so a rerun takes about a minute.")
-    p.add_argument("--out-dir", help="where the GGUF files and report.html go, written afresh (default: "
+    p.add_argument("--out-dir", type=v.str_arg(), help="where the GGUF files and report.html go, written afresh (default: "
                                      "quantkit's cache, re-used between runs; report in ~/.cache/quantkit/demo)")
-    p.add_argument("--types", default=None, metavar="RUNGS",
+    p.add_argument("--types", default=None, metavar="RUNGS", type=v.str_arg(),
                    help="comma-separated rungs, recipes of GGUF file types: TYPE (llama.cpp round-to-nearest) "
                         "or TYPE+gptq (default " + ",".join(DEMO_LADDER) + "; the old TYPE-gptq is still read)")
-    p.add_argument("--prompt", default=None, help="prompt to continue")
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--eval-chunks", type=int, default=4,
+    p.add_argument("--prompt", default=None, type=v.str_arg(), help="prompt to continue")
+    p.add_argument("--max-tokens", type=v.int_arg(1, MAX_TOKENS), default=24,
+                   help=f"tokens each rung generates (default 24, at most {MAX_TOKENS})")
+    p.add_argument("--eval-chunks", type=v.int_arg(0, opts.MAX_COUNT), default=4,
                    help="chunks of the shipped WikiText-2 test excerpt to score against the F32 reference (0: none)")
-    p.add_argument("--eval-ctx", type=int, default=256, help="tokens per eval chunk (default 256)")
-    p.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: up to 2)")
+    p.add_argument("--eval-ctx", type=v.int_arg(8, opts.MAX_CTX), default=256, help="tokens per eval chunk (default 256)")
+    p.add_argument("--threads", type=opts.threads_arg(), metavar="N", help="llama.cpp threads (default: up to 2)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the tables")
-    from . import options
-    options.add_calibration_args(p.add_argument_group("calibration of the GPTQ rungs"), ladder=True)
-    options.add_config_arg(p, "demo")
+    opts.add_calibration_args(p.add_argument_group("calibration of the GPTQ rungs"), ladder=True)
+    opts.add_config_arg(p, "demo")
     p.set_defaults(func=run)
 
 
@@ -40,25 +45,18 @@ def _s(x) -> str:
 def run(args) -> int:
     from .. import api
     from ..util.errors import QuantkitError
-    from . import options
-    options.apply_config(args)
-    calib, nsamples, seqlen = options.calibration_options(args)
-    if args.max_tokens < 1:
-        raise QuantkitError("--max-tokens must be at least 1")
+    opts.apply_config(args)
+    calib, nsamples, seqlen = opts.calibration_options(args)
     types = [t.strip().lower() for t in (args.types or ",".join(api.DEMO_LADDER)).split(",") if t.strip()]
     if not types:
         raise QuantkitError("--types is empty", hint="e.g. --types q8_0,q4_0,q4_0+gptq")
-    if args.eval_chunks < 0:
-        raise QuantkitError("--eval-chunks must be 0 or more")
-    if args.threads is not None and args.threads < 1:
-        raise QuantkitError("--threads must be at least 1")
     t0 = time.perf_counter()
     rows = api.demo(args.out_dir, types, prompt=args.prompt or api.DEMO_PROMPT, max_tokens=args.max_tokens,
                     eval_chunks=args.eval_chunks, eval_ctx=args.eval_ctx, calib=calib,
                     nsamples=nsamples, seqlen=seqlen, n_threads=args.threads)
     total = time.perf_counter() - t0
     if args.json:
-        options.print_json({"prompt": args.prompt or api.DEMO_PROMPT, "seconds": total,
+        opts.print_json({"prompt": args.prompt or api.DEMO_PROMPT, "seconds": total,
                             "rows": [r.to_dict() for r in rows]})
         return 0
     print(f"\nprompt: {args.prompt or api.DEMO_PROMPT!r} (greedy, llama.cpp, {rows[0].threads} threads)\n")

@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 import shlex
 
+from ..util import validate as v
+from . import options as opts
+
+MAX_SPEED_RUNS = 1000
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -20,40 +25,39 @@ def register(sub) -> None:
                     "directories in transformers (torch, CPU, float32). Encoder classifiers (BERT-family "
                     "directories with a classification head, fp32 or dynamic-int8) are scored by task accuracy "
                     "instead (SST-2 dev by default).")
-    p.add_argument("models", nargs="*", metavar="MODEL",
+    p.add_argument("models", nargs="*", metavar="MODEL", type=v.str_arg(),
                    help="a .gguf file or Hugging Face model directory (default: the bundled model); "
                         "torch:FILE.gguf runs a GGUF (gemma3, llama) in transformers at F32")
-    p.add_argument("--ref", metavar="REF", help="reference model (default: the F32 dequantization of the first MODEL)")
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: $QUANTKIT_EVAL_TEXT or wikitext-2 "
+    p.add_argument("--ref", metavar="REF", type=v.str_arg(), help="reference model (default: the F32 dequantization of the first MODEL)")
+    p.add_argument("--text", metavar="FILE", type=v.str_arg(), help="UTF-8 text to score (default: $QUANTKIT_EVAL_TEXT or wikitext-2 "
                                                   "test.txt of a development checkout)")
-    p.add_argument("--chunks", type=int, default=8, metavar="N", help="number of chunks (default 8; 0 = all)")
-    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk, BOS included (default 512)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--chunks", type=v.int_arg(0, opts.MAX_COUNT), default=8, metavar="N", help="number of chunks (default 8; 0 = all)")
+    p.add_argument("--ctx", type=v.int_arg(8, opts.MAX_CTX), default=512, metavar="N", help="tokens per chunk, BOS included (default 512)")
+    p.add_argument("--threads", type=opts.threads_arg(), metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--no-speed", action="store_true", help="skip the load / tokens-per-second / peak-RSS probes")
-    p.add_argument("--speed-runs", type=int, default=3, metavar="N", help="runs per speed figure, median reported (default 3)")
+    p.add_argument("--speed-runs", type=v.int_arg(1, MAX_SPEED_RUNS), default=3, metavar="N", help="runs per speed figure, median reported (default 3)")
     p.add_argument("--no-cache", action="store_true", help="do not keep the reference's log-probabilities on disk")
-    p.add_argument("--cache-max", metavar="SIZE",
+    p.add_argument("--cache-max", metavar="SIZE", type=v.str_arg(v.MAX_NUMBER_TEXT),
                    help="cap of the eval cache (reference log-probabilities, F32 references), least recently used "
                         "deleted first after each run, e.g. 4G, 500M, 0 (default: $QUANTKIT_EVAL_CACHE_MAX or 4G)")
-    p.add_argument("--task-data", metavar="FILE",
+    p.add_argument("--task-data", metavar="FILE", type=v.str_arg(),
                    help="classifiers: label<TAB>text examples (default: $QUANTKIT_EVAL_TASK_DATA or SST-2 dev.tsv "
                         "of a development checkout)")
-    p.add_argument("--task-limit", type=int, metavar="N", help="classifiers: score the first N examples only")
+    p.add_argument("--task-limit", type=v.int_arg(1, opts.MAX_COUNT), metavar="N", help="classifiers: score the first N examples only")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (table, size vs KLD chart)")
-    p.add_argument("--ladder", nargs="?", const="default", metavar="RUNGS",
+    p.add_argument("--report", metavar="OUT.html", type=v.str_arg(), help="write a self-contained HTML report (table, size vs KLD chart)")
+    p.add_argument("--ladder", nargs="?", const="default", metavar="RUNGS", type=v.str_arg(),
                    help="quantize MODEL to a ladder of GGUF types and evaluate them all (default: F16, Q8_0, "
                         "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes; or a comma list of "
                         "recipes, e.g. q8_0,q4_0,q4_0+gptq: TYPE (or gguf:TYPE) is llama.cpp's round-to-nearest, "
                         "TYPE+gptq GPTQ onto the same type; the old TYPE-gptq is still read)")
-    p.add_argument("--ladder-dir", metavar="DIR",
+    p.add_argument("--ladder-dir", metavar="DIR", type=v.str_arg(),
                    help="where ladder files go, written afresh (default: quantkit's cache, where a rung is re-used, "
                         "keyed by source, type, method and calibration)")
-    from . import options
-    options.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
-                                                      "scored --text)"), ladder=True)
-    options.add_config_arg(p, "eval")
-    options.add_trust_pickle_arg(p)
+    opts.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
+                                                   "scored --text)"), ladder=True)
+    opts.add_config_arg(p, "eval")
+    opts.add_trust_pickle_arg(p)
     p.set_defaults(func=run)
 
 
@@ -144,7 +148,6 @@ def run(args) -> int:
     from .. import api
     from ..util.atomic import check_output
     from ..util.errors import QuantkitError
-    from . import options as opts
 
     opts.apply_config(args)
     args.calib, args.nsamples, args.seqlen = opts.calibration_options(args)
@@ -154,8 +157,6 @@ def run(args) -> int:
         inputs = [*(m.removeprefix("torch:") for m in args.models), args.ref, args.text, args.task_data, args.calib,
                   args.ladder if args.ladder and os.path.exists(args.ladder) else None]
         check_output(args.report, inputs, flag="--report")
-    if args.chunks < 0:
-        raise QuantkitError(f"--chunks {args.chunks}: give 0 (all) or a positive number")
     options = dict(ref=args.ref, text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
                    speed=not args.no_speed, speed_runs=args.speed_runs, cache=not args.no_cache,
                    cache_max=args.cache_max, task_data=args.task_data, task_limit=args.task_limit)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+from ..util import validate as v
+
+MAX_NAME = 300               # longer than any repository id or file name
+
 
 def _gb(b: int | None) -> str:
     return "-" if b is None else f"{b / 1e9:.2f} GB ({b / (1 << 30):.2f} GiB)"
@@ -57,6 +61,6 @@ def register(sub) -> None:
     p = sub.add_parser("explain", help="decode a model name: method, bits, group size, format, runtime, size",
                        description="Decode a model name or tag, e.g. 'Llama-2-13B-chat-GPTQ', "
                                    "'pygmalion-13b-4bit-128g', 'Chinese-Llama-2-7b-ggml-q4'.")
-    p.add_argument("name", help="model name, repo id or file name")
+    p.add_argument("name", type=v.str_arg(MAX_NAME, empty=True), help="model name, repo id or file name")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

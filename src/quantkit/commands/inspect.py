@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
+from ..util import validate as v
+
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="show a model's architecture, tensors and bits per weight",
                        description="Show a model's architecture, parameter count, per-tensor table "
                                    "(name, shape, type, bytes), bits per weight and tokenizer.")
-    p.add_argument("model", nargs="?", help="a .gguf file or Hugging Face model directory (default: the bundled Gemma-3-270M)")
+    p.add_argument("model", nargs="?", type=v.str_arg(), help="a .gguf file or Hugging Face model directory (default: the bundled Gemma-3-270M)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--tensors", type=int, default=None, metavar="N",
+    p.add_argument("--tensors", type=v.int_arg(0, 1_000_000_000), default=None, metavar="N",
                    help="show only the first N tensors in the table (default: all)")
     from . import options
     options.add_trust_pickle_arg(p)

@@ -8,10 +8,30 @@ the same options under their long-flag names, checked as the flags are.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import recipe as rc
+from ..util import validate as v
 from ..util.errors import QuantkitError
+
+# Ranges shared by the commands that take these flags.
+MAX_THREADS = 4096
+MAX_CTX = 1 << 20                 # tokens per evaluated chunk / sequence
+MAX_COUNT = 1_000_000_000         # example limits, chunk counts, steps
+
+
+def _counted(check):
+    """argparse type for --nsamples / --seqlen: a bounded integer numeral; the range (`check`)
+    is applied by calibration_options on every command, and to a config file's value at once."""
+    t = v.int_arg()
+    t.check = check
+    return t
+
+
+def threads_arg():
+    """--threads N: 1 to MAX_THREADS."""
+    return v.int_arg(1, MAX_THREADS)
 
 
 def add_calibration_args(g, ladder: bool) -> None:
@@ -23,12 +43,12 @@ def add_calibration_args(g, ladder: bool) -> None:
                f"{rc.DEFAULT_NSAMPLES} x {rc.DEFAULT_SEQLEN}, to keep GPTQ rungs to minutes)")
     else:
         cal, text, why = rc.Calibration(), "wikitext-2 valid, shipped with quantkit", ""
-    g.add_argument("--calib", metavar="FILE", help=f"GPTQ calibration text, any UTF-8 file (default: {text})")
-    g.add_argument("--nsamples", type=int, metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
-    g.add_argument("--seqlen", type=int, metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
+    g.add_argument("--calib", type=v.str_arg(), metavar="FILE", help=f"GPTQ calibration text, any UTF-8 file (default: {text})")
+    g.add_argument("--nsamples", type=_counted(rc.check_nsamples), metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
+    g.add_argument("--seqlen", type=_counted(rc.check_seqlen), metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
     if ladder:
-        g.add_argument("--calib-samples", dest="old_calib_samples", type=int, help=argparse.SUPPRESS)
-        g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=int, help=argparse.SUPPRESS)
+        g.add_argument("--calib-samples", dest="old_calib_samples", type=v.int_arg(), help=argparse.SUPPRESS)
+        g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=v.int_arg(), help=argparse.SUPPRESS)
 
 
 def calibration_options(args) -> tuple[str | None, int | None, int | None]:
@@ -44,7 +64,10 @@ def calibration_options(args) -> tuple[str | None, int | None, int | None]:
             nsamples = value if nsamples is None else nsamples
         else:
             seqlen = value if seqlen is None else seqlen
-    return args.calib, nsamples, seqlen
+    # ranges checked here, once, for every command (a usage error from argparse would leave
+    # main() by SystemExit instead of returning the one-line error's status)
+    return (args.calib, None if nsamples is None else rc.check_nsamples(nsamples),
+            None if seqlen is None else rc.check_seqlen(seqlen))
 
 
 def add_gptq_args(g) -> None:
@@ -52,10 +75,10 @@ def add_gptq_args(g) -> None:
     d = rc.GPTQKnobs()
     g.add_argument("--act-order", action="store_const", const=True, default=None,
                    help="GPTQ: visit columns by decreasing activation energy (static groups: no g_idx reordering)")
-    g.add_argument("--damp", type=float, default=None,
+    g.add_argument("--damp", type=v.float_arg(0.0, rc.MAX_DAMP), default=None,
                    help=f"GPTQ dampening, fraction of the mean Hessian diagonal (default {d.damp}; raised "
                         "automatically if needed)")
-    g.add_argument("--shrink", type=float, default=None,
+    g.add_argument("--shrink", type=v.arg(v.fraction), default=None,
                    help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0: plain GPTQ; 1: "
                         "importance-weighted rounding without cross-column compensation; default "
                         f"{rc.DEFAULT_SHRINK['gguf']} for gguf:* formats, where it measured lower error in and out "
@@ -94,18 +117,68 @@ def add_config_arg(p: argparse.ArgumentParser, command: str) -> None:
     p.set_defaults(_actions={a.dest: a for a in p._actions if a.dest in keys}, _command=command)
 
 
+MAX_CONFIG_BYTES = 1 << 20        # a config file of options is a few hundred bytes
+MAX_CONFIG_VALUES = 10_000        # values once YAML aliases are expanded (a "billion laughs" is billions)
+
+
 def read_config(path: str) -> dict:
+    """The mapping a YAML or JSON config file holds (yaml.safe_load: no object is constructed
+    from a tag); a file over MAX_CONFIG_BYTES or whose aliases expand past MAX_CONFIG_VALUES
+    values is refused before anything looks at its values."""
     import yaml
+    v.as_path(path, "--config")
     try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise QuantkitError(f"config file is larger than {MAX_CONFIG_BYTES >> 20} MiB", path,
+                                "a config file holds a few options")
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
     except FileNotFoundError:
         raise QuantkitError("no such config file", path) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise QuantkitError("config path is a directory", path, "give a YAML or JSON file") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise QuantkitError(f"config file is not valid YAML/JSON ({type(e).__name__})", path) from None
     if not isinstance(cfg, dict):
         raise QuantkitError("config file must hold a mapping of option: value", path)
+    if v.count_values(cfg, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise QuantkitError(f"config file expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?)", path,
+                            "write the options out plainly, without anchors and aliases")
     return cfg
+
+
+def _config_value(key: str, value, act: argparse.Action, path: str):
+    """A config file's value for the flag `act`, checked as the flag checks its text: the
+    flag's own type check (typed YAML values too: 128, 0.01, .inf), a string where the flag
+    takes text, a list of strings where it takes several."""
+    name = f"option '{key}'"
+    if value is True and act.nargs == "?" and act.const is not None:
+        return act.const                              # ladder: true, as a bare --ladder
+    many = act.nargs in ("*", "+")
+    if many and not isinstance(value, list):
+        value = [value]
+    items = value if many else [value]
+    out = []
+    for item in items:
+        check = getattr(act.type, "check", None)
+        try:
+            if check is not None:
+                item = check(item)
+            elif act.type is None or act.type is str:
+                item = v.as_str(item, hint="give text (a path, a recipe, a name)")
+            else:
+                if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+                    v.fail("", item, f"is {v.kind(item)}", "give a single value")
+                item = act.type(item)
+        except QuantkitError as e:
+            raise QuantkitError(f"{name}: {v.echo(item)} is not a valid value: it {e.problem or e}", path,
+                                e.hint) from None
+        except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError):
+            raise QuantkitError(f"{name}: {v.echo(item)} is not a valid value", path) from None
+        if act.choices is not None and item not in act.choices:
+            raise QuantkitError(f"{name}: {v.echo(item)} is not one of " + ", ".join(map(str, act.choices)), path)
+        out.append(item)
+    return out if many else out[0]
 
 
 def apply_config(args) -> None:
@@ -116,26 +189,23 @@ def apply_config(args) -> None:
     path = args.config
     actions = args._actions
     for key, value in read_config(path).items():
-        dest = str(key).replace("-", "_")
+        if not isinstance(key, str):
+            raise QuantkitError(f"option name {v.echo(key)} is not text", path, "valid keys: " + ", ".join(actions))
+        dest = key.replace("-", "_")
         if dest == "asym" and isinstance(value, bool):      # asym: true, as --asym
             dest, value = "sym", not value
         act = actions.get(dest)
         if act is None:
-            raise QuantkitError(f"unknown option '{key}' in config file", path,
+            raise QuantkitError(f"unknown option {v.echo(key)} in config file", path,
                                 "valid keys: " + ", ".join(actions))
-        if getattr(args, dest) != act.default:
+        given = getattr(args, dest)
+        if given != act.default and not (act.nargs in ("*", "+") and given == []):
             continue                                  # given on the command line
         if act.nargs == 0:                            # an on/off flag: true/false under its option name
             if not isinstance(value, bool):
-                raise QuantkitError(f"option '{key}' takes true or false, got {value!r}", path)
-        else:
-            try:
-                value = act.type(value) if act.type and value is not None else value
-            except (TypeError, ValueError):
-                raise QuantkitError(f"option '{key}': {value!r} is not a valid value", path) from None
-            if act.choices is not None and value not in act.choices:
-                raise QuantkitError(f"option '{key}': {value!r} is not one of "
-                                    + ", ".join(map(str, act.choices)), path)
+                raise QuantkitError(f"option '{key}' takes true or false, got {v.echo(value)}", path)
+        elif value is not None:
+            value = _config_value(key, value, act, path)
         setattr(args, dest, value)
 
 

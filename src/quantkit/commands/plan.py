@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
+
+from ..util import validate as v
+
+# Ranges of the numeric flags: positive, and below anything a machine or a model has.
+MAX_GB = 100_000             # --vram, --ram (GiB), --bandwidth (GB/s)
+MAX_TFLOPS = 1_000_000
+MAX_PLAN_CTX = 16 * 1024 * 1024
+MAX_BATCH = 65536
 
 
 def _gib(b: float) -> str:
@@ -12,17 +19,14 @@ def _gib(b: float) -> str:
 
 
 def _check_numbers(args) -> None:
-    """Negative, zero, NaN or absurd numbers: one clear line (argparse only checks the type)."""
-    from ..util.errors import QuantkitError
-    limits = {"vram": ("--vram", 100_000), "bandwidth": ("--bandwidth", 100_000), "tflops": ("--tflops", 1_000_000),
-              "ram": ("--ram", 100_000), "ctx": ("--ctx", 16 * 1024 * 1024), "batch": ("--batch", 65536),
-              "rank": ("--rank", 65536)}
-    for attr, (flag, hi) in limits.items():
-        v = getattr(args, attr)
-        if v is None:
-            continue
-        if not math.isfinite(v) or v <= 0 or v > hi:
-            raise QuantkitError(f"{flag} {v:g} is out of range", hint=f"give a positive number up to {hi:,}")
+    """Zero, negative or absurd numbers: one line naming the flag. argparse only parses them (a
+    bounded numeral), so main() returns the error's exit status like any other plan error."""
+    for attr, hi in (("vram", MAX_GB), ("bandwidth", MAX_GB), ("tflops", MAX_TFLOPS), ("ram", MAX_GB)):
+        if getattr(args, attr) is not None:
+            v.positive_float(getattr(args, attr), f"--{attr}", hi)
+    for attr, hi in (("ctx", MAX_PLAN_CTX), ("batch", MAX_BATCH), ("rank", MAX_BATCH)):
+        if getattr(args, attr) is not None:
+            v.positive_int(getattr(args, attr), f"--{attr}", hi)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -122,26 +126,26 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("plan", help="will a model fit a device, in which format, how fast; training memory",
                        description="Plan memory and speed from file headers or a built-in config; nothing is downloaded.")
-    p.add_argument("model", nargs="?", help="HF directory, .gguf, .safetensors (header only) or a built-in name")
-    p.add_argument("--device", action="append", metavar="NAME",
+    p.add_argument("model", nargs="?", type=v.str_arg(), help="HF directory, .gguf, .safetensors (header only) or a built-in name")
+    p.add_argument("--device", action="append", metavar="NAME", type=v.str_arg(200),
                    help="device from the hardware table (repeat for columns; '2x rtx-3090' = two cards)")
-    p.add_argument("--vram", type=float, metavar="GB", help="custom device memory (GiB)")
-    p.add_argument("--bandwidth", type=float, metavar="GB/s", help="custom device bandwidth")
-    p.add_argument("--tflops", type=float, help="custom device FP16 TFLOP/s (prompt speed)")
-    p.add_argument("--ram", type=float, metavar="GB", help="host RAM for CPU rows and offloaded layers (GiB)")
-    p.add_argument("--ctx", type=int, metavar="N", help="context length per sequence (default min(4096, trained))")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="parallel sequences")
+    p.add_argument("--vram", type=v.float_arg(), metavar="GB", help="custom device memory (GiB)")
+    p.add_argument("--bandwidth", type=v.float_arg(), metavar="GB/s", help="custom device bandwidth")
+    p.add_argument("--tflops", type=v.float_arg(), help="custom device FP16 TFLOP/s (prompt speed)")
+    p.add_argument("--ram", type=v.float_arg(), metavar="GB", help="host RAM for CPU rows and offloaded layers (GiB)")
+    p.add_argument("--ctx", type=v.int_arg(), metavar="N", help="context length per sequence (default min(4096, trained))")
+    p.add_argument("--batch", type=v.int_arg(), default=1, metavar="N", help="parallel sequences")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (llama.cpp)")
     p.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "torch"])
-    p.add_argument("--format", action="append", metavar="F[,F...]",
+    p.add_argument("--format", action="append", metavar="F[,F...]", type=v.str_arg(1000),
                    help="formats to plan (default: common GGUF types, or GPU formats with --runtime torch): "
                         "recipes as `quantize --format` takes them (q4_k_m or gguf:q4_k_m, gptq:w4g128) or "
                         "awq:w4g128, fp16, bf16, int8 (LLM.int8), int4, nf4, nf4-nodq, IQ types")
     p.add_argument("--swa-full", action="store_true", help="llama.cpp: full-size cache for sliding-window layers")
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp: flash attention (smaller compute buffer)")
     p.add_argument("--train", choices=["full", "lora", "qlora"], help="also plan fine-tuning memory")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="LoRA target matrices")
+    p.add_argument("--rank", type=v.int_arg(), default=16, help="LoRA rank")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", type=v.str_arg(200), help="LoRA target matrices")
     p.add_argument("--list-devices", action="store_true", help="print the hardware table and exit")
     p.add_argument("--list-models", action="store_true", help="print the built-in model names and exit")
     p.add_argument("--json", action="store_true", help="print JSON (also with --list-devices, --list-models)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import recipe as rc
+from ..util import validate as v
 
 
 def register(sub) -> None:
@@ -15,9 +16,9 @@ def register(sub) -> None:
                                    "checkpoint directory (or --format gptq with --bits, --group-size, --sym/--asym, "
                                    "--method). int8 (--method dynamic-int8) writes a BERT-family encoder with int8 "
                                    "linear layers.")
-    p.add_argument("model", nargs="?", help="a .gguf file or Hugging Face model directory (default: the bundled model)")
+    p.add_argument("model", nargs="?", type=v.str_arg(), help="a .gguf file or Hugging Face model directory (default: the bundled model)")
     p.add_argument("-o", "--output", help="output file (GGUF) or directory (required, here or in --config)")
-    p.add_argument("--format", default=None, metavar="RECIPE",
+    p.add_argument("--format", default=None, metavar="RECIPE", type=v.str_arg(rc.MAX_RECIPE_TEXT),
                    help=f"what to make (default {rc.DEFAULT_FORMAT}): gguf:TYPE[+gptq] with TYPE one of "
                         + ", ".join(rc.GGUF_FILE_TYPES) + "; gptq:SPEC or compressed-tensors:SPEC[+gptq] with SPEC "
                         + rc.SPEC_HELP + " (bare gptq / compressed-tensors: w4g128 or --bits/--group-size); int8")
@@ -26,8 +27,8 @@ def register(sub) -> None:
                         "(the same as +gptq in --format); dynamic-int8: BERT-family encoders (--format int8)")
     p.add_argument("--pure", action="store_true",
                    help="one type for every 2-D weight (llama-quantize --pure); default follows llama.cpp's mix")
-    p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")
-    p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", type=v.str_arg(rc.MAX_RECIPE_TEXT), help="type for token_embd.weight")
+    p.add_argument("--output-tensor-type", metavar="TYPE", type=v.str_arg(rc.MAX_RECIPE_TEXT), help="type for output.weight")
     p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
     p.add_argument("--kernel", choices=("auto", "onednn", "fbgemm", "reference"), default="auto",
                    help="dynamic-int8: int8 GEMM kernel (default auto: fbgemm)")

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 
 from .. import recipe as rc
+from ..util import validate as v
 from ..util.errors import QuantkitError
 from . import options
 
 
 def register_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("integer grids and GPTQ (--format gptq | compressed-tensors, --method rtn | gptq)")
-    g.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
+    g.add_argument("--bits", type=v.int_arg(), default=None, choices=[2, 3, 4, 5, 6, 8],
                    help=f"bits per weight (gptq format: 2, 3, 4, 8; default {rc.DEFAULT_BITS}); the SPEC's wBITS")
-    g.add_argument("--group-size", type=int, default=None, choices=list(rc.GROUP_SIZES),
+    g.add_argument("--group-size", type=v.int_arg(), default=None, choices=list(rc.GROUP_SIZES),
                    help=f"input columns per scale; -1: one scale per output channel (default {rc.DEFAULT_GROUP_SIZE}); "
                         "the SPEC's gGROUP")
     sym = g.add_mutually_exclusive_group()
@@ -29,7 +30,7 @@ def register_args(p: argparse.ArgumentParser) -> None:
                      help="asymmetric grid with a zero point per group (the SPEC's -asym)")
     options.add_calibration_args(g, ladder=False)
     options.add_gptq_args(g)
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=options.threads_arg(), default=None,
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
 
@@ -38,8 +39,6 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
     from .. import api
     r = recipe or options.recipe_from_args(args)
     if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise QuantkitError(f"--threads must be at least 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
     cal = r.calibration

@@ -35,6 +35,7 @@ from quantkit.models.arch import (
     permute_for_rope,
     supported_hf_architectures,
 )
+from quantkit.models.hf_config import check_config
 from quantkit.models.pickles import require_trusted
 from quantkit.models.safetensors_file import SafetensorsFile
 from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
@@ -120,10 +121,12 @@ class HFSource(ModelSource):
         try:
             with open(cfg_path, encoding="utf-8") as f:
                 self.config: dict[str, Any] = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise QuantkitError(f"cannot read config.json ({e})", cfg_path, "the file is corrupt") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise QuantkitError(f"cannot read config.json ({type(e).__name__}: {e})", cfg_path,
+                                "the file is corrupt") from None
         if not isinstance(self.config, dict):
             raise QuantkitError("config.json is not a JSON object", cfg_path)
+        check_config(self.config, cfg_path)
 
         # multimodal configs (gemma3 with a vision tower) keep the text model in text_config
         self.hparams: dict[str, Any] = dict(self.config)

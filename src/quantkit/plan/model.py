@@ -29,6 +29,7 @@ from gguf import LlamaFileType
 from ..codecs.geometry import type_geometry
 from ..models.arch import HF_CLASS_ARCH, HF_CONFIG_KEYS, HF_CONFIG_OPTIONAL_KEYS, BlockLayout, block_layout
 from ..models.gguf_file import GGUFFile
+from ..models.hf_config import check_config
 from ..models.safetensors_file import SafetensorsFile
 from ..models.source import TensorInfo
 from ..util.errors import QuantkitError
@@ -365,6 +366,7 @@ def _hf_swa_pattern(cfg: dict, layout: BlockLayout):
 
 def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
     """A shape from config.json: keys, classes and block layouts from models.arch."""
+    check_config(cfg, os.path.join(path, "config.json") if path else None)
     if "text_config" in cfg and "num_hidden_layers" not in cfg:
         cfg = {**cfg, **cfg["text_config"]}
     vals = _hf_required(cfg, path)
@@ -400,8 +402,8 @@ def _read_config(d: str) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise QuantkitError("no config.json here", d, "the planner needs it for the KV cache shape") from None
-    except (OSError, ValueError) as e:
-        raise QuantkitError(f"config.json is not valid JSON ({e})", p) from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise QuantkitError(f"config.json is not valid JSON ({type(e).__name__})", p) from None
 
 
 def from_hf_dir(path: str) -> ModelShape:

@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..codecs.geometry import GEOMETRIES, type_geometry
+from ..util import validate as v
 from ..util.errors import QuantkitError
 from . import formats, memory
 from .model import alias_map, from_name, normalize_name
@@ -77,14 +78,35 @@ def _has(s: str, word: str) -> bool:
     return re.search(rf"(?<![a-z0-9]){word}(?![a-z0-9])", s) is not None
 
 
+# Numbers a name may carry: anything beyond is a typo or a prank, refused with the part named
+# (a 400-digit size would otherwise overflow, a 40-digit one print an absurd estimate).
+MAX_PARAMS = 1e15            # parameters (1,000,000B)
+MAX_EXPERTS = 4096
+MAX_GROUP = 1 << 20
+MAX_BITS = 64
+
+
+def _name_number(token: str, text: str, what: str, lo: float, hi: float, hint: str, whole: bool = True):
+    """The number `text` of the name part `token`, in [lo, hi]; one line naming the part otherwise."""
+    name = f"name part {v.echo(token, 40)}: {what}"
+    if whole:
+        return v.as_int(text, name, int(lo), int(hi), hint=hint)
+    return v.as_float(text, name, lo, hi, hint=hint)
+
+
 def _size_and_base(info: NameInfo, s: str):
     """Parameter count from the name, the built-in config it names (its shape, or None), chat."""
     toks = info.tokens
     m = _SIZE_RE.search(s)
     if m:
-        n = float(m.group(2)) * (1e9 if m.group(3) == "b" else 1e6)
+        unit = 1e9 if m.group(3) == "b" else 1e6
+        size_hint = f"a size is like 7b or 350m, above 0 and at most {MAX_PARAMS / 1e9:,.0f}b"
+        n = _name_number(m.group(0), m.group(2), "size", 0, MAX_PARAMS / unit, size_hint, whole=False) * unit
+        if n <= 0:
+            v.fail(f"name part {v.echo(m.group(0), 40)}: size", m.group(2), "is zero", size_hint)
         if m.group(1):
-            info.experts = int(m.group(1))
+            info.experts = _name_number(m.group(0), m.group(1), "expert count", 1, MAX_EXPERTS,
+                                        f"experts are like 8x7b, 1 to {MAX_EXPERTS:,}")
             toks.append((m.group(0), f"mixture of {m.group(1)} experts of about {m.group(2)}{m.group(3).upper()} each"))
         else:
             toks.append((m.group(0), f"about {m.group(2)} {'billion' if m.group(3) == 'b' else 'million'} parameters"))
@@ -109,10 +131,12 @@ def _group_bits_order(info: NameInfo, s: str) -> None:
     gm = _GROUP_RE.search(s)
     bm = _BITS_RE.search(s)
     if gm:
-        info.group_size = int(gm.group(1))
+        info.group_size = _name_number(gm.group(0), gm.group(1), "group size", 1, MAX_GROUP,
+                                       f"a group size is like 128g, 1 to {MAX_GROUP:,}")
         toks.append((gm.group(0), f"group size {gm.group(1)}: one scale and zero point per {gm.group(1)} weights of a row"))
     if bm:
-        info.bits = int(bm.group(1))
+        info.bits = _name_number(bm.group(0), bm.group(1), "bit width", 1, MAX_BITS,
+                                 f"a bit width is like 4bit, 1 to {MAX_BITS}")
         toks.append((bm.group(0), f"{bm.group(1)}-bit weights"))
     if _has(s, "act[-_]?order") or _has(s, "actorder") or "act-order" in s:
         info.act_order = True
