@@ -360,7 +360,7 @@ def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=
         cal = _ladder_calibration(calib, nsamples, seqlen)
         jobs = [Job(_specs([m]), names, t, None, cal) for m in sw.models for t in sw.texts]
         return SweepResult(evaluate_on_ray(jobs, EvalOptions(**options), ray, workers), meta)
-    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, **{**options, "text": t})
+    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, **{**options, "text": t or options.get("text")})
                 for m in sw.models for t in sw.texts]
     return SweepResult(sections, meta)
 

@@ -150,6 +150,20 @@ def test_two_model_sweep_on_ray_equals_local(env, tmp_path):
     assert (tmp_path / "s.html").read_text().count('class="sweep-model"') == 2
 
 
+def test_files_on_ray_equal_local(env):
+    """Plain files: Q8_0 scored against the F32 given first, each a task, as the local run."""
+    args = ["eval", env["f32"], env["q8"], "--text", env["text"], *FLAGS, "--json"]
+    rc, out, err = _cli(args, env["cache"])
+    assert rc == 0, err
+    local = json.loads(out)
+    rc, out, err = _cli(args + ["--ray", "--workers", "2", "--no-cache"], env["cache"])
+    assert rc == 0, err
+    ray = json.loads(out)
+    assert ray["meta"]["ray"]["cells"] == 1 and ray["models"][0]["is_reference"]
+    _same(local, ray, ray["meta"]["ray"]["kld_error_bound"])
+    assert ray["models"][1]["kld_mean"] > 0
+
+
 # ------------------------------------------------------------------------------- faults
 def _ray_task_pids(name: str) -> list[int]:
     out = []

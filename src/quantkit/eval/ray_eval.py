@@ -40,7 +40,7 @@ from . import metrics
 from .cache import cache_root, model_digest
 from .facts import ModelFacts, describe
 from .ladder import GPTQCalibration, Rung, build_rungs, label_ladder, parse_rung
-from .lm import Chunks, Reference, default_text, lm_meta, pick_reference, read_text, reference_files, tokenize_chunks
+from .lm import Chunks, default_text, lm_meta, pick_reference, read_text, reference_files, tokenize_chunks
 from .options import EvalOptions
 from .results import EvalResult, ModelRow, model_labels
 from .speed import run_probe
@@ -113,8 +113,9 @@ class Cluster:
         if self.address:
             ray.init(address=self.address, **kw)
         else:
-            ray.init(num_cpus=self.workers or max(1, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
-                     runtime_env={"env_vars": {"QUANTKIT_QUIET": "1"}}, **kw)
+            # loopback asked for; Ray 2.60 still binds its ports on the node's address, behind its
+            # token authentication (on by default)
+            ray.init(num_cpus=self.workers or max(1, os.cpu_count() or 1), _node_ip_address="127.0.0.1", **kw)
         return self
 
     def __exit__(self, *exc):
