@@ -115,50 +115,59 @@ def test_plain_eval_never_imports_ray(env):
 
 
 # ------------------------------------------------------------------------------- equal to local
-def test_ladder_on_ray_equals_local_and_resumes_from_cache(env, local_ladder, tmp_path):
-    args = ["eval", env["f32"], "--text", env["text"], *LADDER]
-    local = local_ladder
-    report = tmp_path / "ray.html"
-    rc, out, err = _cli(args + ["--ray", "--workers", "2", "--report", str(report)], env["cache"])
-    assert rc == 0, err
-    ray = json.loads(out)
+@pytest.fixture(scope="module")
+def ray_session(env):
+    """One local Ray runtime of 2 CPUs for the in-process runs (quantkit runs on a runtime the
+    application started, and leaves it up)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _opts(env, **kw):
+    return dict(text=env["text"], n_chunks=1, n_ctx=64, n_threads=1, speed=False, show_progress=False, **kw)
+
+
+def test_ladder_on_ray_equals_local_and_resumes_from_cache(env, local_ladder, ray_session, tmp_path):
+    import quantkit.api as qk
+    from quantkit.eval.report import write_report
+    res = qk.eval_ladder(env["f32"], ["q8_0", "q4_0"], ray="local", **_opts(env))
+    assert ray_session.is_initialized()          # the application's runtime is left up
+    ray = json.loads(res.to_json())
     assert ray["meta"]["ray"]["cells"] == 2 and "ladder" in ray["meta"]
-    _same(local, ray, ray["meta"]["ray"]["kld_error_bound"])
+    assert not ray["meta"]["ray"]["reference_from_cache"]
+    _same(local_ladder, ray, ray["meta"]["ray"]["kld_error_bound"])
+    report = tmp_path / "ray.html"
+    write_report(res, report)
     assert report.stat().st_size > 10000 and b"Q4_0 RTN" in report.read_bytes()
     # again: both cells and the reference come from the cache, with the same numbers
-    rc, out, err = _cli(args + ["--ray", "--workers", "2"], env["cache"])
-    again = json.loads(out)
+    again = json.loads(qk.eval_ladder(env["f32"], ["q8_0", "q4_0"], ray="local", **_opts(env)).to_json())
     assert again["meta"]["ray"]["cells_from_cache"] == 2 and again["meta"]["ray"]["reference_from_cache"]
     assert [r["kld_mean"] for r in again["models"]] == [r["kld_mean"] for r in ray["models"]]
 
 
-def test_two_model_sweep_on_ray_equals_local(env, tmp_path):
+def test_two_model_sweep_on_ray_equals_local(env, ray_session, tmp_path):
+    import quantkit.api as qk
+    from quantkit.eval.sweep import write_sweep_report
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"models: [{env['f32']}, {env['q8']}]\nrecipes: [q4_0, q5_0]\ntexts: [{env['text']}]\n")
-    args = ["eval", "--sweep", str(sweep), *FLAGS, "--json"]
-    rc, out, err = _cli(args, env["cache"])
-    assert rc == 0, err
-    local = json.loads(out)
-    rc, out, err = _cli(args + ["--ray", "--workers", "2", "--no-cache", "--report", str(tmp_path / "s.html")],
-                        env["cache"])
-    assert rc == 0, err
-    ray = json.loads(out)
+    local = json.loads(qk.eval_sweep(str(sweep), **_opts(env)).to_json())
+    res = qk.eval_sweep(str(sweep), ray="local", **_opts(env, cache=False))
+    ray = json.loads(res.to_json())
     assert len(local["sections"]) == len(ray["sections"]) == 2
     for a, b in zip(local["sections"], ray["sections"]):
         _same(a, b, b["meta"]["ray"]["kld_error_bound"])
     assert ray["sections"][1]["models"][0]["path"].endswith("-f32.gguf")    # q8's own F32 reference
+    write_sweep_report(res, tmp_path / "s.html")
     assert (tmp_path / "s.html").read_text().count('class="sweep-model"') == 2
 
 
-def test_files_on_ray_equal_local(env):
+def test_files_on_ray_equal_local(env, ray_session):
     """Plain files: Q8_0 scored against the F32 given first, each a task, as the local run."""
-    args = ["eval", env["f32"], env["q8"], "--text", env["text"], *FLAGS, "--json"]
-    rc, out, err = _cli(args, env["cache"])
-    assert rc == 0, err
-    local = json.loads(out)
-    rc, out, err = _cli(args + ["--ray", "--workers", "2", "--no-cache"], env["cache"])
-    assert rc == 0, err
-    ray = json.loads(out)
+    import quantkit.api as qk
+    local = json.loads(qk.evaluate([env["f32"], env["q8"]], **_opts(env)).to_json())
+    ray = json.loads(qk.evaluate([env["f32"], env["q8"]], ray="local", **_opts(env, cache=False)).to_json())
     assert ray["meta"]["ray"]["cells"] == 1 and ray["models"][0]["is_reference"]
     _same(local, ray, ray["meta"]["ray"]["kld_error_bound"])
     assert ray["models"][1]["kld_mean"] > 0
@@ -196,12 +205,15 @@ def test_worker_killed_mid_task_is_retried(env, local_ladder, tmp_path):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    rc, out, err = _cli(args + ["--ray", "--workers", "2", "--no-cache"], str(tmp_path / "fresh-cache"))
+    report = tmp_path / "r.html"
+    rc, out, err = _cli(args + ["--ray", "--workers", "2", "--no-cache", "--report", str(report)],
+                        str(tmp_path / "fresh-cache"))
     t.join(5)
     assert killed, "no cell task was seen running"
     assert rc == 0, err
     ray = json.loads(out)
     _same(local, ray, ray["meta"]["ray"]["kld_error_bound"])
+    assert "--ray" in ray["meta"]["command"] and b"Q8_0 RTN" in report.read_bytes()
 
 
 def test_ctrl_c_cancels_the_tasks_and_leaves_nothing(env, tmp_path):

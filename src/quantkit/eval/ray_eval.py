@@ -94,7 +94,8 @@ def check_address(address: str) -> None:
 
 class Cluster:
     """A connection to Ray for one run: a local runtime of `workers` CPUs (loopback, no
-    dashboard) when address is None or "local", else the cluster at address."""
+    dashboard) when address is None or "local", else the cluster at address; where the process
+    has already called ray.init(), that connection, kept open after the run."""
 
     def __init__(self, address: str | None, workers: int | None):
         self.address = None if address in (None, LOCAL) else address
@@ -109,6 +110,9 @@ class Cluster:
         # to stderr, so that stdout holds only the results (--json stays parseable)
         self._stdout = contextlib.redirect_stdout(sys.stderr)
         self._stdout.__enter__()
+        self.owned = not ray.is_initialized()
+        if not self.owned:    # an application's own ray.init(): run on it, leave it up
+            return self
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         if self.address:
             ray.init(address=self.address, **kw)
@@ -120,7 +124,8 @@ class Cluster:
 
     def __exit__(self, *exc):
         try:
-            self.ray.shutdown()
+            if self.owned:
+                self.ray.shutdown()
         finally:
             self._stdout.__exit__(*exc)
         return False
