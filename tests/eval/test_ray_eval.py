@@ -104,6 +104,15 @@ def test_codec_keeps_kld_within_its_bound_at_two_bytes_an_entry():
     assert per_entry_262k < 2.002
 
 
+def test_a_task_no_node_can_hold_is_refused_saying_how_much():
+    from quantkit.eval.ray_eval import check_fits
+    from quantkit.util.errors import QuantkitError
+    nodes = [{"Alive": True, "Resources": {"memory": 8 * 2**30}}, {"Alive": True, "Resources": {"memory": 2**30}}]
+    check_fits(6 * 2**30, nodes)
+    with pytest.raises(QuantkitError, match=r"needs 12.00 GiB .* largest Ray node offers 8.00 GiB"):
+        check_fits(12 * 2**30, nodes)
+
+
 def test_plain_eval_never_imports_ray(env):
     code = (f"import sys; from quantkit.cli import main; "
             f"rc = main({['eval', env['f32'], '--text', env['text'], *FLAGS, '--json']!r}); "

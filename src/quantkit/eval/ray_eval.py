@@ -131,14 +131,34 @@ class Cluster:
         return False
 
     def task(self, fn, num_cpus: int, memory: int):
+        check_fits(memory, self.ray.nodes())
         return self.ray.remote(num_cpus=num_cpus, memory=max(int(memory), 1 << 20), max_retries=MAX_RETRIES,
                                retry_exceptions=False)(fn)
+
+
+def check_fits(need: int, nodes: list[dict]) -> None:
+    """A task that no node of the cluster could hold would wait for ever: refuse it, saying how
+    much it needs. nodes: ray.nodes()."""
+    have = [n.get("Resources", {}).get("memory", 0) for n in nodes if n.get("Alive", True)]
+    if have and need > max(have):
+        raise QuantkitError(f"a task needs {need / 2**30:.2f} GiB of memory; the largest Ray node offers "
+                            f"{max(have) / 2**30:.2f} GiB", hint="add a node with more memory, or evaluate a "
+                            "smaller model or fewer --ctx tokens")
+
+
+def _readable(spec: str) -> None:
+    """In a task: the model must be on a path this worker reads (a shared or copied folder)."""
+    path = split_spec(spec)[0]
+    if not os.access(path, os.R_OK):
+        raise QuantkitError(f"Ray worker {socket.gethostname()} (pid {os.getpid()}) cannot read the model", path,
+                            "put models where every node reads them at the same path")
 
 
 # ------------------------------------------------------------------------------- tasks
 def reference_task(ref_path: str, ids: list[list[int]], first: int, n_ctx: int, n_threads: int):
     """The reference's log-softmax of each chunk's scored rows, encoded; and its load time (two
     objects, so the cells receive the chunks alone)."""
+    _readable(ref_path)
     rt = open_runtime(ref_path, n_ctx, n_threads)
     try:
         out = []
@@ -158,6 +178,7 @@ def cell_task(spec: str | None, recipe: str | None, job: Job, refs: list[dict], 
     """One cell: build the rung (when a recipe is given) from the job's source, then score it
     against the encoded reference."""
     rung = None
+    _readable(job.models[0] if recipe is not None else spec)
     if recipe is not None:
         src = split_spec(job.models[0])[0]
         rung = build_rungs(src, [recipe], job.out_dir, show_progress=False, calibration=job.calibration)[0]
