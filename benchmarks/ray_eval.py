@@ -7,7 +7,7 @@ overhead Ray adds per task, and the bytes of the reference's log-probabilities p
 
 Each configuration runs `quantkit eval --ladder ... --json` in a fresh process with a fresh
 quantkit cache (so every rung is quantized and the reference computed in each), while a sampler
-reads VmHWM of the driver and of every `ray::` process. Writes benchmarks/results/ray_eval.json.
+reads VmHWM of the driver and of every `ray::` process it started. Writes benchmarks/results/ray_eval.json.
 """
 
 from __future__ import annotations
@@ -36,16 +36,31 @@ def vm_hwm(pid: int) -> int:
     return 0
 
 
-def ray_pids() -> list[int]:
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def ray_pids(root: int) -> list[int]:
+    """The `ray::` worker processes descended from ROOT (the run's driver: its raylet starts
+    them), not those of other Ray runs on the machine."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::"):
-                        out.append(int(d))
+                    if not f.read().startswith(b"ray::"):
+                        continue
             except OSError:
-                pass
+                continue
+            pid = int(d)
+            while pid > 1 and pid != root:
+                pid = _ppid(pid)
+            if pid == root:
+                out.append(int(d))
     return out
 
 
@@ -63,7 +78,7 @@ def run(extra: list[str], a) -> dict:
         def sample():
             while not stop.is_set():
                 driver[0] = max(driver[0], vm_hwm(p.pid))
-                for pid in ray_pids():
+                for pid in ray_pids(p.pid):
                     peaks[pid] = max(peaks.get(pid, 0), vm_hwm(pid))
                 time.sleep(0.2)
 
