@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build on local disk, never the CUDA one.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp (~15 min on 2 cores the first time; pip's wheel cache makes it instant after).
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -e '.[test]'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -e '.[test,ray]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

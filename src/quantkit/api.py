@@ -296,7 +296,7 @@ def distill(**options) -> dict:
 
 # ---- evaluation: quality, size, speed, memory --------------------------------
 @_pickle_opt_in
-def evaluate(models=None, **options):
+def evaluate(models=None, ray=None, workers=None, **options):
     """Score MODELS (paths; None = the bundled model) on the same token ids against one
     reference: perplexity (llama.cpp's protocol), KL divergence, top-1 agreement, size, bits per
     weight, load time, tokens/s, peak RSS. Options are quantkit.eval.options.EvalOptions fields
@@ -307,7 +307,9 @@ def evaluate(models=None, **options):
     instead: `task_data` (label<TAB>text file; CLI --task-data; default SST-2 dev), `task_limit`,
     `batch_size`. To quantize a model to a ladder of rungs (RTN types and GPTQ rungs such as
     "q4_0+gptq") and score them all, use eval_ladder(). Returns an EvalResult (.rows: typed rows, .meta,
-    .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it."""
+    .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it.
+    `ray`: "local" (a local Ray runtime of `workers` CPUs) or a cluster's HOST:PORT runs every
+    model as a Ray task (quantkit.eval.ray_eval); None runs here and never imports Ray."""
     from .eval.evaluate import EvalOptions, evaluate as _evaluate
     from .util.errors import QuantkitError
 
@@ -316,7 +318,22 @@ def evaluate(models=None, **options):
         raise QuantkitError(f"unknown eval option(s): {', '.join(unknown)}")
     if models is None or isinstance(models, (str, os.PathLike)):
         models = [models]
+    if ray is not None:
+        from .eval.ray_eval import Job, evaluate_on_ray
+        return evaluate_on_ray([Job(_specs(models))], EvalOptions(**options), ray, workers)[0]
     return _evaluate(list(models), EvalOptions(**options))
+
+
+def _specs(models) -> list[str]:
+    """Model arguments (None: the bundled model) as normalized specs, each checked to exist."""
+    from .models.bundled import bundled_path
+    from .runtimes import normalize_spec, split_spec
+    from .util.errors import QuantkitError
+    out = [normalize_spec(m) if m is not None else bundled_path() for m in models]
+    for p in out:
+        if not os.path.exists(split_spec(p)[0]):
+            raise QuantkitError("no such file or directory", p, "give a .gguf file or a Hugging Face model directory")
+    return out
 
 
 def _ladder_calibration(calib, nsamples, seqlen):
@@ -330,7 +347,8 @@ def _ladder_calibration(calib, nsamples, seqlen):
 
 
 @_pickle_opt_in
-def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None, seqlen=None, **options):
+def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None, seqlen=None, ray=None,
+                workers=None, **options):
     """Quantize MODEL to a ladder of GGUF rungs and evaluate the model and every rung against its
     F32 reference. Rungs are file types, quantized by llama.cpp's round-to-nearest ("q4_0"), or
     with GPTQ onto the same type ("q4_0+gptq"; recipe strings, see quantkit.recipe); default F16,
@@ -339,7 +357,8 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     `nsamples` x `seqlen` tokens (default: recipe.LADDER_CALIBRATION, 16 x 256); the
     calibration text must not be the scored one.
     Rungs are cached in quantkit's cache (keyed by source, type, method and calibration) unless
-    `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method."""
+    `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method. `ray` and `workers`:
+    each rung built and scored as a Ray task, as in evaluate()."""
     from .eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
     from .eval.lm import default_text
     from .util.errors import QuantkitError
@@ -355,9 +374,36 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
         if os.path.isfile(scored) and os.path.samefile(scored, cal.path):
             raise QuantkitError("the GPTQ calibration text is the scored text", cal.path,
                                 "calibrate on other text (--calib FILE), e.g. wikitext-2 valid for a test-split eval")
-    rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)
     first = os.fspath(model) if model is not None else None
+    if ray is not None:
+        from .eval.evaluate import EvalOptions
+        from .eval.ray_eval import Job, evaluate_on_ray
+        job = Job(_specs([first]), names, options.get("text"), os.path.abspath(out_dir) if out_dir else None, cal)
+        return evaluate_on_ray([job], EvalOptions(**options), ray, workers)[0]
+    rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)
     return label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
+
+
+def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, **options):
+    """A grid of models x recipes x texts from a sweep file (YAML/JSON: models, recipes, texts;
+    quantkit.eval.sweep) or a loaded Sweep: one section per model and text, each the result of
+    eval_ladder(model, recipes, text=...). With `ray` every cell is a Ray task (the reference of
+    each model and text passed once), else the sections run here one after another. Returns a
+    SweepResult (.sections, .to_json(); quantkit.eval.sweep.write_sweep_report renders it)."""
+    from .eval.sweep import Sweep, SweepResult, load_sweep
+    sw = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
+    meta = {"sweep": sw.path, "models": sw.models, "recipes": sw.recipes, "texts": sw.texts}
+    if ray is not None:
+        from .eval.evaluate import EvalOptions
+        from .eval.ray_eval import Job, evaluate_on_ray
+        from .eval.ladder import ladder_types
+        names = ladder_types(sw.recipes)
+        cal = _ladder_calibration(calib, nsamples, seqlen)
+        jobs = [Job(_specs([m]), names, t, None, cal) for m in sw.models for t in sw.texts]
+        return SweepResult(evaluate_on_ray(jobs, EvalOptions(**options), ray, workers), meta)
+    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, **{**options, "text": t or options.get("text")})
+                for m in sw.models for t in sw.texts]
+    return SweepResult(sections, meta)
 
 
 # ---- integer quantization for GPU runtimes: RTN / GPTQ -> GPTQ or compressed-tensors ----

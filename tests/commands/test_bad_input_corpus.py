@@ -222,7 +222,7 @@ CASES = [
     C("config-cannot-trust-pickle", ["quantize", "{in}/hf_pickle", "--config", "{in}/pickle_opt_in.yaml",
                                      "-o", "{out}/o.gguf"], ("{in}/pickle_opt_in.yaml", "trust_pickle")),
     C("config-format-an-int", ["quantize", "{in}/tiny.gguf", "--config", "{in}/int_format.yaml", "-o", "{out}/o.gguf"],
-      ("'4'", "not a llama.cpp file type")),
+      ("int_format.yaml", "option 'format'", "not a string")),
     C("config-fifo", ["quantize", "--config", "{in}/fifo", "-o", "{out}/o.gguf"], ("{in}/fifo", "--config", "FIFO")),
     C("config-is-a-directory", ["quantize", "--config", "{in}/dir.gguf", "-o", "{out}/o.gguf"], ("{in}/dir.gguf",)),
     # -- quantize to GPU checkpoints (directories)

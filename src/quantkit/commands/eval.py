@@ -54,6 +54,14 @@ def register(sub) -> None:
     p.add_argument("--ladder-dir", metavar="DIR", type=v.str_arg(),
                    help="where ladder files go, written afresh (default: quantkit's cache, where a rung is re-used, "
                         "keyed by source, type, method and calibration)")
+    p.add_argument("--sweep", metavar="FILE", type=v.str_arg(),
+                   help="a grid from a YAML/JSON file (models, recipes, texts): each model quantized to each recipe "
+                        "and scored on each text, one section per model and text")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", type=v.str_arg(),
+                   help="run each cell (quantize a rung, score it) as a Ray task: on the cluster at HOST:PORT, or "
+                        "without ADDRESS on a local Ray runtime (needs the `ray` extra: pip install 'quantkit[ray]')")
+    p.add_argument("--workers", type=v.int_arg(1, opts.MAX_COUNT), metavar="N",
+                   help="with --ray and no ADDRESS: CPUs of the local Ray runtime (default: all cores)")
     opts.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
                                                    "scored --text)"), ladder=True)
     opts.add_config_arg(p, "eval")
@@ -135,11 +143,14 @@ def command_line(args) -> str:
                         ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
                         ("--ladder-dir", args.ladder_dir), ("--calib", args.calib),
                         ("--nsamples", args.nsamples), ("--seqlen", args.seqlen),
-                        ("--report", args.report)):
+                        ("--report", args.report), ("--sweep", args.sweep),
+                        ("--ray", None if args.ray in (None, "local") else args.ray), ("--workers", args.workers)):
         if value is not None:
             parts += [flag, str(value)]
     if args.ladder == "default":
         parts.append("--ladder")
+    if args.ray == "local":
+        parts.append("--ray")
     parts += [f for f, on in (("--no-speed", args.no_speed), ("--no-cache", args.no_cache), ("--json", args.json)) if on]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -160,6 +171,15 @@ def run(args) -> int:
     options = dict(ref=args.ref, text=args.text, n_chunks=args.chunks, n_ctx=args.ctx, n_threads=args.threads,
                    speed=not args.no_speed, speed_runs=args.speed_runs, cache=not args.no_cache,
                    cache_max=args.cache_max, task_data=args.task_data, task_limit=args.task_limit)
+    if args.workers is not None and (args.workers < 1 or not args.ray):
+        raise QuantkitError(f"--workers {args.workers}: give a positive number, with --ray",
+                            hint="e.g. --ray --workers 2")
+    ray = dict(ray=args.ray, workers=args.workers) if args.ray else {}
+    if args.sweep:
+        if args.models or args.ladder:
+            raise QuantkitError("--sweep lists its own models and recipes", args.sweep,
+                                "give either --sweep FILE or MODEL/--ladder")
+        return _run_sweep(args, options, ray)
     if args.ladder and args.ladder != "default" and os.path.exists(args.ladder):
         args.models.insert(0, args.ladder)   # `eval --ladder model.gguf`: the path is the model
         args.ladder = "default"
@@ -173,12 +193,12 @@ def run(args) -> int:
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
         res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir,
                               calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                              trust_pickle=args.trust_pickle, **options)
+                              trust_pickle=args.trust_pickle, **ray, **options)
     else:
         if args.calib or args.nsamples or args.seqlen:
             raise QuantkitError("--calib, --nsamples and --seqlen calibrate a ladder's GPTQ rungs",
                                 hint="use them with --ladder, e.g. --ladder q4_0,q4_0+gptq")
-        res = api.evaluate(args.models or [None], trust_pickle=args.trust_pickle, **options)
+        res = api.evaluate(args.models or [None], trust_pickle=args.trust_pickle, **ray, **options)
     res.meta["command"] = command_line(args)
     if args.report:
         from ..eval.report import write_report
@@ -187,6 +207,26 @@ def run(args) -> int:
         print(res.to_json())
     else:
         print(format_table(res))
+        if args.report:
+            print(f"report: {os.path.abspath(args.report)}")
+    return 0
+
+
+def _run_sweep(args, options: dict, ray: dict) -> int:
+    from .. import api
+    from ..eval.sweep import load_sweep, write_sweep_report
+    sweep = load_sweep(args.sweep)      # a bad file fails before any work
+    res = api.eval_sweep(sweep, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, **ray, **options)
+    res.meta["command"] = command_line(args)
+    if args.report:
+        write_sweep_report(res, args.report)
+    if args.json:
+        print(res.to_json())
+    else:
+        for s in res.sections:
+            print(f"== {s.rows[0].path} on {s.meta['text']}")
+            print(format_table(s))
+            print()
         if args.report:
             print(f"report: {os.path.abspath(args.report)}")
     return 0

@@ -5,7 +5,8 @@ llama.cpp's perplexity protocol and the KL divergence to the reference: eval.lm.
 classifiers (BERT-family directories with a classification head) are scored by task accuracy
 instead, in the same result shape: eval.classify. Speed and memory come from a fresh process
 per model (eval.speed); the rows are typed (eval.results); a ladder of quantized rungs is built
-by eval.ladder.
+by eval.ladder. The same evaluation as Ray tasks is eval.ray_eval; a grid of models x recipes x
+texts, eval.sweep.
 """
 
 from __future__ import annotations
