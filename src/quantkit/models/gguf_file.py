@@ -70,6 +70,38 @@ class GGUFStrings(Sequence):
         return f"GGUFStrings({self.count} strings)"
 
 
+class GGUFNumbers(Sequence):
+    """A long numeric array read from a file (a vocabulary's scores), kept as a read-only numpy
+    view of the map: a Python list of 262k floats would take more memory than the file."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        v = self.array[i]
+        return v.tolist()
+
+    def __iter__(self):
+        return iter(self.array.tolist())
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+    def __eq__(self, other) -> bool:
+        return len(self) == len(other) and bool(np.array_equal(self.array, np.asarray(other)))
+
+    def __repr__(self) -> str:
+        return f"GGUFNumbers({len(self.array)} x {self.array.dtype})"
+
+
+# Numeric arrays longer than this stay numpy views (GGUFNumbers); shorter ones (per-layer
+# values) become lists.
+LAZY_ARRAY_MIN = 4096
+
+
 @dataclass(frozen=True)
 class GGUFField:
     value: object                       # python scalar, str, or list
@@ -230,7 +262,7 @@ class GGUFFile:
                 try:
                     for _ in range(n):
                         pos += 8 + unpack_q(mm, pos)[0]
-                except struct.error:
+                except (struct.error, OverflowError):   # a length that runs off the map
                     pos = size + 1
                 if pos > size:
                     raise GGUFFormatError(f"array {shown(key)} runs past the end of the file (truncated?)")
@@ -241,7 +273,8 @@ class GGUFFile:
                 width = np.dtype(_NP[et]).itemsize
                 if pos + n * width > size:
                     raise GGUFFormatError(f"array {shown(key)} runs past the end of the file (truncated?)")
-                val = np.frombuffer(mm, dtype=_NP[et], count=n, offset=pos).tolist()
+                arr = np.frombuffer(mm, dtype=_NP[et], count=n, offset=pos)
+                val = GGUFNumbers(arr) if n >= LAZY_ARRAY_MIN else arr.tolist()
                 pos += n * width
             self.fields[key] = GGUFField(val, vt, et)
         elif vt == GGUFValueType.STRING:

@@ -22,7 +22,19 @@ from ..util.errors import QuantkitError
 
 _INTS = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
          GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
-_FLOATS = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+# The tokenizers llama.cpp's vocabulary loader knows (src/llama-vocab.cpp).
+TOKENIZER_MODELS = {"no_vocab", "none", "llama", "bert", "gpt2", "hybriddna", "whitespace", "t5", "rwkv",
+                    "test", "plamo2", "gemma4"}
+# Keys llama.cpp reads with a fixed type; any other type makes it refuse the file.
+_TYPED_KEYS = {
+    **{f"tokenizer.ggml.{k}": GGUFValueType.BOOL for k in (
+        "add_bos_token", "add_eos_token", "add_sep_token", "add_space_prefix", "remove_extra_whitespaces")},
+    **{f"tokenizer.ggml.{k}_token_id": GGUFValueType.UINT32 for k in (
+        "bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask", "fim_pre", "fim_suf", "fim_mid",
+        "fim_pad", "fim_rep", "fim_sep", "prefix", "suffix", "middle")},
+    "tokenizer.ggml.model": GGUFValueType.STRING, "tokenizer.ggml.pre": GGUFValueType.STRING,
+    "general.name": GGUFValueType.STRING,
+}
 # Past these no released model goes; a larger value is corruption, and it would size caches.
 _MAX_LAYERS = 1 << 12
 _MAX_WIDTH = 1 << 20
@@ -68,26 +80,28 @@ class _Reader:
             return default
         if f.vtype == GGUFValueType.ARRAY and per_layer is not None:
             vals = f.value
-            if f.sub_type not in _INTS:
-                self.fail(key, f"is an array of {f.sub_type.name.lower()}, expected integers")
+            if f.sub_type not in (GGUFValueType.INT32, GGUFValueType.UINT32):
+                self.fail(key, f"is an array of {f.sub_type.name.lower()}, expected int32 or uint32")
             if len(vals) != per_layer:
                 self.fail(key, f"has {len(vals)} entries for {per_layer} layers")
             bad = next((v for v in vals if not lo <= v <= hi), None)
             if bad is not None:
                 self.fail(key, f"holds {bad}, outside [{lo}, {hi}]")
             return list(vals)
-        if f.vtype not in _INTS:
-            self.fail(key, f"is of type {f.vtype.name.lower()} ({_short(f.value)}), expected an integer")
+        if f.vtype != GGUFValueType.UINT32:
+            self.fail(key, f"is of type {f.vtype.name.lower()} ({_short(f.value)}), expected uint32")
         if not lo <= f.value <= hi:
             self.fail(key, f"= {f.value} is outside [{lo}, {hi}]")
         return f.value
 
-    def float(self, key: str, positive: bool = True):
+    def float(self, key: str, positive: bool = True, required: bool = False):
         f = self.meta.get(key)
         if f is None:
+            if required:
+                self.fail(key, "is missing", "the file is not a complete model")
             return None
-        if f.vtype not in _FLOATS and f.vtype not in _INTS:
-            self.fail(key, f"is of type {f.vtype.name.lower()} ({_short(f.value)}), expected a number")
+        if f.vtype != GGUFValueType.FLOAT32:
+            self.fail(key, f"is of type {f.vtype.name.lower()} ({_short(f.value)}), expected float32")
         v = float(f.value)
         if not math.isfinite(v) or (positive and v <= 0):
             self.fail(key, f"= {v} is not a positive finite number")
@@ -133,14 +147,8 @@ def read_hparams(meta: Mapping, tensors: Mapping[str, tuple[int, ...]], path: st
                "and attention.key_length is not given")
     r.int(f"{arch}.attention.value_length", 1, _MAX_WIDTH, default=head_dim)
     n_ff = _max(r.int(f"{arch}.feed_forward_length", 0, _MAX_WIDTH << 4, default=0, per_layer=n_layer))
-    n_ctx = r.int(f"{arch}.context_length", 0, _MAX_CONTEXT, default=0)
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is not None and (tokens.vtype != GGUFValueType.ARRAY or tokens.sub_type != GGUFValueType.STRING):
-        r.fail("tokenizer.ggml.tokens", "is not an array of strings")
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
-        if key in meta and meta[key].vtype != GGUFValueType.STRING:
-            r.fail(key, f"is of type {meta[key].vtype.name.lower()}, expected a string")
-    n_tokens = len(tokens.value) if tokens is not None else 0
+    n_ctx = r.int(f"{arch}.context_length", 1, _MAX_CONTEXT)
+    n_tokens = check_tokenizer(r, meta)
     emb = tensors.get("token_embd.weight")
     n_vocab = r.int(f"{arch}.vocab_size", 1, 1 << 31, default=n_tokens or (emb[0] if emb else 0))
     window = r.int(f"{arch}.attention.sliding_window", 0, _MAX_CONTEXT, default=0) or None
@@ -157,16 +165,51 @@ def read_hparams(meta: Mapping, tensors: Mapping[str, tuple[int, ...]], path: st
         else:
             r.int(f"{arch}.attention.sliding_window_pattern", 1, _MAX_LAYERS)
     n_expert = r.int(f"{arch}.expert_count", 0, _MAX_EXPERTS, default=0)
+    eps = f"{arch}.attention.layer_norm_epsilon"
+    if eps not in meta:      # llama.cpp requires one of the two norm epsilons of every model
+        r.float(f"{arch}.attention.layer_norm_rms_epsilon", required=True)
     n_expert_used = r.int(f"{arch}.expert_used_count", 0, _MAX_EXPERTS, default=0)
     if n_expert_used > n_expert:
         r.fail(f"{arch}.expert_used_count", f"= {n_expert_used} is more than expert_count {n_expert}")
     hp = GGUFHParams(
         arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx, sliding_window=window, sliding_window_pattern=pattern,
-        layer_norm=meta.get(f"{arch}.attention.layer_norm_epsilon") is not None,
+        layer_norm=r.float(f"{arch}.attention.layer_norm_epsilon") is not None,
         rope_theta=r.float(f"{arch}.rope.freq_base"), n_expert=n_expert, n_expert_used=n_expert_used)
     check_tensors(hp, tensors, n_tokens, path)
     return hp
+
+
+def check_tokenizer(r: _Reader, meta: Mapping) -> int:
+    """The vocabulary as llama.cpp's loader requires it; the number of tokens."""
+    for key, vt in _TYPED_KEYS.items():
+        f = meta.get(key)
+        if f is not None and f.vtype != vt:
+            r.fail(key, f"is of type {f.vtype.name.lower()}, expected {vt.name.lower()}")
+    mf = meta.get("tokenizer.ggml.model")
+    if mf is None:
+        r.fail("tokenizer.ggml.model", "is missing", "the file has no tokenizer; llama.cpp cannot load it")
+    if mf.value not in TOKENIZER_MODELS:
+        r.fail("tokenizer.ggml.model", f"= {_short(mf.value)} is not a tokenizer llama.cpp knows "
+               f"({', '.join(sorted(TOKENIZER_MODELS))})")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        if mf.value in ("none", "no_vocab"):
+            return 0
+        r.fail("tokenizer.ggml.tokens", "is missing", "the file has no vocabulary; llama.cpp cannot load it")
+    if tokens.vtype != GGUFValueType.ARRAY or tokens.sub_type != GGUFValueType.STRING:
+        r.fail("tokenizer.ggml.tokens", "is not an array of strings")
+    n = len(tokens.value)
+    for key, types in (("tokenizer.ggml.scores", (GGUFValueType.FLOAT32, GGUFValueType.INT32)),
+                       ("tokenizer.ggml.token_type", (GGUFValueType.INT32,))):
+        f = meta.get(key)
+        if f is None:
+            continue
+        if f.vtype != GGUFValueType.ARRAY or f.sub_type not in types:
+            r.fail(key, f"is not an array of {' or '.join(t.name.lower() for t in types)}")
+        if len(f.value) < n:
+            r.fail(key, f"has {len(f.value)} entries for {n} tokens")
+    return n
 
 
 def check_tensors(hp: GGUFHParams, tensors: Mapping[str, tuple[int, ...]], n_tokens: int, path: str) -> None:

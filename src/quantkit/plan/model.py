@@ -268,7 +268,7 @@ def read_gguf(path: str) -> tuple[dict, list[Tensor], GGUFHParams]:
     except OSError as e:
         raise QuantkitError(f"cannot open ({e.strerror})", path) from None
     except GGUFFormatError as e:
-        raise QuantkitError(f"corrupt or truncated GGUF: {e}", path, "re-download or re-create the file") from None
+        raise QuantkitError(f"not a readable GGUF file ({e})", path, "re-download or re-create the file") from None
     try:
         hp = read_hparams(f.fields, {t.name: t.shape for t in f.tensors}, path)
         meta = {k: fld.value for k, fld in f.fields.items()}

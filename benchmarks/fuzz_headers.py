@@ -1,0 +1,221 @@
+"""Mutation fuzzing of GGUF headers, safetensors files and config.json (tests/helpers/fuzz.py):
+counts of cases tried, tracebacks, hangs, peak memory against the largest input, and agreement
+with llama.cpp's loader (llama-cpp-python, vocab_only, in a worker process that may crash).
+
+    python benchmarks/fuzz_headers.py --cases 100000 [--seed 0] [--oracle] [--out FILE]
+
+--cases counts GGUF cases; safetensors and config.json get --json-cases each (default a tenth).
+Writes benchmarks/results/fuzz_headers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+ORACLE = r"""
+import ctypes, sys
+import llama_cpp
+llama_cpp.llama_backend_init()
+cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *a: None)
+llama_cpp.llama_log_set(cb, None)
+p = llama_cpp.llama_model_default_params()
+p.vocab_only = True
+for line in sys.stdin:
+    m = llama_cpp.llama_model_load_from_file(line.strip().encode(), p)
+    sys.stdout.write("1\n" if m else "0\n")
+    sys.stdout.flush()
+    if m:
+        llama_cpp.llama_model_free(m)
+"""
+
+
+class Oracle:
+    """llama.cpp's model loader (vocab only: the container, hyper-parameters and vocabulary) in a
+    worker process; a crash (an abort on a failed assert, a segfault) counts as a refusal."""
+
+    def __init__(self):
+        self.p = None
+        self.crashes = 0
+
+    def _start(self):
+        self.p = subprocess.Popen([sys.executable, "-c", ORACLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+
+    def accepts(self, path: str) -> bool:
+        if self.p is None or self.p.poll() is not None:
+            self._start()
+        try:
+            self.p.stdin.write(path + "\n")
+            self.p.stdin.flush()
+            r = self.p.stdout.readline()
+        except BrokenPipeError:
+            r = ""
+        if r.strip() in ("0", "1"):
+            return r.strip() == "1"
+        self.crashes += 1
+        self.p.wait()
+        self.p = None
+        return False
+
+    def close(self):
+        if self.p is not None:
+            self.p.stdin.close()
+            self.p.wait()
+
+
+def machine() -> dict:
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":")[1].split())
+                break
+    model = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"cpu": model, "flags": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")},
+            "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=2000, help="GGUF cases")
+    ap.add_argument("--json-cases", type=int, default=None, help="safetensors and config.json cases each")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bundled-every", type=int, default=100, help="every N-th GGUF case mutates the bundled header")
+    ap.add_argument("--cli-every", type=int, default=25, help="every N-th case also runs plan/inspect")
+    ap.add_argument("--oracle", action="store_true", help="compare with llama.cpp on every GGUF case")
+    ap.add_argument("--oracle-bundled-max", type=int, default=200, help="oracle calls on bundled-header cases")
+    ap.add_argument("--limit", type=float, default=20.0, help="seconds per case before it counts as a hang")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "fuzz_headers.json"))
+    ap.add_argument("--keep", default=None, help="folder to keep failing inputs in")
+    args = ap.parse_args(argv)
+    json_cases = args.cases // 10 if args.json_cases is None else args.json_cases
+
+    from helpers import fuzz
+    from quantkit.models.bundled import bundled_path
+
+    work = tempfile.mkdtemp(prefix="fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    seeds = os.path.join(work, "seeds")
+    os.makedirs(seeds)
+    tiny = fuzz.tiny_gguf_seed(os.path.join(seeds, "tiny.gguf"), bundled_path())
+    head = fuzz.bundled_header_seed(os.path.join(seeds, "head.gguf"), bundled_path())
+    hf = fuzz.tiny_hf_seed(os.path.join(seeds, "hf"))
+    fuzz.warm_up(tiny, hf)
+    fuzz.warm_up(head)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rng = random.Random(args.seed)
+    oracle = Oracle() if args.oracle else None
+
+    stats = {"gguf": {}, "safetensors": {}, "config.json": {}}
+    failures = []
+    agree = {"llama_refuses": 0, "both_refuse": 0, "llama_accepts": 0, "both_accept": 0,
+             "quantkit_accepts_llama_refuses": [], "oracle_bundled": 0}
+    largest = 0
+
+    def record(kind, mut, out, path, data):
+        s = stats[kind].setdefault(out.kind, 0)
+        stats[kind][out.kind] = s + 1
+        if out.kind in ("traceback", "hang"):
+            failures.append({"kind": kind, "mutator": mut, "outcome": out.kind, "detail": out.detail[-2000:]})
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+                with open(os.path.join(args.keep, f"{kind}-{len(failures)}"), "wb") as f:
+                    f.write(data)
+
+    t0 = time.time()
+    seed_bytes = {p: open(p, "rb").read() for p in (tiny, head)}
+    layouts = {p: fuzz.gguf_layout(b) for p, b in seed_bytes.items()}
+    case_path = os.path.join(work, "case.gguf")
+    for i in range(args.cases):
+        src = head if args.bundled_every and i % args.bundled_every == args.bundled_every - 1 else tiny
+        mut, data = fuzz.mutate_gguf(seed_bytes[src], layouts[src], rng)
+        largest = max(largest, len(data))
+        with open(case_path, "wb") as f:
+            f.write(data)
+        with_cli = args.cli_every and i % args.cli_every == 0
+        out = fuzz.run_case(lambda: fuzz.gguf_case(case_path, with_cli, load_tensors=src == tiny),
+                            args.limit, trace_memory=False)
+        record("gguf", mut, out, case_path, data)
+        if oracle and (src == tiny or agree["oracle_bundled"] < args.oracle_bundled_max):
+            agree["oracle_bundled"] += src == head
+            ok_llama = oracle.accepts(case_path)
+            ok_qk = out.kind == "ok"
+            if ok_llama:
+                agree["llama_accepts"] += 1
+                agree["both_accept"] += ok_qk
+            else:
+                agree["llama_refuses"] += 1
+                agree["both_refuse"] += not ok_qk
+                if ok_qk and len(agree["quantkit_accepts_llama_refuses"]) < 50:
+                    keep = os.path.join(work, f"disagree-{i}.gguf")
+                    os.replace(case_path, keep)
+                    agree["quantkit_accepts_llama_refuses"].append({"case": i, "mutator": mut, "file": keep})
+        if i % 1000 == 999:
+            print(f"gguf {i + 1}/{args.cases} {time.time() - t0:.0f}s {stats['gguf']}", flush=True)
+    t_gguf = time.time() - t0
+
+    st_seed = open(os.path.join(hf, "model.safetensors"), "rb").read()
+    cfg_seed = open(os.path.join(hf, "config.json"), "rb").read()
+    case_dir = os.path.join(work, "hf-case")
+    os.makedirs(case_dir)
+    for i in range(2 * json_cases):
+        kind = "safetensors" if i % 2 == 0 else "config.json"
+        st, cfg = st_seed, cfg_seed
+        if kind == "safetensors":
+            mut, st = fuzz.mutate_safetensors(st_seed, rng)
+        elif rng.random() < 0.5:
+            mut, cfg = fuzz.mutate_json_bytes(cfg_seed, rng)
+        else:
+            mut, doc = fuzz.mutate_json(json.loads(cfg_seed), rng)
+            cfg = json.dumps(doc).encode()
+        largest = max(largest, len(st))
+        with open(os.path.join(case_dir, "model.safetensors"), "wb") as f:
+            f.write(st)
+        with open(os.path.join(case_dir, "config.json"), "wb") as f:
+            f.write(cfg)
+        with_cli = args.cli_every and (i // 2) % args.cli_every == 0
+        out = fuzz.run_case(lambda: fuzz.hf_case(case_dir, with_cli), args.limit, trace_memory=False)
+        record(kind, mut, out, case_dir, st if kind == "safetensors" else cfg)
+    if oracle:
+        oracle.close()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tried = args.cases + 2 * json_cases
+    result = {
+        "command": "python benchmarks/fuzz_headers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "cases_tried": tried, "gguf_cases": args.cases, "json_cases_each": json_cases,
+        "outcomes": stats,
+        "tracebacks": sum(1 for f in failures if f["outcome"] == "traceback"),
+        "hangs": sum(1 for f in failures if f["outcome"] == "hang"),
+        "seconds": round(time.time() - t0, 1), "gguf_seconds": round(t_gguf, 1),
+        "largest_input_bytes": largest,
+        "peak_rss_growth_bytes": peak_rss - base_rss,
+        "peak_rss_growth_vs_largest_input": round((peak_rss - base_rss) / largest, 3),
+        "failures": failures[:50],
+    }
+    if oracle:
+        agree["oracle_crashes"] = oracle.crashes
+        agree["refuse_agreement"] = round(agree["both_refuse"] / max(1, agree["llama_refuses"]), 5)
+        agree["accept_agreement"] = round(agree["both_accept"] / max(1, agree["llama_accepts"]), 5)
+        result["llama_cpp_agreement"] = agree
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    summary = {k: v for k, v in result.items() if k != "failures"}
+    print(json.dumps(summary, indent=1))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
