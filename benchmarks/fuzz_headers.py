@@ -16,64 +16,12 @@ import os
 import platform
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-
-ORACLE = r"""
-import ctypes, sys
-import llama_cpp
-llama_cpp.llama_backend_init()
-cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *a: None)
-llama_cpp.llama_log_set(cb, None)
-p = llama_cpp.llama_model_default_params()
-p.vocab_only = True
-for line in sys.stdin:
-    m = llama_cpp.llama_model_load_from_file(line.strip().encode(), p)
-    sys.stdout.write("1\n" if m else "0\n")
-    sys.stdout.flush()
-    if m:
-        llama_cpp.llama_model_free(m)
-"""
-
-
-class Oracle:
-    """llama.cpp's model loader (vocab only: the container, hyper-parameters and vocabulary) in a
-    worker process; a crash (an abort on a failed assert, a segfault) counts as a refusal."""
-
-    def __init__(self):
-        self.p = None
-        self.crashes = 0
-
-    def _start(self):
-        self.p = subprocess.Popen([sys.executable, "-c", ORACLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
-
-    def accepts(self, path: str) -> bool:
-        if self.p is None or self.p.poll() is not None:
-            self._start()
-        try:
-            self.p.stdin.write(path + "\n")
-            self.p.stdin.flush()
-            r = self.p.stdout.readline()
-        except BrokenPipeError:
-            r = ""
-        if r.strip() in ("0", "1"):
-            return r.strip() == "1"
-        self.crashes += 1
-        self.p.wait()
-        self.p = None
-        return False
-
-    def close(self):
-        if self.p is not None:
-            self.p.stdin.close()
-            self.p.wait()
-
 
 def machine() -> dict:
     flags = set()
@@ -115,7 +63,7 @@ def main(argv=None) -> int:
     fuzz.warm_up(head)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rng = random.Random(args.seed)
-    oracle = Oracle() if args.oracle else None
+    oracle = fuzz.Oracle() if args.oracle else None
 
     stats = {"gguf": {}, "safetensors": {}, "config.json": {}}
     failures = []
@@ -157,7 +105,9 @@ def main(argv=None) -> int:
             else:
                 agree["llama_refuses"] += 1
                 agree["both_refuse"] += not ok_qk
-                if ok_qk and len(agree["quantkit_accepts_llama_refuses"]) < 50:
+                if ok_qk and fuzz.duplicate_tokens(case_path):
+                    agree["duplicate_token_cases"] = agree.get("duplicate_token_cases", 0) + 1
+                elif ok_qk and len(agree["quantkit_accepts_llama_refuses"]) < 50:
                     keep = os.path.join(work, f"disagree-{i}.gguf")
                     os.replace(case_path, keep)
                     agree["quantkit_accepts_llama_refuses"].append({"case": i, "mutator": mut, "file": keep})

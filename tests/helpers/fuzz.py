@@ -13,8 +13,11 @@ import io
 import json
 import os
 import random
+import select
 import signal
 import struct
+import subprocess
+import sys
 import traceback
 import tracemalloc
 from dataclasses import dataclass
@@ -332,7 +335,7 @@ def hf_case(model_dir: str, with_cli: bool) -> str:
 
 # ---------------------------------------------------------------- seeds
 
-def _gemma_meta(bundled: str, n_tokens: int | None, sizes: dict[str, int]):
+def gemma_meta(bundled: str, n_tokens: int | None, sizes: dict[str, int]):
     """The bundled model's metadata, the vocabulary cut to its first n_tokens (None: all) and
     the size keys replaced by `sizes`."""
     from gguf import GGUFValueType
@@ -351,7 +354,8 @@ def _gemma_meta(bundled: str, n_tokens: int | None, sizes: dict[str, int]):
     return meta
 
 
-def _write(path: str, meta, tensors) -> str:
+def write_model(path: str, meta, tensors) -> str:
+    """A GGUF through quantkit's writer: `tensors` lists (name, shape, type); random values."""
     import numpy as np
     from quantkit.codecs.registry import qtype
     from quantkit.models.gguf import write_gguf_file
@@ -371,8 +375,13 @@ def _write(path: str, meta, tensors) -> str:
 def tiny_gguf_seed(path: str, bundled: str) -> str:
     """A 2-layer Gemma-3 GGUF with the bundled model's metadata and its first 512 tokens: small
     enough for thousands of cases, valid for quantkit and llama.cpp alike."""
+    return write_model(path, *tiny_gguf_parts(bundled))
+
+
+def tiny_gguf_parts(bundled: str):
+    """(metadata, tensor list) of tiny_gguf_seed, to edit before writing."""
     E, F, H, KV, D, V = 64, 128, 4, 1, 16, 512
-    meta = _gemma_meta(bundled, V, dict(block_count=2, embedding_length=E, feed_forward_length=F,
+    meta = gemma_meta(bundled, V, dict(block_count=2, embedding_length=E, feed_forward_length=F,
                                         **{"attention.head_count": H, "attention.head_count_kv": KV,
                                            "attention.key_length": D, "attention.value_length": D,
                                            "context_length": 256, "attention.sliding_window": 8}))
@@ -382,16 +391,16 @@ def tiny_gguf_seed(path: str, bundled: str) -> str:
         tensors += [(p + "attn_norm.weight", (E,), "f32"), (p + "attn_q.weight", (H * D, E), "q4_0"),
                     (p + "attn_k.weight", (KV * D, E), "q8_0"), (p + "attn_v.weight", (KV * D, E), "q8_0"),
                     (p + "attn_output.weight", (E, H * D), "q4_1"), (p + "ffn_down.weight", (E, F), "f16")]
-    return _write(path, meta, tensors)
+    return meta, tensors
 
 
 def bundled_header_seed(path: str, bundled: str) -> str:
     """The bundled model's whole header (262k-token vocabulary, ~6.5 MB) with a few small tensors
     after it: the real header, valid for quantkit and llama.cpp, cheap to rewrite."""
-    meta = _gemma_meta(bundled, None, {})
+    meta = gemma_meta(bundled, None, {})
     tensors = [("output_norm.weight", (640,), "f32"), ("blk.0.attn_norm.weight", (640,), "f32"),
                ("blk.0.attn_q.weight", (1024, 640), "q8_0"), ("blk.0.attn_k.weight", (256, 640), "q4_0")]
-    return _write(path, meta, tensors)
+    return write_model(path, meta, tensors)
 
 
 def tiny_hf_seed(model_dir: str) -> str:
@@ -406,3 +415,76 @@ def warm_up(gguf_seed: str, hf_dir: str | None = None) -> None:
     gguf_case(gguf_seed, True)
     if hf_dir:
         hf_case(hf_dir, True)
+
+
+# ---------------------------------------------------------------- llama.cpp as the oracle
+
+ORACLE = r"""
+import ctypes, sys
+import llama_cpp
+llama_cpp.llama_backend_init()
+cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *a: None)
+llama_cpp.llama_log_set(cb, None)
+p = llama_cpp.llama_model_default_params()
+p.vocab_only = True
+for line in sys.stdin:
+    m = llama_cpp.llama_model_load_from_file(line.strip().encode(), p)
+    sys.stdout.write("1\n" if m else "0\n")
+    sys.stdout.flush()
+    if m:
+        llama_cpp.llama_model_free(m)
+"""
+
+
+class Oracle:
+    """llama.cpp's model loader (vocab only: the container, hyper-parameters and vocabulary) in a
+    worker process; a crash (an abort on a failed assert, a segfault) counts as a refusal."""
+
+    def __init__(self, limit_s: float = 60.0):
+        self.p = None
+        self.crashes = 0
+        self.limit_s = limit_s
+
+    def _start(self):
+        self.p = subprocess.Popen([sys.executable, "-c", ORACLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+
+    def accepts(self, path: str) -> bool:
+        if self.p is None or self.p.poll() is not None:
+            self._start()
+        try:
+            self.p.stdin.write(path + "\n")
+            self.p.stdin.flush()
+            ready, _, _ = select.select([self.p.stdout], [], [], self.limit_s)
+            r = self.p.stdout.readline() if ready else ""
+            if not ready:
+                self.p.kill()
+        except BrokenPipeError:
+            r = ""
+        if r.strip() in ("0", "1"):
+            return r.strip() == "1"
+        self.crashes += 1
+        self.p.wait()
+        self.p = None
+        return False
+
+    def close(self):
+        if self.p is not None:
+            self.p.stdin.close()
+            self.p.wait()
+
+
+def duplicate_tokens(path: str) -> bool:
+    """Whether a GGUF's vocabulary holds the same token string twice (llama.cpp aborts on it)."""
+    from quantkit.models.gguf_file import GGUFFile
+    f = GGUFFile(path)
+    try:
+        toks = f.fields["tokenizer.ggml.tokens"].value
+        p, pos, seen = toks.payload, 0, set()
+        for _ in range(len(toks)):
+            (n,) = struct.unpack_from("<Q", p, pos)
+            seen.add(p[pos + 8:pos + 8 + n])
+            pos += 8 + n
+        return len(seen) < len(toks)
+    finally:
+        f.close()
