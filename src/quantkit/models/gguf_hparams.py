@@ -33,7 +33,7 @@ _TYPED_KEYS = {
         "bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask", "fim_pre", "fim_suf", "fim_mid",
         "fim_pad", "fim_rep", "fim_sep", "prefix", "suffix", "middle")},
     "tokenizer.ggml.model": GGUFValueType.STRING, "tokenizer.ggml.pre": GGUFValueType.STRING,
-    "general.name": GGUFValueType.STRING,
+    "general.name": GGUFValueType.STRING, "general.file_type": GGUFValueType.UINT32,
 }
 # Past these no released model goes; a larger value is corruption, and it would size caches.
 _MAX_LAYERS = 1 << 12
