@@ -109,6 +109,15 @@ class Run:
                 self.compare(i, path, mut, out.kind == "ok")
             if i % 1000 == 999:
                 print(f"gguf {i + 1}/{args.cases} {time.time() - t0:.0f}s {self.stats['gguf']}", flush=True)
+                self.checkpoint(i + 1, t0)
+
+    def checkpoint(self, done: int, t0: float) -> None:
+        """The counts so far, in the output file, so that a run cut short still reports."""
+        with open(self.args.out + ".partial", "w") as f:
+            json.dump({"gguf_cases_done": done, "seconds": round(time.time() - t0, 1), "outcomes": self.stats,
+                       "tracebacks": sum(x["outcome"] == "traceback" for x in self.failures),
+                       "hangs": sum(x["outcome"] == "hang" for x in self.failures), "largest_input_bytes": self.largest,
+                       "llama_cpp_agreement": self.agree}, f, indent=1)
 
     def hf(self, hf: str) -> None:
         fuzz = self.fuzz

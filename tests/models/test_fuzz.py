@@ -55,7 +55,7 @@ def test_gguf_mutants_end_cleanly_and_agree_with_llama_cpp(seeds, tmp_path):
     counts = {"ok": 0, "refused": 0}
     missed = []
     try:
-        for i in range(300):
+        for i in range(200):
             mut, b = fuzz.mutate_gguf(data, lay, rng)
             with open(path, "wb") as f:
                 f.write(b)
@@ -66,7 +66,7 @@ def test_gguf_mutants_end_cleanly_and_agree_with_llama_cpp(seeds, tmp_path):
                 missed.append((i, mut))
     finally:
         oracle.close()
-    assert counts["ok"] > 20 and counts["refused"] > 150, counts      # the mutants reach both outcomes
+    assert counts["ok"] > 15 and counts["refused"] > 100, counts      # the mutants reach both outcomes
     assert not missed, f"llama.cpp refuses, quantkit accepts: {missed}"
 
 
@@ -75,7 +75,7 @@ def test_bundled_header_mutants_end_cleanly(seeds, tmp_path):
     data = open(seeds["head"], "rb").read()
     lay = fuzz.gguf_layout(data)
     path = str(tmp_path / "case.gguf")
-    for i in range(12):
+    for i in range(8):
         mut, b = fuzz.mutate_gguf(data, lay, rng)
         with open(path, "wb") as f:
             f.write(b)
