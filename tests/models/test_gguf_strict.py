@@ -172,3 +172,15 @@ def test_duplicated_tensor_name_never_makes_another_model(tmp_path, parts, capsy
     code, err = run_cli(["quantize", path, "--format", "gguf:q8_0", "-o", str(tmp_path / "o.gguf")], capsys)
     assert code == 2 and not (tmp_path / "o.gguf").exists()
     assert_one_line(err, path, "appears twice")
+
+
+def test_a_vocabulary_with_a_token_twice_is_never_written(tmp_path, parts):
+    """llama.cpp aborts (an assert) on such a vocabulary; reading stays fast, writing refuses."""
+    meta, tlist = parts
+    toks = list(meta["tokenizer.ggml.tokens"].value)
+    toks[300] = toks[301]
+    bad = {**meta, "tokenizer.ggml.tokens": MetaValue(toks, GGUFValueType.ARRAY, GGUFValueType.STRING)}
+    out = tmp_path / "o.gguf"
+    with pytest.raises(QuantkitError, match="twice; llama.cpp cannot load"):
+        write_model(str(out), bad, tlist)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -179,6 +179,28 @@ class _FastWriter(GGUFWriter):
         self.state = WriterState.WEIGHTS
 
 
+def _check_vocabulary(metadata: dict[str, MetaValue], path) -> None:
+    """llama.cpp aborts on a vocabulary that holds one token string twice (an assert in its
+    loader): such a file is never written."""
+    mv = metadata.get("tokenizer.ggml.tokens")
+    if mv is None:
+        return
+    if isinstance(mv.value, GGUFStrings):
+        p, pos, items = mv.value.payload, 0, []
+        unpack_q = struct.Struct("<Q").unpack_from
+        for _ in range(len(mv.value)):
+            (n,) = unpack_q(p, pos)
+            items.append(p[pos + 8:pos + 8 + n])
+            pos += 8 + n
+    else:
+        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in mv.value]
+    if len(set(items)) != len(items):
+        seen = set()
+        dup = next(t for t in items if t in seen or seen.add(t))
+        raise QuantkitError(f"the vocabulary holds the token {dup[:60]!r} twice; llama.cpp cannot load such a "
+                            "file", path, "fix tokenizer.ggml.tokens of the source model")
+
+
 def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, MetaValue],
                     tensors: list[tuple[str, tuple[int, ...], str]],
                     produce: Callable[[str], np.ndarray], file_type: int | None = None,
@@ -186,6 +208,7 @@ def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, Meta
     """Stream a GGUF: `tensors` lists (name, row-major shape, type name) in file order;
     `produce(name)` returns the tensor's bytes (uint8, exactly qtype.nbytes(shape)) one at a time.
     The file appears at `path` only when complete."""
+    _check_vocabulary(metadata, path)
     with atomic_output(path) as tmp:
         w = _FastWriter(tmp, arch)
         for key, mv in metadata.items():
