@@ -475,15 +475,18 @@ class Oracle:
 
 
 def duplicate_tokens(path: str) -> bool:
-    """Whether a GGUF's vocabulary holds the same token string twice (llama.cpp aborts on it)."""
+    """Whether a GGUF's vocabulary holds the same token twice as llama.cpp reads tokens (C strings:
+    up to the first NUL byte; an empty one is "[EMPTY_i]"); llama.cpp aborts on it. quantkit's
+    reader does not look for this (it would double the time to open a 262k vocabulary); its
+    writer refuses such a vocabulary."""
     from quantkit.models.gguf_file import GGUFFile
     f = GGUFFile(path)
     try:
         toks = f.fields["tokenizer.ggml.tokens"].value
         p, pos, seen = toks.payload, 0, set()
-        for _ in range(len(toks)):
+        for i in range(len(toks)):
             (n,) = struct.unpack_from("<Q", p, pos)
-            seen.add(p[pos + 8:pos + 8 + n])
+            seen.add(p[pos + 8:pos + 8 + n].split(b"\0", 1)[0] or b"[EMPTY_%d]" % i)
             pos += 8 + n
         return len(seen) < len(toks)
     finally:

@@ -181,7 +181,8 @@ class _FastWriter(GGUFWriter):
 
 def _check_vocabulary(metadata: dict[str, MetaValue], path) -> None:
     """llama.cpp aborts on a vocabulary that holds one token string twice (an assert in its
-    loader): such a file is never written."""
+    loader; it reads each token as a C string, so up to its first NUL byte, and names an empty
+    one "[EMPTY_i]"): such a file is never written."""
     mv = metadata.get("tokenizer.ggml.tokens")
     if mv is None:
         return
@@ -194,6 +195,7 @@ def _check_vocabulary(metadata: dict[str, MetaValue], path) -> None:
             pos += 8 + n
     else:
         items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in mv.value]
+    items = [t.split(b"\0", 1)[0] or b"[EMPTY_%d]" % i for i, t in enumerate(items)]
     if len(set(items)) != len(items):
         seen = set()
         dup = next(t for t in items if t in seen or seen.add(t))
