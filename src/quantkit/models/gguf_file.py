@@ -3,7 +3,8 @@
 gguf-py's GGUFReader builds one numpy view per array element, which takes tens of seconds for
 a 262k-token vocabulary; this reads the same header in a fraction of a second (numeric arrays
 in bulk, strings in one pass) and maps the data section without copying. No torch import, so
-the planner can use it cheaply.
+the planner can use it cheaply. The file is untrusted: GGUFFile checks it against the format
+and llama.cpp's loader before reading anything a count or offset points at.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ LAZY_ARRAY_MIN = 4096
 
 @dataclass(frozen=True)
 class GGUFField:
-    value: object                       # python scalar, str, or list
+    value: object                       # scalar, str, list, GGUFStrings or GGUFNumbers
     vtype: GGUFValueType
     sub_type: GGUFValueType | None = None
 
