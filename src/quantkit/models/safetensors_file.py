@@ -35,7 +35,10 @@ MAX_DIMS = 64
 
 
 def shown(name: str, limit: int = 80) -> str:
-    """A name read from a file, quoted and cut for an error line."""
+    """A name read from a file for an error line: as it is when short and printable, else
+    quoted (escapes, no line breaks) and cut."""
+    if len(name) <= limit and name.isprintable():
+        return name
     return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
