@@ -130,7 +130,10 @@ def test_nan_in_weights_names_the_tensor(tmp_path, capsys):
     meta = {"general.architecture": MetaValue("llama", GGUFValueType.STRING),
             "llama.block_count": MetaValue(1, GGUFValueType.UINT32),
             "llama.embedding_length": MetaValue(64, GGUFValueType.UINT32),
-            "llama.attention.head_count": MetaValue(4, GGUFValueType.UINT32)}
+            "llama.attention.head_count": MetaValue(4, GGUFValueType.UINT32),
+            "llama.context_length": MetaValue(256, GGUFValueType.UINT32),
+            "llama.attention.layer_norm_rms_epsilon": MetaValue(1e-6, GGUFValueType.FLOAT32),
+            "tokenizer.ggml.model": MetaValue("none", GGUFValueType.STRING)}
     good = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     bad = good.copy()
     bad[3, 5] = np.nan

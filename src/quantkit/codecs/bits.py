@@ -104,5 +104,7 @@ def high_bits(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
     """high_bits' inverse: uint8 [n, 4] -> int32 [n, 32] of 0/1."""
-    word = qh.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [n, 1]
+    # a one-row slice is contiguous but may start at an offset not divisible by 4: copy it then
+    qh = qh.contiguous() if qh.storage_offset() % 4 == 0 else qh.clone(memory_format=torch.contiguous_format)
+    word = qh.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [n, 1]
     return ((word >> torch.arange(32, dtype=torch.int64)) & 1).to(torch.int32)

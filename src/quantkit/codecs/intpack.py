@@ -48,7 +48,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     pad = (-n) % 32
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    groups = x.reshape(*x.shape[:-1], -1, 32)             # 32 codes -> exactly `bits` words
+    groups = x.reshape(*x.shape[:-1], (n + pad) // 32, 32)  # 32 codes -> exactly `bits` words
     words = torch.zeros(*groups.shape[:-1], bits, dtype=torch.int64)
     for k in range(32):
         start = k * bits
@@ -57,7 +57,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         words[..., w] |= (v << off) & _MASK32
         if off + bits > 32:                              # the code crosses into the next word
             words[..., w + 1] |= v >> (32 - off)
-    out = words.reshape(*x.shape[:-1], -1)[..., :n_words]
+    out = words.reshape(*x.shape[:-1], groups.shape[-2] * bits)[..., :n_words]
     return _to_int32(out).movedim(-1, dim).contiguous()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from ..codecs.registry import qtype
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
 from .gguf_file import GGUFFile, GGUFFormatError, GGUFStrings
+from .gguf_hparams import read_hparams
 from .source import ArchSpec, MetaValue, ModelSource, TensorInfo, Tokenizer
 
 # Tensors over a read-only memory map are only ever read here.
@@ -43,41 +44,23 @@ def _u(meta: dict[str, MetaValue], key: str, default=None):
     return default if v is None else v.value
 
 
-def spec_from_metadata(meta: dict[str, MetaValue], tensor_names: Iterable[str], path: str) -> ArchSpec:
-    arch = _u(meta, "general.architecture")
-    if not arch:
-        raise QuantkitError("GGUF has no general.architecture", path, "is this a model file?")
-    missing = [k for k in ("block_count", "embedding_length", "attention.head_count")
-               if f"{arch}.{k}" not in meta]
-    if missing:
-        raise QuantkitError(f"GGUF metadata lacks {', '.join(arch + '.' + k for k in missing)}", path)
-    g = lambda k, d=None: _u(meta, f"{arch}.{k}", d)  # noqa: E731
-    n_layer, n_embd, n_head = int(g("block_count")), int(g("embedding_length")), int(g("attention.head_count"))
-    n_head_kv = g("attention.head_count_kv", n_head)
-    if isinstance(n_head_kv, list):
-        n_head_kv = max(n_head_kv)
-    tokens = _u(meta, "tokenizer.ggml.tokens") or []
-    n_vocab = int(g("vocab_size", len(tokens)))
-    window = g("attention.sliding_window")
-    pattern = None
-    if window:
-        pat = g("attention.sliding_window_pattern")
-        if isinstance(pat, list):
-            pattern = [bool(p) for p in pat]
-        elif arch == "gemma3":
+def spec_from_metadata(meta: dict[str, MetaValue], tensors: dict[str, tuple[int, ...]], path: str) -> ArchSpec:
+    """The architecture spec from checked metadata (models.gguf_hparams); `tensors`: name -> shape."""
+    hp = read_hparams(meta, tensors, path)
+    pattern = hp.sliding_window_pattern
+    if hp.sliding_window and pattern is None:
+        if hp.arch == "gemma3":
             # llama.cpp hard-codes Gemma-3's pattern: every 6th layer is global.
-            pattern = [(i + 1) % 6 != 0 for i in range(n_layer)]
+            pattern = [(i + 1) % 6 != 0 for i in range(hp.n_layer)]
         else:
-            pattern = [True] * n_layer
-    names = set(tensor_names)
+            pattern = [True] * hp.n_layer
     return ArchSpec(
-        arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=int(n_head), n_head_kv=int(n_head_kv),
-        head_dim=int(g("attention.key_length", n_embd // n_head)), n_ff=int(g("feed_forward_length", 0) or 0),
-        n_vocab=n_vocab, n_ctx_train=int(g("context_length", 0) or 0),
-        tied_embeddings="output.weight" not in names, sliding_window=int(window) if window else None,
-        sliding_window_pattern=pattern, norm="layer" if g("attention.layer_norm_epsilon") is not None else "rms",
-        rope_theta=g("rope.freq_base"), n_expert=int(g("expert_count", 0) or 0),
-        n_expert_used=int(g("expert_used_count", 0) or 0))
+        arch=hp.arch, n_layer=hp.n_layer, n_embd=hp.n_embd, n_head=hp.n_head, n_head_kv=hp.n_head_kv,
+        head_dim=hp.head_dim, n_ff=hp.n_ff, n_vocab=hp.n_vocab, n_ctx_train=hp.n_ctx_train,
+        tied_embeddings="output.weight" not in tensors, sliding_window=hp.sliding_window,
+        sliding_window_pattern=pattern if hp.sliding_window else None,
+        norm="layer" if hp.layer_norm else "rms", rope_theta=hp.rope_theta, n_expert=hp.n_expert,
+        n_expert_used=hp.n_expert_used)
 
 
 class GGUFSource(ModelSource):
@@ -107,7 +90,7 @@ class GGUFSource(ModelSource):
         self._entries = {t.name: t for t in self._file.tensors}
         self._infos = {t.name: TensorInfo(t.name, t.shape, t.ggml_type.name.lower(), t.nbytes)
                        for t in self._file.tensors}
-        self.spec = spec_from_metadata(self.metadata, self._entries, self.path)
+        self.spec = spec_from_metadata(self.metadata, {t.name: t.shape for t in self._file.tensors}, self.path)
         self.tokenizer = Tokenizer(model=_u(self.metadata, "tokenizer.ggml.model") or "none",
                                    pre=_u(self.metadata, "tokenizer.ggml.pre"),
                                    n_tokens=len(_u(self.metadata, "tokenizer.ggml.tokens") or []))
@@ -196,6 +179,30 @@ class _FastWriter(GGUFWriter):
         self.state = WriterState.WEIGHTS
 
 
+def _check_vocabulary(metadata: dict[str, MetaValue], path) -> None:
+    """llama.cpp aborts on a vocabulary that holds one token string twice (an assert in its
+    loader; it reads each token as a C string, so up to its first NUL byte, and names an empty
+    one "[EMPTY_i]"): such a file is never written."""
+    mv = metadata.get("tokenizer.ggml.tokens")
+    if mv is None:
+        return
+    if isinstance(mv.value, GGUFStrings):
+        p, pos, items = mv.value.payload, 0, []
+        unpack_q = struct.Struct("<Q").unpack_from
+        for _ in range(len(mv.value)):
+            (n,) = unpack_q(p, pos)
+            items.append(p[pos + 8:pos + 8 + n])
+            pos += 8 + n
+    else:
+        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in mv.value]
+    items = [t.split(b"\0", 1)[0] or b"[EMPTY_%d]" % i for i, t in enumerate(items)]
+    if len(set(items)) != len(items):
+        seen = set()
+        dup = next(t for t in items if t in seen or seen.add(t))
+        raise QuantkitError(f"the vocabulary holds the token {dup[:60]!r} twice; llama.cpp cannot load such a "
+                            "file", path, "fix tokenizer.ggml.tokens of the source model")
+
+
 def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, MetaValue],
                     tensors: list[tuple[str, tuple[int, ...], str]],
                     produce: Callable[[str], np.ndarray], file_type: int | None = None,
@@ -203,6 +210,7 @@ def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, Meta
     """Stream a GGUF: `tensors` lists (name, row-major shape, type name) in file order;
     `produce(name)` returns the tensor's bytes (uint8, exactly qtype.nbytes(shape)) one at a time.
     The file appears at `path` only when complete."""
+    _check_vocabulary(metadata, path)
     with atomic_output(path) as tmp:
         w = _FastWriter(tmp, arch)
         for key, mv in metadata.items():

@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaml
@@ -28,7 +27,8 @@ from gguf import LlamaFileType
 
 from ..codecs.geometry import type_geometry
 from ..models.arch import HF_CLASS_ARCH, HF_CONFIG_KEYS, HF_CONFIG_OPTIONAL_KEYS, BlockLayout, block_layout
-from ..models.gguf_file import GGUFFile
+from ..models.gguf_file import GGUFFile, GGUFFormatError
+from ..models.gguf_hparams import GGUFHParams, read_hparams
 from ..models.hf_config import check_config
 from ..models.safetensors_file import SafetensorsFile
 from ..models.source import TensorInfo
@@ -261,15 +261,17 @@ def file_type_name(ftype: int) -> str:
     return rest.lower() if kind in ("ALL", "MOSTLY") else f"ftype {ftype}"
 
 
-def read_gguf(path: str) -> tuple[dict, list[Tensor]]:
-    """(metadata values, tensors) from a GGUF header (models.gguf_file), no tensor data read."""
+def read_gguf(path: str) -> tuple[dict, list[Tensor], GGUFHParams]:
+    """(metadata values, tensors, checked hyper-parameters) from a GGUF header
+    (models.gguf_file, models.gguf_hparams), no tensor data read."""
     try:
         f = GGUFFile(path)
     except OSError as e:
         raise QuantkitError(f"cannot open ({e.strerror})", path) from None
-    except ValueError as e:      # GGUFFormatError, or an unknown value or tensor type
-        raise QuantkitError(f"not a readable GGUF file ({e})", path) from None
+    except GGUFFormatError as e:
+        raise QuantkitError(f"not a readable GGUF file ({e})", path, "re-download or re-create the file") from None
     try:
+        hp = read_hparams(f.fields, {t.name: t.shape for t in f.tensors}, path)
         meta = {k: fld.value for k, fld in f.fields.items()}
         tensors = []
         for t in f.tensors:
@@ -277,50 +279,23 @@ def read_gguf(path: str) -> tuple[dict, list[Tensor]]:
             tensors.append(Tensor(t.name, t.shape, q.name, q.nbytes(t.shape)))
     finally:
         f.close()
-    return meta, tensors
-
-
-def _per_layer_max(v, default):
-    """A per-layer list (some archs) counts by its largest entry."""
-    if isinstance(v, list):
-        return max(v) if v else default
-    return v
+    return meta, tensors, hp
 
 
 def from_gguf(path: str) -> ModelShape:
-    meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if not arch:
-        raise QuantkitError("GGUF has no general.architecture key", path)
-
-    def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
-
-    need = {"n_layer": "block_count", "n_embd": "embedding_length", "n_head": "attention.head_count"}
-    missing = [f"{arch}.{k}" for k in need.values() if get(k) is None]
-    if missing:
-        raise QuantkitError(f"GGUF metadata lacks {', '.join(missing)}", path,
-                            "the planner needs them for the KV cache")
-    n_layer, n_embd, n_head = (int(get(k)) for k in need.values())
-    n_head_kv = _per_layer_max(get("attention.head_count_kv", n_head), n_head)
-    names = {t.name for t in tensors}
-    emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    toks = meta.get("tokenizer.ggml.tokens")
-    n_vocab = (len(toks) if isinstance(toks, Sequence) and not isinstance(toks, str) else 0) \
-        or (emb.shape[0] if emb else 0)
-    window = get("attention.sliding_window")
-    pat = get("attention.sliding_window_pattern")
-    if window and pat is None:
-        pat = block_layout(arch).swa_pattern      # llama.cpp's hard-coded layout
+    meta, tensors, hp = read_gguf(path)
+    pat = hp.sliding_window_pattern
+    if hp.sliding_window and pat is None:
+        pat = block_layout(hp.arch).swa_pattern      # llama.cpp's hard-coded layout
     ftype = meta.get("general.file_type")
+    ftype = ftype if isinstance(ftype, int) and not isinstance(ftype, bool) else None
     m = ModelShape(
-        name=os.path.basename(path), arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(n_head_kv), head_dim=int(get("attention.key_length", n_embd // n_head)),
-        n_ff=int(_per_layer_max(get("feed_forward_length", 0), 0)), n_vocab=int(n_vocab),
-        n_ctx_train=int(get("context_length", 0) or 0),
-        tied_embeddings="output.weight" not in names, sliding_window=int(window) if window else None,
-        sliding_window_pattern=_pattern(n_layer, pat) if window else None,
-        n_expert=int(get("expert_count", 0) or 0), n_expert_used=int(get("expert_used_count", 0) or 0),
+        name=os.path.basename(path), arch=hp.arch, n_layer=hp.n_layer, n_embd=hp.n_embd, n_head=hp.n_head,
+        n_head_kv=hp.n_head_kv, head_dim=hp.head_dim, n_ff=hp.n_ff, n_vocab=hp.n_vocab,
+        n_ctx_train=hp.n_ctx_train, tied_embeddings="output.weight" not in {t.name for t in tensors},
+        sliding_window=hp.sliding_window,
+        sliding_window_pattern=_pattern(hp.n_layer, pat) if hp.sliding_window else None,
+        n_expert=hp.n_expert, n_expert_used=hp.n_expert_used,
         source=f"GGUF header of {path}",
         stored_format=file_type_name(ftype) if ftype is not None else "gguf")
     m.tensors = tensors
