@@ -146,10 +146,11 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                      calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
                      gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                     show_progress: bool = True) -> GGUFGPTQReport:
+                     show_progress: bool = True, ray=None) -> GGUFGPTQReport:
     """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
     model) at llama.cpp `file_type`, calibrated on `calib` (any UTF-8 text; default wikitext-2
-    valid), nsamples x seqlen tokens."""
+    valid), nsamples x seqlen tokens. `ray` (quant.distributed.RayOptions): the calibration
+    split over Ray workers."""
     from ..util.atomic import check_writable_dir
 
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
         sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress)
         try:
             report, _ = quantize_blocks(src, src.path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                        show_progress=show_progress)
+                                        show_progress=show_progress, ray=ray)
         finally:
             sink.close()
     finally:
