@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="local,1,2", help="local and/or worker counts")
     ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--skip-eval", action="store_true", help="keep the KL divergences already in the results")
+    ap.add_argument("--fresh", action="store_true", help="re-run every run named in --runs")
     ap.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table of the last results")
     ap.add_argument("--paper", action="store_true", help="print the 70B cost model's table")
     ap.add_argument("--child", nargs=3, metavar=("F32", "OUT", "WORKERS"), help=argparse.SUPPRESS)
@@ -85,13 +87,21 @@ def main() -> None:
     from quantkit.eval.lm import f32_reference
     from quantkit.models.bundled import bundled_path
     f32 = f32_reference(bundled_path(), args.threads, show_progress=False)
-    res = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "chunks": args.chunks,
-           "threads": args.threads, "machine": machine(), "runs": {}, "eval": {}}
+    res = {"runs": {}, "eval": {}}
+    if os.path.exists(RESULTS):                 # runs already made with the same settings are kept
+        old = json.load(open(RESULTS))
+        if (old.get("chunks"), old.get("threads")) == (args.chunks, args.threads):
+            res = old
+    res.update({"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "chunks": args.chunks,
+                "threads": args.threads, "machine": machine()})
     files = {}
     for r in args.runs.split(","):
         workers = 0 if r == "local" else int(r)
         label = "local" if not workers else f"ray x{workers}"
         out = os.path.join(WORK, f"q4_0-gptq-{args.chunks}-{'local' if not workers else f'ray{workers}'}.gguf")
+        files[label] = out
+        if label in res["runs"] and os.path.exists(out) and not args.fresh:
+            continue
         log = os.path.join(WORK, f"{label.replace(' ', '')}.log")
         t0 = time.perf_counter()
         with open(log, "w") as f:
@@ -103,9 +113,14 @@ def main() -> None:
         row = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
         row["process_wall_s"] = round(time.perf_counter() - t0, 2)
         res["runs"][label] = row
-        files[label] = out
         print(label, json.dumps(row), flush=True)
+        save(res)
+    if args.skip_eval:
+        save(res)
+        print(markdown(res))
+        return
     from quantkit import api
+    files = {k: p for k, p in files.items() if k in res["runs"]}
     ev = api.evaluate([f32, *files.values()], ref=f32, text=os.path.join(DATA, "wikitext-2", "test.txt"),
                       n_chunks=args.eval_chunks, speed=False, n_threads=args.threads, show_progress=False)
     names = {os.path.realpath(p): k for k, p in files.items()}
@@ -115,11 +130,15 @@ def main() -> None:
             res["eval"][key] = {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99",
                                                              "top1_agreement")}
     print(json.dumps(res["eval"], indent=1))
+    save(res)
+    print(markdown(res))
+
+
+def save(res: dict) -> None:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS + ".tmp", "w") as f:
         json.dump(res, f, indent=2)
     os.replace(RESULTS + ".tmp", RESULTS)
-    print(markdown(res))
 
 
 def machine() -> dict:
@@ -132,17 +151,20 @@ def machine() -> dict:
 def markdown(r: dict) -> str:
     local = r["runs"].get("local")
     lines = ["| run | wall s | GPTQ blocks s | per block s | vs local | driver peak RSS MB | worker peak RSS MB "
-             "| KLD wikitext-2 test | PPL | bytes equal local |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| KLD wikitext-2 test | PPL | bytes equal local | Ray overhead s/block |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, row in r["runs"].items():
         blocks = sum(v for k, v in row["phases"].items() if k in ("load", "hessians", "solve", "propagate", "write"))
         ev = r["eval"].get(label, {})
         wk = ", ".join(f"{w['peak_rss_mb']:.0f}" for w in row.get("workers", [])) or "-"
         ratio = f"{row['wall_s'] / local['wall_s']:.2f}x" if local else ""
         same = "yes" if local and row["sha256"] == local["sha256"] else ("-" if label == "local" else "no")
+        # the driver's block time less the busiest worker's own compute: calls, transfers, waiting
+        busy = max((sum(w["seconds"].values()) for w in row.get("workers", [])), default=None)
+        over = f"{(blocks - busy) / 18:.2f}" if busy is not None else "-"
         lines.append(f"| {label} | {row['wall_s']:.1f} | {blocks:.1f} | {blocks / 18:.2f} | {ratio} | "
                      f"{row['driver_peak_rss_mb']} | {wk} | {ev.get('kld_mean', float('nan')):.4f} | "
-                     f"{ev.get('ppl', float('nan')):.3f} | {same} |")
+                     f"{ev.get('ppl', float('nan')):.3f} | {same} | {over} |")
     return "\n".join(lines)
 
 

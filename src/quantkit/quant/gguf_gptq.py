@@ -44,6 +44,7 @@ class GGUFGPTQReport(ExportReport):
     n_gptq: int = 0                                       # linears solved by GPTQ
     damp: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per pipeline phase
+    workers: list[dict] = field(default_factory=list)       # per Ray worker: peak RSS, seconds per phase
 
 
 class Spool:
@@ -174,4 +175,5 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
         src.close()
     res = sink.result
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
-                          sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases))
+                          sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases),
+                          list(report.workers))
