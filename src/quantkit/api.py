@@ -106,7 +106,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              output_tensor_type: str | None = None, calib: str | None = None, nsamples: int | None = None,
              seqlen: int | None = None, damp: float | None = None, act_order: bool | None = None,
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
-             recipe=None, show_progress: bool = True) -> QuantizeResult:
+             recipe=None, show_progress: bool = True, ray: bool | str | None = None,
+             workers: int | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -115,7 +116,9 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     type with GPTQ (calibrated on `calib`, nsamples x seqlen tokens; defaults in quantkit.recipe:
     wikitext-2 valid, 128 x 512) and writes every other tensor as "rtn" does: the same file
     layout and size, a lower error. `shrink` (GPTQ): the Hessian moved toward its diagonal by
-    this fraction; None: recipe.DEFAULT_SHRINK (0.1 on these grids)."""
+    this fraction; None: recipe.DEFAULT_SHRINK (0.1 on these grids). `ray` (GPTQ): split the
+    calibration over `workers` Ray workers (default 2), on the cluster at the address `ray`
+    names or, with ray=True, a local runtime (see quant.distributed)."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
@@ -141,8 +144,11 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         rep = export_gguf_gptq(model, output, r.type, calib=cal.file, nsamples=cal.nsamples, seqlen=cal.seqlen,
                                gptq=cfg, true_sequential=g.true_sequential, pure=pure,
                                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
-                               show_progress=show_progress)
+                               show_progress=show_progress, ray=_ray_options(ray, workers))
         return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
+    if ray not in (None, False):
+        raise QuantkitError("--ray spreads GPTQ's calibration over workers; round to nearest needs none",
+                            hint="leave out --ray, or add +gptq to the format")
     src = open_model(model)
     try:
         rep = export_gguf(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
@@ -413,7 +419,8 @@ def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,
                  sym: bool | None = None, act_order: bool | None = None, calib: str | None = None,
                  nsamples: int | None = None, seqlen: int | None = None, damp: float | None = None,
                  shrink: float | None = None, scale_search: bool | None = None,
-                 true_sequential: bool | None = None, recipe=None, show_progress: bool = True):
+                 true_sequential: bool | None = None, recipe=None, show_progress: bool = True,
+                 ray: bool | str | None = None, workers: int | None = None):
     """Quantize the decoder linears of a causal LM (a Hugging Face directory or a GGUF file; None:
     the bundled Gemma-3-270M) with RTN or GPTQ and write a GPTQ ("gptq") or compressed-tensors
     ("compressed-tensors", pack-quantized) checkpoint directory. What to make is `recipe` (a
@@ -426,7 +433,7 @@ def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,
     importance unless `scale_search` is False (then the group's min/max, as RTN); with
     `true_sequential` (default) a block's linears are calibrated in turn (attention, o, MLP
     gate/up, down) on the outputs of those already quantized, else all on the block's float
-    inputs. Returns quant.checkpoint.GPUExportResult."""
+    inputs. `ray`, `workers`: as in quantize(). Returns quant.checkpoint.GPUExportResult."""
     from .models.gpu_formats import GPUFormatConfig
     from .quant.checkpoint import export_gpu_checkpoint
     from .util.errors import QuantkitError
@@ -449,4 +456,17 @@ def quantize_gpu(model, output: str | os.PathLike, *, format: str | None = None,
     cfg = GPUFormatConfig(r.format, r.bits, r.group_size, r.sym, g.act_order, r.method, g.damp, g.scale_search,
                           g.true_sequential)
     return export_gpu_checkpoint(os.fspath(model), os.fspath(output), cfg, calib=cal.file, nsamples=cal.nsamples,
-                                 seqlen=cal.seqlen, shrink=r.shrink, show_progress=show_progress)
+                                 seqlen=cal.seqlen, shrink=r.shrink, show_progress=show_progress,
+                                 ray=_ray_options(ray, workers))
+
+
+def _ray_options(ray, workers):
+    """quant.distributed.RayOptions from the API's `ray` (None/False: no Ray; True or "": a local
+    runtime; an address) and `workers`; nothing imports Ray here."""
+    from .util.errors import QuantkitError
+    if ray is None or ray is False:
+        if workers is not None:
+            raise QuantkitError("--workers needs --ray", hint="add --ray [ADDRESS]")
+        return None
+    from .quant.distributed import RayOptions
+    return RayOptions(address=None if ray is True else (ray or None), workers=2 if workers is None else workers)

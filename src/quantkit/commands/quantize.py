@@ -54,9 +54,10 @@ def run(args) -> int:
         from . import quantize_gptq
         return quantize_gptq.run(args, r)
     from .. import api
+    from .quantize_gptq import ray_args
     res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
                        token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                       trust_pickle=args.trust_pickle)
+                       trust_pickle=args.trust_pickle, **ray_args(args))
     counts: dict[str, int] = {}
     for t in res.types.values():
         counts[t] = counts.get(t, 0) + 1

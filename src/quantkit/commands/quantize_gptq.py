@@ -30,14 +30,31 @@ def register_args(p: argparse.ArgumentParser) -> None:
                      help="asymmetric grid with a zero point per group (the SPEC's -asym)")
     options.add_calibration_args(g, ladder=False)
     options.add_gptq_args(g)
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", type=v.str_arg(),
+                   help="GPTQ: split the calibration over Ray workers, on the cluster at ADDRESS (HOST:PORT of its "
+                        "head) or, with no address, on a local Ray runtime (needs quantkit[ray])")
+    g.add_argument("--workers", type=v.int_arg(1, options.MAX_COUNT), default=None, metavar="N",
+                   help="with --ray: how many workers share the calibration (default 2)")
     g.add_argument("--threads", type=options.threads_arg(), default=None,
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
 
 
+def ray_args(args: argparse.Namespace) -> dict:
+    """api keywords for --ray [ADDRESS] and --workers. `--ray MODEL` (the model right after a
+    bare --ray) is read as the model."""
+    ray = getattr(args, "ray", None)
+    if ray and args.model is None and ":" not in ray:
+        import os
+        if os.path.exists(ray):
+            args.model, ray = ray, ""
+    return {"ray": None if ray is None else (ray or True), "workers": getattr(args, "workers", None)}
+
+
 def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
     from .. import api
     r = recipe or options.recipe_from_args(args)
+    ray = ray_args(args)
     if getattr(args, "threads", None) is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -45,14 +62,15 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
     if r.format == "gguf" and r.method == "gptq":
         res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
                            token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                           trust_pickle=getattr(args, "trust_pickle", False))
+                           trust_pickle=getattr(args, "trust_pickle", False), **ray)
         summary = {"output": res.output, "recipe": r.spelling(), "method": r.method, "seconds": res.seconds,
                    "file_bytes": res.file_bytes, "calibration": {"file": cal.file, "nsamples": cal.nsamples,
                                                                   "seqlen": cal.seqlen}}
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; GPTQ onto llama.cpp's "
                 f"{r.type} grids, calibrated on {cal.nsamples} x {cal.seqlen} tokens)")
     elif r.format in rc.GPU_FORMATS:
-        res = api.quantize_gpu(args.model, args.output, recipe=r, trust_pickle=getattr(args, "trust_pickle", False))
+        res = api.quantize_gpu(args.model, args.output, recipe=r, trust_pickle=getattr(args, "trust_pickle", False),
+                               **ray)
         summary = {"output": res.output, "recipe": r.spelling(), "method": r.method, "seconds": res.seconds,
                    "file_bytes": res.file_bytes, "n_linear": res.n_linear}
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear "

@@ -83,13 +83,14 @@ def gguf_tokenizer_files(gguf_path: str, directory: str, arch: str | None = None
 
 def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
                           seqlen: int = 512, shrink: float = 0.0, keep_model: bool = False,
-                          show_progress: bool = True) -> GPUExportResult:
+                          show_progress: bool = True, ray=None) -> GPUExportResult:
     """Quantize a causal LM's decoder linears (RTN or GPTQ) and write a GPTQ or compressed-tensors
     checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (llama, gemma3;
     its tensors dequantized to float32; calibrated with llama.cpp's tokenizer). `cfg`:
     models.gpu_formats.GPUFormatConfig. Embeddings, norms and the output head stay in the model
     dtype (fp16 for GPTQ). Streaming: one decoder block in memory at a time (keep_model: all of
-    them, kept dequantized in the returned model)."""
+    them, kept dequantized in the returned model). `ray` (quant.distributed.RayOptions): the
+    calibration split over Ray workers."""
     from ..models.hf import HFSource
     from ..models.open import open_model
     from ..util.atomic import atomic_output
@@ -111,7 +112,7 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
                 trim()
             sink = CheckpointSink(tmp, cfg, shrink)
             report, model = quantize_blocks(src, model_path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                            keep_model=keep_model, show_progress=show_progress)
+                                            keep_model=keep_model, show_progress=show_progress, ray=ray)
     finally:
         src.close()
     size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))

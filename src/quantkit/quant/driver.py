@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models.arch import HFArch
+from ..util.errors import QuantkitError
 from ..util.memory import trim
 from .calib import calibration_ids
 from .pipeline import PipelineConfig, PipelineReport, decoder_layers, quantize_model
@@ -52,11 +53,15 @@ class BlockSink(Protocol):
 
 
 def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamples: int, seqlen: int,
-                    keep_model: bool = False, show_progress: bool = True) -> tuple[PipelineReport, nn.Module | None]:
+                    keep_model: bool = False, show_progress: bool = True,
+                    ray=None) -> tuple[PipelineReport, nn.Module | None]:
     """Quantize the decoder blocks of `src` (opened from `path`) into `sink`, calibrated on
     `calib` (default wikitext-2 valid), nsamples x seqlen tokens (GPTQ only). Streaming: one
     decoder block in memory at a time, and the token embeddings never whole (keep_model: every
-    block and the embeddings stay, dequantized in place, and the model is returned)."""
+    block and the embeddings stay, dequantized in place, and the model is returned). `ray`
+    (quant.distributed.RayOptions): GPTQ's calibration split over Ray workers."""
+    if ray is not None and keep_model:
+        raise QuantkitError("Ray workers quantize streaming, one block at a time; the model cannot be kept")
     lazy = not keep_model
     model, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=lazy)
     sm = StreamingModel(src, path, model, arch, fetch, row_reader(src, arch), lazy)
@@ -73,8 +78,13 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
         _, layers, prefix = decoder_layers(model)
         for i, layer in enumerate(layers):
             load_block(i, f"{prefix}.{i}", layer)
-    report = quantize_model(model, ids, pcfg, on_block=sink.block, show_progress=show_progress,
-                            load_block=None if keep_model else load_block)
+    if ray is not None:
+        from .distributed import quantize_model_ray
+        report = quantize_model_ray(model, ids, pcfg, path, ray, on_block=sink.block, load_block=load_block,
+                                    show_progress=show_progress)
+    else:
+        report = quantize_model(model, ids, pcfg, on_block=sink.block, show_progress=show_progress,
+                                load_block=None if keep_model else load_block)
     if not keep_model:              # the skeleton is spent: its memory goes before the sink's last writes
         sm.model = model = None
     sink.finish(report)

@@ -44,6 +44,7 @@ class GGUFGPTQReport(ExportReport):
     n_gptq: int = 0                                       # linears solved by GPTQ
     damp: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per pipeline phase
+    workers: list[dict] = field(default_factory=list)       # per Ray worker: peak RSS, seconds per phase
 
 
 class Spool:
@@ -146,10 +147,11 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                      calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
                      gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                     show_progress: bool = True) -> GGUFGPTQReport:
+                     show_progress: bool = True, ray=None) -> GGUFGPTQReport:
     """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
     model) at llama.cpp `file_type`, calibrated on `calib` (any UTF-8 text; default wikitext-2
-    valid), nsamples x seqlen tokens."""
+    valid), nsamples x seqlen tokens. `ray` (quant.distributed.RayOptions): the calibration
+    split over Ray workers."""
     from ..util.atomic import check_writable_dir
 
     t0 = time.perf_counter()
@@ -166,11 +168,12 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
         sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress)
         try:
             report, _ = quantize_blocks(src, src.path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                        show_progress=show_progress)
+                                        show_progress=show_progress, ray=ray)
         finally:
             sink.close()
     finally:
         src.close()
     res = sink.result
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
-                          sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases))
+                          sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases),
+                          list(report.workers))

@@ -71,6 +71,7 @@ class PipelineReport:
     loss: dict[str, float] = field(default_factory=dict)      # per solved matrix ("a, b, c" when stacked)
     final_hidden: list[torch.Tensor] | None = None            # the last block's outputs (before the final norm)
     phases: dict[str, float] = field(default_factory=dict)    # seconds: capture, load, hessians, solve, propagate, write
+    workers: list[dict] = field(default_factory=list)         # per Ray worker (quant.distributed): peak RSS, seconds
 
     def _add(self, phase: str, t0: float) -> float:
         t = time.perf_counter()
@@ -165,45 +166,68 @@ def _grid_of(cfg: PipelineConfig, name: str):
     return cfg.grid(name) if callable(cfg.grid) else cfg.grid
 
 
-def _quantize(name: str, W: torch.Tensor, H: torch.Tensor | None, grid, cfg: PipelineConfig,
-              report: PipelineReport):
+def solve(name: str, W: torch.Tensor, H: torch.Tensor | None, grid, cfg: PipelineConfig):
+    """(stored form, dequantized weight, damp or None, loss or None) of one matrix: GPTQ on H,
+    or RTN. `name` labels the error."""
     try:
         if cfg.method == "rtn":
             if not isinstance(grid, QuantSpec):
                 raise ValueError("RTN onto llama.cpp grids is the GGUF exporter's job (quant.gguf_export)")
             qw = quantize_rtn(W, grid)
-            return qw, qw.dequantize()
+            return qw, qw.dequantize(), None, None
         res = quantize_weight(W, H, grid, cfg.gptq)
     except ValueError as e:
         raise QuantkitError(f"cannot quantize {name}: {e}") from None
-    report.damp[name] = res.damp
-    report.loss[name] = res.loss
-    return res.weight, res.dequantized
+    return res.weight, res.dequantized, res.damp, res.loss
 
 
-def _quantize_group(lp: str, names: tuple[str, ...], lin: dict[str, nn.Linear], H, cfg: PipelineConfig,
-                    report: PipelineReport, done: dict) -> None:
-    """Quantize the linears of a group that share an input (and so one Hessian). Those on the
-    same grid are solved as one matrix, their rows stacked: every grid here is per row and
-    GPTQ's updates act on each row alone, so the result is the same as one call per linear,
-    with one Hessian factorisation and larger, faster products."""
+def group_solves(lp: str, names: tuple[str, ...], cfg: PipelineConfig) -> list[tuple[object, list[str]]]:
+    """The matrices a group of linears sharing an input is solved as: (grid, member names), one
+    per grid (linears without a grid are left out). Those on the same grid are solved as one
+    matrix, their rows stacked: every grid here is per row and GPTQ's updates act on each row
+    alone, so the result is the same as one call per linear, with one Hessian factorisation
+    and larger, faster products."""
     by_grid: dict[object, list[str]] = {}
     for name in names:
         grid = _grid_of(cfg, f"{lp}.{name}")
         if grid is not None:
             by_grid.setdefault(grid, []).append(name)
-    for grid, members in by_grid.items():
-        Ws = [lin[n].weight.data for n in members]
+    return list(by_grid.items())
+
+
+def stacked_weight(lin: dict[str, nn.Linear], members: list[str]) -> torch.Tensor:
+    Ws = [lin[n].weight.data for n in members]
+    return torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+
+
+def apply_solution(lp: str, members: list[str], lin: dict[str, nn.Linear], solution, report: PipelineReport,
+                   done: dict) -> dict[str, torch.Tensor]:
+    """Put a solved matrix (`solve`'s result for `members`, stacked) into the linears: weights
+    replaced by their dequantized values, stored forms into `done`, damp and loss into the
+    report. Returns the dequantized weight per member name."""
+    qw, deq, damp, loss = solution
+    label = ", ".join(f"{lp}.{n}" for n in members)
+    if damp is not None:
+        report.damp[label] = damp
+        report.loss[label] = loss
+    rows = [lin[n].weight.shape[0] for n in members]
+    parts = qw.split_rows(rows) if len(members) > 1 else [qw]
+    out = {}
+    for n, part, d in zip(members, parts, deq.split(rows)):
+        lin[n].weight.data = out[n] = d.to(lin[n].weight.dtype).contiguous()
+        done[f"{lp}.{n}"] = part
+        report.damp[f"{lp}.{n}"] = report.damp.get(label, 0.0)
+    if len(members) > 1:                 # damp per linear; the loss stays per solved matrix
+        report.damp.pop(label, None)
+    return out
+
+
+def _quantize_group(lp: str, names: tuple[str, ...], lin: dict[str, nn.Linear], H, cfg: PipelineConfig,
+                    report: PipelineReport, done: dict) -> None:
+    """Quantize the linears of a group that share an input (and so one Hessian)."""
+    for grid, members in group_solves(lp, names, cfg):
         label = ", ".join(f"{lp}.{n}" for n in members)
-        qw, deq = _quantize(label, torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, grid, cfg, report)
-        rows = [w.shape[0] for w in Ws]
-        parts = qw.split_rows(rows) if len(Ws) > 1 else [qw]
-        for n, part, d in zip(members, parts, deq.split(rows)):
-            lin[n].weight.data = d.to(lin[n].weight.dtype).contiguous()
-            done[f"{lp}.{n}"] = part
-            report.damp[f"{lp}.{n}"] = report.damp.get(label, 0.0)
-        if len(members) > 1:                 # damp per linear; the loss stays per solved matrix
-            report.damp.pop(label, None)
+        apply_solution(lp, members, lin, solve(label, stacked_weight(lin, members), H, grid, cfg), report, done)
 
 
 @torch.no_grad()
@@ -268,37 +292,69 @@ def _quantize_block(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | None
     """One decoder block: calibrate and quantize its linears (their stored forms into `done`),
     then run it to turn `hidden`, its inputs, into its outputs (in place). Returns the time
     the last phase ended."""
-    lin = _linears(layer)
-    cache = None
-    if cfg.method != "none":
-        groups = _groups(layer)
-        if cfg.method == "gptq" and cfg.true_sequential and cfg.reuse_outputs:
-            cache = _OutputCache.for_layer(layer, groups, lin, len(hidden))
-        # true-sequential: calibrate each group on the outputs of the groups quantized
-        # before it; otherwise all groups from one pass over the block's float weights
-        stages = [[g] for g in groups] if cfg.true_sequential else [groups]
-        for stage in stages:
-            hs = _calibrate(layer, stage, lin, hidden, kwargs, cache) if cfg.method == "gptq" else {}
-            if cache is not None and streaming:
-                cache.release_spent(lin, done, lp)
-            t = report._add("hessians", t)
-            for g in stage:
-                _quantize_group(lp, g, lin, hs.get(g), cfg, report, done)
-                hs.pop(g, None)
-                if cache is not None:
-                    cache.quantized(g, layer, hidden, kwargs)
-            if cache is not None and streaming:
-                cache.release_spent(lin, done, lp)
-            t = report._add("solve", t)
-            trim()
+    work = BlockWork(layer, lp, hidden, kwargs, cfg, streaming)
+    for k, stage in enumerate(work.stages):
+        hs = work.hessians(k, done)
+        t = report._add("hessians", t)
+        for g in stage:
+            _quantize_group(lp, g, work.lin, hs.get(g), cfg, report, done)
+            hs.pop(g, None)
+            work.quantized(g, done)
+        t = report._add("solve", t)
+        trim()
     if hidden is not None:
-        if cache is not None:
-            cache.propagate(layer, hidden, kwargs)      # in place: sample k's input is done with
-        else:
-            for k, h in enumerate(run_block(layer, hidden, kwargs)):
-                hidden[k].copy_(h)
+        work.propagate()
         t = report._add("propagate", t)
     return t
+
+
+class BlockWork:
+    """One decoder block's calibration over some calibration samples, in the steps a caller
+    runs between: per stage (true-sequential: q/k/v; o; gate/up; down) the Hessians of the
+    stage's groups (`hessians`), then, once the caller has solved a group and put its weights
+    in the linears, `quantized`; at the end `propagate` turns the inputs into the block's
+    outputs, in place. quantize_model runs the steps in one process; quant.distributed runs
+    them on each worker's share of the samples, summing the Hessians and solving in between."""
+
+    def __init__(self, layer: nn.Module, lp: str, hidden: list[torch.Tensor] | None, kwargs: dict,
+                 cfg: PipelineConfig, streaming: bool):
+        self.layer, self.lp, self.hidden, self.kwargs, self.cfg, self.streaming = layer, lp, hidden, kwargs, cfg, streaming
+        self.lin = _linears(layer)
+        self.cache = None
+        self.stages: list[list[tuple[str, ...]]] = []
+        if cfg.method != "none":
+            groups = _groups(layer)
+            if cfg.method == "gptq" and cfg.true_sequential and cfg.reuse_outputs:
+                self.cache = _OutputCache.for_layer(layer, groups, self.lin, len(hidden))
+            # true-sequential: calibrate each group on the outputs of the groups quantized
+            # before it; otherwise all groups from one pass over the block's float weights
+            self.stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+
+    def hessians(self, k: int, done: dict) -> dict[tuple[str, ...], torch.Tensor]:
+        """Stage k's Hessians over this block's samples, per group (none for RTN). `done`: the
+        linears already quantized (by full name), whose weights streaming may now drop."""
+        hs = _calibrate(self.layer, self.stages[k], self.lin, self.hidden, self.kwargs, self.cache) \
+            if self.cfg.method == "gptq" else {}
+        self._release(done)
+        return hs
+
+    def quantized(self, g: tuple[str, ...], done: dict) -> None:
+        """Group g's weights are in its linears (dequantized)."""
+        if self.cache is not None:
+            self.cache.quantized(g, self.layer, self.hidden, self.kwargs)
+        self._release(done)
+
+    def _release(self, done: dict) -> None:
+        if self.cache is not None and self.streaming:
+            self.cache.release_spent(self.lin, done, self.lp)
+
+    def propagate(self) -> None:
+        """The block's outputs, written over its inputs."""
+        if self.cache is not None:
+            self.cache.propagate(self.layer, self.hidden, self.kwargs)      # in place: sample k's input is done with
+        else:
+            for k, h in enumerate(run_block(self.layer, self.hidden, self.kwargs)):
+                self.hidden[k].copy_(h)
 
 
 def _zeros(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
