@@ -129,7 +129,8 @@ def ray_session(env):
     """One local Ray runtime of 2 CPUs for the in-process runs (quantkit runs on a runtime the
     application started, and leaves it up)."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from quantkit.runtimes import ray_cluster
+    ray_cluster.start_local(2, configure_logging=False)      # on loopback, as quantkit's own runtimes
     yield ray
     ray.shutdown()
 
@@ -252,3 +253,15 @@ def test_bad_sweeps_and_unreachable_address_are_one_line(env, tmp_path, capsys):
     code, err = run_cli(["eval", env["f32"], "--ladder", "q4_0", *FLAGS, "--ray", "127.0.0.1:1"], capsys)
     assert code != 0 and time.time() - t0 < 10
     assert_one_line(err, "127.0.0.1:1", "cannot reach")
+
+
+def test_local_runtime_stays_on_loopback(ray_session):
+    """A local runtime's node and its workers use 127.0.0.1, not the machine's network address."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.util.get_node_ip_address()
+
+    assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
+    assert ray.get(where.remote()) == "127.0.0.1"

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runtimes import normalize_spec, open_runtime, split_spec
+from ..runtimes import normalize_spec, open_runtime, ray_cluster, split_spec
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
 from ..util.machine import machine_info
@@ -69,29 +69,6 @@ class CellResult:
     kld_bound: float
 
 
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise QuantkitError("--ray needs Ray, which is not installed", hint="pip install 'quantkit[ray]'") from None
-    return ray
-
-
-def check_address(address: str) -> None:
-    """Fail in one line, before any work, when nothing listens at ADDRESS (host:port, or
-    ray://host:port for Ray Client)."""
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise QuantkitError(f"--ray {address}: give HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:6379)")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
-            pass
-    except OSError as e:
-        raise QuantkitError(f"--ray {address}: cannot reach the Ray cluster ({e.strerror or e})",
-                            hint="start it with `ray start --head` there, or drop the address for a local runtime")
-
-
 class Cluster:
     """A connection to Ray for one run: a local runtime of `workers` CPUs (loopback, no
     dashboard) when address is None or "local", else the cluster at address; where the process
@@ -100,26 +77,17 @@ class Cluster:
     def __init__(self, address: str | None, workers: int | None):
         self.address = None if address in (None, LOCAL) else address
         if self.address:
-            check_address(self.address)
+            ray_cluster.check_address(self.address)
         self.workers = workers
-        self.ray = import_ray()
+        self.ray = ray_cluster.import_ray()
 
     def __enter__(self):
-        ray = self.ray
         # Ray's driver prints its cluster notices (a worker that died, a retry) on stdout: they go
         # to stderr, so that stdout holds only the results (--json stays parseable)
         self._stdout = contextlib.redirect_stdout(sys.stderr)
         self._stdout.__enter__()
-        self.owned = not ray.is_initialized()
-        if not self.owned:    # an application's own ray.init(): run on it, leave it up
-            return self
-        kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if self.address:
-            ray.init(address=self.address, **kw)
-        else:
-            # loopback asked for; Ray 2.60 still binds its ports on the node's address, behind its
-            # token authentication (on by default)
-            ray.init(num_cpus=self.workers or max(1, os.cpu_count() or 1), _node_ip_address="127.0.0.1", **kw)
+        self.owned = ray_cluster.connect(self.address, self.workers or max(1, os.cpu_count() or 1),
+                                         configure_logging=False)
         return self
 
     def __exit__(self, *exc):

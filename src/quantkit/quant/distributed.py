@@ -31,8 +31,6 @@ before any work. Nothing here imports Ray until a run asks for it.
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import socket
 import time
@@ -43,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..runtimes import ray_cluster
 from ..util.errors import QuantkitError
 from ..util.memory import trim
 from ..util.progress import progress
@@ -70,69 +69,10 @@ class RayOptions:
             raise QuantkitError(f"CPUs per worker must be at least 1, got {self.cpus_per_worker}")
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise QuantkitError("--ray needs Ray, which is not installed",
-                            hint='pip install "quantkit[ray]"') from None
-    return ray
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """One line, before any work, when nothing listens at a Ray address HOST:PORT (or
-    ray://HOST:PORT)."""
-    if address == "auto":
-        return
-    bare = address.split("://", 1)[-1]
-    host, _, port = bare.rpartition(":")
-    if not host or not port.isdigit():
-        raise QuantkitError(f"Ray address '{address}' is not HOST:PORT",
-                            hint="give the head node's address, e.g. --ray 10.0.0.1:6379, or --ray alone for a "
-                                 "local runtime")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise QuantkitError(f"cannot reach the Ray cluster at {address} ({e.strerror or e})",
-                            hint="start it with `ray start --head` on that machine, or give --ray alone for a local "
-                                 "runtime") from None
-
-
-def start_local(num_cpus: int) -> None:
-    """A local Ray runtime (this machine only) with `num_cpus` CPUs, quiet, whose workers import
-    quantkit from where this process found it."""
-    ray = _ray()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = src + (os.pathsep + old if old else "")
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
 def connect(opts: RayOptions) -> bool:
-    """Connects to the cluster at opts.address (checked first: one line when nothing answers),
-    or starts a local runtime with enough CPUs for the workers, unless this process is already
-    connected; True when this call connected (and so must shut down)."""
-    if opts.address:
-        check_reachable(opts.address)
-    ray = _ray()
-    if ray.is_initialized():
-        return False
-    if opts.address:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
-            ray.init(address=opts.address, logging_level=logging.ERROR, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise QuantkitError(f"cannot join the Ray cluster at {opts.address}: {str(e).splitlines()[0]}") from None
-        return True
-    start_local(max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker))
-    return True
+    """Join the cluster at opts.address, or start a local runtime with enough CPUs for the
+    workers, unless this process is already connected; True when this call connected."""
+    return ray_cluster.connect(opts.address, max(os.cpu_count() or 1, opts.workers * opts.cpus_per_worker))
 
 
 def worker_bytes(layer: nn.Module, n_share: int, seqlen: int) -> int:
@@ -341,7 +281,7 @@ def quantize_model_ray(model: nn.Module, input_ids: torch.Tensor, cfg: PipelineC
                             hint="lower --workers or raise --nsamples")
     bounds = [round(w * n / opts.workers) for w in range(opts.workers + 1)]
     need = worker_bytes(layers[0], max(b - a for a, b in zip(bounds, bounds[1:])), seqlen)
-    ray = _ray()
+    ray = ray_cluster.import_ray()
     started = connect(opts)
     workers: list = []
     try:
