@@ -123,24 +123,12 @@ def test_ctrl_c_leaves_nothing(bundled_gguf, tmp_path):
 
 def test_nan_in_weights_names_the_tensor(tmp_path, capsys):
     import numpy as np
-    from gguf import GGUFValueType
-    from quantkit.models.gguf import write_gguf_file
-    from quantkit.models.source import MetaValue
+    from helpers.tiny_models import write_minimal_llama_gguf
 
-    meta = {"general.architecture": MetaValue("llama", GGUFValueType.STRING),
-            "llama.block_count": MetaValue(1, GGUFValueType.UINT32),
-            "llama.embedding_length": MetaValue(64, GGUFValueType.UINT32),
-            "llama.attention.head_count": MetaValue(4, GGUFValueType.UINT32),
-            "llama.context_length": MetaValue(256, GGUFValueType.UINT32),
-            "llama.attention.layer_norm_rms_epsilon": MetaValue(1e-6, GGUFValueType.FLOAT32),
-            "tokenizer.ggml.model": MetaValue("none", GGUFValueType.STRING)}
     good = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     bad = good.copy()
     bad[3, 5] = np.nan
-    tensors = {"blk.0.attn_q.weight": good, "blk.0.attn_k.weight": bad}
-    src = str(tmp_path / "nan.gguf")
-    write_gguf_file(src, "llama", meta, [(n, t.shape, "f32") for n, t in tensors.items()],
-                    lambda n: tensors[n].view(np.uint8))
+    src = write_minimal_llama_gguf(tmp_path / "nan.gguf", {"blk.0.attn_q.weight": good, "blk.0.attn_k.weight": bad})
     out = tmp_path / "o.gguf"
     code, err = run_cli(["quantize", src, "--format", "gguf:q4_0", "-o", str(out)], capsys)
     assert code == 2

@@ -25,27 +25,17 @@ import pytest
 import torch
 
 from helpers.cli import assert_one_line, interrupt_mid_run, run_cli
+from helpers.tiny_models import write_minimal_llama_gguf
 
 
 # ---- the inputs, built once ------------------------------------------------------------------
 def _tiny_gguf(path: Path, nan: bool = False) -> str:
-    from gguf import GGUFValueType
-    from quantkit.models.gguf import write_gguf_file
-    from quantkit.models.source import MetaValue
-
-    meta = {"general.architecture": MetaValue("llama", GGUFValueType.STRING),
-            "llama.block_count": MetaValue(1, GGUFValueType.UINT32),
-            "llama.embedding_length": MetaValue(64, GGUFValueType.UINT32),
-            "llama.attention.head_count": MetaValue(4, GGUFValueType.UINT32)}
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     bad = w.copy()
     if nan:
         bad[3, 5] = np.nan
         bad[7, 1] = np.inf
-    tensors = {"blk.0.attn_q.weight": w, "blk.0.attn_k.weight": bad}
-    write_gguf_file(str(path), "llama", meta, [(n, t.shape, "f32") for n, t in tensors.items()],
-                    lambda n: tensors[n].view(np.uint8))
-    return str(path)
+    return write_minimal_llama_gguf(path, {"blk.0.attn_q.weight": w, "blk.0.attn_k.weight": bad})
 
 
 def _with_nan(src: Path, dst: Path, weights: str, tensor: str) -> None:

@@ -251,3 +251,24 @@ def build_gptq_llama(root: Path) -> Path:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     model.save_pretrained(str(d))
     return d
+
+
+def write_minimal_llama_gguf(path, tensors: dict) -> str:
+    """A GGUF with the least metadata the strict reader accepts for a llama (no vocabulary:
+    tokenizer model "none") and the given float32 tensors {name: ndarray}."""
+    import numpy as np
+    from gguf import GGUFValueType
+    from quantkit.models.gguf import write_gguf_file
+    from quantkit.models.source import MetaValue
+
+    meta = {"general.architecture": MetaValue("llama", GGUFValueType.STRING),
+            "llama.block_count": MetaValue(1, GGUFValueType.UINT32),
+            "llama.embedding_length": MetaValue(64, GGUFValueType.UINT32),
+            "llama.attention.head_count": MetaValue(4, GGUFValueType.UINT32),
+            "llama.context_length": MetaValue(256, GGUFValueType.UINT32),
+            "llama.attention.layer_norm_rms_epsilon": MetaValue(1e-6, GGUFValueType.FLOAT32),
+            "tokenizer.ggml.model": MetaValue("none", GGUFValueType.STRING)}
+    arrays = {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in tensors.items()}
+    write_gguf_file(str(path), "llama", meta, [(n, t.shape, "f32") for n, t in arrays.items()],
+                    lambda n: arrays[n].view(np.uint8))
+    return str(path)

@@ -30,7 +30,7 @@ def register_args(p: argparse.ArgumentParser) -> None:
                      help="asymmetric grid with a zero point per group (the SPEC's -asym)")
     options.add_calibration_args(g, ladder=False)
     options.add_gptq_args(g)
-    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", type=v.str_arg(),
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="GPTQ: split the calibration over Ray workers, on the cluster at ADDRESS (HOST:PORT of its "
                         "head) or, with no address, on a local Ray runtime (needs quantkit[ray])")
     g.add_argument("--workers", type=v.int_arg(1, options.MAX_COUNT), default=None, metavar="N",
