@@ -319,13 +319,10 @@ class Run:
 
 
 def _get(ray, r):
-    """ray.get, with a quantkit error raised in a task given back as itself (one line)."""
+    """ray.get, every failure one line: a task's QuantkitError as itself, anything else named."""
     try:
-        return ray.get(r)
+        return ray_cluster.get(ray, r)
     except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, QuantkitError):
-            raise cause from None
         raise QuantkitError(f"a Ray task failed: {str(e).strip().splitlines()[-1]}") from None
     except ray.exceptions.RayError as e:
         raise QuantkitError(f"a Ray task failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None

@@ -234,17 +234,6 @@ def _add(report: PipelineReport, phase: str, t0: float) -> float:
     return t
 
 
-def _get(ray, refs):
-    """ray.get, with a QuantkitError raised inside a worker re-raised as itself (one line)."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, QuantkitError):
-            raise cause from None
-        raise
-
-
 def _wait_restarted(ray, workers: list) -> None:
     """Until every worker answers (Ray restarts a dead one); its one-line error if it cannot work."""
     deadline = time.time() + RESTART_WAIT_S
@@ -331,7 +320,7 @@ def quantize_model_ray(model: nn.Module, input_ids: torch.Tensor, cfg: PipelineC
         finally:
             if bar is not None:
                 bar.close()
-        report.workers = _get(ray, [w.stats.remote() for w in workers])
+        report.workers = ray_cluster.get(ray, [w.stats.remote() for w in workers])
     finally:
         for w in workers:
             ray.kill(w)
@@ -344,13 +333,13 @@ def quantize_model_ray(model: nn.Module, input_ids: torch.Tensor, cfg: PipelineC
 def _block(ray, workers, i, lp, layer, refs, kwargs_ref, counts, cfg, report, t):
     """One block on the workers; (stored forms by linear, the next block's input refs, time)."""
     lin = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    stages = _get(ray, [w.begin.remote(i, ref, kwargs_ref) for w, ref in zip(workers, refs)])[0]
+    stages = ray_cluster.get(ray, [w.begin.remote(i, ref, kwargs_ref) for w, ref in zip(workers, refs)])[0]
     split = len(workers) > 1
     done: dict = {}
     for k, stage in enumerate(stages):
         parts = [w.hessians.remote(k) for w in workers]
         ray.wait(parts, num_returns=len(parts), fetch_local=False)
-        hs = {g: sum_hessians([lambda r=r, g=g: _get(ray, r)[g] for r in parts], counts) for g in stage}
+        hs = {g: sum_hessians([lambda r=r, g=g: ray_cluster.get(ray, r)[g] for r in parts], counts) for g in stage}
         del parts
         t = _add(report, "hessians", t)
         jobs, j = [], 0
@@ -364,12 +353,12 @@ def _block(ray, workers, i, lp, layer, refs, kwargs_ref, counts, cfg, report, t)
                     j += 1
         weights: dict[str, torch.Tensor] = {}
         for unit, ref in jobs:
-            weights.update(apply_solution(lp, unit, lin, _get(ray, ref), report, done))
+            weights.update(apply_solution(lp, unit, lin, ray_cluster.get(ray, ref), report, done))
         w_ref = ray.put(weights)
-        _get(ray, [w.set_weights.remote(k, w_ref) for w in workers])
+        ray_cluster.get(ray, [w.set_weights.remote(k, w_ref) for w in workers])
         del weights, w_ref
         t = _add(report, "solve", t)
     outs = [w.propagate.options(num_returns=2).remote() for w in workers]
-    _get(ray, [pid for _, pid in outs])                   # raises if a worker died; the data stay in the store
+    ray_cluster.get(ray, [pid for _, pid in outs])                   # raises if a worker died; the data stay in the store
     t = _add(report, "propagate", t)
     return done, [h for h, _ in outs], t

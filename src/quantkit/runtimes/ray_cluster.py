@@ -83,3 +83,15 @@ def connect(address: str | None, num_cpus: int, **kw) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise QuantkitError(f"--ray {address}: cannot join the Ray cluster ({str(e).splitlines()[0]})") from None
     return True
+
+
+def get(ray, refs):
+    """ray.get, with a QuantkitError raised inside a task or actor re-raised as itself (its one
+    line); any other failure propagates as Ray raised it."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, QuantkitError):
+            raise cause from None
+        raise
