@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..recipe import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 from ..codecs.intpack import pack_int32, unpack_int32
 from ..util.errors import QuantkitError
 from ..util.finite import check_finite
@@ -54,12 +55,12 @@ HEADER_RESERVE = 1 << 20      # bytes kept for a shard's JSON header, written la
 class GPUFormatConfig:
     """Everything a writer records about how the weights were quantized."""
     format: str                  # "gptq" | "compressed-tensors"
-    bits: int = 4
-    group_size: int = 128        # -1: per output channel
+    bits: int = DEFAULT_BITS
+    group_size: int = DEFAULT_GROUP_SIZE   # -1: per output channel
     sym: bool = True
     act_order: bool = False
     method: str = "gptq"         # "gptq" | "rtn", recorded in the metadata
-    damp: float = 0.01
+    damp: float = DEFAULT_DAMP
     scale_search: bool = True    # GPTQ: each group's scale from an importance-weighted search
     true_sequential: bool = True  # GPTQ: a block's linears calibrated stage by stage on quantized outputs
 

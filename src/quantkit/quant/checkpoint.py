@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..recipe import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..models.gguf import GGUFSource
 from ..models.gpu_formats import CheckpointWriter
 from ..util.errors import QuantkitError
@@ -81,8 +82,8 @@ def gguf_tokenizer_files(gguf_path: str, directory: str, arch: str | None = None
         return False
 
 
-def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | None = None, nsamples: int = 128,
-                          seqlen: int = 512, shrink: float = 0.0, keep_model: bool = False,
+def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | None = None, nsamples: int = DEFAULT_NSAMPLES,
+                          seqlen: int = DEFAULT_SEQLEN, shrink: float = 0.0, keep_model: bool = False,
                           show_progress: bool = True, ray=None) -> GPUExportResult:
     """Quantize a causal LM's decoder linears (RTN or GPTQ) and write a GPTQ or compressed-tensors
     checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (llama, gemma3;

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..recipe import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..models.arch import hf_to_gguf_name, permute_for_rope
 from ..models.open import open_model
 from ..util.errors import QuantkitError
@@ -144,7 +145,7 @@ class GGUFSink:
 
 
 def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, file_type: str = "q4_0", *,
-                     calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
+                     calib: str | None = None, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN,
                      gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
                      show_progress: bool = True, ray=None) -> GGUFGPTQReport:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import recipe
 from ..codecs.grid import Grid
 from ..codecs.kquants import KBlocks
 from ..codecs.legacy import LegacyBlocks
@@ -41,7 +42,7 @@ from .rtn import IntGrid, QuantizedWeight, QuantSpec
 # the Hessian is dampened; bf16/fp16 make the Cholesky fail.
 WORK_DTYPE = torch.float32
 
-DEFAULT_DAMP = 0.01          # fraction of mean(diag(H)) added to the diagonal
+DEFAULT_DAMP = recipe.DEFAULT_DAMP   # fraction of mean(diag(H)) added to the diagonal
 DEFAULT_BLOCK = 128          # columns per lazy batch update
 _MAX_DAMP_TRIES = 6          # damp raised x10 per failed Cholesky, then give up
 

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..recipe import DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
+
 RTN_BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128, 1024, -1)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """What integer grid to quantize onto (RTN and GPTQ alike)."""
-    bits: int = 4
-    group_size: int = 128            # -1: one group per output row (per channel)
+    bits: int = DEFAULT_BITS
+    group_size: int = DEFAULT_GROUP_SIZE   # -1: one group per output row (per channel)
     sym: bool = True
     scale_dtype: torch.dtype = torch.float16
     zero_min: int = 0                # 1 for GPTQ v1 checkpoints, which store zero - 1 in `bits` bits
