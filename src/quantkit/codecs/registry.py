@@ -36,6 +36,8 @@ class QuantType(Geometry):
 
     ggml: GGMLQuantizationType
     chunk_blocks = 8192                # blocks per step on a worker thread (codecs/parallel.py)
+    imatrix_used = True                # whether llama.cpp's quantize_<type> reads importance weights
+    needs_imatrix = False              # ggml_quantize_requires_imatrix: no encoding without them
 
     def __init__(self, ggml: GGMLQuantizationType | None = None):
         super().__init__(ggml if ggml is not None else type(self).ggml)
@@ -55,6 +57,12 @@ class QuantType(Geometry):
         path for the types without a decoder of quantkit's own."""
         out = gguf_quants.dequantize(b.numpy(), self.ggml)
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(b.shape[0], self.block_size)
+
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        """float32 [rows, n] with importance weights qw float32 [n] (one per column: the tensor's
+        importance-matrix entry) -> uint8 [rows, row_bytes]: llama.cpp's quantize_<type> given
+        quant_weights. Row-level, because some types weight by statistics of the whole row."""
+        raise KeyError(f"quantkit has no importance-weighted encoder for {self.name}")
 
     def _require_encoder(self) -> None:
         if not self.implemented:
@@ -83,13 +91,26 @@ class QuantType(Geometry):
         data = data.reshape(-1, self.type_size)
         return map_blocks(self.decode_blocks, data, self.block_size, torch.float32, self.chunk_blocks, threads)
 
-    def quantize_rows(self, x: torch.Tensor, check_finite: bool = False, threads: int | None = None) -> torch.Tensor:
-        """float32 [rows, n] -> uint8 [rows, row_bytes] in this type's GGUF layout, llama.cpp's bytes."""
+    def quantize_rows(self, x: torch.Tensor, check_finite: bool = False, threads: int | None = None,
+                      imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [rows, n] -> uint8 [rows, row_bytes] in this type's GGUF layout, llama.cpp's bytes.
+        imatrix: float32 [n] importance weights (ignored by the types llama.cpp ignores them for)."""
         self._require_encoder()
         if x.dim() != 2:
             raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
         rows, n = x.shape
         row_bytes = self.row_bytes(n)   # raises on a row that is not a multiple of the block size
+        if imatrix is not None and self.imatrix_used:
+            qw = imatrix.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
+            if qw.numel() != n:
+                raise ValueError(f"{self.name}: importance weights of {qw.numel()} values for rows of {n}")
+            x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            enc = lambda xr: self.encode_rows_weighted(xr, qw)  # noqa: E731
+            fn = finite_checked(enc) if check_finite else enc
+            chunk_rows = max(1, self.chunk_blocks * self.block_size // max(n, 1))
+            return map_blocks(fn, x, row_bytes, torch.uint8, chunk_rows, threads)
+        if self.needs_imatrix:
+            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
         blocks = x.reshape(-1, self.block_size) if rows * n else x.new_zeros((0, self.block_size))
         return self.quantize_blocks(blocks, threads, check_finite).reshape(rows, row_bytes)
 
@@ -163,6 +184,8 @@ class _Float(QuantType):
     """F32, F16, BF16: elementwise. Rows are cut into pieces of floats.PIECE values for the worker
     threads, or taken whole where the row length is not a multiple of it."""
 
+    imatrix_used = False
+
     encode_values = staticmethod(floats.encode_f32)
     decode_values = staticmethod(floats.decode_f32)
 
@@ -172,7 +195,8 @@ class _Float(QuantType):
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return self.decode_values(b, 1)
 
-    def quantize_rows(self, x: torch.Tensor, check_finite: bool = False, threads: int | None = None) -> torch.Tensor:
+    def quantize_rows(self, x: torch.Tensor, check_finite: bool = False, threads: int | None = None,
+                      imatrix: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 2:
             raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
         x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
@@ -250,6 +274,7 @@ class Q5_1(_Legacy):
 @register
 class Q8_0(_Legacy):
     ggml, format = T.Q8_0, legacy.Q8_0
+    imatrix_used = False               # quantize_q8_0 ignores quant_weights
 
 
 # ---- K-quants (codecs/kquants.py) ---------------------------------------------------------------
