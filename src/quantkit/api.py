@@ -84,6 +84,26 @@ class QuantizeResult:
     seconds: float
     file_bytes: int
     types: dict[str, str] = field(default_factory=dict)
+    mmproj: str | None = None        # the vision-language model's projector file, beside the output
+
+
+def _with_mmproj(res: QuantizeResult, vis, mmproj_type: str, show_progress: bool) -> QuantizeResult:
+    """Write the projector file of a vision-language model after its language model; if that
+    fails, the language model's file goes too, so the pair is never left half made."""
+    if vis is None:
+        return res
+    from .quant.mmproj import write_mmproj
+    src, path = vis
+    try:
+        rep = write_mmproj(src, path, mmproj_type, show_progress=show_progress)
+    except BaseException:
+        if os.path.isfile(res.output):
+            os.remove(res.output)
+        raise
+    finally:
+        src.close()
+    res.mmproj = rep.path
+    return res
 
 
 def _recipe(recipe, calibration=None, **flags):
@@ -107,7 +127,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              seqlen: int | None = None, damp: float | None = None, act_order: bool | None = None,
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
              recipe=None, show_progress: bool = True, ray: bool | str | None = None,
-             workers: int | None = None) -> QuantizeResult:
+             workers: int | None = None, mmproj: str | os.PathLike | None = None, mmproj_type: str = "f16",
+             text_only: bool = False) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -118,7 +139,12 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     layout and size, a lower error. `shrink` (GPTQ): the Hessian moved toward its diagonal by
     this fraction; None: recipe.DEFAULT_SHRINK (0.1 on these grids). `ray` (GPTQ): split the
     calibration over `workers` Ray workers (default 2), on the cluster at the address `ray`
-    names or, with ray=True, a local runtime (see quant.distributed)."""
+    names or, with ray=True, a local runtime (see quant.distributed).
+
+    A vision-language directory (LLaVA, Gemma-3 with its vision tower): the language model becomes
+    OUTPUT and the vision tower and projector llama.cpp's multimodal projector file, at `mmproj`
+    (default: mmproj-<OUTPUT's name> beside it) in `mmproj_type` (f16, q8_0 or f32);
+    text_only=True writes the language model alone; the result's `mmproj` names the projector file."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
@@ -135,6 +161,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     if r.type not in supported_file_types():
         raise QuantkitError(f"type '{r.type}' cannot be encoded here",
                             hint="use one of " + ", ".join(supported_file_types()))
+    from .quant.mmproj import prepare_mmproj
+    vis = prepare_mmproj(model, output, mmproj, mmproj_type, text_only)   # vision-language: the projector file
     if r.method == "gptq":
         from .quant.gguf_gptq import export_gguf_gptq
         from .quant.gptq import GPTQConfig
@@ -145,7 +173,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                                gptq=cfg, true_sequential=g.true_sequential, pure=pure,
                                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
                                show_progress=show_progress, ray=_ray_options(ray, workers))
-        return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
+        return _with_mmproj(QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types),
+                            vis, mmproj_type, show_progress)
     if ray not in (None, False):
         raise QuantkitError("--ray spreads GPTQ's calibration over workers; round to nearest needs none",
                             hint="leave out --ray, or add +gptq to the format")
@@ -155,7 +184,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                           output_tensor_type=output_tensor_type, show_progress=show_progress)
     finally:
         src.close()
-    return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
+    return _with_mmproj(QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types),
+                        vis, mmproj_type, show_progress)
 
 
 DEMO_PROMPT = "The capital of France is"

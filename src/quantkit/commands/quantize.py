@@ -33,6 +33,13 @@ def register(sub) -> None:
     p.add_argument("--kernel", choices=("auto", "onednn", "fbgemm", "reference"), default="auto",
                    help="dynamic-int8: int8 GEMM kernel (default auto: fbgemm)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--mmproj", metavar="PATH", type=v.str_arg(),
+                   help="vision-language model: where the vision tower + projector file for llama.cpp's "
+                        "multimodal runtime goes (default: mmproj-<OUT's name> beside OUT)")
+    p.add_argument("--mmproj-type", default="f16", type=str.lower, choices=("f16", "q8_0", "f32"),
+                   help="vision-language model: type of the projector file (default f16)")
+    p.add_argument("--text-only", action="store_true",
+                   help="vision-language model: write the language model alone, no projector file")
     from . import options, quantize_gptq
     quantize_gptq.register_args(p)
     options.add_config_arg(p, "quantize")
@@ -57,14 +64,18 @@ def run(args) -> int:
     from .quantize_gptq import ray_args
     res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
                        token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                       trust_pickle=args.trust_pickle, **ray_args(args))
+                       trust_pickle=args.trust_pickle, mmproj=args.mmproj, mmproj_type=args.mmproj_type,
+                       text_only=args.text_only, **ray_args(args))
     counts: dict[str, int] = {}
     for t in res.types.values():
         counts[t] = counts.get(t, 0) + 1
     if getattr(args, "json", False):
         options.print_json({"output": res.output, "recipe": r.spelling(), "method": r.method,
-                            "seconds": res.seconds, "file_bytes": res.file_bytes, "tensor_types": counts})
+                            "seconds": res.seconds, "file_bytes": res.file_bytes, "tensor_types": counts,
+                            **({"mmproj": res.mmproj} if res.mmproj else {})})
         return 0
     print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; tensors: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+    if res.mmproj:
+        print(f"wrote {res.mmproj}  (vision tower + projector for llama.cpp's multimodal runtime)")
     return 0

@@ -135,6 +135,10 @@ class HFSource(ModelSource):
 
         archs = self.config.get("architectures") or []
         arch = find_hf_arch(archs, self.config.get("model_type"))
+        if arch is None and isinstance(self.config.get("text_config"), dict):
+            # a vision-language wrapper (LlavaForConditionalGeneration): the language model's own type
+            tc = self.config["text_config"]
+            arch = find_hf_arch(tc.get("architectures"), tc.get("model_type"))
         if arch is None:
             what = ", ".join(archs) or f"model_type {self.config.get('model_type')!r}"
             raise QuantkitError(f"unsupported architecture {what}", cfg_path,

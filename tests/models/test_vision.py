@@ -1,0 +1,149 @@
+"""Vision-language models: the language model as a GGUF, the vision tower + projector as llama.cpp's
+mmproj file, and the pair loaded in llama.cpp's multimodal runtime (libmtmd) against transformers.
+
+Bounds (max |llama.cpp - transformers| / max |transformers| over one image's 16 x 256 embeddings):
+F32 mmproj 1e-3 and F16 2e-3 (ggml's tanh GELU against transformers' erf GELU in the projector,
+and F16 weights; measured 3.4e-4 and 4.6e-4), Q8_0 3e-2 (measured 8e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from helpers.cli import assert_one_line, no_partial, run_cli
+from helpers.vision_models import IMAGE_MEAN, IMAGE_STD, build_llava, pixel_values, sample_image
+
+from quantkit import api
+from quantkit.models.vision import VisionSource
+from quantkit.quant.mmproj import write_mmproj
+from quantkit.runtimes.mtmd import MtmdPair
+
+BOUNDS = {"f32": 1e-3, "f16": 2e-3, "q8_0": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """(CLIP LLaVA, SigLIP LLaVA) directories sharing one tokenizer."""
+    root = tmp_path_factory.mktemp("vlm")
+    clip = build_llava(root, "llava-clip")
+    siglip = build_llava(root, "llava-siglip", "siglip_vision_model", tokenizer_from=clip)
+    return clip, siglip
+
+
+def _hf(d):
+    import transformers as tf
+    return tf.LlavaForConditionalGeneration.from_pretrained(str(d)).eval()
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def _clip_cls_last(model, px: torch.Tensor) -> np.ndarray:
+    """transformers' CLIP tower and projector evaluated in the order this llama.cpp's llava graph
+    uses (tools/mtmd/models/llava.cpp appends the class token after the patches and then keeps
+    positions 1..n: llama.cpp issue 25814, unfixed in the version quantkit runs)."""
+    vm = model.model.vision_tower
+    vm = getattr(vm, "vision_model", vm)
+    emb = vm.embeddings
+    n_layer = model.config.vision_config.num_hidden_layers + 1 + model.config.vision_feature_layer
+    with torch.no_grad():
+        x = emb.patch_embedding(px).flatten(2).transpose(1, 2)
+        seq = torch.cat([x, emb.class_embedding.view(1, 1, -1)], 1)
+        seq = vm.pre_layrnorm(seq + emb.position_embedding.weight[: seq.shape[1]])
+        for layer in vm.encoder.layers[:n_layer]:
+            out = layer(seq, None)
+            seq = out[0] if isinstance(out, tuple) else out
+        return model.model.multi_modal_projector(seq[0, 1:]).numpy()
+
+
+def test_llava_mmproj_embedding_equals_transformers(llava, tmp_path, capsys):
+    """SigLIP LLaVA through the CLI: lm.gguf + mmproj-lm.gguf; mtmd's image embedding equals
+    transformers' get_image_features at F32, F16 and Q8_0."""
+    _, d = llava
+    out = tmp_path / "lm.gguf"
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:f32", "-o", str(out), "--mmproj-type", "f32"], capsys)
+    assert code == 0, err
+    paths = {"f32": tmp_path / "mmproj-lm.gguf"}
+    assert paths["f32"].is_file()
+    with VisionSource(d) as src:
+        for ft in ("f16", "q8_0"):
+            paths[ft] = tmp_path / f"mmproj-{ft}.gguf"
+            write_mmproj(src, paths[ft], ft, show_progress=False)
+    img = sample_image(32)
+    model = _hf(d)
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=pixel_values(img)).pooler_output[0].numpy()
+    assert ref.shape == (16, 256)
+    for ft, path in paths.items():
+        with MtmdPair(str(out), str(path)) as pair:
+            emb = pair.image_embedding(img)
+        assert emb.shape == ref.shape
+        assert _rel(emb, ref) < BOUNDS[ft], (ft, _rel(emb, ref))
+    # a different image gives a different embedding (the pixels reach the tower)
+    with MtmdPair(str(out), str(paths["f32"])) as pair:
+        other = pair.image_embedding(sample_image(32, seed=1)[::-1].copy())
+    assert _rel(other, ref) > 10 * BOUNDS["f32"]
+
+
+def test_llava_clip_mmproj_embedding(llava, tmp_path):
+    """CLIP LLaVA: the file holds transformers' weights and order (what llama.cpp's legacy
+    converter writes); mtmd's embedding equals transformers' projector output evaluated in the
+    order this llama.cpp's graph uses (class token last), or, once llama.cpp fixes that, the plain
+    get_image_features."""
+    d, _ = llava
+    lm, mm = tmp_path / "lm.gguf", tmp_path / "mm.gguf"
+    res = api.quantize(str(d), str(lm), format="gguf:f32", mmproj=str(mm), mmproj_type="f32", show_progress=False)
+    assert res.mmproj == str(mm)
+    img = sample_image(32)
+    model = _hf(d)
+    px = pixel_values(img)
+    with torch.no_grad():
+        hf = model.get_image_features(pixel_values=px).pooler_output[0].numpy()
+    cls_last = _clip_cls_last(model, px)
+    with MtmdPair(str(lm), str(mm)) as pair:
+        emb = pair.image_embedding(img)
+    assert min(_rel(emb, hf), _rel(emb, cls_last)) < BOUNDS["f32"], (_rel(emb, hf), _rel(emb, cls_last))
+
+
+def test_mmproj_metadata_and_types(llava, tmp_path):
+    """The keys clip.cpp reads, gguf-py's MMPROJ tensor names, and convert_hf_to_gguf's type rules."""
+    d, _ = llava
+    path = tmp_path / "mmproj.gguf"
+    with VisionSource(d) as src:
+        rep = write_mmproj(src, path, "f16", show_progress=False)
+    r = GGUFReader(str(path))
+
+    def val(key):
+        f = r.fields[key]
+        if len(f.data) == 1 and f.types[0].name == "STRING":
+            return bytes(f.parts[f.data[0]]).decode()
+        vals = [f.parts[i].tolist()[0] for i in f.data]
+        return vals if len(vals) > 1 or f.types[0].name == "ARRAY" else vals[0]
+
+    assert val("general.architecture") == "clip" and val("general.type") == "mmproj"
+    assert val("clip.projector_type") == "mlp" and val("clip.has_vision_encoder") is True
+    assert val("clip.vision.projection_dim") == 256 and val("clip.vision.embedding_length") == 64
+    assert val("clip.vision.image_size") == 32 and val("clip.vision.patch_size") == 8
+    assert val("clip.vision.block_count") == 1 and val("clip.vision.feature_layer") == [1]
+    np.testing.assert_allclose(val("clip.vision.image_mean"), IMAGE_MEAN, rtol=1e-6)
+    np.testing.assert_allclose(val("clip.vision.image_std"), IMAGE_STD, rtol=1e-6)
+    assert "clip.use_gelu" not in r.fields            # CLIP's quick GELU is clip.cpp's default
+    types = {t.name: t.tensor_type.name.lower() for t in r.tensors}
+    assert types == rep.types
+    assert set(types) == {
+        "v.class_embd", "v.patch_embd.weight", "v.position_embd.weight", "v.pre_ln.weight", "v.pre_ln.bias",
+        *(f"v.blk.0.{t}.{k}" for t in ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down", "ln1", "ln2")
+          for k in ("weight", "bias")),
+        "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"}
+    assert types["v.patch_embd.weight"] == "f16" and types["v.position_embd.weight"] == "f32"
+    assert types["v.blk.0.attn_q.weight"] == "f16" and types["v.blk.0.attn_q.bias"] == "f32"
+    assert types["v.blk.0.ln1.weight"] == "f32" and types["mm.2.weight"] == "f16"
+    # the second (last) CLIP layer is never run for vision_feature_layer -2: not written
+    assert not any(n.startswith("v.blk.1.") for n in types)
