@@ -147,3 +147,32 @@ def test_mmproj_metadata_and_types(llava, tmp_path):
     assert types["v.blk.0.ln1.weight"] == "f32" and types["mm.2.weight"] == "f16"
     # the second (last) CLIP layer is never run for vision_feature_layer -2: not written
     assert not any(n.startswith("v.blk.1.") for n in types)
+
+
+def test_llava_generation_with_image(llava, tmp_path, capsys):
+    """A prompt holding an image, evaluated by mtmd_helper_eval_chunks, then greedy decoding: at F32
+    the continuation equals transformers' generate on the same ids and pixels; a Q4_K_M language
+    model with the default F16 projector loads and generates."""
+    _, d = llava
+    img = sample_image(32)
+    lm, mm = tmp_path / "lm-f32.gguf", tmp_path / "mm-f32.gguf"
+    api.quantize(str(d), str(lm), format="gguf:f32", mmproj=str(mm), mmproj_type="f32", show_progress=False)
+    with MtmdPair(str(lm), str(mm)) as pair:
+        gen = pair.generate(f"The picture {pair.marker()} shows", img, max_tokens=8)
+    assert gen.image_tokens == 16 and gen.prompt_positions == len(gen.prompt_tokens)
+    assert len(gen.tokens) == 8
+    model = _hf(d)
+    ids = torch.tensor([[model.config.image_token_index if t < 0 else t for t in gen.prompt_tokens]])
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, pixel_values=pixel_values(img), max_new_tokens=8, do_sample=False,
+                            attention_mask=torch.ones_like(ids))
+    assert hf[0, ids.shape[1]:].tolist() == gen.tokens
+
+    q = tmp_path / "lm-q4km.gguf"
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q4_k_m", "-o", str(q)], capsys)
+    assert code == 0, err
+    r = GGUFReader(str(tmp_path / "mmproj-lm-q4km.gguf"))
+    assert {t.tensor_type.name for t in r.tensors if t.name == "mm.0.weight"} == {"F16"}
+    with MtmdPair(str(q), str(tmp_path / "mmproj-lm-q4km.gguf")) as pair:
+        g2 = pair.generate(f"The picture {pair.marker()} shows", img, max_tokens=8)
+    assert g2.image_tokens == 16 and len(g2.tokens) == 8
