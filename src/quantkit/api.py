@@ -73,7 +73,13 @@ def inspect(model=None) -> dict[str, Any]:
         "types": types,
         "tokenizer": {"model": src.tokenizer.model, "pre": src.tokenizer.pre, "n_tokens": src.tokenizer.n_tokens},
         "tensors": tensors,
+        "vision": _describe_vision(path) if file_bytes is None else None,
     }
+
+
+def _describe_vision(path):
+    from .models.vision import describe_vision
+    return describe_vision(path)
 
 
 @dataclass

@@ -176,3 +176,67 @@ def test_llava_generation_with_image(llava, tmp_path, capsys):
     with MtmdPair(str(q), str(tmp_path / "mmproj-lm-q4km.gguf")) as pair:
         g2 = pair.generate(f"The picture {pair.marker()} shows", img, max_tokens=8)
     assert g2.image_tokens == 16 and len(g2.tokens) == 8
+
+
+def test_unsupported_vision_tower_names_text_only(llava, tmp_path, capsys):
+    """A vision tower llama.cpp cannot run: one line naming it and --text-only, exit 2, nothing
+    written; with --text-only the language model alone is written and loads."""
+    src, _ = llava
+    d = tmp_path / "odd-vlm"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vision_config"]["model_type"] = "dinov2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "lm.gguf"
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q8_0", "-o", str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, "dinov2", "--text-only")
+    assert no_partial(out_dir)
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q8_0", "-o", str(out), "--text-only"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out_dir)) == ["lm.gguf"]
+    r = GGUFReader(str(out))
+    assert not any(t.name.startswith(("v.", "mm.")) for t in r.tensors)
+    assert any(t.name == "blk.1.ffn_down.weight" for t in r.tensors)
+
+
+def test_mmproj_flags_refused_in_one_line(llava, tmp_path, capsys):
+    """--mmproj with --text-only, and --mmproj equal to -o: one line each, nothing written."""
+    d, _ = llava
+    out = tmp_path / "lm.gguf"
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q8_0", "-o", str(out), "--text-only",
+                         "--mmproj", str(tmp_path / "m.gguf")], capsys)
+    assert code == 2
+    assert_one_line(err, "--text-only")
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q8_0", "-o", str(out), "--mmproj", str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, "--mmproj")
+    assert no_partial(tmp_path)
+
+
+def test_inspect_names_the_vision_tower(llava, capsys):
+    clip, siglip = llava
+    info = api.inspect(str(siglip))
+    assert info["vision"]["tower"] == "siglip_vision_model" and info["vision"]["projector"] == "mlp"
+    assert info["vision"]["mmproj"] is True and info["vision"]["image_tokens"] == 16
+    assert info["architecture"]["arch"] == "llama" and info["architecture"]["n_embd"] == 256
+    from quantkit.cli import main
+    assert main(["inspect", str(clip), "--tensors", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "vision tower  clip_vision_model + mlp projector (llava)" in text and "-> 16 tokens" in text
+
+
+def test_plan_counts_the_mmproj_file_exactly(llava, tmp_path):
+    """The planner's mmproj bytes (from config.json alone) are the tensor bytes of the F16 file
+    quant.mmproj writes, and the context holds the image's tokens."""
+    for d in llava:
+        with VisionSource(d) as src:
+            write_mmproj(src, tmp_path / "m.gguf", "f16", show_progress=False)
+        written = sum(int(t.n_bytes) for t in GGUFReader(str(tmp_path / "m.gguf")).tensors)
+        p = api.plan(str(d), formats=["q4_k_m"], n_ctx=128)
+        assert p.model.vision.mmproj_bytes == written
+        assert p.n_ctx == 128 + 16
+        # the vision tensors are planned as the mmproj file, not as language-model tensors
+        assert not any("vision" in t.name or "projector" in t.name for t in p.model.tensors)

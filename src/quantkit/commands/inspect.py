@@ -44,6 +44,12 @@ def run(args) -> int:
     print(f"  types         " + ", ".join(f"{k}: {v}" for k, v in sorted(info["types"].items())))
     t = info["tokenizer"]
     print(f"  tokenizer     {t['model']} (pre {t['pre']}), {t['n_tokens']:,} tokens")
+    vis = info.get("vision")
+    if vis:
+        what = f"vision tower  {vis['tower']} + {vis['projector'] or '?'} projector ({vis['model_type']}); "
+        print("  " + what + (f"{vis['layers']} layers used, hidden {vis['hidden']}, {vis['image_size']}px images in "
+                             f"{vis['patch_size']}px patches -> {vis['image_tokens']} tokens; quantize writes it as "
+                             "mmproj-<OUT> for llama.cpp" if vis["mmproj"] else vis["reason"]))
     rows = info["tensors"][: args.tensors] if args.tensors is not None else info["tensors"]
     w = max((len(r["name"]) for r in rows), default=4)
     print(f"\n  {'name':<{w}}  {'shape':<18} {'type':<6} {'bytes':>14}")

@@ -113,7 +113,7 @@ def run(args) -> int:
                     n_ctx=args.ctx, batch=args.batch, kv_type=args.kv_type, runtime=args.runtime,
                     formats=fmts or None,
                     swa_full=args.swa_full, flash_attn=args.flash_attn, ram_gb=args.ram, train=args.train,
-                    rank=args.rank, lora_targets=args.lora_targets)
+                    rank=args.rank, lora_targets=args.lora_targets, images=args.images)
     p = plan(args.model, o)
     if args.json:
         json.dump(p.to_dict(), sys.stdout, indent=2)
@@ -135,6 +135,8 @@ def register(sub) -> None:
     p.add_argument("--ram", type=v.float_arg(), metavar="GB", help="host RAM for CPU rows and offloaded layers (GiB)")
     p.add_argument("--ctx", type=v.int_arg(), metavar="N", help="context length per sequence (default min(4096, trained))")
     p.add_argument("--batch", type=v.int_arg(), default=1, metavar="N", help="parallel sequences")
+    p.add_argument("--images", type=v.int_arg(), default=1, metavar="N",
+                   help="vision-language model: images in the context, each adding its tokens (default 1)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (llama.cpp)")
     p.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "torch"])
     p.add_argument("--format", action="append", metavar="F[,F...]", type=v.str_arg(1000),

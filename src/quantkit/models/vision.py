@@ -315,3 +315,30 @@ class VisionSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def describe_vision(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What `quantkit inspect` says of a directory's vision tower: None for a text-only model (or
+    not a directory); else its tower and projector type, whether quantkit writes it as an mmproj
+    file (and if not, why, and that --text-only exports the language model alone)."""
+    p = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or vision_config(cfg) is None:
+        return None
+    vc = vision_config(cfg) or {}
+    why = unsupported_reason(cfg)
+    out: dict[str, Any] = {"model_type": cfg.get("model_type"), "tower": vc.get("model_type"),
+                           "projector": PROJECTORS.get(cfg.get("model_type")), "mmproj": why is None}
+    if why is None:
+        spec = vision_spec(os.fspath(path), cfg)
+        out.update(layers=spec.n_layer, hidden=spec.n_embd, image_size=spec.image_size,
+                   patch_size=spec.patch_size, image_tokens=spec.n_image_tokens)
+    else:
+        out["reason"] = f"unsupported {why}: export the language model alone with --text-only"
+    return out

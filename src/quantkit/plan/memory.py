@@ -211,10 +211,11 @@ class Inference:
     output_head: int               # bytes of the output matrix (offloaded as one more "layer")
     kv_detail: KVCache
     repack: int = 0                # llama.cpp CPU: repacked copies of q4_0/q4_k/iq4_nl tensors
+    vision: int = 0                # vision-language model: the F16 mmproj file + its image compute buffer
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute + self.output + self.overhead_cpu
+        return self.weights + self.kv + self.compute + self.output + self.overhead_cpu + self.vision
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -254,8 +255,9 @@ def inference(m: ModelShape, fmt, n_ctx: int, batch: int = 1, kv_type: str = "f1
     else:
         compute = torch_compute(m, n_ctx, batch)
         out = 0
+    vision = m.vision.mmproj_bytes + m.vision.compute_bytes if m.vision is not None else 0
     return Inference(f.name, rt, weights, kv.total, compute, out, overhead(rt, False), per_layer,
-                     non_layer, head, kv, cpu_repack_bytes(ts) if rt == "llama.cpp" else 0)
+                     non_layer, head, kv, cpu_repack_bytes(ts) if rt == "llama.cpp" else 0, vision)
 
 
 # ---------------------------------------------------------------- training
@@ -446,7 +448,7 @@ def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int) -> dict[s
     output buffer, touched compute pages, the vocabulary and the runtime itself."""
     return {"weights": inf.weights, "repack": inf.repack, "kv": inf.kv, "output": inf.output,
             "compute_touched": llamacpp_compute_touched(m, n_prompt),
-            "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN, "base": LLAMACPP_CPU_BASE}
+            "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN, "base": LLAMACPP_CPU_BASE, "vision": inf.vision}
 
 
 def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int) -> int:

@@ -71,6 +71,7 @@ class ModelShape:
     source: str = ""
     stored_format: str | None = None      # "q4_k_m", "f16", "gptq-4bit-128g", ...
     tensors: list[Tensor] = field(default_factory=list)   # as stored; built from the config for names
+    vision: object | None = None   # plan.vision.VisionPlan of a vision-language model (its mmproj file)
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -342,7 +343,14 @@ def _hf_swa_pattern(cfg: dict, layout: BlockLayout):
 def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
     """A shape from config.json: keys, classes and block layouts from models.arch."""
     check_config(cfg, os.path.join(path, "config.json") if path else None)
+    from .vision import vision_plan
+    vision = vision_plan(cfg, path or "")
     if "text_config" in cfg and "num_hidden_layers" not in cfg:
+        archs = cfg.get("architectures") or []
+        if isinstance(cfg["text_config"], dict) and not any(a in HF_CLASS_ARCH for a in archs):
+            # a vision-language wrapper (LlavaForConditionalGeneration): plan its language model's type
+            cfg = {**cfg, "architectures": cfg["text_config"].get("architectures") or [],
+                   "model_type": cfg["text_config"].get("model_type")}
         cfg = {**cfg, **cfg["text_config"]}
     vals = _hf_required(cfg, path)
     opt = {k: _first(cfg, keys) for k, keys in HF_CONFIG_OPTIONAL_KEYS.items()}
@@ -363,7 +371,7 @@ def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
         norm=lay.norm, n_expert=opt["n_expert"] or 0, n_expert_used=opt["n_expert_used"] or 0,
         ffn=lay.ffn, bias="qkv" if lay.bias == "none" and cfg.get("add_qkv_bias") else lay.bias,
         norms=lay.norms, qk_norm=lay.qk_norm, fused_qkv=lay.fused_qkv,
-        source=f"config.json in {path}" if path else "config")
+        source=f"config.json in {path}" if path else "config", vision=vision)
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") == "gptq" or q.get("bits"):
         m.stored_format = f"gptq-{q.get('bits', 4)}bit-{q.get('group_size', 128)}g"
@@ -387,6 +395,9 @@ def from_hf_dir(path: str) -> ModelShape:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
         m.tensors = [t for f in files for t in read_safetensors(f)]
+        if m.vision is not None:      # the vision tower and projector are planned as the mmproj file
+            m.tensors = [t for t in m.tensors if not t.name.removeprefix("model.").startswith(
+                ("vision_tower.", "vision_model.", "multi_modal_projector."))]
         dts = {t.type for t in m.tensors if len(t.shape) >= 2}
         if not m.stored_format:
             m.stored_format = "bf16" if dts == {"bf16"} else ("f16" if dts == {"f16"} else ("f32" if dts == {"f32"} else "mixed"))

@@ -35,6 +35,7 @@ class PlanOptions:
     train: str | None = None
     rank: int = 16
     lora_targets: str = "q,k,v,o,gate,up,down"
+    images: int = 1                     # vision-language model: images in the context, each adds its tokens
 
     def validate(self) -> None:
         if self.runtime not in ("llama.cpp", "torch"):
@@ -132,7 +133,7 @@ def _fit(m: ModelShape, inf: memory.Inference, d: Device, host: Device, ram: int
         return Cell(d.name, "fits", None, n, need, avail, up, up * eff.decode(d.kind), pr)
     # discrete GPU(s): repeating layers + output head on the GPU, token embedding stays in RAM
     # (llama.cpp keeps token_embd on the CPU; -ngl counts the output as one more layer)
-    gpu_fixed = d.count * memory.CUDA_CONTEXT + inf.compute
+    gpu_fixed = d.count * memory.CUDA_CONTEXT + inf.compute + inf.vision
     avail = d.total_memory
     layer_bytes = inf.per_layer
     head = inf.output_head if inf.runtime == "llama.cpp" else inf.non_layer
@@ -262,6 +263,9 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
         raise QuantkitError(f"model {m.name}: layer/head counts must be positive")
     n_ctx = o.n_ctx if o.n_ctx is not None else (min(4096, m.n_ctx_train) if m.n_ctx_train else 4096)
     memory.check_range("--ctx", n_ctx, 1, 16 * 1024 * 1024)
+    if m.vision is not None:            # the context holds the text and the images' embeddings
+        memory.check_range("--images", o.images, 0, 4096)
+        n_ctx += o.images * m.vision.image_tokens
     memory.check_range("--batch", o.batch, 1, 65536)
     devs = _devices(o)
     host = hardware.device(HOST_RAM_DEFAULT)
@@ -277,4 +281,10 @@ def plan(model: str | ModelShape, o: PlanOptions | None = None) -> Plan:
         rows.append(_row(m, o, f, n_ctx, src, devs, host, ram, eff))
     tr = memory.training(m, o.train, n_ctx, o.batch, o.rank, o.lora_targets) if o.train else None
     assumptions, notes = _assumptions(m, o, n_ctx, devs, host, eff, rows)
+    if m.vision is not None:
+        v = m.vision
+        assumptions.append(
+            f"vision: a {v.kind} tower + {v.projector} projector ({v.n_params / 1e6:.1f} M parameters) as an F16 "
+            f"mmproj file of {v.mmproj_bytes / memory.MIB:.1f} MiB plus ~{v.compute_bytes / memory.MIB:.1f} MiB to "
+            f"encode an image, in every total; the context counts {o.images} image(s) x {v.image_tokens} tokens")
     return Plan(m, o, n_ctx, devs, rows, tr, assumptions, {k: memory.FOOTNOTES[k] for k in notes})
