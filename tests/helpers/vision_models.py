@@ -103,3 +103,34 @@ def pixel_values(img: np.ndarray, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tenso
     x = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     return x.unsqueeze(0)
+
+
+def build_gemma3_vlm(root: Path, name: str = "gemma3-vlm") -> Path:
+    """Gemma3ForConditionalGeneration: a 2-layer SigLIP tower (32x32 images, 8x8 patches), Gemma-3's
+    projector (2x2 average pool to 4 tokens, soft-embedding RMS norm, linear) and a 2-layer Gemma-3
+    language model with hidden 256; a byte-level BPE tokenizer holding the image tokens."""
+    import transformers as tf
+
+    d = root / name
+    d.mkdir()
+    n = _tokenizer_with(d, ["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    tok = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    vc = tf.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=8, vision_use_head=False)
+    tc = tf.Gemma3TextConfig(vocab_size=n, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                             max_position_embeddings=256, rms_norm_eps=1e-6, sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention"],
+                             bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"],
+                             pad_token_id=ids["<|end_of_text|>"])
+    cfg = tf.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4,
+                          boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"])
+    torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    randomise(model, gemma=True)
+    model.eval().save_pretrained(str(d))
+    write_preprocessor(d, "Gemma3ImageProcessor", 32)
+    return d

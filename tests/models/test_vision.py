@@ -17,7 +17,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from helpers.cli import assert_one_line, no_partial, run_cli
-from helpers.vision_models import IMAGE_MEAN, IMAGE_STD, build_llava, pixel_values, sample_image
+from helpers.vision_models import IMAGE_MEAN, IMAGE_STD, build_gemma3_vlm, build_llava, pixel_values, sample_image
 
 from quantkit import api
 from quantkit.models.vision import VisionSource
@@ -240,3 +240,35 @@ def test_plan_counts_the_mmproj_file_exactly(llava, tmp_path):
         assert p.n_ctx == 128 + 16
         # the vision tensors are planned as the mmproj file, not as language-model tensors
         assert not any("vision" in t.name or "projector" in t.name for t in p.model.tensors)
+
+
+def test_gemma3_vision_embedding_and_generation(tmp_path_factory, tmp_path):
+    """Gemma3ForConditionalGeneration: SigLIP + average pool + soft-embedding norm + projection as an
+    mmproj of projector type gemma3; mtmd's image embedding equals transformers' get_image_features,
+    and a prompt with the image (<start_of_image> ... <end_of_image> around it) generates."""
+    import transformers as tf
+
+    d = build_gemma3_vlm(tmp_path_factory.mktemp("gemma3vlm"))
+    lm = tmp_path / "lm.gguf"
+    res = api.quantize(str(d), str(lm), format="gguf:f32", mmproj_type="f32", show_progress=False)
+    r = GGUFReader(res.mmproj)
+    assert bytes(r.fields["clip.projector_type"].parts[-1]).decode() == "gemma3"
+    assert int(r.fields["clip.vision.projector.scale_factor"].parts[-1][0]) == 2     # 4x4 patches -> 2x2
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["mm.input_projection.weight"] == "F16" and types["v.patch_embd.weight"] == "F32"
+    assert "v.post_ln.weight" in types and "mm.soft_emb_norm.weight" in types
+    img = sample_image(32)
+    model = tf.Gemma3ForConditionalGeneration.from_pretrained(str(d)).eval()
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixel_values(img))
+        ref = getattr(out, "pooler_output", out)[0].numpy()
+    with MtmdPair(str(lm), res.mmproj) as pair:
+        emb = pair.image_embedding(img)
+        gen = pair.generate(f"Look: {pair.marker()} it is", img, max_tokens=6)
+    assert emb.shape == ref.shape == (4, 256)
+    assert _rel(emb, ref) < BOUNDS["f32"], _rel(emb, ref)
+    assert gen.image_tokens == 4 and len(gen.tokens) == 6
+    vocab = json.loads((d / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    i = gen.prompt_tokens.index(-1)
+    assert gen.prompt_tokens[i - 1] == ids["<start_of_image>"] and gen.prompt_tokens[i + 4] == ids["<end_of_image>"]
