@@ -19,7 +19,7 @@ IMAGE_MEAN = [0.40, 0.45, 0.50]
 IMAGE_STD = [0.25, 0.30, 0.35]
 
 
-def _tokenizer_with(d: Path, extra: list[str]) -> int:
+def bpe_tokenizer_with(d: Path, extra: list[str]) -> int:
     """The llama-3-style BPE tokenizer plus `extra` special tokens; returns the vocabulary size."""
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +59,7 @@ def build_llava(root: Path, name: str = "llava", vision_type: str = "clip_vision
     d = root / name
     d.mkdir()
     if tokenizer_from is None:
-        _tokenizer_with(d, ["<image>"])
+        bpe_tokenizer_with(d, ["<image>"])
     else:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_from / f, d / f)
@@ -77,7 +77,7 @@ def build_llava(root: Path, name: str = "llava", vision_type: str = "clip_vision
     return d
 
 
-def write_preprocessor(d: Path, cls: str, size: int) -> None:
+def write_preprocessor(d: Path, cls: str, size: int, image_seq_length: int | None = None) -> None:
     """preprocessor_config.json as transformers' image processor writes it (written directly: the
     processor classes need Pillow)."""
     cfg = {"image_processor_type": cls, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
@@ -85,7 +85,9 @@ def write_preprocessor(d: Path, cls: str, size: int) -> None:
     if cls == "CLIPImageProcessor":
         cfg.update(size={"shortest_edge": size}, do_center_crop=True, crop_size={"height": size, "width": size})
     else:
-        cfg.update(size={"height": size, "width": size}, image_seq_length=16)
+        cfg.update(size={"height": size, "width": size})
+    if image_seq_length is not None:
+        cfg["image_seq_length"] = image_seq_length
     (d / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
@@ -113,7 +115,7 @@ def build_gemma3_vlm(root: Path, name: str = "gemma3-vlm") -> Path:
 
     d = root / name
     d.mkdir()
-    n = _tokenizer_with(d, ["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    n = bpe_tokenizer_with(d, ["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
     tok = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     vc = tf.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -132,5 +134,23 @@ def build_gemma3_vlm(root: Path, name: str = "gemma3-vlm") -> Path:
     model = tf.Gemma3ForConditionalGeneration(cfg)
     randomise(model, gemma=True)
     model.eval().save_pretrained(str(d))
-    write_preprocessor(d, "Gemma3ImageProcessor", 32)
+    write_preprocessor(d, "Gemma3ImageProcessor", 32, image_seq_length=4)
     return d
+
+
+def clip_cls_last_features(model, px: torch.Tensor) -> np.ndarray:
+    """A CLIP LLaVA's image features from transformers' own modules, evaluated in the order the
+    llama.cpp version quantkit runs uses (tools/mtmd/models/llava.cpp appends the class token
+    after the patches, then keeps positions 1..n: llama.cpp issue 25814)."""
+    vm = model.model.vision_tower
+    vm = getattr(vm, "vision_model", vm)
+    emb = vm.embeddings
+    n_layer = model.config.vision_config.num_hidden_layers + 1 + model.config.vision_feature_layer
+    with torch.no_grad():
+        x = emb.patch_embedding(px).flatten(2).transpose(1, 2)
+        seq = torch.cat([x, emb.class_embedding.view(1, 1, -1)], 1)
+        seq = vm.pre_layrnorm(seq + emb.position_embedding.weight[: seq.shape[1]])
+        for layer in vm.encoder.layers[:n_layer]:
+            out = layer(seq, None)
+            seq = out[0] if isinstance(out, tuple) else out
+        return model.model.multi_modal_projector(seq[0, 1:]).numpy()

@@ -17,7 +17,8 @@ import pytest
 import torch
 from gguf import GGUFReader
 from helpers.cli import assert_one_line, no_partial, run_cli
-from helpers.vision_models import IMAGE_MEAN, IMAGE_STD, build_gemma3_vlm, build_llava, pixel_values, sample_image
+from helpers.vision_models import (IMAGE_MEAN, IMAGE_STD, build_gemma3_vlm, build_llava, clip_cls_last_features,
+                                   pixel_values, sample_image)
 
 from quantkit import api
 from quantkit.models.vision import VisionSource
@@ -43,24 +44,6 @@ def _hf(d):
 
 def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
-def _clip_cls_last(model, px: torch.Tensor) -> np.ndarray:
-    """transformers' CLIP tower and projector evaluated in the order this llama.cpp's llava graph
-    uses (tools/mtmd/models/llava.cpp appends the class token after the patches and then keeps
-    positions 1..n: llama.cpp issue 25814, unfixed in the version quantkit runs)."""
-    vm = model.model.vision_tower
-    vm = getattr(vm, "vision_model", vm)
-    emb = vm.embeddings
-    n_layer = model.config.vision_config.num_hidden_layers + 1 + model.config.vision_feature_layer
-    with torch.no_grad():
-        x = emb.patch_embedding(px).flatten(2).transpose(1, 2)
-        seq = torch.cat([x, emb.class_embedding.view(1, 1, -1)], 1)
-        seq = vm.pre_layrnorm(seq + emb.position_embedding.weight[: seq.shape[1]])
-        for layer in vm.encoder.layers[:n_layer]:
-            out = layer(seq, None)
-            seq = out[0] if isinstance(out, tuple) else out
-        return model.model.multi_modal_projector(seq[0, 1:]).numpy()
 
 
 def test_llava_mmproj_embedding_equals_transformers(llava, tmp_path, capsys):
@@ -106,7 +89,7 @@ def test_llava_clip_mmproj_embedding(llava, tmp_path):
     px = pixel_values(img)
     with torch.no_grad():
         hf = model.get_image_features(pixel_values=px).pooler_output[0].numpy()
-    cls_last = _clip_cls_last(model, px)
+    cls_last = clip_cls_last_features(model, px)
     with MtmdPair(str(lm), str(mm)) as pair:
         emb = pair.image_embedding(img)
     assert min(_rel(emb, hf), _rel(emb, cls_last)) < BOUNDS["f32"], (_rel(emb, hf), _rel(emb, cls_last))
