@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -85,17 +84,27 @@ def build_gemma3_4b_vision(root: Path) -> Path:
     return d
 
 
+LAUNCH = r"""
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = p.stderr.read()
+_, status, ru = os.wait4(p.pid, 0)
+sys.stderr.write(err.decode(errors="replace")[-3000:] if status else "")
+print(json.dumps({"s": time.perf_counter() - t0, "rss": ru.ru_maxrss * 1024, "status": status}))
+"""
+
+
 def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(p.pid, 0)
-    dt = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    if status != 0:
-        raise RuntimeError(f"{cmd[:3]} failed:\n{err[-3000:]}")
-    return dt, ru.ru_maxrss * 1024
+    """(wall seconds, peak RSS bytes) of one process, started by a small launcher process (a child
+    forked from this one would start its peak-RSS count at this process's size)."""
+    r = subprocess.run([sys.executable, "-c", LAUNCH, *cmd], capture_output=True, text=True, env=env)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"{cmd[:3]} failed:\n{r.stderr[-3000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if res["status"] != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{r.stderr[-3000:]}")
+    return res["s"], res["rss"]
 
 
 def convert_both(d: Path, out: Path, ft: str, repeats: int) -> dict:

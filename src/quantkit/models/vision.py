@@ -82,9 +82,9 @@ def unsupported_reason(config: dict) -> str | None:
     vc = vision_config(config) or {}
     tower = vc.get("model_type")
     mt = config.get("model_type")
-    if mt not in PROJECTORS:
+    if not isinstance(mt, str) or mt not in PROJECTORS:
         return f"vision-language model type {mt!r} (supported: {', '.join(sorted(PROJECTORS))})"
-    if tower not in SUPPORTED_TOWERS:
+    if not isinstance(tower, str) or tower not in SUPPORTED_TOWERS:
         return f"vision tower type {tower!r} (supported: {', '.join(sorted(SUPPORTED_TOWERS))})"
     if mt == "gemma3" and tower != "siglip_vision_model":
         return f"vision tower type {tower!r} for gemma3 (llama.cpp runs SigLIP there)"
@@ -98,6 +98,8 @@ def unsupported_reason(config: dict) -> str | None:
                     f"the equivalent of {want!r})")
         if config.get("projector_hidden_act", "gelu") not in ("gelu", "gelu_pytorch_tanh"):
             return f"projector_hidden_act {config.get('projector_hidden_act')!r} (llama.cpp's MLP projector uses GELU)"
+        if config.get("multimodal_projector_bias", True) is False:
+            return "MLP projector without biases (llama.cpp's MLP projector adds them)"
     return None
 
 
@@ -108,11 +110,20 @@ def _int(d: dict, key: str, where: str) -> int:
     return v
 
 
+def _number(d: dict, key: str, default: float, where: str) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise QuantkitError(f"{key} = {v!r} is not a positive number", where)
+    return float(v)
+
+
 def _feature_layers(config: dict, n_layer: int) -> list[int] | None:
     fl = config.get("vision_feature_layer")
     if fl is None:
         return None
-    fl = [fl] if isinstance(fl, int) else list(fl)
+    fl = [fl] if isinstance(fl, int) else fl
+    if not isinstance(fl, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in fl):
+        raise QuantkitError(f"vision_feature_layer {fl!r} is not a layer index or a list of them", "config.json")
     # hidden_states[i]: 0 is the embeddings, i the output of block i-1; negative counts from the end
     out = [i if i >= 0 else n_layer + 1 + i for i in fl]
     if not out or any(not 0 <= i <= n_layer for i in out):
@@ -136,18 +147,19 @@ def vision_spec(path: str, config: dict) -> VisionSpec:
         try:
             with open(pre, encoding="utf-8") as f:
                 pc = json.load(f)
-            mean, std = list(pc.get("image_mean", mean)), list(pc.get("image_std", std))
-        except (OSError, ValueError, TypeError) as e:
-            raise QuantkitError(f"cannot read preprocessor_config.json ({type(e).__name__})", pre) from None
+            mean, std = [float(x) for x in pc.get("image_mean", mean)], [float(x) for x in pc.get("image_std", std)]
+            if len(mean) != 3 or len(std) != 3 or not all(x > 0 for x in std):
+                raise ValueError("image_mean / image_std need 3 values, std positive")
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise QuantkitError(f"cannot read preprocessor_config.json ({type(e).__name__}: {e})", pre) from None
     spec = VisionSpec(
         model_type=config["model_type"], tower=vc["model_type"], projector=projector,
         image_size=image_size, patch_size=patch, n_embd=_int(vc, "hidden_size", where),
         n_ff=_int(vc, "intermediate_size", where), n_head=_int(vc, "num_attention_heads", where),
         n_layer=n_layer, n_layer_total=n_layer,
-        eps=float(vc.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6)),
+        eps=_number(vc, "layer_norm_eps", 1e-5 if kind == "clip" else 1e-6, where),
         hidden_act=str(vc.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh")),
-        n_embd_text=_int(tc, "hidden_size", where), image_mean=[float(x) for x in mean],
-        image_std=[float(x) for x in std])
+        n_embd_text=_int(tc, "hidden_size", where), image_mean=mean, image_std=std)
     if projector == "mlp":
         fl = _feature_layers(config, n_layer)
         spec.feature_layers = fl
@@ -155,7 +167,7 @@ def vision_spec(path: str, config: dict) -> VisionSpec:
         spec.n_layer = max(fl) if fl else n_layer - 1
         spec.n_image_tokens = side * side
     else:
-        per_image = int(config.get("mm_tokens_per_image", 256))
+        per_image = int(_number(config, "mm_tokens_per_image", 256, where))
         per_side = int(round(per_image ** 0.5))
         if per_side <= 0 or side % per_side:
             raise QuantkitError(f"mm_tokens_per_image {per_image} does not pool {side}x{side} patches evenly",
@@ -333,10 +345,15 @@ def describe_vision(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     vc = vision_config(cfg) or {}
     why = unsupported_reason(cfg)
-    out: dict[str, Any] = {"model_type": cfg.get("model_type"), "tower": vc.get("model_type"),
-                           "projector": PROJECTORS.get(cfg.get("model_type")), "mmproj": why is None}
+    mt = cfg.get("model_type")
+    out: dict[str, Any] = {"model_type": mt, "tower": vc.get("model_type"),
+                           "projector": PROJECTORS.get(mt) if isinstance(mt, str) else None, "mmproj": why is None}
     if why is None:
-        spec = vision_spec(os.fspath(path), cfg)
+        try:
+            spec = vision_spec(os.fspath(path), cfg)
+        except QuantkitError as e:
+            out.update(mmproj=False, reason=str(e))
+            return out
         out.update(layers=spec.n_layer, hidden=spec.n_embd, image_size=spec.image_size,
                    patch_size=spec.patch_size, image_tokens=spec.n_image_tokens)
     else:
