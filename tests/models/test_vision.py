@@ -255,3 +255,20 @@ def test_gemma3_vision_embedding_and_generation(tmp_path_factory, tmp_path):
     ids = {t["content"]: t["id"] for t in vocab}
     i = gen.prompt_tokens.index(-1)
     assert gen.prompt_tokens[i - 1] == ids["<start_of_image>"] and gen.prompt_tokens[i + 4] == ids["<end_of_image>"]
+
+
+def test_llava_gptq_gguf_with_mmproj(llava, tmp_path, capsys):
+    """GPTQ-compensated GGUF of a vision-language model: the language model is calibrated on its
+    own (the checkpoint's language_model.* tensors), the projector file is written beside it at
+    --mmproj-type, and the pair loads and generates in mtmd."""
+    _, d = llava
+    out = tmp_path / "lm-gptq.gguf"
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q4_0+gptq", "--nsamples", "2", "--seqlen", "32",
+                         "-o", str(out), "--mmproj-type", "q8_0"], capsys)
+    assert code == 0, err
+    mm = tmp_path / "mmproj-lm-gptq.gguf"
+    assert {t.tensor_type.name for t in GGUFReader(str(mm)).tensors if t.name == "mm.2.weight"} == {"Q8_0"}
+    assert {t.tensor_type.name for t in GGUFReader(str(out)).tensors if t.name == "blk.0.attn_q.weight"} == {"Q4_0"}
+    with MtmdPair(str(out), str(mm)) as pair:
+        g = pair.generate(f"See {pair.marker()} here", sample_image(32), max_tokens=4)
+    assert g.image_tokens == 16 and len(g.tokens) == 4

@@ -62,12 +62,17 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
     if r.format == "gguf" and r.method == "gptq":
         res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
                            token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                           trust_pickle=getattr(args, "trust_pickle", False), **ray)
+                           trust_pickle=getattr(args, "trust_pickle", False), mmproj=getattr(args, "mmproj", None),
+                           mmproj_type=getattr(args, "mmproj_type", "f16"), text_only=getattr(args, "text_only", False),
+                           **ray)
         summary = {"output": res.output, "recipe": r.spelling(), "method": r.method, "seconds": res.seconds,
                    "file_bytes": res.file_bytes, "calibration": {"file": cal.file, "nsamples": cal.nsamples,
-                                                                  "seqlen": cal.seqlen}}
+                                                                  "seqlen": cal.seqlen},
+                   **({"mmproj": res.mmproj} if res.mmproj else {})}
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; GPTQ onto llama.cpp's "
                 f"{r.type} grids, calibrated on {cal.nsamples} x {cal.seqlen} tokens)")
+        if res.mmproj:
+            text += f"\nwrote {res.mmproj}  (vision tower + projector for llama.cpp's multimodal runtime)"
     elif r.format in rc.GPU_FORMATS:
         res = api.quantize_gpu(args.model, args.output, recipe=r, trust_pickle=getattr(args, "trust_pickle", False),
                                **ray)

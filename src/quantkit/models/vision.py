@@ -359,3 +359,13 @@ def describe_vision(path: str | os.PathLike) -> dict[str, Any] | None:
     else:
         out["reason"] = f"unsupported {why}: export the language model alone with --text-only"
     return out
+
+
+def language_model_names(hf_name: str) -> list[str]:
+    """Where a causal language model's parameter (model.layers.0..., lm_head.weight) sits in a
+    vision-language checkpoint, most likely first: as is, transformers 5's model.language_model.*,
+    and the hub's language_model.model.* / language_model.lm_head.*."""
+    if hf_name.startswith("model."):
+        rest = hf_name[len("model."):]
+        return [hf_name, "model.language_model." + rest, "language_model.model." + rest, "language_model." + rest]
+    return [hf_name, "language_model." + hf_name, "model.language_model." + hf_name]

@@ -56,11 +56,22 @@ def streaming_model(src, path: str, lazy_embeddings: bool = False):
             from transformers.modeling_utils import no_init_weights
         arch = src.hf_arch
         config = AutoConfig.from_pretrained(path)
+        fetch = src.load_hf
+        if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+            # a vision-language model: its language model alone (the vision half is the mmproj file)
+            from ..models.vision import language_model_names
+            config = config.text_config
+
+            def fetch(hf_name: str):
+                for name in language_model_names(hf_name):
+                    t = src.load_hf(name)
+                    if t is not None:
+                        return t
+                return None
         config._attn_implementation = "eager"
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        fetch = src.load_hf
     model.eval()
     _, _, prefix = decoder_layers(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -107,6 +118,17 @@ def row_reader(src, arch):
         def rows(hf_name: str, r0: int, r1: int) -> torch.Tensor:
             return src.load_rows(hf_to_gguf_name(arch, hf_name), r0, r1)
         return rows
+    if isinstance(getattr(src, "config", None), dict) and isinstance(src.config.get("vision_config"), dict):
+        from ..models.vision import language_model_names
+
+        def lm_rows(hf_name: str, r0: int, r1: int) -> torch.Tensor:   # a vision-language checkpoint
+            for name in language_model_names(hf_name)[:-1]:
+                try:
+                    return src.load_hf_rows(name, r0, r1)
+                except KeyError:
+                    continue
+            return src.load_hf_rows(language_model_names(hf_name)[-1], r0, r1)
+        return lm_rows
     return src.load_hf_rows
 
 
