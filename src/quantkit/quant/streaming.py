@@ -56,8 +56,9 @@ def streaming_model(src, path: str, lazy_embeddings: bool = False):
             from transformers.modeling_utils import no_init_weights
         arch = src.hf_arch
         config = AutoConfig.from_pretrained(path)
-        fetch = src.load_hf
-        if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        if getattr(config, "vision_config", None) is None or getattr(config, "text_config", None) is None:
+            fetch = src.load_hf
+        else:
             # a vision-language model: its language model alone (the vision half is the mmproj file)
             from ..models.vision import language_model_names
             config = config.text_config
