@@ -54,3 +54,12 @@ def test_unsupported_tower_plans_the_language_model(gemma3_dir):
     p = api.plan(str(gemma3_dir), formats=["q4_k_m"], n_ctx=2048)
     assert p.model.vision is None and p.n_ctx == 2048 and p.rows[0].memory.vision == 0
     assert p.model.arch == "gemma3" and p.model.n_layer == 34
+
+
+def test_plan_cli_images(gemma3_dir, capsys):
+    from quantkit.cli import main
+    assert main(["plan", str(gemma3_dir), "--format", "q8_0", "--ctx", "100", "--images", "3", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["options"]["n_ctx"] == 100 + 3 * 256 and d["options"]["images"] == 3
+    assert d["model"]["vision"]["mmproj_bytes"] == 851_226_048
+    assert d["formats"][0]["memory"]["vision"] > d["model"]["vision"]["mmproj_bytes"]
