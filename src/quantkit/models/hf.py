@@ -138,7 +138,9 @@ class HFSource(ModelSource):
         if arch is None and isinstance(self.config.get("text_config"), dict):
             # a vision-language wrapper (LlavaForConditionalGeneration): the language model's own type
             tc = self.config["text_config"]
-            arch = find_hf_arch(tc.get("architectures"), tc.get("model_type"))
+            tc_archs = tc.get("architectures") if isinstance(tc.get("architectures"), list) else None
+            arch = find_hf_arch([a for a in tc_archs or [] if isinstance(a, str)],
+                                tc.get("model_type") if isinstance(tc.get("model_type"), str) else None)
         if arch is None:
             what = ", ".join(archs) or f"model_type {self.config.get('model_type')!r}"
             raise QuantkitError(f"unsupported architecture {what}", cfg_path,

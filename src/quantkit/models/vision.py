@@ -35,6 +35,8 @@ _DEFAULT_NORM: dict[str, tuple[list[float], list[float]]] = {
     "clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
     "siglip": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
 }
+# vision tower activations clip.cpp runs (clip.use_gelu: tanh GELU; clip.use_silu; neither: quick GELU)
+TOWER_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_new", "silu")
 _ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _TOWER_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "vision_model.")
 _PROJ_PREFIXES = ("multi_modal_projector.",)
@@ -86,6 +88,9 @@ def unsupported_reason(config: dict) -> str | None:
         return f"vision-language model type {mt!r} (supported: {', '.join(sorted(PROJECTORS))})"
     if not isinstance(tower, str) or tower not in SUPPORTED_TOWERS:
         return f"vision tower type {tower!r} (supported: {', '.join(sorted(SUPPORTED_TOWERS))})"
+    act = vc.get("hidden_act", "quick_gelu" if tower == "clip_vision_model" else "gelu_pytorch_tanh")
+    if not isinstance(act, str) or act not in TOWER_ACTIVATIONS:
+        return f"vision tower activation {act!r} (llama.cpp runs {', '.join(TOWER_ACTIVATIONS)})"
     if mt == "gemma3" and tower != "siglip_vision_model":
         return f"vision tower type {tower!r} for gemma3 (llama.cpp runs SigLIP there)"
     if mt == "llava":

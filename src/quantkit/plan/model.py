@@ -349,8 +349,10 @@ def from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
         archs = cfg.get("architectures") or []
         if isinstance(cfg["text_config"], dict) and not any(a in HF_CLASS_ARCH for a in archs):
             # a vision-language wrapper (LlavaForConditionalGeneration): plan its language model's type
-            cfg = {**cfg, "architectures": cfg["text_config"].get("architectures") or [],
-                   "model_type": cfg["text_config"].get("model_type")}
+            tc = cfg["text_config"]
+            cfg = {**cfg, "architectures": [a for a in tc.get("architectures") or [] if isinstance(a, str)]
+                   if isinstance(tc.get("architectures"), list) else [],
+                   "model_type": tc.get("model_type") if isinstance(tc.get("model_type"), str) else None}
         cfg = {**cfg, **cfg["text_config"]}
     vals = _hf_required(cfg, path)
     opt = {k: _first(cfg, keys) for k, keys in HF_CONFIG_OPTIONAL_KEYS.items()}
