@@ -49,7 +49,8 @@ def open_model(path=None):
 
 @_pickle_opt_in
 def inspect(model=None) -> dict[str, Any]:
-    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer."""
+    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer;
+    for a vision-language directory, its vision tower ("vision": models.vision.describe_vision)."""
     src = open_model(model)
     tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in src.tensors()]
     n_params = sum(t.n_elements for t in src.tensors())
