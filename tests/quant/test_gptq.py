@@ -217,7 +217,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_weight(_w(in_f=64), torch.eye(64), "q4_k")
     with pytest.raises(ValueError, match="no GPTQ grid"):
-        quantize_weight(_w(in_f=64), torch.eye(64), "iq4_nl")
+        quantize_weight(_w(in_f=256), torch.eye(256), "q8_k")
 
 
 @pytest.mark.parametrize("grid", [QuantSpec(4, 128, True), "q4_1"])

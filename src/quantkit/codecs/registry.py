@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, kquants, legacy
+from . import floats, iq4, kquants, legacy
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -316,3 +316,43 @@ class Q5_K(_KQuant):
 @register
 class Q6_K(_KQuant):
     ggml, format = T.Q6_K, kquants.Q6_K
+
+
+# ---- IQ4 / ternary / FP4 types (codecs/iq4.py) ---------------------------------------------------
+
+class _RowsWeighted(QuantType):
+    """A type whose encoder takes per-value importance weights block by block: `encode(x, qw)`
+    with x and qw float32 [n, block_size] (qw None: llama.cpp's weights without an imatrix)."""
+
+    @staticmethod
+    def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x, None)
+
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        rows, n = x.shape
+        bs = self.block_size
+        qwb = qw.reshape(1, n).expand(rows, n).reshape(-1, bs)
+        return self.encode(x.reshape(-1, bs), qwb).reshape(rows, self.row_bytes(n))
+
+
+@register
+class IQ4_NL(_RowsWeighted):
+    ggml = T.IQ4_NL
+    chunk_blocks = 1024
+    encode = staticmethod(iq4.encode_nl)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return iq4.decode_nl(b)
+
+
+@register
+class IQ4_XS(_RowsWeighted):
+    ggml = T.IQ4_XS
+    chunk_blocks = 128
+    encode = staticmethod(iq4.encode_xs)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return iq4.decode_xs(b)
