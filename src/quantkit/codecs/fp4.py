@@ -1,0 +1,130 @@
+"""llama.cpp's FP4 types MXFP4 and NVFP4 in torch (quantize_row_mxfp4_ref / _nvfp4_ref, the
+path llama-quantize takes; importance weights are ignored).
+
+Both store E2M1 codes (`kvalues_fp4`, doubled: 0 1 2 3 4 6 8 12 and their negatives) times a
+scale. MXFP4: blocks of 32 with an E8M0 exponent e = floor(log2 max|x|) - 2 + 127 and the scale
+2^(e-128). NVFP4: blocks of 64 in four sub-blocks of 16, each with a UE4M3 scale of
+max|x| / 6 (ggml_fp32_to_ue4m3: round half up on the mantissa, saturating at 0x7E) and the
+value it decodes to, halved.
+
+best_index_mxfp4 scans the 16 codes for the smallest |v*d - x|, the first one on a tie. Every
+v*d is exact here (d has at most 4 significant bits), and so is each difference near a midpoint
+between neighbouring levels, so the choice is the exact nearest level with ties to the smaller
+magnitude (code 0 for zero, and for every value where d = 0): the count of midpoints m*d
+strictly below |x|, the sign in bit 3. Beyond the top level (NVFP4 where max|x|/6 saturates the
+scale) the differences round and several can tie: there the first of the equal errors wins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from .bits import BlockLayout
+
+KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+VALUES = torch.tensor(KVALUES, dtype=torch.float32)
+_LEVELS = VALUES[:8]
+_MIDS = torch.tensor([0.5, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0], dtype=torch.float32)
+
+MX_BLOCK = 32
+NV_BLOCK, NV_SUB = 64, 16
+MX_LAYOUT = BlockLayout(T.MXFP4, ("e", 1), ("qs", MX_BLOCK // 2))
+NV_LAYOUT = BlockLayout(T.NVFP4, ("d", NV_BLOCK // NV_SUB), ("qs", NV_BLOCK // 2))
+
+
+def _e8m0_half_table() -> torch.Tensor:
+    """ggml_e8m0_to_fp32_half for every byte: 2^(e-128) (denormal patterns for e < 2)."""
+    e = np.arange(256, dtype=np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << 23).astype(np.uint32)
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+def _ue4m3_table() -> torch.Tensor:
+    """ggml_ue4m3_to_fp32 for every byte (the value times 0.5; 0 and 0x7F decode to 0)."""
+    out = np.zeros(256, dtype=np.float32)
+    for x in range(256):
+        if x in (0, 0x7F):
+            continue
+        exp, man = (x >> 3) & 0xF, x & 7
+        raw = math.ldexp(man, -9) if exp == 0 else math.ldexp(1.0 + man / 8.0, exp - 7)
+        out[x] = np.float32(raw) * np.float32(0.5)
+    return torch.from_numpy(out)
+
+
+E8M0_HALF = _e8m0_half_table()
+UE4M3 = _ue4m3_table()
+
+
+def codes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """best_index_mxfp4(x, d) for x float32 [..., k] and d broadcast to [..., 1]: int32 codes."""
+    ax = x.abs()
+    mag = (ax[..., None] > d[..., None] * _MIDS).sum(dim=-1, dtype=torch.int32)
+    mag = torch.where(d > 0, mag, 0)            # d = 0: every error is |x|, the first code wins
+    far = ax > d * 12.0
+    if bool(far.any()):                         # beyond the top level |x| - v*d rounds: equal errors
+        axf, df = ax[far], d.expand_as(ax)[far]
+        err = axf[:, None] - df[:, None] * _LEVELS
+        mag[far] = (err == err[:, -1:]).to(torch.int32).argmax(dim=1).to(torch.int32)
+    return mag + torch.where((x < 0) & (mag > 0), 8, 0).to(torch.int32)
+
+
+def _pack(q: torch.Tensor, half: int) -> torch.Tensor:
+    """Codes int32 [..., 2*half] -> bytes [..., half]: q[j] low nibble, q[j+half] high."""
+    return (q[..., :half] | (q[..., half:] << 4)).to(torch.uint8)
+
+
+def encode_mx(x: torch.Tensor) -> torch.Tensor:
+    """MXFP4: float32 [n, 32] -> uint8 [n, 17]."""
+    amax = x.abs().amax(dim=1)
+    # floorf(log2f(amax)): the float64 logarithm rounded to float32 is log2f's value
+    fl = torch.floor(torch.log2(amax.double()).float())
+    e = torch.where(amax > 0, (fl - 2 + 127).to(torch.int32) & 255, torch.zeros_like(fl, dtype=torch.int32))
+    d = E8M0_HALF[e.long()]
+    q = codes(x, d[:, None])
+    return torch.cat([e.to(torch.uint8)[:, None], _pack(q, MX_BLOCK // 2)], dim=1)
+
+
+def decode_mx(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 17] -> float32 [n, 32], dequantize_row_mxfp4."""
+    d = E8M0_HALF[b[:, 0].long()]
+    qs = b[:, MX_LAYOUT.qs].long()
+    q = torch.cat([qs & 15, qs >> 4], dim=1)
+    return VALUES[q] * d[:, None]
+
+
+def fp32_to_ue4m3(s: torch.Tensor) -> torch.Tensor:
+    """ggml_fp32_to_ue4m3 of s float32 [...] -> int32 codes 0..0x7E."""
+    pos = s > 0
+    s = torch.where(pos, s, torch.ones_like(s)).clamp(max=448.0)
+    bits = s.view(torch.int32)
+    exp0 = ((bits >> 23) & 0xFF) - 127 + 7
+    sub = (s * 512.0 + 0.5).to(torch.int32).clamp(max=7)      # exp0 <= 0: man * 2^-9
+    man = ((bits >> 20) & 7) + ((bits >> 19) & 1)             # round half up; may carry
+    carry = man > 7
+    exp = exp0 + carry.to(torch.int32)
+    normal = torch.where(exp >= 15, 0x7E, (exp << 3) | torch.where(carry, 0, man))
+    code = torch.where(exp0 <= 0, sub, normal)
+    return torch.where(pos, code, 0)
+
+
+def encode_nv(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4: float32 [n, 64] -> uint8 [n, 36]."""
+    n = x.shape[0]
+    xs = x.reshape(n, 4, NV_SUB)
+    ue = fp32_to_ue4m3(xs.abs().amax(dim=2) / 6.0)
+    d = UE4M3[ue.long()]
+    q = codes(xs, d[..., None])
+    return torch.cat([ue.to(torch.uint8), _pack(q, NV_SUB // 2).reshape(n, NV_BLOCK // 2)], dim=1)
+
+
+def decode_nv(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 36] -> float32 [n, 64], dequantize_row_nvfp4."""
+    n = b.shape[0]
+    d = UE4M3[b[:, NV_LAYOUT.d].long()]
+    qs = b[:, NV_LAYOUT.qs].long().reshape(n, 4, NV_SUB // 2)
+    q = torch.cat([qs & 15, qs >> 4], dim=2)
+    return (VALUES[q] * d[..., None]).reshape(n, NV_BLOCK)
