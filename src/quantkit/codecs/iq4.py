@@ -23,6 +23,8 @@ by operation in float32 so the bytes are llama.cpp's:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from gguf import GGMLQuantizationType as T
 
@@ -181,3 +183,112 @@ def decode_xs(b: torch.Tensor) -> torch.Tensor:
     dl = f16_from(b[:, XS_LAYOUT.d])[:, None] * xs_sub_scales(b).float()          # [n, 8]
     q = VALUES[unpack_nibbles(b[:, XS_LAYOUT.qs].reshape(n * 8, SUB // 2))].reshape(n, 8, SUB)
     return (dl[:, :, None] * q).reshape(n, SUPER)
+
+
+# ---- GPTQ grid -----------------------------------------------------------------------------------
+# When GPTQ reaches a block (IQ4_NL: 32 columns; IQ4_XS: a super-block of 256) the scales come from
+# llama.cpp's own search on the partially updated weights: unweighted (x^2, the bytes
+# llama-quantize writes without an imatrix), or, with `search`, weighted by each column's
+# importance as llama.cpp weights by an imatrix (qw * sqrt(sigma2 + x^2)). Every column is then
+# rounded onto the nearest codebook level times its block's scale, as llama.cpp's final pass
+# rounds (best_index_int8 at the float32 inverse scale); the stored scales are the fp16 ones.
+
+@dataclass(frozen=True)
+class IQ4Params:
+    """One block (IQ4_NL) or super-block (IQ4_XS) per row: 2/scale float32 [rows, nsub] for the
+    rounding, the decoded scale [rows, nsub] for the values, the stored fp16 d [rows], and the
+    6-bit sub-block scales l [rows, 8] (IQ4_XS; None for IQ4_NL)."""
+    inv2: torch.Tensor
+    scale: torch.Tensor
+    d: torch.Tensor
+    l: torch.Tensor | None
+
+
+@dataclass
+class IQ4Blocks:
+    """A weight on an IQ4 grid: codes uint8 [out, in] (0..15), d float32 [out, in/block] (fp16
+    values), l [out, in/256] x 8 sub-block scales (IQ4_XS) or None."""
+    xs: bool
+    codes: torch.Tensor
+    d: torch.Tensor
+    l: torch.Tensor | None
+
+    @property
+    def name(self) -> str:
+        return "iq4_xs" if self.xs else "iq4_nl"
+
+    def to_bytes(self) -> torch.Tensor:
+        out_f, in_f = self.codes.shape
+        if self.xs:
+            b = pack_xs(self.d.reshape(-1), self.l.reshape(-1, 8), self.codes.reshape(-1, SUPER))
+        else:
+            b = torch.cat([f16_bytes(self.d.reshape(-1)), pack_nibbles(self.codes.reshape(-1, SUB))], dim=1)
+        return b.reshape(out_f, -1)
+
+    def split_rows(self, rows: list[int]) -> list["IQ4Blocks"]:
+        ls = self.l.split(rows) if self.l is not None else [None] * len(rows)
+        return [IQ4Blocks(self.xs, c, d, l) for c, d, l in zip(self.codes.split(rows), self.d.split(rows), ls)]
+
+    def dequantize(self) -> torch.Tensor:
+        out_f, in_f = self.codes.shape
+        if self.xs:
+            s = (self.d[..., None] * self.l.reshape(out_f, -1, 8).float()).reshape(out_f, -1)
+        else:
+            s = self.d
+        q = VALUES[self.codes.long()].reshape(out_f, -1, SUB)
+        return (s[..., None] * q).reshape(out_f, in_f)
+
+
+class IQ4Grid:
+    """GPTQ's view of IQ4_NL (xs=False, groups of 32) or IQ4_XS (xs=True, super-blocks of 256)."""
+
+    codes_dtype = torch.uint8
+
+    def __init__(self, xs: bool, in_features: int, search: bool = False):
+        self.xs = xs
+        self.width = SUPER if xs else SUB
+        if in_features % self.width:
+            raise ValueError(f"{'iq4_xs' if xs else 'iq4_nl'} needs rows that are a multiple of {self.width}, "
+                             f"got {in_features}")
+        self.search = search
+
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> IQ4Params:
+        w = w.float().contiguous()
+        if not torch.isfinite(w).all():
+            raise ValueError("weights contain NaN or Inf")
+        rows = w.shape[0]
+        qw = None
+        if self.search and imp is not None:
+            qw = imp.float().clamp_min(0).reshape(1, -1).expand(rows, -1)
+        xs = w.reshape(-1, SUB)
+        xT = xs.t().contiguous()
+        if qw is None:
+            wT = xT * xT
+        else:
+            sigma2 = _seq_sum(w.t() * w.t()) * (2.0 / self.width)
+            wT = qw.reshape(-1, SUB).t() * sqrtf(sigma2.repeat_interleave(self.width // SUB)[None, :] + xT * xT)
+        d_sub = block_scales(xT, wT).reshape(rows, -1)
+        if not self.xs:
+            d16 = d_sub[:, 0].half().float()
+            if not torch.isfinite(d16).all():
+                raise ValueError(f"a block's scale overflows fp16 (|w| up to {float(w.abs().max()):.3g})")
+            return IQ4Params(safe_inverse(d_sub) * 2.0, d16[:, None], d16, None)
+        d, l, dl = xs_scales(d_sub)
+        d16 = d.half().float()
+        if not torch.isfinite(d16).all():
+            raise ValueError(f"a super-block's scale overflows fp16 (|w| up to {float(w.abs().max()):.3g})")
+        return IQ4Params(safe_inverse(dl) * 2.0, d16[:, None] * l, d16, l.to(torch.int8))
+
+    def round(self, w: torch.Tensor, p: IQ4Params, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = j // SUB
+        q = best_index(w.float(), p.inv2[:, s])
+        return q.float(), p.scale[:, s] * VALUES[q]
+
+    def stored(self, params: list[IQ4Params], codes: torch.Tensor) -> IQ4Blocks:
+        d = torch.stack([p.d for p in params], dim=1)
+        l = torch.stack([p.l for p in params], dim=1) if self.xs else None
+        return IQ4Blocks(self.xs, codes.to(torch.uint8), d, l)
+
+    def join(self, pieces: list[IQ4Blocks], codes: torch.Tensor, shape: tuple[int, int]) -> IQ4Blocks:
+        return IQ4Blocks(self.xs, codes, torch.cat([p.d for p in pieces]),
+                         torch.cat([p.l for p in pieces]) if self.xs else None)

@@ -347,6 +347,9 @@ class IQ4_NL(_RowsWeighted):
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return iq4.decode_nl(b)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq4.IQ4Grid:
+        return iq4.IQ4Grid(False, in_features, search)
+
 
 @register
 class IQ4_XS(_RowsWeighted):
@@ -356,6 +359,9 @@ class IQ4_XS(_RowsWeighted):
 
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return iq4.decode_xs(b)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq4.IQ4Grid:
+        return iq4.IQ4Grid(True, in_features, search)
 
 
 class _Ignoring(QuantType):
