@@ -60,21 +60,38 @@ UE4M3 = _ue4m3_table()
 
 
 def codes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """best_index_mxfp4(x, d) for x float32 [..., k] and d broadcast to [..., 1]: int32 codes."""
+    """best_index_mxfp4(x, d) for x float32 [..., k] and d broadcast to [..., 1] (any d, as
+    NVFP4's): uint8 codes."""
     ax = x.abs()
-    mag = (ax[..., None] > d[..., None] * _MIDS).sum(dim=-1, dtype=torch.int32)
-    mag = torch.where(d > 0, mag, 0)            # d = 0: every error is |x|, the first code wins
+    mag = (ax > d * float(_MIDS[0])).view(torch.uint8)
+    for m in _MIDS[1:].tolist():               # m * d is exact (d has at most 4 significant bits)
+        mag += (ax > d * m).view(torch.uint8)
+    mag = torch.where(d > 0, mag, torch.zeros_like(mag))   # d = 0: every error is |x|, the first code wins
     far = ax > d * 12.0
     if bool(far.any()):                         # beyond the top level |x| - v*d rounds: equal errors
         axf, df = ax[far], d.expand_as(ax)[far]
         err = axf[:, None] - df[:, None] * _LEVELS
-        mag[far] = (err == err[:, -1:]).to(torch.int32).argmax(dim=1).to(torch.int32)
-    return mag + torch.where((x < 0) & (mag > 0), 8, 0).to(torch.int32)
+        mag[far] = (err == err[:, -1:]).to(torch.uint8).argmax(dim=1).to(torch.uint8)
+    return mag | ((x < 0).view(torch.uint8) & (mag > 0).view(torch.uint8)) << 3
+
+
+# MXFP4's d is a power of two and max|x| < 16 d, so 2|x|/d is exact and below 32: the code is
+# a lookup on ceil(2|x|/d) (the midpoints are multiples of 0.5; ties go to the smaller level),
+# the sign adding 33 to the index.
+_C = torch.arange(33)
+_MAG = sum((_C > 2 * m).to(torch.uint8) for m in _MIDS.tolist())
+_MX_LUT = torch.cat([_MAG, torch.where(_MAG > 0, _MAG + 8, _MAG)]).to(torch.uint8)
+
+
+def codes_pow2(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """codes() for d a power of two (normal or subnormal) with max|x| < 16 d: uint8 codes."""
+    c = x.abs().div_(d * 0.5).ceil_().clamp_(max=32)
+    return _MX_LUT[c.add_((x < 0).to(torch.float32).mul_(33)).to(torch.int64)]
 
 
 def _pack(q: torch.Tensor, half: int) -> torch.Tensor:
-    """Codes int32 [..., 2*half] -> bytes [..., half]: q[j] low nibble, q[j+half] high."""
-    return (q[..., :half] | (q[..., half:] << 4)).to(torch.uint8)
+    """Codes uint8 [..., 2*half] -> bytes [..., half]: q[j] low nibble, q[j+half] high."""
+    return q[..., :half] | (q[..., half:] << 4)
 
 
 def encode_mx(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +101,7 @@ def encode_mx(x: torch.Tensor) -> torch.Tensor:
     fl = torch.floor(torch.log2(amax.double()).float())
     e = torch.where(amax > 0, (fl - 2 + 127).to(torch.int32) & 255, torch.zeros_like(fl, dtype=torch.int32))
     d = E8M0_HALF[e.long()]
-    q = codes(x, d[:, None])
+    q = codes_pow2(x, d[:, None])
     return torch.cat([e.to(torch.uint8)[:, None], _pack(q, MX_BLOCK // 2)], dim=1)
 
 

@@ -23,6 +23,7 @@ by operation in float32 so the bytes are llama.cpp's:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -49,18 +50,24 @@ _TRIES = torch.arange(-NTRY, NTRY + 1, dtype=torch.float32) + KVALUES[0]   # itr
 
 
 def _lut_index(x2: torch.Tensor) -> torch.Tensor:
-    """2*x (float32) -> int64 index into _LUT_I / _LUT_Q."""
-    return x2.floor_().clamp_(-256, 255).add_(256).to(torch.int64)
+    """2*x (float32; consumed) -> int64 index into _LUT_I / _LUT_Q (through int32: torch's
+    float -> int64 conversion is some 20x slower than float -> int32 -> int64)."""
+    return x2.floor_().clamp_(-256, 255).add_(256).to(torch.int32).to(torch.int64)
+
+
+def _lookup(lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """lut[idx] (index_select on the flat index: some 10x faster than advanced indexing)."""
+    return lut.index_select(0, idx.reshape(-1)).reshape(idx.shape)
 
 
 def best_index(x: torch.Tensor, inv2: torch.Tensor) -> torch.Tensor:
     """best_index_int8(16, kvalues_iq4nl, inv * x) for inv2 = 2 * inv (broadcast): int64 codes."""
-    return _LUT_I[_lut_index(x * inv2)]
+    return _lookup(_LUT_I, _lut_index(x * inv2))
 
 
 def nearest_level(x2: torch.Tensor) -> torch.Tensor:
     """The codebook value nearest to x, given 2*x (float32; consumed)."""
-    return _LUT_Q[_lut_index(x2)]
+    return _lookup(_LUT_Q, _lut_index(x2))
 
 
 def _seq_sum(cols: torch.Tensor) -> torch.Tensor:
@@ -87,6 +94,23 @@ def weights(xT: torch.Tensor, qwT: torch.Tensor | None, group: int) -> torch.Ten
     return qwT * sqrtf(sigma2[None, :] + sq)
 
 
+_WORK = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor of `shape`, reused from call to call. The search's temporaries
+    are a few MB per chunk: allocated afresh, each costs its page faults on first touch, which
+    measured 3-5x the search's own arithmetic."""
+    n = 1
+    for s in shape:
+        n *= s
+    buf = getattr(_WORK, name, None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = torch.empty(n, dtype=dtype)
+        setattr(_WORK, name, buf)
+    return buf[:n].view(shape)
+
+
 def block_scales(xT: torch.Tensor, wT: torch.Tensor) -> torch.Tensor:
     """llama.cpp's scale search for blocks of 32 (ntry = 7): xT, wT float32 [32, n] -> d [n]."""
     mx, amax = absmax_signed(xT, 0)
@@ -95,9 +119,14 @@ def block_scales(xT: torch.Tensor, wT: torch.Tensor) -> torch.Tensor:
     ids = torch.empty(mx.shape[0], 2 * NTRY + 2)
     ids[:, 0] = 1.0 / ((-mx) / float(KVALUES[0]))
     ids[:, 1:] = _TRIES[None, :] / mx[:, None]
-    q = nearest_level(xT[:, :, None] * (ids * 2.0)[None])     # [32, n, 16]
-    wq = wT[:, :, None] * q
-    sqx = _seq_sum(wq * xT[:, :, None])
+    shape = (SUB, mx.shape[0], 2 * NTRY + 2)
+    a = torch.mul(xT[:, :, None], (ids * 2.0)[None], out=_buffer("a", shape, torch.float32))
+    i32 = _buffer("i32", shape, torch.int32).copy_(a.floor_().clamp_(-256, 255).add_(256))
+    i64 = _buffer("i64", shape, torch.int64).copy_(i32)
+    q = _buffer("q", shape, torch.float32)
+    torch.index_select(_LUT_Q, 0, i64.view(-1), out=q.view(-1))              # the levels, [32, n, 16]
+    wq = torch.mul(wT[:, :, None], q, out=_buffer("wq", shape, torch.float32))
+    sqx = _seq_sum(torch.mul(wq, xT[:, :, None], out=a))
     sq2 = _seq_sum(wq.mul_(q))
     a, b = sqx[:, 0], sq2[:, 0]
     pos = b > 0

@@ -24,32 +24,39 @@ TQ2_LAYOUT = BlockLayout(T.TQ2_0, ("qs", 64), ("d", 2))
 Q1_BLOCK = 128
 Q1_LAYOUT = BlockLayout(T.Q1_0, ("d", 2), ("qs", Q1_BLOCK // 8))
 
-_POW3_5 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32)     # first trit most significant
-_POW3_4 = torch.tensor([27, 9, 3, 1], dtype=torch.int32)
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 _BITS = torch.arange(8, dtype=torch.int32)
 
 
 def _trits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [n, 256] -> (d float32 [n], lroundf(x/d) + 1 as int32 [n, 256] in 0..2)."""
-    d = x.abs().amax(dim=1)
-    v = x * safe_inverse(d)[:, None]
-    one = torch.ones((), dtype=torch.int32)
-    t = torch.where((v >= 0.5) & (v <= 1.5), one + 1, one)
-    return d, torch.where((v <= -0.5) & (v >= -1.5), one - 1, t)
+    """x float32 [n, 256] -> (d float32 [n], lroundf(x/d) + 1 as uint8 [n, 256] in 0..2)."""
+    d = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).abs_()      # max |x|, +0 for zeros
+    inv = safe_inverse(d)
+    inv = torch.where(torch.isinf(inv), torch.zeros_like(inv), inv)      # C: lroundf(inf) -> 0 after the cast
+    v = x * inv[:, None]
+    t = (v >= 0.5).view(torch.uint8).add_(1)
+    return d, t.sub_((v <= -0.5).view(torch.uint8))
+
+
+def _base3(t: torch.Tensor) -> torch.Tensor:
+    """Trits uint8 [n, k, m] -> uint8 [n, m]: sum_i t[:, i] 3^(k-1-i) (the first most significant)."""
+    q = t[:, 0].clone()
+    for i in range(1, t.shape[1]):
+        q.mul_(3).add_(t[:, i])
+    return q
 
 
 def _ceil243(q: torch.Tensor) -> torch.Tensor:
-    return ((q * 256 + 242) // 243).to(torch.uint8)
+    return ((q.to(torch.int32) * 256 + 242) // 243).to(torch.uint8)
 
 
 def encode_tq1(x: torch.Tensor) -> torch.Tensor:
     """TQ1_0: float32 [n, 256] -> uint8 [n, 54]."""
     n = x.shape[0]
     d, t = _trits(x)
-    a = (t[:, :160].reshape(n, 5, 32) * _POW3_5[None, :, None]).sum(dim=1)
-    b = (t[:, 160:240].reshape(n, 5, 16) * _POW3_5[None, :, None]).sum(dim=1)
-    h = (t[:, 240:].reshape(n, 4, 4) * _POW3_4[None, :, None]).sum(dim=1) * 3
+    a = _base3(t[:, :160].reshape(n, 5, 32))
+    b = _base3(t[:, 160:240].reshape(n, 5, 16))
+    h = _base3(t[:, 240:].reshape(n, 4, 4)).mul_(3)
     return torch.cat([_ceil243(a), _ceil243(b), _ceil243(h), f16_bytes(d)], dim=1)
 
 
@@ -57,8 +64,9 @@ def encode_tq2(x: torch.Tensor) -> torch.Tensor:
     """TQ2_0: float32 [n, 256] -> uint8 [n, 66]."""
     n = x.shape[0]
     d, t = _trits(x)
-    q = (t.reshape(n, 2, 4, 32) << (2 * torch.arange(4, dtype=torch.int32))[None, None, :, None]).sum(dim=2)
-    return torch.cat([q.reshape(n, 64).to(torch.uint8), f16_bytes(d)], dim=1)
+    t = t.reshape(n, 2, 4, 32)
+    q = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
+    return torch.cat([q.reshape(n, 64), f16_bytes(d)], dim=1)
 
 
 def _unpack_trits(b: torch.Tensor, count: int) -> torch.Tensor:
