@@ -11,8 +11,8 @@ best_index_mxfp4 scans the 16 codes for the smallest |v*d - x|, the first one on
 v*d is exact here (d has at most 4 significant bits), and so is each difference near a midpoint
 between neighbouring levels, so the choice is the exact nearest level with ties to the smaller
 magnitude (code 0 for zero, and for every value where d = 0): the count of midpoints m*d
-strictly below |x|, the sign in bit 3. Beyond the top level (NVFP4 where max|x|/6 saturates the
-scale) the differences round and several can tie: there the first of the equal errors wins.
+strictly below |x|, the sign in bit 3. Far beyond the top level (NVFP4 where max|x|/6 saturates
+the scale) the differences round and several can tie: there the first of the equal errors wins.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from .bits import BlockLayout
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 VALUES = torch.tensor(KVALUES, dtype=torch.float32)
 _LEVELS = VALUES[:8]
+# Below |x| = 2^22 d the differences |x| - v*d of neighbouring levels (4d apart at least beyond
+# the top level) cannot round to equal values; above it the first of equal errors is searched.
+_FAR = float(2 ** 22)
 _MIDS = torch.tensor([0.5, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0], dtype=torch.float32)
 
 MX_BLOCK = 32
@@ -61,18 +64,20 @@ UE4M3 = _ue4m3_table()
 
 def codes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """best_index_mxfp4(x, d) for x float32 [..., k] and d broadcast to [..., 1] (any d, as
-    NVFP4's): uint8 codes."""
+    NVFP4's): int32 codes. Each midpoint's test |x| > m*d is the sign bit of m*d - |x| (float
+    subtractions and integer shifts: several times faster in torch than comparisons)."""
     ax = x.abs()
-    mag = (ax > d * float(_MIDS[0])).view(torch.uint8)
-    for m in _MIDS[1:].tolist():               # m * d is exact (d has at most 4 significant bits)
-        mag += (ax > d * m).view(torch.uint8)
+    mag = torch.zeros(ax.shape, dtype=torch.int32)
+    for m in _MIDS.tolist():                   # m * d is exact (d has at most 4 significant bits)
+        mag.sub_(torch.sub(d * m, ax).view(torch.int32) >> 31)
     mag = torch.where(d > 0, mag, torch.zeros_like(mag))   # d = 0: every error is |x|, the first code wins
-    far = ax > d * 12.0
-    if bool(far.any()):                         # beyond the top level |x| - v*d rounds: equal errors
+    far = ax > d * _FAR
+    if bool(far.any()):                         # far beyond the top level |x| - v*d rounds: equal errors
         axf, df = ax[far], d.expand_as(ax)[far]
         err = axf[:, None] - df[:, None] * _LEVELS
-        mag[far] = (err == err[:, -1:]).to(torch.uint8).argmax(dim=1).to(torch.uint8)
-    return mag | ((x < 0).view(torch.uint8) & (mag > 0).view(torch.uint8)) << 3
+        mag[far] = (err == err[:, -1:]).to(torch.int32).argmax(dim=1).to(torch.int32)
+    neg = x.view(torch.int32) >> 31                        # -1 where the sign bit is set
+    return mag | (neg & (mag.neg() >> 31) & 8)             # the sign where the level is not 0
 
 
 # MXFP4's d is a power of two and max|x| < 16 d, so 2|x|/d is exact and below 32: the code is
@@ -90,8 +95,8 @@ def codes_pow2(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _pack(q: torch.Tensor, half: int) -> torch.Tensor:
-    """Codes uint8 [..., 2*half] -> bytes [..., half]: q[j] low nibble, q[j+half] high."""
-    return q[..., :half] | (q[..., half:] << 4)
+    """Codes [..., 2*half] -> bytes uint8 [..., half]: q[j] low nibble, q[j+half] high."""
+    return (q[..., :half] | (q[..., half:] << 4)).to(torch.uint8)
 
 
 def encode_mx(x: torch.Tensor) -> torch.Tensor:
