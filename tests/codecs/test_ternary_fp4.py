@@ -49,6 +49,7 @@ def _cases(seed: int, n: int) -> dict[str, np.ndarray]:
     p[:, ::16] = np.ldexp(1.0 - np.ldexp(1.0, -g.integers(20, 26, (16, n // 16))), k).astype(f32)
     p[::2, 1::16] = np.ldexp(1.0, k[::2]).astype(f32)
     c["pow2"] = p
+    c["e8m0_tiny"] = np.concatenate([small[:8] * f32(2.0 ** -126), small[8:] * f32(2.0 ** -125)])  # E8M0 0, 1, 255
     c["mixed_scales"] = (small * np.exp(g.uniform(-20, 20, (16, n // 16))).repeat(16, 1)).astype(f32)
     c["sparse"] = (small * (g.random((16, n)) < 0.05)).astype(f32)
     return c

@@ -88,10 +88,18 @@ _MAG = sum((_C > 2 * m).to(torch.uint8) for m in _MIDS.tolist())
 _MX_LUT = torch.cat([_MAG, torch.where(_MAG > 0, _MAG + 8, _MAG)]).to(torch.uint8)
 
 
-def codes_pow2(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """codes() for d a power of two (normal or subnormal) with max|x| < 16 d: uint8 codes."""
-    c = x.abs().div_(d * 0.5).ceil_().clamp_(max=32)
-    return _MX_LUT[c.add_((x < 0).to(torch.float32).mul_(33)).to(torch.int64)]
+def codes_pow2(x: torch.Tensor, ax: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """codes() for MXFP4: x float32 [n, 32], ax = |x|, e int32 [n] the E8M0 bytes (d = 2^(e-128),
+    max|x| < 16 d). 2|x|/d is a product by a power of two (in two steps where 2/d overflows)."""
+    tiny = e < 2
+    biased = torch.where(tiny, 192 - e, 256 - e)                # 2/d = 2^(129-e); 2^(65-e) after * 2^64
+    scale = (biased.to(torch.int32) << 23).view(torch.float32)
+    y = ax * scale[:, None]
+    if bool(tiny.any()):
+        y[tiny] = ax[tiny] * 2.0 ** 64 * scale[tiny][:, None]
+    c = y.ceil_().clamp_(max=32).to(torch.int32)
+    idx = c.add_((x.view(torch.int32) >> 31) & 33).to(torch.int64)
+    return _MX_LUT.index_select(0, idx.view(-1)).view(idx.shape)
 
 
 def _pack(q: torch.Tensor, half: int) -> torch.Tensor:
@@ -101,12 +109,12 @@ def _pack(q: torch.Tensor, half: int) -> torch.Tensor:
 
 def encode_mx(x: torch.Tensor) -> torch.Tensor:
     """MXFP4: float32 [n, 32] -> uint8 [n, 17]."""
-    amax = x.abs().amax(dim=1)
+    ax = x.abs()
+    amax = ax.amax(dim=1)
     # floorf(log2f(amax)): the float64 logarithm rounded to float32 is log2f's value
     fl = torch.floor(torch.log2(amax.double()).float())
     e = torch.where(amax > 0, (fl - 2 + 127).to(torch.int32) & 255, torch.zeros_like(fl, dtype=torch.int32))
-    d = E8M0_HALF[e.long()]
-    q = codes_pow2(x, d[:, None])
+    q = codes_pow2(x, ax, e)
     return torch.cat([e.to(torch.uint8)[:, None], _pack(q, MX_BLOCK // 2)], dim=1)
 
 

@@ -111,8 +111,19 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return buf[:n].view(shape)
 
 
+SEARCH_STEP = 1024      # blocks per search step: bounds the scratch buffers at ~12 MB per thread
+
+
 def block_scales(xT: torch.Tensor, wT: torch.Tensor) -> torch.Tensor:
     """llama.cpp's scale search for blocks of 32 (ntry = 7): xT, wT float32 [32, n] -> d [n]."""
+    n = xT.shape[1]
+    if n <= SEARCH_STEP:
+        return _block_scales(xT, wT)
+    return torch.cat([_block_scales(xT[:, i:i + SEARCH_STEP], wT[:, i:i + SEARCH_STEP])
+                      for i in range(0, n, SEARCH_STEP)])
+
+
+def _block_scales(xT: torch.Tensor, wT: torch.Tensor) -> torch.Tensor:
     mx, amax = absmax_signed(xT, 0)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)         # zero blocks: any finite search, d = 0
