@@ -160,3 +160,13 @@ def test_registered_with_importance_weights():
         qtype("iq4_xs").quantize_rows(torch.randn(2, 320))
     with pytest.raises(ValueError, match="importance weights of 31 values"):
         qtype("iq4_nl").quantize_rows(torch.randn(2, 64), imatrix=torch.ones(31))
+
+
+@pytest.mark.parametrize("qt", TYPES)
+def test_one_call_over_many_blocks(qt):
+    """encode_blocks on more blocks than one search step (GPTQ's grids call the search on whole
+    row chunks): the same bytes."""
+    x = np.random.default_rng(8).standard_normal((40, 2048)).astype(np.float32)   # 2560 IQ4_NL blocks
+    bs = qtype(qt).block_size
+    ours = qtype(qt).encode_blocks(torch.from_numpy(x).reshape(-1, bs)).numpy()
+    assert np.array_equal(ours.reshape(40, -1), ggml_quantize(qt, x))
