@@ -136,3 +136,17 @@ def test_chunks_threads_and_empty(qt):
     assert qtype(qt).quantize_rows(torch.zeros(0, 512)).shape == (0, qtype(qt).row_bytes(512))
     with pytest.raises(ValueError, match="multiple of the block size"):
         qtype(qt).quantize_rows(torch.randn(2, 256 + 16))
+
+
+@pytest.mark.parametrize("qt", TYPES + ["iq4_nl", "iq4_xs"])
+def test_non_finite_input(qt):
+    """NaN / Inf: refused with check_finite (the GGUF writer's path); without it, bytes of the
+    right shape (no crash), as llama.cpp writes some bytes too."""
+    from quantkit.codecs.parallel import NonFiniteError
+    x = torch.randn(4, 512)
+    x[1, 3] = float("nan")
+    x[2, 300] = float("inf")
+    with pytest.raises(NonFiniteError):
+        qtype(qt).quantize_rows(x, check_finite=True)
+    assert qtype(qt).quantize_rows(x).shape == (4, qtype(qt).row_bytes(512))
+    assert qtype(qt).quantize_rows(x, imatrix=torch.ones(512)).shape == (4, qtype(qt).row_bytes(512))

@@ -98,7 +98,7 @@ def codes_pow2(x: torch.Tensor, ax: torch.Tensor, e: torch.Tensor) -> torch.Tens
     if bool(tiny.any()):
         y[tiny] = ax[tiny] * 2.0 ** 64 * scale[tiny][:, None]
     c = y.ceil_().clamp_(max=32).to(torch.int32)
-    idx = c.add_((x.view(torch.int32) >> 31) & 33).to(torch.int64)
+    idx = c.clamp_(min=0).add_((x.view(torch.int32) >> 31) & 33).to(torch.int64)   # clamp: NaN input
     return _MX_LUT.index_select(0, idx.view(-1)).view(idx.shape)
 
 

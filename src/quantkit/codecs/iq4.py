@@ -52,7 +52,8 @@ _TRIES = torch.arange(-NTRY, NTRY + 1, dtype=torch.float32) + KVALUES[0]   # itr
 def _lut_index(x2: torch.Tensor) -> torch.Tensor:
     """2*x (float32; consumed) -> int64 index into _LUT_I / _LUT_Q (through int32: torch's
     float -> int64 conversion is some 20x slower than float -> int32 -> int64)."""
-    return x2.floor_().clamp_(-256, 255).add_(256).to(torch.int32).to(torch.int64)
+    i = x2.floor_().clamp_(-256, 255).add_(256).to(torch.int32)
+    return i.clamp_(0, 511).to(torch.int64)                # NaN (unchecked input): a valid index
 
 
 def _lookup(lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ def _block_scales(xT: torch.Tensor, wT: torch.Tensor) -> torch.Tensor:
     ids[:, 1:] = _TRIES[None, :] / mx[:, None]
     shape = (SUB, mx.shape[0], 2 * NTRY + 2)
     a = torch.mul(xT[:, :, None], (ids * 2.0)[None], out=_buffer("a", shape, torch.float32))
-    i32 = _buffer("i32", shape, torch.int32).copy_(a.floor_().clamp_(-256, 255).add_(256))
+    i32 = _buffer("i32", shape, torch.int32).copy_(a.floor_().clamp_(-256, 255).add_(256)).clamp_(0, 511)
     i64 = _buffer("i64", shape, torch.int64).copy_(i32)
     q = _buffer("q", shape, torch.float32)
     torch.index_select(_LUT_Q, 0, i64.view(-1), out=q.view(-1))              # the levels, [32, n, 16]
