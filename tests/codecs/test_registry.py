@@ -26,8 +26,10 @@ def test_geometry_is_the_gguf_table(name):
 
 def test_what_is_registered():
     assert {q.name for q in QTYPES.values() if q.implemented} == {
-        "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"}
-    assert set(gptq_types()) == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"}
+        "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k",
+        "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "q1_0", "mxfp4", "nvfp4"}
+    assert set(gptq_types()) == {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k",
+                                 "iq4_nl", "iq4_xs"}
     assert can_encode("Q4_K") and not can_encode("iq2_xs") and not can_encode("nonsense")
 
 
@@ -60,7 +62,9 @@ class _ToyIQ4NL(QuantType):
 def test_a_new_type_is_one_registered_class():
     """Registering the class is all it takes: the GGUF writer's encode and the reader's decode
     then use it, and its decoder agrees bit for bit with gguf-py's on its bytes."""
-    gguf_py = qtype("iq4_nl")                    # before: gguf-py decodes, nothing encodes
+    registered = type(qtype("iq4_nl"))           # quantkit's own codec, put back at the end
+    unregister("iq4_nl")
+    gguf_py = qtype("iq4_nl")                    # now: gguf-py decodes, nothing encodes
     assert not gguf_py.implemented and not can_encode("iq4_nl")
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     register(_ToyIQ4NL)
@@ -74,4 +78,7 @@ def test_a_new_type_is_one_registered_class():
         assert bool(((ours.reshape(-1, 32) - x.reshape(-1, 32)).abs() <= 15 * d).all())  # 127 -> 113 is the farthest
     finally:
         unregister("iq4_nl")
-    assert type(qtype("iq4_nl")) is QuantType and not can_encode("iq4_nl")
+        plain = type(qtype("iq4_nl"))
+        register(registered)
+    assert plain is QuantType
+    assert type(qtype("iq4_nl")) is registered and can_encode("iq4_nl")

@@ -2,6 +2,7 @@
 ships: the reference quantkit's codecs are tested against, byte for byte.
 
     ggml_quantize("q4_0", x)              # float32 [rows, n] -> uint8 [rows, row_bytes]
+    ggml_quantize("iq4_xs", x, imatrix=w) # with importance weights float32 [n]
     ggml_dequantize("q4_0", data, n)      # uint8 [rows, row_bytes] -> float32 [rows, n]
 """
 
@@ -43,15 +44,21 @@ def _type(name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType[name.upper()]
 
 
-def ggml_quantize(name: str, x: np.ndarray) -> np.ndarray:
+def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """imatrix: float32 [n] importance weights, passed to ggml_quantize_chunk as quant_weights."""
     t = _type(name)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
+    qw = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        assert imatrix.size == n, (imatrix.size, n)
+        qw = imatrix.ctypes.data
     bs, ts = GGML_QUANT_SIZES[t]
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = libggml()
     lib.ggml_quantize_init(int(t))
-    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, qw)
     assert size == out.nbytes, (size, out.nbytes)
     return out
 

@@ -68,7 +68,7 @@ def test_integer_scale_search_never_worse_than_min_max(bits, gs, sym, act):
     assert not bool(res.weight.q[0, :64].ne(z[0, :64]).any())      # zeros stay exactly zero
 
 
-@pytest.mark.parametrize("name", LEGACY_TYPES)
+@pytest.mark.parametrize("name", LEGACY_TYPES + ["iq4_nl", "iq4_xs"])
 def test_identity_hessian_on_llama_cpp_grid_gives_llama_cpp_bytes(name):
     W = _w(seed=2)
     W[0, :32] = 0.0                                   # an all-zero block
@@ -126,6 +126,8 @@ def _rel_err(W, Wq, X):
     ("q4_1", True, 5.0),
     ("q4_k", False, 4.0),
     ("q3_k", True, 3.0),
+    ("iq4_nl", False, 5.0),
+    ("iq4_xs", True, 5.0),
 ])
 def test_gptq_beats_rtn_on_correlated_inputs(grid, act, factor):
     W = _w(seed=3)
@@ -217,7 +219,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_weight(_w(in_f=64), torch.eye(64), "q4_k")
     with pytest.raises(ValueError, match="no GPTQ grid"):
-        quantize_weight(_w(in_f=64), torch.eye(64), "iq4_nl")
+        quantize_weight(_w(in_f=256), torch.eye(256), "q8_k")
 
 
 @pytest.mark.parametrize("grid", [QuantSpec(4, 128, True), "q4_1"])

@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, kquants, legacy
+from . import floats, fp4, iq4, kquants, legacy, ternary
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -316,3 +316,100 @@ class Q5_K(_KQuant):
 @register
 class Q6_K(_KQuant):
     ggml, format = T.Q6_K, kquants.Q6_K
+
+
+# ---- IQ4 / ternary / FP4 types (codecs/iq4.py, codecs/ternary.py, codecs/fp4.py) -----------------
+
+class _RowsWeighted(QuantType):
+    """A type whose encoder takes per-value importance weights block by block: `encode(x, qw)`
+    with x and qw float32 [n, block_size] (qw None: llama.cpp's weights without an imatrix)."""
+
+    @staticmethod
+    def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x, None)
+
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        rows, n = x.shape
+        bs = self.block_size
+        qwb = qw.reshape(1, n).expand(rows, n).reshape(-1, bs)
+        return self.encode(x.reshape(-1, bs), qwb).reshape(rows, self.row_bytes(n))
+
+
+@register
+class IQ4_NL(_RowsWeighted):
+    ggml = T.IQ4_NL
+    chunk_blocks = 1024
+    encode = staticmethod(iq4.encode_nl)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return iq4.decode_nl(b)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq4.IQ4Grid:
+        return iq4.IQ4Grid(False, in_features, search)
+
+
+@register
+class IQ4_XS(_RowsWeighted):
+    ggml = T.IQ4_XS
+    chunk_blocks = 128
+    encode = staticmethod(iq4.encode_xs)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return iq4.decode_xs(b)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq4.IQ4Grid:
+        return iq4.IQ4Grid(True, in_features, search)
+
+
+class _Ignoring(QuantType):
+    """A type whose quantize_<type> ignores importance weights: `encode(x)` over blocks."""
+    imatrix_used = False
+
+    @staticmethod
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def decode(b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.shape[0]:
+            return torch.empty(0, self.type_size, dtype=torch.uint8)
+        return self.encode(x)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return self.decode(b)
+
+
+@register
+class TQ1_0(_Ignoring):
+    ggml, chunk_blocks = T.TQ1_0, 1024
+    encode, decode = staticmethod(ternary.encode_tq1), staticmethod(ternary.decode_tq1)
+
+
+@register
+class TQ2_0(_Ignoring):
+    ggml, chunk_blocks = T.TQ2_0, 1024
+    encode, decode = staticmethod(ternary.encode_tq2), staticmethod(ternary.decode_tq2)
+
+
+@register
+class Q1_0(_Ignoring):
+    ggml, chunk_blocks = T.Q1_0, 2048
+    encode, decode = staticmethod(ternary.encode_q1), staticmethod(ternary.decode_q1)
+
+
+@register
+class MXFP4(_Ignoring):
+    ggml, chunk_blocks = T.MXFP4, 4096
+    encode, decode = staticmethod(fp4.encode_mx), staticmethod(fp4.decode_mx)
+
+
+@register
+class NVFP4(_Ignoring):
+    ggml, chunk_blocks = T.NVFP4, 2048
+    encode, decode = staticmethod(fp4.encode_nv), staticmethod(fp4.decode_nv)
