@@ -2,6 +2,7 @@
 ships: the reference quantkit's codecs are tested against, byte for byte.
 
     ggml_quantize("q4_0", x)              # float32 [rows, n] -> uint8 [rows, row_bytes]
+    ggml_quantize("iq2_xs", x, imatrix)   # with importance weights float32 [n]
     ggml_dequantize("q4_0", data, n)      # uint8 [rows, row_bytes] -> float32 [rows, n]
 """
 
@@ -43,7 +44,9 @@ def _type(name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType[name.upper()]
 
 
-def ggml_quantize(name: str, x: np.ndarray) -> np.ndarray:
+def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over all rows of x; imatrix: float32 [n] importance weights (the
+    quant_weights llama.cpp's quantize_<type> receives), or None."""
     t = _type(name)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
@@ -51,7 +54,12 @@ def ggml_quantize(name: str, x: np.ndarray) -> np.ndarray:
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = libggml()
     lib.ggml_quantize_init(int(t))
-    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        assert qw.size == n, (qw.size, n)
+    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n,
+                                   None if qw is None else qw.ctypes.data)
     assert size == out.nbytes, (size, out.nbytes)
     return out
 

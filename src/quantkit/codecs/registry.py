@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, kquants, legacy
+from . import floats, iq2, kquants, legacy
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -316,3 +316,41 @@ class Q5_K(_KQuant):
 @register
 class Q6_K(_KQuant):
     ggml, format = T.Q6_K, kquants.Q6_K
+
+
+# ---- IQ2 lattice types (codecs/iq2.py) ----------------------------------------------------------
+
+class _IQ2(QuantType):
+    kind: iq2.IQ2Kind
+    chunk_blocks = 512
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_imatrix:
+            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
+        return iq2.encode(self.kind, x, None)
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return iq2.decode(self.kind, b)
+
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        rows, n = x.shape
+        blocks = x.reshape(-1, self.block_size)
+        w = qw.reshape(1, n).expand(rows, n).reshape(-1, self.block_size)
+        return iq2.encode(self.kind, blocks, w.contiguous()).reshape(rows, self.row_bytes(n))
+
+
+@register
+class IQ2_XXS(_IQ2):
+    ggml, kind = T.IQ2_XXS, iq2.XXS
+    needs_imatrix = True
+
+
+@register
+class IQ2_XS(_IQ2):
+    ggml, kind = T.IQ2_XS, iq2.XS
+    needs_imatrix = True
+
+
+@register
+class IQ2_S(_IQ2):
+    ggml, kind = T.IQ2_S, iq2.S
