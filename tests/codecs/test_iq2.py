@@ -146,3 +146,46 @@ def test_neighbour_lists_are_llama_cpps_shells(grid_size, nwant):
         want = np.nonzero(np.isin(d2, shells))[0]
         assert sorted(listed.tolist()) == want.tolist()
         assert (np.diff(d2[listed]) >= 0).all()
+
+
+IQ2_BY_TENSOR = {"attn_q": "iq2_xxs", "attn_k": "iq2_xs", "attn_v": "iq2_s", "attn_output": "iq2_xxs",
+                 "ffn_gate": "iq2_xs", "ffn_up": "iq2_s", "ffn_down": "iq2_xxs"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_iq2_gguf_loads_and_generates_in_llama_cpp(gptq_llama_dir, tmp_path):
+    """A tiny llama (rows of 256 and 512) written by quantkit with IQ2_XXS / IQ2_XS / IQ2_S
+    tensors (per-tensor types, importance weights from the rows' own magnitudes): llama.cpp
+    reads every tensor as the type written and generates."""
+    import llama_cpp
+    from quantkit.models.gguf import GGUFSource
+    from quantkit.models.hf import HFSource
+    from quantkit.quant.gguf_export import export_gguf, plan_gguf
+
+    out = tmp_path / "iq2.gguf"
+    with HFSource(gptq_llama_dir) as src:
+        infos, plan = plan_gguf(src, "f32")
+        plan = [(n, shp, next((t for k, t in IQ2_BY_TENSOR.items() if f".{k}." in n), typ)) for n, shp, typ in plan]
+        types = {n: t for n, _, t in plan}
+        assert sorted(set(types.values())) == ["f32", "iq2_s", "iq2_xs", "iq2_xxs"]
+
+        def precomputed(name):
+            if not types[name].startswith("iq2"):
+                return None
+            x = src.load(name).float().reshape(-1, infos[name].shape[-1])
+            imp = (x * x).mean(dim=0) + 1e-3
+            return qtype(types[name]).quantize_rows(x, imatrix=imp).numpy().reshape(-1)
+
+        export_gguf(src, out, "f32", show_progress=False, precomputed=precomputed, plan=plan)
+    with GGUFSource(str(out)) as g:
+        for n, t in types.items():
+            assert g.tensor_info(n).type == t, n
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_threads=2, seed=0)
+    try:
+        res = llm.create_completion("The", max_tokens=6, temperature=0.0)
+        assert res["usage"]["completion_tokens"] >= 1
+        llm.reset()
+        llm.eval(llm.tokenize(b"The history of the", add_bos=True))
+        assert np.isfinite(np.asarray(llm.scores[:llm.n_tokens])).all()
+    finally:
+        llm.close()
