@@ -189,3 +189,40 @@ def test_iq2_gguf_loads_and_generates_in_llama_cpp(gptq_llama_dir, tmp_path):
         assert np.isfinite(np.asarray(llm.scores[:llm.n_tokens])).all()
     finally:
         llm.close()
+
+
+def _reference_neighbour(lat, u, scale, xval, w):
+    """iq2_find_best_neighbour transcribed one query at a time (float32 scalars, C's order)."""
+    r = -int(lat.kmap[u]) - 1
+    best, idx = np.float32(np.finfo(np.float32).max), -1
+    for j in lat.flat[lat.start[r]:lat.start[r] + lat.count[r]]:
+        q = (2 * lat.levels[j].astype(np.float32) + 1)
+        d2 = np.float32(0)
+        for i in range(8):
+            diff = np.float32(scale * q[i]) - xval[i]
+            d2 = np.float32(d2 + np.float32(np.float32(w[i] * diff) * diff))
+        if d2 < best:
+            best, idx = d2, int(j)
+    return idx
+
+
+@pytest.mark.parametrize("grid_size,nwant", [(256, 2), (512, 2), (1024, 1)])
+def test_best_neighbour_equals_the_c_loop(grid_size, nwant):
+    """Many queries per point (the batched products) and exact ties (equal weights, values on the
+    lattice): the first smallest entry in list order, as C's strict `<` picks it."""
+    lat = iq2_lattice.lattice(grid_size, nwant)
+    g = np.random.default_rng(grid_size)
+    off = np.flatnonzero(lat.kmap < 0)
+    off = off[np.isin(off, (np.arange(3 ** 8)[:, None] // 3 ** np.arange(8) % 3 << iq2_lattice.SHIFTS).sum(1))]
+    pts = g.choice(off, 12, replace=False)
+    u = np.repeat(pts, 40)
+    lev = (u[:, None] >> iq2_lattice.SHIFTS) & 3
+    scale = (g.random(len(u)) + 0.5).astype(np.float32)
+    xval = (scale[:, None] * (2 * lev + 1) + g.standard_normal((len(u), 8)) * 0.6 * scale[:, None]).astype(np.float32)
+    w = (g.random((len(u), 8)) + 0.1).astype(np.float32)
+    tie = np.arange(len(u)) % 3 == 0                       # on-lattice values, equal weights
+    xval[tie] = (scale[tie, None] * (2 * lev[tie] + 1)).astype(np.float32)
+    w[tie] = 1
+    got = iq2_lattice.best_neighbour(lat, u, scale, xval, w)
+    want = [_reference_neighbour(lat, int(u[k]), scale[k], xval[k], w[k]) for k in range(len(u))]
+    assert got.tolist() == want

@@ -119,31 +119,42 @@ def _fit(w: np.ndarray, wx: np.ndarray, L: np.ndarray):
     return lat.seqsum(wx * q), lat.seqsum(w * q * q)
 
 
-def _snap(kind, lt, idv, scale, xv, wa, m):
-    """Round xv [m, B] at inverse scale idv [B] and snap each group of 8 to the grid, with the
-    neighbour search at `scale` [B] -> (levels [m, B], grid index [m/8, B], on-grid [m/8, B])."""
-    ng, B = m // 8, xv.shape[1]
-    lev = lat.rounded_levels(idv, xv)
-    g = lambda a: a.reshape(ng, 8, B).transpose(0, 2, 1).reshape(ng * B, 8)   # noqa: E731
-    gi, on = lat.grid_points(lt, g(lev), np.broadcast_to(scale, (ng, B)).reshape(-1), g(xv), g(wa))
-    lev = lt.levels[gi].reshape(ng, B, 8).transpose(0, 2, 1).reshape(m, B)
-    return lev, gi.reshape(ng, B), on.reshape(ng, B)
+def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray, wg: np.ndarray):
+    """For each of C trial scales (idv, scale [C, B]) round xv [m, B] at inverse scale idv and
+    snap each group of 8 to the grid (the neighbour search at `scale`) -> (levels [C, m, B],
+    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8]."""
+    m, B = xv.shape
+    ng, C = m // 8, idv.shape[0]
+    lev = lat.rounded_levels(idv[:, None, :], xv[None])
+    u = (lev.reshape(C, ng, 8, B) << lat.SHIFTS[None, None, :, None]).sum(axis=2).reshape(-1)
+    gi = lt.kmap[u].astype(np.int64)
+    on = gi >= 0
+    off = np.flatnonzero(~on)
+    if off.size:
+        grp = off % (ng * B)
+        gi[off] = lat.best_neighbour(lt, u[off], scale.reshape(-1)[off // (ng * B) * B + grp % B],
+                                     xg[grp], wg[grp])
+    lev = lt.levels[gi].reshape(C, ng, B, 8).transpose(0, 1, 3, 2).reshape(C, m, B)
+    return lev, on.reshape(C, ng, B)
 
 
 def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale: np.ndarray):
     """The scale search of one sub-block per column: xv, w [m, B], mx [B] (> eps), scale [B]
     the starting scale -> (scale [B], grid index [m/8, B]); mx is C's `max` (IQ2_XS/S) or
-    `eff_max` (IQ2_XXS)."""
+    `eff_max` (IQ2_XXS). All trial scales are snapped at once, then compared in C's order."""
     m, B = xv.shape
+    ng = m // 8
     lt = lat.lattice(kind.grid_size, kind.nwant)
-    wa = np.sqrt(w)
     wx = w * xv
+    grp = lambda a: np.ascontiguousarray(a.reshape(ng, 8, B).transpose(0, 2, 1)).reshape(ng * B, 8)  # noqa: E731
+    xg, wg = grp(xv), grp(np.sqrt(w))
+    nums = np.array([F32(5) + F32(s) * F32(0.1) for s in kind.trials], dtype=F32)
+    idv = nums[:, None] / mx[None, :]
+    levs, ons = _snap(lt, idv, F32(1) / idv, xv, xg, wg)
     best = np.zeros(B, F32)
     L = np.zeros((m, B), np.uint8)
-    on = np.ones((m // 8, B), bool)
-    for s in kind.trials:
-        idv = (F32(5) + F32(s) * F32(0.1)) / mx
-        lev, _, on_s = _snap(kind, lt, idv, F32(1) / idv, xv, wa, m)
+    on = np.ones((ng, B), bool)
+    for lev, on_s in zip(levs, ons):
         sumqx, sumq2 = _fit(w, wx, lev)
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         if better.any():
@@ -157,14 +168,15 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
     if redo.any():
         cols = np.nonzero(redo)[0]
         sc = scale[cols]
-        lev, _, _ = _snap(kind, lt, F32(1) / sc, sc, xv[:, cols], wa[:, cols], m)
+        sub = lambda a: a.reshape(ng, B, 8)[:, cols].reshape(-1, 8)                           # noqa: E731
+        lev = _snap(lt, (F32(1) / sc)[None], sc[None], xv[:, cols], sub(xg), sub(wg))[0][0]
         if kind is not XXS:              # groups found on the grid keep the winning trial's levels
             keep = np.repeat(on[:, cols], 8, axis=0)
             lev = np.where(keep, L[:, cols], lev)
         L[:, cols] = lev
         sumqx, sumq2 = _fit(w[:, cols], wx[:, cols], lev)
         scale[cols] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), sc)
-    u = (L.reshape(m // 8, 8, B).astype(np.int32) << lat.SHIFTS[None, :, None]).sum(axis=1)
+    u = (L.reshape(ng, 8, B).astype(np.int32) << lat.SHIFTS[None, :, None]).sum(axis=1)
     return scale, lt.kmap[u]
 
 
