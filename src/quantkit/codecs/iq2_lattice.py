@@ -107,7 +107,7 @@ def _ranges(start: np.ndarray, cnt: np.ndarray) -> np.ndarray:
     return np.arange(int(cnt.sum()), dtype=np.int64) + np.repeat(start - offs, cnt)
 
 
-MIN_SHARED = 4        # fewer queries sharing a point: the exact ragged search is cheaper
+MIN_SHARED = 8        # fewer queries sharing a point: the exact ragged search is cheaper
 SLACK = 1 + 2.0 ** -16
 PAD = 1e30            # sum of a padding column: never the smallest of a finite row
 BATCH = 1 << 21       # entries of one batched product
