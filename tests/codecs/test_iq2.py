@@ -226,3 +226,24 @@ def test_best_neighbour_equals_the_c_loop(grid_size, nwant):
     got = iq2_lattice.best_neighbour(lat, u, scale, xval, w)
     want = [_reference_neighbour(lat, int(u[k]), scale[k], xval[k], w[k]) for k in range(len(u))]
     assert got.tolist() == want
+
+
+def test_threads_chunks_and_bad_input():
+    """Row chunks on worker threads give the same bytes; NaN, rows that are not whole
+    super-blocks and importance vectors of the wrong length are refused."""
+    from quantkit.codecs.parallel import NonFiniteError
+
+    q = qtype("iq2_s")
+    x = torch.from_numpy(np.random.default_rng(9).standard_normal((600, 256)).astype(np.float32))
+    w = torch.rand(256) + 0.1
+    one = q.quantize_rows(x, imatrix=w, threads=1)
+    assert torch.equal(one, q.quantize_rows(x, imatrix=w, threads=2))
+    assert np.array_equal(one.numpy(), ggml_quantize("iq2_s", x.numpy(), w.numpy()))
+    bad = x[:4].clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError):
+        q.quantize_rows(bad, imatrix=w, check_finite=True)
+    with pytest.raises(ValueError):
+        qtype("iq2_xs").quantize_rows(torch.zeros(2, 300), imatrix=torch.ones(300))
+    with pytest.raises(ValueError, match="importance weights of 255"):
+        qtype("iq2_xxs").quantize_rows(torch.zeros(2, 256), imatrix=torch.ones(255))
