@@ -40,6 +40,8 @@ def _rows(seed: int, n: int, rows: int = 8) -> dict[str, np.ndarray]:
     c["huge"] = h
     c["tiny"] = normal * f32(1e-12)
     c["ints"] = g.integers(-3, 4, size=(rows, n)).astype(f32)
+    c["sparse"] = normal * (g.random((rows, n)) < 0.05)
+    c["denormal"] = normal * f32(1e-40)
     return c
 
 
@@ -47,7 +49,8 @@ def _importance(seed: int, n: int) -> dict[str, np.ndarray]:
     g = np.random.default_rng(100 + seed)
     return {"random": (g.random(n) * 4 + 0.01).astype(np.float32),
             "ones": np.ones(n, np.float32),
-            "skewed": np.exp(g.standard_normal(n) * 2).astype(np.float32)}
+            "skewed": np.exp(g.standard_normal(n) * 2).astype(np.float32),
+            "zeros": np.where(g.random(n) < 0.3, 0, g.random(n) * 3).astype(np.float32) * (np.arange(n) >= 256)}
 
 
 def _assert_same(qt: str, ours: np.ndarray, ref: np.ndarray, what: str) -> None:
