@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import llama_cpp  # noqa: F401  (a declared dependency: its absence must fail, not skip)
+import llama_cpp  # a declared dependency: its absence must fail, not skip
 
 from helpers.ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
 from quantkit.codecs import iq2_lattice  # noqa: E402
@@ -160,7 +160,6 @@ def test_iq2_gguf_loads_and_generates_in_llama_cpp(gptq_llama_dir, tmp_path):
     """A tiny llama (rows of 256 and 512) written by quantkit with IQ2_XXS / IQ2_XS / IQ2_S
     tensors (per-tensor types, importance weights from the rows' own magnitudes): llama.cpp
     reads every tensor as the type written and generates."""
-    import llama_cpp
     from quantkit.models.gguf import GGUFSource
     from quantkit.models.hf import HFSource
     from quantkit.quant.gguf_export import export_gguf, plan_gguf

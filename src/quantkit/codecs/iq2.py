@@ -3,14 +3,14 @@ dequantize_row_iq2_*, encoders equal to quantize_iq2_* byte for byte (codecs/iq2
 the grids, the neighbour search and the float rules).
 
 A super-block of 256 weights has one fp16 scale d; its sub-blocks (32 weights for IQ2_XXS, 16
-for the others) a 4-bit scale l (value d*(0.5+l)/4, IQ2_S storing d*0.9875); each group of 8
-weights one grid entry and its signs. IQ2_XXS and IQ2_XS keep 7 signs and an even number of
+for the others) a 4-bit scale l (value d*(0.5+l)/4; IQ2_S stores 0.9875 times the d its l were
+rounded against); each group of 8 weights one grid entry and its signs. IQ2_XXS and IQ2_XS keep 7 signs and an even number of
 negatives (the weight that matters least is flipped where the count is odd); IQ2_S keeps 8.
 
 The encoder searches, per sub-block, a set of trial scales: each rounds the magnitudes to levels
 0..2, takes the grid entry at that point or its best neighbour, and keeps the scale of the best
-weighted fit; the winner is refined once. Everything runs over all sub-blocks of a chunk at once,
-one trial scale at a time.
+weighted fit; the winner is refined once. Everything runs over all sub-blocks of a chunk at once:
+all trial scales are snapped together (one batched neighbour search), then compared in C's order.
 """
 
 from __future__ import annotations

@@ -96,9 +96,10 @@ def _exact_first_min(lat: Lattice, terms: np.ndarray, pos: np.ndarray, cnt: np.n
     d2 = tflat[base + lat.codes[0][pos]]
     for i in range(1, 8):
         d2 += tflat[base + lat.codes[i][pos]]
-    low = np.minimum.reduceat(d2, offs)
-    first = np.where(d2 == np.repeat(low, cnt), np.arange(n), n)
-    return lat.flat[pos[np.minimum.reduceat(first, offs)]]
+    low = np.fmin.reduceat(d2, offs)                     # a NaN sum never wins, as in C
+    first = np.minimum.reduceat(np.where(d2 == np.repeat(low, cnt), np.arange(n), n), offs)
+    first = np.where(first < n, first, offs)             # all NaN: C asserts; here the first entry
+    return lat.flat[pos[first]]
 
 
 def _ranges(start: np.ndarray, cnt: np.ndarray) -> np.ndarray:
