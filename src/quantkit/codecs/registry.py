@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, fp4, iq4, kquants, legacy, ternary
+from . import floats, fp4, iq2, iq4, kquants, legacy, ternary
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -413,3 +413,33 @@ class MXFP4(_Ignoring):
 class NVFP4(_Ignoring):
     ggml, chunk_blocks = T.NVFP4, 2048
     encode, decode = staticmethod(fp4.encode_nv), staticmethod(fp4.decode_nv)
+# ---- IQ2 lattice types (codecs/iq2.py) ----------------------------------------------------------
+
+class _IQ2(_RowsWeighted):
+    kind: iq2.IQ2Kind
+    chunk_blocks = 512
+
+    def encode(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        if qw is None and self.needs_imatrix:
+            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
+        return iq2.encode(self.kind, x, None if qw is None else qw.contiguous())
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        return iq2.decode(self.kind, b)
+
+
+@register
+class IQ2_XXS(_IQ2):
+    ggml, kind = T.IQ2_XXS, iq2.XXS
+    needs_imatrix = True
+
+
+@register
+class IQ2_XS(_IQ2):
+    ggml, kind = T.IQ2_XS, iq2.XS
+    needs_imatrix = True
+
+
+@register
+class IQ2_S(_IQ2):
+    ggml, kind = T.IQ2_S, iq2.S
