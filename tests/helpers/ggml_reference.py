@@ -2,6 +2,7 @@
 ships: the reference quantkit's codecs are tested against, byte for byte.
 
     ggml_quantize("q4_0", x)              # float32 [rows, n] -> uint8 [rows, row_bytes]
+    ggml_quantize("iq3_s", x, imatrix=w)  # with importance weights w float32 [n]
     ggml_dequantize("q4_0", data, n)      # uint8 [rows, row_bytes] -> float32 [rows, n]
 """
 
@@ -43,15 +44,19 @@ def _type(name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType[name.upper()]
 
 
-def ggml_quantize(name: str, x: np.ndarray) -> np.ndarray:
+def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """imatrix: float32 [n] importance weights (llama.cpp's quant_weights), or None."""
     t = _type(name)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+    assert qw is None or qw.size == n, (qw.size, n)
     bs, ts = GGML_QUANT_SIZES[t]
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = libggml()
     lib.ggml_quantize_init(int(t))
-    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n,
+                                   None if qw is None else qw.ctypes.data)
     assert size == out.nbytes, (size, out.nbytes)
     return out
 
