@@ -19,7 +19,7 @@ import llama_cpp  # noqa: F401  (a declared dependency: its absence must fail, n
 from helpers.ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
 from quantkit.codecs.registry import qtype  # noqa: E402
 
-TYPES = ["iq3_xxs", "iq3_s"]
+TYPES = ["iq3_xxs", "iq3_s", "iq1_s", "iq1_m"]
 F32 = np.float32
 
 
@@ -154,15 +154,27 @@ def test_dequantize_random_bytes_equals_ggml(qt):
     assert np.array_equal(_bits(ours), _bits(ref))
 
 
-@pytest.mark.parametrize("qt", TYPES)
-def test_overflowing_values_are_refused_where_llama_cpp_aborts(qt):
-    x = np.random.default_rng(0).standard_normal((2, 256)).astype(F32)
-    x[:, 3] = 1e20
-    w = np.ones(256, F32)
-    with pytest.raises(ValueError, match="too large"):
-        _ours(qt, x, w)
+@pytest.mark.parametrize("v", [1e20, 1e30])
+def test_overflowing_values(v):
+    """Where the sums overflow float32, llama.cpp aborts (GGML_ASSERT on a neighbour search that
+    finds nothing, or on a NaN scale) for IQ3_* and unweighted IQ1_M: quantkit raises ValueError
+    there; weighted IQ1_S / IQ1_M go on in llama.cpp, and so do their bytes here."""
+    x = np.random.default_rng(0).standard_normal((2, 512)).astype(F32)
+    x[:, 3::256] = v
+    w = np.random.default_rng(1).random(512).astype(F32) + F32(0.1)
+    for qt, qw in (("iq3_xxs", None), ("iq3_xxs", w), ("iq3_s", None), ("iq3_s", w), ("iq1_m", None)):
+        with pytest.raises(ValueError, match="too large"):
+            _ours(qt, x, qw)
+    for qt in ("iq1_s", "iq1_m"):
+        _check(qt, x, w, f"values of {v}")
 
 
 def test_flags_follow_llama_cpp():
-    assert not any(qtype(t).needs_imatrix for t in ("iq3_xxs", "iq3_s"))
+    """ggml_quantize_requires_imatrix: IQ1_S only (IQ1_M's impl takes NULL weights)."""
+    assert qtype("iq1_s").needs_imatrix
+    assert not any(qtype(t).needs_imatrix for t in ("iq3_xxs", "iq3_s", "iq1_m"))
     assert all(qtype(t).imatrix_used and qtype(t).implemented for t in TYPES)
+    with pytest.raises(ValueError, match="importance matrix"):
+        qtype("iq1_s").quantize_rows(torch.randn(2, 256))
+    with pytest.raises(ValueError, match="importance matrix"):
+        qtype("iq1_s").quantize_blocks(torch.randn(2, 256))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lattice import (F32, QK_K, Lattice, first_min, fp16_bits, fp16_value, lattice, nearest_int, neighbours, seqsum,
+from .lattice import (F32, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice, nearest_int, neighbours, seqsum,
                       tables)
 
 KMAXQ = 8
@@ -155,6 +155,7 @@ def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
     scale = np.where(neg, -scale, scale)
     sbits = np.where(neg[None, :], ~sbits & (127 if xxs else 255), sbits)
     scale[skip] = 0
+    check_scales(scale)
     gi[:, skip] = 0
     sbits[:, skip] = 0
     max_scale = scale.reshape(nb, 8).max(axis=1)

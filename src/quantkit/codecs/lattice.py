@@ -27,6 +27,8 @@ import numpy as np
 F32 = np.float32
 QK_K = 256
 FLT_MAX = np.finfo(np.float32).max
+TOO_LARGE = ("values too large for llama.cpp's lattice quantizers (their sums overflow float32 and "
+             "llama.cpp aborts); scale the tensor down")
 TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "iq3_iq1_grids.npz")
 
 
@@ -142,8 +144,13 @@ def first_min(d2: np.ndarray, which: np.ndarray, first: np.ndarray) -> np.ndarra
     is below FLT_MAX (values so large that the distances overflow) llama.cpp aborts: ValueError."""
     m = np.fmin.reduceat(d2, first)
     if not (m < FLT_MAX).all():
-        raise ValueError("values too large for llama.cpp's lattice search (its neighbour distances "
-                         "overflow float32 and it aborts); scale the tensor down")
+        raise ValueError(TOO_LARGE)
     hit = d2 == m[which]
     pos = np.where(hit, np.arange(len(d2)), len(d2))
     return np.minimum.reduceat(pos, first)
+
+
+def check_scales(scale: np.ndarray) -> None:
+    """llama.cpp's GGML_ASSERT(scale >= 0): a NaN scale (from sums that overflowed) aborts it."""
+    if not (scale >= 0).all():
+        raise ValueError(TOO_LARGE)

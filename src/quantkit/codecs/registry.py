@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, iq3, kquants, legacy
+from . import floats, iq1, iq3, kquants, legacy
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -360,3 +360,18 @@ class IQ3_S(_LatticeType):
     ggml = T.IQ3_S
     encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=False))
     decode_np = staticmethod(iq3.decode_s)
+
+
+@register
+class IQ1_S(_LatticeType):
+    ggml = T.IQ1_S
+    needs_imatrix = True               # ggml_quantize_requires_imatrix; quantize_row_iq1_s_impl asserts them
+    encode_np = staticmethod(iq1.encode_s)
+    decode_np = staticmethod(iq1.decode_s)
+
+
+@register
+class IQ1_M(_LatticeType):
+    ggml = T.IQ1_M
+    encode_np = staticmethod(iq1.encode_m)
+    decode_np = staticmethod(iq1.decode_m)
