@@ -178,3 +178,59 @@ def test_flags_follow_llama_cpp():
         qtype("iq1_s").quantize_rows(torch.randn(2, 256))
     with pytest.raises(ValueError, match="importance matrix"):
         qtype("iq1_s").quantize_blocks(torch.randn(2, 256))
+
+
+def _logits(path, ids):
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=2, seed=0)
+    try:
+        llm.eval(ids)
+        scores = np.array(llm.scores[:len(ids)], dtype=np.float32)
+        gen = []                                   # greedy generation of 8 tokens
+        for _ in range(8):
+            gen.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(gen[-1:])
+        return scores, gen
+    finally:
+        llm.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_iq3_s_gguf_loads_and_generates_in_llama_cpp(gptq_llama_dir, tmp_path):
+    """A tiny llama (rows of 256 and 512) written by quantkit with every decoder linear in IQ3_S
+    (importance weights: all ones): llama.cpp loads it, decodes the tensors as quantkit does, and
+    its logits follow the F32 file's."""
+    import itertools
+
+    from quantkit.models.gguf import GGUFSource
+    from quantkit.models.open import open_model
+    from quantkit.quant.gguf_export import export_gguf, plan_gguf
+
+    src = open_model(gptq_llama_dir)
+    try:
+        _, plan = plan_gguf(src, "f32")
+        iq = [(n, shp, "iq3_s" if n.startswith("blk.") and len(shp) == 2 else t) for n, shp, t in plan]
+        assert sum(t == "iq3_s" for *_, t in iq) == 14
+        export_gguf(src, tmp_path / "iq3s.gguf", "f32", plan=iq, show_progress=False)
+        export_gguf(src, tmp_path / "f32.gguf", "f32", plan=plan, show_progress=False)
+        q3k = [(n, shp, "q3_k" if t == "iq3_s" else t) for n, shp, t in iq]
+        export_gguf(src, tmp_path / "q3k.gguf", "f32", plan=q3k, show_progress=False)
+        with GGUFSource(tmp_path / "iq3s.gguf") as g:
+            data, typ = g.raw("blk.1.ffn_down.weight")
+            assert typ == "iq3_s"
+            w = src.load("blk.1.ffn_down.weight").numpy()
+            ref = ggml_quantize("iq3_s", w)
+            assert np.array_equal(np.asarray(data).reshape(ref.shape), ref)
+    finally:
+        src.close()
+    ids = [1] + list(itertools.islice(itertools.cycle(range(20, 900, 37)), 60))
+    s_iq, gen = _logits(tmp_path / "iq3s.gguf", ids)
+    s_f32, _ = _logits(tmp_path / "f32.gguf", ids)
+    assert len(gen) == 8 and all(0 <= t < 1024 for t in gen)
+    assert np.isfinite(s_iq).all()
+    s_q3k, _ = _logits(tmp_path / "q3k.gguf", ids)
+
+    def corr(a):
+        return np.corrcoef(a.ravel(), s_f32.ravel())[0, 1]
+    print(f"logit correlation with F32: IQ3_S {corr(s_iq):.3f}, Q3_K {corr(s_q3k):.3f}")
+    assert corr(s_iq) > 0.5 and corr(s_iq) > corr(s_q3k) - 0.05
