@@ -35,14 +35,20 @@ def _levels(idv: np.ndarray, xval: np.ndarray) -> np.ndarray:
     return np.clip(nearest_int(t), 0, KMAXQ - 1).astype(F32)
 
 
-def _snap(lat: Lattice, L: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray,
+def _groups(a: np.ndarray) -> np.ndarray:
+    """[32, S] -> [8*S, 4]: group k of sub-block s in row k*S + s, its 4 values contiguous."""
+    S = a.shape[1]
+    return np.ascontiguousarray(a.reshape(8, 4, S).transpose(0, 2, 1)).reshape(8 * S, 4)
+
+
+def _snap(lat: Lattice, L: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np.ndarray,
           redo: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Move every group of 4 levels of L [32, S] that is off the grid to its best neighbour
-    (iq3_find_best_neighbour, weighted by waux, at `scale` [S]), in place. Only the groups in
-    `redo` [8, S] are looked at when given. -> (grid index [8, S], was it on the grid [8, S])."""
+    (iq3_find_best_neighbour, weighted by waux, at `scale` [S]), in place; xg, wg: xval and waux
+    by groups (`_groups`). Only the groups in `redo` [8, S] are looked at when given.
+    -> (grid index [8, S], was it on the grid [8, S])."""
     S = L.shape[1]
-    L4 = L.reshape(8, 4, S)
-    u = lat.code(L4.transpose(1, 0, 2))
+    u = lat.code(L.reshape(8, 4, S).transpose(1, 0, 2))
     gi = lat.index[u]
     off = gi < 0
     if redo is not None:
@@ -50,16 +56,17 @@ def _snap(lat: Lattice, L: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale
     kk, ss = np.nonzero(off)
     if len(kk):
         which, cand, first = neighbours(lat, u[kk, ss])
-        sc = scale[ss][which]
-        xv = xval.reshape(8, 4, S)[kk, :, ss].T          # [4, M]
-        wa = waux.reshape(8, 4, S)[kk, :, ss].T
-        pos = lat.pos[cand]
-        terms = []
-        for i in range(4):
-            diff = sc * pos[:, i] - xv[i][which]
-            terms.append(wa[i][which] * diff * diff)
-        best = cand[first_min(seqsum(terms), which, first)]
-        L4[kk, :, ss] = lat.levels[best].astype(F32)
+        rows = (kk * S + ss)[which]
+        diff = scale[ss][which][:, None] * lat.pos[cand]
+        diff -= xg[rows]
+        t = wg[rows] * diff
+        t *= diff
+        d2 = t[:, 0] + t[:, 1]
+        d2 += t[:, 2]
+        d2 += t[:, 3]
+        best = cand[first_min(d2, which, first)]
+        flat = ((kk * 4)[:, None] + np.arange(4)) * S + ss[:, None]
+        np.put(L, flat, lat.levels[best])
         gi[kk, ss] = best
     return gi, ~off
 
@@ -78,10 +85,11 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
     scale = mx / F32(2 * KMAXQ - 1)
     L = np.zeros((32, S), F32)
     on = np.full((8, S), xxs)
+    xg, wg = _groups(xval), _groups(waux)
     for is_ in range(-n_is, n_is + 1):
         idv = (F32(2 * KMAXQ - 1) + F32(is_) * F32(0.2)) / mx
         Laux = _levels(idv, xval)
-        _, on_aux = _snap(lat, Laux, xval, waux, F32(1) / idv)
+        _, on_aux = _snap(lat, Laux, xg, wg, F32(1) / idv)
         sumqx, sumq2 = _wsum(w, wx, Laux)
         upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         if upd.any():
@@ -94,7 +102,7 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
         sc = scale[need]
         Lr = _levels(F32(1) / sc, xval[:, need])
         redo = None if not xxs else ~on[:, need]
-        _snap(lat, Lr, xval[:, need], waux[:, need], sc, redo)
+        _snap(lat, Lr, _groups(xval[:, need]), _groups(waux[:, need]), sc, redo)
         keep = np.ones((8, len(need)), bool) if redo is None else redo
         L[:, need] = np.where(np.repeat(keep, 4, axis=0), Lr, L[:, need])
         sumqx, sumq2 = _wsum(w[:, need], wx[:, need], L[:, need])

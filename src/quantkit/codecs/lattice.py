@@ -27,6 +27,7 @@ import numpy as np
 F32 = np.float32
 QK_K = 256
 FLT_MAX = np.finfo(np.float32).max
+FLT_MAX_BITS = int(np.array(FLT_MAX, np.float32).view(np.int32))
 TOO_LARGE = ("values too large for llama.cpp's lattice quantizers (their sums overflow float32 and "
              "llama.cpp aborts); scale the tensor down")
 TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "iq3_iq1_grids.npz")
@@ -65,7 +66,8 @@ def fp16_value(bits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Lattice:
-    """One grid: `levels` int8 [G, n] (0..7 or 0..2), `pos` float32 [G, n] (2l+1), `index`
+    """One grid: `levels` int8 [G, n] (0..7 or 0..2), `pos` float32 [G, n] (2l+1) and its
+    transpose `pos_t` [n, G], `index`
     int32 [2**(bits*n)]: the grid index of code u, or -1; and the neighbour lists of the codes
     off the grid, flattened: code u's are `flat[start[u]:start[u] + count[u]]`."""
 
@@ -73,6 +75,7 @@ class Lattice:
     bits: int
     levels: np.ndarray
     pos: np.ndarray
+    pos_t: np.ndarray
     index: np.ndarray
     start: np.ndarray
     count: np.ndarray
@@ -110,7 +113,7 @@ def build_lattice(kgrid: np.ndarray, n: int, bits: int, nlev: int, nwant: int) -
         start[u], count[u] = total, len(cand)
         flat.append(cand)
         total += len(cand)
-    return Lattice(n, bits, levels, pos.astype(F32), index, start, count,
+    return Lattice(n, bits, levels, pos.astype(F32), np.ascontiguousarray(pos.T, dtype=F32), index, start, count,
                    np.concatenate(flat).astype(np.int32))
 
 
@@ -134,20 +137,22 @@ def neighbours(lat: Lattice, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     first = np.zeros(len(u), dtype=np.int64)
     np.cumsum(cnt[:-1], out=first[1:])
     which = np.repeat(np.arange(len(u)), cnt)
-    offs = np.arange(len(which)) - first[which]
-    return which, lat.flat[lat.start[u][which] + offs], first
+    base = np.repeat(lat.start[u] - first, cnt)
+    base += np.arange(len(which))
+    return which, lat.flat[base], first
 
 
 def first_min(d2: np.ndarray, which: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Per query, the position (into the candidate arrays) of the first candidate with the
-    smallest d2 (`if (d2 < best) ...` from best = FLT_MAX: NaN never wins). Where no candidate
-    is below FLT_MAX (values so large that the distances overflow) llama.cpp aborts: ValueError."""
-    m = np.fmin.reduceat(d2, first)
-    if not (m < FLT_MAX).all():
+    smallest d2 >= 0 (`if (d2 < best) ...` from best = FLT_MAX: NaN never wins). Where no candidate
+    is below FLT_MAX (values so large that the distances overflow) llama.cpp aborts: ValueError.
+    One reduction over keys (bits of d2, position): non-negative floats order as their bits."""
+    key = d2.view(np.int32).astype(np.int64) << 32
+    key |= np.arange(len(d2))
+    m = np.minimum.reduceat(key, first)
+    if not ((m >> 32) < FLT_MAX_BITS).all():
         raise ValueError(TOO_LARGE)
-    hit = d2 == m[which]
-    pos = np.where(hit, np.arange(len(d2)), len(d2))
-    return np.minimum.reduceat(pos, first)
+    return m & 0xFFFFFFFF
 
 
 def check_scales(scale: np.ndarray) -> None:
