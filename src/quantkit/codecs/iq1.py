@@ -94,16 +94,17 @@ def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.
     ss, kk = np.nonzero(gi < 0)
     if len(ss):
         which, cand, first = neighbours(lat, u[ss, kk])
-        xg = xs.reshape(S, ng, 8)[ss, kk][which]
-        wg = w.reshape(S, ng, 8)[ss, kk][which]
-        vals = xx[ss, kk][which]                              # [C, 3]
-        sc = scale[ss][which]
-        lev = lat.levels[cand].astype(np.int64)
-        terms = []
-        for i in range(8):
-            diff = sc * np.take_along_axis(vals, lev[:, i:i + 1], axis=1)[:, 0] - xg[:, i]
-            terms.append(wg[:, i] * diff * diff)
-        gi[ss, kk] = cand[first_min(seqsum(terms), which, first)]
+        grp = (ss * ng + kk)[which]                              # np.take: fast row gathers
+        xg = np.take(xs.reshape(S * ng, 8), grp, axis=0)
+        wg = np.take(w.reshape(S * ng, 8), grp, axis=0)
+        vals = np.take(xx.reshape(S * ng, 3), grp, axis=0)      # [C, 3]
+        sc = np.take(scale, ss)[which][:, None]
+        q = np.take_along_axis(vals, np.take(lat.levels, cand, axis=0).astype(np.intp), axis=1)
+        diff = sc * q
+        diff -= xg
+        wg *= diff
+        wg *= diff
+        gi[ss, kk] = cand[first_min(seqsum(wg.T), which, first)]
     off = np.zeros(S, bool)
     off[ss] = True
     return gi, off

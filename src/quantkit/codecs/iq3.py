@@ -57,16 +57,16 @@ def _snap(lat: Lattice, L: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np
     if len(kk):
         which, cand, first = neighbours(lat, u[kk, ss])
         rows = (kk * S + ss)[which]
-        diff = scale[ss][which][:, None] * lat.pos[cand]
-        diff -= xg[rows]
-        t = wg[rows] * diff
+        diff = np.take(scale, ss)[which][:, None] * np.take(lat.pos, cand, axis=0)   # np.take: fast row gathers
+        diff -= np.take(xg, rows, axis=0)
+        t = np.take(wg, rows, axis=0) * diff
         t *= diff
         d2 = t[:, 0] + t[:, 1]
         d2 += t[:, 2]
         d2 += t[:, 3]
         best = cand[first_min(d2, which, first)]
         flat = ((kk * 4)[:, None] + np.arange(4)) * S + ss[:, None]
-        np.put(L, flat, lat.levels[best])
+        np.put(L, flat, np.take(lat.levels, best, axis=0))
         gi[kk, ss] = best
     return gi, ~off
 
