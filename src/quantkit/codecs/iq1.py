@@ -83,10 +83,19 @@ def _scan(qx: np.ndarray, q2: np.ndarray):
     return bi, scale
 
 
-def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.ndarray, xx: np.ndarray):
+def _values(delta: np.float32) -> np.ndarray:
+    """The value of every grid point under each shift: float32 [2G, 8], rows G.. for x_m."""
+    x_p, x_m = _shifted(delta)
+    lev = lattice("iq1s").levels.astype(np.intp)
+    return np.concatenate([x_p[lev], x_m[lev]])
+
+
+def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.ndarray, minus: np.ndarray,
+          vt: np.ndarray):
     """Groups of 8 levels of L [S, bs] -> grid indices [S, bs/8]; those off the grid move to the
-    neighbour with the smallest sum(w*(scale*xx[l] - x)^2) (iq1_find_best_neighbour2); xx [S, bs/8, 3]:
-    each group's shifted values. -> (indices, whether any group of the sub-block was off)."""
+    neighbour with the smallest sum(w*(scale*xx[l] - x)^2) (iq1_find_best_neighbour2), xx being
+    each group's shifted values (minus [S, bs/8]: x_m; vt: `_values`). -> (indices, whether any
+    group of the sub-block was off)."""
     S, bs = L.shape
     ng = bs // 8
     u = lat.code(L.reshape(S, ng, 8).transpose(2, 0, 1))
@@ -97,10 +106,8 @@ def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.
         grp = (ss * ng + kk)[which]                              # np.take: fast row gathers
         xg = np.take(xs.reshape(S * ng, 8), grp, axis=0)
         wg = np.take(w.reshape(S * ng, 8), grp, axis=0)
-        vals = np.take(xx.reshape(S * ng, 3), grp, axis=0)      # [C, 3]
-        sc = np.take(scale, ss)[which][:, None]
-        q = np.take_along_axis(vals, np.take(lat.levels, cand, axis=0).astype(np.intp), axis=1)
-        diff = sc * q
+        rows = cand + len(lat.levels) * np.take(minus.reshape(-1), grp)
+        diff = np.take(scale, ss)[which][:, None] * np.take(vt, rows, axis=0)
         diff -= xg
         wg *= diff
         wg *= diff
@@ -110,10 +117,10 @@ def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.
     return gi, off
 
 
-def _group_values(lat: Lattice, gi: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """q = xx[level] of every element, float32 [S, bs], from grid indices [S, ng] and xx [S, ng, 3]."""
-    lev = lat.levels[gi].astype(np.int64)                     # [S, ng, 8]
-    return np.take_along_axis(xx, lev, axis=2).reshape(gi.shape[0], -1)
+def _group_values(gi: np.ndarray, minus: np.ndarray, vt: np.ndarray) -> np.ndarray:
+    """q = xx[level] of every element, float32 [S, bs], from grid indices and shifts [S, ng]."""
+    rows = gi + (len(vt) // 2) * minus
+    return np.take(vt, rows.reshape(-1), axis=0).reshape(gi.shape[0], -1)
 
 
 def _refit(scale, off, xs, w, q) -> np.ndarray:
@@ -128,7 +135,7 @@ def _refit(scale, off, xs, w, q) -> np.ndarray:
     return scale
 
 
-def _place(L, xs, w, scale, xx, skip):
+def _place(L, xs, w, scale, minus, skip, vt):
     """Grid indices [S, bs/8] of the sub-blocks not skipped (0 for the skipped) and their refit
     scales (0 for the skipped)."""
     lat = lattice("iq1s")
@@ -136,9 +143,9 @@ def _place(L, xs, w, scale, xx, skip):
     gi = np.zeros((L.shape[0], L.shape[1] // 8), np.int64)
     out = np.zeros_like(scale)
     if len(live):
-        g, off = _snap(lat, L[live], xs[live], w[live], scale[live], xx[live])
+        g, off = _snap(lat, L[live], xs[live], w[live], scale[live], minus[live], vt)
         gi[live] = g
-        out[live] = _refit(scale[live], off, xs[live], w[live], _group_values(lat, g, xx[live]))
+        out[live] = _refit(scale[live], off, xs[live], w[live], _group_values(g, minus[live], vt))
         check_scales(out[live])
     return gi, out
 
@@ -200,8 +207,8 @@ def _encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     L = np.where(neg[:, None], 2 - L, L)
     scale = np.where(neg, -scale, scale)
     minus ^= neg
-    xx = np.where(minus[:, None, None], x_m, x_p) * np.ones((S, 4, 1), F32)
-    gi, scale = _place(L, xs, w, scale, xx, skip)
+    vt = _values(tables()["iq1s_delta"])
+    gi, scale = _place(L, xs, w, scale, np.repeat(minus[:, None], 4, axis=1), skip, vt)
     minus[skip] = False
     d, ls, zero = _sub_scales(scale, nb, 8)
     gi = gi.reshape(nb, 8, 4)
@@ -272,11 +279,9 @@ def encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         return _encode_m(x, qw)
 
 
-def _shift_values(k: np.ndarray, x_p, x_m) -> np.ndarray:
-    """xx [S, 2, 3] per group from the shift code k (0: ++, 1: +-, 2: -+, 3: --)."""
-    first = np.where((k < 2)[:, None], x_p, x_m)
-    second = np.where((k % 2 == 0)[:, None], x_p, x_m)
-    return np.stack([first, second], axis=1)
+def _minus(k: np.ndarray) -> np.ndarray:
+    """Which of a sub-block's 2 groups take x_m, from the shift code k (0: ++, 1: +-, 2: -+, 3: --)."""
+    return np.stack([k >= 2, k % 2 == 1], axis=1)
 
 
 def _encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -298,13 +303,12 @@ def _encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     L = np.where(neg[:, None], 2 - L, L)
     scale = np.where(neg, -scale, scale)
     k = np.where(neg, FLIP_K[k], k)
-    xx = _shift_values(k, x_p, x_m)
-    gi, scale = _place(L, xs, w, scale, xx, skip)
+    vt = _values(tables()["iq1m_delta"])
+    gi, scale = _place(L, xs, w, scale, _minus(k), skip, vt)
     k[skip] = 0
     d, ls, zero = _sub_scales(scale, nb, 16)
     # the super-block scale refit over all 256 values, skipped sub-blocks included
-    xx = _shift_values(k, x_p, x_m)
-    q = _group_values(lattice("iq1s"), gi, xx) * (2 * ls.reshape(-1, 1) + 1).astype(F32)
+    q = _group_values(gi, _minus(k), vt) * (2 * ls.reshape(-1, 1) + 1).astype(F32)
     wq = w * q
     sumqx = seqsum((wq * xs).reshape(nb, QK_K).T)
     sumq2 = seqsum((wq * q).reshape(nb, QK_K).T)
