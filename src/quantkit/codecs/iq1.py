@@ -170,14 +170,20 @@ def _sub_scales(scale: np.ndarray, nb: int, per: int):
 PAIRS_S = np.triu_indices(33)            # (i1, i2), i1 <= i2, in the C's loop order
 
 
+def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return np.take(a, idx, axis=0)                # np.take: a fast row gather
+
+
 def _candidates_s(sx, sw, v):
     """sumqx, sumq2 [561, S] for one shift's values v, as the C writes them."""
     i1, i2 = PAIRS_S
     T, TW = sx[-1], sw[-1]
-    qx = (sx * v[0])[i1] + (sx[i2] - sx[i1]) * v[1]
-    qx += ((T - sx) * v[2])[i2]
-    q2 = (sw * v[0] * v[0])[i1] + (sw[i2] - sw[i1]) * v[1] * v[1]
-    q2 += ((TW - sw) * v[2] * v[2])[i2]
+    a1, a2 = _rows(sx, i1), _rows(sx, i2)
+    qx = _rows(sx * v[0], i1) + (a2 - a1) * v[1]
+    qx += _rows((T - sx) * v[2], i2)
+    b1, b2 = _rows(sw, i1), _rows(sw, i2)
+    q2 = _rows(sw * v[0] * v[0], i1) + (b2 - b1) * v[1] * v[1]
+    q2 += _rows((TW - sw) * v[2] * v[2], i2)
     return qx, q2
 
 
@@ -263,11 +269,11 @@ def _candidates_m(xs, w, sx_sorted_terms, order, v_p, v_m):
     qx_p, qx_m, q2_p, q2_m = [], [], [], []
     for h in (0, 1):
         txs, tws = px[h][-1], pw[h][-1]
-        sxh = px[h][i1] + px[h][i2]
+        sxh = _rows(px[h], i1) + _rows(px[h], i2)
         qx_p.append(txs * v_p[2] - sxh)
         qx_m.append(txs * v_m[2] - sxh)
-        q2_p.append(tws * v_p[2] * v_p[2] + (pw[h] * cp1)[i1] + (pw[h] * cp2)[i2])
-        q2_m.append(tws * v_m[2] * v_m[2] + (pw[h] * cm1)[i1] + (pw[h] * cm2)[i2])
+        q2_p.append(tws * v_p[2] * v_p[2] + _rows(pw[h] * cp1, i1) + _rows(pw[h] * cp2, i2))
+        q2_m.append(tws * v_m[2] * v_m[2] + _rows(pw[h] * cm1, i1) + _rows(pw[h] * cm2, i2))
     qx = np.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], axis=1)
     q2 = np.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], axis=1)
     return qx.reshape(-1, S), q2.reshape(-1, S)
