@@ -32,17 +32,18 @@ def _rows(q, seed: int, rows: int, blocks: int, scale: float) -> torch.Tensor:
        scale=st.sampled_from([1e-3, 0.05, 1.0, 37.0]))
 def test_quantized_values_are_fixed_points(name, seed, rows, blocks, scale):
     """quantize -> dequantize -> quantize -> dequantize: the float and legacy types give the first
-    dequantized values back (what they store they store again); the K-quants search their
+    dequantized values back (what they store they store again); the K-quants and IQ types search their
     scales afresh (llama.cpp's make_qkx/make_qx searches), so for them the second pass may move
     values but never by more than the first pass's error."""
     q = qtype(name)
     x = _rows(q, seed, rows, blocks, scale)
-    b1 = q.quantize_rows(x)
+    qw = torch.ones(x.shape[1]) if q.needs_imatrix else None     # IQ1_S: no encoding without weights
+    b1 = q.quantize_rows(x, imatrix=qw)
     assert b1.shape == (rows, q.row_bytes(x.shape[1]))
     d1 = q.dequantize(b1.reshape(-1), tuple(x.shape))
-    d2 = q.dequantize(q.quantize_rows(d1).reshape(-1), tuple(x.shape))
+    d2 = q.dequantize(q.quantize_rows(d1, imatrix=qw).reshape(-1), tuple(x.shape))
     assert torch.isfinite(d1).all()
-    if not name.endswith("_k"):
+    if not name.endswith("_k") and not name.startswith("iq"):   # the IQ lattices search scales too
         torch.testing.assert_close(d2, d1, rtol=1e-3, atol=1e-6 * scale)
     else:
         first = torch.linalg.vector_norm(d1 - x)

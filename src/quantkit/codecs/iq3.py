@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lattice import (F32, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice, nearest_int, neighbours, seqsum,
-                      tables)
+from .lattice import (F32, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice, nearest_int,
+                      neighbours, seqsum, tables)
 
 KMAXQ = 8
 EPS_XXS = F32(1e-8)        # GROUP_MAX_EPS_IQ3_XXS

@@ -345,7 +345,8 @@ class _LatticeType(QuantType):
         return torch.from_numpy(out).reshape(rows, self.row_bytes(n))
 
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.decode_np(b.numpy()))
+        with np.errstate(all="ignore"):             # NaN / Inf scales decode as ggml decodes them
+            return torch.from_numpy(self.decode_np(b.numpy()))
 
 
 @register
