@@ -63,22 +63,22 @@ def _sorted_sums(xs: np.ndarray, w: np.ndarray):
 def _scan(qx: np.ndarray, q2: np.ndarray):
     """The running `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best =
     scale*sumqx; ...}` over candidates [C, S] in order, from best = -FLT_MAX ->
-    (winning candidate [S] or -1, its scale [S])."""
+    (winning candidate [S] or -1, its scale [S]). Each step's decision is kept (`upd`), the
+    winner is the last candidate that updated."""
     C, S = qx.shape
     ok = q2 > 0
     sc = qx / np.where(ok, q2, F32(1))
     bscore = sc * qx
-    qq = qx * qx
+    qq = np.where(ok, qx * qx, F32(-np.inf))      # -inf: never greater, as sumq2 > 0 fails
     best = np.full(S, -FLT_MAX, F32)
-    bi = np.full(S, -1, np.int64)
+    upd = np.empty((C, S), bool)
     t = np.empty(S, F32)
-    upd = np.empty(S, bool)
     for c in range(C):
         np.multiply(best, q2[c], out=t)
-        np.greater(qq[c], t, out=upd)
-        upd &= ok[c]
-        np.copyto(best, bscore[c], where=upd)
-        np.copyto(bi, c, where=upd)
+        np.greater(qq[c], t, out=upd[c])
+        np.copyto(best, bscore[c], where=upd[c])
+    last = C - 1 - np.argmax(upd[::-1], axis=0)
+    bi = np.where(upd.any(axis=0), last, -1)
     scale = np.take_along_axis(sc, np.maximum(bi, 0)[None, :], axis=0)[0]
     return bi, scale
 
