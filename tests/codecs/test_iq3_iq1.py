@@ -234,3 +234,18 @@ def test_iq3_s_gguf_loads_and_generates_in_llama_cpp(gptq_llama_dir, tmp_path):
         return np.corrcoef(a.ravel(), s_f32.ravel())[0, 1]
     print(f"logit correlation with F32: IQ3_S {corr(s_iq):.3f}, Q3_K {corr(s_q3k):.3f}")
     assert corr(s_iq) > 0.5 and corr(s_iq) > corr(s_q3k) - 0.05
+
+
+def test_chunks_and_threads_do_not_change_bytes():
+    """Rows split into several chunks on worker threads: the same bytes as one thread, and as
+    llama.cpp's."""
+    g = np.random.default_rng(9)
+    x = g.standard_normal((600, 256)).astype(F32)                  # 3 chunks of 256 rows
+    w = (g.random(256) + 0.1).astype(F32)
+    for qt in ("iq3_s", "iq1_m"):
+        one = qtype(qt).quantize_rows(torch.from_numpy(x), imatrix=torch.from_numpy(w), threads=1)
+        two = qtype(qt).quantize_rows(torch.from_numpy(x), imatrix=torch.from_numpy(w), threads=2)
+        assert torch.equal(one, two)
+        assert np.array_equal(one.numpy(), ggml_quantize(qt, x, w))
+    blocks = qtype("iq3_xxs").quantize_blocks(torch.from_numpy(x), threads=2)
+    assert np.array_equal(blocks.numpy(), ggml_quantize("iq3_xxs", x))
