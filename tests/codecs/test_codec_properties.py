@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from quantkit.codecs.intpack import PACK_BITS, pack_int32, packed_length, unpack_int32
 from quantkit.codecs.registry import QTYPES, QuantType, can_encode, qtype
 
-ENCODABLE = [n for n in QTYPES if can_encode(n) and not qtype(n).needs_imatrix]
+ENCODABLE = [n for n in QTYPES if can_encode(n)]
 # gguf-py 0.19 has no Q1_0 decoder (quantkit's is tested against libggml in test_ternary_fp4.py)
 OWN_DECODERS = [n for n, q in QTYPES.items() if type(q).decode_blocks is not QuantType.decode_blocks and n != "q1_0"]
 FAST = settings(max_examples=12, deadline=None, derandomize=True)
@@ -36,15 +36,16 @@ def test_quantized_values_are_fixed_points(name, seed, rows, blocks, scale):
     dequantized values back (what they store they store again); the K-quants and IQ types search
     their scales afresh (llama.cpp's make_qkx/make_qx searches, the lattice's trial scales), so
     for them the second pass may move values but never by more than the first pass's error.
-    Types that need an importance matrix are not encodable without one (test_iq2.py)."""
+    Types that need an importance matrix get unit weights."""
     q = qtype(name)
     x = _rows(q, seed, rows, blocks, scale)
-    b1 = q.quantize_rows(x)
+    qw = torch.ones(x.shape[1]) if q.needs_imatrix else None     # IQ2_XXS/XS, IQ1_S: not without weights
+    b1 = q.quantize_rows(x, imatrix=qw)
     assert b1.shape == (rows, q.row_bytes(x.shape[1]))
     d1 = q.dequantize(b1.reshape(-1), tuple(x.shape))
-    d2 = q.dequantize(q.quantize_rows(d1).reshape(-1), tuple(x.shape))
+    d2 = q.dequantize(q.quantize_rows(d1, imatrix=qw).reshape(-1), tuple(x.shape))
     assert torch.isfinite(d1).all()
-    if not name.endswith("_k") and not name.startswith("iq"):
+    if not name.endswith("_k") and not name.startswith("iq"):   # the IQ lattices search scales too
         torch.testing.assert_close(d2, d1, rtol=1e-3, atol=1e-6 * scale)
     else:
         first = torch.linalg.vector_norm(d1 - x)

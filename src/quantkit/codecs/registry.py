@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, fp4, iq2, iq4, kquants, legacy, ternary
+from . import floats, fp4, iq1, iq2, iq3, iq4, kquants, legacy, ternary
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -413,6 +413,8 @@ class MXFP4(_Ignoring):
 class NVFP4(_Ignoring):
     ggml, chunk_blocks = T.NVFP4, 2048
     encode, decode = staticmethod(fp4.encode_nv), staticmethod(fp4.decode_nv)
+
+
 # ---- IQ2 lattice types (codecs/iq2.py) ----------------------------------------------------------
 
 class _IQ2(_RowsWeighted):
@@ -443,3 +445,63 @@ class IQ2_XS(_IQ2):
 @register
 class IQ2_S(_IQ2):
     ggml, kind = T.IQ2_S, iq2.S
+
+
+# ---- IQ3 / IQ1 lattice types (codecs/iq3.py, codecs/iq1.py) ----------------------------------
+
+class _LatticeType(QuantType):
+    """A super-block of 256 on a lattice codebook; numpy codecs (codecs/lattice.py)."""
+
+    chunk_blocks = 256
+
+    @staticmethod
+    def encode_np(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def decode_np(b: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_imatrix:
+            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
+        return torch.from_numpy(self.encode_np(x.numpy(), None))
+
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        rows, n = x.shape
+        w = np.tile(qw.numpy().reshape(1, n), (rows, 1)).reshape(-1, self.block_size)
+        out = self.encode_np(x.numpy().reshape(-1, self.block_size), w)
+        return torch.from_numpy(out).reshape(rows, self.row_bytes(n))
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        with np.errstate(all="ignore"):             # NaN / Inf scales decode as ggml decodes them
+            return torch.from_numpy(self.decode_np(b.numpy()))
+
+
+@register
+class IQ3_XXS(_LatticeType):
+    ggml = T.IQ3_XXS
+    encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=True))
+    decode_np = staticmethod(iq3.decode_xxs)
+
+
+@register
+class IQ3_S(_LatticeType):
+    ggml = T.IQ3_S
+    encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=False))
+    decode_np = staticmethod(iq3.decode_s)
+
+
+@register
+class IQ1_S(_LatticeType):
+    ggml = T.IQ1_S
+    needs_imatrix = True               # ggml_quantize_requires_imatrix; quantize_row_iq1_s_impl asserts them
+    encode_np = staticmethod(iq1.encode_s)
+    decode_np = staticmethod(iq1.decode_s)
+
+
+@register
+class IQ1_M(_LatticeType):
+    ggml = T.IQ1_M
+    encode_np = staticmethod(iq1.encode_m)
+    decode_np = staticmethod(iq1.decode_m)
