@@ -1,0 +1,180 @@
+"""Every dense architecture end to end: a tiny random Hugging Face model of each (hidden 256,
+2 layers, the family's tokenizer kind trained offline) converts to an F32 GGUF that llama.cpp
+runs with transformers' logits and greedy continuation, tokenizes a page of text as llama.cpp
+does, quantizes to a K-quant mix and to a GPTQ-compensated Q4_0 that load and generate, and
+plans from its config.json alone with the tensors the conversion writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantkit import api
+from quantkit.models.gguf import GGUFSource
+from quantkit.models.hf import HFSource
+from helpers.tiny_models import build_arch_model, wikitext_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = ["llama3", "qwen3", "gemma2", "phi3", "granite", "olmo2", "smollm3", "glm4", "phi2"]
+
+# llama.cpp's F32 logits against transformers' F32 logits, relative to max |logit|. Both sides
+# compute in float32 with different summation orders (~1e-6 measured for the SiLU models).
+# ggml's CPU GELU (Gemma's gelu_pytorch_tanh, Phi-2's gelu_new) reads a table indexed by the
+# f16-rounded input, which costs a few 1e-4: the bound there is 1e-3.
+LOGIT_RTOL = {k: 1e-4 for k in KINDS} | {"gemma2": 1e-3, "phi2": 1e-3}
+
+
+@pytest.fixture(scope="session")
+def arch_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_arch_model(kind, root)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def arch_f32(arch_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch-gguf")
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            out = root / f"{kind}-f32.gguf"
+            api.quantize(str(arch_dirs(kind)), out, format="gguf:f32", show_progress=False)
+            done[kind] = out
+        return done[kind]
+
+    return get
+
+
+def _llama(path: Path, logits_all: bool = True):
+    import llama_cpp
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=logits_all, verbose=False,
+                           n_threads=1, seed=0, type_k=0, type_v=0)
+
+
+def _greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    out = []
+    for t in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(t)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f32_gguf_runs_like_transformers(arch_dirs, arch_f32, kind):
+    """Logits within LOGIT_RTOL, the same argmax everywhere, the same greedy continuation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = arch_dirs(kind)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.")["input_ids"]
+    assert len(ids) > 8                         # past gemma2's sliding window of 4
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        cont = model.generate(torch.tensor([ids[:8]]), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False)[0, 8:].tolist()
+    llm = _llama(arch_f32(kind))
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+        scale = np.abs(ref).max()
+        assert scale > 1.0, "random model too flat to prove anything"
+        err = float(np.abs(got - ref).max() / scale)
+        assert err < LOGIT_RTOL[kind], f"{kind}: max |diff| / max |logit| = {err:.2e}"
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+        assert _greedy(llm, ids[:8], 8) == cont
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tokenizer_ids_equal_llama_cpp(arch_dirs, arch_f32, kind):
+    """A page of wikitext-2 test text (plus spacing, digits, non-ASCII) tokenizes the same in
+    llama.cpp, reading only the GGUF, and in transformers."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    d = arch_dirs(kind)
+    tok = AutoTokenizer.from_pretrained(str(d), split_special_tokens=True)
+    spm = (d / "tokenizer.model").is_file()
+    llm = llama_cpp.Llama(model_path=str(arch_f32(kind)), vocab_only=True, verbose=False)
+    try:
+        lines = wikitext_lines("test.txt", 40) + ["Hello world,  two spaces and\ttab", "digits 1234567 and 3.14",
+                                                  "naïve café — “quotes” 東京"]
+        n = 0
+        for line in lines:
+            ours = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False)
+            assert ours == tok(line, add_special_tokens=False)["input_ids"], line
+            n += len(ours)
+        if not spm:
+            text = "<|begin_of_text|>a b<|end_of_text|>" if "<|begin_of_text|>" in tok.get_vocab() else \
+                "<|im_start|>user\nhi<|im_end|>"
+            plain = AutoTokenizer.from_pretrained(str(d))
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                plain(text, add_special_tokens=False)["input_ids"]
+        assert n > 1000
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_path, kind, data_dir):
+    """Q4_K_M (llama.cpp's per-tensor rules) and GPTQ-compensated Q4_0: llama.cpp loads both and
+    generates; the GPTQ file has the RTN file's tensors, types and shapes, and GPTQ changed
+    exactly its Q4_0 decoder linears."""
+    d = arch_dirs(kind)
+    calib = str(Path(data_dir) / "wikitext-2" / "valid.txt")
+    kq = tmp_path / "q4_k_m.gguf"
+    rtn = tmp_path / "q4_0.gguf"
+    gq = tmp_path / "q4_0-gptq.gguf"
+    r = api.quantize(str(d), kq, format="gguf:q4_k_m", show_progress=False)
+    assert {"q4_k", "q6_k"} <= set(r.types.values())
+    api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
+    api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib, nsamples=4, seqlen=64,
+                 show_progress=False)
+    with GGUFSource(gq) as a, GGUFSource(rtn) as b:
+        assert [(t.name, t.type, t.shape) for t in a.tensors()] == [(t.name, t.type, t.shape) for t in b.tensors()]
+        changed = {t.name for t in a.tensors()
+                   if not np.array_equal(np.asarray(a.raw(t.name)[0]), np.asarray(b.raw(t.name)[0]))}
+        linears = {t.name for t in b.tensors() if t.name.startswith("blk.") and len(t.shape) == 2
+                   and t.type == "q4_0"}
+    assert changed == linears and linears
+    prompt = None
+    for path in (kq, gq):
+        llm = _llama(path, logits_all=False)
+        try:
+            prompt = prompt or llm.tokenize(b"Robert Boulter is an English", add_bos=True)
+            out = _greedy(llm, prompt, 6)
+            assert len(out) == 6 and all(0 <= t < llm.n_vocab() for t in out)
+        finally:
+            llm.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_plan_from_config_alone(arch_dirs, arch_f32, tmp_path, kind):
+    """The planner, given config.json alone, lists the tensors (names and shapes) the conversion
+    writes, so its memory arithmetic counts what llama.cpp will load."""
+    from quantkit.plan.model import build_tensors, from_hf_config
+
+    d = arch_dirs(kind)
+    cfg = json.loads((d / "config.json").read_text())
+    m = from_hf_config(cfg, kind)
+    planned = {t.name: tuple(t.shape) for t in build_tensors(m, "f32")}
+    with GGUFSource(arch_f32(kind)) as src:
+        written = {t.name: tuple(t.shape) for t in src.tensors() if t.name != "rope_freqs.weight"}
+    assert planned == written
