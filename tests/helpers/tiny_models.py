@@ -345,6 +345,14 @@ def build_arch_model(kind: str, root: Path, vocab_size: int = 768) -> Path:
         n = vocab_size
         special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2) if gemma else \
             dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        if kind == "phi3":
+            # Phi-3's added chat tokens past the SentencePiece pieces, the embedding padded beyond
+            # them (llama.cpp looks <|endoftext|> up in a vocabulary named phi3)
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(d))
+            tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>", "<|user|>"]})
+            tok.save_pretrained(str(d))
+            n = vocab_size + 8
     else:
         qwen = tok_kind == "bpe-qwen"
         n = save_bpe_tokenizer(d, regex, qwen=qwen, vocab_size=vocab_size)

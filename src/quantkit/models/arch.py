@@ -248,8 +248,8 @@ class BlockLayout:
     norm: str = "rms"                 # rms | layer (LayerNorm: weight and bias)
     ffn: str = "gated"                # gated (gate, up, down) | gated_fused (up holds gate) | plain
     bias: str = "none"                # none | qkv | all
-    norms: str = "pre"                # pre | sandwich (norms after attention and MLP too) | parallel
-    qk_norm: bool = False             # per-head q/k norms
+    norms: str = "pre"                # pre | sandwich (norms after attention and MLP too) | post | parallel
+    qk_norm: bool | str = False       # per-head q/k norms; "full": one norm over all heads
     fused_qkv: bool = False           # one attn_qkv matrix
     tied_embeddings: bool = False     # when config.json omits tie_word_embeddings
     # sliding-window layout when the file does not say: every n-th layer global, or
@@ -264,7 +264,7 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     "phi2": BlockLayout(norm="layer", ffn="plain", bias="all", norms="parallel"),
     "phi3": BlockLayout(ffn="gated_fused", fused_qkv=True),
     "glm4": BlockLayout(ffn="gated_fused", bias="qkv", norms="sandwich"),
-    "olmo2": BlockLayout(norms="sandwich", qk_norm=True),
+    "olmo2": BlockLayout(norms="post", qk_norm="full"),
     "chatglm": BlockLayout(ffn="gated_fused", bias="qkv", fused_qkv=True),
     "gemma": BlockLayout(tied_embeddings=True),
     "gemma2": BlockLayout(norms="sandwich", tied_embeddings=True, swa_pattern="odd-global"),

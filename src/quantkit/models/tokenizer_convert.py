@@ -178,6 +178,17 @@ def _sentencepiece_vocab(model_dir: str, vocab_size: int | None):
             if 0 <= tid < n:
                 tokens[tid], scores[tid], types[tid] = content, -1000.0, USER_DEFINED
 
+    # tokens added past the SentencePiece pieces (Phi-3's chat tokens) as tokenizer.json lists
+    # them; transformers 5 writes no added_tokens_decoder to tokenizer_config.json
+    tj_path = os.path.join(model_dir, "tokenizer.json")
+    if os.path.isfile(tj_path):
+        tj = _read_json(tj_path)
+        for data in (tj.get("added_tokens") or []) if isinstance(tj, dict) else []:
+            tid = data.get("id") if isinstance(data, dict) else None
+            if isinstance(tid, int) and n_sp <= tid < n and isinstance(data.get("content"), str):
+                tokens[tid], scores[tid] = data["content"], -1000.0
+                types[tid] = CONTROL if data.get("special") else USER_DEFINED
+
     cfg_path = os.path.join(model_dir, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
         decoder = _read_json(cfg_path).get("added_tokens_decoder", {}) or {}

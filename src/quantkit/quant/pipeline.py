@@ -32,11 +32,18 @@ from .gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight, 
 from .rtn import QuantSpec, quantize_rtn
 
 # Inside a decoder block: groups of linears sharing an input, in data-flow order.
+# Fused projections (Phi-3's qkv_proj and gate_up_proj, GLM-4's gate_up_proj) and Phi-2's names
+# (dense, fc1, fc2) take the place of the split ones.
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.qkv_proj",),
     ("self_attn.o_proj",),
+    ("self_attn.dense",),
     ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.gate_up_proj",),
+    ("mlp.fc1",),
     ("mlp.down_proj",),
+    ("mlp.fc2",),
 )
 METHODS = ("gptq", "rtn", "none")
 
@@ -158,7 +165,7 @@ def _groups(layer: nn.Module) -> list[tuple[str, ...]]:
     missing = sorted(set(lin) - covered)
     if missing:
         raise QuantkitError(f"decoder block has linear layers quantkit does not know the order of: {', '.join(missing)}",
-                            hint="supported: llama, mistral, qwen2, gemma3")
+                            hint="the block's linears are not those of a supported architecture")
     return groups
 
 
@@ -378,7 +385,9 @@ def _run_with(layer: nn.Module, h: torch.Tensor, kwargs: dict, standins: dict[nn
 # gate/up, so the sublayer need not run at all) or is its last operation ("output": o_proj,
 # down_proj, which need not run). Sublayers in block order.
 _STOPS = {"self_attn.q_proj": ("self_attn", "input"), "self_attn.o_proj": ("self_attn", "output"),
-          "mlp.gate_proj": ("mlp", "input"), "mlp.down_proj": ("mlp", "output")}
+          "mlp.gate_proj": ("mlp", "input"), "mlp.down_proj": ("mlp", "output"),
+          "self_attn.qkv_proj": ("self_attn", "input"), "self_attn.dense": ("self_attn", "output"),
+          "mlp.gate_up_proj": ("mlp", "input"), "mlp.fc1": ("mlp", "input"), "mlp.fc2": ("mlp", "output")}
 _SUBLAYERS = ("self_attn", "mlp")
 
 
