@@ -72,7 +72,6 @@ class HFArch:
     partial_rotary: float = 1.0
     write_vocab_size: bool = False    # {arch}.vocab_size (LlamaModel)
     head_dim_from_config: bool = True  # Granite's converter ignores head_dim
-    ffn_times_embd: int = 0           # phi2: feed_forward_length = 4 * n_embd
     add_bos: bool | None = None       # tokenizer.ggml.add_bos_token forced (phi2: False)
     # sliding window: "" none, "config" sliding_window when the config enables it (mistral,
     # qwen2/3 use_sliding_window), "always" (gemma2, phi3 write 0 for none), "pattern"
@@ -114,7 +113,9 @@ HF_ARCHS: dict[str, HFArch] = {a.key: a for a in (
                      "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
                      "rope_local_base_freq": 10_000.0}, **_GEMMA),
     HFArch("phi2", MODEL_ARCH.PHI2, ("PhiForCausalLM",), ("phi",), norm="layer", rope_dims="partial",
-           partial_rotary=0.5, ffn_times_embd=4, add_bos=False, swa=""),
+           partial_rotary=0.5, add_bos=False, swa=""),
+    # (convert_hf_to_gguf writes Phi-2's feed_forward_length as 4 * n_embd, which is its
+    # intermediate_size; the config's value is written here, so a narrower MLP loads too)
     HFArch("phi3", MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), ("phi3",), rope_dims="partial", swa="always"),
     HFArch("glm4", MODEL_ARCH.GLM4, ("Glm4ForCausalLM",), ("glm4",), rope_dims="partial", partial_rotary=0.5),
     HFArch("olmo2", MODEL_ARCH.OLMO2, ("Olmo2ForCausalLM",), ("olmo2",), swa="pattern"),

@@ -359,7 +359,7 @@ class HFSource(ModelSource):
             n_head=n_head,
             n_head_kv=int(hp.get("num_key_value_heads") or d.get("num_key_value_heads") or n_head),
             head_dim=self._head_dim(),
-            n_ff=arch.ffn_times_embd * n_embd if arch.ffn_times_embd else int(hp["intermediate_size"]),
+            n_ff=int(hp["intermediate_size"]),
             n_vocab=embd.shape[0],
             n_ctx_train=int(first(hp, ("max_position_embeddings", "n_positions"), d.get("max_position_embeddings"))
                             or 0),
