@@ -49,7 +49,9 @@ def open_model(path=None):
 
 @_pickle_opt_in
 def inspect(model=None) -> dict[str, Any]:
-    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer."""
+    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer,
+    and what the model is and what quantkit can do with it ("model")."""
+    from .models.arch import describe
     src = open_model(model)
     tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in src.tensors()]
     n_params = sum(t.n_elements for t in src.tensors())
@@ -72,6 +74,8 @@ def inspect(model=None) -> dict[str, Any]:
         "bits_per_weight_linear": 8 * sum(t.nbytes for t in linear) / lin_params if lin_params else 0.0,
         "types": types,
         "tokenizer": {"model": src.tokenizer.model, "pre": src.tokenizer.pre, "n_tokens": src.tokenizer.n_tokens},
+        "model": describe(src.spec.arch, getattr(src, "hf_arch", None), getattr(src, "config", None),
+                          src.spec.n_expert, src.spec.n_expert_used),
         "tensors": tensors,
     }
 

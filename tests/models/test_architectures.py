@@ -178,3 +178,72 @@ def test_plan_from_config_alone(arch_dirs, arch_f32, tmp_path, kind):
     with GGUFSource(arch_f32(kind)) as src:
         written = {t.name: tuple(t.shape) for t in src.tensors() if t.name != "rope_freqs.weight"}
     assert planned == written
+
+
+# --------------------------------------------------------------------------------- inspect, bad input
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_inspect_says_what_the_model_is_and_what_quantkit_can_do(arch_dirs, arch_f32, capsys):
+    from helpers.cli import run_cli
+
+    code, _ = run_cli(["inspect", str(arch_dirs("phi3")), "--tensors", "0"], capsys)
+    assert code == 0
+    info = api.inspect(str(arch_dirs("phi3")))["model"]
+    assert info["architecture"] == "Phi3ForCausalLM" and info["gguf_architecture"] == "phi3"
+    assert info["experts"] == 0 and info["vision_tower"] is None
+    assert any(c.startswith("gguf+gptq") for c in info["quantkit_can"])
+    # a GGUF of an architecture quantkit cannot rebuild in transformers: re-quantizing only
+    g = api.inspect(str(arch_f32("phi3")))["model"]
+    assert g["gguf_architecture"] == "phi3" and not any("gptq" in c for c in g["quantkit_can"])
+
+
+def test_unsupported_architecture_is_one_line_naming_it(arch_dirs, tmp_path, capsys):
+    from helpers.cli import assert_one_line, no_partial, run_cli
+
+    d = _copy(arch_dirs("llama3"), tmp_path / "m")
+    _edit_config(d, architectures=["FalconForCausalLM"], model_type="falcon")
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["inspect", str(d)], ["quantize", str(d), "--format", "gguf:q4_0", "-o", str(out / "x.gguf")]):
+        code, err = run_cli(args, capsys)
+        assert code != 0
+        assert_one_line(err, "unsupported architecture FalconForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                        "Glm4ForCausalLM", "SmolLM3ForCausalLM")
+    assert no_partial(out)
+
+
+def test_config_contradicting_weights_names_tensor_and_shapes(arch_dirs, tmp_path, capsys):
+    from helpers.cli import assert_one_line, no_partial, run_cli
+
+    d = _copy(arch_dirs("qwen3"), tmp_path / "m")
+    _edit_config(d, intermediate_size=768)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q4_k_m", "-o", str(out / "x.gguf")], capsys)
+    assert code != 0
+    assert_one_line(err, "model.layers.0.mlp.", "[256, 512]", "[256, 768]", "config.json")
+    assert no_partial(out)
+
+
+def test_missing_tokenizer_names_the_files_and_why(arch_dirs, tmp_path, capsys):
+    from helpers.cli import assert_one_line, no_partial, run_cli
+
+    d = _copy(arch_dirs("glm4"), tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q8_0", "-o", str(out / "x.gguf")], capsys)
+    assert code != 0
+    assert_one_line(err, "tokenizer.json", "tokenizer.model", "GGUF")
+    assert no_partial(out)

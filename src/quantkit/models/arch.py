@@ -278,3 +278,33 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
 def block_layout(gguf_arch: str) -> BlockLayout:
     """The row for a llama.cpp architecture; a plain Llama block for one not listed."""
     return BLOCK_LAYOUTS.get(gguf_arch, BlockLayout())
+
+
+# ---------------------------------------------------------------- what quantkit can do
+
+# GGUF architectures whose files quantkit rebuilds as transformers models (runtimes.torch), so
+# GPTQ can calibrate from a GGUF input too.
+TORCH_FROM_GGUF = ("llama", "gemma3")
+
+
+def describe(gguf_arch: str, hf_arch: HFArch | None, config: dict | None, n_expert: int = 0,
+             n_expert_used: int = 0) -> dict:
+    """What a model is (architecture, experts, vision tower) and what quantkit can do with it:
+    for `quantkit inspect`. `hf_arch`/`config`: a Hugging Face directory's row and config.json."""
+    cfg = config or {}
+    vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else None
+    can = ["gguf: re-quantize to F32/F16/BF16, the legacy types and every K-quant mix (llama-quantize's rules)",
+           "plan: memory and speed"]
+    if hf_arch is not None:
+        can = ["gguf: convert at F32/F16/BF16, the legacy types and every K-quant mix (llama-quantize's rules)",
+               "gguf+gptq: GPTQ-compensated GGUF (block by block, streaming)",
+               "plan: memory and speed from config.json"]
+    elif gguf_arch in TORCH_FROM_GGUF:
+        can.insert(1, "gguf+gptq: GPTQ-compensated GGUF (the file rebuilt in transformers)")
+    return {
+        "architecture": (cfg.get("architectures") or [None])[0] if hf_arch else gguf_arch,
+        "gguf_architecture": gguf_arch,
+        "experts": n_expert, "experts_used": n_expert_used,
+        "vision_tower": (vision.get("model_type") or "yes") if vision else None,
+        "quantkit_can": can,
+    }

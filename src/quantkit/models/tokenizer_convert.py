@@ -470,5 +470,6 @@ def convert_tokenizer(model_dir: str, config: dict, vocab_size: int | None,
                         extra={"file": "tokenizer.json", "n_merges": len(merges)})
         return TokenizerSection(tok, meta, len(tokens), path)
 
-    raise QuantkitError("no tokenizer (neither tokenizer.model nor tokenizer.json)", model_dir,
-                        "copy the model's tokenizer files into the directory")
+    raise QuantkitError("no tokenizer: neither tokenizer.model (SentencePiece) nor tokenizer.json (BPE) is "
+                        "here, and a GGUF file carries the model's vocabulary", model_dir,
+                        "copy the model's tokenizer.json or tokenizer.model into the directory")
