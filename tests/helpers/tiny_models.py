@@ -287,11 +287,11 @@ ARCH_TOKENIZERS = {
 }
 
 
-def _arch_config(kind: str, n_vocab: int, special: dict):
-    """transformers config of a tiny `kind` model: hidden 256, 2 layers (every K-quant applies)."""
+def _arch_config(kind: str, n_vocab: int, special: dict, layers: int = 2):
+    """transformers config of a tiny `kind` model: hidden 256 (every K-quant applies), 2 layers."""
     import transformers as tf
 
-    c = dict(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=2,
+    c = dict(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=layers,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **special)
     if kind == "llama3":
         return tf.LlamaConfig(tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -309,7 +309,7 @@ def _arch_config(kind: str, n_vocab: int, special: dict):
                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **c)
     if kind == "gemma3":
         return tf.Gemma3TextConfig(head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
-                                   layer_types=["sliding_attention", "full_attention"],
+                                   layer_types=["sliding_attention", "full_attention"] * (layers // 2),
                                    final_logit_softcapping=30.0, **c)
     if kind == "phi3":
         return tf.Phi3Config(tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0, **c)
@@ -329,7 +329,7 @@ def _arch_config(kind: str, n_vocab: int, special: dict):
     raise ValueError(kind)
 
 
-def build_arch_model(kind: str, root: Path, vocab_size: int = 768) -> Path:
+def build_arch_model(kind: str, root: Path, vocab_size: int = 768, layers: int = 2) -> Path:
     """A tiny random Hugging Face model of architecture `kind` (see ARCH_TOKENIZERS) with the
     family's tokenizer kind trained offline, float32, in root/kind."""
     import transformers as tf
@@ -358,7 +358,7 @@ def build_arch_model(kind: str, root: Path, vocab_size: int = 768) -> Path:
         n = save_bpe_tokenizer(d, regex, qwen=qwen, vocab_size=vocab_size)
         special = dict(eos_token_id=n - 3, bos_token_id=None, pad_token_id=None) if qwen else \
             dict(bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=None)
-    cfg = _arch_config(kind, n, special)
+    cfg = _arch_config(kind, n, special, layers)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg)

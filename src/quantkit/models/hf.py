@@ -272,8 +272,8 @@ class HFSource(ModelSource):
             if f"blk.{i}.attn_q.weight" not in entries and f"blk.{i}.attn_qkv.weight" not in entries:
                 raise QuantkitError(f"checkpoint has no weights for layer {i}", self.path,
                                     "the weights are incomplete or num_hidden_layers is wrong")
-        check_shapes(self.path, {n: s for n, (_, s, _) in self._raw_index.items()},
-                     lambda n: hf_to_gguf_name(arch, n))
+        check_shapes(self.path, {n: (e.hf_name, self._raw_index[e.hf_name][1]) for n, e in entries.items()},
+                     hp, self._head_dim())
         if (factors := self._llama3_rope_factors()) is not None:
             entries["rope_freqs.weight"] = _Entry("<generated llama3 rope factors>", None,
                                                   (len(factors),), "f32")
