@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -168,18 +169,27 @@ def _speed(kind: str, d: Path, root: Path, repeats: int) -> dict:
             "--outfile", str(root / f"{kind}-ref-f32.gguf")]
     quant = [str(LLAMA_QUANTIZE), str(root / f"{kind}-ref-f32.gguf"), str(root / f"{kind}-ref-q4km.gguf"), "Q4_K_M",
              "2"]
-    ours, theirs = [], []
+    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu()
         subprocess.run(ours_cmd, check=True, env=env, capture_output=True)
         ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        ours_cpu.append(cpu() - c0)
+        t0, c0 = time.perf_counter(), cpu()
         subprocess.run(conv, check=True, env=env, capture_output=True)
         subprocess.run(quant, check=True, capture_output=True)
         theirs.append(time.perf_counter() - t0)
+        theirs_cpu.append(cpu() - c0)
     cmp = _compare_files(root / f"{kind}-f32.gguf", root / f"{kind}-ref-f32.gguf")
-    return {"kind": kind, "quantkit_s": statistics.median(ours), "llama_cpp_s": statistics.median(theirs),
-            "ratio": statistics.median(ours) / statistics.median(theirs), **cmp}
+    med = statistics.median
+    return {"kind": kind, "quantkit_s": med(ours), "llama_cpp_s": med(theirs), "ratio": med(ours) / med(theirs),
+            "quantkit_cpu_s": med(ours_cpu), "llama_cpp_cpu_s": med(theirs_cpu),
+            "cpu_ratio": med(ours_cpu) / med(theirs_cpu), **cmp}
 
 
 def main() -> None:
@@ -215,11 +225,12 @@ def main() -> None:
               f"| {r['gptq_q4_0_s'] / n:.2f} | {g['wikitext']:.4f} vs {q['wikitext']:.4f} / {g['sst2']:.4f} vs "
               f"{q['sst2']:.4f} | {'yes' if r['plan_tensors_match'] else 'NO'} |")
     if speed:
-        print("\n| architecture | quantkit HF -> Q4_K_M (s) | convert_hf_to_gguf + llama-quantize (s) | ratio | "
-              "F32 metadata differing | F32 tensors differing |")
+        print("\n| architecture | quantkit HF -> Q4_K_M wall / CPU (s) | convert_hf_to_gguf + llama-quantize "
+              "wall / CPU (s) | ratio wall / CPU | F32 metadata differing | F32 tensors differing |")
         print("|---|---|---|---|---|---|")
         for s in speed:
-            print(f"| {s['kind']} | {s['quantkit_s']:.2f} | {s['llama_cpp_s']:.2f} | {s['ratio']:.2f}x | "
+            print(f"| {s['kind']} | {s['quantkit_s']:.2f} / {s['quantkit_cpu_s']:.2f} | {s['llama_cpp_s']:.2f} / "
+                  f"{s['llama_cpp_cpu_s']:.2f} | {s['ratio']:.2f}x / {s['cpu_ratio']:.2f}x | "
                   f"{', '.join(s['metadata_differs']) or 'none'} | {', '.join(s['tensors_differ']) or 'none'} |")
 
 

@@ -63,6 +63,9 @@ class HFArch:
     # SentencePiece vocab: tokenizer.ggml.add_space_prefix as convert_hf_to_gguf writes it
     # (None: not written, llama.cpp's default of True applies).
     spm_add_space_prefix: bool | None = None
+    # SentencePiece vocab: tokenizer.json's added tokens override the pieces they share an id
+    # with (<unk>, <s>, </s> become control tokens), as Phi-3's converter does
+    spm_all_added_tokens: bool = False
     norm: str = "rms"                 # rms | layer (LayerNorm with bias: phi2)
     # What llama.cpp assumes when a config omits a key (convert_hf_to_gguf's defaults).
     defaults: dict[str, object] = field(default_factory=dict)
@@ -116,7 +119,8 @@ HF_ARCHS: dict[str, HFArch] = {a.key: a for a in (
            partial_rotary=0.5, add_bos=False, swa=""),
     # (convert_hf_to_gguf writes Phi-2's feed_forward_length as 4 * n_embd, which is its
     # intermediate_size; the config's value is written here, so a narrower MLP loads too)
-    HFArch("phi3", MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), ("phi3",), rope_dims="partial", swa="always"),
+    HFArch("phi3", MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), ("phi3",), rope_dims="partial", swa="always",
+           spm_all_added_tokens=True),
     HFArch("glm4", MODEL_ARCH.GLM4, ("Glm4ForCausalLM",), ("glm4",), rope_dims="partial", partial_rotary=0.5),
     HFArch("olmo2", MODEL_ARCH.OLMO2, ("Olmo2ForCausalLM",), ("olmo2",), swa="pattern"),
     HFArch("granite", MODEL_ARCH.GRANITE, ("GraniteForCausalLM",), ("granite",), permute_qk=True,

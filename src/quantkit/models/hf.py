@@ -143,7 +143,8 @@ class HFSource(ModelSource):
         vocab_rows = self._embedding_rows()
         if tokenizer:
             tok = convert_tokenizer(self.path, self.config, vocab_rows or self.hparams.get("vocab_size"),
-                                    add_space_prefix=arch.spm_add_space_prefix)
+                                    add_space_prefix=arch.spm_add_space_prefix,
+                                    all_added_tokens=arch.spm_all_added_tokens)
             self.tokenizer, n_tokens = tok.tokenizer, tok.n_tokens
         else:
             tok, self.tokenizer, n_tokens = None, None, vocab_rows or int(self.hparams.get("vocab_size") or 0)
