@@ -284,6 +284,7 @@ ARCH_TOKENIZERS = {
     "phi3": ("spm", None), "granite": ("bpe", GPT2_REGEX), "olmo2": ("bpe", LLAMA3_REGEX),
     "smollm3": ("bpe", LLAMA3_REGEX), "glm4": ("bpe", LLAMA3_REGEX), "phi2": ("bpe", GPT2_REGEX),
     "mistral": ("spm", None), "qwen2": ("bpe-qwen", QWEN2_REGEX), "gemma3": ("spm-gemma", None),
+    "qwen3moe": ("bpe-qwen", QWEN2_REGEX), "mixtral": ("spm", None),
 }
 
 
@@ -326,6 +327,12 @@ def _arch_config(kind: str, n_vocab: int, special: dict, layers: int = 2):
                                 logits_scaling=8.0, tie_word_embeddings=True, **c)
     if kind == "smollm3":
         return tf.SmolLM3Config(tie_word_embeddings=True, **c)
+    if kind == "qwen3moe":
+        return tf.Qwen3MoeConfig(head_dim=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                 norm_topk_prob=True, tie_word_embeddings=False, **c)
+    if kind == "mixtral":
+        return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                                sliding_window=None, **c)
     raise ValueError(kind)
 
 

@@ -16,12 +16,13 @@ import torch
 
 from quantkit import api
 from quantkit.models.gguf import GGUFSource
-from quantkit.models.hf import HFSource
+from quantkit.util.errors import QuantkitError
 from helpers.tiny_models import build_arch_model, wikitext_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KINDS = ["llama3", "qwen3", "gemma2", "phi3", "granite", "olmo2", "smollm3", "glm4", "phi2"]
+MOE = ["qwen3moe", "mixtral"]
+KINDS = ["llama3", "qwen3", "gemma2", "phi3", "granite", "olmo2", "smollm3", "glm4", "phi2"] + MOE
 
 # llama.cpp's F32 logits against transformers' F32 logits, relative to max |logit|. Both sides
 # compute in float32 with different summation orders (~1e-6 measured for the SiLU models).
@@ -145,15 +146,17 @@ def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_pat
     r = api.quantize(str(d), kq, format="gguf:q4_k_m", show_progress=False)
     assert {"q4_k", "q6_k"} <= set(r.types.values())
     api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
-    api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib, nsamples=4, seqlen=64,
-                 show_progress=False)
-    with GGUFSource(gq) as a, GGUFSource(rtn) as b:
-        assert [(t.name, t.type, t.shape) for t in a.tensors()] == [(t.name, t.type, t.shape) for t in b.tensors()]
-        changed = {t.name for t in a.tensors()
-                   if not np.array_equal(np.asarray(a.raw(t.name)[0]), np.asarray(b.raw(t.name)[0]))}
-        linears = {t.name for t in b.tensors() if t.name.startswith("blk.") and len(t.shape) == 2
-                   and t.type == "q4_0"}
-    assert changed == linears and linears
+    if kind in MOE:           # GPTQ of experts is not implemented: refused in one line, nothing written
+        with pytest.raises(QuantkitError, match="mixture of experts.*--method rtn"):
+            api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib, nsamples=4, seqlen=64,
+                         show_progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["q4_0.gguf", "q4_k_m.gguf"]
+        with GGUFSource(kq) as s:
+            assert s.spec.n_expert == 4 and s.spec.n_expert_used == 2
+            assert s.tensor_info("blk.0.ffn_down_exps.weight").shape[0] == 4
+        gq = rtn
+    else:
+        _check_gptq(d, calib, rtn, gq)
     prompt = None
     for path in (kq, gq):
         llm = _llama(path, logits_all=False)
@@ -163,6 +166,18 @@ def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_pat
             assert len(out) == 6 and all(0 <= t < llm.n_vocab() for t in out)
         finally:
             llm.close()
+
+
+def _check_gptq(d: Path, calib: str, rtn: Path, gq: Path) -> None:
+    api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib, nsamples=4, seqlen=64,
+                 show_progress=False)
+    with GGUFSource(gq) as a, GGUFSource(rtn) as b:
+        assert [(t.name, t.type, t.shape) for t in a.tensors()] == [(t.name, t.type, t.shape) for t in b.tensors()]
+        changed = {t.name for t in a.tensors()
+                   if not np.array_equal(np.asarray(a.raw(t.name)[0]), np.asarray(b.raw(t.name)[0]))}
+        linears = {t.name for t in b.tensors() if t.name.startswith("blk.") and len(t.shape) == 2
+                   and t.type == "q4_0"}
+    assert changed == linears and linears
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -246,4 +261,20 @@ def test_missing_tokenizer_names_the_files_and_why(arch_dirs, tmp_path, capsys):
     code, err = run_cli(["quantize", str(d), "--format", "gguf:q8_0", "-o", str(out / "x.gguf")], capsys)
     assert code != 0
     assert_one_line(err, "tokenizer.json", "tokenizer.model", "GGUF")
+    assert no_partial(out)
+
+
+def test_moe_without_router_is_one_line(arch_dirs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from helpers.cli import assert_one_line, no_partial, run_cli
+
+    d = _copy(arch_dirs("qwen3moe"), tmp_path / "m")
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.layers.1.mlp.gate.weight"]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q4_k_m", "-o", str(out / "x.gguf")], capsys)
+    assert code != 0
+    assert_one_line(err, "layer 1 has experts but no router")
     assert no_partial(out)

@@ -127,6 +127,12 @@ HF_ARCHS: dict[str, HFArch] = {a.key: a for a in (
            rope_dims="full", write_vocab_size=True, head_dim_from_config=False, meta=_GRANITE_META),
     HFArch("smollm3", MODEL_ARCH.SMOLLM3, ("SmolLM3ForCausalLM",), ("smollm3",), permute_qk=True,
            rope_dims="full", write_vocab_size=True),
+    # mixtures of experts: each expert's matrices are stacked into one [n_expert, rows, cols] tensor
+    HFArch("qwen3moe", MODEL_ARCH.QWEN3MOE, ("Qwen3MoeForCausalLM",), ("qwen3_moe",),
+           meta=(MetaRow(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",), "u32"),)),
+    # Mixtral is a Llama block with a sparse MLP; convert_hf_to_gguf writes it as llama
+    HFArch("mixtral", MODEL_ARCH.LLAMA, ("MixtralForCausalLM",), ("mixtral",), permute_qk=True, rope_dims="full",
+           write_vocab_size=True),
 )}
 
 
@@ -153,6 +159,13 @@ def _name_map(model_arch: MODEL_ARCH):
 
 
 _LAYER = re.compile(r"^(.*?\b(?:layers|h|blocks))\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
+
+
+def expert_index(hf_name: str) -> int | None:
+    """The expert a per-expert HF tensor (...experts.{e}.gate_proj.weight) belongs to."""
+    m = _EXPERT.match(hf_name)
+    return int(m.group(2)) if m else None
 
 
 def hf_to_gguf_name(arch: HFArch, hf_name: str) -> str | None:
@@ -171,6 +184,8 @@ def hf_to_gguf_name(arch: HFArch, hf_name: str) -> str | None:
         return None
     m = _LAYER.match(hf_name)
     probe = f"{m.group(1)}.0.{m.group(3)}" if m else hf_name
+    if (x := _EXPERT.match(probe)) is not None:      # one expert's matrix: part of the stacked tensor
+        probe = f"{x.group(1)}.{x.group(3)}"
     name = _name_map(arch.model_arch).get_name(probe, try_suffixes=(".weight", ".bias"))
     if name is None:
         if hf_name.startswith(HF_VISION_PREFIXES):
@@ -226,7 +241,8 @@ HF_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "n_layer": ("num_hidden_layers", "n_layer", "num_layers"),
     "n_embd": ("hidden_size", "n_embd", "d_model"),
     "n_head": ("num_attention_heads", "n_head"),
-    "n_ff": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    # an MoE's experts (every layer sparse, as Qwen3-MoE and Mixtral) are moe_intermediate_size wide
+    "n_ff": ("moe_intermediate_size", "intermediate_size", "ffn_hidden_size", "n_inner"),
     "n_vocab": ("vocab_size", "padded_vocab_size"),
 }
 HF_CONFIG_OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
@@ -240,7 +256,7 @@ HF_CONFIG_OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
 # config.json "architectures" classes -> llama.cpp architecture, for reading shapes: the
 # classes quantkit converts (HF_ARCHS) and those whose shapes it only reads.
 HF_CLASS_ARCH: dict[str, str] = {
-    "MixtralForCausalLM": "llama", "GemmaForCausalLM": "gemma",
+    "GemmaForCausalLM": "gemma",
     "ChatGLMModel": "chatglm", "ChatGLMForConditionalGeneration": "chatglm",
     **{c: a.gguf_arch for a in HF_ARCHS.values() for c in a.hf_classes},
 }
@@ -266,6 +282,7 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     "llama": BlockLayout(),
     "qwen2": BlockLayout(bias="qkv"),
     "qwen3": BlockLayout(qk_norm=True),
+    "qwen3moe": BlockLayout(qk_norm=True),
     "phi2": BlockLayout(norm="layer", ffn="plain", bias="all", norms="parallel"),
     "phi3": BlockLayout(ffn="gated_fused", fused_qkv=True),
     "glm4": BlockLayout(ffn="gated_fused", bias="qkv", norms="sandwich"),

@@ -29,6 +29,7 @@ from gguf import GGUFValueType
 from quantkit.models.arch import (
     HFArch,
     canonical_order,
+    expert_index,
     find_hf_arch,
     hf_to_gguf_name,
     permute_for_rope,
@@ -87,6 +88,7 @@ class _Entry:
     permute_heads: int = 0      # >0: permute rows for rotary with this many heads
     add: float = 0.0            # Gemma norm shift
     keep_rows: int | None = None
+    experts: dict[int, str] | None = None   # stacked expert tensor: expert index -> HF name
 
 
 class HFSource(ModelSource):
@@ -254,6 +256,13 @@ class HFSource(ModelSource):
                                     fn, "the checkpoint does not match its config.json") from None
             if name is None:
                 continue
+            if (xid := expert_index(hf_name)) is not None:
+                e = entries.setdefault(name, _Entry(hf_name, fn, shape, stype, experts={}))
+                if e.experts is None or xid in e.experts or e.shape != shape:
+                    raise QuantkitError(f"tensor {hf_name} does not fit the other experts of {name}", fn,
+                                        "the checkpoint is damaged")
+                e.experts[xid] = hf_name
+                continue
             if name in entries:
                 raise QuantkitError(f"tensor {name} appears twice (second: {hf_name})", fn)
             e = _Entry(hf_name, fn, shape, stype)
@@ -273,13 +282,37 @@ class HFSource(ModelSource):
             if f"blk.{i}.attn_q.weight" not in entries and f"blk.{i}.attn_qkv.weight" not in entries:
                 raise QuantkitError(f"checkpoint has no weights for layer {i}", self.path,
                                     "the weights are incomplete or num_hidden_layers is wrong")
-        check_shapes(self.path, {n: (e.hf_name, self._raw_index[e.hf_name][1]) for n, e in entries.items()},
-                     hp, self._head_dim())
+        check_shapes(self.path, {n: (e.hf_name, self._raw_index[e.hf_name][1]) for n, e in entries.items()
+                                 if e.experts is None}, hp, self._head_dim())
+        self._stack_experts(entries)
         if (factors := self._llama3_rope_factors()) is not None:
             entries["rope_freqs.weight"] = _Entry("<generated llama3 rope factors>", None,
                                                   (len(factors),), "f32")
             self._rope_factors = factors
         return entries
+
+    def _stack_experts(self, entries: dict[str, _Entry]) -> None:
+        """Every MoE layer has its router and all n_expert experts of each matrix; the stacked
+        tensors get their [n_expert, rows, cols] shape."""
+        n_exp = int(first(self.hparams, ("num_local_experts", "num_experts"), 0) or 0)
+        stacked = {n: e for n, e in entries.items() if e.experts is not None}
+        if not n_exp:
+            if stacked:
+                raise QuantkitError(f"the checkpoint has expert tensors ({next(iter(stacked.values())).hf_name}) "
+                                    "but config.json gives no num_experts", os.path.join(self.path, "config.json"))
+            return
+        layers = sorted({int(n.split(".")[1]) for n in stacked})
+        for i in layers:
+            if f"blk.{i}.ffn_gate_inp.weight" not in entries:
+                raise QuantkitError(f"layer {i} has experts but no router (its mlp.gate / block_sparse_moe.gate "
+                                    "weight is missing)", self.path, "the checkpoint is incomplete; download it again")
+        for n, e in stacked.items():
+            missing = sorted(set(range(n_exp)) - set(e.experts))
+            if missing or len(e.experts) != n_exp:
+                raise QuantkitError(f"{n}: expert {missing[0] if missing else max(e.experts)} of {n_exp} is "
+                                    f"{'missing' if missing else 'beyond num_experts'} ({e.hf_name})", self.path,
+                                    "the checkpoint does not match config.json's expert count")
+            e.shape = (n_exp, *e.shape)
 
     # ------------------------------------------------------------------ rope
 
@@ -422,6 +455,8 @@ class HFSource(ModelSource):
             raise KeyError(f"{name} is not a tensor of {self.path}") from None
         if e.file is None:
             return torch.tensor(self._rope_factors, dtype=torch.float32)
+        if e.experts is not None:
+            return torch.stack([self.load_hf(e.experts[i]) for i in range(len(e.experts))])
         h = self._handles[e.file]
         try:
             t = h.get_tensor(e.hf_name) if hasattr(h, "get_tensor") else h[e.hf_name]
