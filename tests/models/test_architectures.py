@@ -135,9 +135,9 @@ def test_tokenizer_ids_equal_llama_cpp(arch_dirs, arch_f32, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_path, kind, data_dir):
-    """Q4_K_M (llama.cpp's per-tensor rules) and GPTQ-compensated Q4_0: llama.cpp loads both and
-    generates; the GPTQ file has the RTN file's tensors, types and shapes, and GPTQ changed
-    exactly its Q4_0 decoder linears."""
+    """Q4_K_M (llama.cpp's per-tensor rules), GPTQ-compensated Q4_0 and BF16: llama.cpp loads
+    each and generates; the GPTQ file has the RTN file's tensors, types and shapes, and GPTQ
+    changed exactly its Q4_0 decoder linears (mixtures of experts: GPTQ is refused)."""
     d = arch_dirs(kind)
     calib = str(Path(data_dir) / "wikitext-2" / "valid.txt")
     kq = tmp_path / "q4_k_m.gguf"
@@ -157,8 +157,10 @@ def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_pat
         gq = rtn
     else:
         _check_gptq(d, calib, rtn, gq)
+    bf16 = tmp_path / "bf16.gguf"
+    api.quantize(str(d), bf16, format="gguf:bf16", show_progress=False)
     prompt = None
-    for path in (kq, gq):
+    for path in (kq, gq, bf16):
         llm = _llama(path, logits_all=False)
         try:
             prompt = prompt or llm.tokenize(b"Robert Boulter is an English", add_bos=True)
