@@ -49,6 +49,7 @@ LLAMA_QUANTIZE = Path("/root/.cache/quantkit/llama-tools/bin/llama-quantize")
 KINDS = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi2", "phi3", "glm4", "olmo2", "granite",
          "smollm3"]
 SPM = ("mistral", "gemma2", "gemma3", "phi3")      # llama.cpp's converter knows their tokenizers
+MOE = ("qwen3moe", "mixtral")                       # round-to-nearest only: GPTQ of experts is refused
 
 
 def _llama(path: Path):
@@ -119,8 +120,11 @@ def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
     kq, rtn, gq = root / f"{kind}-q4km.gguf", root / f"{kind}-q4_0.gguf", root / f"{kind}-gptq.gguf"
     _, t_kq = _timed(lambda: api.quantize(str(d), kq, format="gguf:q4_k_m", show_progress=False))
     api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
-    _, t_gq = _timed(lambda: api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib, nsamples=8,
-                                          seqlen=128, show_progress=False))
+    if kind in MOE:
+        t_gq, gq = None, None
+    else:
+        _, t_gq = _timed(lambda: api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib,
+                                              nsamples=8, seqlen=128, show_progress=False))
     cfg = json.loads((d / "config.json").read_text())
     planned, t_plan = _timed(lambda: {t.name: tuple(t.shape) for t in build_tensors(from_hf_config(cfg, kind), "f32")})
     with GGUFSource(f32) as s:
@@ -129,7 +133,7 @@ def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
         "kind": kind, "layers": layers, "dir": str(d),
         "convert_s": t_conv, "logit_rel_err": rel, "argmax_agrees": argmax,
         "q4_k_m_s": t_kq, "q4_k_m_kl": kls(kq),
-        "gptq_q4_0_s": t_gq, "gptq_q4_0_kl": kls(gq), "rtn_q4_0_kl": kls(rtn),
+        "gptq_q4_0_s": t_gq, "gptq_q4_0_kl": kls(gq) if gq else None, "rtn_q4_0_kl": kls(rtn),
         "plan_s": t_plan, "plan_tensors_match": planned == written,
     }
 
@@ -197,6 +201,7 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="arch_table.json", help="file name under benchmarks/results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     calib = str(Path(DATA_DIR) / "wikitext-2" / "valid.txt")
@@ -211,7 +216,7 @@ def main() -> None:
                 s = _speed(kind, Path(r["dir"]), root, args.repeats)
                 speed.append(s)
                 print(json.dumps(s), flush=True)
-    out = HERE / "results" / "arch_table.json"
+    out = HERE / "results" / args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "speed": speed, "layers": args.layers}, indent=1))
     print("\n| architecture | convert s/layer | logit rel. err | argmax | Q4_K_M s/layer | KL wikitext / sst2 | "
@@ -220,10 +225,11 @@ def main() -> None:
     for r in rows:
         n = r["layers"]
         g, q = r["gptq_q4_0_kl"], r["rtn_q4_0_kl"]
+        gptq = (f"{r['gptq_q4_0_s'] / n:.2f} | {g['wikitext']:.4f} vs {q['wikitext']:.4f} / {g['sst2']:.4f} vs "
+                f"{q['sst2']:.4f}") if g else f"refused | RTN Q4_0 {q['wikitext']:.4f} / {q['sst2']:.4f}"
         print(f"| {r['kind']} | {r['convert_s'] / n:.3f} | {r['logit_rel_err']:.1e} | {'yes' if r['argmax_agrees'] else 'NO'} "
               f"| {r['q4_k_m_s'] / n:.3f} | {r['q4_k_m_kl']['wikitext']:.4f} / {r['q4_k_m_kl']['sst2']:.4f} "
-              f"| {r['gptq_q4_0_s'] / n:.2f} | {g['wikitext']:.4f} vs {q['wikitext']:.4f} / {g['sst2']:.4f} vs "
-              f"{q['sst2']:.4f} | {'yes' if r['plan_tensors_match'] else 'NO'} |")
+              f"| {gptq} | {'yes' if r['plan_tensors_match'] else 'NO'} |")
     if speed:
         print("\n| architecture | quantkit HF -> Q4_K_M wall / CPU (s) | convert_hf_to_gguf + llama-quantize "
               "wall / CPU (s) | ratio wall / CPU | F32 metadata differing | F32 tensors differing |")

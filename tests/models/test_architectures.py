@@ -280,3 +280,34 @@ def test_moe_without_router_is_one_line(arch_dirs, tmp_path, capsys):
     assert code != 0
     assert_one_line(err, "layer 1 has experts but no router")
     assert no_partial(out)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in MOE])
+def test_gptq_pipeline_output_cache_is_exact(arch_dirs, kind):
+    """The pipeline's shortcuts (calibration passes that end at their last input, the attention
+    and MLP outputs kept instead of recomputed) give bit for bit the weights and hidden states of
+    the plain true-sequential passes on every architecture's block (fused qkv / gate_up, Phi-2's
+    parallel block, sandwich and post norms, Granite's residual multiplier)."""
+    from transformers import AutoModelForCausalLM
+    from quantkit.quant.gptq import GPTQConfig
+    from quantkit.quant.pipeline import PipelineConfig, quantize_model
+    from quantkit.quant.rtn import QuantSpec
+
+    ids = torch.randint(0, 700, (2, 16), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for reuse in (True, False):
+        m = AutoModelForCausalLM.from_pretrained(str(arch_dirs(kind)), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+        got = {}
+        rep = quantize_model(m, ids, PipelineConfig(method="gptq", grid=QuantSpec(4, 32, True, torch.float32),
+                                                    gptq=GPTQConfig(), reuse_outputs=reuse),
+                             on_block=lambda i, p, layer, q: got.update({f"{p}.{n}": w.dequantize()
+                                                                         for n, w in q.items()}),
+                             show_progress=False)
+        out[reuse] = (got, rep.final_hidden)
+    (w1, h1), (w0, h0) = out[True], out[False]
+    assert sorted(w1) == sorted(w0) and w1
+    for n in w1:
+        assert torch.equal(w1[n], w0[n]), n
+    for a, b in zip(h1, h0):
+        assert torch.equal(a, b)

@@ -92,7 +92,7 @@ class _Entry:
 
 
 class HFSource(ModelSource):
-    """A Hugging Face directory of a Llama-family model (llama, mistral, qwen2, gemma3)."""
+    """A Hugging Face directory of a decoder-only model of one of `arch.HF_ARCHS`' architectures."""
 
     def __init__(self, path: str | os.PathLike, tokenizer: bool = True, trust_pickle: bool | None = None):
         """tokenizer=False: weights only (no GGUF vocabulary is converted; `tokenizer` is None and

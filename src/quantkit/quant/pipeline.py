@@ -1,4 +1,4 @@
-"""Block-sequential quantization of a Hugging Face decoder (llama, mistral, qwen2, gemma3 text).
+"""Block-sequential quantization of a Hugging Face decoder (the dense architectures of models.arch).
 
 1. Capture: every decoder layer is swapped for a recorder that stores the keyword arguments the
    model passes to it (attention mask, rotary position embeddings, per-layer-type masks for
@@ -98,7 +98,7 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
         if isinstance(obj, nn.ModuleList):
             return parent, obj, prefix
     raise QuantkitError(f"no decoder layers found in {type(model).__name__}",
-                        hint="supported: llama, mistral, qwen2, gemma3 (text)")
+                        hint="quantkit quantizes decoder-only models whose blocks are model.layers")
 
 
 class _Recorder(nn.Module):
@@ -398,7 +398,7 @@ def _stop_at(layer: nn.Module, g: tuple[str, ...], lin: dict[str, nn.Linear],
     later sublayer returns zeros; the block's output is then discarded. Empty where the block
     has no known stopping point for g (the pass then runs the whole block). Applies to blocks
     whose attention and MLP hand their input to q/k/v and gate/up and end in o_proj and
-    down_proj (llama, mistral, qwen2, gemma3)."""
+    down_proj (llama, mistral, qwen2/3, gemma2/3, phi3, glm4, olmo2, granite, smollm3)."""
     if g[0] not in _STOPS:
         return {}
     sub, where = _STOPS[g[0]]
@@ -443,7 +443,8 @@ class _OutputCache:
     a sublayer maps 0 to 0 and the residual adds it, so h + 0 = h.
 
     Applies to blocks whose `self_attn` ends in `o_proj` and whose `mlp` ends in `down_proj`
-    (llama, mistral, qwen2, gemma3), as the decoder layers of transformers call them:
+    (llama, mistral, qwen2/3, gemma2/3, phi3, glm4, olmo2, granite, smollm3), as the decoder
+    layers of transformers call them:
     `hidden, _ = self.self_attn(...)` and `hidden = self.mlp(hidden)`."""
 
     ATTN, MLP = ("self_attn.o_proj",), ("mlp.down_proj",)
