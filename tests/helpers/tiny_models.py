@@ -312,8 +312,12 @@ def _arch_config(kind: str, n_vocab: int, special: dict, layers: int = 2):
         return tf.Gemma3TextConfig(head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
                                    layer_types=["sliding_attention", "full_attention"] * (layers // 2),
                                    final_logit_softcapping=30.0, **c)
-    if kind == "phi3":
-        return tf.Phi3Config(tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0, **c)
+    if kind == "phi3":            # Phi-3.5's LongRoPE: short factors up to 256 tokens (the tests' context)
+        c["max_position_embeddings"] = 1024
+        return tf.Phi3Config(tie_word_embeddings=False, sliding_window=None, original_max_position_embeddings=256,
+                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                              "short_factor": [1.0 + 0.05 * i for i in range(32)],
+                                              "long_factor": [1.0 + 0.3 * i for i in range(32)]}, **c)
     if kind == "phi2":
         c.pop("num_key_value_heads")
         return tf.PhiConfig(partial_rotary_factor=0.5, tie_word_embeddings=False, **c)

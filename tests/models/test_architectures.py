@@ -193,7 +193,7 @@ def test_plan_from_config_alone(arch_dirs, arch_f32, tmp_path, kind):
     m = from_hf_config(cfg, kind)
     planned = {t.name: tuple(t.shape) for t in build_tensors(m, "f32")}
     with GGUFSource(arch_f32(kind)) as src:
-        written = {t.name: tuple(t.shape) for t in src.tensors() if t.name != "rope_freqs.weight"}
+        written = {t.name: tuple(t.shape) for t in src.tensors() if not t.name.startswith("rope_")}
     assert planned == written
 
 
@@ -311,3 +311,28 @@ def test_gptq_pipeline_output_cache_is_exact(arch_dirs, kind):
         assert torch.equal(w1[n], w0[n]), n
     for a, b in zip(h1, h0):
         assert torch.equal(a, b)
+
+
+def test_phi3_longrope_long_factors_past_the_original_context(arch_dirs, arch_f32):
+    """Phi-3.5's LongRoPE: past original_max_position_embeddings (256 here) transformers switches
+    to the long factors, and llama.cpp does when its context is longer than that; a 300-token
+    input gives the same logits both ways (the short factors are covered above)."""
+    import llama_cpp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = arch_dirs("phi3")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    ids = tok(" ".join(wikitext_lines("test.txt", 60)))["input_ids"][:300]
+    assert len(ids) == 300
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(arch_f32("phi3")), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                          n_threads=1, seed=0, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert err < 1e-4, err

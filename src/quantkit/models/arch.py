@@ -208,7 +208,8 @@ _BLOCK_RANK = {n: i for i, n in enumerate(_BLOCK_ORDER)}
 def canonical_order(names: list[str], arch: HFArch | None = None) -> list[str]:
     """GGUF emission order: rope_freqs, token_embd, blocks in order (data-flow order within a
     block), output_norm, output."""
-    head = {"rope_freqs.weight": 0, "token_embd.weight": 1}
+    head = {"rope_freqs.weight": 0, "rope_factors_long.weight": 1, "rope_factors_short.weight": 2,
+            "token_embd.weight": 3}
     tail = {"output_norm.weight": 0, "output_norm.bias": 1, "output.weight": 2, "output.bias": 3}
 
     def key(n: str):

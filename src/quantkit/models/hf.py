@@ -37,7 +37,7 @@ from quantkit.models.arch import (
 )
 from quantkit.models.hf_config import check_config
 from quantkit.models.hf_shapes import check_shapes
-from quantkit.models.hf_meta import first, gguf_metadata, rope_parameters
+from quantkit.models.hf_meta import first, gguf_metadata, longrope_factors, rope_parameters
 from quantkit.models.pickles import require_trusted
 from quantkit.models.safetensors_file import SafetensorsFile
 from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
@@ -82,7 +82,7 @@ class _SafetensorsFile(SafetensorsFile):
 class _Entry:
     """Where a canonical tensor comes from and what happens to it on the way."""
     hf_name: str
-    file: str | None            # None: generated (rope_freqs)
+    file: str | None            # None: generated (rope_freqs, Phi-3's LongRoPE factors)
     shape: tuple[int, ...]      # shape after transforms (row-major)
     stored_type: str
     permute_heads: int = 0      # >0: permute rows for rotary with this many heads
@@ -285,10 +285,12 @@ class HFSource(ModelSource):
         check_shapes(self.path, {n: (e.hf_name, self._raw_index[e.hf_name][1]) for n, e in entries.items()
                                  if e.experts is None}, hp, self._head_dim())
         self._stack_experts(entries)
+        self._generated: dict[str, list[float]] = {}
         if (factors := self._llama3_rope_factors()) is not None:
-            entries["rope_freqs.weight"] = _Entry("<generated llama3 rope factors>", None,
-                                                  (len(factors),), "f32")
-            self._rope_factors = factors
+            self._generated["rope_freqs.weight"] = factors
+        self._generated.update(longrope_factors(hp, self.hf_arch, self._head_dim(), self.path))
+        for name, values in self._generated.items():
+            entries[name] = _Entry(f"<generated {name}>", None, (len(values),), "f32")
         return entries
 
     def _stack_experts(self, entries: dict[str, _Entry]) -> None:
@@ -454,7 +456,7 @@ class HFSource(ModelSource):
         except KeyError:
             raise KeyError(f"{name} is not a tensor of {self.path}") from None
         if e.file is None:
-            return torch.tensor(self._rope_factors, dtype=torch.float32)
+            return torch.tensor(self._generated[name], dtype=torch.float32)
         if e.experts is not None:
             return torch.stack([self.load_hf(e.experts[i]) for i in range(len(e.experts))])
         h = self._handles[e.file]

@@ -10,6 +10,7 @@ here, naming config.json and the key.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -61,6 +62,38 @@ def rope_dimension_count(hp: dict, arch: HFArch, head_dim: int) -> int:
     return head_dim
 
 
+def _orig_ctx(hp: dict, rp: dict) -> int:
+    return int(first(rp, ("original_max_position_embeddings",), hp.get("original_max_position_embeddings"))
+               or hp.get("max_position_embeddings") or 1)
+
+
+def longrope_attention_factor(hp: dict, rp: dict) -> float:
+    """LongRoPE's cos/sin scale: the config's attention_factor, else sqrt(1 + ln s / ln orig)
+    for the context extension s = max_position_embeddings / original (transformers' and
+    convert_hf_to_gguf's rule)."""
+    if rp.get("attention_factor") is not None:
+        return float(rp["attention_factor"])
+    orig = _orig_ctx(hp, rp)
+    scale = int(hp.get("max_position_embeddings") or orig) / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+
+
+def longrope_factors(hp: dict, arch: HFArch, head_dim: int, path: str) -> dict[str, list[float]]:
+    """Phi-3's LongRoPE frequency factors as the two generated tensors llama.cpp reads
+    (rope_factors_long / rope_factors_short, rope dimensions / 2 each); empty without LongRoPE."""
+    rp = rope_parameters(hp)
+    long_f, short_f = rp.get("long_factor"), rp.get("short_factor")
+    if not long_f or arch.key != "phi3":
+        return {}
+    half = rope_dimension_count(hp, arch, head_dim) // 2
+    for key, f in (("long_factor", long_f), ("short_factor", short_f)):
+        if not isinstance(f, list) or len(f) != half or not all(isinstance(x, (int, float)) for x in f):
+            raise QuantkitError(f"rope_scaling.{key} must be {half} numbers (rope dimensions / 2)",
+                                os.path.join(path, "config.json"), "the config is damaged")
+    return {"rope_factors_long.weight": [float(x) for x in long_f],
+            "rope_factors_short.weight": [float(x) for x in short_f]}
+
+
 def _rope_scaling(m: dict, a: str, full: dict, cfg_path: str) -> None:
     rope_type = str(full.get("rope_type", "default") or "default").lower()
     factor = full.get("factor")
@@ -77,9 +110,11 @@ def _rope_scaling(m: dict, a: str, full: dict, cfg_path: str) -> None:
                              ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW)):
             if full.get(cfg_key) is not None:
                 m[key.format(arch=a)] = _f32(full[cfg_key])
+    elif rope_type in ("longrope", "su"):
+        m[Keys.Rope.SCALING_TYPE.format(arch=a)] = _str("longrope")
     elif rope_type not in ("default", "llama3", "none"):
         raise QuantkitError(f"RoPE scaling type {rope_type!r} is not supported", cfg_path,
-                            "supported: linear, yarn, llama3")
+                            "supported: linear, yarn, llama3, longrope (Phi-3)")
 
 
 def _check_runs_alike(hp: dict, arch: HFArch, spec: ArchSpec, path: str, cfg_path: str) -> None:
@@ -102,9 +137,8 @@ def _check_runs_alike(hp: dict, arch: HFArch, spec: ArchSpec, path: str, cfg_pat
             raise QuantkitError("no_rope_layers is not SmolLM3's every-4th-layer layout llama.cpp assumes",
                                 cfg_path, "llama.cpp cannot run this layout")
     rp = rope_parameters(hp)
-    if arch.key == "phi3" and rp.get("long_factor"):
-        raise QuantkitError("Phi-3 LongRoPE scaling (rope_scaling.long_factor) is not supported", cfg_path,
-                            "use a 4k-context Phi-3 model")
+    if rp.get("long_factor") and arch.key != "phi3":
+        raise QuantkitError(f"LongRoPE scaling is supported for Phi-3 only, not {arch.key}", cfg_path)
 
 
 def gguf_metadata(hp: dict, arch: HFArch, spec: ArchSpec, path: str, head_dim_given: bool) -> dict[str, MetaValue]:
@@ -148,6 +182,8 @@ def gguf_metadata(hp: dict, arch: HFArch, spec: ArchSpec, path: str, head_dim_gi
         orig = first(rp, ("original_max_position_embeddings",), hp.get("original_max_position_embeddings"))
         if orig is not None:
             m[Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=a)] = _u32(orig)
+        if rp.get("long_factor"):
+            m[Keys.Rope.SCALING_ATTN_FACTOR.format(arch=a)] = _f32(longrope_attention_factor(hp, rp))
     if arch.swa == "always" or (arch.swa == "pattern" and spec.sliding_window):
         m[Keys.Attention.SLIDING_WINDOW.format(arch=a)] = _u32(spec.sliding_window or 0)
     if arch.swa == "pattern" and spec.sliding_window and spec.sliding_window_pattern:
