@@ -111,7 +111,7 @@ def _rope_scaling(m: dict, a: str, full: dict, cfg_path: str) -> None:
             if full.get(cfg_key) is not None:
                 m[key.format(arch=a)] = _f32(full[cfg_key])
     elif rope_type in ("longrope", "su"):
-        m[Keys.Rope.SCALING_TYPE.format(arch=a)] = _str("longrope")
+        pass        # Phi-3's factor tensors and attention factor carry it (longrope_factors); no type key
     elif rope_type not in ("default", "llama3", "none"):
         raise QuantkitError(f"RoPE scaling type {rope_type!r} is not supported", cfg_path,
                             "supported: linear, yarn, llama3, longrope (Phi-3)")
