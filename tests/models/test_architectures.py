@@ -223,6 +223,9 @@ def test_inspect_says_what_the_model_is_and_what_quantkit_can_do(arch_dirs, arch
     # a GGUF of an architecture quantkit cannot rebuild in transformers: re-quantizing only
     g = api.inspect(str(arch_f32("phi3")))["model"]
     assert g["gguf_architecture"] == "phi3" and not any("gptq" in c for c in g["quantkit_can"])
+    moe = api.inspect(str(arch_dirs("qwen3moe")))["model"]
+    assert (moe["architecture"], moe["experts"], moe["experts_used"]) == ("Qwen3MoeForCausalLM", 4, 2)
+    assert not any(c.startswith("gguf+gptq") for c in moe["quantkit_can"])
 
 
 def test_unsupported_architecture_is_one_line_naming_it(arch_dirs, tmp_path, capsys):
