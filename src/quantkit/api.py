@@ -49,8 +49,10 @@ def open_model(path=None):
 
 @_pickle_opt_in
 def inspect(model=None) -> dict[str, Any]:
-    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer;
-    for a vision-language directory, its vision tower ("vision": models.vision.describe_vision)."""
+    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer,
+    what the model is and what quantkit can do with it ("model"), and for a vision-language
+    directory its vision tower ("vision": models.vision.describe_vision)."""
+    from .models.arch import describe
     src = open_model(model)
     tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in src.tensors()]
     n_params = sum(t.n_elements for t in src.tensors())
@@ -73,6 +75,8 @@ def inspect(model=None) -> dict[str, Any]:
         "bits_per_weight_linear": 8 * sum(t.nbytes for t in linear) / lin_params if lin_params else 0.0,
         "types": types,
         "tokenizer": {"model": src.tokenizer.model, "pre": src.tokenizer.pre, "n_tokens": src.tokenizer.n_tokens},
+        "model": describe(src.spec.arch, getattr(src, "hf_arch", None), getattr(src, "config", None),
+                          src.spec.n_expert, src.spec.n_expert_used),
         "tensors": tensors,
         "vision": _describe_vision(path) if file_bytes is None else None,
     }
