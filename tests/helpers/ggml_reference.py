@@ -2,6 +2,7 @@
 ships: the reference quantkit's codecs are tested against, byte for byte.
 
     ggml_quantize("q4_0", x)              # float32 [rows, n] -> uint8 [rows, row_bytes]
+    ggml_quantize("q4_0", x, imatrix=qw)  # with importance weights float32 [n] (quant_weights)
     ggml_dequantize("q4_0", data, n)      # uint8 [rows, row_bytes] -> float32 [rows, n]
 """
 
@@ -43,15 +44,22 @@ def _type(name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType[name.upper()]
 
 
-def ggml_quantize(name: str, x: np.ndarray) -> np.ndarray:
+def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over x float32 [rows, n]; imatrix float32 [n] is its last argument
+    (the importance weights llama-quantize passes), None for the unweighted path."""
     t = _type(name)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
     bs, ts = GGML_QUANT_SIZES[t]
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = libggml()
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        assert qw.size == n, (qw.size, n)
     lib.ggml_quantize_init(int(t))
-    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n,
+                                   None if qw is None else qw.ctypes.data)
     assert size == out.nbytes, (size, out.nbytes)
     return out
 
