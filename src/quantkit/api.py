@@ -107,7 +107,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              seqlen: int | None = None, damp: float | None = None, act_order: bool | None = None,
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
              recipe=None, show_progress: bool = True, ray: bool | str | None = None,
-             workers: int | None = None) -> QuantizeResult:
+             workers: int | None = None, imatrix: str | os.PathLike | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -118,7 +118,10 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     layout and size, a lower error. `shrink` (GPTQ): the Hessian moved toward its diagonal by
     this fraction; None: recipe.DEFAULT_SHRINK (0.1 on these grids). `ray` (GPTQ): split the
     calibration over `workers` Ray workers (default 2), on the cluster at the address `ray`
-    names or, with ray=True, a local runtime (see quant.distributed)."""
+    names or, with ray=True, a local runtime (see quant.distributed). `imatrix`: an importance
+    matrix file (GGUF or legacy .dat, from `imatrix()` or llama-imatrix) for round-to-nearest:
+    the same bytes as `llama-quantize --imatrix`; the types that need one (IQ2/IQ1, Q2_K_S) are
+    refused without it."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
@@ -132,9 +135,17 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         raise QuantkitError(f"format '{r.spelling()}' is written by "
                             + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),
                             hint="call quantkit.api." + ("quantize_gpu" if r.format != "int8" else "quantize_dynamic"))
+    from .quant.gguf_policy import FILE_TYPES, requires_imatrix
+    if imatrix is None and r.type in FILE_TYPES and requires_imatrix("", FILE_TYPES[r.type][1], r.type):
+        from .models.imatrix_file import HOW_TO_MAKE
+        raise QuantkitError(f"file type {r.type} needs an importance matrix (llama.cpp refuses it without one)",
+                            hint=f"{HOW_TO_MAKE}, then pass --imatrix imatrix.gguf")
     if r.type not in supported_file_types():
-        raise QuantkitError(f"type '{r.type}' cannot be encoded here",
+        raise QuantkitError(f"type '{r.type}' cannot be encoded here (quantkit has no {r.type} encoder in this build)",
                             hint="use one of " + ", ".join(supported_file_types()))
+    if imatrix is not None and r.method == "gptq":
+        raise QuantkitError("--imatrix weights round-to-nearest export; GPTQ calibrates on its own data",
+                            os.fspath(imatrix), "leave out +gptq, or leave out --imatrix")
     if r.method == "gptq":
         from .quant.gguf_gptq import export_gguf_gptq
         from .quant.gptq import GPTQConfig
@@ -149,10 +160,14 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     if ray not in (None, False):
         raise QuantkitError("--ray spreads GPTQ's calibration over workers; round to nearest needs none",
                             hint="leave out --ray, or add +gptq to the format")
+    imx = None
+    if imatrix is not None:
+        from .models.imatrix_file import read_imatrix
+        imx = read_imatrix(imatrix)
     src = open_model(model)
     try:
         rep = export_gguf(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
-                          output_tensor_type=output_tensor_type, show_progress=show_progress)
+                          output_tensor_type=output_tensor_type, show_progress=show_progress, imatrix=imx)
     finally:
         src.close()
     return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)

@@ -78,8 +78,11 @@ def ggml_dequantize(name: str, data: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nthread: int = 2) -> None:
-    """llama.cpp's llama_model_quantize (what `llama-quantize --allow-requantize` runs)."""
+def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nthread: int = 2,
+                   imatrix: dict | None = None) -> None:
+    """llama.cpp's llama_model_quantize (what `llama-quantize --allow-requantize` runs).
+    imatrix: {tensor name: float32 importance weights}, what llama-quantize hands over after
+    reading an imatrix file (params.imatrix; the file's quantize.imatrix.* keys are not added)."""
     import llama_cpp
     from quantkit.quant.gguf_policy import FILE_TYPES
 
@@ -88,5 +91,17 @@ def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nt
     params.allow_requantize = True
     params.pure = pure
     params.nthread = nthread
+    keep = []
+    if imatrix is not None:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, w) in enumerate(imatrix.items()):
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            nm = name.encode()
+            keep += [w, nm]
+            arr[i].name = nm
+            arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = w.size
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, type(params.imatrix))
     rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize failed with {rc}"
