@@ -173,6 +173,47 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
 
 
+@dataclass
+class ImatrixResult:
+    output: str
+    seconds: float
+    tokens: int
+    entries: int
+
+
+@_pickle_opt_in
+def imatrix(model=None, output: str | os.PathLike | None = None, *, calib: str | None = None,
+            nsamples: int | None = None, seqlen: int | None = None, input_ids=None,
+            show_progress: bool = True) -> ImatrixResult:
+    """Compute MODEL's importance matrix (what llama-imatrix computes: per decoder weight, the sum
+    over calibration tokens of each input column's squared activation, and the token count)
+    with quantkit's forward over `calib` (default wikitext-2 valid), nsamples x seqlen tokens
+    (defaults in quantkit.recipe), or over `input_ids` [chunks, tokens] as given; write it to
+    OUTPUT: llama.cpp's GGUF imatrix, or the legacy format for a name ending in .dat. Use it
+    with quantize(..., imatrix=OUTPUT) or llama-quantize --imatrix."""
+    from . import recipe as rc
+    from .models.imatrix_file import save_imatrix
+    from .quant.imatrix import compute_imatrix
+    from .util.atomic import check_output
+    from .util.errors import QuantkitError
+    if output is None:
+        raise QuantkitError("no output path", hint="give -o imatrix.gguf")
+    check_output(output, [model, calib])
+    n = rc.check_nsamples(nsamples) if nsamples is not None else rc.DEFAULT_NSAMPLES
+    L = rc.check_seqlen(seqlen) if seqlen is not None else rc.DEFAULT_SEQLEN
+    if input_ids is not None:
+        import torch
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    src = open_model(model)
+    try:
+        rep = compute_imatrix(src, src.path, calib=calib, nsamples=n, seqlen=L, input_ids=input_ids,
+                              show_progress=show_progress)
+    finally:
+        src.close()
+    save_imatrix(rep.imatrix, output)
+    return ImatrixResult(os.fspath(output), rep.seconds, rep.tokens, len(rep.imatrix.entries))
+
+
 DEMO_PROMPT = "The capital of France is"
 
 
