@@ -141,7 +141,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         raise QuantkitError(f"file type {r.type} needs an importance matrix (llama.cpp refuses it without one)",
                             hint=f"{HOW_TO_MAKE}, then pass --imatrix imatrix.gguf")
     if r.type not in supported_file_types():
-        raise QuantkitError(f"type '{r.type}' cannot be encoded here (quantkit has no {r.type} encoder in this build)",
+        default = FILE_TYPES[r.type][1] if r.type in FILE_TYPES else r.type
+        raise QuantkitError(f"type '{r.type}' cannot be encoded here (quantkit has no {default} encoder in this build)",
                             hint="use one of " + ", ".join(supported_file_types()))
     if imatrix is not None and r.method == "gptq":
         raise QuantkitError("--imatrix weights round-to-nearest export; GPTQ calibrates on its own data",
