@@ -107,7 +107,9 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              seqlen: int | None = None, damp: float | None = None, act_order: bool | None = None,
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
              recipe=None, show_progress: bool = True, ray: bool | str | None = None,
-             workers: int | None = None) -> QuantizeResult:
+             workers: int | None = None, target_bpw: float | None = None, target_size: str | int | None = None,
+             fit: str | None = None, ctx: int | None = None, kv_type: str | None = None,
+             evaluate: bool = False, command: str | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -118,11 +120,24 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     layout and size, a lower error. `shrink` (GPTQ): the Hessian moved toward its diagonal by
     this fraction; None: recipe.DEFAULT_SHRINK (0.1 on these grids). `ray` (GPTQ): split the
     calibration over `workers` Ray workers (default 2), on the cluster at the address `ray`
-    names or, with ray=True, a local runtime (see quant.distributed)."""
+    names or, with ray=True, a local runtime (see quant.distributed). A budget (`target_bpw`
+    bits per weight over the file, `target_size` bytes such as "2.5GB", or `fit` a device name
+    with `ctx` and `kv_type`; see quantize_budget) chooses a type per tensor instead of the file
+    type's mix, and writes a model card beside the file."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
         raise QuantkitError("no output path", hint="give -o OUT")
+    from .quant.budget import budget_from_flags
+    budget = budget_from_flags(target_bpw, target_size, fit, ctx, kv_type)
+    if budget is not None:
+        return quantize_budget(model, output, budget, format=format, method=method, calib=calib, nsamples=nsamples,
+                               seqlen=seqlen, damp=damp, act_order=act_order, scale_search=scale_search,
+                               true_sequential=true_sequential, shrink=shrink, recipe=recipe,
+                               show_progress=show_progress, ray=ray, workers=workers, evaluate=evaluate,
+                               command=command)
+    if evaluate:
+        raise QuantkitError("--eval scores a budgeted file for its model card", hint="add --target-size, --target-bpw or --fit")
     r = _recipe(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
                 act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
     from .util.atomic import check_output
@@ -470,3 +485,98 @@ def _ray_options(ray, workers):
         return None
     from .quant.distributed import RayOptions
     return RayOptions(address=None if ray is True else (ray or None), workers=2 if workers is None else workers)
+
+
+
+@_pickle_opt_in
+def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=None, *,
+                    format: str | None = None, method: str | None = None,  # noqa: A002
+                    calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
+                    damp: float | None = None, act_order: bool | None = None, scale_search: bool | None = None,
+                    true_sequential: bool | None = None, shrink: float | None = None, recipe=None,
+                    show_progress: bool = True, ray=None, workers=None, evaluate: bool = False,
+                    command: str | None = None, card: bool = True) -> QuantizeResult:
+    """A GGUF of MODEL under a budget: `budget` a quant.budget.Budget (budget_from_flags) or a
+    rung string ("gguf:bpw4.5+gptq", "gguf:size=300MB", "gguf:fit=rtx-3060@8192"). Per tensor,
+    every type quantkit encodes is priced by quant.sensitivity (estimated KL divergence, from a
+    calibration pass of min(nsamples, 16) x seqlen tokens, cached) and quant.allocate picks the
+    least-cost mix that fits; method "gptq" then solves each decoder linear onto its own type's
+    grid (calibration as in quantize). Writes OUTPUT (never over the budget) and, with `card`,
+    a model card README.md beside it (`evaluate`: with the KL divergence and perplexity measured
+    on wikitext-2 test). Raises one QuantkitError for a budget no mix meets (naming the smallest
+    file), an unknown device, a --fit context that leaves too little (naming one that fits)."""
+    import time
+    from .models.open import open_model as _open
+    from .quant.budget import check_written, mix_file_type, plan_mix, resolve_budget, smallest_weights
+    from .quant.sensitivity import SENS_NSAMPLES
+    from .quant.sensitivity_pass import measure_sensitivity
+    from .recipe import parse_recipe
+    from .util.atomic import check_output
+    from .util.errors import QuantkitError
+    if output is None:
+        raise QuantkitError("no output path", hint="give -o OUT")
+    budget, method = resolve_budget(budget, format, method)
+    if recipe is not None and method is not None:
+        given = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+        if given.method != method:
+            raise QuantkitError(f"the recipe's method {given.method} contradicts +{method}", hint="say the method once")
+        method = None
+    r = _recipe(recipe, format=None, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
+                act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
+    if r.format != "gguf":
+        raise QuantkitError("a budget writes a GGUF", hint="leave --format out")
+    check_output(output, [model, r.calibration.file])
+    output, cal, t0 = os.fspath(output), r.calibration, time.perf_counter()
+    src = _open(model)
+    try:
+        sens = measure_sensitivity(src, src.path, calib=cal.file, nsamples=min(cal.nsamples, SENS_NSAMPLES),
+                                   seqlen=cal.seqlen, show_progress=show_progress)
+        t_sens = time.perf_counter()
+        fit = None
+        if budget.kind == "fit":
+            from .plan.fit import check_fit
+            fit = check_fit(src.path, budget.device, budget.n_ctx, budget.kv_type, smallest_weights(sens))
+        mix = plan_mix(sens, budget, src.metadata, fit.weights if fit else None)
+        t_alloc, ft, path = time.perf_counter(), mix_file_type(mix.plan), src.path
+        if r.method != "gptq":
+            from .quant.gguf_export import export_gguf
+            export_gguf(src, output, ft, plan=mix.plan, show_progress=show_progress)
+    finally:
+        src.close()
+    if r.method == "gptq":
+        from .quant.gguf_gptq import export_gguf_gptq
+        from .quant.gptq import GPTQConfig
+        g = r.gptq
+        export_gguf_gptq(path, output, ft, calib=cal.file, nsamples=cal.nsamples, seqlen=cal.seqlen,
+                         gptq=GPTQConfig(damp=g.damp, act_order=g.act_order, scale_search=g.scale_search,
+                                         shrink=r.shrink),
+                         true_sequential=g.true_sequential, show_progress=show_progress,
+                         ray=_ray_options(ray, workers), plan=mix.plan)
+    check_written(output, mix)
+    seconds = {"sensitivity": t_sens - t0, "allocation": t_alloc - t_sens, "total": time.perf_counter() - t0,
+               "sensitivity_cached": "seconds" in sens.meta and t_sens - t0 < 0.5 * sens.meta["seconds"]}
+    res = QuantizeResult(output, f"gguf:{budget.spelling()}", r.method, seconds["total"], os.path.getsize(output),
+                         mix.types)
+    if card:
+        _budget_card(path, res, budget, r, sens, mix, fit, evaluate, command, seconds)
+    return res
+
+
+
+def _budget_card(model_path, res, budget, r, sens, mix, fit, evaluate, command, seconds):
+    """The model card beside a budgeted file (eval.model_card), with the planner's numbers for
+    a --fit device."""
+    from .eval.model_card import budget_card
+    planner = None
+    if fit is not None:
+        p = plan(res.output, devices=[fit.device], n_ctx=fit.n_ctx, kv_type=fit.kv_type)
+        cell, inf = p.rows[0].cells[0], p.rows[0].memory
+        planner = {"device": fit.device, "n_ctx": fit.n_ctx, "kv_type": fit.kv_type, "needed": cell.memory_needed,
+                   "available": cell.memory_available, "kv": inf.kv,
+                   "decode": f"{cell.decode_expected:.1f} tokens/s" if cell.decode_expected else None}
+    scores = None
+    if evaluate:
+        er = globals()["evaluate"]([model_path, res.output], speed=False, show_progress=False)
+        row = er.rows[-1]
+        scores = [{"text": "wikitext-2 test", "kld": row.kld_mean, "ppl": row.ppl, "top1": row.top1_agreement}]
+    return budget_card(model_path, res.output, budget, r, sens, mix, planner, scores, command, seconds)
