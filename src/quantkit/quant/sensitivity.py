@@ -39,8 +39,8 @@ from .gguf_policy import allows_quantization, tensor_order
 FLOAT_SKIP = ("f32", "bf16")
 HEAD_NAMES = ("token_embd.weight", "output.weight")
 MAX_ERR_VALUES = 1 << 22          # rows sampled per tensor for the error estimate beyond this many values
-PROBE_SAMPLES = 4                 # calibration samples the probes score...
-PROBE_TOKENS = 128                # ...their first this many tokens each
+PROBE_SAMPLES = 2                 # calibration samples the probes score...
+PROBE_TOKENS = 64                 # ...their first this many tokens each
 SENS_NSAMPLES = 16                # calibration samples for the Hessians (at most the recipe's)
 CLASS_KEYS = (("attn_qkv", "attn_qkv"), ("attn_q.", "attn_q"), ("attn_k.", "attn_k"), ("attn_v.", "attn_v"),
               ("attn_output", "attn_output"), ("ffn_gate", "ffn_gate"), ("ffn_up", "ffn_up"),

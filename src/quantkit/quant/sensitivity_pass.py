@@ -189,7 +189,7 @@ def _cache_path(path: str, calib: str | None, nsamples: int, seqlen: int) -> str
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
     stats = [(f, os.stat(f).st_size, int(os.stat(f).st_mtime)) for f in files if os.path.isfile(f)]
     key = repr((CACHE_VERSION, os.path.abspath(path), stats, calib and os.path.abspath(calib),
-                nsamples, seqlen, ct((1, 3 * 256 * 32))))
+                nsamples, seqlen, PROBE_SAMPLES, PROBE_TOKENS, ct((1, 3 * 256 * 32))))
     return os.path.join(cache_dir(), "sensitivity", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
