@@ -381,6 +381,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method. `ray` and `workers`:
     each rung built and scored as a Ray task, as in evaluate()."""
     from .eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
+    from .quant.budget import split_budget_rung
     from .eval.lm import default_text
     from .util.errors import QuantkitError
 
@@ -402,7 +403,29 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
         job = Job(_specs([first]), names, options.get("text"), os.path.abspath(out_dir) if out_dir else None, cal)
         return evaluate_on_ray([job], EvalOptions(**options), ray, workers)[0]
     rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)
-    return label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
+    result = label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
+    if out_dir is not None and any(split_budget_rung(r.file_type) for r in rungs):
+        _provided_files(out_dir, rungs, result)
+    return result
+
+
+def _provided_files(out_dir, rungs, result) -> str:
+    """README.md in a ladder's folder: the provided-files table (file, method, bits, size, the
+    planner's peak RSS for llama.cpp on a CPU at its default context, KL divergence)."""
+    from .eval.model_card import MARK, provided_files, write_text
+    kld = {os.path.abspath(r.path): r.kld_mean for r in result.rows}
+    rows = []
+    for r in rungs:
+        from .plan.model import load
+        m = load(r.path)
+        p = plan(m, formats=[m.stored_format] if m.stored_format else None)    # the file's own header bytes
+        row = p.rows[0]
+        rows.append({"file": os.path.basename(r.path), "method": r.label, "bytes": os.path.getsize(r.path),
+                     "bpw": row.memory.weights * 8 / max(1, m.n_params), "max_ram": row.cpu_resident,
+                     "kld": kld.get(os.path.abspath(r.path))})
+    text = f"{MARK}\n\n## Provided files\n\nMax RAM: quantkit plan's peak resident memory for llama.cpp on a CPU " \
+           f"at context {p.n_ctx}.\n\n" + provided_files(rows)
+    return write_text(os.path.join(out_dir, "README.md"), text)
 
 
 def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, **options):
@@ -505,11 +528,9 @@ def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=
     a model card README.md beside it (`evaluate`: with the KL divergence and perplexity measured
     on wikitext-2 test). Raises one QuantkitError for a budget no mix meets (naming the smallest
     file), an unknown device, a --fit context that leaves too little (naming one that fits)."""
-    import time
-    from .models.open import open_model as _open
-    from .quant.budget import check_written, mix_file_type, plan_mix, resolve_budget, smallest_weights
-    from .quant.sensitivity import SENS_NSAMPLES
-    from .quant.sensitivity_pass import measure_sensitivity
+    from .quant.budget import resolve_budget
+    from .quant.budget_export import export_budget
+    from .quant.gptq import GPTQConfig
     from .recipe import parse_recipe
     from .util.atomic import check_output
     from .util.errors import QuantkitError
@@ -526,37 +547,20 @@ def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=
     if r.format != "gguf":
         raise QuantkitError("a budget writes a GGUF", hint="leave --format out")
     check_output(output, [model, r.calibration.file])
-    output, cal, t0 = os.fspath(output), r.calibration, time.perf_counter()
-    src = _open(model)
-    try:
-        sens = measure_sensitivity(src, src.path, calib=cal.file, nsamples=min(cal.nsamples, SENS_NSAMPLES),
-                                   seqlen=cal.seqlen, show_progress=show_progress)
-        t_sens = time.perf_counter()
-        fit = None
-        if budget.kind == "fit":
-            from .plan.fit import check_fit
-            fit = check_fit(src.path, budget.device, budget.n_ctx, budget.kv_type, smallest_weights(sens))
-        mix = plan_mix(sens, budget, src.metadata, fit.weights if fit else None)
-        t_alloc, ft, path = time.perf_counter(), mix_file_type(mix.plan), src.path
-        if r.method != "gptq":
-            from .quant.gguf_export import export_gguf
-            export_gguf(src, output, ft, plan=mix.plan, show_progress=show_progress)
-    finally:
-        src.close()
-    if r.method == "gptq":
-        from .quant.gguf_gptq import export_gguf_gptq
-        from .quant.gptq import GPTQConfig
-        g = r.gptq
-        export_gguf_gptq(path, output, ft, calib=cal.file, nsamples=cal.nsamples, seqlen=cal.seqlen,
-                         gptq=GPTQConfig(damp=g.damp, act_order=g.act_order, scale_search=g.scale_search,
-                                         shrink=r.shrink),
-                         true_sequential=g.true_sequential, show_progress=show_progress,
-                         ray=_ray_options(ray, workers), plan=mix.plan)
-    check_written(output, mix)
-    seconds = {"sensitivity": t_sens - t0, "allocation": t_alloc - t_sens, "total": time.perf_counter() - t0,
-               "sensitivity_cached": "seconds" in sens.meta and t_sens - t0 < 0.5 * sens.meta["seconds"]}
-    res = QuantizeResult(output, f"gguf:{budget.spelling()}", r.method, seconds["total"], os.path.getsize(output),
-                         mix.types)
+    output, cal, g = os.fspath(output), r.calibration, r.gptq
+
+    def fit_resolver(path, smallest):
+        from .plan.fit import check_fit
+        return check_fit(path, budget.device, budget.n_ctx, budget.kv_type, smallest)
+
+    rep = export_budget(model, output, budget, method=r.method, calib=cal.file, nsamples=cal.nsamples,
+                        seqlen=cal.seqlen, gptq=GPTQConfig(damp=g.damp, act_order=g.act_order,
+                                                           scale_search=g.scale_search, shrink=r.shrink),
+                        true_sequential=g.true_sequential, show_progress=show_progress,
+                        ray=_ray_options(ray, workers), fit_resolver=fit_resolver)
+    res = QuantizeResult(output, f"gguf:{budget.spelling()}", r.method, rep.seconds["total"], rep.file_bytes,
+                         rep.mix.types)
+    path, sens, mix, fit, seconds = rep.source, rep.sens, rep.mix, rep.fit, rep.seconds
     if card:
         _budget_card(path, res, budget, r, sens, mix, fit, evaluate, command, seconds)
     return res

@@ -34,3 +34,17 @@ def test_unknown_device_is_one_line():
     with pytest.raises(QuantkitError) as e:
         fit_budget("llama-3.1-8b", "rtx-9999")
     assert "rtx-9999" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_plan_names_the_largest_budget_and_its_command(capsys):
+    from helpers.cli import run_cli
+    code, _ = run_cli(["plan", "llama-3.1-8b", "--device", "rtx-3060", "--ctx", "8192"], capsys)
+    assert code == 0
+    from quantkit.cli import main
+    main(["plan", "llama-3.1-8b", "--device", "rtx-3060", "--ctx", "8192"])
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("Largest budget on rtx-3060 at context 8192")]
+    assert line, out
+    gib = fit_budget("llama-3.1-8b", "rtx-3060", 8192).weights / memory.GIB
+    assert f"{gib:.2f} GiB" in line[0]
+    assert "quantkit quantize llama-3.1-8b --fit rtx-3060 --ctx 8192" in line[0]

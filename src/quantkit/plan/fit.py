@@ -85,3 +85,34 @@ def check_fit(model, device: str, n_ctx: int | None, kv_type: str, smallest_weig
                             hint=f"give --ctx {ok} (the largest context at which it fits)")
     raise QuantkitError(f"--fit {device}: the device leaves {gib(fb.weights)} for weights {where}, below the smallest "
                         f"file ({gib(smallest_weights)}), at any context", hint="pick a larger device")
+
+
+def largest_budgets(model, model_arg: str, devices: list[str], n_ctx: int, kv_type: str = "f16",
+                    ram_gb: float | None = None) -> list[dict]:
+    """Per device (llama.cpp): the largest weight budget at n_ctx, as bytes and bits per weight,
+    and the `quantkit quantize` command that makes the file (plan --device)."""
+    import shlex
+    m = _shape(model)
+    out = []
+    for d in devices:
+        fb = fit_budget(m, d, n_ctx, kv_type, ram_gb)
+        bpw = fb.weights * 8 / max(1, m.n_params)
+        stem = shlex.quote(str(model_arg).rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf") + f"-{fb.device}.gguf")
+        cmd = (f"quantkit quantize {shlex.quote(str(model_arg))} --fit {shlex.quote(d)} --ctx {n_ctx}"
+               + (f" --kv-type {kv_type}" if kv_type != "f16" else "") + f" --method gptq -o {stem}")
+        out.append({"device": fb.device, "n_ctx": n_ctx, "weights_bytes": fb.weights, "bpw": bpw,
+                    "fits": fb.weights > 0, "command": cmd})
+    return out
+
+
+def render_budgets(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if not r["fits"]:
+            lines.append(f"Largest budget on {r['device']} at context {r['n_ctx']}: none (the KV cache and buffers "
+                         "alone do not fit; try a smaller --ctx)")
+            continue
+        lines.append(f"Largest budget on {r['device']} at context {r['n_ctx']}: {r['weights_bytes'] / memory.GIB:.2f} "
+                     f"GiB of weights ({r['bpw']:.2f} bits per weight" + (", F16 fits" if r["bpw"] >= 16 else "")
+                     + f"); make it with: {r['command']}")
+    return lines
