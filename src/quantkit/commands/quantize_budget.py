@@ -36,7 +36,8 @@ def run_budget(args: argparse.Namespace, budget_method) -> int:
     if getattr(args, "threads", None) is not None:
         import torch
         torch.set_num_threads(args.threads)
-    command = " ".join(shlex.quote(a) for a in ["quantkit", *sys.argv[1:]])
+    # the command line as typed, when this process is the quantkit CLI; else the card spells it
+    command = " ".join(shlex.quote(a) for a in ["quantkit", *sys.argv[1:]]) if "quantize" in sys.argv[1:] else None
     res = api.quantize_budget(args.model, args.output, budget, recipe=r, evaluate=args.eval, command=command,
                               trust_pickle=getattr(args, "trust_pickle", False), **ray_args(args))
     counts: dict[str, int] = {}
