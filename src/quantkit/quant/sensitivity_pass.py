@@ -198,6 +198,16 @@ def measure_sensitivity(src, path: str, *, calib: str | None = None, nsamples: i
     """Sensitivity of `src` (opened from `path`), calibrated on nsamples x seqlen tokens of
     `calib` (default wikitext-2 valid); from quantkit's cache when the same pass ran before."""
     cp = _cache_path(path, calib, nsamples, seqlen) if cache and os.path.exists(path) else None
+    if cp is None:
+        return _measure(src, path, calib, nsamples, seqlen, show_progress, None)
+    import fcntl
+    os.makedirs(os.path.dirname(cp), exist_ok=True)
+    with open(cp + ".lock", "a") as lock:          # a second process waits, then reads the first one's result
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _measure(src, path, calib, nsamples, seqlen, show_progress, cp)
+
+
+def _measure(src, path, calib, nsamples, seqlen, show_progress, cp) -> Sensitivity:
     if cp and os.path.isfile(cp):
         try:
             with open(cp, encoding="utf-8") as f:
@@ -211,7 +221,6 @@ def measure_sensitivity(src, path: str, *, calib: str | None = None, nsamples: i
     del sp
     if cp:
         from ..util.atomic import atomic_output
-        os.makedirs(os.path.dirname(cp), exist_ok=True)
         try:
             with atomic_output(cp) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(sens.to_json())
