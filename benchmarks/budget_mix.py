@@ -60,7 +60,7 @@ def main() -> None:
                             os.path.join(WORK, "f32.log"))
         save()
     imatrix = os.path.join(WORK, f"imatrix-{args.chunks}.dat")
-    if not os.path.exists(imatrix):
+    if not os.path.exists(imatrix) and "imatrix" in args.methods.split(","):
         runs["imatrix"] = timed([os.path.join(TOOLS, "llama-imatrix"), "-m", f32, "-f", valid, "-c", "512",
                                  "--chunks", str(args.chunks), "-t", str(args.threads), "-o", imatrix],
                                 os.path.join(WORK, "imatrix.log"))
@@ -68,7 +68,10 @@ def main() -> None:
     files = {}
     methods = args.methods.split(",")
     for size in args.sizes.split(","):
+        # the budget: the stock mix's bytes (the same with or without the importance matrix)
         stock = os.path.join(WORK, f"{size}-imatrix.gguf")
+        if not os.path.exists(stock):
+            stock = os.path.join(WORK, f"{size}-rtn.gguf")
         for method in methods:
             out = os.path.join(WORK, f"{size}-{method}.gguf")
             if method.startswith("budget"):

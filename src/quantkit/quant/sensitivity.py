@@ -25,16 +25,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..codecs.registry import QTYPES, can_encode, qtype
-from ..util.errors import QuantkitError
-from ..util.progress import progress
-from .gguf_policy import allows_quantization, tensor_order
 
 FLOAT_SKIP = ("f32", "bf16")
 HEAD_NAMES = ("token_embd.weight", "output.weight")
