@@ -139,7 +139,10 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
              recipe=None, show_progress: bool = True, ray: bool | str | None = None,
              workers: int | None = None, mmproj: str | os.PathLike | None = None, mmproj_type: str = "f16",
-             text_only: bool = False, imatrix: str | os.PathLike | None = None) -> QuantizeResult:
+             text_only: bool = False, imatrix: str | os.PathLike | None = None,
+             target_bpw: float | None = None, target_size: str | int | None = None,
+             fit: str | None = None, ctx: int | None = None, kv_type: str | None = None,
+             evaluate: bool = False, command: str | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -159,11 +162,28 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
 
     `imatrix`: an importance matrix file (GGUF or legacy .dat, from `imatrix()` or llama-imatrix)
     for round-to-nearest: the same bytes as `llama-quantize --imatrix`; the types that need one
-    (IQ2/IQ1, Q2_K_S) are refused without it."""
+    (IQ2/IQ1, Q2_K_S) are refused without it.
+
+    A budget (`target_bpw` bits per weight over the file, `target_size` bytes such as "2.5GB", or
+    `fit` a device name with `ctx` and `kv_type`; see quantize_budget) chooses a type per tensor
+    instead of the file type's mix, and writes a model card beside the file."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
         raise QuantkitError("no output path", hint="give -o OUT")
+    from .quant.budget import budget_from_flags
+    budget = budget_from_flags(target_bpw, target_size, fit, ctx, kv_type)
+    if budget is not None:
+        if imatrix is not None or mmproj is not None:
+            raise QuantkitError("a budget chooses its own types from its calibration; --imatrix and --mmproj "
+                                "are not combined with it", hint="leave out --imatrix / --mmproj, or the budget")
+        return quantize_budget(model, output, budget, format=format, method=method, calib=calib, nsamples=nsamples,
+                               seqlen=seqlen, damp=damp, act_order=act_order, scale_search=scale_search,
+                               true_sequential=true_sequential, shrink=shrink, recipe=recipe,
+                               show_progress=show_progress, ray=ray, workers=workers, evaluate=evaluate,
+                               command=command)
+    if evaluate:
+        raise QuantkitError("--eval scores a budgeted file for its model card", hint="add --target-size, --target-bpw or --fit")
     r = _recipe(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
                 act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
     from .util.atomic import check_output
@@ -465,6 +485,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method. `ray` and `workers`:
     each rung built and scored as a Ray task, as in evaluate()."""
     from .eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
+    from .quant.budget import split_budget_rung
     from .eval.lm import default_text
     from .util.errors import QuantkitError
 
@@ -486,7 +507,29 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
         job = Job(_specs([first]), names, options.get("text"), os.path.abspath(out_dir) if out_dir else None, cal)
         return evaluate_on_ray([job], EvalOptions(**options), ray, workers)[0]
     rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)
-    return label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
+    result = label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
+    if out_dir is not None and any(split_budget_rung(r.file_type) for r in rungs):
+        _provided_files(out_dir, rungs, result)
+    return result
+
+
+def _provided_files(out_dir, rungs, result) -> str:
+    """README.md in a ladder's folder: the provided-files table (file, method, bits, size, the
+    planner's peak RSS for llama.cpp on a CPU at its default context, KL divergence)."""
+    from .eval.model_card import MARK, provided_files, write_text
+    kld = {os.path.abspath(r.path): r.kld_mean for r in result.rows}
+    rows = []
+    for r in rungs:
+        from .plan.model import load
+        m = load(r.path)
+        p = plan(m, formats=[m.stored_format] if m.stored_format else None)    # the file's own header bytes
+        row = p.rows[0]
+        rows.append({"file": os.path.basename(r.path), "method": r.label, "bytes": os.path.getsize(r.path),
+                     "bpw": row.memory.weights * 8 / max(1, m.n_params), "max_ram": row.cpu_resident,
+                     "kld": kld.get(os.path.abspath(r.path))})
+    text = f"{MARK}\n\n## Provided files\n\nMax RAM: quantkit plan's peak resident memory for llama.cpp on a CPU " \
+           f"at context {p.n_ctx}.\n\n" + provided_files(rows)
+    return write_text(os.path.join(out_dir, "README.md"), text)
 
 
 def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, **options):
@@ -569,3 +612,79 @@ def _ray_options(ray, workers):
         return None
     from .quant.distributed import RayOptions
     return RayOptions(address=None if ray is True else (ray or None), workers=2 if workers is None else workers)
+
+
+
+@_pickle_opt_in
+def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=None, *,
+                    format: str | None = None, method: str | None = None,  # noqa: A002
+                    calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
+                    damp: float | None = None, act_order: bool | None = None, scale_search: bool | None = None,
+                    true_sequential: bool | None = None, shrink: float | None = None, recipe=None,
+                    show_progress: bool = True, ray=None, workers=None, evaluate: bool = False,
+                    command: str | None = None, card: bool = True) -> QuantizeResult:
+    """A GGUF of MODEL under a budget: `budget` a quant.budget.Budget (budget_from_flags) or a
+    rung string ("gguf:bpw4.5+gptq", "gguf:size=300MB", "gguf:fit=rtx-3060@8192"). Per tensor,
+    every type quantkit encodes is priced by quant.sensitivity (estimated KL divergence, from a
+    calibration pass of min(nsamples, 16) x seqlen tokens, cached) and quant.allocate picks the
+    least-cost mix that fits; method "gptq" then solves each decoder linear onto its own type's
+    grid (calibration as in quantize). Writes OUTPUT (never over the budget) and, with `card`,
+    a model card README.md beside it (`evaluate`: with the KL divergence and perplexity measured
+    on wikitext-2 test). Raises one QuantkitError for a budget no mix meets (naming the smallest
+    file), an unknown device, a --fit context that leaves too little (naming one that fits)."""
+    from .quant.budget import resolve_budget
+    from .quant.budget_export import export_budget
+    from .quant.gptq import GPTQConfig
+    from .recipe import parse_recipe
+    from .util.atomic import check_output
+    from .util.errors import QuantkitError
+    if output is None:
+        raise QuantkitError("no output path", hint="give -o OUT")
+    budget, method = resolve_budget(budget, format, method)
+    if recipe is not None and method is not None:
+        given = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+        if given.method != method:
+            raise QuantkitError(f"the recipe's method {given.method} contradicts +{method}", hint="say the method once")
+        method = None
+    r = _recipe(recipe, format=None, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
+                act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
+    if r.format != "gguf":
+        raise QuantkitError("a budget writes a GGUF", hint="leave --format out")
+    check_output(output, [model, r.calibration.file])
+    output, cal, g = os.fspath(output), r.calibration, r.gptq
+
+    def fit_resolver(path, smallest):
+        from .plan.fit import check_fit
+        return check_fit(path, budget.device, budget.n_ctx, budget.kv_type, smallest)
+
+    rep = export_budget(model, output, budget, method=r.method, calib=cal.file, nsamples=cal.nsamples,
+                        seqlen=cal.seqlen, gptq=GPTQConfig(damp=g.damp, act_order=g.act_order,
+                                                           scale_search=g.scale_search, shrink=r.shrink),
+                        true_sequential=g.true_sequential, show_progress=show_progress,
+                        ray=_ray_options(ray, workers), fit_resolver=fit_resolver)
+    res = QuantizeResult(output, f"gguf:{budget.spelling()}", r.method, rep.seconds["total"], rep.file_bytes,
+                         rep.mix.types)
+    path, sens, mix, fit, seconds = rep.source, rep.sens, rep.mix, rep.fit, rep.seconds
+    if card:
+        _budget_card(path, res, budget, r, sens, mix, fit, evaluate, command, seconds)
+    return res
+
+
+
+def _budget_card(model_path, res, budget, r, sens, mix, fit, evaluate, command, seconds):
+    """The model card beside a budgeted file (eval.model_card), with the planner's numbers for
+    a --fit device."""
+    from .eval.model_card import budget_card
+    planner = None
+    if fit is not None:
+        p = plan(res.output, devices=[fit.device], n_ctx=fit.n_ctx, kv_type=fit.kv_type)
+        cell, inf = p.rows[0].cells[0], p.rows[0].memory
+        planner = {"device": fit.device, "n_ctx": fit.n_ctx, "kv_type": fit.kv_type, "needed": cell.memory_needed,
+                   "available": cell.memory_available, "kv": inf.kv,
+                   "decode": f"{cell.decode_expected:.1f} tokens/s" if cell.decode_expected else None}
+    scores = None
+    if evaluate:
+        er = globals()["evaluate"]([model_path, res.output], speed=False, show_progress=False)
+        row = er.rows[-1]
+        scores = [{"text": "wikitext-2 test", "kld": row.kld_mean, "ppl": row.ppl, "top1": row.top1_agreement}]
+    return budget_card(model_path, res.output, budget, r, sens, mix, planner, scores, command, seconds)

@@ -115,11 +115,17 @@ def run(args) -> int:
                     swa_full=args.swa_full, flash_attn=args.flash_attn, ram_gb=args.ram, train=args.train,
                     rank=args.rank, lora_targets=args.lora_targets, images=args.images)
     p = plan(args.model, o)
+    budgets = []
+    if args.device and args.runtime == "llama.cpp" and args.batch == 1:
+        from ..plan.fit import largest_budgets, render_budgets
+        budgets = largest_budgets(p.model, args.model, args.device, p.n_ctx, args.kv_type, args.ram)
     if args.json:
-        json.dump(p.to_dict(), sys.stdout, indent=2)
+        json.dump(p.to_dict() | ({"budgets": budgets} if budgets else {}), sys.stdout, indent=2)
         print()
     else:
         print(render(p))
+        if budgets:
+            print("\n" + "\n".join(render_budgets(budgets)))
     return 0
 
 

@@ -44,6 +44,18 @@ def register(sub) -> None:
                    help="vision-language model: type of the projector file (default f16)")
     p.add_argument("--text-only", action="store_true",
                    help="vision-language model: write the language model alone, no projector file")
+    b = p.add_argument_group("a budget: one type per tensor, chosen for the least KL divergence that fits "
+                             "(GGUF; RTN, or GPTQ with --method gptq)")
+    b.add_argument("--target-bpw", type=v.str_arg(32), metavar="B", help="bits per weight over the whole file, as "
+                   "llama.cpp counts them (e.g. 4.5)")
+    b.add_argument("--target-size", type=v.str_arg(32), metavar="SIZE", help="the file's size at most, e.g. 2.5GB, 300MB")
+    b.add_argument("--fit", type=v.str_arg(64), metavar="DEVICE", help="what the planner leaves for weights on DEVICE "
+                   "after the KV cache at --ctx, the compute buffer and the runtime (quantkit plan --list-devices)")
+    b.add_argument("--ctx", type=v.int_arg(1, 1 << 24), metavar="N", help="with --fit: the context to leave room for "
+                   "(default: the model's trained context)")
+    b.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default=None, help="with --fit: the KV cache type")
+    b.add_argument("--eval", action="store_true", help="with a budget: measure the file's KL divergence and "
+                   "perplexity (wikitext-2 test) for its model card")
     from . import options, quantize_gptq
     quantize_gptq.register_args(p)
     options.add_config_arg(p, "quantize")
@@ -57,6 +69,13 @@ def run(args) -> int:
     options.apply_config(args)
     if not args.output:
         raise QuantkitError("no output path", hint="give -o OUT (or output: in --config)")
+    from .quantize_budget import budget_of, run_budget
+    budget = budget_of(args)
+    if budget is not None:
+        if getattr(args, "imatrix", None) or getattr(args, "mmproj", None):
+            raise QuantkitError("a budget chooses its own types from its calibration; --imatrix and --mmproj "
+                                "are not combined with it", hint="leave out --imatrix / --mmproj, or the budget")
+        return run_budget(args, budget)
     r = options.recipe_from_args(args)
     if getattr(args, "imatrix", None) and (r.format != "gguf" or r.method != "rtn"):
         raise QuantkitError("--imatrix weights round-to-nearest GGUF export only", args.imatrix,

@@ -34,7 +34,11 @@ GPTQ_RUNG_VERSION = "2"                  # bump when the GPTQ rung's recipe chan
 
 def parse_rung(name: str, warn: bool = True) -> tuple[str, str]:
     """"q4_0" / "gguf:q4_0" -> ("q4_0", "rtn"); "q4_0+gptq" -> ("q4_0", "gptq"); the old
-    "q4_0-gptq" too, with a note on stderr (unless `warn` is False)."""
+    "q4_0-gptq" too, with a note on stderr (unless `warn` is False). A budget rung
+    ("gguf:bpw4.5+gptq", "size=300MB") -> ("bpw4.5", "gptq") (quant.budget)."""
+    budget = _budget_rung(name)
+    if budget is not None:
+        return budget[0].spelling(), budget[1]
     r = parse_recipe(name, warn=warn)
     if r.format != "gguf":
         raise QuantkitError(f"ladder rung '{name}' is {r.format}, not a GGUF type", hint=valid_spellings())
@@ -42,8 +46,22 @@ def parse_rung(name: str, warn: bool = True) -> tuple[str, str]:
 
 
 def rung_label(name: str) -> str:
-    """"q4_0" -> "Q4_0 RTN", "q4_0+gptq" -> "Q4_0 GPTQ", "f16" -> "F16"."""
+    """"q4_0" -> "Q4_0 RTN", "q4_0+gptq" -> "Q4_0 GPTQ", "f16" -> "F16", "bpw4.5+gptq" -> "bpw4.5 GPTQ"."""
+    budget = _budget_rung(name.replace(GPTQ_SUFFIX, "+gptq") if name.endswith(GPTQ_SUFFIX) else name)
+    if budget is not None:
+        return f"{budget[0].spelling()} {budget[1].upper()}"
     return parse_recipe(name, warn=False).label()
+
+
+def _budget_rung(name: str):
+    """(Budget, method) of a budget rung, None for a file type; a fit rung is refused (a ladder
+    has no device)."""
+    from ..quant.budget import split_budget_rung
+    rung = split_budget_rung(name)
+    if rung is not None and rung[0].kind == "fit":
+        raise QuantkitError(f"ladder rung '{name}': a fit budget needs the planner",
+                            hint="use quantkit quantize --fit DEVICE, or a size rung such as gguf:size=300MB")
+    return rung
 
 
 def ladder_types(requested: list[str] | None = None) -> list[str]:
@@ -55,6 +73,11 @@ def ladder_types(requested: list[str] | None = None) -> list[str]:
         return DEFAULT_LADDER + [t for t in LADDER_KQUANTS if t in ok]
     out = []
     for t in requested:
+        budget = _budget_rung(t)
+        if budget is not None:
+            from ..quant.budget import rung_spelling
+            out.append(rung_spelling(*budget).removeprefix("gguf:"))
+            continue
         try:
             r = parse_recipe(t)
         except QuantkitError as e:
@@ -133,11 +156,20 @@ def build_rungs(model: str | None, types: list[str], out_dir: str | None = None,
         name = ft + (GPTQ_SUFFIX if method == "gptq" else "")
         where = os.path.join(out_dir, f"gptq-{cal.key()}") if (method == "gptq" and reuse) else out_dir
         out = os.path.join(where, f"{stem}-{name}.gguf")
+        budget = _budget_rung(ft)
+        if budget is not None:         # the mix depends on the calibration: one folder per calibration
+            where = os.path.join(out_dir, f"gptq-{cal.key()}") if reuse else out_dir
+            out = os.path.join(where, f"{stem}-{name}.gguf")
         reused = reuse and os.path.exists(out)
         t0 = time.perf_counter()
         if not reused:
             os.makedirs(where, exist_ok=True)
-            if method == "gptq":
+            if budget is not None:
+                from ..quant.budget_export import export_budget
+                export_budget(src_path, out, budget[0], method=method, calib=cal.path, nsamples=cal.nsamples,
+                              seqlen=cal.seqlen, gptq=GPTQConfig(shrink=DEFAULT_SHRINK["gguf"]),
+                              show_progress=show_progress)
+            elif method == "gptq":
                 if show_progress:
                     print(f"{rung_label(name)}: GPTQ on {cal.describe()}", file=sys.stderr, flush=True)
                 export_gguf_gptq(src_path, out, ft, calib=cal.path, nsamples=cal.nsamples, seqlen=cal.seqlen,
@@ -148,7 +180,7 @@ def build_rungs(model: str | None, types: list[str], out_dir: str | None = None,
         elif reuse:
             eval_cache.touch(out, keep_mtime=True)
         rungs.append(Rung(name, ft, method, rung_label(name), out, 0.0 if reused else time.perf_counter() - t0,
-                          reused, cal.describe() if method == "gptq" else None))
+                          reused, cal.describe() if (method == "gptq" or budget is not None) else None))
     return rungs
 
 

@@ -148,11 +148,12 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                      calib: str | None = None, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN,
                      gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                     show_progress: bool = True, ray=None) -> GGUFGPTQReport:
+                     show_progress: bool = True, ray=None, plan: list | None = None) -> GGUFGPTQReport:
     """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
     model) at llama.cpp `file_type`, calibrated on `calib` (any UTF-8 text; default wikitext-2
     valid), nsamples x seqlen tokens. `ray` (quant.distributed.RayOptions): the calibration
-    split over Ray workers."""
+    split over Ray workers. `plan`: [(name, shape, type)] in file order, an explicit type per
+    tensor (quant.budget's mixes) instead of llama-quantize's for `file_type`."""
     from ..util.atomic import check_writable_dir
 
     t0 = time.perf_counter()
@@ -164,8 +165,9 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     check_writable_dir(out)
     src = open_model(model)
     try:
-        _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
-                            output_tensor_type=output_tensor_type)
+        if plan is None:
+            _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
+                                output_tensor_type=output_tensor_type)
         sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress)
         try:
             report, _ = quantize_blocks(src, src.path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,

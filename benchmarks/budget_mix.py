@@ -1,0 +1,149 @@
+"""Budgeted GGUFs (per-tensor types under a byte budget) against llama.cpp's stock mixes at the
+same sizes, on the bundled Gemma-3-270M, in one run.
+
+Per stock mix (default Q4_K_M, Q3_K_M):
+  llama.cpp RTN       llama-quantize F32 -> MIX
+  llama.cpp imatrix   llama-imatrix -c 512 --chunks 64 on wikitext-2 valid, llama-quantize --imatrix
+  quantkit GPTQ       quantkit quantize --format gguf:MIX+gptq (the stock mix, GPTQ-solved)
+  budget RTN          quantkit quantize --target-size <the imatrix file's bytes>
+  budget GPTQ         the same with --method gptq
+All from the same F32 GGUF (llama.cpp's dequantization of the bundled file), also the
+reference. Scored by quantkit eval (llama.cpp runtime, --eval-chunks chunks of 512) on
+wikitext-2 test and SST-2 dev sentences. Steps are resumable: a file already made (and in the
+results) is not made again. Results: benchmarks/results/budget_mix.json.
+
+    python benchmarks/budget_mix.py [--sizes q4_k_m,q3_k_m] [--chunks 64] [--gptq-chunks 64]
+                                    [--methods rtn,imatrix,budget-rtn,gptq,budget-gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gguf_gptq import DATA, TOOLS, sst2_text, timed  # noqa: E402
+
+WORK = os.path.join(os.environ.get("QUANTKIT_CACHE", os.path.expanduser("~/.cache/quantkit")), "bench-budget")
+RESULTS = os.path.join(HERE, "results", "budget_mix.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="q4_k_m,q3_k_m")
+    ap.add_argument("--chunks", type=int, default=64, help="imatrix chunks of 512 tokens")
+    ap.add_argument("--gptq-chunks", type=int, default=64, help="GPTQ calibration samples of 512 tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,gptq,budget-gptq")
+    ap.add_argument("--skip-eval", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(WORK, exist_ok=True)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    py = sys.executable
+    valid = os.path.join(DATA, "wikitext-2", "valid.txt")
+    test = os.path.join(DATA, "wikitext-2", "test.txt")
+    results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    runs = results.setdefault("runs", {})
+
+    def save():
+        with open(RESULTS + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(RESULTS + ".tmp", RESULTS)
+
+    f32 = os.path.join(WORK, "f32.gguf")
+    if not os.path.exists(f32):
+        runs["f32"] = timed([py, "-m", "quantkit.cli", "quantize", "--format", "gguf:f32", "-o", f32],
+                            os.path.join(WORK, "f32.log"))
+        save()
+    imatrix = os.path.join(WORK, f"imatrix-{args.chunks}.dat")
+    if not os.path.exists(imatrix) and "imatrix" in args.methods.split(","):
+        runs["imatrix"] = timed([os.path.join(TOOLS, "llama-imatrix"), "-m", f32, "-f", valid, "-c", "512",
+                                 "--chunks", str(args.chunks), "-t", str(args.threads), "-o", imatrix],
+                                os.path.join(WORK, "imatrix.log"))
+        save()
+    files = {}
+    methods = args.methods.split(",")
+    for size in args.sizes.split(","):
+        # the budget: the stock mix's bytes (the same with or without the importance matrix)
+        stock = os.path.join(WORK, f"{size}-imatrix.gguf")
+        if not os.path.exists(stock):
+            stock = os.path.join(WORK, f"{size}-rtn.gguf")
+        for method in methods:
+            out = os.path.join(WORK, f"{size}-{method}.gguf")
+            if method.startswith("budget"):
+                out = os.path.join(WORK, f"{size}-{method}", f"{size}-{method}.gguf")   # its card beside it
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+            files[f"{size}/{method}"] = out
+            key = f"{size}/{method}"
+            if os.path.exists(out) and key in runs:
+                continue
+            cal = ["--calib", valid, "--nsamples", str(args.gptq_chunks), "--seqlen", "512", "--threads",
+                   str(args.threads)]
+            if method in ("rtn", "imatrix"):
+                cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
+                      + [f32, out, size.upper(), str(args.threads)]
+            elif method == "gptq":
+                cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--format", f"gguf:{size}+gptq", *cal, "-o", out]
+            else:
+                cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--target-size", str(os.path.getsize(stock)), *cal,
+                       "-o", out] + (["--method", "gptq"] if method == "budget-gptq" else [])
+            runs[key] = timed(cmd, os.path.join(WORK, f"{size}-{method}.log"))
+            runs[key]["bytes"] = os.path.getsize(out)
+            if method.startswith("budget"):
+                runs[key]["target_bytes"] = os.path.getsize(stock)
+                runs[key]["under_budget_pct"] = 100 * (1 - os.path.getsize(out) / os.path.getsize(stock))
+            print(key, runs[key], flush=True)
+            save()
+    if args.skip_eval:
+        return
+    from quantkit import api
+    ev = results.setdefault("eval", {})
+    texts = {"wikitext-2 test": test, "sst-2 dev": sst2_text("dev")}
+    for label, text in texts.items():
+        r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
+                         n_threads=args.threads, show_progress=False)
+        names = {os.path.realpath(p): k for k, p in files.items()}
+        rows = ev.setdefault(label, {})
+        for row in r.rows:
+            key = names.get(os.path.realpath(row.path), "f32")
+            rows[key] = {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+        print(label, json.dumps(rows, indent=1), flush=True)
+        save()
+
+
+def markdown(path: str = RESULTS) -> str:
+    """The BENCHMARKS.md table: per size, each method's bytes, KL on both texts, and the
+    budgeted files' ratios to the imatrix and GPTQ stock files."""
+    r = json.load(open(path))
+    runs, ev = r.get("runs", {}), r.get("eval", {})
+    texts = list(ev)
+    head = "| file | bytes | " + " | ".join(f"KLD {t} | PPL {t}" for t in texts) + " | wall s (CPU s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key in sorted(k for k in runs if "/" in k):
+        run = runs[key]
+        cells = []
+        for t in texts:
+            m = ev[t].get(key)
+            cells += [f"{m['kld_mean']:.4f}" if m else "", f"{m['ppl']:.3f}" if m else ""]
+        lines.append(f"| {key} | {run.get('bytes', '')} | " + " | ".join(cells)
+                     + f" | {run['wall_s']:.0f} ({run['cpu_s']:.0f}) |")
+    ratios = []
+    for key in sorted(k for k in runs if "/budget" in k):
+        size = key.split("/")[0]
+        for peer in ("imatrix", "gptq"):
+            for t in texts:
+                a, b = ev[t].get(key), ev[t].get(f"{size}/{peer}")
+                if a and b:
+                    ratios.append(f"- {key} / {size}/{peer}, {t}: KLD {a['kld_mean'] / b['kld_mean']:.2f}x")
+    return "\n".join(lines + [""] + ratios)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown())
+    else:
+        main()
