@@ -84,6 +84,7 @@ class QuantizeResult:
     seconds: float
     file_bytes: int
     types: dict[str, str] = field(default_factory=dict)
+    report: dict | None = None        # converted checkpoints: each tensor's path (quant.convert)
 
 
 def _recipe(recipe, calibration=None, **flags):
@@ -107,7 +108,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              seqlen: int | None = None, damp: float | None = None, act_order: bool | None = None,
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
              recipe=None, show_progress: bool = True, ray: bool | str | None = None,
-             workers: int | None = None) -> QuantizeResult:
+             workers: int | None = None, exact: bool = False, qat: bool = False) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -126,8 +127,16 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     r = _recipe(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
                 act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
     from .util.atomic import check_output
-    check_output(output, [model, r.calibration.file])
+    check_output(output, [model, r.calibration.file], directory=r.format == "hf")
     fmt = r.spelling().split("+")[0]
+    if r.format == "hf":
+        return _to_hf(model, output, r, show_progress)
+    from .models.quantized_source import is_quantized_dir
+    if model is not None and r.format == "gguf" and is_quantized_dir(os.fspath(model)):
+        return _convert(model, output, r, exact, pure, token_embedding_type, output_tensor_type, show_progress)
+    if exact:
+        raise QuantkitError("--exact applies to a quantized checkpoint as MODEL (GPTQ, AWQ, compressed-tensors)",
+                            hint="leave out --exact")
     if r.format != "gguf":
         raise QuantkitError(f"format '{r.spelling()}' is written by "
                             + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),
@@ -151,11 +160,42 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                             hint="leave out --ray, or add +gptq to the format")
     src = open_model(model)
     try:
+        if qat:
+            from .quant.qat import export_qat
+            rep = export_qat(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
+                             output_tensor_type=output_tensor_type, show_progress=show_progress)
+            return QuantizeResult(rep.path, fmt, "qat", rep.seconds, rep.n_bytes, rep.types, rep.to_dict())
         rep = export_gguf(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
                           output_tensor_type=output_tensor_type, show_progress=show_progress)
     finally:
         src.close()
     return QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types)
+
+
+def _convert(model, output, r, exact, pure, token_embedding_type, output_tensor_type, show_progress):
+    """A quantized checkpoint directory -> GGUF (quant.convert)."""
+    from .quant.convert import convert_to_gguf
+    from .quant.gptq import GPTQConfig
+    g, cal = r.gptq, r.calibration
+    cfg = GPTQConfig(damp=g.damp, act_order=g.act_order, scale_search=g.scale_search, shrink=r.shrink)
+    rep = convert_to_gguf(model, output, r.type, exact=exact, calib=cal.file, nsamples=cal.nsamples,
+                          seqlen=cal.seqlen, gptq=cfg, true_sequential=g.true_sequential, pure=pure,
+                          token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
+                          show_progress=show_progress)
+    return QuantizeResult(rep.path, f"gguf:{r.type}", "convert", rep.seconds, rep.n_bytes, rep.types, rep.to_dict())
+
+
+def _to_hf(model, output, r, show_progress):
+    """A GGUF -> Hugging Face checkpoint directory (models.hf_export)."""
+    from .models.hf_export import export_hf
+    from .util.errors import QuantkitError
+    if model is None:
+        from .models.bundled import bundled_path
+        model = bundled_path()
+    if os.path.isdir(os.fspath(model)):
+        raise QuantkitError("--format hf converts a GGUF file", model, "give a .gguf file as MODEL")
+    rep = export_hf(os.fspath(model), os.fspath(output), r.type, show_progress=show_progress)
+    return QuantizeResult(rep.path, r.spelling(), "convert", rep.seconds, rep.n_bytes, rep.types, rep.to_dict())
 
 
 DEMO_PROMPT = "The capital of France is"
