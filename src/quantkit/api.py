@@ -130,13 +130,22 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     check_output(output, [model, r.calibration.file], directory=r.format == "hf")
     fmt = r.spelling().split("+")[0]
     if r.format == "hf":
+        if exact or qat:
+            raise QuantkitError(f"--{'exact' if exact else 'qat'} does not apply to --format hf (float weights)",
+                                hint="leave it out")
         return _to_hf(model, output, r, show_progress)
     from .models.quantized_source import is_quantized_dir
     if model is not None and r.format == "gguf" and is_quantized_dir(os.fspath(model)):
+        if qat:
+            raise QuantkitError("--qat reads float weights; this checkpoint is already quantized", model,
+                                "leave out --qat: its grid is converted as it is where the type allows")
         return _convert(model, output, r, exact, pure, token_embedding_type, output_tensor_type, show_progress)
     if exact:
         raise QuantkitError("--exact applies to a quantized checkpoint as MODEL (GPTQ, AWQ, compressed-tensors)",
                             hint="leave out --exact")
+    if qat and (r.format != "gguf" or r.method != "rtn"):
+        raise QuantkitError(f"--qat keeps the Q4_0 blocks of a GGUF by their own scales; {r.spelling()} has none",
+                            hint="use --format gguf:q4_0 (without +gptq)")
     if r.format != "gguf":
         raise QuantkitError(f"format '{r.spelling()}' is written by "
                             + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),

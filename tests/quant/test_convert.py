@@ -229,3 +229,35 @@ def test_bad_checkpoints_end_in_one_line(ckpts, tmp_path, capsys, edit, needle):
     assert os.listdir(out) == []
     with pytest.raises(QuantkitError):
         QuantizedHFSource(str(d))
+
+
+def test_checkpoint_made_from_a_gguf_converts_back(tmp_path):
+    """quantkit's GPTQ checkpoint of a GGUF carries the GGUF's vocabulary (tokenizer.model
+    included), so it converts back: Q4_0 exactly, with the same tokens, types and scores (the
+    converter scores control tokens -1000, as convert_hf_to_gguf.py does; they never merge)."""
+    from helpers.tiny_models import build_hf_model
+    d = build_hf_model("gemma3", tmp_path)
+    f32 = tmp_path / "f32.gguf"
+    api.quantize(str(d), str(f32), format="gguf:f32", show_progress=False)
+    ck = tmp_path / "ck"
+    api.quantize_gpu(str(f32), str(ck), recipe="gptq:w4g32+rtn", show_progress=False)
+    assert (ck / "tokenizer.model").is_file()
+    out = tmp_path / "back.gguf"
+    rep = convert_to_gguf(str(ck), str(out), "q4_0", exact=True, show_progress=False)
+    assert rep.counts()["exact"] == 14
+    with GGUFSource(str(f32)) as a, GGUFSource(str(out)) as b:
+        for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+            assert list(a.metadata[k].value) == list(b.metadata[k].value), k
+        types = list(a.metadata["tokenizer.ggml.token_type"].value)
+        sa, sb = (list(x.metadata["tokenizer.ggml.scores"].value) for x in (a, b))
+        assert [s for s, t in zip(sa, types) if t != 3] == [s for s, t in zip(sb, types) if t != 3]
+
+
+def test_flags_that_do_not_apply_end_in_one_line(ckpts, gptq_llama_dir, tmp_path, capsys):
+    for args, needle in ((["quantize", str(ckpts("gptq:w4g128")), "--format", "gguf:q4_0", "--qat"], "--qat"),
+                         (["quantize", str(gptq_llama_dir), "--format", "gguf:q4_0", "--exact"], "--exact"),
+                         (["quantize", str(gptq_llama_dir), "--format", "gguf:q4_0+gptq", "--qat"], "--qat")):
+        code, err = run_cli(args + ["-o", str(tmp_path / "o.gguf")], capsys)
+        assert code != 0
+        assert_one_line(err, needle)
+        assert no_partial(tmp_path)

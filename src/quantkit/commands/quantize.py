@@ -59,6 +59,10 @@ def run(args) -> int:
     from ..models.quantized_source import is_quantized_dir
     if r.format == "hf" or (r.format == "gguf" and args.model and is_quantized_dir(args.model)):
         return _run_convert(args, r)
+    if args.exact or (args.qat and r.method != "rtn"):
+        raise QuantkitError("--exact converts a quantized checkpoint (GPTQ, AWQ, compressed-tensors)" if args.exact
+                            else "--qat keeps Q4_0 blocks by their own scales: it takes no +gptq",
+                            args.model, "leave the flag out")
     if r.method == "gptq" or r.format != "gguf":
         from . import quantize_gptq
         return quantize_gptq.run(args, r)
@@ -84,7 +88,7 @@ def run(args) -> int:
 def _run_convert(args, r) -> int:
     """A quantized checkpoint -> GGUF, or a GGUF -> Hugging Face directory."""
     from .. import api
-    res = api.quantize(args.model, args.output, recipe=r, pure=args.pure, exact=args.exact,
+    res = api.quantize(args.model, args.output, recipe=r, pure=args.pure, exact=args.exact, qat=args.qat,
                        token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type)
     return _print_convert(args, r, res)
 

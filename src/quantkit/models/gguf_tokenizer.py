@@ -179,7 +179,7 @@ def write_tokenizer(meta: dict[str, MetaValue], directory: str, path: str = "") 
            "add_bos_token": add_bos, "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
            "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
                                                                       "single_word", "special")}
-                                    for a in tok["added_tokens"] if a["special"]},
+                                    for a in tok["added_tokens"] if types[a["id"]] == CONTROL},
            **{f"{k}_token": v for k, v in special.items()}}
     if (tmpl := _v(meta, "tokenizer.chat_template")) is not None:
         cfg["chat_template"] = tmpl

@@ -7,10 +7,9 @@ llama.cpp's max-based d = x_max / -8 (training can leave the largest weight at c
 llama-quantize then re-rounds every such block onto its own scale. Here each block tries the
 scales that put its largest magnitude on code +-1 .. +-8 (d = fp16(|x|max / k), both signs),
 each also refined once by least squares, rounds onto each, and keeps the one that reproduces
-the block best; a block is taken from it
-when that is within `tol` (relative to the block's largest magnitude; 0: bit for bit) and closer
-than llama.cpp's own rounding, otherwise llama.cpp's bytes are written. The report counts the
-blocks reproduced exactly by each.
+the block best; a block is taken from it when that is within `tol` (relative to the block's
+largest magnitude; 0: bit for bit) and closer than llama.cpp's own rounding, otherwise
+llama.cpp's bytes are written. The report counts the blocks reproduced exactly by each.
 """
 
 from __future__ import annotations
