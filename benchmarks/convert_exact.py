@@ -2,8 +2,8 @@
 against llama.cpp's own path, side by side in one run per part.
 
   prepare    the F32 GGUF (llama.cpp's dequantization of the bundled Q4_K_M: the reference
-             weights) and two GPTQ checkpoints quantkit writes from it: gptq:w4g128 (symmetric)
-             and gptq:w4g128-asym, GPTQ on N x 512 tokens of wikitext-2 valid
+             weights) and two GPTQ-format checkpoints quantkit writes from it: gptq:w4g128
+             (symmetric) and gptq:w4g128-asym, by RTN (--ck-method gptq: GPTQ on N x 512 tokens)
   exact      checkpoint -> Q4_0 (sym) and Q4_1 (asym) with --exact: differing dequantized values
              against the checkpoint's (q - z) * s over every quantized linear; KL divergence of
              the GGUF in llama.cpp against the checkpoint's weights in transformers, next to the
@@ -21,7 +21,7 @@ against llama.cpp's own path, side by side in one run per part.
   roundtrip  F32 GGUF -> Hugging Face (hf:f32) -> F32 GGUF: identical tensors; the exported
              tokenizer's ids against llama.cpp's on both texts
 
-    python benchmarks/convert_exact.py --part prepare|exact|solved|qat|roundtrip [--chunks 16]
+    python benchmarks/convert_exact.py --part prepare|exact|solved|qat|roundtrip [--chunks 4] [--ck-method rtn]
 Results: benchmarks/results/convert_exact.json (one key per part).
 """
 
@@ -75,7 +75,7 @@ def machine() -> dict:
             "load_before": os.getloadavg()[0]}
 
 
-def prepare(chunks: int) -> dict:
+def prepare(chunks: int, method: str) -> dict:
     from quantkit.models.bundled import bundled_path
     os.makedirs(WORK, exist_ok=True)
     out = {}
@@ -84,7 +84,7 @@ def prepare(chunks: int) -> dict:
     for spec in ("gptq:w4g128", "gptq:w4g128-asym"):
         d = w(spec.replace(":", "-"))
         if not os.path.exists(d):
-            out[spec] = quantkit(["quantize", w("f32.gguf"), "--format", spec + "+gptq", "--calib", VALID,
+            out[spec] = quantkit(["quantize", w("f32.gguf"), "--format", f"{spec}+{method}", "--calib", VALID,
                                   "--nsamples", str(chunks), "--seqlen", "512", "-o", d], d + ".log")
     return out
 
@@ -143,8 +143,9 @@ def kld(models: list[str], ref: str, texts=None, chunks: int = 8) -> dict:
     for label, text in texts:
         r = api.evaluate(models, ref=ref, text=text, n_chunks=chunks, speed=False, n_threads=2, show_progress=False)
         rows = {}
-        for m, row in zip(models, r.rows):
-            rows[os.path.basename(m)] = {k: row.get(k) for k in ("ppl", "kld_mean", "kld_p99", "top1_agreement")}
+        for row in r.rows:
+            rows[os.path.basename(str(row.get("path", "?")))] = {k: row.get(k) for k in ("ppl", "kld_mean", "kld_p99",
+                                                                                       "top1_agreement")}
         out[label] = rows
     return out
 
@@ -293,10 +294,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", required=True, choices=["prepare", "exact", "solved", "qat", "roundtrip"])
     ap.add_argument("--chunks", type=int, default=16, help="calibration chunks of 512 tokens")
+    ap.add_argument("--ck-method", default="rtn", choices=["rtn", "gptq"],
+                    help="prepare: how the GPTQ-format checkpoints are made (rtn: seconds; gptq: an hour at load 15)")
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     if a.part == "prepare":
-        save("prepare", {**prepare(a.chunks), "machine": machine(), "chunks": a.chunks})
+        save("prepare", {**prepare(a.chunks, a.ck_method), "machine": machine(), "chunks": a.chunks,
+                         "checkpoint_method": a.ck_method})
     elif a.part == "exact":
         part_exact()
     elif a.part == "solved":
