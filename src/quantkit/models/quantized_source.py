@@ -252,30 +252,22 @@ class QuantizedCheckpoint:
         if key == "float-quantized":
             owned |= {p + ".weight" for p in self.linears}
         self.floats = {n: self.t.shape(n) for n in self.t.where if n not in owned}
-        self._grids: dict[str, SourceGrid | None] = {p: None for p in self.linears}
         self.info: dict[str, tuple[tuple[int, int], torch.dtype]] = {}
         for p in self.linears:          # every linear checked up front: a bad one fails before any work
-            g = self.grid(p, keep=False)
+            g = self.grid(p)
             self.info[p] = (g.shape, g.scale_dtype)
 
     def path_of(self, name: str) -> str:
         return self.t.where[name].path
 
-    def grid(self, prefix: str, keep: bool = True) -> SourceGrid:
-        g = self._grids.get(prefix)
-        if g is None:
-            g = {"gptq": self._gptq, "awq": self._awq}.get(self.cfg.method, self._ct)(prefix)
-            if keep:
-                self._grids[prefix] = g
-        return g
-
-    def release(self, prefix: str) -> None:
-        self._grids[prefix] = None
+    def grid(self, prefix: str) -> SourceGrid:
+        """The grid of quantized linear `prefix`, read from the files now (nothing is cached)."""
+        return {"gptq": self._gptq, "awq": self._awq}.get(self.cfg.method, self._ct)(prefix)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """A float tensor as stored, or (P.weight of a quantized linear) its dequantized weight."""
-        if name.endswith(".weight") and name[:-7] in self._grids:
-            return self.grid(name[:-7], keep=False).dequantize()
+        if name.endswith(".weight") and name[:-7] in self.info:
+            return self.grid(name[:-7]).dequantize()
         return self.t.get(name)
 
     # ---- per method ------------------------------------------------------------------------
@@ -453,7 +445,7 @@ class QuantizedHFSource(HFSource):
         hf = self.hf_name(gguf_name)
         if not hf.endswith(".weight") or hf[:-7] not in self.quant.linears:
             return None
-        return self.quant.grid(hf[:-7], keep=False)
+        return self.quant.grid(hf[:-7])
 
     def close(self) -> None:
         if self.quant is not None:

@@ -159,7 +159,8 @@ def plan_paths(src: QuantizedHFSource, plan, exact: bool = False) -> tuple[dict[
             paths[name] = TensorPath("exact", target, note)
             continue
         refused.setdefault(r.reason, []).append(name)
-        paths[name] = TensorPath("gptq" if target in GPTQ_TYPES else "rtn", target, r.reason)
+        solvable = target in GPTQ_TYPES and name.startswith("blk.")     # GPTQ's block loop: decoder linears
+        paths[name] = TensorPath("gptq" if solvable else "rtn", target, r.reason)
     if exact and refused:
         n = sum(len(v) for v in refused.values())
         parts = [f"{', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''}: {why}" for why, v in refused.items()]
