@@ -55,6 +55,26 @@ def w(*p: str) -> str:
     return os.path.join(WORK, *p)
 
 
+def summary(log: str) -> dict:
+    """The --json summary a quantkit run printed into its log (between a "{" line and a "}" line)."""
+    lines = open(log).read().replace("\r", "\n").splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln == "{")
+    end = max(i for i, ln in enumerate(lines) if ln == "}")
+    return json.loads("\n".join(lines[start:end + 1]))
+
+
+def logged(log: str) -> dict:
+    """The GNU time figures of an earlier timed() run, from its log."""
+    if not os.path.exists(log):
+        return {}
+    last = [ln for ln in open(log).read().splitlines() if ln.startswith("TIME ")]
+    if not last:
+        return {}
+    t = last[-1].split()
+    return {"wall_s": float(t[1]), "cpu_s": round(float(t[2]) + float(t[3]), 1), "peak_rss_mb": round(int(t[4]) / 1024),
+            "from_log": os.path.basename(log)}
+
+
 def quantkit(args: list[str], log: str) -> dict:
     return timed([PY, "-m", "quantkit.cli", *args], log)
 
@@ -136,7 +156,7 @@ def llama_path(ck: str, ftype: str, imatrix_chunks: int = 0) -> tuple[str, dict]
     return out, times
 
 
-def kld(models: list[str], ref: str, texts=None, chunks: int = 8) -> dict:
+def kld(models: list[str], ref: str, texts=None, chunks: int = 4) -> dict:
     from quantkit import api
     texts = texts or (("wikitext-2 test", TEST), ("sst-2 dev", sst2_text()))
     out = {}
@@ -144,8 +164,8 @@ def kld(models: list[str], ref: str, texts=None, chunks: int = 8) -> dict:
         r = api.evaluate(models, ref=ref, text=text, n_chunks=chunks, speed=False, n_threads=2, show_progress=False)
         rows = {}
         for row in r.rows:
-            rows[os.path.basename(str(row.get("path", "?")))] = {k: row.get(k) for k in ("ppl", "kld_mean", "kld_p99",
-                                                                                       "top1_agreement")}
+            rows[os.path.basename(str(row.path))] = {k: getattr(row, k, None) for k in ("ppl", "kld_mean", "kld_p99",
+                                                                                      "top1_agreement")}
         out[label] = rows
     return out
 
@@ -174,17 +194,18 @@ def part_exact() -> dict:
     for spec, ft in (("gptq:w4g128", "q4_0"), ("gptq:w4g128-asym", "q4_1")):
         ck = w(spec.replace(":", "-"))
         gg = f"{ck}-{ft}.gguf"
-        t0 = time.perf_counter()
-        if os.path.exists(gg):
-            os.remove(gg)
-        rep = convert_to_gguf(ck, gg, ft, exact=True, show_progress=False)
-        row = {"convert_s": round(time.perf_counter() - t0, 1), "paths": rep.counts(),
-               "max_min_error": rep.max_min_error, **compare_dequantized(ck, gg)}
+        row = {}
+        if not os.path.exists(gg):
+            t0 = time.perf_counter()
+            rep = convert_to_gguf(ck, gg, ft, exact=True, show_progress=False)
+            row = {"convert_s": round(time.perf_counter() - t0, 1), "paths": rep.counts(),
+                   "max_min_error": rep.max_min_error, **compare_dequantized(ck, gg)}
         deq = checkpoint_f32(ck)
         theirs, times = llama_path(ck, ft)
         row["llama_cpp_path"] = times
         # reference: the checkpoint's weights in transformers; F32-vs-F32 noise: the same weights in llama.cpp
-        row["kld_vs_checkpoint_in_transformers"] = kld([deq, gg, theirs], "torch:" + deq)
+        save("exact", {**out, spec + " -> " + ft: row, "machine": machine()})
+        row["kld_vs_checkpoint_in_transformers"] = kld([deq, gg, theirs], "torch:" + deq, (("wikitext-2 test", TEST),))
         out[spec + " -> " + ft] = row
         save("exact", {**out, "machine": machine()})
     return out
@@ -195,13 +216,18 @@ def part_solved(chunks: int) -> dict:
     deq = checkpoint_f32(ck)
     ours = ck + "-q4_k_m.gguf"
     res: dict = {"machine": machine()}
+    res["quantkit"] = logged(ours + ".log")
     if not os.path.exists(ours):
         res["quantkit"] = quantkit(["quantize", ck, "--format", "gguf:q4_k_m", "--calib", VALID, "--nsamples",
                                     str(chunks), "--seqlen", "512", "--json", "-o", ours], ours + ".log")
+    res["quantkit"]["paths"] = summary(ours + ".log")["paths"]
     theirs, res["llama_cpp"] = llama_path(ck, "q4_k_m", imatrix_chunks=chunks)
+    res["llama_cpp"].update({"imatrix": logged(ck + f"-imatrix-{chunks}.dat.log"), "quantize": logged(theirs + ".log")})
     rtn = ck + "-rtn-q4_k_m.gguf"
+    res["rtn"] = logged(rtn + ".log")
     if not os.path.exists(rtn):
         res["rtn"] = quantkit(["quantize", deq, "--format", "gguf:q4_k_m", "-o", rtn], rtn + ".log")
+    save("solved", res)
     res["kld_vs_checkpoint"] = kld([ours, theirs, rtn], deq)
     save("solved", res)
     return res
@@ -232,15 +258,13 @@ def part_qat() -> dict:
     res: dict = {"machine": machine(), "q4_0_tensors": len(q40)}
     ours = w("qat-quantkit-q4_0.gguf")
     theirs = w("qat-llama-q4_0.gguf")
-    for p in (ours, theirs):
-        if os.path.exists(p):
-            os.remove(p)
-    r = quantkit(["quantize", stand, "--format", "gguf:q4_0", "--qat", "--json", "-o", ours], ours + ".log")
-    text = open(ours + ".log").read()
-    rep = json.loads(text[text.index("{"): text.rindex("}") + 1])
+    r = {} if os.path.exists(ours) else quantkit(["quantize", stand, "--format", "gguf:q4_0", "--qat", "--json",
+                                                   "-o", ours], ours + ".log")
+    rep = summary(ours + ".log")                # the --json summary (kept from the run that made the file)
     res["quantkit"] = {**r, **{k: rep[k] for k in ("blocks", "blocks_exact_share", "blocks_near_share",
                                                     "llama_cpp_exact_share")}}
-    res["llama_cpp"] = timed([os.path.join(BIN, "llama-quantize"), stand, theirs, "Q4_0", "2"], theirs + ".log")
+    res["llama_cpp"] = {} if os.path.exists(theirs) else timed([os.path.join(BIN, "llama-quantize"), stand, theirs,
+                                                                  "Q4_0", "2"], theirs + ".log")
     blocks = same = 0
     with GGUFSource(stand) as a, GGUFSource(theirs) as b:
         for n in sorted(q40):
@@ -248,6 +272,7 @@ def part_qat() -> dict:
             blocks += x.shape[0]
             same += int((x == y).all(1).sum())
     res["llama_cpp"]["blocks_exact_share"] = same / blocks
+    save("qat", res)
     res["kld_vs_standin"] = kld([ours, theirs], stand)
     save("qat", res)
     return res
@@ -284,8 +309,6 @@ def part_roundtrip() -> dict:
             b = tok(text, split_special_tokens=not special)["input_ids"]
             ids[f"{label}, special={special}"] = {"tokens": len(a), "equal": a == b}
     res["tokenizer_ids"] = ids
-    # the HF directory in transformers against the F32 GGUF in llama.cpp: F32-vs-F32 runtime noise
-    res["kld_hf_in_transformers_vs_llama_cpp"] = kld([hf], w("f32.gguf"))
     save("roundtrip", res)
     return res
 
