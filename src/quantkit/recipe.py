@@ -10,6 +10,8 @@ function takes.
     compressed-tensors:w4g128-asym+gptq    pack-quantized, with a zero point per group
     gptq:w8g-1                    group -1: one scale per output channel
     int8                          dynamic int8 of a BERT-family encoder (weights per output channel)
+    hf, hf:bf16                   a GGUF back to a Hugging Face safetensors checkpoint (dtype f32, f16 or
+                                  bf16; bare hf: the GGUF's own float type, f32 for a quantized one)
 
 FORMAT[:SPEC][+METHOD]: the format is the file that is written ("gptq" names the checkpoint
 layout, not the solver); +METHOD is how the weights are found, rtn unless it says +gptq (the
@@ -30,7 +32,7 @@ from typing import Any
 from .util import validate as v
 from .util.errors import QuantkitError
 
-FORMATS = ("gguf", "gptq", "compressed-tensors", "int8")
+FORMATS = ("gguf", "gptq", "compressed-tensors", "int8", "hf")
 GPU_FORMATS = ("gptq", "compressed-tensors")
 METHODS = ("rtn", "gptq")
 # llama.cpp file types quantkit writes (quant.gguf_policy.FILE_TYPES holds their tensor mixes;
@@ -151,6 +153,8 @@ class Recipe:
         """The canonical string; `short`: a GGUF recipe without "gguf:" (a ladder rung)."""
         if self.format == "int8":
             return "int8"
+        if self.format == "hf":
+            return "hf" + (f":{self.type}" if self.type else "")
         if self.format == "gguf":
             head = self.type if short else f"gguf:{self.type}"
         else:
@@ -163,6 +167,8 @@ class Recipe:
             return self.type.upper() if self.type in FLOAT_TYPES else f"{self.type.upper()} {self.method.upper()}"
         if self.format == "int8":
             return "INT8 DYNAMIC"
+        if self.format == "hf":
+            return self.spelling().upper()
         return f"{self.spelling().split('+')[0]} {self.method.upper()}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,7 +210,8 @@ def parse_weight_spec(spec: str, what: str = "recipe") -> tuple[int, int, bool]:
 
 def valid_spellings() -> str:
     return ("gguf:TYPE or TYPE with TYPE one of " + ", ".join(GGUF_FILE_TYPES) + " (+gptq for GPTQ); "
-            "gptq:SPEC or compressed-tensors:SPEC with SPEC " + SPEC_HELP + " (+gptq for GPTQ); int8")
+            "gptq:SPEC or compressed-tensors:SPEC with SPEC " + SPEC_HELP + " (+gptq for GPTQ); int8; "
+            "hf[:" + "|".join(FLOAT_TYPES) + "]")
 
 
 def _validate(r: Recipe) -> None:
@@ -221,6 +228,11 @@ def _validate(r: Recipe) -> None:
         raise QuantkitError(f"{name}: unknown format '{r.format}'",
                             hint="formats: " + ", ".join(FORMATS) + "; spellings: " + valid_spellings())
     methods = ("dynamic-int8",) if r.format == "int8" else METHODS
+    if r.format == "hf":
+        if r.type not in (None, *FLOAT_TYPES) or r.method != "rtn" or (r.bits, r.group_size, r.sym) != (None,) * 3:
+            raise QuantkitError(f"{name}: hf writes float weights: hf, hf:f32, hf:f16 or hf:bf16",
+                                hint="write e.g. --format hf:bf16")
+        return
     if r.method not in methods:
         raise QuantkitError(f"{name}: unknown method '{r.method}' for {r.format}", hint="methods: " + ", ".join(methods))
     if r.format == "gguf":
@@ -312,6 +324,10 @@ def split_recipe(text: str) -> Parsed:
             raise QuantkitError(f"recipe '{text}': '{spec or '(nothing)'}' is not a llama.cpp file type quantkit "
                                 "writes", hint="types: " + ", ".join(GGUF_FILE_TYPES) + "; +gptq for GPTQ")
         return Parsed("gguf", spec, method, None, None, None)
+    if fmt == "hf":
+        if plus or spec not in ("", *FLOAT_TYPES):
+            raise QuantkitError(f"recipe '{text}': hf takes f32, f16 or bf16 and no method", hint="write e.g. hf:bf16")
+        return Parsed("hf", spec or None, None, None, None, None)
     if fmt == "int8":
         if colon or plus:
             raise QuantkitError(f"recipe '{text}': int8 takes no spec or method", hint="write int8")
@@ -416,8 +432,8 @@ def from_flags(format: str | None = None, method: str | None = None, *,  # noqa:
                       act_order=bool(act_order if act_order is not None else p.act_order),
                       true_sequential=True if true_sequential is None else true_sequential,
                       scale_search=True if scale_search is None else scale_search, shrink=shrink)
-    if p.format == "gguf":
-        return Recipe("gguf", p.type, m, calibration=cal, gptq=knobs)
+    if p.format in ("gguf", "hf"):
+        return Recipe(p.format, p.type, m, calibration=cal, gptq=knobs)
     return Recipe(p.format, None, m, bits if bits is not None else p.bits,
                   group_size if group_size is not None else p.group_size,
                   sym if sym is not None else p.sym, cal, knobs)

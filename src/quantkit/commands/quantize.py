@@ -36,6 +36,12 @@ def register(sub) -> None:
     p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
     p.add_argument("--kernel", choices=("auto", "onednn", "fbgemm", "reference"), default="auto",
                    help="dynamic-int8: int8 GEMM kernel (default auto: fbgemm)")
+    p.add_argument("--exact", action="store_true",
+                   help="MODEL a quantized checkpoint (GPTQ, AWQ, compressed-tensors): refuse, naming the tensors, "
+                        "unless every quantized linear's codes and scales go into the GGUF type as they are")
+    p.add_argument("--qat", action="store_true",
+                   help="gguf:q4_0 of a float model trained for Q4_0: blocks already on a Q4_0 grid keep the scale "
+                        "that reproduces them (the share is reported)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--mmproj", metavar="PATH", type=v.str_arg(),
                    help="vision-language model: where the vision tower + projector file for llama.cpp's "
@@ -83,6 +89,13 @@ def run(args) -> int:
     if r.format == "int8":
         from . import quantize_dynamic
         return quantize_dynamic.run(args)
+    from ..models.quantized_source import is_quantized_dir
+    if r.format == "hf" or (r.format == "gguf" and args.model and is_quantized_dir(args.model)):
+        return _run_convert(args, r)
+    if args.exact or (args.qat and r.method != "rtn"):
+        raise QuantkitError("--exact converts a quantized checkpoint (GPTQ, AWQ, compressed-tensors)" if args.exact
+                            else "--qat keeps Q4_0 blocks by their own scales: it takes no +gptq",
+                            args.model, "leave the flag out")
     if r.method == "gptq" or r.format != "gguf":
         from . import quantize_gptq
         return quantize_gptq.run(args, r)
@@ -91,7 +104,10 @@ def run(args) -> int:
     res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
                        token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                        trust_pickle=args.trust_pickle, mmproj=args.mmproj, mmproj_type=args.mmproj_type,
-                       text_only=args.text_only, imatrix=args.imatrix, **ray_args(args))
+                       text_only=args.text_only, imatrix=args.imatrix, qat=args.qat, exact=args.exact,
+                       **ray_args(args))
+    if res.report is not None:
+        return _print_convert(args, r, res)
     counts: dict[str, int] = {}
     for t in res.types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -104,4 +120,33 @@ def run(args) -> int:
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
     if res.mmproj:
         print(f"wrote {res.mmproj}  (vision tower + projector for llama.cpp's multimodal runtime)")
+    return 0
+
+
+def _run_convert(args, r) -> int:
+    """A quantized checkpoint -> GGUF, or a GGUF -> Hugging Face directory."""
+    from .. import api
+    res = api.quantize(args.model, args.output, recipe=r, pure=args.pure, exact=args.exact, qat=args.qat,
+                       token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type)
+    return _print_convert(args, r, res)
+
+
+def _print_convert(args, r, res) -> int:
+    """The summary: how many tensors took each path, then one row per tensor not written as float."""
+    from . import options
+    rep = res.report
+    if getattr(args, "json", False):
+        options.print_json({"recipe": r.spelling(), **rep})
+        return 0
+    paths = ", ".join(f"{k} {v}" for k, v in sorted(rep.get("paths", {}).items()))
+    print(f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {paths})")
+    rows = [(n, t) for n, t in rep.get("tensors", {}).items() if t["path"] not in ("float", "copy")]
+    if rows:
+        w = max(len(n) for n, _ in rows)
+        print(f"{'tensor':<{w}}  {'path':<6} {'type':<6} note")
+        for n, t in rows:
+            print(f"{n:<{w}}  {t['path']:<6} {t['type']:<6} {t.get('note', '')}")
+    for k in ("blocks_exact_share", "max_min_error"):
+        if rep.get(k):
+            print(f"{k.replace('_', ' ')}: {rep[k]:.6g}")
     return 0

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..recipe import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..models.gguf import GGUFSource
+from ..models.gguf_tokenizer import write_tokenizer
 from ..models.gpu_formats import CheckpointWriter
 from ..util.errors import QuantkitError
 from ..util.finite import check_finite
@@ -108,7 +109,9 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
     try:
         with atomic_output(output, directory=True) as tmp:
             if isinstance(src, GGUFSource):   # first: its memory (~0.35 GB for a 262k vocabulary) is returned before the model's
-                gguf_tokenizer_files(model_path, tmp, src.metadata["general.architecture"].value)
+                # llama.cpp's ids, and a tokenizer.model for SentencePiece vocabularies, so that
+                # the checkpoint converts back to GGUF (quant.convert)
+                write_tokenizer(src.metadata, tmp, model_path)
                 gc.collect()
                 trim()
             sink = CheckpointSink(tmp, cfg, shrink)
