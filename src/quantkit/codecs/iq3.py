@@ -19,6 +19,7 @@ land in its place: reproduced (`_compact`).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .lattice import (F32, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice, nearest_int,
                       neighbours, seqsum, tables)
@@ -83,6 +84,7 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
     wx = w * xval
     best = np.zeros(S, F32)
     scale = mx / F32(2 * KMAXQ - 1)
+    ridv, rsnap = np.zeros(S, F32), np.zeros(S, F32)   # the scale the kept levels were rounded at
     L = np.zeros((32, S), F32)
     on = np.full((8, S), xxs)
     xg, wg = _groups(xval), _groups(waux)
@@ -96,6 +98,8 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
             scale = np.where(upd, sumqx / np.where(upd, sumq2, F32(1)), scale)
             best = np.where(upd, scale * sumqx, best)
             L[:, upd] = Laux[:, upd]
+            ridv = np.where(upd, idv, ridv)
+            rsnap = np.where(upd, F32(1) / idv, rsnap)
             on[:, upd] = on_aux[:, upd]
     need = np.flatnonzero((~on).any(axis=0) & (scale > 0))
     if len(need):                      # refit the groups off the grid at the best scale
@@ -105,10 +109,11 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
         _snap(lat, Lr, _groups(xval[:, need]), _groups(waux[:, need]), sc, redo)
         keep = np.ones((8, len(need)), bool) if redo is None else redo
         L[:, need] = np.where(np.repeat(keep, 4, axis=0), Lr, L[:, need])
+        ridv[need], rsnap[need] = F32(1) / sc, sc
         sumqx, sumq2 = _wsum(w[:, need], wx[:, need], L[:, need])
         scale[need] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), sc)
     gi = lat.index[lat.code(L.reshape(8, 4, S).transpose(1, 0, 2))]
-    return scale, gi
+    return scale, gi, ridv, rsnap
 
 
 def _prepare(x: np.ndarray, qw: np.ndarray | None):
@@ -152,13 +157,22 @@ def encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
         return _encode(x, qw, xxs)
 
 
-def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
+def encode_s_rounding(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IQ3_S blocks of x [nb, 256] as `encode` makes them, and per sub-block the inverse scale
+    and the snapping scale its kept levels were rounded at (float32 [nb, 8] each): rounding |x|
+    at them (nearest_int(0.5*(idv*|x| - 1)), off-grid groups moved to their best neighbour at
+    the snapping scale, weighted by |x|) gives back the encoder's grid points."""
+    with np.errstate(all="ignore"):
+        return _encode(x, qw, False, rounding=True)
+
+
+def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool, rounding: bool = False):
     nb, xs, w, waux = _prepare(x, qw)
     xval, sbits = _signs(xs, w, xxs)
     mx = xval.max(axis=0)
     skip = mx < EPS_XXS if xxs else ~(mx != 0)
     lat = lattice("iq3xxs" if xxs else "iq3s")
-    scale, gi = _search(xval, w, waux, np.where(skip, F32(1), mx), lat, 15 if xxs else 9, xxs)
+    scale, gi, ridv, rsnap = _search(xval, w, waux, np.where(skip, F32(1), mx), lat, 15 if xxs else 9, xxs)
     neg = scale < 0
     scale = np.where(neg, -scale, scale)
     sbits = np.where(neg[None, :], ~sbits & (127 if xxs else 255), sbits)
@@ -178,7 +192,8 @@ def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
     dbits = np.where(zero, 0, dbits).astype(np.uint16)
     if xxs:
         return _pack_xxs(nb, dbits, gi, sbits, ls, zero)
-    return _pack_s(nb, dbits, gi, sbits, ls, skip.reshape(nb, 8))
+    out = _pack_s(nb, dbits, gi, sbits, ls, skip.reshape(nb, 8))
+    return (out, ridv.reshape(nb, 8), rsnap.reshape(nb, 8)) if rounding else out
 
 
 def _pack_xxs(nb, dbits, gi, sbits, ls, zero) -> np.ndarray:
@@ -250,3 +265,137 @@ def decode_s(b: np.ndarray) -> np.ndarray:
     signs = b[:, 74:106].reshape(nb, 8, 4)
     y = db[:, :, None, None] * grid * _sign_factors(signs)
     return y.reshape(nb, QK_K)
+
+
+# ----------------------------------------------------------------------------- GPTQ grid
+# GPTQ (quant.gptq) reaches a super-block of 256 columns: its fp16 scale and eight 4-bit
+# sub-block scales come from the encoder's own search on the partially updated weights
+# (unweighted, or with `search` weighted by each column's importance as llama.cpp weights by an
+# imatrix). Then every group of 4 columns takes one grid point plus signs together
+# (`round_group`), chosen from the group's updated weights: signs from the weights, the
+# magnitudes rounded to levels and, off the grid, moved to the best of their neighbours under a
+# per-column weight. Without `search` that is the encoder's rule at the scale the encoder rounded
+# at (so an identity Hessian gives llama.cpp's bytes); with it, the rounding is at the stored
+# scale and the weight of column c is [(U_bᵀ U_b)^-1]_cc, U_b the group's block of the inverse
+# Hessian's factor: the diagonal of the quadratic form GPTQ's loss puts on the group's error.
+# A sub-block whose weights are all zero is stored in its own place (llama.cpp's encoder moves
+# the next sub-blocks' points into it; its decoder then reads them there).
+
+class IQ3SParams:
+    """One super-block of 256 per row: the stored fp16 d bits [rows], the 4-bit sub-block scales
+    [rows, 8], their decoded scales db [rows, 8] and the encoder's rounding scales [rows, 8]."""
+
+    def __init__(self, dbits, ls, db, ridv, rsnap):
+        self.dbits, self.ls, self.db, self.ridv, self.rsnap = dbits, ls, db, ridv, rsnap
+
+
+class IQ3SBlocks:
+    """A weight stored as IQ3_S: the blocks' bytes uint8 [out, in/256 * 110]."""
+
+    name = "iq3_s"
+
+    def __init__(self, b, in_features: int):
+        self.b, self.in_features = b, in_features
+
+    def to_bytes(self):
+        return self.b
+
+    def split_rows(self, rows: list[int]) -> list["IQ3SBlocks"]:
+        return [IQ3SBlocks(p, self.in_features) for p in self.b.split(rows)]
+
+    def dequantize(self):
+        rows = self.b.shape[0]
+        with np.errstate(all="ignore"):
+            y = decode_s(self.b.numpy().reshape(-1, 110))
+        return torch.from_numpy(y).reshape(rows, self.in_features)
+
+
+class IQ3SGrid:
+    """GPTQ's view of IQ3_S: super-blocks of 256, groups of 4 columns rounded together."""
+
+    codes_dtype = None
+    width = QK_K
+    group_width = 4
+
+    def __init__(self, in_features: int, search: bool = False):
+        if in_features % QK_K:
+            raise ValueError(f"iq3_s needs rows that are a multiple of {QK_K}, got {in_features}")
+        self.in_features, self.search = in_features, search
+        self.lat = lattice("iq3s")
+        self.values = _grid_values("iq3s_grid")
+
+    def params(self, w, imp=None) -> IQ3SParams:
+        x = np.ascontiguousarray(w.float().numpy(), dtype=F32)
+        if not np.isfinite(x).all():
+            raise ValueError("weights contain NaN or Inf")
+        qw = None
+        if self.search and imp is not None:
+            qw = np.tile(np.maximum(imp.float().numpy().astype(F32), F32(0)), (x.shape[0], 1))
+        b, ridv, rsnap = encode_s_rounding(x, qw)
+        dbits = b[:, :2].copy().view(np.uint16)[:, 0]
+        sc = b[:, 106:110].astype(np.int64)
+        ls = np.stack([sc & 15, sc >> 4], axis=2).reshape(-1, 8)
+        db = fp16_value(dbits)[:, None] * (1 + 2 * ls).astype(F32)
+        return IQ3SParams(dbits, ls, db, ridv, rsnap)
+
+    def round_group(self, w, p: IQ3SParams, j0: int, hinv):
+        """Columns j0..j0+3 (within the super-block) of rows w [rows, 4] -> (codes, values),
+        float32 [rows, 4]; code = 2 * grid index + sign bit. hinv: the group's [4, 4] block of
+        the inverse Hessian's upper Cholesky factor."""
+        s = j0 // 32
+        x = np.ascontiguousarray(w.float().numpy().T, dtype=F32)          # [4, rows]
+        neg = ~(x >= 0)
+        xval = np.where(neg, -x, x)
+        db = p.db[:, s]
+        with np.errstate(all="ignore"):
+            if self.search:
+                ub = hinv.double()
+                wc = torch.linalg.inv(ub.t() @ ub).diagonal().float().numpy().astype(F32)
+                idv, snap, wg = F32(1) / db, db, np.broadcast_to(wc[None, :], (x.shape[1], 4))
+            else:
+                idv, snap, wg = p.ridv[:, s], p.rsnap[:, s], np.sqrt(x * x).T
+            dead = ~(db > 0)
+            idv = np.where(dead, F32(1), idv)
+            L = _levels(idv[None, :], xval)
+            gi = self._snap(L, xval.T, np.ascontiguousarray(wg), np.where(dead, F32(1), snap))
+        gi[dead] = 0
+        neg[:, dead] = False
+        sign = np.where(neg, F32(-1), F32(1)).T
+        vals = (db[:, None] * self.values[gi]) * sign
+        codes = (2 * gi[:, None] + neg.T).astype(F32)
+        return torch.from_numpy(codes), torch.from_numpy(vals)
+
+    def _snap(self, L, xg, wg, scale):
+        """Levels L [4, rows] -> grid index [rows]; off-grid groups move to their best neighbour."""
+        lat = self.lat
+        gi = lat.index[lat.code(L)]
+        off = np.flatnonzero(gi < 0)
+        if len(off):
+            which, cand, first = neighbours(lat, lat.code(L[:, off]))
+            rows = off[which]
+            diff = np.take(scale, rows)[:, None] * np.take(lat.pos, cand, axis=0)
+            diff -= np.take(xg, rows, axis=0)
+            t = np.take(wg, rows, axis=0) * diff
+            t *= diff
+            d2 = t[:, 0] + t[:, 1]
+            d2 += t[:, 2]
+            d2 += t[:, 3]
+            gi[off] = cand[first_min(d2, which, first)]
+        return gi
+
+    def round(self, w, p, j):
+        raise NotImplementedError("IQ3_S rounds groups of 4 columns together (round_group)")
+
+    def stored(self, params: list[IQ3SParams], codes) -> IQ3SBlocks:
+        rows = codes.shape[0]
+        nb = len(params)
+        c = codes.numpy().astype(np.int64).reshape(rows, nb, 8, 32)
+        gi = (c[..., ::4] >> 1).reshape(rows * nb, 8, 8)
+        bits = ((c & 1).reshape(rows, nb, 8, 4, 8) << np.arange(8)).sum(axis=4).reshape(rows * nb, 8, 4)
+        dbits = np.stack([p.dbits for p in params], axis=1).reshape(-1)
+        ls = np.stack([p.ls for p in params], axis=1).reshape(-1, 8)
+        b = _pack_s(rows * nb, dbits, gi, bits, ls, np.zeros((rows * nb, 8), bool))
+        return IQ3SBlocks(torch.from_numpy(b.reshape(rows, nb * 110)), self.in_features)
+
+    def join(self, pieces: list[IQ3SBlocks], codes, shape) -> IQ3SBlocks:
+        return IQ3SBlocks(torch.cat([p.b for p in pieces]), shape[1])

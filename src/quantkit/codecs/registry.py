@@ -491,6 +491,9 @@ class IQ3_S(_LatticeType):
     encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=False))
     decode_np = staticmethod(iq3.decode_s)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq3.IQ3SGrid:
+        return iq3.IQ3SGrid(in_features, search)
+
 
 @register
 class IQ1_S(_LatticeType):

@@ -268,6 +268,8 @@ class _Solve:
         """Columns i1..i2 (visiting order) of the chunk: quantize each, spread its error over the
         block's later columns. Returns the block's errors scaled by 1/[U]_jj, [column, row]."""
         g, Hinv1, perm_l = self.g, self.Hinv[i1:i2, i1:i2], self.perm_list
+        k = getattr(g, "group_width", 1)       # columns that take one codebook entry together
+        group = None
         # the block transposed, [column, row]: each step's rank-1 update then touches one
         # contiguous slab instead of a strided slice of every row (measured ~3x faster)
         W1 = Wc[:, i1:i2].t().contiguous()
@@ -290,7 +292,14 @@ class _Solve:
                     params[gi] = g.params(ahead, self.importance[i1 + i:i1 + i + g.width])
                     torch.set_num_threads(1)
                 w = W1[i]
-                q, dq = g.round(w, params[gi], col % g.width)
+                if k == 1:
+                    q, dq = g.round(w, params[gi], col % g.width)
+                else:
+                    # a lattice group: its entry chosen once from the group's updated columns,
+                    # its columns' errors then spread one at a time as any column's
+                    if col % k == 0:
+                        group = g.round_group(W1[i:i + k].t(), params[gi], col % g.width, Hinv1[i:i + k, i:i + k])
+                    q, dq = group[0][:, col % k], group[1][:, col % k]
                 codes[:, col] = q
                 Q[:, i1 + i] = dq
                 err = (w - dq) / Hinv1[i, i]
@@ -337,6 +346,10 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not match")
     out_f, in_f = W.shape
     g = make_grid(grid, in_f, config)
+    k = getattr(g, "group_width", 1)
+    if k > 1 and (config.act_order or config.block_size % k):
+        raise ValueError(f"GPTQ on {grid} rounds {k} columns together: it needs natural column order "
+                         f"(no act-order) and a block size that is a multiple of {k}")
     if not torch.isfinite(W).all():
         raise ValueError("weights contain NaN or Inf")
     box, dead, perm = _prepared_hessian(H, config)
