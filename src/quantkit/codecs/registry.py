@@ -429,6 +429,9 @@ class _IQ2(_RowsWeighted):
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return iq2.decode(self.kind, b)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq2.IQ2Grid:
+        return iq2.IQ2Grid(self.kind, in_features, search)
+
 
 @register
 class IQ2_XXS(_IQ2):
