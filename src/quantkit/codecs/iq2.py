@@ -373,8 +373,15 @@ class IQ2Grid:
                 wc = torch.linalg.inv(ub.t() @ ub).diagonal().float().numpy().astype(F32)
                 wt = np.broadcast_to(wc[None, :], x.shape)
                 xval, bits = _signs(kind, x, wt)
-                idv, snap, wg = F32(1) / db, db, np.ascontiguousarray(wt)
                 dead = ~(db > 0)
+                # every grid entry at the stored scale: the magnitudes are not exactly odd
+                # multiples of one step, so rounding at a scale would miss the nearest entry
+                m = torch.from_numpy(self.mag)
+                dbt = torch.from_numpy(np.where(dead, F32(0), db))
+                cost = dbt[:, None] ** 2 * ((m * m) @ torch.from_numpy(wc))[None, :]
+                cost -= 2 * dbt[:, None] * (torch.from_numpy(xval * wc[None, :]) @ m.t())
+                gi = cost.argmin(dim=1).numpy().astype(np.int64)
+                return self._finish(gi, bits, dead, db)
             else:
                 s2 = p.sigma2[:, None]
                 wt = F32(0.25) * s2 + x * x if kind is S else np.sqrt(s2 + x * x)
@@ -388,6 +395,11 @@ class IQ2Grid:
             off = np.flatnonzero(gi < 0)
             if off.size:
                 gi[off] = lat.best_neighbour(self.lat, u[off], snap[off], xval[off], wg[off])
+        return self._finish(gi, bits, dead, db)
+
+    def _finish(self, gi, bits, dead, db):
+        """(codes, values) of the chosen entries gi [rows] and sign bits [rows]."""
+        kind = self.kind
         gi[dead] = 0
         bits = np.where(dead, 0, bits)
         full = lat.tables()["ksigns_iq2xs"][bits] if kind.parity else bits
