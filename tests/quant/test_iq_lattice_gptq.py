@@ -1,4 +1,4 @@
-"""GPTQ onto IQ3_S and IQ2_XXS / IQ2_XS / IQ2_S, whose groups of 4 (8) columns take one lattice point plus signs together: with an
+"""GPTQ onto IQ3_S, IQ3_XXS and IQ2_XXS / IQ2_XS / IQ2_S, whose groups of 4 or 8 columns take one lattice point plus signs together: with an
 identity Hessian and no scale search the bytes are llama.cpp's own; the stored bytes decode (in
 llama.cpp too) to exactly the solver's values; on correlated inputs GPTQ lowers the
 Hessian-weighted error well below round-to-nearest with the Hessian's diagonal as importance
@@ -13,7 +13,7 @@ from quantkit.codecs.registry import gptq_types, qtype
 from quantkit.quant.gguf_gptq import GPTQ_TYPES
 from quantkit.quant.gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight
 
-TYPES = ["iq3_s", "iq2_s", "iq2_xs", "iq2_xxs"]
+TYPES = ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"]
 
 
 def _w(out_f=48, in_f=512, seed=0):
@@ -57,10 +57,10 @@ def _correlated(in_f=512, n=4096, seed=0):
 
 
 # 48 x 512 weights, RTN with the Hessian's diagonal as importance matrix / GPTQ, measured
-# tr(ΔW H ΔWᵀ) (without the scale search): iq3_s 18.9x (13.7x), iq2_s 11.6x (11.3x),
-# iq2_xs 11.8x (10.4x), iq2_xxs 10.5x (9.7x); output error ||X ΔWᵀ|| about the square root.
-@pytest.mark.parametrize("qt,tr_factor,out_factor", [("iq3_s", 10.0, 3.0), ("iq2_s", 7.0, 2.5),
-                                                     ("iq2_xs", 7.0, 2.5), ("iq2_xxs", 7.0, 2.5)])
+# tr(ΔW H ΔWᵀ) (without the scale search): iq3_s 18.9x (13.7x), iq3_xxs 14.1x (10.3x),
+# iq2_s 11.6x (11.3x), iq2_xs 11.8x (10.4x), iq2_xxs 10.5x (9.7x); output error ||X ΔWᵀ|| about the square root.
+@pytest.mark.parametrize("qt,tr_factor,out_factor", [
+    ("iq3_s", 10.0, 3.0), ("iq3_xxs", 7.0, 2.5), ("iq2_s", 7.0, 2.5), ("iq2_xs", 7.0, 2.5), ("iq2_xxs", 7.0, 2.5)])
 def test_gptq_lowers_hessian_weighted_error(qt, tr_factor, out_factor):
     W = _w(seed=3)
     X = _correlated()
@@ -78,7 +78,7 @@ def test_gptq_lowers_hessian_weighted_error(qt, tr_factor, out_factor):
     assert torch.equal(res.dequantized, q.dequantize(res.weight.to_bytes(), W.shape))
 
 
-@pytest.mark.parametrize("qt", ["iq3_s", "iq2_xs"])
+@pytest.mark.parametrize("qt", ["iq3_s", "iq3_xxs", "iq2_xs"])
 def test_bad_input(qt):
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_weight(_w(in_f=288), torch.eye(288), qt)

@@ -487,6 +487,9 @@ class IQ3_XXS(_LatticeType):
     encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=True))
     decode_np = staticmethod(iq3.decode_xxs)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq3.IQ3Grid:
+        return iq3.IQ3Grid(True, in_features, search)
+
 
 @register
 class IQ3_S(_LatticeType):
@@ -494,8 +497,8 @@ class IQ3_S(_LatticeType):
     encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=False))
     decode_np = staticmethod(iq3.decode_s)
 
-    def gptq_grid(self, in_features: int, search: bool = False) -> iq3.IQ3SGrid:
-        return iq3.IQ3SGrid(in_features, search)
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq3.IQ3Grid:
+        return iq3.IQ3Grid(False, in_features, search)
 
 
 @register
