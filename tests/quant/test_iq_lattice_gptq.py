@@ -1,5 +1,5 @@
-"""GPTQ onto IQ3_S, IQ3_XXS and IQ2_XXS / IQ2_XS / IQ2_S, whose groups of 4 or 8 columns take one lattice point plus signs together: with an
-identity Hessian and no scale search the bytes are llama.cpp's own; the stored bytes decode (in
+"""GPTQ onto IQ3_S, IQ3_XXS and IQ2_XXS / IQ2_XS / IQ2_S, whose groups of 4 or 8 columns take
+lattice points plus signs together: with an identity Hessian and no scale search the bytes are llama.cpp's own; the stored bytes decode (in
 llama.cpp too) to exactly the solver's values; on correlated inputs GPTQ lowers the
 Hessian-weighted error well below round-to-nearest with the Hessian's diagonal as importance
 matrix."""

@@ -372,7 +372,8 @@ class IQ3Grid:
                 neg[imin, odd] = ~neg[imin, odd]
             xg = xval.T.reshape(rows * k // 4, 4)                 # groups of 4, row-major
             if self.search:
-                gi = self._scored(xg, np.tile(wc.reshape(-1, 4), (rows, 1)), np.repeat(np.where(dead, F32(0), db), k // 4))
+                scale = np.repeat(np.where(dead, F32(0), db), k // 4)
+                gi = self._scored(xg, np.tile(wc.reshape(-1, 4), (rows, 1)), scale)
             else:
                 idv = np.where(dead[:, None], F32(1), p.ridv[:, g0:g0 + k // 4]).reshape(-1)
                 snap = np.where(dead[:, None], F32(1), p.rsnap[:, g0:g0 + k // 4]).reshape(-1)
