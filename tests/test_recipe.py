@@ -38,7 +38,7 @@ def test_every_recipe_round_trips(capsys):
         assert parse_recipe(r.spelling(short=True)) == r
         assert from_dict(r.to_dict()) == r
         n += 1
-    assert n == 17 + 14 + 5 * 2 * 2 * (4 + 6) + 1     # gguf rtn, gguf gptq, GPU formats, int8
+    assert n == 32 + 29 + 5 * 2 * 2 * (4 + 6) + 1     # gguf rtn, gguf gptq, GPU formats, int8
     assert capsys.readouterr().err == ""           # canonical spellings: no notes
 
 

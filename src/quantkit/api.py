@@ -49,8 +49,10 @@ def open_model(path=None):
 
 @_pickle_opt_in
 def inspect(model=None) -> dict[str, Any]:
-    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer;
-    for a vision-language directory, its vision tower ("vision": models.vision.describe_vision)."""
+    """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer,
+    what the model is and what quantkit can do with it ("model"), and for a vision-language
+    directory its vision tower ("vision": models.vision.describe_vision)."""
+    from .models.arch import describe
     src = open_model(model)
     tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in src.tensors()]
     n_params = sum(t.n_elements for t in src.tensors())
@@ -73,6 +75,8 @@ def inspect(model=None) -> dict[str, Any]:
         "bits_per_weight_linear": 8 * sum(t.nbytes for t in linear) / lin_params if lin_params else 0.0,
         "types": types,
         "tokenizer": {"model": src.tokenizer.model, "pre": src.tokenizer.pre, "n_tokens": src.tokenizer.n_tokens},
+        "model": describe(src.spec.arch, getattr(src, "hf_arch", None), getattr(src, "config", None),
+                          src.spec.n_expert, src.spec.n_expert_used),
         "tensors": tensors,
         "vision": _describe_vision(path) if file_bytes is None else None,
     }
@@ -135,7 +139,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              scale_search: bool | None = None, true_sequential: bool | None = None, shrink: float | None = None,
              recipe=None, show_progress: bool = True, ray: bool | str | None = None,
              workers: int | None = None, mmproj: str | os.PathLike | None = None, mmproj_type: str = "f16",
-             text_only: bool = False) -> QuantizeResult:
+             text_only: bool = False, imatrix: str | os.PathLike | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -151,7 +155,11 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     A vision-language directory (LLaVA, Gemma-3 with its vision tower): the language model becomes
     OUTPUT and the vision tower and projector llama.cpp's multimodal projector file, at `mmproj`
     (default: mmproj-<OUTPUT's name> beside it) in `mmproj_type` (f16, q8_0 or f32);
-    text_only=True writes the language model alone; the result's `mmproj` names the projector file."""
+    text_only=True writes the language model alone; the result's `mmproj` names the projector file.
+
+    `imatrix`: an importance matrix file (GGUF or legacy .dat, from `imatrix()` or llama-imatrix)
+    for round-to-nearest: the same bytes as `llama-quantize --imatrix`; the types that need one
+    (IQ2/IQ1, Q2_K_S) are refused without it."""
     from .quant.gguf_export import export_gguf, supported_file_types
     from .util.errors import QuantkitError
     if output is None:
@@ -165,11 +173,20 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         raise QuantkitError(f"format '{r.spelling()}' is written by "
                             + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),
                             hint="call quantkit.api." + ("quantize_gpu" if r.format != "int8" else "quantize_dynamic"))
+    from .quant.gguf_policy import FILE_TYPES, requires_imatrix
+    if imatrix is None and r.type in FILE_TYPES and requires_imatrix("", FILE_TYPES[r.type][1], r.type):
+        from .models.imatrix_file import HOW_TO_MAKE
+        raise QuantkitError(f"file type {r.type} needs an importance matrix (llama.cpp refuses it without one)",
+                            hint=f"{HOW_TO_MAKE}, then pass --imatrix imatrix.gguf")
     if r.type not in supported_file_types():
-        raise QuantkitError(f"type '{r.type}' cannot be encoded here",
+        default = FILE_TYPES[r.type][1] if r.type in FILE_TYPES else r.type
+        raise QuantkitError(f"type '{r.type}' cannot be encoded here (quantkit has no {default} encoder in this build)",
                             hint="use one of " + ", ".join(supported_file_types()))
     from .quant.mmproj import prepare_mmproj
     vis = prepare_mmproj(model, output, mmproj, mmproj_type, text_only)   # vision-language: the projector file
+    if imatrix is not None and r.method == "gptq":
+        raise QuantkitError("--imatrix weights round-to-nearest export; GPTQ calibrates on its own data",
+                            os.fspath(imatrix), "leave out +gptq, or leave out --imatrix")
     if r.method == "gptq":
         from .quant.gguf_gptq import export_gguf_gptq
         from .quant.gptq import GPTQConfig
@@ -185,14 +202,59 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     if ray not in (None, False):
         raise QuantkitError("--ray spreads GPTQ's calibration over workers; round to nearest needs none",
                             hint="leave out --ray, or add +gptq to the format")
+    imx = None
+    if imatrix is not None:
+        from .models.imatrix_file import read_imatrix
+        imx = read_imatrix(imatrix)
     src = open_model(model)
     try:
         rep = export_gguf(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
-                          output_tensor_type=output_tensor_type, show_progress=show_progress)
+                          output_tensor_type=output_tensor_type, show_progress=show_progress, imatrix=imx)
     finally:
         src.close()
     return _with_mmproj(QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types),
                         vis, mmproj_type, show_progress)
+
+
+@dataclass
+class ImatrixResult:
+    output: str
+    seconds: float
+    tokens: int
+    entries: int
+
+
+@_pickle_opt_in
+def imatrix(model=None, output: str | os.PathLike | None = None, *, calib: str | None = None,
+            nsamples: int | None = None, seqlen: int | None = None, input_ids=None,
+            show_progress: bool = True) -> ImatrixResult:
+    """Compute MODEL's importance matrix (what llama-imatrix computes: per decoder weight, the sum
+    over calibration tokens of each input column's squared activation, and the token count)
+    with quantkit's forward over `calib` (default wikitext-2 valid), nsamples x seqlen tokens
+    (defaults in quantkit.recipe), or over `input_ids` [chunks, tokens] as given; write it to
+    OUTPUT: llama.cpp's GGUF imatrix, or the legacy format for a name ending in .dat. Use it
+    with quantize(..., imatrix=OUTPUT) or llama-quantize --imatrix."""
+    from . import recipe as rc
+    from .models.imatrix_file import save_imatrix
+    from .quant.imatrix import compute_imatrix
+    from .util.atomic import check_output
+    from .util.errors import QuantkitError
+    if output is None:
+        raise QuantkitError("no output path", hint="give -o imatrix.gguf")
+    check_output(output, [model, calib])
+    n = rc.check_nsamples(nsamples) if nsamples is not None else rc.DEFAULT_NSAMPLES
+    L = rc.check_seqlen(seqlen) if seqlen is not None else rc.DEFAULT_SEQLEN
+    if input_ids is not None:
+        import torch
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    src = open_model(model)
+    try:
+        rep = compute_imatrix(src, src.path, calib=calib, nsamples=n, seqlen=L, input_ids=input_ids,
+                              show_progress=show_progress)
+    finally:
+        src.close()
+    save_imatrix(rep.imatrix, output)
+    return ImatrixResult(os.fspath(output), rep.seconds, rep.tokens, len(rep.imatrix.entries))
 
 
 DEMO_PROMPT = "The capital of France is"

@@ -20,6 +20,7 @@ from .util.errors import QuantkitError
 COMMANDS = [
     "inspect",
     "quantize",
+    "imatrix",
     "demo",
     "eval",
     "plan",

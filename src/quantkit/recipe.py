@@ -36,7 +36,9 @@ METHODS = ("rtn", "gptq")
 # llama.cpp file types quantkit writes (quant.gguf_policy.FILE_TYPES holds their tensor mixes;
 # tests/test_recipe.py checks the two lists agree).
 GGUF_FILE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q5_k_s",
-                   "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
+                   "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s", "iq4_xs", "iq4_nl", "iq3_m",
+                   "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "tq2_0",
+                   "tq1_0")
 FLOAT_TYPES = ("f32", "f16", "bf16")          # nothing for GPTQ to solve
 FORMAT_BITS = {"gptq": (2, 3, 4, 8), "compressed-tensors": (2, 3, 4, 5, 6, 8)}
 GROUP_SIZES = (32, 64, 128, 1024, -1)          # -1: one scale per output channel

@@ -57,6 +57,10 @@ def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -
     bs, ts = GGML_QUANT_SIZES[t]
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = libggml()
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        assert qw.size == n, (qw.size, n)
     lib.ggml_quantize_init(int(t))
     size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, qw)
     assert size == out.nbytes, (size, out.nbytes)
@@ -77,8 +81,11 @@ def ggml_dequantize(name: str, data: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nthread: int = 2) -> None:
-    """llama.cpp's llama_model_quantize (what `llama-quantize --allow-requantize` runs)."""
+def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nthread: int = 2,
+                   imatrix: dict | None = None) -> None:
+    """llama.cpp's llama_model_quantize (what `llama-quantize --allow-requantize` runs).
+    imatrix: {tensor name: float32 importance weights}, what llama-quantize hands over after
+    reading an imatrix file (params.imatrix; the file's quantize.imatrix.* keys are not added)."""
     import llama_cpp
     from quantkit.quant.gguf_policy import FILE_TYPES
 
@@ -87,5 +94,17 @@ def llama_quantize(inp: str, out: str, file_type: str, *, pure: bool = False, nt
     params.allow_requantize = True
     params.pure = pure
     params.nthread = nthread
+    keep = []
+    if imatrix is not None:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, w) in enumerate(imatrix.items()):
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            nm = name.encode()
+            keep += [w, nm]
+            arr[i].name = nm
+            arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = w.size
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, type(params.imatrix))
     rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize failed with {rc}"

@@ -272,3 +272,108 @@ def write_minimal_llama_gguf(path, tensors: dict) -> str:
     write_gguf_file(str(path), "llama", meta, [(n, t.shape, "f32") for n, t in arrays.items()],
                     lambda n: arrays[n].view(np.uint8))
     return str(path)
+
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# Each architecture's tokenizer kind, as its released checkpoints ship it: SentencePiece, or
+# byte-level BPE with the family's pre-tokenizer regex (Llama-3's is also OLMo-2's cl100k and
+# GLM-4's; Granite's and Phi-2's are GPT-2's).
+ARCH_TOKENIZERS = {
+    "llama3": ("bpe", LLAMA3_REGEX), "qwen3": ("bpe-qwen", QWEN2_REGEX), "gemma2": ("spm-gemma", None),
+    "phi3": ("spm", None), "granite": ("bpe", GPT2_REGEX), "olmo2": ("bpe", LLAMA3_REGEX),
+    "smollm3": ("bpe", LLAMA3_REGEX), "glm4": ("bpe", LLAMA3_REGEX), "phi2": ("bpe", GPT2_REGEX),
+    "mistral": ("spm", None), "qwen2": ("bpe-qwen", QWEN2_REGEX), "gemma3": ("spm-gemma", None),
+    "qwen3moe": ("bpe-qwen", QWEN2_REGEX), "mixtral": ("spm", None),
+}
+
+
+def _arch_config(kind: str, n_vocab: int, special: dict, layers: int = 2):
+    """transformers config of a tiny `kind` model: hidden 256 (every K-quant applies), 2 layers."""
+    import transformers as tf
+
+    c = dict(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=layers,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **special)
+    if kind == "llama3":
+        return tf.LlamaConfig(tie_word_embeddings=True, rms_norm_eps=1e-5,
+                              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 64}, **c)
+    if kind == "mistral":
+        return tf.MistralConfig(sliding_window=None, tie_word_embeddings=False, rope_theta=1e6, **c)
+    if kind == "qwen2":
+        return tf.Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, **c)
+    if kind == "qwen3":
+        return tf.Qwen3Config(tie_word_embeddings=True, head_dim=64, rope_theta=1e6, **c)
+    if kind == "gemma2":
+        return tf.Gemma2Config(head_dim=64, query_pre_attn_scalar=64, sliding_window=4, tie_word_embeddings=True,
+                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **c)
+    if kind == "gemma3":
+        return tf.Gemma3TextConfig(head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                                   final_logit_softcapping=30.0, **c)
+    if kind == "phi3":            # Phi-3.5's LongRoPE: short factors up to 256 tokens (the tests' context)
+        c["max_position_embeddings"] = 1024
+        return tf.Phi3Config(tie_word_embeddings=False, sliding_window=None, original_max_position_embeddings=256,
+                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                              "short_factor": [1.0 + 0.05 * i for i in range(32)],
+                                              "long_factor": [1.0 + 0.3 * i for i in range(32)]}, **c)
+    if kind == "phi2":
+        c.pop("num_key_value_heads")
+        return tf.PhiConfig(partial_rotary_factor=0.5, tie_word_embeddings=False, **c)
+    if kind == "glm4":
+        return tf.Glm4Config(head_dim=64, partial_rotary_factor=0.5, attention_bias=True, tie_word_embeddings=False,
+                             **c)
+    if kind == "olmo2":
+        return tf.Olmo2Config(tie_word_embeddings=False, **c)
+    if kind == "granite":
+        return tf.GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                                logits_scaling=8.0, tie_word_embeddings=True, **c)
+    if kind == "smollm3":
+        return tf.SmolLM3Config(tie_word_embeddings=True, **c)
+    if kind == "qwen3moe":
+        return tf.Qwen3MoeConfig(head_dim=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                 norm_topk_prob=True, tie_word_embeddings=False, **c)
+    if kind == "mixtral":
+        return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                                sliding_window=None, **c)
+    raise ValueError(kind)
+
+
+def build_arch_model(kind: str, root: Path, vocab_size: int = 768, layers: int = 2) -> Path:
+    """A tiny random Hugging Face model of architecture `kind` (see ARCH_TOKENIZERS) with the
+    family's tokenizer kind trained offline, float32, in root/kind."""
+    import transformers as tf
+
+    d = root / kind
+    d.mkdir()
+    work = root / f"{kind}-work"
+    work.mkdir()
+    tok_kind, regex = ARCH_TOKENIZERS[kind]
+    if tok_kind.startswith("spm"):
+        gemma = tok_kind == "spm-gemma"
+        save_spm_tokenizer(d, work, vocab_size, gemma=gemma)
+        n = vocab_size
+        special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2) if gemma else \
+            dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        if kind == "phi3":
+            # Phi-3's added chat tokens past the SentencePiece pieces, the embedding padded beyond
+            # them (llama.cpp looks <|endoftext|> up in a vocabulary named phi3)
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(d))
+            tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>", "<|user|>"]})
+            tok.save_pretrained(str(d))
+            n = vocab_size + 8
+    else:
+        qwen = tok_kind == "bpe-qwen"
+        n = save_bpe_tokenizer(d, regex, qwen=qwen, vocab_size=vocab_size)
+        special = dict(eos_token_id=n - 3, bos_token_id=None, pad_token_id=None) if qwen else \
+            dict(bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=None)
+    cfg = _arch_config(kind, n, special, layers)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    randomise(model, gemma=kind.startswith("gemma"))
+    model.float().save_pretrained(str(d))
+    shutil.rmtree(work)
+    return d

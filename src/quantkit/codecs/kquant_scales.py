@@ -113,8 +113,9 @@ def _qx_numerators(nmax: int) -> torch.Tensor:
     return torch.from_numpy(np.array(nums, dtype=np.float32)).reshape(-1, 1)
 
 
-def make_qx_search(x: torch.Tensor, nmax: int):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over the columns of x[n, M].
+def make_qx_search(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) over the columns of x[n, M]; qw [n, M] the
+    weights (None: x*x, as C without quant_weights).
 
     Returns (scale, iscale, zero), each [M]: the returned scale, the inverse scale whose levels
     C leaves in L, and the all-zero columns (L = 0 there). L itself is only needed where the
@@ -127,7 +128,7 @@ def make_qx_search(x: torch.Tensor, nmax: int):
     zero = amax < GROUP_MAX_EPS
     iscales = torch.div(_qx_numerators(nmax).expand(-1, M), torch.where(zero, 1.0, maxv))
     K = iscales.shape[0]
-    w = x * x
+    w = x * x if qw is None else qw
     wx = w * x
     l = torch.empty_like(x)
     p = torch.empty_like(x)
@@ -277,3 +278,67 @@ def make_q3_quants_rmse(x: torch.Tensor, nmax: int):
     scale = torch.where(suml2 > 0, sumlx / suml2, 0.0).masked_fill_(zero, 0.0)
     L = L.add_(nmax).to(torch.int32).masked_fill_(zero, 0)
     return scale, L
+
+
+# ----------------------------------------------------------------------------- importance weights
+
+def rowsum_seq(t: torch.Tensor) -> torch.Tensor:
+    """Per row of t[rows, n]: `s = 0; for j: s += t[j]` in float32, C's order (numpy's
+    accumulate is sequential, unlike its pairwise reduce)."""
+    if t.shape[1] == 0:
+        return torch.zeros(t.shape[0])
+    return torch.from_numpy(np.ascontiguousarray(np.cumsum(t.numpy(), axis=1, dtype=np.float32)[:, -1]))
+
+
+def make_qp_search(x: torch.Tensor, qw: torch.Tensor, nmax: int):
+    """make_qp_quants(n, nmax, x, L, quant_weights) over the columns of x[n, M] with weights
+    qw[n, M]: the positive scale of the sub-block scales (or mins) and their codes.
+
+    C stores the levels in uint8_t (a negative input, possible only through float rounding,
+    wraps modulo 256) while its first sums use the int level: both are kept so.
+    Returns (scale [M], L [n, M] int32 in 0..255).
+    """
+    n, M = x.shape
+    mx = positive_max(x.t())
+    zero = mx < GROUP_MAX_EPS
+    safe = torch.where(zero, 1.0, mx)
+    iscale = div(float(nmax), safe)
+    L = nearest_int(iscale * x) & 0xFF
+    scale = div(1.0, iscale)
+    d = x - scale * L.float()
+    best = seqsum_into((qw * d).mul_(d), torch.empty(M))
+    for s in (-4, -3, -2, -1, 1, 2, 3, 4):
+        num = np.float32(0.1) * np.float32(s) + np.float32(nmax)
+        isc = div(float(num), safe)
+        sc = div(1.0, isc)
+        l = nearest_int(isc * x).clamp_(max=nmax)
+        d = x - sc * l.float()
+        mse = seqsum_into((qw * d).mul_(d), torch.empty(M))
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, isc, iscale)
+    l = nearest_int(iscale * x).clamp_(max=nmax)
+    lf = l.float()
+    sumlx = seqsum_into((qw * x).mul_(lf), torch.empty(M))
+    suml2 = seqsum_into((qw * lf).mul_(lf), torch.empty(M))
+    L = l & 0xFF
+    for _ in range(5):
+        changed = torch.zeros(M, dtype=torch.bool)
+        for i in range(n):
+            wi, xi, Li = qw[i], x[i], L[i].float()
+            slx = sumlx - wi * xi * Li
+            sl2 = suml2 - wi * Li * Li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = nearest_int(xi * sl2 / torch.where(ok, slx, 1.0)).clamp_(max=nmax)
+            nl = new_l.float()
+            slx2 = slx + wi * xi * nl
+            sl22 = sl2 + wi * nl * nl
+            accept = ok & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(accept, new_l & 0xFF, L[i])
+            sumlx = torch.where(accept, slx2, sumlx)
+            suml2 = torch.where(accept, sl22, suml2)
+            changed |= accept
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
+    return scale.masked_fill_(zero, 0.0), L.masked_fill_(zero[None, :], 0)

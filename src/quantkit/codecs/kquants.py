@@ -24,8 +24,8 @@ from gguf import GGMLQuantizationType as T
 
 from .bits import BlockLayout, f16_from, fp16
 from .kquant_scales import (GROUP_MAX_EPS, clamped_levels, div, first_absmax, make_q3_quants_rmse,
-                            make_qkx2_search, make_qx_search, nearest_int, positive_max, qkx2_levels, qx_levels,
-                            seqsum_into, sqrtf, wrap_i8)
+                            make_qkx2_search, make_qp_search, make_qx_search, nearest_int, positive_max, qkx2_levels,
+                            qx_levels, rowsum_seq, seqsum_into, sqrtf, wrap_i8)
 
 QK_K = 256
 
@@ -90,10 +90,12 @@ def _unpack_k4_scales(b: torch.Tensor):
     return sc, m
 
 
-def _q6_k(x: torch.Tensor) -> torch.Tensor:
+def _q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """quantize_row_q6_K_ref; with qw [nb, 256], quantize_row_q6_K_impl (the importance weights
+    go to make_qx_quants as they are)."""
     nb = x.shape[0]
     xs = _cols(x, 16)
-    scale, best_iscale, zero = make_qx_search(xs, 32)
+    scale, best_iscale, zero = make_qx_search(xs, 32, None if qw is None else _cols(qw, 16))
     sc = scale.reshape(nb, 16)
     max_scale, max_abs = first_absmax(sc.t())
     zero_block = max_abs < GROUP_MAX_EPS
@@ -205,7 +207,14 @@ def _q3_k(x: torch.Tensor) -> torch.Tensor:
     iscale = div(-32.0, torch.where(has, max_scale, 1.0))
     l = wrap_i8(nearest_int(iscale[:, None] * sc)).clamp_(-32, 31) + 32
     l = l.masked_fill_(~has[:, None], 0)
-    d_bytes, d = fp16(torch.where(has, div(1.0, iscale), 0.0))
+    return _q3_finish(xs, L0, l, torch.where(has, div(1.0, iscale), 0.0))
+
+
+def _q3_finish(xs: torch.Tensor, L0: torch.Tensor, l: torch.Tensor, d_block: torch.Tensor) -> torch.Tensor:
+    """Q3_K's bytes from the sub-blocks xs [16, M], their search's levels L0, the 6-bit scale
+    codes l [nb, 16] (0..63, 32 = zero) and the super-block scale before fp16."""
+    nb = l.shape[0]
+    d_bytes, d = fp16(d_block)
     dl = (d[:, None] * (l - 32).float()).reshape(-1)
     nz = dl != 0
     L = clamped_levels(xs / torch.where(nz, dl, 1.0), -4, 3)
@@ -216,6 +225,94 @@ def _q3_k(x: torch.Tensor) -> torch.Tensor:
     g = (l >> 4).reshape(nb, 4, 4)               # scale 4g + k: bits 2g..2g+1 of byte 8 + k
     s_hi = g[:, 0] | (g[:, 1] << 2) | (g[:, 2] << 4) | (g[:, 3] << 6)
     return torch.cat([_pack_q3_codes(_rows_u8(L, nb)), s_lo.to(torch.uint8), s_hi.to(torch.uint8), d_bytes], dim=1)
+
+
+def _weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """qw * sqrtf(sigma2 + x*x) per element of x [nb, 256], sigma2 [nb] per super-block."""
+    return sqrtf(sigma2[:, None] + x * x).mul_(qw)
+
+
+def _q3_k_weighted(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q3_K_impl: make_qx_quants with the weights on every 16-sub-block, then on the
+    16 scales with weights their sub-block's weight sums."""
+    nb = x.shape[0]
+    xs, ws = _cols(x, 16), _cols(_weights(x, qw, (2 * rowsum_seq(x * x)) / 256.0), 16)
+    sw = seqsum_into(ws, torch.empty(ws.shape[1])).reshape(nb, 16).t().contiguous()
+    scale, iscale, zero = make_qx_search(xs, 4, ws)
+    sc = scale.reshape(nb, 16).t().contiguous()
+    d_block, iscale2, zero2 = make_qx_search(sc, 32, sw)
+    l = qx_levels(sc, iscale2, zero2, 32).t()
+    return _q3_finish(xs, qx_levels(xs, iscale, zero, 4), l, d_block)
+
+
+def _q2_k_weighted(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q2_K_impl: make_qkx3_quants per 16-sub-block, make_qp_quants on the scales
+    and the mins, then every value re-rounded on the stored grid."""
+    nb = x.shape[0]
+    xs, ws = _cols(x, 16), _cols(_weights(x, qw, rowsum_seq(x * x) / 256.0), 16)
+    sw = seqsum_into(ws, torch.empty(ws.shape[1])).reshape(nb, 16).t().contiguous()
+    scale, the_min, sel_iscale, sel_min, flat = make_qkx2_search(xs, ws, 3, -0.9, 0.05, 36, False)
+    dm, ls = make_qp_search(scale.reshape(nb, 16).t().contiguous(), sw, 15)
+    mm, lm = make_qp_search(the_min.reshape(nb, 16).t().contiguous(), sw, 15)
+    scales = (ls.t() | (lm.t() << 4)) & 0xFF
+    d_bytes, d = fp16(dm)
+    m_bytes, dmin = fp16(mm)
+    L = _requantize(xs, d[:, None] * (scales & 0xF).float(), dmin[:, None] * (scales >> 4).float(), 3,
+                    (sel_iscale, sel_min, flat))
+    return torch.cat([scales.to(torch.uint8), _pack_2bit(_rows_u8(L, nb)), d_bytes, m_bytes], dim=1)
+
+
+def _requantize(xs, dl, ml, nmax, search):
+    """`l = MAX(0, MIN(nmax, nearest_int((x + m)/d)))` per sub-block (columns of xs) with d = dl,
+    m = ml [nb, subs]; a sub-block with d = 0 keeps its make_qkx3_quants levels."""
+    dl, ml = dl.reshape(-1), ml.reshape(-1)
+    nz = dl != 0
+    L = clamped_levels((xs + ml).div_(torch.where(nz, dl, 1.0)), 0, nmax)
+    if not bool(nz.all()):
+        cols = (~nz).nonzero()[:, 0]
+        sel_iscale, sel_min, flat = search
+        L[:, cols] = qkx2_levels(xs[:, cols], sel_iscale[cols], sel_min[cols], flat[cols], nmax)
+    return L
+
+
+def _q45_k_weighted(x: torch.Tensor, qw: torch.Tensor, nmax: int):
+    """quantize_row_q4_K_impl / q5_K_impl: header bytes and levels uint8 [nb, 256]."""
+    nb = x.shape[0]
+    xs, ws = _cols(x, 32), _cols(_weights(x, qw, (2 * rowsum_seq(x * x)) / 256.0), 32)
+    sw = seqsum_into(ws, torch.empty(ws.shape[1])).reshape(nb, 8).t().contiguous()
+    scale, the_min, sel_iscale, sel_min, flat = make_qkx2_search(xs, ws, nmax, -0.9, 0.05, 36, False)
+    d_block, ls = make_qp_search(scale.reshape(nb, 8).t().contiguous(), sw, 63)
+    m_block, lm = make_qp_search(the_min.reshape(nb, 8).t().contiguous(), sw, 63)
+    ls, lm = ls.t(), lm.t()
+    if nmax == 31:                                   # Q5_K clamps the codes, Q4_K stores them as they are
+        ls, lm = ls.clamp(max=63), lm.clamp(max=63)
+    packed = _pack_k4_scales(ls & 0xFF, lm & 0xFF)
+    sc, m = _unpack_k4_scales(packed)                # get_scale_min_k4 of the stored bytes
+    d_bytes, d = fp16(d_block)
+    m_bytes, dmin = fp16(m_block)
+    L = _requantize(xs, d[:, None] * sc.float(), dmin[:, None] * m.float(), nmax, (sel_iscale, sel_min, flat))
+    return torch.cat([d_bytes, m_bytes, packed], dim=1), _rows_u8(L, nb)
+
+
+def _q4_k_weighted(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    header, L = _q45_k_weighted(x, qw, 15)
+    return torch.cat([header, _pack_q4_codes(L)], dim=1)
+
+
+def _q5_k_weighted(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    header, L = _q45_k_weighted(x, qw, 31)
+    return torch.cat([header, _pack_q5_codes(L)], dim=1)
+
+
+def encode_rows_weighted(fmt: "KFormat", x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """quantize_<type>(x, quant_weights=qw): x float32 [rows, n], qw float32 [n] (n a multiple
+    of 256) -> uint8 [rows, n/256 * type_size], llama.cpp's bytes."""
+    rows, n = x.shape
+    if n % QK_K:
+        raise ValueError(f"{fmt.name}: rows of {n} are not a multiple of {QK_K}")
+    xb = x.reshape(-1, QK_K)
+    qb = qw.reshape(1, -1).expand(rows, n).reshape(-1, QK_K)
+    return fmt.encode_weighted(xb, qb).reshape(rows, -1)
 
 
 def _pack_q3_codes(Lb: torch.Tensor) -> torch.Tensor:
@@ -310,6 +407,7 @@ class KFormat:
     unpack: Callable[[torch.Tensor], torch.Tensor]               # block bytes -> codes uint8 [nb, 256]
     grid: Callable[[torch.Tensor], tuple]                        # block bytes -> (s, m or None) [nb, 256/sub]
     encode: Callable[[torch.Tensor], torch.Tensor]               # quantize_row_<type>_ref over [nb, 256]
+    encode_weighted: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # quantize_row_<type>_impl (x, qw)
 
     @property
     def name(self) -> str:
@@ -345,13 +443,15 @@ class KFormat:
 
 
 Q6_K = KFormat(T.Q6_K, Q6_K_LAYOUT, 16, 63, 32, slice(Q6_K_LAYOUT.ql.start, Q6_K_LAYOUT.qh.stop),
-               _pack_q6_codes, _q6_codes, _q6_grid, _q6_k)
+               _pack_q6_codes, _q6_codes, _q6_grid, _q6_k, _q6_k)
 Q5_K = KFormat(T.Q5_K, Q5_K_LAYOUT, 32, 31, 0, slice(Q5_K_LAYOUT.qh.start, Q5_K_LAYOUT.qs.stop),
-               _pack_q5_codes, _q5_codes, _k4_grid, _q5_k)
-Q4_K = KFormat(T.Q4_K, Q4_K_LAYOUT, 32, 15, 0, Q4_K_LAYOUT.qs, _pack_q4_codes, _q4_codes, _k4_grid, _q4_k)
+               _pack_q5_codes, _q5_codes, _k4_grid, _q5_k, _q5_k_weighted)
+Q4_K = KFormat(T.Q4_K, Q4_K_LAYOUT, 32, 15, 0, Q4_K_LAYOUT.qs, _pack_q4_codes, _q4_codes, _k4_grid, _q4_k,
+               _q4_k_weighted)
 Q3_K = KFormat(T.Q3_K, Q3_K_LAYOUT, 16, 7, 4, slice(Q3_K_LAYOUT.hmask.start, Q3_K_LAYOUT.qs.stop),
-               _pack_q3_codes, _q3_codes, _q3_grid, _q3_k)
-Q2_K = KFormat(T.Q2_K, Q2_K_LAYOUT, 16, 3, 0, Q2_K_LAYOUT.qs, _pack_2bit, _q2_codes, _q2_grid, _q2_k)
+               _pack_q3_codes, _q3_codes, _q3_grid, _q3_k, _q3_k_weighted)
+Q2_K = KFormat(T.Q2_K, Q2_K_LAYOUT, 16, 3, 0, Q2_K_LAYOUT.qs, _pack_2bit, _q2_codes, _q2_grid, _q2_k,
+               _q2_k_weighted)
 
 
 # ----------------------------------------------------------------------------- GPTQ grid

@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType as T
 
 from .bits import (BlockLayout, absmax_signed, f16_bytes, f16_from, high_bits, pack_nibbles, safe_inverse, u8,
                    unpack_high_bits, unpack_nibbles)
+from .kquant_scales import make_qkx2_search, make_qx_search, qkx2_levels, qx_levels, rowsum_seq, sqrtf
 
 BLOCK = 32
 
@@ -141,6 +142,31 @@ Q4_1 = LegacyFormat(T.Q4_1, 15, 0, BlockLayout(T.Q4_1, ("d", 2), ("m", 2), ("qs"
 Q5_0 = LegacyFormat(T.Q5_0, 31, 16, BlockLayout(T.Q5_0, ("d", 2), ("qh", 4), ("qs", BLOCK // 2)), _q5_0)
 Q5_1 = LegacyFormat(T.Q5_1, 31, 0, BlockLayout(T.Q5_1, ("d", 2), ("m", 2), ("qh", 4), ("qs", BLOCK // 2)), _q5_1)
 Q8_0 = LegacyFormat(T.Q8_0, 255, 128, BlockLayout(T.Q8_0, ("d", 2), ("qs", BLOCK)), _q8_0)
+
+
+def encode_rows_weighted(fmt: LegacyFormat, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """quantize_<type>(x, quant_weights=qw) for Q4_0, Q4_1, Q5_0, Q5_1: x float32 [rows, n],
+    qw float32 [n] -> uint8 [rows, n/32 * type_size], llama.cpp's bytes (quantize_row_*_impl).
+
+    Each weight is qw[j] * sqrtf(sigma2 + x[j]^2) with sigma2 the mean square of the whole row;
+    the symmetric types search the scale with make_qx_quants (nmax 8 or 16), the ones with a
+    minimum with make_qkx3_quants (-0.9 + 0.05 k, k = 0..36), and keep that search's codes."""
+    rows, n = x.shape
+    if fmt.int8 or n % BLOCK:
+        raise ValueError(f"{fmt.name}: no importance-weighted encoder for rows of {n}")
+    sigma2 = rowsum_seq(x * x) / float(n)
+    w = sqrtf(sigma2[:, None] + x * x).mul_(qw[None, :])
+    xs = x.reshape(-1, BLOCK).t().contiguous()          # column m: block m, element i in row i
+    ws = w.reshape(-1, BLOCK).t().contiguous()
+    if fmt.has_min:
+        scale, the_min, iscale, used_min, flat = make_qkx2_search(xs, ws, fmt.levels, -0.9, 0.05, 36, False)
+        q = qkx2_levels(xs, iscale, used_min, flat, fmt.levels)
+        out = pack(fmt, scale, -the_min, q.t().contiguous())
+    else:
+        scale, iscale, zero = make_qx_search(xs, fmt.offset, ws)
+        q = qx_levels(xs, iscale, zero, fmt.offset)
+        out = pack(fmt, scale, None, q.t().contiguous())
+    return out.reshape(rows, -1)
 
 
 def encode_from_codes(fmt: LegacyFormat, codes: torch.Tensor, d: torch.Tensor,

@@ -247,6 +247,9 @@ class _Legacy(QuantType):
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return legacy.decode(self.format, b)
 
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        return legacy.encode_rows_weighted(self.format, x, qw)
+
     def gptq_grid(self, in_features: int, search: bool = False) -> legacy.LegacyGrid:
         return legacy.LegacyGrid(self.format, in_features, search)
 
@@ -288,6 +291,9 @@ class _KQuant(QuantType):
 
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return self.format.decode(b)
+
+    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        return kquants.encode_rows_weighted(self.format, x, qw)
 
     def gptq_grid(self, in_features: int, search: bool = False) -> kquants.KGrid:
         return kquants.KGrid(self, self.format, in_features)   # llama.cpp's own encoder sets the scales

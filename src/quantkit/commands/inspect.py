@@ -44,6 +44,12 @@ def run(args) -> int:
     print(f"  types         " + ", ".join(f"{k}: {v}" for k, v in sorted(info["types"].items())))
     t = info["tokenizer"]
     print(f"  tokenizer     {t['model']} (pre {t['pre']}), {t['n_tokens']:,} tokens")
+    m = info["model"]
+    experts = f"{m['experts']} experts, {m['experts_used']} per token" if m["experts"] else "dense"
+    print(f"  model         {m['architecture']} (llama.cpp {m['gguf_architecture']}), {experts}, "
+          f"vision tower {m['vision_tower'] or 'none'}")
+    for i, c in enumerate(m["quantkit_can"]):
+        print(f"  {'quantkit can' if i == 0 else '':<13} {c}")
     vis = info.get("vision")
     if vis:
         what = f"vision tower  {vis['tower']} + {vis['projector'] or '?'} projector ({vis['model_type']}); "

@@ -29,6 +29,10 @@ def register(sub) -> None:
                    help="one type for every 2-D weight (llama-quantize --pure); default follows llama.cpp's mix")
     p.add_argument("--token-embedding-type", metavar="TYPE", type=v.str_arg(rc.MAX_RECIPE_TEXT), help="type for token_embd.weight")
     p.add_argument("--output-tensor-type", metavar="TYPE", type=v.str_arg(rc.MAX_RECIPE_TEXT), help="type for output.weight")
+    p.add_argument("--imatrix", metavar="FILE", type=v.str_arg(),
+                   help="importance matrix (GGUF or legacy .dat, from `quantkit imatrix` or llama-imatrix) for "
+                        "round-to-nearest GGUF: the same bytes as llama-quantize --imatrix; required by iq2_*, "
+                        "iq1_*, iq3_xxs tensors and q2_k_s")
     p.add_argument("--quantize-embeddings", action="store_true", help="dynamic-int8: also int8 embeddings")
     p.add_argument("--kernel", choices=("auto", "onednn", "fbgemm", "reference"), default="auto",
                    help="dynamic-int8: int8 GEMM kernel (default auto: fbgemm)")
@@ -54,6 +58,9 @@ def run(args) -> int:
     if not args.output:
         raise QuantkitError("no output path", hint="give -o OUT (or output: in --config)")
     r = options.recipe_from_args(args)
+    if getattr(args, "imatrix", None) and (r.format != "gguf" or r.method != "rtn"):
+        raise QuantkitError("--imatrix weights round-to-nearest GGUF export only", args.imatrix,
+                            f"use --format gguf:TYPE without +gptq (got {r.spelling()})")
     if r.format == "int8":
         from . import quantize_dynamic
         return quantize_dynamic.run(args)
@@ -65,7 +72,7 @@ def run(args) -> int:
     res = api.quantize(args.model, args.output, recipe=r, pure=args.pure,
                        token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                        trust_pickle=args.trust_pickle, mmproj=args.mmproj, mmproj_type=args.mmproj_type,
-                       text_only=args.text_only, **ray_args(args))
+                       text_only=args.text_only, imatrix=args.imatrix, **ray_args(args))
     counts: dict[str, int] = {}
     for t in res.types.values():
         counts[t] = counts.get(t, 0) + 1

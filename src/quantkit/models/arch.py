@@ -1,59 +1,23 @@
-"""Architecture facts as data: canonical (GGUF) tensor names and the Hugging Face names they come from.
+"""Architecture facts: which llama.cpp architecture a Hugging Face model becomes, and what
+convert_hf_to_gguf.py does on the way that no library states.
 
-Canonical names are llama.cpp's GGUF names (gguf-py `constants.TENSOR_NAMES`): token_embd.weight,
-blk.{i}.attn_q.weight, output_norm.weight, output.weight. Each supported Hugging Face architecture
-is one `HFArch` row: which GGUF architecture it becomes, how its per-layer tensors are named, and
-which value transforms llama.cpp's convert_hf_to_gguf.py applies on the way (q/k row permutation
-for llama-style rotary, Gemma's `1 + w` norms). Readers and writers look these up; nothing here
-touches a file.
+Tensor names come from gguf-py: `gguf.get_tensor_name_map(MODEL_ARCH, n)` knows every Hugging
+Face spelling of every tensor of every llama.cpp architecture, restricted to the tensors that
+architecture has (`MODEL_TENSORS[arch]`), so Gemma's `post_attention_layernorm` becomes
+`post_attention_norm` while Llama's becomes `ffn_norm`. Metadata keys are gguf-py's `Keys`
+templates. What remains per architecture is one `HFArch` row: its config.json classes, the value
+transforms (llama-style q/k row permutation for llama.cpp's interleaved rotary, Gemma's `1 + w`
+norms), and the extra metadata rows (Granite's multipliers, Gemma-2's soft-capping). Readers
+and writers look these up; nothing here touches a file.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-# Top-level tensors shared by every Llama-family checkpoint (HF name -> GGUF name).
-HF_GLOBAL_TENSORS: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
-# Per-layer tensors of the plain Llama block (llama, mistral, qwen2): HF suffix after
-# "model.layers.{i}." -> GGUF suffix after "blk.{i}.". The order is the emission order.
-_LLAMA_BLOCK: dict[str, str] = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-# Gemma-3: four norms per block (post_attention_layernorm is the *post-attention* norm here, the
-# pre-MLP norm is pre_feedforward_layernorm) plus per-head q/k RMS norms.
-_GEMMA3_BLOCK: dict[str, str] = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-}
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys, get_tensor_name_map
 
 # HF tensors that carry no weights llama.cpp needs.
 HF_IGNORED_SUFFIXES: tuple[str, ...] = (
@@ -61,19 +25,34 @@ HF_IGNORED_SUFFIXES: tuple[str, ...] = (
     ".attention.masked_bias",
     ".attention.bias",
 )
+# Prefixes of a multimodal wrapper's vision side (the language model is converted alone).
+HF_VISION_PREFIXES: tuple[str, ...] = (
+    "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+    "model.visual.", "visual.", "vision_model.", "model.vision_model.",
+)
+
+
+@dataclass(frozen=True)
+class MetaRow:
+    """One GGUF key convert_hf_to_gguf.py writes from config.json for an architecture."""
+
+    key: str                          # gguf-py Keys template ("{arch}.attention.scale")
+    config: tuple[str, ...]           # config.json keys, the first present (and not null) wins
+    kind: str = "f32"                 # f32 | u32
+    default: float | int | None = None  # written when the config has none (None: key omitted)
 
 
 @dataclass(frozen=True)
 class HFArch:
-    """How one Hugging Face architecture becomes a GGUF architecture."""
+    """How one Hugging Face architecture becomes a llama.cpp architecture."""
 
-    key: str                          # our name: "llama", "mistral", "qwen2", "gemma3"
-    gguf_arch: str                    # general.architecture llama.cpp expects
+    key: str                          # our name: "llama", "qwen3", "gemma2", ...
+    model_arch: MODEL_ARCH            # gguf-py's architecture (names, tensors, keys)
     hf_classes: tuple[str, ...]       # config.json "architectures" entries
     model_types: tuple[str, ...]      # config.json "model_type" values
-    block: dict[str, str]             # per-layer HF suffix -> GGUF suffix, emission order
     # Rotate q/k rows from HF's "rotate_half" layout to llama.cpp's interleaved (GPT-J style)
-    # rotary layout, as convert_hf_to_gguf's LlamaModel.permute does.
+    # rotary layout, as convert_hf_to_gguf's LlamaModel.permute does (llama.cpp rope type NORM
+    # on a checkpoint trained with rotate_half).
     permute_qk: bool = False
     # Gemma RMSNorm computes x * (1 + w); llama.cpp computes x * w, so the file stores 1 + w.
     norm_shift: float = 0.0
@@ -84,39 +63,77 @@ class HFArch:
     # SentencePiece vocab: tokenizer.ggml.add_space_prefix as convert_hf_to_gguf writes it
     # (None: not written, llama.cpp's default of True applies).
     spm_add_space_prefix: bool | None = None
-    norm: str = "rms"
+    # SentencePiece vocab: tokenizer.json's added tokens override the pieces they share an id
+    # with (<unk>, <s>, </s> become control tokens), as Phi-3's converter does
+    spm_all_added_tokens: bool = False
+    norm: str = "rms"                 # rms | layer (LayerNorm with bias: phi2)
     # What llama.cpp assumes when a config omits a key (convert_hf_to_gguf's defaults).
     defaults: dict[str, object] = field(default_factory=dict)
+    # {arch}.rope.dimension_count: None (not written), "full" (head_dim) or "partial"
+    # (head_dim x partial_rotary_factor, the factor defaulting to `partial_rotary`)
+    rope_dims: str | None = None
+    partial_rotary: float = 1.0
+    write_vocab_size: bool = False    # {arch}.vocab_size (LlamaModel)
+    head_dim_from_config: bool = True  # Granite's converter ignores head_dim
+    add_bos: bool | None = None       # tokenizer.ggml.add_bos_token forced (phi2: False)
+    # sliding window: "" none, "config" sliding_window when the config enables it (mistral,
+    # qwen2/3 use_sliding_window), "always" (gemma2, phi3 write 0 for none), "pattern"
+    # (gemma3/olmo2: window plus a per-layer pattern)
+    swa: str = "config"
+    meta: tuple[MetaRow, ...] = ()    # further keys
+
+    @property
+    def gguf_arch(self) -> str:
+        return MODEL_ARCH_NAMES[self.model_arch]
 
 
-HF_ARCHS: dict[str, HFArch] = {
-    "llama": HFArch(
-        key="llama", gguf_arch="llama",
-        hf_classes=("LlamaForCausalLM", "LLaMAForCausalLM"), model_types=("llama",),
-        block=_LLAMA_BLOCK, permute_qk=True,
-    ),
+_GEMMA = dict(norm_shift=1.0, skip_lm_head=True, spm_add_space_prefix=False)
+_GRANITE_META = (
+    MetaRow(Keys.Attention.SCALE, ("attention_multiplier",)),
+    MetaRow(Keys.LLM.EMBEDDING_SCALE, ("embedding_multiplier",)),
+    MetaRow(Keys.LLM.RESIDUAL_SCALE, ("residual_multiplier",)),
+    MetaRow(Keys.LLM.LOGIT_SCALE, ("logits_scaling",)),
+)
+_SOFTCAP_META = (
+    MetaRow(Keys.LLM.ATTN_LOGIT_SOFTCAPPING, ("attn_logit_softcapping",)),
+    MetaRow(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, ("final_logit_softcapping",)),
+)
+
+HF_ARCHS: dict[str, HFArch] = {a.key: a for a in (
+    HFArch("llama", MODEL_ARCH.LLAMA, ("LlamaForCausalLM", "LLaMAForCausalLM"), ("llama",),
+           permute_qk=True, rope_dims="full", write_vocab_size=True),
     # Mistral v0.x is a Llama block; convert_hf_to_gguf writes it as the llama architecture.
-    "mistral": HFArch(
-        key="mistral", gguf_arch="llama",
-        hf_classes=("MistralForCausalLM",), model_types=("mistral",),
-        block=_LLAMA_BLOCK, permute_qk=True,
-    ),
-    "qwen2": HFArch(
-        key="qwen2", gguf_arch="qwen2",
-        hf_classes=("Qwen2ForCausalLM",), model_types=("qwen2",),
-        block=_LLAMA_BLOCK,
-    ),
-    "gemma3": HFArch(
-        key="gemma3", gguf_arch="gemma3",
-        hf_classes=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
-        model_types=("gemma3_text", "gemma3"),
-        block=_GEMMA3_BLOCK, norm_shift=1.0, skip_lm_head=True, trim_embedding_to_vocab=True,
-        spm_add_space_prefix=False,
-        defaults={"max_position_embeddings": 131072, "num_attention_heads": 8, "num_key_value_heads": 4,
-                  "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
-                  "rope_local_base_freq": 10_000.0},
-    ),
-}
+    HFArch("mistral", MODEL_ARCH.LLAMA, ("MistralForCausalLM",), ("mistral",),
+           permute_qk=True, rope_dims="full", write_vocab_size=True),
+    HFArch("qwen2", MODEL_ARCH.QWEN2, ("Qwen2ForCausalLM",), ("qwen2",)),
+    HFArch("qwen3", MODEL_ARCH.QWEN3, ("Qwen3ForCausalLM",), ("qwen3",)),
+    HFArch("gemma2", MODEL_ARCH.GEMMA2, ("Gemma2ForCausalLM",), ("gemma2",), swa="always",
+           meta=_SOFTCAP_META, **_GEMMA),
+    HFArch("gemma3", MODEL_ARCH.GEMMA3, ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
+           ("gemma3_text", "gemma3"), trim_embedding_to_vocab=True, swa="pattern",
+           meta=(MetaRow(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, ("final_logit_softcapping",)),),
+           defaults={"max_position_embeddings": 131072, "num_attention_heads": 8, "num_key_value_heads": 4,
+                     "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+                     "rope_local_base_freq": 10_000.0}, **_GEMMA),
+    HFArch("phi2", MODEL_ARCH.PHI2, ("PhiForCausalLM",), ("phi",), norm="layer", rope_dims="partial",
+           partial_rotary=0.5, add_bos=False, swa=""),
+    # (convert_hf_to_gguf writes Phi-2's feed_forward_length as 4 * n_embd, which is its
+    # intermediate_size; the config's value is written here, so a narrower MLP loads too)
+    HFArch("phi3", MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), ("phi3",), rope_dims="partial", swa="always",
+           spm_all_added_tokens=True),
+    HFArch("glm4", MODEL_ARCH.GLM4, ("Glm4ForCausalLM",), ("glm4",), rope_dims="partial", partial_rotary=0.5),
+    HFArch("olmo2", MODEL_ARCH.OLMO2, ("Olmo2ForCausalLM",), ("olmo2",), swa="pattern"),
+    HFArch("granite", MODEL_ARCH.GRANITE, ("GraniteForCausalLM",), ("granite",), permute_qk=True,
+           rope_dims="full", write_vocab_size=True, head_dim_from_config=False, meta=_GRANITE_META),
+    HFArch("smollm3", MODEL_ARCH.SMOLLM3, ("SmolLM3ForCausalLM",), ("smollm3",), permute_qk=True,
+           rope_dims="full", write_vocab_size=True),
+    # mixtures of experts: each expert's matrices are stacked into one [n_expert, rows, cols] tensor
+    HFArch("qwen3moe", MODEL_ARCH.QWEN3MOE, ("Qwen3MoeForCausalLM",), ("qwen3_moe",),
+           meta=(MetaRow(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",), "u32"),)),
+    # Mixtral is a Llama block with a sparse MLP; convert_hf_to_gguf writes it as llama
+    HFArch("mixtral", MODEL_ARCH.LLAMA, ("MixtralForCausalLM",), ("mixtral",), permute_qk=True, rope_dims="full",
+           write_vocab_size=True),
+)}
 
 
 def supported_hf_architectures() -> list[str]:
@@ -135,6 +152,22 @@ def find_hf_arch(architectures: list[str] | None, model_type: str | None) -> HFA
     return None
 
 
+@lru_cache(maxsize=None)
+def _name_map(model_arch: MODEL_ARCH):
+    """gguf-py's HF -> GGUF name map of an architecture for block 0 (other blocks are renamed)."""
+    return get_tensor_name_map(model_arch, 1)
+
+
+_LAYER = re.compile(r"^(.*?\b(?:layers|h|blocks))\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
+
+
+def expert_index(hf_name: str) -> int | None:
+    """The expert a per-expert HF tensor (...experts.{e}.gate_proj.weight) belongs to."""
+    m = _EXPERT.match(hf_name)
+    return int(m.group(2)) if m else None
+
+
 def hf_to_gguf_name(arch: HFArch, hf_name: str) -> str | None:
     """GGUF name for an HF tensor name, None for tensors llama.cpp does not use.
 
@@ -147,35 +180,46 @@ def hf_to_gguf_name(arch: HFArch, hf_name: str) -> str | None:
             rest = hf_name[len(prefix):]
             hf_name = rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
             break
-    if hf_name in HF_GLOBAL_TENSORS:
-        if hf_name == "lm_head.weight" and arch.skip_lm_head:
-            return None
-        return HF_GLOBAL_TENSORS[hf_name]
-    if hf_name.startswith("model.layers."):
-        rest = hf_name[len("model.layers."):]
-        idx, _, suffix = rest.partition(".")
-        if idx.isdecimal() and suffix in arch.block:
-            return f"blk.{int(idx)}.{arch.block[suffix]}"
-    if hf_name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                           "model.multi_modal_projector.")):
+    if hf_name == "lm_head.weight" and arch.skip_lm_head:
         return None
-    raise KeyError(hf_name)
+    m = _LAYER.match(hf_name)
+    probe = f"{m.group(1)}.0.{m.group(3)}" if m else hf_name
+    if (x := _EXPERT.match(probe)) is not None:      # one expert's matrix: part of the stacked tensor
+        probe = f"{x.group(1)}.{x.group(3)}"
+    name = _name_map(arch.model_arch).get_name(probe, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        if hf_name.startswith(HF_VISION_PREFIXES):
+            return None
+        raise KeyError(hf_name)
+    if m:
+        if not name.startswith("blk.0."):
+            raise KeyError(hf_name)
+        name = f"blk.{int(m.group(2))}.{name[len('blk.0.'):]}"
+    return name
 
 
-def canonical_order(names: list[str], arch: HFArch) -> list[str]:
-    """GGUF emission order: rope_freqs, token_embd, blocks in order (per-block order of the map),
-    output_norm, output."""
-    block_rank = {v: i for i, v in enumerate(arch.block.values())}
-    head = {"rope_freqs.weight": 0, "token_embd.weight": 1}
-    tail = {"output_norm.weight": 0, "output.weight": 1}
+# Emission order inside a block: data-flow order (weight before bias); others after, by name.
+_BLOCK_ORDER = ("attn_norm", "attn_qkv", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v", "attn_output",
+                "post_attention_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate", "ffn_up", "ffn_down",
+                "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "post_ffw_norm")
+_BLOCK_RANK = {n: i for i, n in enumerate(_BLOCK_ORDER)}
+
+
+def canonical_order(names: list[str], arch: HFArch | None = None) -> list[str]:
+    """GGUF emission order: rope_freqs, token_embd, blocks in order (data-flow order within a
+    block), output_norm, output."""
+    head = {"rope_freqs.weight": 0, "rope_factors_long.weight": 1, "rope_factors_short.weight": 2,
+            "token_embd.weight": 3}
+    tail = {"output_norm.weight": 0, "output_norm.bias": 1, "output.weight": 2, "output.bias": 3}
 
     def key(n: str):
         if n in head:
-            return (0, head[n], 0)
+            return (0, head[n], 0, 0, "")
         if n.startswith("blk."):
             _, idx, suffix = n.split(".", 2)
-            return (1, int(idx), block_rank.get(suffix, len(block_rank)))
-        return (2, tail.get(n, len(tail)), 0)
+            base, _, kind = suffix.rpartition(".")
+            return (1, int(idx), _BLOCK_RANK.get(base, len(_BLOCK_RANK)), kind != "weight", base)
+        return (2, tail.get(n, len(tail)), 0, 0, n)
 
     return sorted(names, key=key)
 
@@ -198,7 +242,8 @@ HF_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "n_layer": ("num_hidden_layers", "n_layer", "num_layers"),
     "n_embd": ("hidden_size", "n_embd", "d_model"),
     "n_head": ("num_attention_heads", "n_head"),
-    "n_ff": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    # an MoE's experts (every layer sparse, as Qwen3-MoE and Mixtral) are moe_intermediate_size wide
+    "n_ff": ("moe_intermediate_size", "intermediate_size", "ffn_hidden_size", "n_inner"),
     "n_vocab": ("vocab_size", "padded_vocab_size"),
 }
 HF_CONFIG_OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
@@ -212,10 +257,9 @@ HF_CONFIG_OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
 # config.json "architectures" classes -> llama.cpp architecture, for reading shapes: the
 # classes quantkit converts (HF_ARCHS) and those whose shapes it only reads.
 HF_CLASS_ARCH: dict[str, str] = {
-    **{c: a.gguf_arch for a in HF_ARCHS.values() for c in a.hf_classes},
-    "MixtralForCausalLM": "llama", "Gemma2ForCausalLM": "gemma2", "GemmaForCausalLM": "gemma",
-    "PhiForCausalLM": "phi2", "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
     "ChatGLMModel": "chatglm", "ChatGLMForConditionalGeneration": "chatglm",
+    **{c: a.gguf_arch for a in HF_ARCHS.values() for c in a.hf_classes},
 }
 
 
@@ -226,8 +270,8 @@ class BlockLayout:
     norm: str = "rms"                 # rms | layer (LayerNorm: weight and bias)
     ffn: str = "gated"                # gated (gate, up, down) | gated_fused (up holds gate) | plain
     bias: str = "none"                # none | qkv | all
-    norms: str = "pre"                # pre | sandwich (norms after attention and MLP too) | parallel
-    qk_norm: bool = False             # per-head q/k norms
+    norms: str = "pre"                # pre | sandwich (norms after attention and MLP too) | post | parallel
+    qk_norm: bool | str = False       # per-head q/k norms; "full": one norm over all heads
     fused_qkv: bool = False           # one attn_qkv matrix
     tied_embeddings: bool = False     # when config.json omits tie_word_embeddings
     # sliding-window layout when the file does not say: every n-th layer global, or
@@ -239,7 +283,11 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     "llama": BlockLayout(),
     "qwen2": BlockLayout(bias="qkv"),
     "qwen3": BlockLayout(qk_norm=True),
+    "qwen3moe": BlockLayout(qk_norm=True),
     "phi2": BlockLayout(norm="layer", ffn="plain", bias="all", norms="parallel"),
+    "phi3": BlockLayout(ffn="gated_fused", fused_qkv=True),
+    "glm4": BlockLayout(ffn="gated_fused", bias="qkv", norms="sandwich"),
+    "olmo2": BlockLayout(norms="post", qk_norm="full"),
     "chatglm": BlockLayout(ffn="gated_fused", bias="qkv", fused_qkv=True),
     "gemma": BlockLayout(tied_embeddings=True),
     "gemma2": BlockLayout(norms="sandwich", tied_embeddings=True, swa_pattern="odd-global"),
@@ -252,3 +300,36 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
 def block_layout(gguf_arch: str) -> BlockLayout:
     """The row for a llama.cpp architecture; a plain Llama block for one not listed."""
     return BLOCK_LAYOUTS.get(gguf_arch, BlockLayout())
+
+
+# ---------------------------------------------------------------- what quantkit can do
+
+# GGUF architectures whose files quantkit rebuilds as transformers models (runtimes.torch), so
+# GPTQ can calibrate from a GGUF input too.
+TORCH_FROM_GGUF = ("llama", "gemma3")
+
+
+def describe(gguf_arch: str, hf_arch: HFArch | None, config: dict | None, n_expert: int = 0,
+             n_expert_used: int = 0) -> dict:
+    """What a model is (architecture, experts, vision tower) and what quantkit can do with it:
+    for `quantkit inspect`. `hf_arch`/`config`: a Hugging Face directory's row and config.json."""
+    cfg = config or {}
+    vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else None
+    can = ["gguf: re-quantize to F32/F16/BF16, the legacy types and every K-quant mix (llama-quantize's rules)",
+           "plan: memory and speed"]
+    if hf_arch is not None:
+        can = ["gguf: convert at F32/F16/BF16, the legacy types and every K-quant mix (llama-quantize's rules)",
+               "gguf+gptq: GPTQ-compensated GGUF (block by block, streaming)",
+               "plan: memory and speed from config.json"]
+    elif gguf_arch in TORCH_FROM_GGUF:
+        can.insert(1, "gguf+gptq: GPTQ-compensated GGUF (the file rebuilt in transformers)")
+    if n_expert:
+        can = [c for c in can if not c.startswith("gguf+gptq")]
+        can.insert(1, "gguf: round-to-nearest only (block-wise GPTQ of experts is not supported)")
+    return {
+        "architecture": (cfg.get("architectures") or [None])[0] if hf_arch else gguf_arch,
+        "gguf_architecture": gguf_arch,
+        "experts": n_expert, "experts_used": n_expert_used,
+        "vision_tower": (vision.get("model_type") or "yes") if vision else None,
+        "quantkit_can": can,
+    }

@@ -206,15 +206,19 @@ def _check_vocabulary(metadata: dict[str, MetaValue], path) -> None:
 def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, MetaValue],
                     tensors: list[tuple[str, tuple[int, ...], str]],
                     produce: Callable[[str], np.ndarray], file_type: int | None = None,
-                    on_tensor: Callable[[str, int], None] | None = None) -> None:
+                    on_tensor: Callable[[str, int], None] | None = None,
+                    extra_metadata: dict[str, MetaValue] | None = None) -> None:
     """Stream a GGUF: `tensors` lists (name, row-major shape, type name) in file order;
     `produce(name)` returns the tensor's bytes (uint8, exactly qtype.nbytes(shape)) one at a time.
-    The file appears at `path` only when complete."""
+    `extra_metadata`: keys written last, after general.file_type, replacing any of the same name
+    in `metadata` (llama-quantize's quantize.imatrix.* keys). The file appears at `path` only
+    when complete."""
     _check_vocabulary(metadata, path)
     with atomic_output(path) as tmp:
         w = _FastWriter(tmp, arch)
+        extra = extra_metadata or {}
         for key, mv in metadata.items():
-            if key in _WRITER_KEYS:
+            if key in _WRITER_KEYS or key in extra:
                 continue
             if mv.vtype == GGUFValueType.ARRAY and len(mv.value) == 0:
                 continue
@@ -222,6 +226,8 @@ def write_gguf_file(path: str | os.PathLike, arch: str, metadata: dict[str, Meta
         w.add_quantization_version(2)
         if file_type is not None:
             w.add_file_type(int(file_type))
+        for key, mv in extra.items():
+            w.add_key_value(key, mv.value, mv.vtype, mv.sub_type)
         sizes = {}
         for name, shape, tname in tensors:
             q = qtype(tname)

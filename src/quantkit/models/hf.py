@@ -20,7 +20,6 @@ import glob
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +29,15 @@ from gguf import GGUFValueType
 from quantkit.models.arch import (
     HFArch,
     canonical_order,
+    expert_index,
     find_hf_arch,
     hf_to_gguf_name,
     permute_for_rope,
     supported_hf_architectures,
 )
 from quantkit.models.hf_config import check_config
+from quantkit.models.hf_shapes import check_shapes
+from quantkit.models.hf_meta import first, gguf_metadata, longrope_factors, rope_parameters
 from quantkit.models.pickles import require_trusted
 from quantkit.models.safetensors_file import SafetensorsFile
 from quantkit.models.source import ArchSpec, MetaValue, ModelSource, TensorInfo
@@ -80,28 +82,17 @@ class _SafetensorsFile(SafetensorsFile):
 class _Entry:
     """Where a canonical tensor comes from and what happens to it on the way."""
     hf_name: str
-    file: str | None            # None: generated (rope_freqs)
+    file: str | None            # None: generated (rope_freqs, Phi-3's LongRoPE factors)
     shape: tuple[int, ...]      # shape after transforms (row-major)
     stored_type: str
     permute_heads: int = 0      # >0: permute rows for rotary with this many heads
     add: float = 0.0            # Gemma norm shift
     keep_rows: int | None = None
-
-
-def _u32(v: int) -> MetaValue:
-    return MetaValue(int(v), GGUFValueType.UINT32)
-
-
-def _f32(v: float) -> MetaValue:
-    return MetaValue(float(v), GGUFValueType.FLOAT32)
-
-
-def _str(v: str) -> MetaValue:
-    return MetaValue(str(v), GGUFValueType.STRING)
+    experts: dict[int, str] | None = None   # stacked expert tensor: expert index -> HF name
 
 
 class HFSource(ModelSource):
-    """A Hugging Face directory of a Llama-family model (llama, mistral, qwen2, gemma3)."""
+    """A Hugging Face directory of a decoder-only model of one of `arch.HF_ARCHS`' architectures."""
 
     def __init__(self, path: str | os.PathLike, tokenizer: bool = True, trust_pickle: bool | None = None):
         """tokenizer=False: weights only (no GGUF vocabulary is converted; `tokenizer` is None and
@@ -160,7 +151,8 @@ class HFSource(ModelSource):
         vocab_rows = self._embedding_rows()
         if tokenizer:
             tok = convert_tokenizer(self.path, self.config, vocab_rows or self.hparams.get("vocab_size"),
-                                    add_space_prefix=arch.spm_add_space_prefix)
+                                    add_space_prefix=arch.spm_add_space_prefix,
+                                    all_added_tokens=arch.spm_all_added_tokens)
             self.tokenizer, n_tokens = tok.tokenizer, tok.n_tokens
         else:
             tok, self.tokenizer, n_tokens = None, None, vocab_rows or int(self.hparams.get("vocab_size") or 0)
@@ -170,6 +162,8 @@ class HFSource(ModelSource):
         self.metadata = self._make_metadata()
         if tok is not None:
             self.metadata.update(tok.metadata)
+            if arch.add_bos is not None:
+                self.metadata["tokenizer.ggml.add_bos_token"] = MetaValue(arch.add_bos, GGUFValueType.BOOL)
 
     # ------------------------------------------------------------------ weights
 
@@ -268,6 +262,13 @@ class HFSource(ModelSource):
                                     fn, "the checkpoint does not match its config.json") from None
             if name is None:
                 continue
+            if (xid := expert_index(hf_name)) is not None:
+                e = entries.setdefault(name, _Entry(hf_name, fn, shape, stype, experts={}))
+                if e.experts is None or xid in e.experts or e.shape != shape:
+                    raise QuantkitError(f"tensor {hf_name} does not fit the other experts of {name}", fn,
+                                        "the checkpoint is damaged")
+                e.experts[xid] = hf_name
+                continue
             if name in entries:
                 raise QuantkitError(f"tensor {name} appears twice (second: {hf_name})", fn)
             e = _Entry(hf_name, fn, shape, stype)
@@ -284,44 +285,52 @@ class HFSource(ModelSource):
                 raise QuantkitError(f"checkpoint has no {need} (HF model.embed_tokens / model.norm)",
                                     self.path, "the weights are incomplete")
         for i in range(int(hp["num_hidden_layers"])):
-            if f"blk.{i}.attn_q.weight" not in entries:
+            if f"blk.{i}.attn_q.weight" not in entries and f"blk.{i}.attn_qkv.weight" not in entries:
                 raise QuantkitError(f"checkpoint has no weights for layer {i}", self.path,
                                     "the weights are incomplete or num_hidden_layers is wrong")
-        head_dim = self._head_dim()
-        for which, heads in (("q", n_head), ("k", n_head_kv), ("v", n_head_kv)):
-            e = entries[f"blk.0.attn_{which}.weight"]
-            if e.shape[0] != heads * head_dim:
-                raise QuantkitError(
-                    f"{e.hf_name} has {e.shape[0]} rows but config.json gives {heads} heads x "
-                    f"head_dim {head_dim}", os.path.join(self.path, "config.json"),
-                    "the config does not match the weights")
+        check_shapes(self.path, {n: (e.hf_name, self._raw_index[e.hf_name][1]) for n, e in entries.items()
+                                 if e.experts is None}, hp, self._head_dim())
+        self._stack_experts(entries)
+        self._generated: dict[str, list[float]] = {}
         if (factors := self._llama3_rope_factors()) is not None:
-            entries["rope_freqs.weight"] = _Entry("<generated llama3 rope factors>", None,
-                                                  (len(factors),), "f32")
-            self._rope_factors = factors
+            self._generated["rope_freqs.weight"] = factors
+        self._generated.update(longrope_factors(hp, self.hf_arch, self._head_dim(), self.path))
+        for name, values in self._generated.items():
+            entries[name] = _Entry(f"<generated {name}>", None, (len(values),), "f32")
         return entries
+
+    def _stack_experts(self, entries: dict[str, _Entry]) -> None:
+        """Every MoE layer has its router and all n_expert experts of each matrix; the stacked
+        tensors get their [n_expert, rows, cols] shape."""
+        n_exp = int(first(self.hparams, ("num_local_experts", "num_experts"), 0) or 0)
+        stacked = {n: e for n, e in entries.items() if e.experts is not None}
+        if not n_exp:
+            if stacked:
+                raise QuantkitError(f"the checkpoint has expert tensors ({next(iter(stacked.values())).hf_name}) "
+                                    "but config.json gives no num_experts", os.path.join(self.path, "config.json"))
+            return
+        layers = sorted({int(n.split(".")[1]) for n in stacked})
+        for i in layers:
+            if f"blk.{i}.ffn_gate_inp.weight" not in entries:
+                raise QuantkitError(f"layer {i} has experts but no router (its mlp.gate / block_sparse_moe.gate "
+                                    "weight is missing)", self.path, "the checkpoint is incomplete; download it again")
+        for n, e in stacked.items():
+            missing = sorted(set(range(n_exp)) - set(e.experts))
+            if missing or len(e.experts) != n_exp:
+                raise QuantkitError(f"{n}: expert {missing[0] if missing else max(e.experts)} of {n_exp} is "
+                                    f"{'missing' if missing else 'beyond num_experts'} ({e.hf_name})", self.path,
+                                    "the checkpoint does not match config.json's expert count")
+            e.shape = (n_exp, *e.shape)
 
     # ------------------------------------------------------------------ rope
 
-    def _rope_parameters(self) -> dict[str, Any]:
-        hp = self.hparams
-        rp = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
-        if "full_attention" not in rp and "sliding_attention" not in rp:
-            if (local := hp.get("rope_local_base_freq")) is not None:
-                rp["sliding_attention"] = {"rope_theta": local}
-            if "rope_theta" not in rp and hp.get("rope_theta") is not None:
-                rp["rope_theta"] = hp["rope_theta"]
-            if "rope_type" not in rp and rp.get("type") is not None:
-                rp["rope_type"] = rp["type"]
-        return rp
-
     def _head_dim(self) -> int:
         hp = self.hparams
-        hd = hp.get("head_dim") or self.hf_arch.defaults.get("head_dim")
+        hd = (hp.get("head_dim") if self.hf_arch.head_dim_from_config else None) or self.hf_arch.defaults.get("head_dim")
         return int(hd) if hd else int(hp["hidden_size"]) // int(hp["num_attention_heads"])
 
     def _llama3_rope_factors(self) -> list[float] | None:
-        rp = self._rope_parameters()
+        rp = rope_parameters(self.hparams)
         full = rp.get("full_attention", rp)
         if str(full.get("rope_type", "")).lower() != "llama3":
             return None
@@ -356,104 +365,58 @@ class HFSource(ModelSource):
         if self.hf_arch.key == "gemma3":
             pattern = int(pattern or 6)
             return [(i + 1) % pattern != 0 for i in range(n)]
+        if self.hf_arch.key == "gemma2":       # llama.cpp: even layers slide, odd ones are global
+            return [i % 2 == 0 for i in range(n)]
         return None
+
+    def _sliding(self) -> tuple[int | None, list[bool] | None]:
+        """(window, per-layer pattern) as llama.cpp will run the model."""
+        hp, arch = self.hparams, self.hf_arch
+        window = hp.get("sliding_window")
+        if not window or arch.swa == "":
+            return None, None
+        if arch.swa in ("pattern", "always"):
+            pattern = self._layer_is_sliding()
+            if arch.swa == "pattern" and not (pattern and any(pattern)):
+                return None, None
+            return int(window), pattern
+        if hp.get("use_sliding_window", True):
+            return int(window), None
+        return None, None
 
     def _make_spec(self) -> ArchSpec:
         hp, arch = self.hparams, self.hf_arch
         d = arch.defaults
         n_head = int(hp.get("num_attention_heads", d.get("num_attention_heads", 0)))
         embd = self._entries["token_embd.weight"]
-        sliding = None
-        pattern = None
-        if arch.key == "gemma3":
-            pattern = self._layer_is_sliding()
-            if pattern and any(pattern) and hp.get("sliding_window"):
-                sliding = int(hp["sliding_window"])
-            else:
-                pattern = None
-        elif hp.get("sliding_window") and hp.get("use_sliding_window", True):
-            sliding = int(hp["sliding_window"])
-        full = self._rope_parameters()
+        sliding, pattern = self._sliding()
+        full = rope_parameters(hp)
         full = full.get("full_attention", full)
         theta = full.get("rope_theta", d.get("rope_theta"))
+        n_embd = int(hp["hidden_size"])
         return ArchSpec(
             arch=arch.gguf_arch,
             n_layer=int(hp["num_hidden_layers"]),
-            n_embd=int(hp["hidden_size"]),
+            n_embd=n_embd,
             n_head=n_head,
             n_head_kv=int(hp.get("num_key_value_heads") or d.get("num_key_value_heads") or n_head),
             head_dim=self._head_dim(),
             n_ff=int(hp["intermediate_size"]),
             n_vocab=embd.shape[0],
-            n_ctx_train=int(hp.get("max_position_embeddings") or d.get("max_position_embeddings") or 0),
+            n_ctx_train=int(first(hp, ("max_position_embeddings", "n_positions"), d.get("max_position_embeddings"))
+                            or 0),
             tied_embeddings="output.weight" not in self._entries,
             sliding_window=sliding,
             sliding_window_pattern=pattern,
             norm=arch.norm,
             rope_theta=float(theta) if theta is not None else None,
+            n_expert=int(first(hp, ("num_local_experts", "num_experts"), 0) or 0),
+            n_expert_used=int(first(hp, ("num_experts_per_tok",), 0) or 0),
         )
 
     def _make_metadata(self) -> dict[str, MetaValue]:
-        hp, arch, spec = self.hparams, self.hf_arch, self.spec
-        a = arch.gguf_arch
-        d = arch.defaults
-        m: dict[str, MetaValue] = {
-            "general.architecture": _str(a),
-            "general.name": _str(os.path.basename(os.path.normpath(self.path)) or "model"),
-            f"{a}.block_count": _u32(spec.n_layer),
-            f"{a}.context_length": _u32(spec.n_ctx_train),
-            f"{a}.embedding_length": _u32(spec.n_embd),
-            f"{a}.feed_forward_length": _u32(spec.n_ff),
-            f"{a}.attention.head_count": _u32(spec.n_head),
-            f"{a}.attention.head_count_kv": _u32(spec.n_head_kv),
-        }
-        rp = self._rope_parameters()
-        full = rp.get("full_attention", rp)
-        if spec.rope_theta is not None:
-            m[f"{a}.rope.freq_base"] = _f32(spec.rope_theta)
-        local_theta = rp.get("sliding_attention", {}).get("rope_theta")
-        if local_theta is not None:
-            m[f"{a}.rope.freq_base_swa"] = _f32(local_theta)
-        rope_type = str(full.get("rope_type", "default") or "default").lower()
-        factor = full.get("factor")
-        if rope_type == "linear" and factor is not None:
-            m[f"{a}.rope.scaling.type"] = _str("linear")
-            m[f"{a}.rope.scaling.factor"] = _f32(factor)
-        elif rope_type == "yarn" and factor is not None:
-            m[f"{a}.rope.scaling.type"] = _str("yarn")
-            m[f"{a}.rope.scaling.factor"] = _f32(factor)
-            m[f"{a}.rope.scaling.original_context_length"] = _u32(full["original_max_position_embeddings"])
-        elif rope_type not in ("default", "llama3", "none"):
-            raise QuantkitError(f"RoPE scaling type {rope_type!r} is not supported",
-                                os.path.join(self.path, "config.json"), "supported: linear, yarn, llama3")
-        eps = hp.get("rms_norm_eps", d.get("rms_norm_eps"))
-        if eps is not None:
-            m[f"{a}.attention.layer_norm_rms_epsilon"] = _f32(eps)
-        if "head_dim" in hp or "head_dim" in d:
-            m[f"{a}.attention.key_length"] = _u32(spec.head_dim)
-            m[f"{a}.attention.value_length"] = _u32(spec.head_dim)
-        if a == "llama":
-            m[f"{a}.vocab_size"] = _u32(spec.n_vocab)
-            m[f"{a}.rope.dimension_count"] = _u32(spec.head_dim)
-        if arch.key == "gemma3":
-            if hp.get("attn_logit_softcapping") is not None:
-                raise QuantkitError("gemma3 with attn_logit_softcapping is not supported by llama.cpp",
-                                    os.path.join(self.path, "config.json"))
-            if hp.get("final_logit_softcapping"):
-                m[f"{a}.final_logit_softcapping"] = _f32(hp["final_logit_softcapping"])
-            if spec.sliding_window:
-                m[f"{a}.attention.sliding_window"] = _u32(spec.sliding_window)
-                # llama.cpp assumes Gemma-3's 5 local : 1 global layout unless told; say it
-                m[f"{a}.attention.sliding_window_pattern"] = MetaValue(
-                    list(spec.sliding_window_pattern or []), GGUFValueType.ARRAY, GGUFValueType.BOOL)
-            # llama.cpp scales attention by 1/sqrt(head_dim) (1/sqrt(n_embd/n_head) for the 62-layer
-            # 27B); HF by query_pre_attn_scalar**-0.5. They agree for every released Gemma-3.
-            qpas = hp.get("query_pre_attn_scalar")
-            expect = spec.n_embd / spec.n_head if spec.n_layer == 62 else spec.head_dim
-            if qpas is not None and abs(float(qpas) - expect) > 1e-6:
-                warnings.warn(f"{self.path}: query_pre_attn_scalar={qpas} but llama.cpp will scale "
-                              f"attention by 1/sqrt({expect:g}); outputs will differ", stacklevel=2)
-        return m
+        given = "head_dim" in self.hparams or "head_dim" in self.hf_arch.defaults
+        return gguf_metadata(self.hparams, self.hf_arch, self.spec, self.path, given)
 
     # ------------------------------------------------------------------ ModelSource
 
@@ -499,7 +462,9 @@ class HFSource(ModelSource):
         except KeyError:
             raise KeyError(f"{name} is not a tensor of {self.path}") from None
         if e.file is None:
-            return torch.tensor(self._rope_factors, dtype=torch.float32)
+            return torch.tensor(self._generated[name], dtype=torch.float32)
+        if e.experts is not None:
+            return torch.stack([self.load_hf(e.experts[i]) for i in range(len(e.experts))])
         h = self._handles[e.file]
         try:
             t = h.get_tensor(e.hf_name) if hasattr(h, "get_tensor") else h[e.hf_name]

@@ -136,7 +136,9 @@ def spm_normalizer_flags(model_bytes: bytes) -> dict[str, bool]:
     return flags
 
 
-def _sentencepiece_vocab(model_dir: str, vocab_size: int | None):
+def _sentencepiece_vocab(model_dir: str, vocab_size: int | None, all_added_tokens: bool = False):
+    """all_added_tokens: every token tokenizer.json adds overrides the piece (Phi-3's converter),
+    not only those past the SentencePiece pieces."""
     path = os.path.join(model_dir, "tokenizer.model")
     try:
         from sentencepiece import SentencePieceProcessor
@@ -177,6 +179,18 @@ def _sentencepiece_vocab(model_dir: str, vocab_size: int | None):
         for content, tid in _read_json(added_path).items():
             if 0 <= tid < n:
                 tokens[tid], scores[tid], types[tid] = content, -1000.0, USER_DEFINED
+
+    # tokens added past the SentencePiece pieces (Phi-3's chat tokens) as tokenizer.json lists
+    # them; transformers 5 writes no added_tokens_decoder to tokenizer_config.json
+    tj_path = os.path.join(model_dir, "tokenizer.json")
+    if os.path.isfile(tj_path):
+        tj = _read_json(tj_path)
+        for data in (tj.get("added_tokens") or []) if isinstance(tj, dict) else []:
+            tid = data.get("id") if isinstance(data, dict) else None
+            if isinstance(tid, int) and (0 if all_added_tokens else n_sp) <= tid < n \
+                    and isinstance(data.get("content"), str):
+                tokens[tid], scores[tid] = data["content"], -1000.0
+                types[tid] = CONTROL if data.get("special") else USER_DEFINED
 
     cfg_path = os.path.join(model_dir, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
@@ -310,6 +324,22 @@ def _post_processor_adds(tok_json: dict | None, tcfg: dict, add: dict[str, bool]
                 if _content_of(tcfg.get("eos_token")) != last:
                     tcfg["eos_token"] = last
                 add["eos"] = True
+            _pair_adds_sep(proc.get("pair") or [], first, last, tcfg, add)
+
+
+def _pair_adds_sep(pair: list, first, last, tcfg: dict, add: dict[str, bool]) -> None:
+    """add_sep from the pair template "[first] A <middle> B [last]", as SpecialVocab reads it:
+    true when the middle holds the separator (or EOS) token."""
+    if pair and first and pair[0].get("SpecialToken", {}).get("id") == first:
+        pair = pair[1:]
+    if pair and last and pair[-1].get("SpecialToken", {}).get("id") == last:
+        pair = pair[:-1]
+    if len(pair) < 3 or pair[0].get("Sequence", {}).get("id") != "A" or pair[-1].get("Sequence", {}).get("id") != "B":
+        return
+    middle = pair[1:-1]
+    seps = {_content_of(tcfg.get("sep_token")), _content_of(tcfg.get("eos_token"))} - {None}
+    ids = [m.get("SpecialToken", {}).get("id") for m in middle[:2]]
+    add["sep"] = bool((ids[0] in seps and not last) or (len(ids) == 2 and ids[1] in seps))
 
 
 def _special_ids(tok_json: dict | None, tcfg: dict, tokens: list[str], config: dict,
@@ -399,7 +429,7 @@ def _special_vocab(model_dir: str, tok_json: dict | None, tokens: list[str], con
 
 
 def convert_tokenizer(model_dir: str, config: dict, vocab_size: int | None,
-                      add_space_prefix: bool | None = None) -> TokenizerSection:
+                      add_space_prefix: bool | None = None, all_added_tokens: bool = False) -> TokenizerSection:
     """The tokenizer.* metadata of an HF model directory.
 
     vocab_size: rows of the embedding (the token list is padded to it, as convert_hf_to_gguf
@@ -412,7 +442,7 @@ def convert_tokenizer(model_dir: str, config: dict, vocab_size: int | None,
     tcfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
 
     if os.path.isfile(spm_path):
-        path, tokens, scores, types, flags = _sentencepiece_vocab(model_dir, vocab_size)
+        path, tokens, scores, types, flags = _sentencepiece_vocab(model_dir, vocab_size, all_added_tokens)
         meta: dict[str, MetaValue] = {
             "tokenizer.ggml.model": MetaValue("llama", GGUFValueType.STRING),
             "tokenizer.ggml.pre": MetaValue("default", GGUFValueType.STRING),
@@ -459,5 +489,6 @@ def convert_tokenizer(model_dir: str, config: dict, vocab_size: int | None,
                         extra={"file": "tokenizer.json", "n_merges": len(merges)})
         return TokenizerSection(tok, meta, len(tokens), path)
 
-    raise QuantkitError("no tokenizer (neither tokenizer.model nor tokenizer.json)", model_dir,
-                        "copy the model's tokenizer files into the directory")
+    raise QuantkitError("no tokenizer: neither tokenizer.model (SentencePiece) nor tokenizer.json (BPE) is "
+                        "here, and a GGUF file carries the model's vocabulary", model_dir,
+                        "copy the model's tokenizer.json or tokenizer.model into the directory")

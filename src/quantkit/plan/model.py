@@ -65,8 +65,8 @@ class ModelShape:
     n_expert_used: int = 0
     ffn: str = "gated"             # gated | gated_fused | plain
     bias: str = "none"             # none | qkv | all
-    norms: str = "pre"             # pre | sandwich | parallel
-    qk_norm: bool = False
+    norms: str = "pre"             # pre | sandwich | post (OLMo-2: after each sublayer only) | parallel
+    qk_norm: bool | str = False    # True: per head (head_dim wide); "full": over all heads (OLMo-2)
     fused_qkv: bool = False
     source: str = ""
     stored_format: str | None = None      # "q4_k_m", "f16", "gptq-4bit-128g", ...
@@ -145,7 +145,8 @@ def build_tensors(m: ModelShape, dtype: str = "bf16") -> list[Tensor]:
 
     for i in range(m.n_layer):
         p = f"blk.{i}."
-        vec(p + "attn_norm.weight", E)
+        if m.norms != "post":
+            vec(p + "attn_norm.weight", E)
         if layer_norm:
             vec(p + "attn_norm.bias", E)
         qkv_bias = m.bias in ("qkv", "all")
@@ -157,11 +158,13 @@ def build_tensors(m: ModelShape, dtype: str = "bf16") -> list[Tensor]:
             lin(p + "attn_v", kv_out, E, qkv_bias)
         lin(p + "attn_output", E, q_out, m.bias == "all")
         if m.qk_norm:
-            vec(p + "attn_q_norm.weight", hd)
-            vec(p + "attn_k_norm.weight", hd)
-        if m.norms == "sandwich":
+            full = m.qk_norm == "full"
+            vec(p + "attn_q_norm.weight", q_out if full else hd)
+            vec(p + "attn_k_norm.weight", kv_out if full else hd)
+        if m.norms in ("sandwich", "post"):
             vec(p + "post_attention_norm.weight", E)
-            vec(p + "ffn_norm.weight", E)
+            if m.norms == "sandwich":
+                vec(p + "ffn_norm.weight", E)
             vec(p + "post_ffw_norm.weight", E)
         elif m.norms == "pre":
             vec(p + "ffn_norm.weight", E)

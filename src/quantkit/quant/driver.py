@@ -62,6 +62,9 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
     (quant.distributed.RayOptions): GPTQ's calibration split over Ray workers."""
     if ray is not None and keep_model:
         raise QuantkitError("Ray workers quantize streaming, one block at a time; the model cannot be kept")
+    if getattr(src.spec, "n_expert", 0):
+        raise QuantkitError(f"block-wise quantization of a mixture of experts ({src.spec.n_expert} experts) is not "
+                            "supported", path, "quantize it with round-to-nearest: --method rtn")
     lazy = not keep_model
     model, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=lazy)
     sm = StreamingModel(src, path, model, arch, fetch, row_reader(src, arch), lazy)

@@ -34,12 +34,43 @@ FILE_TYPES: dict[str, tuple[LlamaFileType, str]] = {
     "q3_k_m": (LlamaFileType.MOSTLY_Q3_K_M, "q3_k"),
     "q3_k_s": (LlamaFileType.MOSTLY_Q3_K_S, "q3_k"),
     "q2_k": (LlamaFileType.MOSTLY_Q2_K, "q2_k"),
+    "q2_k_s": (LlamaFileType.MOSTLY_Q2_K_S, "q2_k"),
+    "iq4_xs": (LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
+    "iq4_nl": (LlamaFileType.MOSTLY_IQ4_NL, "iq4_nl"),
+    "iq3_m": (LlamaFileType.MOSTLY_IQ3_M, "iq3_s"),
+    "iq3_s": (LlamaFileType.MOSTLY_IQ3_S, "iq3_s"),
+    "iq3_xs": (LlamaFileType.MOSTLY_IQ3_XS, "iq3_s"),
+    "iq3_xxs": (LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xxs"),
+    "iq2_m": (LlamaFileType.MOSTLY_IQ2_M, "iq2_s"),
+    "iq2_s": (LlamaFileType.MOSTLY_IQ2_S, "iq2_xs"),
+    "iq2_xs": (LlamaFileType.MOSTLY_IQ2_XS, "iq2_xs"),
+    "iq2_xxs": (LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xxs"),
+    "iq1_m": (LlamaFileType.MOSTLY_IQ1_M, "iq1_m"),
+    "iq1_s": (LlamaFileType.MOSTLY_IQ1_S, "iq1_s"),
+    "tq2_0": (LlamaFileType.MOSTLY_TQ2_0, "tq2_0"),
+    "tq1_0": (LlamaFileType.MOSTLY_TQ1_0, "tq1_0"),
 }
+
+# tensor types llama.cpp will not write without an importance matrix (tensor_requires_imatrix;
+# q2_k only in a Q2_K_S file), and the file types whose lowest-bit mix uses the IQ rules
+NEEDS_IMATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s")
+_IQ_LOW = ("iq2_xxs", "iq2_xs", "iq1_s", "iq2_s", "iq2_m", "iq1_m")
 
 _NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
                   "ssm_conv1d", "shortconv.conv.weight", "attn_rel_b.weight", ".position_embd",
                   "time_mix_", "channel_mix_")
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+             "tq1_0": "q4_0", "tq2_0": "q4_0", "q2_0": "q4_0",
+             **{t: "iq4_nl" for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs")}}
+
+
+def requires_imatrix(name: str, tensor_type: str, file_type: str) -> bool:
+    """llama.cpp's tensor_requires_imatrix: the token embeddings and the output never do."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    if tensor_type == "q2_k":
+        return file_type == "q2_k_s"
+    return tensor_type in NEEDS_IMATRIX
 
 
 def tensor_order(names: list[str]) -> list[str]:
@@ -86,7 +117,8 @@ class TypePolicy:
     """Stateful like llama.cpp's quantize_state_impl: call `choose` in tensor order."""
 
     def __init__(self, file_type: str, names: list[str], facts: ModelFacts, pure: bool = False,
-                 token_embedding_type: str | None = None, output_tensor_type: str | None = None):
+                 token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+                 has_imatrix: bool = False):
         if file_type not in FILE_TYPES:
             raise KeyError(file_type)
         self.file_type = file_type
@@ -95,6 +127,7 @@ class TypePolicy:
         self.pure = pure
         self.token_embedding_type = token_embedding_type
         self.output_tensor_type = output_tensor_type
+        self.has_imatrix = has_imatrix
         cats = [_category(n) for n in names]
         self.tied = "output" not in cats
         self.n_attention_wv = sum(c in ("attn_v", "attn_qkv", "attn_kv_b") for c in cats)
@@ -134,6 +167,7 @@ class TypePolicy:
             i = int(m.group(1)) if m else i
         return i, self.facts.n_layer
 
+    # llama_tensor_get_type_impl, branch for branch (an 80-line transcription: one function like the C one)
     def _impl(self, name: str, shape, new: str, cat: str) -> str:
         ft, f = self.file_type, self.facts
         n_gqa = f.n_head // max(1, f.n_head_kv)
@@ -142,62 +176,135 @@ class TypePolicy:
             return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
         if cat == "output" or (self.tied and cat == "token_embd"):
-            nx = shape[-1]
-            if f.arch == "falcon" or nx % type_geometry(new).block_size:
+            if self.output_tensor_type:
+                return self.output_tensor_type
+            if f.arch == "falcon" or shape[-1] % type_geometry(new).block_size:
                 return "q8_0"
+            if ft in _IQ_LOW or ft == "iq3_xxs":
+                return "q5_k"
             return new if new == "q8_0" else "q6_k"
         if cat == "token_embd":
+            if ft in ("iq2_xxs", "iq2_xs", "iq1_s", "iq1_m"):
+                return "q2_k"
+            if ft in ("iq2_s", "iq2_m", "iq3_xxs"):
+                return "iq3_s"
+            if ft in ("tq1_0", "tq2_0", "q2_0"):
+                return "q4_k"
             return new
+        if ft in _IQ_LOW:
+            return self._iq_low(name, new, cat, n_gqa)
         # attn_qkv counts as attn_v in llama.cpp (category_is_attn_v), so its own branch there is unreachable.
         if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
-            i, n = self.i_attention_wv, self.n_attention_wv
-            if ft == "q2_k":
-                new = "q4_k" if n_gqa >= 4 else "q3_k"
-            elif ft == "q3_k_m":
-                new = "q5_k" if i < 2 else "q4_k"
-            elif ft == "q3_k_l":
-                new = "q5_k"
-            elif ft in ("q4_k_m", "q5_k_m") and more_bits(i, n):
-                new = "q6_k"
-            elif ft == "q4_k_s" and i < 4:
-                new = "q5_k"
-            if f.is_70b and new in ("q3_k", "q4_k"):
-                new = "q5_k"
-            if f.n_expert == 8:
-                new = "q8_0"
-            self.i_attention_wv += 1
-            return new
+            return self._attn_v(new, n_gqa, more_bits)
         if cat == "attn_k":
-            return "q8_0" if f.n_expert == 8 else new
+            if f.n_expert == 8:
+                return "q8_0"
+            return {"iq3_xs": "iq3_xxs", "iq3_xxs": "iq2_s"}.get(ft, new)
+        if cat == "attn_q":
+            return {"iq3_xs": "iq3_xxs", "iq3_xxs": "iq2_s"}.get(ft, new)
         if cat == "ffn_down":
-            i, n = self._layer(name, cat)
-            if ft == "q2_k":
-                new = "q3_k"
-            elif ft == "q3_k_m":
-                new = "q5_k" if i < n // 16 else ("q4_k" if f.arch != "falcon" or more_bits(i, n) else "q3_k")
-            elif ft == "q3_k_l":
-                new = "q4_k" if f.arch == "falcon" else "q5_k"
-            elif ft == "q4_k_m":
-                if f.arch == "falcon":
-                    new = "q6_k" if i < n // 16 else ("q5_k" if more_bits(i, n) else "q4_k")
-                elif more_bits(i, n):
-                    new = "q6_k"
-            elif ft == "q5_k_m" and more_bits(i, n):
-                new = "q6_k"
-            elif ft == "q4_k_s" and f.arch != "falcon" and i < n // 8:
-                new = "q5_k"
-            self.i_ffn[cat] += 1
-            return new
+            return self._ffn_down(name, new, more_bits)
         if cat == "attn_output":
             if f.arch != "falcon":
                 if f.n_expert == 8:
-                    if ft in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"):
+                    if ft in ("q2_k", "iq3_xs", "iq3_xxs", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq3_s",
+                              "iq3_m", "iq4_xs"):
                         new = "q5_k"
                 else:
-                    new = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ft, new)
+                    new = {"q2_k": "q3_k", "iq3_xxs": "iq3_s", "q3_k_m": "q4_k", "q3_k_l": "q5_k",
+                           "iq3_m": "q4_k"}.get(ft, new)
             elif ft == "q3_k_l":
                 new = "q4_k"
             return new
         if cat in ("ffn_gate", "ffn_up"):
+            i, n = self._layer(name, cat)
+            if ft == "iq3_xs" and n // 8 <= i < 7 * n // 8:
+                new = "iq3_xxs"
             self.i_ffn[cat] += 1
+        return new
+
+    def _iq_low(self, name: str, new: str, cat: str, n_gqa: int) -> str:
+        """The IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ1_S, IQ1_M mixes."""
+        ft, f = self.file_type, self.facts
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            if n_gqa >= 4 or f.n_expert >= 4:
+                new = "q4_k"
+            else:
+                new = "iq3_s" if ft in ("iq2_s", "iq2_m") else "q2_k"
+            self.i_attention_wv += 1
+        elif f.n_expert == 8 and cat == "attn_k":
+            new = "q4_k"
+        elif cat == "ffn_down":
+            if self.i_ffn["ffn_down"] < f.n_layer // 8:
+                new = "iq3_s" if ft in ("iq2_s", "iq2_m") else "q2_k"
+            self.i_ffn["ffn_down"] += 1
+        elif cat == "attn_output":
+            if f.n_expert == 8:
+                new = "q5_k"
+            elif ft in ("iq1_s", "iq1_m"):
+                new = "iq2_xxs"
+            elif ft in ("iq2_s", "iq2_m"):
+                new = "iq3_s"
+        return new
+
+    def _attn_v(self, new: str, n_gqa: int, more_bits) -> str:
+        ft, f = self.file_type, self.facts
+        i, n = self.i_attention_wv, self.n_attention_wv
+        if ft == "q2_k":
+            new = "q4_k" if n_gqa >= 4 else "q3_k"
+        elif ft == "q2_k_s" and n_gqa >= 4:
+            new = "q4_k"
+        elif ft == "iq3_xxs":
+            new = "q4_k" if n_gqa >= 4 else ("iq3_xxs" if self.has_imatrix else "iq3_s")
+        elif ft in ("iq3_xs", "iq3_s") and n_gqa >= 4:
+            new = "q4_k"
+        elif ft == "iq3_m":
+            new = "q4_k"
+        elif ft == "q3_k_m":
+            new = "q5_k" if i < 2 else "q4_k"
+        elif ft == "q3_k_l":
+            new = "q5_k"
+        elif ft in ("iq4_nl", "iq4_xs") and n_gqa >= 4:
+            new = "q5_k"
+        elif ft in ("q4_k_m", "q5_k_m") and more_bits(i, n):
+            new = "q6_k"
+        elif ft == "q4_k_s" and i < 4:
+            new = "q5_k"
+        if f.is_70b and new in ("q3_k", "q4_k"):
+            new = "q5_k"
+        if f.n_expert == 8:
+            new = "q8_0"
+        self.i_attention_wv += 1
+        return new
+
+    def _ffn_down(self, name: str, new: str, more_bits) -> str:
+        ft, f = self.file_type, self.facts
+        i, n = self._layer(name, "ffn_down")
+        if ft == "q2_k":
+            new = "q3_k"
+        elif ft == "q2_k_s":
+            if i < n // 8:
+                new = "q4_k"
+        elif ft == "iq3_xxs" and not self.has_imatrix:
+            new = "q4_k" if i < n // 8 else "q3_k"
+        elif ft == "q3_k_m":
+            new = "q5_k" if i < n // 16 else ("q4_k" if f.arch != "falcon" or more_bits(i, n) else "q3_k")
+        elif ft == "iq3_m" and (i < n // 8 or (f.n_expert == 8 and more_bits(i, n))):
+            new = "q4_k"
+        elif ft == "q3_k_l":
+            new = "q4_k" if f.arch == "falcon" else "q5_k"
+        elif ft == "q4_k_m":
+            if f.arch == "falcon":
+                new = "q6_k" if i < n // 16 else ("q5_k" if more_bits(i, n) else "q4_k")
+            elif more_bits(i, n):
+                new = "q6_k"
+        elif i < n // 8 and ft in ("iq4_nl", "iq4_xs") and not self.has_imatrix:
+            new = "q5_k"
+        elif ft == "q5_k_m" and more_bits(i, n):
+            new = "q6_k"
+        elif ft == "q4_k_s" and f.arch != "falcon" and i < n // 8:
+            new = "q5_k"
+        elif ft in ("q4_0", "q5_0") and self.has_imatrix and i < n // 8:
+            new = "q4_1" if ft == "q4_0" else "q5_1"
+        self.i_ffn["ffn_down"] += 1
         return new

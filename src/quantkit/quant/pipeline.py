@@ -1,4 +1,4 @@
-"""Block-sequential quantization of a Hugging Face decoder (llama, mistral, qwen2, gemma3 text).
+"""Block-sequential quantization of a Hugging Face decoder (the dense architectures of models.arch).
 
 1. Capture: every decoder layer is swapped for a recorder that stores the keyword arguments the
    model passes to it (attention mask, rotary position embeddings, per-layer-type masks for
@@ -32,11 +32,18 @@ from .gptq import GPTQConfig, accumulate_hessian, new_hessian, quantize_weight, 
 from .rtn import QuantSpec, quantize_rtn
 
 # Inside a decoder block: groups of linears sharing an input, in data-flow order.
+# Fused projections (Phi-3's qkv_proj and gate_up_proj, GLM-4's gate_up_proj) and Phi-2's names
+# (dense, fc1, fc2) take the place of the split ones.
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.qkv_proj",),
     ("self_attn.o_proj",),
+    ("self_attn.dense",),
     ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.gate_up_proj",),
+    ("mlp.fc1",),
     ("mlp.down_proj",),
+    ("mlp.fc2",),
 )
 METHODS = ("gptq", "rtn", "none")
 
@@ -91,7 +98,7 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
         if isinstance(obj, nn.ModuleList):
             return parent, obj, prefix
     raise QuantkitError(f"no decoder layers found in {type(model).__name__}",
-                        hint="supported: llama, mistral, qwen2, gemma3 (text)")
+                        hint="quantkit quantizes decoder-only models whose blocks are model.layers")
 
 
 class _Recorder(nn.Module):
@@ -158,7 +165,7 @@ def _groups(layer: nn.Module) -> list[tuple[str, ...]]:
     missing = sorted(set(lin) - covered)
     if missing:
         raise QuantkitError(f"decoder block has linear layers quantkit does not know the order of: {', '.join(missing)}",
-                            hint="supported: llama, mistral, qwen2, gemma3")
+                            hint="the block's linears are not those of a supported architecture")
     return groups
 
 
@@ -378,7 +385,9 @@ def _run_with(layer: nn.Module, h: torch.Tensor, kwargs: dict, standins: dict[nn
 # gate/up, so the sublayer need not run at all) or is its last operation ("output": o_proj,
 # down_proj, which need not run). Sublayers in block order.
 _STOPS = {"self_attn.q_proj": ("self_attn", "input"), "self_attn.o_proj": ("self_attn", "output"),
-          "mlp.gate_proj": ("mlp", "input"), "mlp.down_proj": ("mlp", "output")}
+          "mlp.gate_proj": ("mlp", "input"), "mlp.down_proj": ("mlp", "output"),
+          "self_attn.qkv_proj": ("self_attn", "input"), "self_attn.dense": ("self_attn", "output"),
+          "mlp.gate_up_proj": ("mlp", "input"), "mlp.fc1": ("mlp", "input"), "mlp.fc2": ("mlp", "output")}
 _SUBLAYERS = ("self_attn", "mlp")
 
 
@@ -389,7 +398,7 @@ def _stop_at(layer: nn.Module, g: tuple[str, ...], lin: dict[str, nn.Linear],
     later sublayer returns zeros; the block's output is then discarded. Empty where the block
     has no known stopping point for g (the pass then runs the whole block). Applies to blocks
     whose attention and MLP hand their input to q/k/v and gate/up and end in o_proj and
-    down_proj (llama, mistral, qwen2, gemma3)."""
+    down_proj (llama, mistral, qwen2/3, gemma2/3, phi3, glm4, olmo2, granite, smollm3)."""
     if g[0] not in _STOPS:
         return {}
     sub, where = _STOPS[g[0]]
@@ -434,7 +443,8 @@ class _OutputCache:
     a sublayer maps 0 to 0 and the residual adds it, so h + 0 = h.
 
     Applies to blocks whose `self_attn` ends in `o_proj` and whose `mlp` ends in `down_proj`
-    (llama, mistral, qwen2, gemma3), as the decoder layers of transformers call them:
+    (llama, mistral, qwen2/3, gemma2/3, phi3, glm4, olmo2, granite, smollm3), as the decoder
+    layers of transformers call them:
     `hidden, _ = self.self_attn(...)` and `hidden = self.mlp(hidden)`."""
 
     ATTN, MLP = ("self_attn.o_proj",), ("mlp.down_proj",)
