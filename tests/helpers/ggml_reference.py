@@ -57,10 +57,6 @@ def ggml_quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -
     bs, ts = GGML_QUANT_SIZES[t]
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = libggml()
-    qw = None
-    if imatrix is not None:
-        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
-        assert qw.size == n, (qw.size, n)
     lib.ggml_quantize_init(int(t))
     size = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, qw)
     assert size == out.nbytes, (size, out.nbytes)
