@@ -7,6 +7,11 @@ dataclass per grid), rounds every column of the group onto them (`round`), and f
 grid for the stored form of all groups and codes (`stored`, then `join` across row chunks).
 Each GGUF type registers its grid in codecs.registry; the integer grid of GPTQ checkpoints is
 quant.rtn.IntGrid.
+
+Lattice grids (IQ2_*, IQ3_*: a codebook entry per group of 4 or 8 weights) are `GroupGrid`s:
+they have `group_width` and round that many consecutive columns at once (`round_group`), from
+the columns' values updated by every column solved before the group; GPTQ then spreads their
+errors one column at a time, as for any other grid. Such a grid needs natural column order.
 """
 
 from __future__ import annotations
@@ -43,3 +48,12 @@ class Grid(Protocol[P]):
     def join(self, pieces: list[StoredWeight], codes: torch.Tensor | None,
              shape: tuple[int, int]) -> StoredWeight:
         """Row chunks' stored forms as one; codes: the whole code matrix (of codes_dtype)."""
+
+
+class GroupGrid(Grid[P], Protocol[P]):
+    group_width: int                    # consecutive columns that take one choice together
+
+    def round_group(self, w: torch.Tensor, p: P, j0: int, hinv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns j0..j0+group_width-1 (within their group of `width`) of rows w [rows, group_width]
+        -> (codes, values), float32 [rows, group_width]; hinv: those columns' [k, k] block of the
+        inverse Hessian's upper Cholesky factor (the weighting of their joint error)."""

@@ -154,7 +154,8 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
     best = np.zeros(B, F32)
     L = np.zeros((m, B), np.uint8)
     on = np.ones((ng, B), bool)
-    for lev, on_s in zip(levs, ons):
+    ridv, rsnap = np.zeros((ng, B), F32), np.zeros((ng, B), F32)   # where each group's levels were rounded
+    for c, (lev, on_s) in enumerate(zip(levs, ons)):
         sumqx, sumq2 = _fit(w, wx, lev)
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         if better.any():
@@ -162,6 +163,8 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
             best = np.where(better, scale * sumqx, best)
             L = np.where(better, lev, L)
             on = np.where(better, on_s, on)
+            ridv = np.where(better, idv[c], ridv)
+            rsnap = np.where(better, F32(1) / idv[c], rsnap)
     redo = scale > 0
     if kind is not XXS:
         redo &= ~on.all(axis=0)
@@ -170,14 +173,17 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
         sc = scale[cols]
         sub = lambda a: a.reshape(ng, B, 8)[:, cols].reshape(-1, 8)                           # noqa: E731
         lev = _snap(lt, (F32(1) / sc)[None], sc[None], xv[:, cols], sub(xg), sub(wg))[0][0]
+        kept = on[:, cols] if kind is not XXS else np.zeros((ng, len(cols)), bool)
         if kind is not XXS:              # groups found on the grid keep the winning trial's levels
             keep = np.repeat(on[:, cols], 8, axis=0)
             lev = np.where(keep, L[:, cols], lev)
+        ridv[:, cols] = np.where(kept, ridv[:, cols], (F32(1) / sc)[None])
+        rsnap[:, cols] = np.where(kept, rsnap[:, cols], sc[None])
         L[:, cols] = lev
         sumqx, sumq2 = _fit(w[:, cols], wx[:, cols], lev)
         scale[cols] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), sc)
     u = (L.reshape(ng, 8, B).astype(np.int32) << lat.SHIFTS[None, :, None]).sum(axis=1)
-    return scale, lt.kmap[u]
+    return scale, lt.kmap[u], ridv, rsnap
 
 
 def encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -189,7 +195,15 @@ def encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Ten
 
 
 # The steps follow quantize_row_iq2_*_impl in order; splitting them would scatter the C's flow.
-def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+def encode_rounding(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None):
+    """`encode`'s bytes and, per group of 8 (in order within the super-block), the inverse scale
+    and the snapping scale its levels were rounded at (float32 [nb, 32] each; 0 where the
+    sub-block was below the type's eps)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _encode(kind, x, qw, rounding=True)
+
+
+def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None, rounding: bool = False):
     x = np.ascontiguousarray(x.numpy(), dtype=F32)
     nb = x.shape[0]
     qwn = None if qw is None else np.broadcast_to(np.asarray(qw.numpy(), dtype=F32), x.shape)
@@ -213,9 +227,10 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Te
         start = mx / F32(5)
     scale = np.zeros(nb * ns, F32)
     gidx = np.zeros((m // 8, nb * ns), np.int64)
+    ridv, rsnap = np.zeros((m // 8, nb * ns), F32), np.zeros((m // 8, nb * ns), F32)
     if live.any():
-        sc, gi = _search(kind, xv[:, live], wv[:, live], mx[live], start[live])
-        scale[live], gidx[:, live] = sc, gi
+        sc, gi, ri, rs = _search(kind, xv[:, live], wv[:, live], mx[live], start[live])
+        scale[live], gidx[:, live], ridv[:, live], rsnap[:, live] = sc, gi, ri, rs
     gsign = bits.reshape(nb * ns, m // 8).T.copy()                           # [m/8, nb*ns]
     flip = scale < 0
     if flip.any():
@@ -232,20 +247,32 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Te
     ls = np.where(max_scale[:, None] > 0, ls, 0).astype(np.uint32)
     gi = gidx.T.reshape(nb, 32)                       # group order within the super-block
     sg = gsign.T.reshape(nb, 32).astype(np.uint32)
+    out = pack(kind, dh, gi, sg, ls, max_scale == 0)
+    if not rounding:
+        return torch.from_numpy(out)
+    return torch.from_numpy(out), ridv.T.reshape(nb, 32), rsnap.T.reshape(nb, 32)
+
+
+def pack(kind: IQ2Kind, dh: np.ndarray, gi: np.ndarray, sg: np.ndarray, ls: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """The blocks of nb super-blocks: fp16 scales dh [nb], grid indices and sign bits [nb, 32]
+    (group order), sub-block scales ls uint32 [nb, 8 or 16]; zero [nb]: blocks whose max scale is
+    0 (IQ2_XXS, IQ2_XS store no codes there)."""
+    nb = gi.shape[0]
+    sg = sg.astype(np.uint32)
     out = np.zeros((nb, {XXS: 66, XS: 74, S: 82}[kind]), np.uint8)
-    out[:, :2] = dh.reshape(nb, 1).view(np.uint8)
+    out[:, :2] = dh.astype(np.float16).reshape(nb, 1).view(np.uint8)
     if kind is XXS:
         g4, s4 = gi.reshape(nb, 8, 4).astype(np.uint32), sg.reshape(nb, 8, 4)
         q = np.zeros((nb, 8, 2), np.uint32)
         q[:, :, 0] = (g4 << (8 * np.arange(4, dtype=np.uint32))).sum(axis=2, dtype=np.uint32)
         q[:, :, 1] = (s4 << (7 * np.arange(4, dtype=np.uint32))).sum(axis=2, dtype=np.uint32) | (ls << 28)
-        q[max_scale == 0] = 0
+        q[zero] = 0
         out[:, 2:] = q.reshape(nb, 16).view(np.uint8)
-        return torch.from_numpy(out)
+        return out
     packed_ls = (ls[:, 0::2] | (ls[:, 1::2] << 4)).astype(np.uint8)
     if kind is XS:
         q = (gi | (sg.astype(np.int64) << 9)).astype(np.uint16)
-        q[max_scale == 0] = 0
+        q[zero] = 0
         out[:, 2:66] = q.view(np.uint8)
     else:                                 # IQ2_S keeps its codes even where every scale is 0
         out[:, 2:34] = gi & 255
@@ -253,4 +280,148 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Te
         hi = (gi >> 8).reshape(nb, 8, 4) << (2 * np.arange(4))
         out[:, 66:74] = hi.sum(axis=2)
     out[:, -8:] = packed_ls
-    return torch.from_numpy(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------- GPTQ grid
+# As IQ3_S's grid (codecs/iq3.py): a super-block's scales from the encoder's own search on the
+# partially updated weights (unweighted: llama.cpp's default weights, all-ones importance for the
+# types that need one; with `search`, the columns' importance as the imatrix), then every group
+# of 8 columns takes one grid entry plus signs from its updated weights (`round_group`): without
+# `search` by the encoder's rule at the scale the encoder rounded that group at (an identity
+# Hessian gives llama.cpp's bytes); with it at the stored scale, the neighbour search and the
+# parity flip weighted by [(U_bᵀ U_b)^-1]_cc, U_b the group's block of the inverse Hessian's factor.
+
+@dataclass(frozen=True)
+class IQ2Params:
+    """One super-block per row: fp16 d [rows], sub-block scales ls uint32 [rows, ns], their
+    decoded scales db [rows, ns], the encoder's rounding scales ridv, rsnap [rows, 32] and
+    sigma2 [rows] (its weights' spread term)."""
+    dh: np.ndarray
+    ls: np.ndarray
+    db: np.ndarray
+    ridv: np.ndarray
+    rsnap: np.ndarray
+    sigma2: np.ndarray
+
+
+class IQ2Blocks:
+    """A weight stored as an IQ2 type: the blocks' bytes uint8 [out, in/256 * type_size]."""
+
+    def __init__(self, kind: IQ2Kind, b: torch.Tensor, in_features: int):
+        self.kind, self.b, self.in_features = kind, b, in_features
+        self.name = kind.name.lower()
+
+    def to_bytes(self) -> torch.Tensor:
+        return self.b
+
+    def split_rows(self, rows: list[int]) -> list["IQ2Blocks"]:
+        return [IQ2Blocks(self.kind, p, self.in_features) for p in self.b.split(rows)]
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.b.shape[0]
+        with np.errstate(all="ignore"):
+            y = decode(self.kind, self.b.reshape(-1, self.b.shape[1] * QK // self.in_features))
+        return y.reshape(rows, self.in_features)
+
+
+class IQ2Grid:
+    """GPTQ's view of IQ2_XXS / IQ2_XS / IQ2_S: super-blocks of 256, groups of 8 columns."""
+
+    codes_dtype = None
+    width = QK
+    group_width = 8
+
+    def __init__(self, kind: IQ2Kind, in_features: int, search: bool = False):
+        if in_features % QK:
+            raise ValueError(f"{kind.name.lower()} needs rows that are a multiple of {QK}, got {in_features}")
+        self.kind, self.in_features, self.search = kind, in_features, search
+        self.lat = lat.lattice(kind.grid_size, kind.nwant)
+        self.mag = _magnitudes(kind)
+
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> IQ2Params:
+        x = w.float().contiguous()
+        if not torch.isfinite(x).all():
+            raise ValueError("weights contain NaN or Inf")
+        if self.search and imp is not None:
+            qw = imp.float().clamp_min(0)
+        else:
+            qw = None if self.kind is S else torch.ones(QK)
+        b, ridv, rsnap = encode_rounding(self.kind, x, qw)
+        b = b.numpy()
+        d = _f16(b)
+        if self.kind is XXS:
+            ls = np.ascontiguousarray(b[:, 2:66]).view(np.uint32).reshape(-1, 8, 2)[:, :, 1] >> 28
+        else:
+            sc = b[:, -8:]
+            ls = np.stack([sc & 15, sc >> 4], axis=2).reshape(-1, 16).astype(np.uint32)
+        db = d[:, None] * (F32(0.5) + ls.astype(F32)) * F32(0.25)
+        xn = x.numpy()
+        sumx2 = lat.seqsum((xn * xn).T)
+        sigma2 = (F32(2) * sumx2 if self.kind is S else sumx2) / F32(QK)
+        return IQ2Params(d, ls, db, ridv, rsnap, sigma2)
+
+    def round_group(self, w: torch.Tensor, p: IQ2Params, j0: int, hinv: torch.Tensor):
+        """Columns j0..j0+7 (within the super-block) of rows w [rows, 8] -> (codes, values),
+        float32 [rows, 8]; code = 2 * grid index + sign bit."""
+        kind, g, sb = self.kind, j0 // 8, j0 // self.kind.sub
+        x = np.ascontiguousarray(w.float().numpy(), dtype=F32)
+        db = p.db[:, sb]
+        with np.errstate(all="ignore"):
+            if self.search:
+                ub = hinv.double()
+                wc = torch.linalg.inv(ub.t() @ ub).diagonal().float().numpy().astype(F32)
+                wt = np.broadcast_to(wc[None, :], x.shape)
+                xval, bits = _signs(kind, x, wt)
+                dead = ~(db > 0)
+                # every grid entry at the stored scale: the magnitudes are not exactly odd
+                # multiples of one step, so rounding at a scale would miss the nearest entry
+                m = torch.from_numpy(self.mag)
+                dbt = torch.from_numpy(np.where(dead, F32(0), db))
+                cost = dbt[:, None] ** 2 * ((m * m) @ torch.from_numpy(wc))[None, :]
+                cost -= 2 * dbt[:, None] * (torch.from_numpy(xval * wc[None, :]) @ m.t())
+                gi = cost.argmin(dim=1).numpy().astype(np.int64)
+                return self._finish(gi, bits, dead, db)
+            else:
+                s2 = p.sigma2[:, None]
+                wt = F32(0.25) * s2 + x * x if kind is S else np.sqrt(s2 + x * x)
+                xval, bits = _signs(kind, x, wt)
+                idv, snap, wg = p.ridv[:, g], p.rsnap[:, g], np.sqrt(wt)
+                dead = ~(db > 0) | ~(snap > 0)
+            idv, snap = np.where(dead, F32(1), idv), np.where(dead, F32(1), snap)
+            lev = lat.rounded_levels(idv[:, None], xval)
+            u = (lev.astype(np.int32) << lat.SHIFTS[None, :]).sum(axis=1)
+            gi = self.lat.kmap[u].astype(np.int64)
+            off = np.flatnonzero(gi < 0)
+            if off.size:
+                gi[off] = lat.best_neighbour(self.lat, u[off], snap[off], xval[off], wg[off])
+        return self._finish(gi, bits, dead, db)
+
+    def _finish(self, gi, bits, dead, db):
+        """(codes, values) of the chosen entries gi [rows] and sign bits [rows]."""
+        kind = self.kind
+        gi[dead] = 0
+        bits = np.where(dead, 0, bits)
+        full = lat.tables()["ksigns_iq2xs"][bits] if kind.parity else bits
+        neg = ((full[:, None].astype(np.int32) >> np.arange(8)) & 1).astype(F32)
+        vals = (db[:, None] * self.mag[gi]) * np.where(neg > 0, F32(-1), F32(1))
+        codes = (2 * gi[:, None]).astype(F32) + neg
+        return torch.from_numpy(codes), torch.from_numpy(vals)
+
+    def round(self, w, p, j):
+        raise NotImplementedError(f"{self.kind.name} rounds groups of 8 columns together (round_group)")
+
+    def stored(self, params: list[IQ2Params], codes: torch.Tensor) -> IQ2Blocks:
+        rows, nb = codes.shape[0], len(params)
+        c = codes.numpy().astype(np.int64).reshape(rows * nb, 32, 8)
+        gi = c[:, :, 0] >> 1
+        sg = ((c & 1) << np.arange(8)).sum(axis=2)
+        if self.kind.parity:
+            sg &= 127
+        dh = np.stack([p.dh for p in params], axis=1).reshape(-1)
+        ls = np.stack([p.ls for p in params], axis=1).reshape(rows * nb, -1)
+        b = pack(self.kind, dh, gi, sg, ls, ~(dh != 0))
+        return IQ2Blocks(self.kind, torch.from_numpy(b.reshape(rows, -1)), self.in_features)
+
+    def join(self, pieces: list[IQ2Blocks], codes, shape) -> IQ2Blocks:
+        return IQ2Blocks(self.kind, torch.cat([p.b for p in pieces]), shape[1])

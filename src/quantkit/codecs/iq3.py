@@ -19,6 +19,7 @@ land in its place: reproduced (`_compact`).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .lattice import (F32, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice, nearest_int,
                       neighbours, seqsum, tables)
@@ -83,6 +84,7 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
     wx = w * xval
     best = np.zeros(S, F32)
     scale = mx / F32(2 * KMAXQ - 1)
+    ridv, rsnap = np.zeros((8, S), F32), np.zeros((8, S), F32)   # where each group's levels were rounded
     L = np.zeros((32, S), F32)
     on = np.full((8, S), xxs)
     xg, wg = _groups(xval), _groups(waux)
@@ -96,6 +98,8 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
             scale = np.where(upd, sumqx / np.where(upd, sumq2, F32(1)), scale)
             best = np.where(upd, scale * sumqx, best)
             L[:, upd] = Laux[:, upd]
+            ridv = np.where(upd[None], idv[None], ridv)
+            rsnap = np.where(upd[None], (F32(1) / idv)[None], rsnap)
             on[:, upd] = on_aux[:, upd]
     need = np.flatnonzero((~on).any(axis=0) & (scale > 0))
     if len(need):                      # refit the groups off the grid at the best scale
@@ -105,10 +109,12 @@ def _search(xval, w, waux, mx, lat: Lattice, n_is: int, xxs: bool):
         _snap(lat, Lr, _groups(xval[:, need]), _groups(waux[:, need]), sc, redo)
         keep = np.ones((8, len(need)), bool) if redo is None else redo
         L[:, need] = np.where(np.repeat(keep, 4, axis=0), Lr, L[:, need])
+        ridv[:, need] = np.where(keep, (F32(1) / sc)[None], ridv[:, need])
+        rsnap[:, need] = np.where(keep, sc[None], rsnap[:, need])
         sumqx, sumq2 = _wsum(w[:, need], wx[:, need], L[:, need])
         scale[need] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), sc)
     gi = lat.index[lat.code(L.reshape(8, 4, S).transpose(1, 0, 2))]
-    return scale, gi
+    return scale, gi, ridv, rsnap
 
 
 def _prepare(x: np.ndarray, qw: np.ndarray | None):
@@ -152,13 +158,23 @@ def encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
         return _encode(x, qw, xxs)
 
 
-def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
+def encode_rounding(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IQ3_XXS / IQ3_S blocks of x [nb, 256] as `encode` makes them, and per group of 4 (in
+    order) the inverse scale and the snapping scale its kept levels were rounded at (float32
+    [nb, 64] each): rounding the signed magnitudes at them (nearest_int(0.5*(idv*xval - 1)),
+    off-grid groups moved to their best neighbour at the snapping scale, weighted by sqrt of the
+    encoder's weights) gives back the encoder's grid points."""
+    with np.errstate(all="ignore"):
+        return _encode(x, qw, xxs, rounding=True)
+
+
+def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool, rounding: bool = False):
     nb, xs, w, waux = _prepare(x, qw)
     xval, sbits = _signs(xs, w, xxs)
     mx = xval.max(axis=0)
     skip = mx < EPS_XXS if xxs else ~(mx != 0)
     lat = lattice("iq3xxs" if xxs else "iq3s")
-    scale, gi = _search(xval, w, waux, np.where(skip, F32(1), mx), lat, 15 if xxs else 9, xxs)
+    scale, gi, ridv, rsnap = _search(xval, w, waux, np.where(skip, F32(1), mx), lat, 15 if xxs else 9, xxs)
     neg = scale < 0
     scale = np.where(neg, -scale, scale)
     sbits = np.where(neg[None, :], ~sbits & (127 if xxs else 255), sbits)
@@ -177,8 +193,10 @@ def _encode(x: np.ndarray, qw: np.ndarray | None, xxs: bool) -> np.ndarray:
     sbits = sbits.T.reshape(nb, 8, 4).astype(np.int64)
     dbits = np.where(zero, 0, dbits).astype(np.uint16)
     if xxs:
-        return _pack_xxs(nb, dbits, gi, sbits, ls, zero)
-    return _pack_s(nb, dbits, gi, sbits, ls, skip.reshape(nb, 8))
+        out = _pack_xxs(nb, dbits, gi, sbits, ls, zero)
+    else:
+        out = _pack_s(nb, dbits, gi, sbits, ls, skip.reshape(nb, 8))
+    return (out, ridv.T.reshape(nb, 64), rsnap.T.reshape(nb, 64)) if rounding else out
 
 
 def _pack_xxs(nb, dbits, gi, sbits, ls, zero) -> np.ndarray:
@@ -250,3 +268,165 @@ def decode_s(b: np.ndarray) -> np.ndarray:
     signs = b[:, 74:106].reshape(nb, 8, 4)
     y = db[:, :, None, None] * grid * _sign_factors(signs)
     return y.reshape(nb, QK_K)
+
+
+# ----------------------------------------------------------------------------- GPTQ grid
+# GPTQ (quant.gptq) reaches a super-block of 256 columns: its fp16 scale and eight 4-bit
+# sub-block scales come from the encoder's own search on the partially updated weights
+# (unweighted, or with `search` weighted by each column's importance as llama.cpp weights by an
+# imatrix). Then each group of columns (IQ3_S: 4, one grid point; IQ3_XXS: 8, two points under
+# one sign byte of even parity) takes its points plus signs together (`round_group`), from the
+# group's updated weights. Without `search`: the encoder's rule at the scale the encoder rounded
+# that group at (an identity Hessian gives llama.cpp's bytes). With it: every grid point scored
+# at the stored scale under a per-column weight [(U_bᵀ U_b)^-1]_cc, U_b the group's block of the
+# inverse Hessian's factor (the diagonal of the quadratic form GPTQ's loss puts on the group's
+# error); IQ3_XXS's odd sign counts flip the value that weight says matters least.
+# A sub-block of IQ3_S whose weights are all zero is stored in its own place (llama.cpp's
+# encoder moves the next sub-blocks' points into it; its decoder then reads them there).
+
+class IQ3Params:
+    """One super-block of 256 per row: the stored fp16 d bits [rows], the 4-bit sub-block scales
+    [rows, 8], their decoded scales db [rows, 8] and the encoder's rounding scales [rows, 64]."""
+
+    def __init__(self, dbits, ls, db, ridv, rsnap):
+        self.dbits, self.ls, self.db, self.ridv, self.rsnap = dbits, ls, db, ridv, rsnap
+
+
+class IQ3Blocks:
+    """A weight stored as IQ3_XXS or IQ3_S: the blocks' bytes uint8 [out, in/256 * type size]."""
+
+    def __init__(self, xxs: bool, b: torch.Tensor, in_features: int):
+        self.xxs, self.b, self.in_features = xxs, b, in_features
+        self.name = "iq3_xxs" if xxs else "iq3_s"
+
+    def to_bytes(self) -> torch.Tensor:
+        return self.b
+
+    def split_rows(self, rows: list[int]) -> list["IQ3Blocks"]:
+        return [IQ3Blocks(self.xxs, p, self.in_features) for p in self.b.split(rows)]
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.b.shape[0]
+        with np.errstate(all="ignore"):
+            b = self.b.numpy().reshape(-1, 98 if self.xxs else 110)
+            y = decode_xxs(b) if self.xxs else decode_s(b)
+        return torch.from_numpy(y).reshape(rows, self.in_features)
+
+
+class IQ3Grid:
+    """GPTQ's view of IQ3_XXS (xxs=True) or IQ3_S: super-blocks of 256, groups of 8 or 4 columns."""
+
+    codes_dtype = None
+    width = QK_K
+
+    def __init__(self, xxs: bool, in_features: int, search: bool = False):
+        self.xxs, self.name = xxs, "iq3_xxs" if xxs else "iq3_s"
+        if in_features % QK_K:
+            raise ValueError(f"{self.name} needs rows that are a multiple of {QK_K}, got {in_features}")
+        self.in_features, self.search = in_features, search
+        self.group_width = 8 if xxs else 4
+        self.lat = lattice("iq3xxs" if xxs else "iq3s")
+        self.values = _grid_values("iq3xxs_grid" if xxs else "iq3s_grid")
+
+    def params(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> IQ3Params:
+        x = np.ascontiguousarray(w.float().numpy(), dtype=F32)
+        if not np.isfinite(x).all():
+            raise ValueError("weights contain NaN or Inf")
+        qw = None
+        if self.search and imp is not None:
+            qw = np.tile(np.maximum(imp.float().numpy().astype(F32), F32(0)), (x.shape[0], 1))
+        b, ridv, rsnap = encode_rounding(x, qw, self.xxs)
+        dbits = b[:, :2].copy().view(np.uint16)[:, 0]
+        d = fp16_value(dbits)[:, None]
+        if self.xxs:
+            ls = (b[:, 66:98].copy().view(np.uint32).astype(np.int64) >> 28)
+            db = d * (F32(0.5) + ls.astype(F32)) * F32(0.5)
+        else:
+            sc = b[:, 106:110].astype(np.int64)
+            ls = np.stack([sc & 15, sc >> 4], axis=2).reshape(-1, 8)
+            db = d * (1 + 2 * ls).astype(F32)
+        return IQ3Params(dbits, ls, db, ridv, rsnap)
+
+    def round_group(self, w: torch.Tensor, p: IQ3Params, j0: int, hinv: torch.Tensor):
+        """Columns j0.. of the group (within the super-block) of rows w [rows, k] -> (codes,
+        values), float32 [rows, k]; code = 2 * grid index + sign bit. hinv: the group's [k, k]
+        block of the inverse Hessian's upper Cholesky factor."""
+        k, rows = self.group_width, w.shape[0]
+        s, g0 = j0 // 32, j0 // 4
+        x = np.ascontiguousarray(w.float().numpy().T, dtype=F32)          # [k, rows]
+        db = p.db[:, s]
+        dead = ~(db > 0)
+        with np.errstate(all="ignore"):
+            if self.search:
+                ub = hinv.double()
+                wc = torch.linalg.inv(ub.t() @ ub).diagonal().float().numpy().astype(F32)
+                wt = np.repeat(wc[:, None], rows, axis=1)
+            else:
+                wt = x * x
+            neg = ~(x >= 0)
+            xval = np.where(neg, -x, x)
+            if self.xxs:                          # an even count of negatives: flip the least important
+                odd = np.flatnonzero(neg.sum(axis=0) % 2)
+                imin = np.argmin(wt * x * x, axis=0)[odd]
+                xval[imin, odd] = -xval[imin, odd]
+                neg[imin, odd] = ~neg[imin, odd]
+            xg = xval.T.reshape(rows * k // 4, 4)                 # groups of 4, row-major
+            if self.search:
+                scale = np.repeat(np.where(dead, F32(0), db), k // 4)
+                gi = self._scored(xg, np.tile(wc.reshape(-1, 4), (rows, 1)), scale)
+            else:
+                idv = np.where(dead[:, None], F32(1), p.ridv[:, g0:g0 + k // 4]).reshape(-1)
+                snap = np.where(dead[:, None], F32(1), p.rsnap[:, g0:g0 + k // 4]).reshape(-1)
+                L = _levels(idv[None, :], np.ascontiguousarray(xg.T))
+                gi = self._snap(L, xg, np.sqrt(wt).T.reshape(-1, 4), snap)
+        gi = gi.reshape(rows, k // 4)
+        gi[dead] = 0
+        neg = (neg & ~dead[None, :]).T.astype(np.int64)                               # [rows, k]
+        vals = (db[:, None] * self.values[gi].reshape(rows, k)) * np.where(neg > 0, F32(-1), F32(1))
+        codes = (2 * np.repeat(gi, 4, axis=1) + neg).astype(F32)
+        return torch.from_numpy(codes), torch.from_numpy(vals)
+
+    def _scored(self, xg, wg, scale):
+        """Every grid point at `scale` [G4]: the index of the least weighted error per group of 4."""
+        m = torch.from_numpy(self.values)
+        sc = torch.from_numpy(scale)[:, None]
+        wt = torch.from_numpy(np.ascontiguousarray(wg))
+        cost = sc * sc * (wt @ (m * m).t()) - 2 * sc * ((torch.from_numpy(xg) * wt) @ m.t())
+        return cost.argmin(dim=1).numpy().astype(np.int64)
+
+    def _snap(self, L, xg, wg, scale):
+        """Levels L [4, G4] -> grid index [G4]; off-grid groups move to their best neighbour."""
+        lat = self.lat
+        gi = lat.index[lat.code(L)].astype(np.int64)
+        off = np.flatnonzero(gi < 0)
+        if len(off):
+            which, cand, first = neighbours(lat, lat.code(L[:, off]))
+            rows = off[which]
+            diff = np.take(scale, rows)[:, None] * np.take(lat.pos, cand, axis=0)
+            diff -= np.take(xg, rows, axis=0)
+            t = np.take(wg, rows, axis=0) * diff
+            t *= diff
+            d2 = t[:, 0] + t[:, 1]
+            d2 += t[:, 2]
+            d2 += t[:, 3]
+            gi[off] = cand[first_min(d2, which, first)]
+        return gi
+
+    def round(self, w, p, j):
+        raise NotImplementedError(f"{self.name} rounds groups of {self.group_width} columns together (round_group)")
+
+    def stored(self, params: list[IQ3Params], codes: torch.Tensor) -> IQ3Blocks:
+        rows, nb = codes.shape[0], len(params)
+        c = codes.numpy().astype(np.int64).reshape(rows, nb, 8, 32)
+        gi = (c[..., ::4] >> 1).reshape(rows * nb, 8, 8)
+        bits = ((c & 1).reshape(rows, nb, 8, 4, 8) << np.arange(8)).sum(axis=4).reshape(rows * nb, 8, 4)
+        dbits = np.stack([p.dbits for p in params], axis=1).reshape(-1)
+        ls = np.stack([p.ls for p in params], axis=1).reshape(-1, 8)
+        if self.xxs:
+            b = _pack_xxs(rows * nb, dbits, gi, bits & 127, ls, dbits == 0)
+        else:
+            b = _pack_s(rows * nb, dbits, gi, bits, ls, np.zeros((rows * nb, 8), bool))
+        return IQ3Blocks(self.xxs, torch.from_numpy(b.reshape(rows, -1)), self.in_features)
+
+    def join(self, pieces: list[IQ3Blocks], codes, shape) -> IQ3Blocks:
+        return IQ3Blocks(self.xxs, torch.cat([p.b for p in pieces]), shape[1])

@@ -435,6 +435,9 @@ class _IQ2(_RowsWeighted):
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return iq2.decode(self.kind, b)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq2.IQ2Grid:
+        return iq2.IQ2Grid(self.kind, in_features, search)
+
 
 @register
 class IQ2_XXS(_IQ2):
@@ -490,12 +493,18 @@ class IQ3_XXS(_LatticeType):
     encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=True))
     decode_np = staticmethod(iq3.decode_xxs)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq3.IQ3Grid:
+        return iq3.IQ3Grid(True, in_features, search)
+
 
 @register
 class IQ3_S(_LatticeType):
     ggml = T.IQ3_S
     encode_np = staticmethod(lambda x, qw: iq3.encode(x, qw, xxs=False))
     decode_np = staticmethod(iq3.decode_s)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq3.IQ3Grid:
+        return iq3.IQ3Grid(False, in_features, search)
 
 
 @register

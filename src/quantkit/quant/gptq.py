@@ -7,11 +7,14 @@ H = 2/n Σ x xᵀ; `quantize_weight(W, H, grid, config)` solves. Hooks (quant.pi
 
 The grid (codecs.grid.Grid) is either an integer grid (`rtn.QuantSpec`: bits, group size, sym;
 GPTQ/compressed-tensors checkpoints; rtn.IntGrid) or a GGUF type with a registered grid
-(codecs.registry: legacy blocks "q4_0" .. "q8_0", K-quants "q6_k" .. "q2_k"), in which case each
+(codecs.registry: legacy blocks "q4_0" .. "q8_0", K-quants "q6_k" .. "q2_k", IQ4_NL / IQ4_XS and
+the lattice types IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS), in which case each
 block's scale (and min) is fixed, by llama.cpp's own rule, from the partially updated weights
 just before the block's first column is quantized, and the columns are then rounded onto that
 block's grid exactly as llama.cpp's reference quantizer rounds. The result is a stock GGUF block
-that llama.cpp decodes at full speed.
+that llama.cpp decodes at full speed. On a lattice type a group of 4 or 8 columns takes one
+codebook entry together (codecs.grid.GroupGrid: `round_group`), chosen from the group's updated
+columns; its columns' errors are then spread one at a time as usual.
 
 Groups: without act-order a group's parameters come from the weights updated by every column
 solved before the group's first column (Algorithm 1 of the paper; a group that runs past a lazy
@@ -268,6 +271,8 @@ class _Solve:
         """Columns i1..i2 (visiting order) of the chunk: quantize each, spread its error over the
         block's later columns. Returns the block's errors scaled by 1/[U]_jj, [column, row]."""
         g, Hinv1, perm_l = self.g, self.Hinv[i1:i2, i1:i2], self.perm_list
+        k = getattr(g, "group_width", 1)       # columns that take one codebook entry together
+        group = None
         # the block transposed, [column, row]: each step's rank-1 update then touches one
         # contiguous slab instead of a strided slice of every row (measured ~3x faster)
         W1 = Wc[:, i1:i2].t().contiguous()
@@ -290,7 +295,14 @@ class _Solve:
                     params[gi] = g.params(ahead, self.importance[i1 + i:i1 + i + g.width])
                     torch.set_num_threads(1)
                 w = W1[i]
-                q, dq = g.round(w, params[gi], col % g.width)
+                if k == 1:
+                    q, dq = g.round(w, params[gi], col % g.width)
+                else:
+                    # a lattice group: its entry chosen once from the group's updated columns,
+                    # its columns' errors then spread one at a time as any column's
+                    if col % k == 0:
+                        group = g.round_group(W1[i:i + k].t(), params[gi], col % g.width, Hinv1[i:i + k, i:i + k])
+                    q, dq = group[0][:, col % k], group[1][:, col % k]
                 codes[:, col] = q
                 Q[:, i1 + i] = dq
                 err = (w - dq) / Hinv1[i, i]
@@ -332,11 +344,16 @@ class _Solve:
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
                     config: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """GPTQ of W [out, in] given H [in, in]; `grid` a QuantSpec or a GGUF type name with a grid
-    (codecs.registry.gptq_types(): legacy q4_0 .. q8_0, K-quants q6_k .. q2_k)."""
+    (codecs.registry.gptq_types(): legacy q4_0 .. q8_0, K-quants q6_k .. q2_k, IQ4 and the lattice
+    IQ3 / IQ2 types; those take neither act-order nor a block size that splits their groups)."""
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not match")
     out_f, in_f = W.shape
     g = make_grid(grid, in_f, config)
+    k = getattr(g, "group_width", 1)
+    if k > 1 and (config.act_order or config.block_size % k):
+        raise ValueError(f"GPTQ on {grid} rounds {k} columns together: it needs natural column order "
+                         f"(no act-order) and a block size that is a multiple of {k}")
     if not torch.isfinite(W).all():
         raise ValueError("weights contain NaN or Inf")
     box, dead, perm = _prepared_hessian(H, config)
