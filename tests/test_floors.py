@@ -229,14 +229,14 @@ def test_tests_mirror_the_source_and_import_no_other_test():
 def test_checker_sees_what_it_must(tmp_path):
     """The rules above catch what they claim: a function-level upward import, a relative
     `from . import _x`, an attribute on an imported module, monkeypatch.setattr by string."""
-    src = ("def f():\n    from ..api import quantize\n    from .cache import _marker\n"
+    src = ("def f():\n    from ..api import demo\n    from .cache import _marker\n"
            "    from quantkit.distill import trainer\n    trainer._x = 1\n"
            "    monkeypatch.setattr(trainer, '_y', 2)\n")
     p = tmp_path / "mod.py"
     p.write_text(src, encoding="utf-8")
     tree = ast.parse(src)
     got = {(t, n) for t, n, _ in imports(tree, "quantkit.eval.fake")}
-    assert ("quantkit.api", "quantize") in got and ("quantkit.distill.trainer", None) in got
+    assert ("quantkit.api", "demo") in got and ("quantkit.distill.trainer", None) in got
     assert FLOOR[floor_of("quantkit.api")] > FLOOR[floor_of("quantkit.eval.fake")]
     global ROOT
     saved, ROOT = ROOT, tmp_path

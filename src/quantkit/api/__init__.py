@@ -27,7 +27,7 @@ def inspect(model=None) -> dict[str, Any]:
     """Architecture, parameter count, tensors (name, shape, type, bytes), bits per weight, tokenizer,
     what the model is and what quantkit can do with it ("model"), and for a vision-language
     directory its vision tower ("vision": models.vision.describe_vision)."""
-    from .models.arch import describe
+    from ..models.arch import describe
     src = open_model(model)
     tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in src.tensors()]
     n_params = sum(t.n_elements for t in src.tensors())
@@ -58,7 +58,7 @@ def inspect(model=None) -> dict[str, Any]:
 
 
 def _describe_vision(path):
-    from .models.vision import describe_vision
+    from ..models.vision import describe_vision
     return describe_vision(path)
 
 
@@ -85,14 +85,14 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
     from quantkit's ladder cache, so a rerun re-uses them. One eval.results.DemoRow per rung; the HTML report is
     out_dir/report.html (or ~/.cache/quantkit/demo/report.html). `n_threads`: llama.cpp's threads
     (default: up to 2)."""
-    from .eval.ladder import build_rungs, label_ladder, ladder_types
-    from .eval.results import DemoRow
-    from .runtimes.llama_cpp import LlamaCpp
-    from .models.bundled import bundled_path, cache_dir
-    from .util.progress import progress
+    from ..eval.ladder import build_rungs, label_ladder, ladder_types
+    from ..eval.results import DemoRow
+    from ..runtimes.llama_cpp import LlamaCpp
+    from ..models.bundled import bundled_path, cache_dir
+    from ..util.progress import progress
     cal = _ladder_calibration(calib, nsamples, seqlen)
     if out_dir is not None:
-        from .util.atomic import check_output
+        from ..util.atomic import check_output
         check_output(out_dir, directory=True, flag="--out-dir")
     report_dir = os.fspath(out_dir or os.path.join(cache_dir(), "demo"))
     types = ladder_types(list(file_types))          # (an unknown rung is refused before any folder is made)
@@ -118,7 +118,7 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
                             load_s=gen.load_s, prompt_tok_s=gen.prompt_tok_s, gen_tok_s=gen.gen_tok_s,
                             threads=gen.n_threads, output=gen.text))
     if eval_chunks > 0 and rows:
-        from .eval.report import write_report
+        from ..eval.report import write_report
         # the bundled file first: its F32 dequantization is the reference, and it is scored beside its rungs
         result = evaluate([bundled_path(), *(r.file for r in rows)], text=DEMO_TEXT, n_chunks=eval_chunks,
                           n_ctx=eval_ctx, n_threads=n_threads, speed=False, show_progress=show_progress)
@@ -137,7 +137,7 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
 
 def load_encoder(path=None):
     """Load a BERT-family encoder directory, fp32 or dynamic-int8 (None = bundled MiniLM)."""
-    from .quant.dynamic import open_encoder
+    from ..quant.dynamic import open_encoder
     return open_encoder(path)
 
 
@@ -145,11 +145,11 @@ def quantize_dynamic(model, output, quantize_embeddings: bool = False, kernel: s
     """Dynamic INT8 for a BERT-family encoder: int8 linear weights per output channel
     (optionally int8 embeddings), activations quantized per row at run time. Writes `output`
     (a directory: safetensors + quantkit.json + tokenizer) atomically; returns a summary."""
-    from .quant import int8_kernels
-    from .quant.dynamic import DynamicInt8Config, open_encoder, quantize_encoder_, state_dict_bytes
-    from .models.encoder import save_encoder
-    from .util.atomic import check_output
-    from .util.errors import QuantkitError
+    from ..quant import int8_kernels
+    from ..quant.dynamic import DynamicInt8Config, open_encoder, quantize_encoder_, state_dict_bytes
+    from ..models.encoder import save_encoder
+    from ..util.atomic import check_output
+    from ..util.errors import QuantkitError
     import torch
 
     check_output(output, [model], directory=True)
@@ -175,13 +175,13 @@ def quantize_dynamic(model, output, quantize_embeddings: bool = False, kernel: s
 def plan(model, **options):
     """Memory, fit and speed of MODEL (a .gguf, .safetensors, HF directory or built-in name);
     options are quantkit.plan.planner.PlanOptions fields (devices=["rtx-3060"], n_ctx=4096, ...)."""
-    from .plan.planner import PlanOptions, plan as _plan
+    from ..plan.planner import PlanOptions, plan as _plan
     return _plan(model, PlanOptions(**options))
 
 
 def explain(name: str):
     """What a model name says: method, bits, group size, file format, runtime, sizes."""
-    from .plan.names import explain as _explain
+    from ..plan.names import explain as _explain
     return _explain(name)
 
 
@@ -191,13 +191,13 @@ def distill(**options) -> dict:
     train, output, dev, num_layers / layers / hidden / student, temperature, alpha,
     relation_weight, augment, epochs / max_steps, ... Returns a summary dict (losses, dev
     accuracy or cosine, sizes); the model is written to `output` atomically."""
-    from .distill.trainer import DistillConfig, distill as _distill
-    from .util.errors import QuantkitError
+    from ..distill.trainer import DistillConfig, distill as _distill
+    from ..util.errors import QuantkitError
 
     unknown = sorted(set(options) - set(DistillConfig.__dataclass_fields__))
     if unknown:
         raise QuantkitError(f"unknown distill option(s): {', '.join(unknown)}")
-    from .util.atomic import check_output
+    from ..util.atomic import check_output
     inputs = [options.get(k) for k in ("teacher", "train", "dev", "student")]
     for key, flag in (("output", "-o"), ("checkpoint_dir", "--checkpoint-dir")):
         if options.get(key):
@@ -220,8 +220,8 @@ def evaluate(models=None, ray=None, workers=None, **options):
     .to_json()); quantkit.eval.report.write_report(result, "out.html") renders it.
     `ray`: "local" (a local Ray runtime of `workers` CPUs) or a cluster's HOST:PORT runs every
     model as a Ray task (quantkit.eval.ray_eval); None runs here and never imports Ray."""
-    from .eval.evaluate import EvalOptions, evaluate as _evaluate
-    from .util.errors import QuantkitError
+    from ..eval.evaluate import EvalOptions, evaluate as _evaluate
+    from ..util.errors import QuantkitError
 
     unknown = sorted(set(options) - set(EvalOptions.__dataclass_fields__))
     if unknown:
@@ -229,16 +229,16 @@ def evaluate(models=None, ray=None, workers=None, **options):
     if models is None or isinstance(models, (str, os.PathLike)):
         models = [models]
     if ray is not None:
-        from .eval.ray_eval import Job, evaluate_on_ray
+        from ..eval.ray_eval import Job, evaluate_on_ray
         return evaluate_on_ray([Job(_specs(models))], EvalOptions(**options), ray, workers)[0]
     return _evaluate(list(models), EvalOptions(**options))
 
 
 def _specs(models) -> list[str]:
     """Model arguments (None: the bundled model) as normalized specs, each checked to exist."""
-    from .models.bundled import bundled_path
-    from .runtimes import normalize_spec, split_spec
-    from .util.errors import QuantkitError
+    from ..models.bundled import bundled_path
+    from ..runtimes import normalize_spec, split_spec
+    from ..util.errors import QuantkitError
     out = [normalize_spec(m) if m is not None else bundled_path() for m in models]
     for p in out:
         if not os.path.exists(split_spec(p)[0]):
@@ -248,8 +248,8 @@ def _specs(models) -> list[str]:
 
 def _ladder_calibration(calib, nsamples, seqlen):
     """The ladder's GPTQ calibration: the options given, the rest from recipe.LADDER_CALIBRATION."""
-    from .eval.ladder import GPTQCalibration
-    from .recipe import LADDER_CALIBRATION, Calibration
+    from ..eval.ladder import GPTQCalibration
+    from ..recipe import LADDER_CALIBRATION, Calibration
     c = Calibration(os.fspath(calib) if calib is not None else None,
                     LADDER_CALIBRATION.nsamples if nsamples is None else nsamples,
                     LADDER_CALIBRATION.seqlen if seqlen is None else seqlen)
@@ -269,15 +269,15 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     Rungs are cached in quantkit's cache (keyed by source, type, method and calibration) unless
     `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method. `ray` and `workers`:
     each rung built and scored as a Ray task, as in evaluate()."""
-    from .eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
-    from .quant.budget import split_budget_rung
-    from .eval.lm import default_text
-    from .util.errors import QuantkitError
+    from ..eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
+    from ..quant.budget import split_budget_rung
+    from ..eval.lm import default_text
+    from ..util.errors import QuantkitError
 
     names = ladder_types(types)
     cal = _ladder_calibration(calib, nsamples, seqlen)
     if out_dir is not None:
-        from .util.atomic import check_output
+        from ..util.atomic import check_output
         check_output(out_dir, directory=True, flag="--ladder-dir")
     if any(parse_rung(n)[1] == "gptq" for n in names):
         cal.check()
@@ -287,8 +287,8 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
                                 "calibrate on other text (--calib FILE), e.g. wikitext-2 valid for a test-split eval")
     first = os.fspath(model) if model is not None else None
     if ray is not None:
-        from .eval.evaluate import EvalOptions
-        from .eval.ray_eval import Job, evaluate_on_ray
+        from ..eval.evaluate import EvalOptions
+        from ..eval.ray_eval import Job, evaluate_on_ray
         job = Job(_specs([first]), names, options.get("text"), os.path.abspath(out_dir) if out_dir else None, cal)
         return evaluate_on_ray([job], EvalOptions(**options), ray, workers)[0]
     rungs = build_rungs(model, names, out_dir, show_progress=options.get("show_progress", True), calibration=cal)
@@ -301,11 +301,11 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
 def _provided_files(out_dir, rungs, result) -> str:
     """README.md in a ladder's folder: the provided-files table (file, method, bits, size, the
     planner's peak RSS for llama.cpp on a CPU at its default context, KL divergence)."""
-    from .eval.model_card import MARK, provided_files, write_text
+    from ..eval.model_card import MARK, provided_files, write_text
     kld = {os.path.abspath(r.path): r.kld_mean for r in result.rows}
     rows = []
     for r in rungs:
-        from .plan.model import load
+        from ..plan.model import load
         m = load(r.path)
         p = plan(m, formats=[m.stored_format] if m.stored_format else None)    # the file's own header bytes
         row = p.rows[0]
@@ -323,13 +323,13 @@ def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=
     eval_ladder(model, recipes, text=...). With `ray` every cell is a Ray task (the reference of
     each model and text passed once), else the sections run here one after another. Returns a
     SweepResult (.sections, .to_json(); quantkit.eval.sweep.write_sweep_report renders it)."""
-    from .eval.sweep import Sweep, SweepResult, load_sweep
+    from ..eval.sweep import Sweep, SweepResult, load_sweep
     sw = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
     meta = {"sweep": sw.path, "models": sw.models, "recipes": sw.recipes, "texts": sw.texts}
     if ray is not None:
-        from .eval.evaluate import EvalOptions
-        from .eval.ray_eval import Job, evaluate_on_ray
-        from .eval.ladder import ladder_types
+        from ..eval.evaluate import EvalOptions
+        from ..eval.ray_eval import Job, evaluate_on_ray
+        from ..eval.ladder import ladder_types
         names = ladder_types(sw.recipes)
         cal = _ladder_calibration(calib, nsamples, seqlen)
         jobs = [Job(_specs([m]), names, t, None, cal) for m in sw.models for t in sw.texts]
