@@ -154,7 +154,7 @@ def imatrix(model=None, output: str | os.PathLike | None = None, *, calib: str |
     (defaults in quantkit.recipe), or over `input_ids` [chunks, tokens] as given; write it to
     OUTPUT: llama.cpp's GGUF imatrix, or the legacy format for a name ending in .dat. Use it
     with quantize(..., imatrix=OUTPUT) or llama-quantize --imatrix."""
-    from . import recipe as rc
+    from .. import recipe as rc
     from ..models.imatrix_file import save_imatrix
     from ..quant.imatrix import compute_imatrix
     from ..util.atomic import check_output
