@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--eval-ctx", type=v.int_arg(8, opts.MAX_CTX), default=256, help="tokens per eval chunk (default 256)")
     p.add_argument("--threads", type=opts.threads_arg(), metavar="N", help="llama.cpp threads (default: up to 2)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the tables")
-    opts.add_calibration_args(p.add_argument_group("calibration of the GPTQ rungs"), ladder=True)
+    opts.add_calibration_args(p.add_argument_group("calibration of the GPTQ rungs and the IQ rungs' importance "
+                                                   "matrix"), ladder=True)
     opts.add_config_arg(p, "demo")
     p.set_defaults(func=run)
 
@@ -53,7 +54,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     rows = api.demo(args.out_dir, types, prompt=args.prompt or api.DEMO_PROMPT, max_tokens=args.max_tokens,
                     eval_chunks=args.eval_chunks, eval_ctx=args.eval_ctx, calib=calib,
-                    nsamples=nsamples, seqlen=seqlen, n_threads=args.threads)
+                    nsamples=nsamples, seqlen=seqlen, n_threads=args.threads, imatrix=args.imatrix)
     total = time.perf_counter() - t0
     if args.json:
         opts.print_json({"prompt": args.prompt or api.DEMO_PROMPT, "seconds": total,
@@ -69,9 +70,12 @@ def run(args) -> int:
         print(f"{r.format:<7} {r.method:<6} {r.file_bytes / 1e6:>8.1f}MB {r.bits_per_weight:>11.2f} "
               f"{_s(r.quantize_s):>9} {r.load_s:>6.2f}s {r.prompt_tok_s:>12.1f} {r.gen_tok_s:>10.1f}  "
               f"{out[:60]}")
-    cal = next((r.calibration for r in rows if r.calibration), None)
+    cal = next((r.calibration for r in rows if r.calibration and r.method == "GPTQ"), None)
     if cal:
         print(f"\nRTN: llama.cpp's round-to-nearest; GPTQ: the same llama.cpp types, weights solved by GPTQ on {cal}")
+    imx = next((r.calibration for r in rows if r.calibration and r.method != "GPTQ"), None)
+    if imx:
+        print(f"IQ rungs: round-to-nearest weighted by an {imx}, as llama-quantize --imatrix")
     if rows[0].report:
         print(f"\nwhat was lost, against the F32 reference (perplexity {rows[0].ref_ppl:.3f}) on "
               f"{rows[0].eval_tokens} tokens of WikiText-2 test (llama.cpp's protocol, second half of each chunk "

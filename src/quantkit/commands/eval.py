@@ -62,8 +62,8 @@ def register(sub) -> None:
                         "without ADDRESS on a local Ray runtime (needs the `ray` extra: pip install 'quantkit[ray]')")
     p.add_argument("--workers", type=v.int_arg(1, opts.MAX_COUNT), metavar="N",
                    help="with --ray and no ADDRESS: CPUs of the local Ray runtime (default: all cores)")
-    opts.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
-                                                   "scored --text)"), ladder=True)
+    opts.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs and IQ rungs' "
+                                                   "importance matrix (never the scored --text)"), ladder=True)
     opts.add_config_arg(p, "eval")
     opts.add_trust_pickle_arg(p)
     p.set_defaults(func=run)
@@ -141,7 +141,7 @@ def command_line(args) -> str:
                         ("--cache-max", args.cache_max), ("--task-data", args.task_data),
                         ("--task-limit", args.task_limit),
                         ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
-                        ("--ladder-dir", args.ladder_dir), ("--calib", args.calib),
+                        ("--ladder-dir", args.ladder_dir), ("--calib", args.calib), ("--imatrix", args.imatrix),
                         ("--nsamples", args.nsamples), ("--seqlen", args.seqlen),
                         ("--report", args.report), ("--sweep", args.sweep),
                         ("--ray", None if args.ray in (None, "local") else args.ray), ("--workers", args.workers)):
@@ -192,11 +192,11 @@ def run(args) -> int:
                                 "make an encoder's int8 with `quantkit quantize-dynamic`, then eval both")
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
         res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir,
-                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, imatrix=args.imatrix,
                               trust_pickle=args.trust_pickle, **ray, **options)
     else:
-        if args.calib or args.nsamples or args.seqlen:
-            raise QuantkitError("--calib, --nsamples and --seqlen calibrate a ladder's GPTQ rungs",
+        if args.calib or args.nsamples or args.seqlen or args.imatrix:
+            raise QuantkitError("--calib, --nsamples, --seqlen and --imatrix calibrate a ladder's GPTQ and IQ rungs",
                                 hint="use them with --ladder, e.g. --ladder q4_0,q4_0+gptq")
         res = api.evaluate(args.models or [None], trust_pickle=args.trust_pickle, **ray, **options)
     res.meta["command"] = command_line(args)
