@@ -261,7 +261,7 @@ DEMO_PROMPT = "The capital of France is"
 
 
 DEMO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikitext2-test-excerpt.txt")
-DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0+gptq", "q3_k_m")
+DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0+gptq", "iq4_xs", "q3_k_m")
 
 
 def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, prompt: str = DEMO_PROMPT,
@@ -269,7 +269,7 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
          eval_ctx: int = 256, calib: str | None = None, nsamples: int | None = None,
          seqlen: int | None = None, n_threads: int | None = None, imatrix: str | None = None) -> list:
     """The main job: a ladder of the bundled model (default Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ,
-    Q3_K_M; a rung "TYPE+gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
+    IQ4_XS, Q3_K_M; a rung "TYPE+gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
     *valid* excerpt shipped with quantkit, 16 x 256 tokens (recipe.LADDER_CALIBRATION), or
     `calib`, `nsamples` x `seqlen`), each run in llama.cpp on a
     short prompt and scored against the F32 reference on a short text (perplexity, KL divergence,
@@ -460,7 +460,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     """Quantize MODEL to a ladder of GGUF rungs and evaluate the model and every rung against its
     F32 reference. Rungs are file types, quantized by llama.cpp's round-to-nearest ("q4_0"), or
     with GPTQ onto the same type ("q4_0+gptq"; recipe strings, see quantkit.recipe); default F16,
-    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes. GPTQ rungs calibrate
+    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ, the K-quants and IQ4_XS, IQ3_S, IQ2_M. GPTQ rungs calibrate
     on `calib` (any UTF-8 text; default: the WikiText-2 *valid* excerpt shipped with quantkit),
     `nsamples` x `seqlen` tokens (default: recipe.LADDER_CALIBRATION, 16 x 256); the
     calibration text must not be the scored one. IQ rungs ("iq4_xs") are round-to-nearest with
@@ -497,7 +497,7 @@ def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None,
     return label_ladder(evaluate([first, *[r.path for r in rungs]], **options), rungs)
 
 
-def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, **options):
+def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, imatrix=None, **options):
     """A grid of models x recipes x texts from a sweep file (YAML/JSON: models, recipes, texts;
     quantkit.eval.sweep) or a loaded Sweep: one section per model and text, each the result of
     eval_ladder(model, recipes, text=...). With `ray` every cell is a Ray task (the reference of
@@ -511,10 +511,10 @@ def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=
         from .eval.ray_eval import Job, evaluate_on_ray
         from .eval.ladder import ladder_types
         names = ladder_types(sw.recipes)
-        cal = _ladder_calibration(calib, nsamples, seqlen)
+        cal = _ladder_calibration(calib, nsamples, seqlen, imatrix)
         jobs = [Job(_specs([m]), names, t, None, cal) for m in sw.models for t in sw.texts]
         return SweepResult(evaluate_on_ray(jobs, EvalOptions(**options), ray, workers), meta)
-    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, **{**options, "text": t or options.get("text")})
+    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, **{**options, "text": t or options.get("text")})
                 for m in sw.models for t in sw.texts]
     return SweepResult(sections, meta)
 

@@ -1,4 +1,4 @@
-"""quantkit demo: a ladder of the bundled model (Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ, Q3_K_M), each run
+"""quantkit demo: a ladder of the bundled model (Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ, IQ4_XS, Q3_K_M), each run
 in llama.cpp and scored against the F32 reference; a table and an HTML report."""
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ def register(sub) -> None:
     from ..api import DEMO_LADDER
     p = sub.add_parser("demo", help="quantize the bundled Gemma-3-270M to a ladder of GGUF types, run and score each",
                        description="Quantize the bundled Gemma-3-270M to a ladder of GGUF types (default Q8_0, Q5_0, "
-                                   "Q4_0 with llama.cpp's round-to-nearest and with GPTQ, Q3_K_M), run each in "
+                                   "Q4_0 with llama.cpp's round-to-nearest and with GPTQ, IQ4_XS with an importance matrix, "
+                                   "Q3_K_M), run each in "
                                    "llama.cpp on a short prompt, score each against the F32 reference on a short "
                                    "WikiText-2 excerpt shipped with quantkit, and print a table and an HTML "
-                                   "report. The first run takes a few minutes on 2 cores (GPTQ most of it); "
+                                   "report. The first run takes a few minutes on 2 cores (GPTQ and the importance matrix most "
+                                   "of it); "
                                    "files are cached, so a rerun takes about a minute.")
     p.add_argument("--out-dir", type=v.str_arg(), help="where the GGUF files and report.html go, written afresh (default: "
                                      "quantkit's cache, re-used between runs; report in ~/.cache/quantkit/demo)")
     p.add_argument("--types", default=None, metavar="RUNGS", type=v.str_arg(),
                    help="comma-separated rungs, recipes of GGUF file types: TYPE (llama.cpp round-to-nearest) "
-                        "or TYPE+gptq (default " + ",".join(DEMO_LADDER) + "; the old TYPE-gptq is still read)")
+                        "or TYPE+gptq (default " + ",".join(DEMO_LADDER) + "; IQ types take an importance matrix "
+                        "computed from the calibration, or --imatrix; the old TYPE-gptq is still read)")
     p.add_argument("--prompt", default=None, type=v.str_arg(), help="prompt to continue")
     p.add_argument("--max-tokens", type=v.int_arg(1, MAX_TOKENS), default=24,
                    help=f"tokens each rung generates (default 24, at most {MAX_TOKENS})")

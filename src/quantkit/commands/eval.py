@@ -48,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="OUT.html", type=v.str_arg(), help="write a self-contained HTML report (table, size vs KLD chart)")
     p.add_argument("--ladder", nargs="?", const="default", metavar="RUNGS", type=v.str_arg(),
                    help="quantize MODEL to a ladder of GGUF types and evaluate them all (default: F16, Q8_0, "
-                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes; or a comma list of "
+                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ, the K-quants and IQ4_XS, IQ3_S, IQ2_M (with an importance "
+                        "matrix); or a comma list of "
                         "recipes, e.g. q8_0,q4_0,q4_0+gptq: TYPE (or gguf:TYPE) is llama.cpp's round-to-nearest, "
                         "TYPE+gptq GPTQ onto the same type; the old TYPE-gptq is still read)")
     p.add_argument("--ladder-dir", metavar="DIR", type=v.str_arg(),
@@ -216,7 +217,8 @@ def _run_sweep(args, options: dict, ray: dict) -> int:
     from .. import api
     from ..eval.sweep import load_sweep, write_sweep_report
     sweep = load_sweep(args.sweep)      # a bad file fails before any work
-    res = api.eval_sweep(sweep, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, **ray, **options)
+    res = api.eval_sweep(sweep, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, imatrix=args.imatrix,
+                         **ray, **options)
     res.meta["command"] = command_line(args)
     if args.report:
         write_sweep_report(res, args.report)

@@ -26,6 +26,9 @@ from .results import EvalResult
 GPTQ_SUFFIX = "-gptq"
 DEFAULT_LADDER = ["f16", "q8_0", "q5_0", "q4_1", "q4_0", "q4_0+gptq"]
 LADDER_KQUANTS = ["q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
+# IQ rungs of the default ladder, each beside the K-quant mix of about its size (Q4_K_M, Q3_K_M,
+# Q2_K): where the importance-matrix types pay shows on the report's Pareto front
+LADDER_IQ = ["iq4_xs", "iq3_s", "iq2_m"]
 # GPTQ rungs calibrate as recipe.LADDER_CALIBRATION says: few tokens of a shipped WikiText-2
 # *valid* excerpt (the eval scores *test* text).
 CALIB_TEXT = calib_text_path(ladder=True)
@@ -58,11 +61,11 @@ def rung_label(name: str) -> str:
 
 def ladder_types(requested: list[str] | None = None) -> list[str]:
     """The rungs to build: REQUESTED (validated, canonical spellings) or the default ladder (F16,
-    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quant mixes quantkit encodes)."""
+    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ, the K-quant mixes and the IQ rungs quantkit encodes)."""
     from ..quant.gguf_export import supported_file_types
     ok = supported_file_types()
     if not requested:
-        return DEFAULT_LADDER + [t for t in LADDER_KQUANTS if t in ok]
+        return DEFAULT_LADDER + [t for t in LADDER_KQUANTS + LADDER_IQ if t in ok]
     out = []
     for t in requested:
         try:
