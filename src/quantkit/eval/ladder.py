@@ -90,7 +90,7 @@ class Rung:
     method: str          # "rtn" | "gptq"
     label: str           # "Q4_0 GPTQ"
     path: str
-    seconds: float       # time to build it now (0 when re-used from the cache)
+    seconds: float       # time to build it now (0 when re-used; the first IQ rung built includes its imatrix)
     reused: bool
     calibration: str | None = None   # GPTQ: "16 x 256 tokens of FILE"; IQ: "importance matrix ..."
 
@@ -213,7 +213,6 @@ def build_rungs(model: str | None, types: list[str], out_dir: str | None = None,
             else:
                 if uses_imatrix(ft) and imatrix is None:
                     imatrix = ladder_imatrix(src_path, out_dir, cal, reuse, show_progress)
-                    t0 = time.perf_counter()      # the imatrix is shared by the IQ rungs: not this rung's time
                 with open_model(src_path) as src:
                     export_gguf(src, out, ft, show_progress=show_progress,
                                 imatrix=imatrix if uses_imatrix(ft) else None)
