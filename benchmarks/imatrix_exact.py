@@ -13,7 +13,11 @@ bundled Gemma-3-270M (F32 reference GGUF: llama.cpp's dequantization of the bund
 
 llama.cpp's tools come from benchmarks/build_llama_tools.sh. Results: benchmarks/results/imatrix_exact.json.
 
-    python benchmarks/imatrix_exact.py [--chunks 64] [--types q4_0,...] [--threads 2] [--skip-imatrix]
+    python benchmarks/imatrix_exact.py [--chunks 64] [--types q4_0,...|iq] [--threads 2] [--skip-imatrix]
+                                       [--results benchmarks/results/imatrix_exact.json]
+
+`--types iq` stands for every IQ and ternary file type (IQ_TYPES). A pair of files that differ is
+kept in the work directory for inspection; identical pairs are removed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ CACHE = os.environ.get("QUANTKIT_CACHE", os.path.expanduser("~/.cache/quantkit")
 WORK = os.path.join(CACHE, "bench-imatrix")
 TOOLS = os.path.join(CACHE, "llama-tools", "bin")
 TYPES = ("q4_0,q4_1,q5_0,q5_1,q8_0,q2_k,q2_k_s,q3_k_s,q3_k_m,q3_k_l,q4_k_s,q4_k_m,q5_k_s,q5_k_m,q6_k")
+IQ_TYPES = ("iq4_xs,iq4_nl,iq3_m,iq3_s,iq3_xs,iq3_xxs,iq2_m,iq2_s,iq2_xs,iq2_xxs,iq1_m,iq1_s,tq1_0,tq2_0")
 
 
 def timed(cmd: list[str], log: str) -> dict:
@@ -118,12 +123,15 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-imatrix", action="store_true", help="reuse the imatrix files of an earlier run")
+    ap.add_argument("--results", default=os.path.join(HERE, "results", "imatrix_exact.json"))
     args = ap.parse_args()
+    if args.types == "iq":
+        args.types = IQ_TYPES
     for tool in ("llama-imatrix", "llama-quantize"):
         if not os.path.exists(os.path.join(TOOLS, tool)):
             raise SystemExit(f"{tool} missing: run benchmarks/build_llama_tools.sh first")
     os.makedirs(WORK, exist_ok=True)
-    res_path = os.path.join(HERE, "results", "imatrix_exact.json")
+    res_path = args.results
     results = json.load(open(res_path)) if os.path.exists(res_path) else {}
     results["machine"] = machine()
 
@@ -162,12 +170,17 @@ def main() -> None:
              "quantkit": timed([sys.executable, "-m", "quantkit.cli", "-q", "quantize", f32, "--format", f"gguf:{ft}",
                                 "--imatrix", theirs, "-o", a], os.path.join(WORK, f"{ft}-quantkit.log"))}
         r.update(compare_files(a, b))
+        r["first_differing_tensor"] = r["differing_tensors"][0] if r["differing_tensors"] else None
+        r["wall_ratio_quantkit_over_llama"] = round(r["quantkit"]["wall_s"] / r["llama-quantize"]["wall_s"], 2)
+        r["cpu_ratio_quantkit_over_llama"] = round(r["quantkit"]["cpu_s"] / max(r["llama-quantize"]["cpu_s"], 0.1), 2)
+        r["load_avg_after"] = os.getloadavg()
         q[ft] = r
         print(ft, {k: r[k] for k in ("differing_bytes", "differing_tensors")},
               r["llama-quantize"]["wall_s"], r["quantkit"]["wall_s"], flush=True)
         save()
-        for p in (a, b):
-            os.remove(p)
+        if r["differing_bytes"] == 0:
+            for p in (a, b):
+                os.remove(p)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def test_ladder_types_follow_what_quantkit_encodes():
         ladder_types(["f16+gptq"])
     if "q4_k_m" in supported_file_types():
         assert "q4_k_m" in types
+    assert {"iq4_xs", "iq3_s", "iq2_m"} <= set(types)            # IQ rungs beside the K-quants of their size
     with pytest.raises(QuantkitError, match="q9_9"):
         ladder_types(["q8_0", "q9_9"])
 

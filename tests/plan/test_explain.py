@@ -119,8 +119,8 @@ def test_iq_types_sizes_from_the_block_table():
     assert g["blk.0.attn_q.weight"].nbytes == 1024 * 640 // 32 * 18
 
 
-def test_explain_iq_name_has_size_and_says_it_is_approximate():
+def test_explain_iq_name_has_size_and_says_how_it_is_sized():
     i = explain("Llama-2-13B-chat-IQ3_XXS.gguf")
     assert i.qtype == "iq3_xxs" and i.bits == 3.0625
     assert i.est_file_bytes and 4.5e9 < i.est_file_bytes < 5.5e9     # ~3.1 bits x 13 B
-    assert any("approximate" in n for n in i.notes)
+    assert any("llama-quantize --imatrix" in n for n in i.notes)

@@ -68,20 +68,22 @@ DEMO_PROMPT = "The capital of France is"
 DEMO_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "wikitext2-test-excerpt.txt")
 
 
-DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0+gptq", "q3_k_m")
+DEMO_LADDER = ("q8_0", "q5_0", "q4_0", "q4_0+gptq", "iq4_xs", "q3_k_m")
 
 
 def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, prompt: str = DEMO_PROMPT,
          max_tokens: int = 24, show_progress: bool = True, eval_chunks: int = 4,
          eval_ctx: int = 256, calib: str | None = None, nsamples: int | None = None,
-         seqlen: int | None = None, n_threads: int | None = None) -> list:
+         seqlen: int | None = None, n_threads: int | None = None, imatrix: str | None = None) -> list:
     """The main job: a ladder of the bundled model (default Q8_0, Q5_0, Q4_0 RTN, Q4_0 GPTQ,
-    Q3_K_M; a rung "TYPE+gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
+    IQ4_XS, Q3_K_M; a rung "TYPE+gptq" is GPTQ onto the same llama.cpp type, calibrated on the WikiText-2
     *valid* excerpt shipped with quantkit, 16 x 256 tokens (recipe.LADDER_CALIBRATION), or
     `calib`, `nsamples` x `seqlen`), each run in llama.cpp on a
     short prompt and scored against the F32 reference on a short text (perplexity, KL divergence,
     top-1 agreement; `eval_chunks` x `eval_ctx` tokens of the WikiText-2 *test* excerpt shipped
-    with quantkit; 0 chunks skips it). Files go to `out_dir` (written afresh), or (None) come
+    with quantkit; 0 chunks skips it). An IQ rung ("iq4_xs") is round-to-nearest with an
+    importance matrix: `imatrix` (a file), else one computed from the same calibration. Files go
+    to `out_dir` (written afresh), or (None) come
     from quantkit's ladder cache, so a rerun re-uses them. One eval.results.DemoRow per rung; the HTML report is
     out_dir/report.html (or ~/.cache/quantkit/demo/report.html). `n_threads`: llama.cpp's threads
     (default: up to 2)."""
@@ -90,7 +92,7 @@ def demo(out_dir: str | os.PathLike | None = None, file_types=DEMO_LADDER, promp
     from ..runtimes.llama_cpp import LlamaCpp
     from ..models.bundled import bundled_path, cache_dir
     from ..util.progress import progress
-    cal = _ladder_calibration(calib, nsamples, seqlen)
+    cal = _ladder_calibration(calib, nsamples, seqlen, imatrix)
     if out_dir is not None:
         from ..util.atomic import check_output
         check_output(out_dir, directory=True, flag="--out-dir")
@@ -246,44 +248,51 @@ def _specs(models) -> list[str]:
     return out
 
 
-def _ladder_calibration(calib, nsamples, seqlen):
-    """The ladder's GPTQ calibration: the options given, the rest from recipe.LADDER_CALIBRATION."""
+def _ladder_calibration(calib, nsamples, seqlen, imatrix=None):
+    """The ladder's calibration: the options given, the rest from recipe.LADDER_CALIBRATION;
+    `imatrix`: an importance matrix file for the IQ rungs (None: computed from the calibration)."""
     from ..eval.ladder import GPTQCalibration
     from ..recipe import LADDER_CALIBRATION, Calibration
     c = Calibration(os.fspath(calib) if calib is not None else None,
                     LADDER_CALIBRATION.nsamples if nsamples is None else nsamples,
                     LADDER_CALIBRATION.seqlen if seqlen is None else seqlen)
-    return GPTQCalibration(c.file, c.nsamples, c.seqlen)
+    from ..util.validate import as_path
+    return GPTQCalibration(c.file, c.nsamples, c.seqlen, None if imatrix is None else as_path(imatrix, "--imatrix"))
 
 
 @pickle_opt_in
 def eval_ladder(model=None, types=None, out_dir=None, calib=None, nsamples=None, seqlen=None, ray=None,
-                workers=None, **options):
+                workers=None, imatrix=None, **options):
     """Quantize MODEL to a ladder of GGUF rungs and evaluate the model and every rung against its
     F32 reference. Rungs are file types, quantized by llama.cpp's round-to-nearest ("q4_0"), or
     with GPTQ onto the same type ("q4_0+gptq"; recipe strings, see quantkit.recipe); default F16,
-    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes. GPTQ rungs calibrate
+    Q8_0, Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ, the K-quants and IQ4_XS, IQ3_S, IQ2_M. GPTQ rungs calibrate
     on `calib` (any UTF-8 text; default: the WikiText-2 *valid* excerpt shipped with quantkit),
     `nsamples` x `seqlen` tokens (default: recipe.LADDER_CALIBRATION, 16 x 256); the
-    calibration text must not be the scored one.
+    calibration text must not be the scored one. IQ rungs ("iq4_xs") are round-to-nearest with
+    an importance matrix: `imatrix` (an imatrix file), else one computed from that calibration.
     Rungs are cached in quantkit's cache (keyed by source, type, method and calibration) unless
     `out_dir` is given. Each row carries its rung ("Q4_0 GPTQ") and method. `ray` and `workers`:
     each rung built and scored as a Ray task, as in evaluate()."""
-    from ..eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung
+    from ..eval.ladder import build_rungs, label_ladder, ladder_types, parse_rung, uses_imatrix
     from ..quant.budget import split_budget_rung
     from ..eval.lm import default_text
     from ..util.errors import QuantkitError
 
     names = ladder_types(types)
-    cal = _ladder_calibration(calib, nsamples, seqlen)
+    cal = _ladder_calibration(calib, nsamples, seqlen, imatrix)
     if out_dir is not None:
         from ..util.atomic import check_output
         check_output(out_dir, directory=True, flag="--ladder-dir")
-    if any(parse_rung(n)[1] == "gptq" for n in names):
+    iq = any(uses_imatrix(parse_rung(n)[0]) for n in names)
+    if iq:
+        cal.check_imatrix()
+    if any(parse_rung(n)[1] == "gptq" for n in names) or (iq and cal.imatrix is None):
         cal.check()
         scored = options.get("text") or default_text()
         if os.path.isfile(scored) and os.path.samefile(scored, cal.path):
-            raise QuantkitError("the GPTQ calibration text is the scored text", cal.path,
+            raise QuantkitError("the ladder's calibration text (GPTQ rungs, IQ rungs' importance matrix) is the "
+                                "scored text", cal.path,
                                 "calibrate on other text (--calib FILE), e.g. wikitext-2 valid for a test-split eval")
     first = os.fspath(model) if model is not None else None
     if ray is not None:
@@ -317,7 +326,7 @@ def _provided_files(out_dir, rungs, result) -> str:
     return write_text(os.path.join(out_dir, "README.md"), text)
 
 
-def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, **options):
+def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=None, imatrix=None, **options):
     """A grid of models x recipes x texts from a sweep file (YAML/JSON: models, recipes, texts;
     quantkit.eval.sweep) or a loaded Sweep: one section per model and text, each the result of
     eval_ladder(model, recipes, text=...). With `ray` every cell is a Ray task (the reference of
@@ -331,9 +340,9 @@ def eval_sweep(sweep, calib=None, nsamples=None, seqlen=None, ray=None, workers=
         from ..eval.ray_eval import Job, evaluate_on_ray
         from ..eval.ladder import ladder_types
         names = ladder_types(sw.recipes)
-        cal = _ladder_calibration(calib, nsamples, seqlen)
+        cal = _ladder_calibration(calib, nsamples, seqlen, imatrix)
         jobs = [Job(_specs([m]), names, t, None, cal) for m in sw.models for t in sw.texts]
         return SweepResult(evaluate_on_ray(jobs, EvalOptions(**options), ray, workers), meta)
-    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, **{**options, "text": t or options.get("text")})
+    sections = [eval_ladder(m, sw.recipes, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, **{**options, "text": t or options.get("text")})
                 for m in sw.models for t in sw.texts]
     return SweepResult(sections, meta)

@@ -48,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="OUT.html", type=v.str_arg(), help="write a self-contained HTML report (table, size vs KLD chart)")
     p.add_argument("--ladder", nargs="?", const="default", metavar="RUNGS", type=v.str_arg(),
                    help="quantize MODEL to a ladder of GGUF types and evaluate them all (default: F16, Q8_0, "
-                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ and the K-quants quantkit encodes; or a comma list of "
+                        "Q5_0, Q4_1, Q4_0 RTN, Q4_0 GPTQ, the K-quants and IQ4_XS, IQ3_S, IQ2_M (with an importance "
+                        "matrix); or a comma list of "
                         "recipes, e.g. q8_0,q4_0,q4_0+gptq: TYPE (or gguf:TYPE) is llama.cpp's round-to-nearest, "
                         "TYPE+gptq GPTQ onto the same type; the old TYPE-gptq is still read)")
     p.add_argument("--ladder-dir", metavar="DIR", type=v.str_arg(),
@@ -62,8 +63,8 @@ def register(sub) -> None:
                         "without ADDRESS on a local Ray runtime (needs the `ray` extra: pip install 'quantkit[ray]')")
     p.add_argument("--workers", type=v.int_arg(1, opts.MAX_COUNT), metavar="N",
                    help="with --ray and no ADDRESS: CPUs of the local Ray runtime (default: all cores)")
-    opts.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs (never the "
-                                                   "scored --text)"), ladder=True)
+    opts.add_calibration_args(p.add_argument_group("calibration of the ladder's GPTQ rungs and IQ rungs' "
+                                                   "importance matrix (never the scored --text)"), ladder=True)
     opts.add_config_arg(p, "eval")
     opts.add_trust_pickle_arg(p)
     p.set_defaults(func=run)
@@ -141,7 +142,7 @@ def command_line(args) -> str:
                         ("--cache-max", args.cache_max), ("--task-data", args.task_data),
                         ("--task-limit", args.task_limit),
                         ("--ladder", None if not args.ladder or args.ladder == "default" else args.ladder),
-                        ("--ladder-dir", args.ladder_dir), ("--calib", args.calib),
+                        ("--ladder-dir", args.ladder_dir), ("--calib", args.calib), ("--imatrix", args.imatrix),
                         ("--nsamples", args.nsamples), ("--seqlen", args.seqlen),
                         ("--report", args.report), ("--sweep", args.sweep),
                         ("--ray", None if args.ray in (None, "local") else args.ray), ("--workers", args.workers)):
@@ -192,11 +193,11 @@ def run(args) -> int:
                                 "make an encoder's int8 with `quantkit quantize-dynamic`, then eval both")
         types = None if args.ladder == "default" else [t.strip() for t in args.ladder.split(",") if t.strip()]
         res = api.eval_ladder(args.models[0] if args.models else None, types=types, out_dir=args.ladder_dir,
-                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, imatrix=args.imatrix,
                               trust_pickle=args.trust_pickle, **ray, **options)
     else:
-        if args.calib or args.nsamples or args.seqlen:
-            raise QuantkitError("--calib, --nsamples and --seqlen calibrate a ladder's GPTQ rungs",
+        if args.calib or args.nsamples or args.seqlen or args.imatrix:
+            raise QuantkitError("--calib, --nsamples, --seqlen and --imatrix calibrate a ladder's GPTQ and IQ rungs",
                                 hint="use them with --ladder, e.g. --ladder q4_0,q4_0+gptq")
         res = api.evaluate(args.models or [None], trust_pickle=args.trust_pickle, **ray, **options)
     res.meta["command"] = command_line(args)
@@ -216,7 +217,8 @@ def _run_sweep(args, options: dict, ray: dict) -> int:
     from .. import api
     from ..eval.sweep import load_sweep, write_sweep_report
     sweep = load_sweep(args.sweep)      # a bad file fails before any work
-    res = api.eval_sweep(sweep, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, **ray, **options)
+    res = api.eval_sweep(sweep, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, imatrix=args.imatrix,
+                         **ray, **options)
     res.meta["command"] = command_line(args)
     if args.report:
         write_sweep_report(res, args.report)

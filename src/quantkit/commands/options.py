@@ -47,6 +47,9 @@ def add_calibration_args(g, ladder: bool) -> None:
     g.add_argument("--nsamples", type=_counted(rc.check_nsamples), metavar="N", help=f"GPTQ calibration samples (default {cal.nsamples}){why}")
     g.add_argument("--seqlen", type=_counted(rc.check_seqlen), metavar="L", help=f"tokens per calibration sample (default {cal.seqlen})")
     if ladder:
+        g.add_argument("--imatrix", metavar="FILE", type=v.str_arg(),
+                       help="importance matrix (GGUF or legacy .dat, from `quantkit imatrix` or llama-imatrix) for "
+                            "the IQ rungs (default: computed from the calibration above and cached with the rungs)")
         g.add_argument("--calib-samples", dest="old_calib_samples", type=v.int_arg(), help=argparse.SUPPRESS)
         g.add_argument("--calib-seqlen", dest="old_calib_seqlen", type=v.int_arg(), help=argparse.SUPPRESS)
 

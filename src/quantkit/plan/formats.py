@@ -25,16 +25,11 @@ from .model import ModelShape, Tensor
 
 # llama.cpp file types -> the default tensor type of the mix (the GGUF writer's table)
 GGUF_FTYPES = {name: default for name, (_, default) in FILE_TYPES.items()}
-# IQ (importance-matrix) file types -> their default tensor type (llama.cpp src/llama-quant.cpp,
-# llama_model_quantize_impl). Their mixes are not reproduced: IQ_APPROX says how they are sized.
-IQ_FTYPES = {"iq1_s": "iq1_s", "iq1_m": "iq1_m", "iq2_xxs": "iq2_xxs", "iq2_xs": "iq2_xs", "iq2_s": "iq2_xs",
-             "iq2_m": "iq2_s", "iq3_xxs": "iq3_xxs", "iq3_xs": "iq3_s", "iq3_s": "iq3_s", "iq3_m": "iq3_s",
-             "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs"}
-GGUF_FTYPES.update(IQ_FTYPES)
-IQ_APPROX = ("IQ sizes are approximate: every matrix in the file type's default type (block sizes from gguf's "
-             "GGML_QUANT_SIZES), IQ4_NL where rows are not a multiple of 256 (Q8_0 where not of 32), the output "
-             "head in Q5_K (IQ1/IQ2_XXS/IQ2_XS/IQ3_XXS) or Q6_K; llama.cpp's per-tensor upgrades (attn_v, ffn_down) "
-             "are not modelled")
+# IQ (importance-matrix) file types: sized as llama-quantize --imatrix makes them (the mix with
+# an importance matrix, which the smallest of them require), as IQ_NOTE says.
+IQ_FTYPES = {name: default for name, default in GGUF_FTYPES.items() if name.startswith("iq")}
+IQ_NOTE = ("IQ file types are sized as llama-quantize --imatrix writes them (its per-tensor mix with an "
+           "importance matrix; quantkit quantize --imatrix writes the same bytes)")
 
 TORCH_DTYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f16": "f16", "f32": "f32"}
 
@@ -94,7 +89,7 @@ def parse_format(s: str) -> Format:
     if k in TORCH_DTYPES:
         return Format({"f16": "fp16", "f32": "fp32"}.get(k, k), "dense", bits=16 if "16" in k else 32)
     head = k.split("+")[0]
-    if head.removeprefix("gguf:") in IQ_FTYPES:      # sized here, not written by quantkit
+    if head.removeprefix("gguf:") in IQ_FTYPES:      # any +method: sized the same
         return Format(head.removeprefix("gguf:"), "gguf", bits=0)
     if head in ("int4", "int4-rtn"):
         return Format("int4", "int4", bits=4)
@@ -138,18 +133,17 @@ def _quantizable(t: Tensor) -> bool:
 
 
 def gguf_types(m: ModelShape, ftype: str, tensors: list[Tensor] | None = None) -> dict[str, str]:
-    """Tensor name -> GGUF type that `llama-quantize <ftype>` (no imatrix, default options) picks,
-    by quantkit.quant.gguf_policy (llama.cpp's rules, shared with the GGUF writer) [mix]."""
+    """Tensor name -> GGUF type that `llama-quantize <ftype>` (default options; an importance
+    matrix for the IQ file types, none for the others) picks, by quantkit.quant.gguf_policy
+    (llama.cpp's rules, shared with the GGUF writer) [mix]."""
     if ftype not in GGUF_FTYPES:
         raise QuantkitError(f"unknown GGUF type '{ftype}'", hint="one of " + ", ".join(GGUF_FTYPES))
     tensors = [Tensor(canonical(t.name), t.shape, t.type, t.nbytes) for t in (tensors or m.tensors)]
-    if ftype in IQ_FTYPES:
-        return _iq_types(m, ftype, tensors)
     by_name = {t.name: t for t in tensors}
     order = tensor_order(list(by_name))
     facts = ModelFacts(m.arch, m.n_layer, m.n_head, m.n_head_kv, m.n_expert,
                        is_70b=m.arch == "llama" and m.n_layer == 80 and m.n_head_kv < m.n_head)
-    policy = TypePolicy(ftype, order, facts)
+    policy = TypePolicy(ftype, order, facts, has_imatrix=ftype in IQ_FTYPES)
     out: dict[str, str] = {}
     for n in order:
         t = by_name[n]
@@ -159,28 +153,6 @@ def gguf_types(m: ModelShape, ftype: str, tensors: list[Tensor] | None = None) -
             out[n] = "f32" if len(t.shape) < 2 or "ffn_gate_inp" in n else src
             continue
         out[n] = policy.choose(n, t.shape, src)
-    return out
-
-
-def _iq_types(m: ModelShape, ftype: str, tensors: list[Tensor]) -> dict[str, str]:
-    """Per-tensor types of an IQ file type, approximately [IQ_APPROX]."""
-    default = IQ_FTYPES[ftype]
-    head_type = "q5_k" if ftype in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq3_xxs") else "q6_k"
-    has_output = any(t.name == "output.weight" for t in tensors)
-    out: dict[str, str] = {}
-    for t in tensors:
-        src = t.type if t.type in ("f32", "f16", "bf16") else "f32"
-        if not _quantizable(t):
-            out[t.name] = "f32" if len(t.shape) < 2 or "ffn_gate_inp" in t.name else src
-            continue
-        head = t.name == "output.weight" or (t.name == "token_embd.weight" and not has_output)
-        ty = head_type if head else default
-        n = t.shape[-1]
-        if n % type_geometry(ty).block_size:
-            ty = "iq4_nl" if n % 32 == 0 else "q8_0"
-            if n % 32:
-                ty = "f16"
-        out[t.name] = ty
     return out
 
 

@@ -214,7 +214,7 @@ def _ggml_type(info: NameInfo, s: str, qm) -> None:
         return
     info.qtype = t
     if t in formats.IQ_FTYPES:
-        info.notes.append(formats.IQ_APPROX)
+        info.notes.append(formats.IQ_NOTE)
     ggml_t = formats.GGUF_FTYPES.get(t, t)
     if ggml_t in GEOMETRIES:
         q = type_geometry(ggml_t)

@@ -232,7 +232,7 @@ def _assumptions(m: ModelShape, o: PlanOptions, n_ctx: int, devs: list[Device], 
         + ("the file header" if m.stored_format else "the config") + " [mix] [gptq]",
     ]
     if any(r.format in formats.IQ_FTYPES for r in rows):
-        assumptions.append(formats.IQ_APPROX)
+        assumptions.append(formats.IQ_NOTE)
     if calibrated:
         cm = speed.cpu_model()
         assumptions.append(
