@@ -413,7 +413,7 @@ def test_bad_input(tiny, text, eval_cache, tmp_path, capsys, bundled_gguf):
 
     # GPTQ rungs: calibration on the scored text, a missing calibration file, flags without --ladder
     _fails(["eval", tiny["f32"], "--ladder", "q4_0+gptq", "--calib", text, "--text", text, *base], capsys,
-           "calibration text is the scored text")
+           "is the scored text")
     _fails(["eval", tiny["f32"], "--ladder", "q4_0+gptq", "--calib", str(tmp_path / "nocal.txt"), "--text", text,
             *base], capsys, "nocal.txt", "no such calibration file")
     _fails(["eval", tiny["f32"], "--ladder", "q4_0,f16+gptq", "--text", text, *base], capsys, "GPTQ needs a quantized")

@@ -127,7 +127,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
             from ..quant.qat import export_qat
             rep = export_qat(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
                              output_tensor_type=output_tensor_type, show_progress=show_progress)
-            return QuantizeResult(rep.path, fmt, "qat", rep.seconds, rep.n_bytes, rep.types, rep.to_dict())
+            return QuantizeResult(rep.path, fmt, "qat", rep.seconds, rep.n_bytes, rep.types,
+                          report=rep.to_dict())
         rep = export_gguf(src, output, r.type, pure=pure, token_embedding_type=token_embedding_type,
                           output_tensor_type=output_tensor_type, show_progress=show_progress, imatrix=imx)
     finally:
@@ -187,7 +188,8 @@ def _convert(model, output, r, exact, pure, token_embedding_type, output_tensor_
                           seqlen=cal.seqlen, gptq=cfg, true_sequential=g.true_sequential, pure=pure,
                           token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
                           show_progress=show_progress)
-    return QuantizeResult(rep.path, f"gguf:{r.type}", "convert", rep.seconds, rep.n_bytes, rep.types, rep.to_dict())
+    return QuantizeResult(rep.path, f"gguf:{r.type}", "convert", rep.seconds, rep.n_bytes, rep.types,
+                          report=rep.to_dict())
 
 
 def _to_hf(model, output, r, show_progress):
@@ -200,7 +202,8 @@ def _to_hf(model, output, r, show_progress):
     if os.path.isdir(os.fspath(model)):
         raise QuantkitError("--format hf converts a GGUF file", model, "give a .gguf file as MODEL")
     rep = export_hf(os.fspath(model), os.fspath(output), r.type, show_progress=show_progress)
-    return QuantizeResult(rep.path, r.spelling(), "convert", rep.seconds, rep.n_bytes, rep.types, rep.to_dict())
+    return QuantizeResult(rep.path, r.spelling(), "convert", rep.seconds, rep.n_bytes, rep.types,
+                          report=rep.to_dict())
 
 
 @pickle_opt_in

@@ -4,7 +4,7 @@ and tokenizer files (models.gguf_tokenizer), loadable by transformers with llama
 The inverse of the HF -> GGUF conversion, one `ExportArch` row per llama.cpp architecture: the
 transformers class and config that compute what llama.cpp computes, and the arch.HF_ARCHS row
 whose names and value transforms are undone (canonical GGUF names back to HF names through
-arch.HF_GLOBAL_TENSORS and the row's block map; llama's q/k rows permuted back from llama.cpp's
+GGUF_TO_HF_GLOBAL and the architecture's block map; llama's q/k rows permuted back from llama.cpp's
 interleaved rotary layout; Gemma's stored 1 + w norms shifted back by 1, exact in float32 for
 the stored values in [0.5, 2], so a round trip back to GGUF gives the same bits). Quantized
 tensors are dequantized to float32 first, then cast to the chosen dtype. A new architecture is
@@ -24,7 +24,7 @@ import torch
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
 from ..util.progress import progress
-from .arch import HF_ARCHS, HF_GLOBAL_TENSORS, HFArch
+from .arch import HF_ARCHS, HFArch
 from .gguf import GGUFSource
 from .gguf_tokenizer import write_tokenizer
 from .gpu_formats import RowChunks, write_safetensors
@@ -93,26 +93,55 @@ def _gemma3_config(src: GGUFSource):
     return cfg
 
 
+# GGUF names -> the transformers names of the exported checkpoints (the inverse of what
+# arch.hf_to_gguf_name maps through gguf-py's TensorNameMap for these classes).
+GGUF_TO_HF_GLOBAL: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LLAMA_BLOCK: dict[str, str] = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GEMMA3_BLOCK: dict[str, str] = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight", "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
+
 @dataclass(frozen=True)
 class ExportArch:
     """How one llama.cpp architecture becomes a transformers model."""
     hf_key: str                                   # the arch.HF_ARCHS row whose transforms are undone
     hf_class: str                                 # config.json "architectures"
     config: Callable[[GGUFSource], object]        # the transformers config
+    block: dict[str, str]                         # GGUF block suffix -> HF suffix after model.layers.{i}.
 
 
 EXPORT_ARCHS: dict[str, ExportArch] = {
-    "llama": ExportArch("llama", "LlamaForCausalLM", _llama_config),
-    "qwen2": ExportArch("qwen2", "Qwen2ForCausalLM", _qwen2_config),
-    "gemma3": ExportArch("gemma3", "Gemma3ForCausalLM", _gemma3_config),
+    "llama": ExportArch("llama", "LlamaForCausalLM", _llama_config, _LLAMA_BLOCK),
+    "qwen2": ExportArch("qwen2", "Qwen2ForCausalLM", _qwen2_config, _LLAMA_BLOCK),
+    "gemma3": ExportArch("gemma3", "Gemma3ForCausalLM", _gemma3_config, _GEMMA3_BLOCK),
 }
 
 
 def gguf_to_hf_names(arch: HFArch, names: list[str]) -> dict[str, str]:
-    """Canonical GGUF name -> HF name, from the arch row's maps (tensors with no HF counterpart
-    are refused by the caller)."""
-    inverse = {g: h for h, g in HF_GLOBAL_TENSORS.items()}
-    block = {g: h for h, g in arch.block.items()}
+    """Canonical GGUF name -> HF name (tensors with no HF counterpart are refused by the caller)."""
+    inverse = GGUF_TO_HF_GLOBAL
+    block = next(e.block for e in EXPORT_ARCHS.values() if e.hf_key == arch.key)
     out = {}
     for n in names:
         if n in inverse:
