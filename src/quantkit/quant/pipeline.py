@@ -267,7 +267,8 @@ def quantize_model(model: nn.Module, input_ids: torch.Tensor | None, cfg: Pipeli
             if isinstance(mod, nn.Embedding):
                 mod.to("meta")
     t = report._add("capture", t0)
-    bar = progress(total=len(layers), desc=f"{cfg.method} blocks", unit="block", leave=False) if show_progress else None
+    what = "forward" if cfg.method == "none" else cfg.method        # "none": a statistics pass (imatrix)
+    bar = progress(total=len(layers), desc=f"{what} blocks", unit="block", leave=False) if show_progress else None
     try:
         for i, layer in enumerate(layers):
             lp = f"{prefix}.{i}"
