@@ -18,9 +18,9 @@ import torch
 from quantkit import api
 from quantkit.models.gguf import GGUFSource
 from quantkit.util.errors import QuantkitError
+from helpers.llama_logits import chunk_logits, kld
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -30,36 +30,11 @@ def texts(data_dir, tmp_path_factory):
     return str(wt / "valid.txt"), (wt / "test.txt").read_text(encoding="utf-8")[:20000]
 
 
-def _logits(path: Path, text: str) -> np.ndarray:
-    import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
-                          n_threads=2, seed=0, type_k=0, type_v=0)
-    try:
-        out = []
-        ids = llm.tokenize(text.encode(), add_bos=False)
-        for i in range(3):
-            chunk = [llm.token_bos()] + ids[i * 255:(i + 1) * 255]
-            llm.reset()
-            llm.eval(chunk)
-            out.append(np.array(llm.scores[:len(chunk)], dtype=np.float32))
-        return np.concatenate(out)
-    finally:
-        llm.close()
-
-
-def _kld(ref: np.ndarray, x: np.ndarray) -> float:
-    def logp(a):
-        a = a - a.max(-1, keepdims=True)
-        return a - np.log(np.exp(a).sum(-1, keepdims=True))
-    p, q = logp(ref), logp(x)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
-
-
 @pytest.fixture(scope="module")
 def f32(gptq_llama_dir, tmp_path_factory, texts):
     out = tmp_path_factory.mktemp("f32") / "f32.gguf"
     api.quantize(str(gptq_llama_dir), out, format="gguf:f32", show_progress=False)
-    return out, _logits(out, texts[1])
+    return out, chunk_logits(out, texts[1])
 
 
 # KL divergence to the F32 model on held-out wikitext-2 test (3 chunks of 256), RTN / GPTQ with
@@ -91,7 +66,7 @@ def test_gptq_gguf_runs_in_llama_cpp_and_beats_rtn(gptq_llama_dir, f32, texts, t
                  "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"))
             assert same != linear, t.name
     ref = f32[1]
-    k_rtn, k_gptq = _kld(ref, _logits(rtn, held_out)), _kld(ref, _logits(gptq, held_out))
+    k_rtn, k_gptq = kld(ref, chunk_logits(rtn, held_out)), kld(ref, chunk_logits(gptq, held_out))
     assert k_gptq * FACTOR[ft] < k_rtn, (k_gptq, k_rtn)
 
 
@@ -104,7 +79,7 @@ def test_gptq_from_gguf_uses_llama_cpp_tokenizer(gptq_llama_dir, f32, texts, tmp
                  show_progress=False)
     rtn = tmp_path / "rtn.gguf"
     api.quantize(str(f32[0]), rtn, format="gguf:q4_0", show_progress=False)
-    k_rtn, k_gptq = _kld(f32[1], _logits(rtn, held_out)), _kld(f32[1], _logits(out, held_out))
+    k_rtn, k_gptq = kld(f32[1], chunk_logits(rtn, held_out)), kld(f32[1], chunk_logits(out, held_out))
     assert k_gptq * 1.6 < k_rtn, (k_gptq, k_rtn)
 
 

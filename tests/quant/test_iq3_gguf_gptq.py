@@ -18,6 +18,7 @@ from quantkit.quant.gguf_export import export_gguf, plan_gguf
 from quantkit.quant.gguf_gptq import GGUFSink
 from quantkit.quant.gptq import GPTQConfig
 from quantkit.runtimes.llama_cpp import LlamaCpp
+from helpers.llama_logits import chunk_logits, kld
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,31 +29,6 @@ def _plan(src, qt: str) -> list:
     """llama-quantize --pure's plan with every quantizable tensor of type qt."""
     _, plan = plan_gguf(src, "q8_0", pure=True)
     return [(n, shape, qt if t == "q8_0" else t) for n, shape, t in plan]
-
-
-def _logits(path: Path, text: str) -> np.ndarray:
-    import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
-                          n_threads=2, seed=0, type_k=0, type_v=0)
-    try:
-        out = []
-        ids = llm.tokenize(text.encode(), add_bos=False)
-        for i in range(3):
-            chunk = [llm.token_bos()] + ids[i * 255:(i + 1) * 255]
-            llm.reset()
-            llm.eval(chunk)
-            out.append(np.array(llm.scores[:len(chunk)], dtype=np.float32))
-        return np.concatenate(out)
-    finally:
-        llm.close()
-
-
-def _kld(ref: np.ndarray, x: np.ndarray) -> float:
-    def logp(a):
-        a = a - a.max(-1, keepdims=True)
-        return a - np.log(np.exp(a).sum(-1, keepdims=True))
-    p, q = logp(ref), logp(x)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 # KL divergence to the F32 model on held-out wikitext-2 test (3 chunks of 256), RTN / GPTQ with
@@ -89,6 +65,6 @@ def test_gptq_onto_iq3_s_runs_in_llama_cpp_and_beats_rtn(gptq_llama_dir, data_di
     finally:
         rt.close()
     assert len(out.tokens) >= 4 and out.text.strip()
-    ref = _logits(f32, held_out)
-    k_rtn, k_gptq = _kld(ref, _logits(rtn, held_out)), _kld(ref, _logits(gptq, held_out))
+    ref = chunk_logits(f32, held_out)
+    k_rtn, k_gptq = kld(ref, chunk_logits(rtn, held_out)), kld(ref, chunk_logits(gptq, held_out))
     assert k_gptq * FACTOR < k_rtn, (k_gptq, k_rtn)

@@ -25,6 +25,7 @@ from quantkit.quant.gguf_export import export_gguf, plan_gguf
 from quantkit.quant.gguf_gptq import GGUFSink
 from quantkit.quant.gptq import GPTQConfig
 from quantkit.runtimes.llama_cpp import LlamaCpp
+from helpers.llama_logits import chunk_logits, kld
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,31 +93,6 @@ def test_rtn_file_equals_llama_quantize_and_generates(f32, tmp_path, qt):
     assert outs[0].tokens == outs[1].tokens
 
 
-def _logits(path: Path, text: str) -> np.ndarray:
-    import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
-                          n_threads=2, seed=0, type_k=0, type_v=0)
-    try:
-        out = []
-        ids = llm.tokenize(text.encode(), add_bos=False)
-        for i in range(3):
-            chunk = [llm.token_bos()] + ids[i * 255:(i + 1) * 255]
-            llm.reset()
-            llm.eval(chunk)
-            out.append(np.array(llm.scores[:len(chunk)], dtype=np.float32))
-        return np.concatenate(out)
-    finally:
-        llm.close()
-
-
-def _kld(ref: np.ndarray, x: np.ndarray) -> float:
-    def logp(a):
-        a = a - a.max(-1, keepdims=True)
-        return a - np.log(np.exp(a).sum(-1, keepdims=True))
-    p, q = logp(ref), logp(x)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
-
-
 # KL divergence to the F32 model on held-out wikitext-2 test (3 chunks of 256), RTN / GPTQ with
 # 8 x 128 calibration tokens of wikitext-2 valid (GPTQConfig() defaults), measured: iq4_xs
 # 0.357 / 0.195 (1.83x). A random model with exaggerated norm gains, as in test_gguf_gptq.py.
@@ -142,6 +118,6 @@ def test_gptq_onto_iq4_xs_runs_in_llama_cpp_and_beats_rtn(gptq_llama_dir, f32, t
         for t in a.tensors():
             same = np.array_equal(np.asarray(a.raw(t.name)[0]), np.asarray(b.raw(t.name)[0]))
             assert same == (not t.name.startswith("blk.") or "norm" in t.name), t.name
-    ref = _logits(f32, held_out)
-    k_rtn, k_gptq = _kld(ref, _logits(rtn, held_out)), _kld(ref, _logits(gptq, held_out))
+    ref = chunk_logits(f32, held_out)
+    k_rtn, k_gptq = kld(ref, chunk_logits(rtn, held_out)), kld(ref, chunk_logits(gptq, held_out))
     assert k_gptq * FACTOR < k_rtn, (k_gptq, k_rtn)
