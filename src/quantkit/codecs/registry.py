@@ -335,12 +335,14 @@ class _RowsWeighted(QuantType):
         raise NotImplementedError
 
     def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_imatrix:
+            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
         return self.encode(x, None)
 
     def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
         rows, n = x.shape
         bs = self.block_size
-        qwb = qw.reshape(1, n).expand(rows, n).reshape(-1, bs)
+        qwb = qw.reshape(1, n).expand(rows, n).reshape(-1, bs).contiguous()
         return self.encode(x.reshape(-1, bs), qwb).reshape(rows, self.row_bytes(n))
 
 
@@ -428,9 +430,7 @@ class _IQ2(_RowsWeighted):
     chunk_blocks = 512
 
     def encode(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-        if qw is None and self.needs_imatrix:
-            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
-        return iq2.encode(self.kind, x, None if qw is None else qw.contiguous())
+        return iq2.encode(self.kind, x, qw)
 
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         return iq2.decode(self.kind, b)
@@ -458,7 +458,7 @@ class IQ2_S(_IQ2):
 
 # ---- IQ3 / IQ1 lattice types (codecs/iq3.py, codecs/iq1.py) ----------------------------------
 
-class _LatticeType(QuantType):
+class _LatticeType(_RowsWeighted):
     """A super-block of 256 on a lattice codebook; numpy codecs (codecs/lattice.py)."""
 
     chunk_blocks = 256
@@ -471,16 +471,8 @@ class _LatticeType(QuantType):
     def decode_np(b: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def encode_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.needs_imatrix:
-            raise ValueError(f"{self.name} needs an importance matrix (llama.cpp refuses it without one)")
-        return torch.from_numpy(self.encode_np(x.numpy(), None))
-
-    def encode_rows_weighted(self, x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-        rows, n = x.shape
-        w = np.tile(qw.numpy().reshape(1, n), (rows, 1)).reshape(-1, self.block_size)
-        out = self.encode_np(x.numpy().reshape(-1, self.block_size), w)
-        return torch.from_numpy(out).reshape(rows, self.row_bytes(n))
+    def encode(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        return torch.from_numpy(self.encode_np(x.numpy(), None if qw is None else qw.numpy()))
 
     def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         with np.errstate(all="ignore"):             # NaN / Inf scales decode as ggml decodes them
