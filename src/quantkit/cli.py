@@ -63,7 +63,7 @@ def _ignore_further_interrupts() -> None:
         pass
 
 
-def _terminate_as_interrupt() -> None:
+def install_interrupt_handlers() -> None:
     """`kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
     SIGINT gets this handler even where the shell started us with it ignored (a background
     job of a non-interactive shell), so `kill -INT` always cleans up too. The first signal
@@ -74,11 +74,24 @@ def _terminate_as_interrupt() -> None:
         _ignore_further_interrupts()
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(u) -> None:
+        # The interrupt landed where Python cannot raise (a weakref callback such as an import
+        # lock's, a __del__): printed as "Exception ignored", it would be lost. A timer delivers
+        # it again 10 ms later, from ordinary code.
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        previous_hook(u)
+
     try:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
     except ValueError:        # not the main thread (an embedding application): leave it alone
-        pass
+        return
+    sys.unraisablehook = unraisable
 
 
 def _quiet_libraries() -> None:
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    _terminate_as_interrupt()
+    install_interrupt_handlers()
     try:
         _refuse_special_inputs(args)
         return int(args.func(args) or 0)
