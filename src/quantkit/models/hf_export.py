@@ -1,14 +1,20 @@
 """GGUF -> Hugging Face checkpoint directory: safetensors weights (f32, f16 or bf16), config.json
-and tokenizer files (models.gguf_tokenizer), loadable by transformers with llama.cpp's outputs.
+(models.hf_export_config) and tokenizer files (models.gguf_tokenizer), loadable by transformers
+with llama.cpp's outputs, for every architecture of arch.HF_ARCHS that transformers has.
 
-The inverse of the HF -> GGUF conversion, one `ExportArch` row per llama.cpp architecture: the
-transformers class and config that compute what llama.cpp computes, and the arch.HF_ARCHS row
-whose names and value transforms are undone (canonical GGUF names back to HF names through
-GGUF_TO_HF_GLOBAL and the architecture's block map; llama's q/k rows permuted back from llama.cpp's
-interleaved rotary layout; Gemma's stored 1 + w norms shifted back by 1, exact in float32 for
-the stored values in [0.5, 2], so a round trip back to GGUF gives the same bits). Quantized
-tensors are dequantized to float32 first, then cast to the chosen dtype. A new architecture is
-a new row (and its config function).
+Nothing here spells a tensor name. The names are transformers' own: the model class is built on
+the meta device from the exported config and its state dict put through transformers' save-time
+conversion (revert_weight_conversion), which gives the names and shapes `save_pretrained`
+writes (mixtures of experts as one matrix per expert, experts.{e}.gate_proj / w1, the layout
+published checkpoints use and transformers fuses into 3-D parameters on load). Each name goes
+through the HF -> GGUF direction's own map (arch.hf_to_gguf_name, gguf-py's TensorNameMap),
+which says which GGUF tensor holds it, and the value transforms HFSource applies are undone:
+llama's q/k rows permuted back from llama.cpp's interleaved rotary layout, Gemma's stored
+1 + w norms shifted back by 1 (exact in float32 for stored values in [0.5, 2], so a round trip
+back to GGUF gives the same bits), one expert's matrix cut from the stacked [n_expert, rows,
+cols] tensor. Phi-3's fused qkv / gate_up and GLM-4's gate_up are fused in transformers too
+and pass as they are. Every GGUF tensor must be used and every transformers tensor found, with
+equal shapes. Quantized tensors are dequantized to float32 first, then cast to the chosen dtype.
 """
 
 from __future__ import annotations
@@ -17,151 +23,103 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from ..util.atomic import atomic_output
 from ..util.errors import QuantkitError
 from ..util.progress import progress
-from .arch import HF_ARCHS, HFArch
-from .gguf import GGUFSource
+from .arch import HFArch, hf_to_gguf_name, expert_index
+from .gguf import GGUFSource, dequantize_bytes
 from .gguf_tokenizer import write_tokenizer
 from .gpu_formats import RowChunks, write_safetensors
+from .hf_export_config import export_archs, export_row, hf_config
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# tensors llama.cpp keeps that transformers computes from config.json (rope factors)
+CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def _meta(src: GGUFSource, key: str, default=None):
-    v = src.metadata.get(f"{src.spec.arch}.{key}")
-    return default if v is None else v.value
+def supported_architectures() -> list[str]:
+    """llama.cpp architectures a GGUF of which can be written back to Hugging Face."""
+    return sorted(export_archs())
 
 
-def _common(src: GGUFSource) -> dict:
-    s = src.spec
-    tok = src.metadata
-    out = dict(vocab_size=s.n_vocab, hidden_size=s.n_embd, intermediate_size=s.n_ff, num_hidden_layers=s.n_layer,
-               num_attention_heads=s.n_head, num_key_value_heads=s.n_head_kv, head_dim=s.head_dim,
-               max_position_embeddings=s.n_ctx_train or 4096,
-               rms_norm_eps=float(_meta(src, "attention.layer_norm_rms_epsilon", 1e-6)),
-               tie_word_embeddings=s.tied_embeddings)
-    for k, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                   ("pad_token_id", "padding_token_id")):
-        if f"tokenizer.ggml.{key}" in tok:
-            out[k] = int(tok[f"tokenizer.ggml.{key}"].value)
-    return out
-
-
-def _rope_scaling(src: GGUFSource) -> dict:
-    kind = _meta(src, "rope.scaling.type")
-    if kind in (None, "none"):
-        return {}
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(_meta(src, "rope.scaling.factor"))}
-    raise QuantkitError(f"RoPE scaling '{kind}' is not written back to Hugging Face", src.path,
-                        "supported: none, linear")
-
-
-def _llama_config(src: GGUFSource):
-    import transformers as tf
-    if any(t.name == "rope_freqs.weight" for t in src.tensors()):
-        raise QuantkitError("llama-3 RoPE factors (rope_freqs.weight) are not written back to Hugging Face",
-                            src.path)
-    rp = {"rope_type": "default", "rope_theta": src.spec.rope_theta or 10000.0, **_rope_scaling(src)}
-    return tf.LlamaConfig(rope_parameters=rp, attention_bias=False, mlp_bias=False, **_common(src))
-
-
-def _qwen2_config(src: GGUFSource):
-    import transformers as tf
-    rp = {"rope_type": "default", "rope_theta": src.spec.rope_theta or 10000.0, **_rope_scaling(src)}
-    return tf.Qwen2Config(rope_parameters=rp, use_sliding_window=False, **_common(src))
-
-
-def _gemma3_config(src: GGUFSource):
-    import transformers as tf
-    s = src.spec
-    pattern = s.sliding_window_pattern or [False] * s.n_layer
-    scale = s.n_embd // s.n_head if s.n_layer == 62 else s.head_dim     # llama.cpp's attention scale
-    cfg = tf.Gemma3TextConfig(
-        query_pre_attn_scalar=scale, sliding_window=s.sliding_window or s.n_ctx_train,
-        layer_types=["sliding_attention" if p else "full_attention" for p in pattern],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": s.rope_theta or 1e6},
-                         "sliding_attention": {"rope_type": "default",
-                                               "rope_theta": float(_meta(src, "rope.freq_base_swa", 10000.0))}},
-        final_logit_softcapping=_meta(src, "final_logit_softcapping"), attn_logit_softcapping=None,
-        **_common(src))
-    return cfg
-
-
-# GGUF names -> the transformers names of the exported checkpoints (the inverse of what
-# arch.hf_to_gguf_name maps through gguf-py's TensorNameMap for these classes).
-GGUF_TO_HF_GLOBAL: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LLAMA_BLOCK: dict[str, str] = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GEMMA3_BLOCK: dict[str, str] = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight", "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-}
+def transformers_tensors(cfg) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor `save_pretrained` writes for a model of `cfg` (built on the
+    meta device: no memory, no initialisation)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    sd = revert_weight_conversion(model, model.state_dict())
+    return {n: tuple(t.shape) for n, t in sd.items()}
 
 
 @dataclass(frozen=True)
-class ExportArch:
-    """How one llama.cpp architecture becomes a transformers model."""
-    hf_key: str                                   # the arch.HF_ARCHS row whose transforms are undone
-    hf_class: str                                 # config.json "architectures"
-    config: Callable[[GGUFSource], object]        # the transformers config
-    block: dict[str, str]                         # GGUF block suffix -> HF suffix after model.layers.{i}.
+class Piece:
+    """One Hugging Face tensor and where it lies in the GGUF."""
+    hf: str
+    gguf: str
+    shape: tuple[int, ...]
+    expert: int | None = None        # the expert's slice of a stacked [n_expert, ...] tensor
 
 
-EXPORT_ARCHS: dict[str, ExportArch] = {
-    "llama": ExportArch("llama", "LlamaForCausalLM", _llama_config, _LLAMA_BLOCK),
-    "qwen2": ExportArch("qwen2", "Qwen2ForCausalLM", _qwen2_config, _LLAMA_BLOCK),
-    "gemma3": ExportArch("gemma3", "Gemma3ForCausalLM", _gemma3_config, _GEMMA3_BLOCK),
-}
+def plan_tensors(src: GGUFSource, arch: HFArch, cfg) -> list[Piece]:
+    """transformers' tensors of `cfg` matched to the GGUF's, in save order; QuantkitError for a
+    tensor on either side the other lacks, or shapes that disagree."""
+    infos = {t.name: t for t in src.tensors()}
+    hf_class = cfg.architectures[0]
+    pieces, used = [], set()
+    for hf, shape in transformers_tensors(cfg).items():
+        try:
+            g = hf_to_gguf_name(arch, hf)
+        except KeyError:
+            raise QuantkitError(f"{hf_class} tensor {hf} has no llama.cpp counterpart", src.path) from None
+        if g is None:
+            continue
+        if g not in infos:
+            if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise QuantkitError(f"the GGUF has no {g}, which {hf_class} needs ({hf})", src.path,
+                                "the file is incomplete for its architecture")
+        e = expert_index(hf)
+        want = shape if e is None else (src.spec.n_expert, *shape)
+        if tuple(infos[g].shape) != want or (e is not None and e >= src.spec.n_expert):
+            raise QuantkitError(f"tensor {g} has shape {list(infos[g].shape)}, but {hf_class}'s {hf} "
+                                f"implies {list(want)}", src.path, "the file does not match its own metadata")
+        pieces.append(Piece(hf, g, shape, e))
+        used.add(g)
+    extra = [n for n in infos if n not in used and n not in CONFIG_TENSORS]
+    if extra:
+        raise QuantkitError(f"tensor {extra[0]} has no Hugging Face counterpart in {hf_class}"
+                            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), src.path)
+    return pieces
 
 
-def gguf_to_hf_names(arch: HFArch, names: list[str]) -> dict[str, str]:
-    """Canonical GGUF name -> HF name (tensors with no HF counterpart are refused by the caller)."""
-    inverse = GGUF_TO_HF_GLOBAL
-    block = next(e.block for e in EXPORT_ARCHS.values() if e.hf_key == arch.key)
-    out = {}
-    for n in names:
-        if n in inverse:
-            out[n] = inverse[n]
-        elif n.startswith("blk."):
-            _, i, suffix = n.split(".", 2)
-            if suffix in block:
-                out[n] = f"model.layers.{i}.{block[suffix]}"
-    return out
-
-
-def to_hf_values(arch: HFArch, src: GGUFSource, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A canonical tensor's values in Hugging Face's convention (the inverse of HFSource.load)."""
-    if arch.norm_shift and name.endswith("norm.weight"):
+def to_hf_values(arch: HFArch, src: GGUFSource, piece: Piece, t: torch.Tensor) -> torch.Tensor:
+    """A GGUF tensor's values in Hugging Face's convention (the inverse of HFSource.load)."""
+    if arch.norm_shift and piece.hf.endswith("norm.weight"):
         t = t - arch.norm_shift
-    if arch.permute_qk and (".attn_q." in name or ".attn_k." in name):
-        n = src.spec.n_head if ".attn_q." in name else src.spec.n_head_kv
+    if arch.permute_qk and (".attn_q." in piece.gguf or ".attn_k." in piece.gguf):
+        n = src.spec.n_head if ".attn_q." in piece.gguf else src.spec.n_head_kv
         half = t.shape[0] // n // 2
         t = t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
     return t.contiguous()
+
+
+def expert_rows(src: GGUFSource, name: str, e: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of expert e of a stacked [n_expert, rows, cols] tensor, float32: only their
+    bytes are read and dequantized."""
+    info = src.tensor_info(name)
+    n_exp, rows, cols = info.shape
+    data, kind = src.raw(name)
+    row_bytes = info.nbytes // (n_exp * rows)
+    first = e * rows + r0
+    out = dequantize_bytes(kind, data[first * row_bytes:(first + r1 - r0) * row_bytes], (r1 - r0, cols)).clone()
+    del data
+    src.release(name)
+    return out
 
 
 def default_dtype(src: GGUFSource) -> str:
@@ -191,45 +149,53 @@ class HFExportReport:
                 "tokenizer_files": self.tokenizer_files}
 
 
+def _reader(arch: HFArch, src: GGUFSource, p: Piece, bar):
+    """read(r0, r1) -> rows r0:r1 of piece `p` in Hugging Face's convention, float32."""
+    permuted = arch.permute_qk and (".attn_q." in p.gguf or ".attn_k." in p.gguf)
+
+    def read(r0: int, r1: int) -> torch.Tensor:
+        if p.expert is not None:
+            t = expert_rows(src, p.gguf, p.expert, r0, r1)
+        elif permuted:                          # rows move within a head: the whole tensor
+            t = to_hf_values(arch, src, p, src.load(p.gguf))[r0:r1]
+            src.release(p.gguf)
+        else:
+            t = src.load_rows(p.gguf, r0, r1)
+        if bar and r1 == p.shape[0]:
+            bar.update(1)
+        return t
+    return read
+
+
+def _config_json(cfg, dtype: str) -> dict:
+    d = cfg.to_diff_dict()
+    d["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+    d["architectures"] = list(cfg.architectures)
+    d.pop("quantization_config", None)
+    return d
+
+
 def export_hf(gguf_path: str, output: str, dtype: str | None = None, show_progress: bool = True) -> HFExportReport:
     """Write the GGUF at `gguf_path` as a Hugging Face directory `output` (temporary name,
     renamed when complete). dtype: f32 | f16 | bf16 (None: default_dtype)."""
     t0 = time.perf_counter()
     src = GGUFSource(gguf_path)
     try:
-        ea = EXPORT_ARCHS.get(src.spec.arch)
-        if ea is None:
-            raise QuantkitError(f"architecture '{src.spec.arch}' is not written back to Hugging Face", gguf_path,
-                                "supported: " + ", ".join(EXPORT_ARCHS))
-        arch = HF_ARCHS[ea.hf_key]
+        arch = export_row(src)
         dtype = dtype or default_dtype(src)
+        cfg = hf_config(src, arch)
+        pieces = plan_tensors(src, arch, cfg)
         infos = {t.name: t for t in src.tensors()}
-        names = gguf_to_hf_names(arch, list(infos))
-        missing = [n for n in infos if n not in names]
-        if missing:
-            raise QuantkitError(f"tensor {missing[0]} has no Hugging Face counterpart for {src.spec.arch}"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), gguf_path)
-        cfg = ea.config(src)
-        cfg.architectures = [ea.hf_class]
-        tensors: dict[str, torch.Tensor | RowChunks] = {}
         tdt = DTYPES[dtype]
-        bar = progress(total=len(names), desc="GGUF -> HF", unit="tensor") if show_progress else None
-
-        def reader(name: str):
-            def read(r0: int, r1: int) -> torch.Tensor:
-                t = to_hf_values(arch, src, name, src.load(name))
-                src.release(name)
-                if bar:
-                    bar.update(1)
-                return t[r0:r1]
-            return read
-
-        for g, h in names.items():
-            shape = infos[g].shape
-            if len(shape) == 2:
-                tensors[h] = RowChunks(h, shape, tdt, reader(g), chunk=shape[0])
+        bar = progress(total=len(pieces), desc="GGUF -> HF", unit="tensor") if show_progress else None
+        tensors: dict[str, torch.Tensor | RowChunks] = {}
+        for p in pieces:
+            if len(p.shape) == 2:
+                whole = arch.permute_qk and (".attn_q." in p.gguf or ".attn_k." in p.gguf)
+                tensors[p.hf] = RowChunks(p.hf, p.shape, tdt, _reader(arch, src, p, bar),
+                                          chunk=p.shape[0] if whole else 4096)
             else:
-                tensors[h] = to_hf_values(arch, src, g, src.load(g)).to(tdt)
+                tensors[p.hf] = to_hf_values(arch, src, p, src.load(p.gguf)).to(tdt)
                 if bar:
                     bar.update(1)
         with atomic_output(output, directory=True) as tmp:
@@ -238,14 +204,10 @@ def export_hf(gguf_path: str, output: str, dtype: str | None = None, show_progre
             finally:
                 if bar:
                     bar.close()
-            d = cfg.to_dict()
-            d["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
-            d["architectures"] = [ea.hf_class]
-            d.pop("quantization_config", None)
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(d, f, indent=2)
+                json.dump(_config_json(cfg, dtype), f, indent=2)
             files = write_tokenizer(src.metadata, tmp, gguf_path)
-        types = {h: infos[g].type for g, h in names.items()}
+        types = {p.hf: infos[p.gguf].type for p in pieces}
     finally:
         src.close()
     size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
