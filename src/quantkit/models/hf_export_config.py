@@ -185,8 +185,8 @@ def config_kwargs(src: GGUFSource, arch: HFArch, hf_class: str) -> dict:
                     intermediate_size=s.n_ff, num_hidden_layers=s.n_layer, num_attention_heads=s.n_head,
                     num_key_value_heads=s.n_head_kv, max_position_embeddings=s.n_ctx_train,
                     tie_word_embeddings="output.weight" not in tensors, rope_parameters=_rope(src, arch, m, tensors))
-    if arch.head_dim_from_config:
-        kw["head_dim"] = s.head_dim
+    if arch.head_dim_from_config and m(Keys.Attention.KEY_LENGTH) is not None:
+        kw["head_dim"] = s.head_dim               # (every class reads it, a config field or not)
     elif s.head_dim != s.n_embd // s.n_head:
         raise QuantkitError(f"head width {s.head_dim} is not hidden / heads, which {hf_class} assumes", src.path)
     if (eps := m(Keys.Attention.LAYERNORM_RMS_EPS)) is not None:
@@ -241,7 +241,7 @@ def config_kwargs(src: GGUFSource, arch: HFArch, hf_class: str) -> dict:
         kw["original_max_position_embeddings"] = int(m(Keys.Rope.SCALING_ORIG_CTX_LEN))
     if arch.key == "phi2":
         kw["qk_layernorm"] = False
-    return {k: v for k, v in kw.items() if k in fields}
+    return {k: v for k, v in kw.items() if k in fields or k == "head_dim"}
 
 
 def hf_config(src: GGUFSource, arch: HFArch):
