@@ -92,6 +92,20 @@ def test_export_has_the_original_and_llama_cpp_logits(exported, kind):
     assert err <= LOGIT_RTOL[kind], f"{kind}: max |diff| / max |logit| = {err:.2e}"
 
 
+def test_smollm3_rotary_free_fourth_layer(tmp_path):
+    """SmolLM3 with 4 layers: llama.cpp skips rotary embeddings on layer 3, and the exported
+    config's no_rope_layers says so to transformers."""
+    src = build_arch_model("smollm3", tmp_path, layers=4)
+    gguf, out = tmp_path / "s.gguf", tmp_path / "s-hf"
+    api.quantize(str(src), str(gguf), format="gguf:f32", show_progress=False)
+    api.quantize(str(gguf), str(out), format="hf:f32", show_progress=False)
+    assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [1, 1, 1, 0]
+    ids = list(range(3, 67))
+    ours, theirs, ref = _logits(out, ids), _logits(src, ids), _llama_logits(gguf, ids)
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def _hparams(src: GGUFSource) -> dict:
     """Every key but the name and the vocabulary (compared by tokenization instead)."""
     return {k: v.value for k, v in src.metadata.items() if not k.startswith(("tokenizer.", "general."))}

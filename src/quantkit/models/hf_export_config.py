@@ -159,6 +159,11 @@ def _rope(src: GGUFSource, arch: HFArch, m: _Meta, tensors: dict) -> dict:
     return rp
 
 
+# llama.cpp architectures that run a sliding window when the file gives one, beyond those with a
+# default layer pattern in arch.BLOCK_LAYOUTS (models/olmo2.cpp: every 4th layer global)
+SWA_WITHOUT_DEFAULT_PATTERN = ("olmo2",)
+
+
 def _layer_types(src: GGUFSource) -> list[str] | None:
     """Per-layer attention kind as llama.cpp runs the file: the stored pattern, else the
     architecture's (arch.BLOCK_LAYOUTS swa_pattern: every n-th layer global, or odd-global)."""
@@ -212,6 +217,8 @@ def config_kwargs(src: GGUFSource, arch: HFArch, hf_class: str) -> dict:
     kw["attention_bias"] = "attn_q.bias" in blk or "attn_qkv.bias" in blk
     kw["mlp_bias"] = "ffn_up.bias" in blk or "ffn_down.bias" in blk
     window = s.sliding_window
+    if block_layout(s.arch).swa_pattern is None and s.arch not in SWA_WITHOUT_DEFAULT_PATTERN:
+        window = None               # llama.cpp does not read the key for this architecture (Phi-3: disabled)
     if arch.key in ("gemma2", "gemma3"):
         # llama.cpp scales attention by 1/sqrt(head_dim), the 27B models by 1/sqrt(hidden / heads)
         big = s.n_layer == (46 if arch.key == "gemma2" else 62)
