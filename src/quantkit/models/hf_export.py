@@ -33,16 +33,11 @@ from .arch import HFArch, hf_to_gguf_name, expert_index
 from .gguf import GGUFSource, dequantize_bytes
 from .gguf_tokenizer import write_tokenizer
 from .gpu_formats import RowChunks, write_safetensors
-from .hf_export_config import export_archs, export_row, hf_config
+from .hf_export_config import export_row, hf_config
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # tensors llama.cpp keeps that transformers computes from config.json (rope factors)
 CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-
-
-def supported_architectures() -> list[str]:
-    """llama.cpp architectures a GGUF of which can be written back to Hugging Face."""
-    return sorted(export_archs())
 
 
 def transformers_tensors(cfg) -> dict[str, tuple[int, ...]]:

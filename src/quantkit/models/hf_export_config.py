@@ -16,6 +16,7 @@ have are dropped; a setting transformers cannot express is refused naming the ke
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import numpy as np
@@ -34,7 +35,9 @@ def transformers_class(name: str):
 
 def config_fields(hf_class: str) -> set[str]:
     cls = transformers_class(hf_class).config_class
-    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
 
 
 def _has_experts(a: HFArch) -> bool:
