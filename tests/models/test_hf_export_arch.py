@@ -106,6 +106,29 @@ def test_smollm3_rotary_free_fourth_layer(tmp_path):
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("kind,rope", [
+    ("mistral", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 1e6})])
+def test_rope_scaling_comes_back_into_config(exported, tmp_path, kind, rope):
+    """Linear and YaRN scaling keys go back into rope_parameters: the export computes the
+    original's logits and converts back to the same GGUF keys."""
+    import shutil
+    d = tmp_path / kind
+    shutil.copytree(exported(kind)[0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_parameters": rope}))
+    gguf, out, back = tmp_path / "a.gguf", tmp_path / "hf", tmp_path / "b.gguf"
+    api.quantize(str(d), str(gguf), format="gguf:f32", show_progress=False)
+    api.quantize(str(gguf), str(out), format="hf:f32", show_progress=False)
+    assert json.loads((out / "config.json").read_text())["rope_parameters"] == {**rope, "rope_theta": 1e6}
+    ids = list(range(3, 67))
+    ours, theirs = _logits(out, ids), _logits(d, ids)
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    api.quantize(str(out), str(back), format="gguf:f32", show_progress=False)
+    with GGUFSource(str(gguf)) as a, GGUFSource(str(back)) as b:
+        assert _hparams(a) == _hparams(b)
+
+
 def _hparams(src: GGUFSource) -> dict:
     """Every key but the name and the vocabulary (compared by tokenization instead)."""
     return {k: v.value for k, v in src.metadata.items() if not k.startswith(("tokenizer.", "general."))}
