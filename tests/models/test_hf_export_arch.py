@@ -129,6 +129,26 @@ def test_rope_scaling_comes_back_into_config(exported, tmp_path, kind, rope):
         assert _hparams(a) == _hparams(b)
 
 
+def test_llama3_rope_parameters_recovered_from_rope_freqs():
+    """Llama-3.1-8B's rope_freqs (head 128, theta 5e5, factor 8, low 1, high 4, original 8192)
+    give back its rope parameters; factors no llama3 rule makes are refused."""
+    import math
+    from quantkit.models.hf_export_config import llama3_rope
+    from quantkit.util.errors import QuantkitError
+    theta, dim, factor, old = 500000.0, 128, 8.0, 8192
+    f = []
+    for k in range(0, dim, 2):
+        wl = 2 * math.pi * theta ** (k / dim)
+        s = (old / wl - 1.0) / (4.0 - 1.0)
+        f.append(1.0 if wl < old / 4 else factor if wl > old else 1 / ((1 - s) / factor + s))
+    f = np.float32(f).tolist()
+    assert llama3_rope(f, theta, dim, "x.gguf") == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+    with pytest.raises(QuantkitError, match="rope_freqs.weight"):
+        llama3_rope([1.0 + 0.1 * i for i in range(64)], theta, dim, "x.gguf")
+
+
 def _hparams(src: GGUFSource) -> dict:
     """Every key but the name and the vocabulary (compared by tokenization instead)."""
     return {k: v.value for k, v in src.metadata.items() if not k.startswith(("tokenizer.", "general."))}

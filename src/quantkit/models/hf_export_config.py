@@ -125,13 +125,15 @@ def llama3_rope(factors: list[float], theta: float, dim: int, path: str) -> dict
 
 def _rope(src: GGUFSource, arch: HFArch, m: _Meta, tensors: dict) -> dict:
     s = src.spec
-    theta = _f32(s.rope_theta or arch.defaults.get("rope_theta") or 10000.0)
+    theta = _f32(s.rope_theta or 10000.0)        # llama.cpp's default when the file has none
     rp: dict = {"rope_type": "default", "rope_theta": theta}
     if arch.rope_dims == "partial" and m(Keys.Rope.DIMENSION_COUNT) is not None:
         rp["partial_rotary_factor"] = int(m(Keys.Rope.DIMENSION_COUNT)) / s.head_dim
     kind = m(Keys.Rope.SCALING_TYPE)
-    if kind == "linear":
-        rp.update(rope_type="linear", factor=_f32(m(Keys.Rope.SCALING_FACTOR)))
+    # llama.cpp scales positions by 1 / factor whenever a factor is given, typed or not
+    factor = m(Keys.Rope.SCALING_FACTOR)
+    if kind == "linear" or (kind is None and factor not in (None, 0.0, 1.0)):
+        rp.update(rope_type="linear", factor=_f32(factor))
     elif kind == "yarn":
         rp.update(rope_type="yarn", factor=_f32(m(Keys.Rope.SCALING_FACTOR)),
                   original_max_position_embeddings=int(m(Keys.Rope.SCALING_ORIG_CTX_LEN)))
@@ -157,7 +159,7 @@ def _rope(src: GGUFSource, arch: HFArch, m: _Meta, tensors: dict) -> dict:
         if stored is not None and np.float32(stored) != np.float32(implied):
             rp["attention_factor"] = _f32(stored)
     if arch.key == "gemma3":                  # per layer kind: global layers scaled, local ones not
-        local = _f32(m(Keys.Rope.FREQ_BASE_SWA, arch.defaults.get("rope_local_base_freq", 10000.0)))
+        local = _f32(m(Keys.Rope.FREQ_BASE_SWA, 10000.0))
         return {"full_attention": rp, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
     return rp
 
