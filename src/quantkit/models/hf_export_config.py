@@ -251,6 +251,8 @@ def config_kwargs(src: GGUFSource, arch: HFArch, hf_class: str) -> dict:
         kw.update(no_rope_layer_interval=4, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(s.n_layer)])
     if "original_max_position_embeddings" in fields and m(Keys.Rope.SCALING_ORIG_CTX_LEN) is not None:
         kw["original_max_position_embeddings"] = int(m(Keys.Rope.SCALING_ORIG_CTX_LEN))
+    if arch.key == "granite" and m(Keys.Attention.SCALE) is None:
+        kw["attention_multiplier"] = 1 / math.sqrt(s.head_dim)     # models/granite.cpp's default
     if arch.key == "phi2":
         kw["qk_layernorm"] = False
     return {k: v for k, v in kw.items() if k in fields or k == "head_dim"}
