@@ -261,6 +261,11 @@ def config_kwargs(src: GGUFSource, arch: HFArch, hf_class: str) -> dict:
 def hf_config(src: GGUFSource, arch: HFArch):
     """The transformers config object of a GGUF of `arch`."""
     hf_class = arch.hf_classes[0]
-    cfg = transformers_class(hf_class).config_class(**config_kwargs(src, arch, hf_class))
+    try:
+        cfg = transformers_class(hf_class).config_class(**config_kwargs(src, arch, hf_class))
+    except (ValueError, TypeError, KeyError) as e:     # transformers' own validation of the values
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QuantkitError(f"transformers refuses the {hf_class} config this file implies ({msg})", src.path,
+                            "the file's metadata is not a configuration transformers can run") from None
     cfg.architectures = [hf_class]
     return cfg
