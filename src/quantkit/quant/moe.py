@@ -127,6 +127,18 @@ def expert_token_counts(mlp: nn.Module, x: torch.Tensor) -> list[int]:
     return torch.bincount(route(mlp, x).reshape(-1), minlength=n).tolist()
 
 
+@torch.no_grad()
+def expert_inputs(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor):
+    """Per expert of a fused experts module, in order: (e, its routed tokens' inputs x[T_e], their
+    down inputs act(gate) * up), for the tokens x [tokens, hidden] routed as idx [tokens, top_k]."""
+    x = x.reshape(-1, x.shape[-1])
+    idx = idx.reshape(x.shape[0], -1)
+    for e in range(experts.gate_up_proj.shape[0]):
+        xe = x[(idx == e).any(dim=-1)]
+        g, u = F.linear(xe, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        yield e, xe, experts.act_fn(g) * u
+
+
 def _record_mlp_inputs(layer: nn.Module, mlp: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
     """Run the block with its MLP returning zeros: each hidden state becomes residual +
     attention (in place; exact, the residual adds 0) and the MLP inputs come back [n, ..., hidden]."""
