@@ -167,3 +167,20 @@ def test_imatrix_records_per_expert_counts(moe_dirs, tmp_path):
             assert e.counts.sum() == 2 * 64 * 2 and e.counts[STARVED] == 0
             assert ((e.sums > 0).all(axis=1) == (e.counts > 0)).all() and (e.sums[STARVED] == 0).all()
         assert imx.entries[f"blk.{layer}.attn_q.weight"].counts.tolist() == [128.0]
+
+
+def test_plan_counts_all_experts_for_memory_and_active_ones_for_speed(moe_dirs):
+    """From config.json alone: memory holds every expert's bytes, a decoding step reads
+    n_expert_used of n_expert experts' bytes."""
+    import json
+    from quantkit.plan import formats, speed
+    from quantkit.plan.model import build_tensors, from_hf_config
+    d = moe_dirs("qwen3moe")
+    m = from_hf_config(json.loads((d / "config.json").read_text()), "qwen3moe")
+    assert (m.n_expert, m.n_expert_used) == (4, 2)
+    ts = formats.tensor_bytes(m, "q4_0", build_tensors(m, "f32"))
+    exps = sum(t.nbytes for t in ts if "_exps." in t.name)
+    assert exps == 2 * 3 * 4 * 256 * 256 // 32 * 18          # 2 layers x 3 tensors x 4 experts, Q4_0 blocks
+    embd = next(t for t in ts if t.name == "token_embd.weight")
+    per_token = formats.total(ts) - exps + exps * 2 / 4 - embd.nbytes + embd.nbytes / embd.shape[0]
+    assert speed.weight_bytes_per_token(m, ts) == pytest.approx(per_token, rel=1e-12)
