@@ -97,7 +97,7 @@ def _timed(fn):
     return r, time.perf_counter() - t0
 
 
-def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
+def _row(kind: str, root: Path, layers: int, calib: str, shrink: float | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from quantkit.models.gguf import GGUFSource
     from quantkit.plan.model import build_tensors, from_hf_config
@@ -124,7 +124,7 @@ def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
     api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
     c0, load0 = time.process_time(), os.getloadavg()[0]
     res, t_gq = _timed(lambda: api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib,
-                                            nsamples=8, seqlen=128, show_progress=False))
+                                            nsamples=8, seqlen=128, shrink=shrink, show_progress=False))
     gptq_cpu, load = time.process_time() - c0, (load0 + os.getloadavg()[0]) / 2
     experts = (res.report or {}).get("experts") or None
     cfg = json.loads((d / "config.json").read_text())
@@ -137,7 +137,7 @@ def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
         "q4_k_m_s": t_kq, "q4_k_m_kl": kls(kq),
         "gptq_q4_0_s": t_gq, "gptq_q4_0_kl": kls(gq) if gq else None, "rtn_q4_0_kl": kls(rtn),
         "plan_s": t_plan, "plan_tensors_match": planned == written,
-        "gptq_q4_0_cpu_s": gptq_cpu, "gptq_load": round(load, 2),
+        "gptq_shrink": shrink, "gptq_q4_0_cpu_s": gptq_cpu, "gptq_load": round(load, 2),
         **({"experts": experts, "expert_tokens": _spread(experts)} if experts else {}),
     }
 
@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="arch_table.json", help="file name under benchmarks/results")
+    ap.add_argument("--shrink", type=float, default=None, help="GPTQ's Hessian shrinkage (default: the format's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     calib = str(Path(DATA_DIR) / "wikitext-2" / "valid.txt")
@@ -221,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind in args.kinds.split(","):
-            r = _row(kind, root, args.layers, calib)
+            r = _row(kind, root, args.layers, calib, args.shrink)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if kind in SPM and LLAMA_QUANTIZE.exists():
