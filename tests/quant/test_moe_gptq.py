@@ -63,7 +63,8 @@ def _calibration(d: Path, n: int, seqlen: int) -> torch.Tensor:
 def test_routed_counts_and_starved_expert(moe_dirs, tmp_path):
     """Per-expert token counts equal the router's own top-k on the MLP inputs the block saw; the
     expert no token reaches is safeguarded, reported, and still quantized onto Q4_0 (finite,
-    the model's weight is exactly its stored form)."""
+    the model's weight is exactly its stored form); the block outputs the pipeline propagates
+    equal the quantized model's own forward (MoE output with the quantized experts)."""
     from transformers import AutoModelForCausalLM
     d = _starved_copy(moe_dirs("qwen3moe"), tmp_path / "starved")
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
@@ -94,6 +95,14 @@ def test_routed_counts_and_starved_expert(moe_dirs, tmp_path):
             q = stored[f"{prefix}.{i}.mlp.experts.{p}"].parts[STARVED]
             assert torch.isfinite(w).all() and torch.equal(q.dequantize(), w)
         assert not torch.equal(before[i], layer.mlp.experts.down_proj[STARVED])
+    # the hidden states the pipeline handed from block to block are the quantized model's own
+    out = []
+    layers[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for row in ids:
+            model.model(input_ids=row[None], use_cache=False)
+    for mine, theirs in zip(report.final_hidden, out):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
 
 
 @pytest.mark.parametrize("kind", ["qwen3moe", "mixtral"])
