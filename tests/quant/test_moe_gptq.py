@@ -151,7 +151,7 @@ def test_cli_summary_line_per_layer(moe_dirs, tmp_path, capsys):
     lines = [line for line in out.splitlines() if "4 experts, tokens per expert min 0 / median" in line]
     assert [line.split(":")[0] for line in lines] == ["model.layers.0", "model.layers.1"], out
     for line in lines:
-        m = re.search(r"(\d+) under 32 safeguarded \(([\d, ]+)\)$", line)
+        m = re.search(r"(\d+) under 32 tokens safeguarded \(([\d, ]+)\)$", line)
         assert m and str(STARVED) in m.group(2).split(", ") and int(m.group(1)) == len(m.group(2).split(", "))
 
 

@@ -271,5 +271,5 @@ def summary_lines(experts: dict[str, dict]) -> list[str]:
         s = r["safeguarded"]
         shown = ", ".join(map(str, s[:8])) + (", ..." if len(s) > 8 else "")
         lines.append(f"{lp}: {len(c)} experts, tokens per expert min {c[0]} / median {c[len(c) // 2]} / max {c[-1]}; "
-                     f"{len(s)} under {r['min_tokens']} safeguarded" + (f" ({shown})" if s else ""))
+                     f"{len(s)} under {r['min_tokens']} tokens safeguarded" + (f" ({shown})" if s else ""))
     return lines
