@@ -164,7 +164,8 @@ def _run_stdout(args, capsys) -> str:
 def test_imatrix_records_per_expert_counts(moe_dirs, tmp_path):
     """quantkit imatrix on a mixture of experts: each *_exps tensor has one row of sums and one
     token count per expert (as llama-imatrix's MUL_MAT_ID path), the counts summing to top_k x
-    tokens; the starved expert's count is 0."""
+    tokens; the starved expert's count is 0; the router's entry has every token's input (each
+    token reaches 2 experts, so its sums are half the experts' gate sums added up)."""
     d = _starved_copy(moe_dirs("qwen3moe"), tmp_path / "starved")
     out = tmp_path / "imatrix.gguf"
     api.imatrix(str(d), out, nsamples=2, seqlen=64, show_progress=False)
@@ -176,6 +177,10 @@ def test_imatrix_records_per_expert_counts(moe_dirs, tmp_path):
             assert e.counts.sum() == 2 * 64 * 2 and e.counts[STARVED] == 0
             assert ((e.sums > 0).all(axis=1) == (e.counts > 0)).all() and (e.sums[STARVED] == 0).all()
         assert imx.entries[f"blk.{layer}.attn_q.weight"].counts.tolist() == [128.0]
+        router = imx.entries[f"blk.{layer}.ffn_gate_inp.weight"]      # the router's input: every token's
+        assert router.counts.tolist() == [128.0]
+        assert np.allclose(router.sums[0], imx.entries[f"blk.{layer}.ffn_gate_exps.weight"].sums.sum(0) / 2,
+                           rtol=1e-5)
 
 
 def test_plan_counts_all_experts_for_memory_and_active_ones_for_speed(moe_dirs):

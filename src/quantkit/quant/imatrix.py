@@ -109,7 +109,9 @@ def hook_decoder_linears(model: nn.Module, arch, sums: SquareSums) -> list:
             if gguf is None:
                 continue
             handles.append(mod.register_forward_pre_hook(sums.hook(gguf)))
-        if (mlp := sparse_mlp(layer)) is not None:
+        if (mlp := sparse_mlp(layer)) is not None:     # the router (a product llama-imatrix records too), the experts
+            router = hf_to_gguf_name(arch, f"{prefix}.{i}.mlp.gate.weight")
+            handles.append(mlp.gate.register_forward_pre_hook(sums.hook(router)))
             names = [hf_to_gguf_name(arch, f"{prefix}.{i}.mlp.experts.{p}.weight") for p in PARTS]
             handles.append(mlp.experts.register_forward_pre_hook(_expert_hook(sums, names)))
     return handles
