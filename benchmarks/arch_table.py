@@ -10,7 +10,9 @@ tokenizer kind trained offline; tests/helpers/tiny_models.build_arch_model) is b
   wikitext-2 test sentence, and whether every position's argmax agrees;
 - RTN mix: Q4_K_M; KL divergence to the F32 GGUF's next-token distribution in llama.cpp on
   wikitext-2 test (in domain) and SST-2 dev sentences (out of domain);
-- GPTQ GGUF: GPTQ-compensated Q4_0 (8 x 128 tokens of wikitext-2 valid) vs RTN Q4_0, the same KL;
+- GPTQ GGUF: GPTQ-compensated Q4_0 (8 x 128 tokens of wikitext-2 valid) vs RTN Q4_0, the same KL
+  (mixtures of experts: also the calibration tokens each expert was routed, and how many experts
+  got too few and were safeguarded; GPTQ's CPU seconds and the load average beside its wall time);
 - plan: the planner's tensor list from config.json alone against the tensors converted.
 Times are wall seconds in this process, per layer = time / layers. The speed comparison runs
 each side as its own process (start-up included on both sides), --repeats times, median.
@@ -49,7 +51,7 @@ LLAMA_QUANTIZE = Path("/root/.cache/quantkit/llama-tools/bin/llama-quantize")
 KINDS = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi2", "phi3", "glm4", "olmo2", "granite",
          "smollm3"]
 SPM = ("mistral", "gemma2", "gemma3", "phi3")      # llama.cpp's converter knows their tokenizers
-MOE = ("qwen3moe", "mixtral")                       # round-to-nearest only: GPTQ of experts is refused
+MOE = ("qwen3moe", "mixtral")                       # mixtures of experts: GPTQ on routed calibration (quant.moe)
 
 
 def _llama(path: Path):
@@ -95,7 +97,7 @@ def _timed(fn):
     return r, time.perf_counter() - t0
 
 
-def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
+def _row(kind: str, root: Path, layers: int, calib: str, shrink: float | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from quantkit.models.gguf import GGUFSource
     from quantkit.plan.model import build_tensors, from_hf_config
@@ -120,11 +122,11 @@ def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
     kq, rtn, gq = root / f"{kind}-q4km.gguf", root / f"{kind}-q4_0.gguf", root / f"{kind}-gptq.gguf"
     _, t_kq = _timed(lambda: api.quantize(str(d), kq, format="gguf:q4_k_m", show_progress=False))
     api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
-    if kind in MOE:
-        t_gq, gq = None, None
-    else:
-        _, t_gq = _timed(lambda: api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib,
-                                              nsamples=8, seqlen=128, show_progress=False))
+    c0, load0 = time.process_time(), os.getloadavg()[0]
+    res, t_gq = _timed(lambda: api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib,
+                                            nsamples=8, seqlen=128, shrink=shrink, show_progress=False))
+    gptq_cpu, load = time.process_time() - c0, (load0 + os.getloadavg()[0]) / 2
+    experts = (res.report or {}).get("experts") or None
     cfg = json.loads((d / "config.json").read_text())
     planned, t_plan = _timed(lambda: {t.name: tuple(t.shape) for t in build_tensors(from_hf_config(cfg, kind), "f32")})
     with GGUFSource(f32) as s:
@@ -135,7 +137,17 @@ def _row(kind: str, root: Path, layers: int, calib: str) -> dict:
         "q4_k_m_s": t_kq, "q4_k_m_kl": kls(kq),
         "gptq_q4_0_s": t_gq, "gptq_q4_0_kl": kls(gq) if gq else None, "rtn_q4_0_kl": kls(rtn),
         "plan_s": t_plan, "plan_tensors_match": planned == written,
+        "gptq_shrink": shrink, "gptq_q4_0_cpu_s": gptq_cpu, "gptq_load": round(load, 2),
+        **({"experts": experts, "expert_tokens": _spread(experts)} if experts else {}),
     }
+
+
+def _spread(experts: dict) -> dict:
+    """Tokens per expert over every MoE layer: min / median / max, and how many were safeguarded."""
+    c = sorted(n for r in experts.values() for n in r["tokens"])
+    return {"min": c[0], "median": c[len(c) // 2], "max": c[-1], "experts": len(c),
+            "safeguarded": sum(len(r["safeguarded"]) for r in experts.values()),
+            "min_tokens": next(iter(experts.values()))["min_tokens"]}
 
 
 def _compare_files(ours: Path, theirs: Path) -> dict:
@@ -202,6 +214,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="arch_table.json", help="file name under benchmarks/results")
+    ap.add_argument("--shrink", type=float, default=None, help="GPTQ's Hessian shrinkage (default: the format's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     calib = str(Path(DATA_DIR) / "wikitext-2" / "valid.txt")
@@ -209,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind in args.kinds.split(","):
-            r = _row(kind, root, args.layers, calib)
+            r = _row(kind, root, args.layers, calib, args.shrink)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if kind in SPM and LLAMA_QUANTIZE.exists():
@@ -230,6 +243,16 @@ def main() -> None:
         print(f"| {r['kind']} | {r['convert_s'] / n:.3f} | {r['logit_rel_err']:.1e} | {'yes' if r['argmax_agrees'] else 'NO'} "
               f"| {r['q4_k_m_s'] / n:.3f} | {r['q4_k_m_kl']['wikitext']:.4f} / {r['q4_k_m_kl']['sst2']:.4f} "
               f"| {gptq} | {'yes' if r['plan_tensors_match'] else 'NO'} |")
+    moe = [r for r in rows if r.get("expert_tokens")]
+    if moe:
+        print("\n| MoE | GPTQ Q4_0 wall / CPU s per layer (load) | tokens per expert min / median / max "
+              "(experts x layers) | safeguarded (under N tokens) |")
+        print("|---|---|---|---|")
+        for r in moe:
+            e, n = r["expert_tokens"], r["layers"]
+            print(f"| {r['kind']} | {r['gptq_q4_0_s'] / n:.2f} / {r['gptq_q4_0_cpu_s'] / n:.2f} ({r['gptq_load']}) "
+                  f"| {e['min']} / {e['median']} / {e['max']} ({e['experts']}) | {e['safeguarded']} "
+                  f"(under {e['min_tokens']}) |")
     if speed:
         print("\n| architecture | quantkit HF -> Q4_K_M wall / CPU (s) | convert_hf_to_gguf + llama-quantize "
               "wall / CPU (s) | ratio wall / CPU | F32 metadata differing | F32 tensors differing |")

@@ -112,8 +112,9 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                                gptq=cfg, true_sequential=g.true_sequential, pure=pure,
                                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
                                show_progress=show_progress, ray=ray_options(ray, workers))
-        return with_mmproj(QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types),
-                            vis, mmproj_type, show_progress)
+        return with_mmproj(QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types,
+                                          report={"experts": rep.experts} if rep.experts else None),
+                           vis, mmproj_type, show_progress)
     if ray not in (None, False):
         raise QuantkitError("--ray spreads GPTQ's calibration over workers; round to nearest needs none",
                             hint="leave out --ray, or add +gptq to the format")

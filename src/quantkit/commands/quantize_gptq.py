@@ -73,6 +73,10 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
                 f"{r.type} grids, calibrated on {cal.nsamples} x {cal.seqlen} tokens)")
         if res.mmproj:
             text += f"\nwrote {res.mmproj}  (vision tower + projector for llama.cpp's multimodal runtime)"
+        if res.report and res.report.get("experts"):          # a mixture of experts: one line per layer
+            from ..quant.moe import summary_lines
+            summary["experts"] = res.report["experts"]
+            text += "".join("\n" + line for line in summary_lines(res.report["experts"]))
     elif r.format in rc.GPU_FORMATS:
         res = api.quantize_gpu(args.model, args.output, recipe=r, trust_pickle=getattr(args, "trust_pickle", False),
                                **ray)

@@ -47,6 +47,7 @@ class GGUFGPTQReport(ExportReport):
     damp: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per pipeline phase
     workers: list[dict] = field(default_factory=list)       # per Ray worker: peak RSS, seconds per phase
+    experts: dict[str, dict] = field(default_factory=dict)  # per MoE layer: tokens per expert, safeguarded (quant.moe)
 
 
 class Spool:
@@ -180,4 +181,4 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     res = sink.result
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
                           sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases),
-                          list(report.workers))
+                          list(report.workers), dict(report.experts))
