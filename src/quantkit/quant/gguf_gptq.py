@@ -37,7 +37,7 @@ from .pipeline import PipelineConfig, PipelineReport
 
 # the llama.cpp types GPTQ can solve for (quant.gptq grids)
 GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs",
-              "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs")
+              "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_s", "iq1_m")
 
 
 @dataclass
