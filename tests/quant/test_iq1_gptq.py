@@ -74,3 +74,27 @@ def test_bad_input(qt):
     W[2, 7] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_weight(W, torch.eye(512), qt)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_gguf_iq1_s_file_by_gptq_runs_in_llama_cpp(gptq_llama_dir, tmp_path):
+    """GPTQ writes file type IQ1_S without an importance matrix (its Hessians take that place):
+    llama-quantize's with-imatrix mix, the decoder linears solved onto IQ1_S, and llama.cpp
+    loads and generates from it."""
+    from quantkit import api
+    from quantkit.models.gguf import GGUFSource
+    from quantkit.runtimes.llama_cpp import LlamaCpp
+    out, imx, rtn = tmp_path / "gptq.gguf", tmp_path / "imx.gguf", tmp_path / "rtn.gguf"
+    api.quantize(str(gptq_llama_dir), out, format="gguf:iq1_s", method="gptq", nsamples=4, seqlen=64,
+                 save_imatrix=imx, show_progress=False)
+    api.quantize(str(gptq_llama_dir), rtn, format="gguf:iq1_s", imatrix=imx, show_progress=False)
+    with GGUFSource(out) as a, GGUFSource(rtn) as b:
+        types = [(t.name, t.type) for t in a.tensors()]
+        assert types == [(t.name, t.type) for t in b.tensors()]
+    assert sum(t == "iq1_s" for _, t in types) > 0
+    rt = LlamaCpp(str(out), n_ctx=128, n_threads=2)
+    try:
+        gen = rt.generate("The history of the city", max_tokens=8)
+    finally:
+        rt.close()
+    assert len(gen.tokens) >= 1
