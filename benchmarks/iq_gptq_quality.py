@@ -3,14 +3,18 @@ in one run, on the bundled Gemma-3-270M (llama-quantize's per-tensor mix of the 
 both: tensors whose rows are not a multiple of 256, e.g. Gemma-3-270M's 640 inputs, fall back
 to the type llama.cpp picks, which GPTQ solves too where it has a grid).
 
-Per file type (default IQ3_S, IQ4_XS):
-  llama.cpp RTN       llama-quantize F32 -> TYPE
-  llama.cpp imatrix   llama-imatrix -c 512 --chunks N on wikitext-2 valid, then llama-quantize --imatrix
+Per file type (default IQ4_XS, IQ2_M, IQ3_S, IQ2_XS, in that order):
+  llama.cpp RTN       llama-quantize F32 -> TYPE (only with --methods rtn,...)
+  llama.cpp imatrix   llama-imatrix -c 512 --chunks N on wikitext-2 valid (or --imatrix FILE, an
+                      existing one made that way), then llama-quantize --imatrix
   quantkit GPTQ       quantkit quantize --method gptq, the same N x 512 tokens of wikitext-2 valid
 Scored by quantkit eval against the F32 reference (KL divergence, top-1 agreement) on
-wikitext-2 test and SST-2 dev sentences. Results: benchmarks/results/iq_gptq_quality.json.
+wikitext-2 test and SST-2 dev sentences, each type as soon as its files exist. Results:
+benchmarks/results/iq_gptq_quality.json (64 chunks) or iq_gptq_quality-N.json, merged into
+what an earlier run of the same N left there (one type per run is fine).
 
-    python benchmarks/iq_gptq_quality.py [--types iq3_s,iq4_xs] [--chunks 64] [--eval-chunks 8]
+    python benchmarks/iq_gptq_quality.py [--types iq4_xs,iq2_m] [--chunks 64] [--eval-chunks 4]
+        [--imatrix ~/.cache/quantkit/bench-budget/imatrix-64.dat]
 """
 
 from __future__ import annotations
@@ -30,16 +34,22 @@ WORK = os.path.join(os.environ.get("QUANTKIT_CACHE", os.path.expanduser("~/.cach
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", default="iq3_s,iq4_xs")
+    ap.add_argument("--types", default="iq4_xs,iq2_m,iq3_s,iq2_xs")
+    ap.add_argument("--imatrix", help="an existing llama-imatrix file for the same N x 512 tokens (not recomputed)")
     ap.add_argument("--chunks", type=int, default=64, help="calibration chunks of 512 tokens (both methods)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-chunks", type=int, default=8)
-    ap.add_argument("--methods", default="rtn,imatrix,gptq")
+    ap.add_argument("--methods", default="imatrix,gptq")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     valid = os.path.join(DATA, "wikitext-2", "valid.txt")
-    res_path = os.path.join(HERE, "results", "iq_gptq_quality.json")
-    results = {"args": vars(args), "runs": {}, "eval": {}}
+    name = "iq_gptq_quality.json" if args.chunks == 64 else f"iq_gptq_quality-{args.chunks}.json"
+    res_path = os.path.join(HERE, "results", name)
+    results = {"runs": {}, "eval": {}}
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            results.update(json.load(f))
+    results.setdefault("args_per_run", []).append(vars(args))
 
     def save():
         tmp = f"{res_path}.tmp"
@@ -51,14 +61,16 @@ def main() -> None:
     from quantkit.models.bundled import bundled_path
     f32 = f32_reference(bundled_path(), args.threads, show_progress=False)
     methods = args.methods.split(",")
-    imatrix = os.path.join(WORK, f"imatrix-{args.chunks}.gguf")
+    imatrix = args.imatrix or os.path.join(WORK, f"imatrix-{args.chunks}.gguf")
     if "imatrix" in methods and not os.path.exists(imatrix):
         results["runs"]["imatrix"] = timed([os.path.join(TOOLS, "llama-imatrix"), "-m", f32, "-f", valid, "-c", "512",
                                             "--chunks", str(args.chunks), "-t", str(args.threads), "-o", imatrix],
                                            os.path.join(WORK, "imatrix.log"))
         save()
-    files = {}
+    from quantkit import api
+    texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev")}
     for ft in args.types.split(","):
+        files = {}
         for method in methods:
             out = os.path.join(WORK, f"{ft}-{method}-{args.chunks}.gguf")
             files[(ft, method)] = out
@@ -70,20 +82,20 @@ def main() -> None:
                 cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
                       + [f32, out, ft.upper(), str(args.threads)]
             key = f"{ft}/{method}"
-            results["runs"][key] = dict(timed(cmd, os.path.join(WORK, f"{ft}-{method}.log")), bytes=os.path.getsize(out))
+            results["runs"][key] = dict(timed(cmd, os.path.join(WORK, f"{ft}-{method}.log")), bytes=os.path.getsize(out),
+                                        loadavg=open("/proc/loadavg").read().split()[:3])
             print(key, results["runs"][key], flush=True)
             save()
-    from quantkit import api
-    texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev")}
-    for label, text in texts.items():
-        r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
-                         n_threads=args.threads, show_progress=False)
-        names = {os.path.realpath(p): f"{ft}/{m}" for (ft, m), p in files.items()}
-        results["eval"][label] = {names.get(os.path.realpath(row.path), "f32"):
-                                  {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
-                                  for row in r.rows}
-        print(label, json.dumps(results["eval"][label], indent=1), flush=True)
-        save()
+        for label, text in texts.items():
+            r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
+                             n_threads=args.threads, show_progress=False)
+            names = {os.path.realpath(p): f"{t}/{m}" for (t, m), p in files.items()}
+            ev = results["eval"].setdefault(label, {})
+            ev.update({names.get(os.path.realpath(row.path), "f32"):
+                       {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+                       for row in r.rows})
+            print(label, json.dumps(ev, indent=1), flush=True)
+            save()
 
 
 if __name__ == "__main__":

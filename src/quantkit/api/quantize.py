@@ -20,7 +20,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              target_bpw: float | None = None, target_size: str | int | None = None,
              fit: str | None = None, ctx: int | None = None, kv_type: str | None = None,
              evaluate: bool = False, command: str | None = None, exact: bool = False,
-             qat: bool = False) -> QuantizeResult:
+             qat: bool = False, save_imatrix: str | os.PathLike | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
     f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k and the K-quant mixes; default gguf:q4_0)
@@ -40,7 +40,10 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
 
     `imatrix`: an importance matrix file (GGUF or legacy .dat, from `imatrix()` or llama-imatrix)
     for round-to-nearest: the same bytes as `llama-quantize --imatrix`; the types that need one
-    (IQ2/IQ1, Q2_K_S) are refused without it.
+    (IQ2/IQ1, Q2_K_S) are refused without it. `save_imatrix` (GPTQ only): also write the
+    importance matrix of the inputs GPTQ calibrated on, in llama.cpp's format (GGUF, or legacy
+    for a .dat name); block 0's q/k/v entries (all of block 0's with true_sequential=False)
+    equal `imatrix()` on the same tokens, later ones follow the already-quantized linears.
 
     A budget (`target_bpw` bits per weight over the file, `target_size` bytes such as "2.5GB", or
     `fit` a device name with `ctx` and `kv_type`; see quantize_budget) chooses a type per tensor
@@ -60,12 +63,23 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                                true_sequential=true_sequential, shrink=shrink, recipe=recipe,
                                show_progress=show_progress, ray=ray, workers=workers, evaluate=evaluate,
                                command=command)
+    if save_imatrix is not None and (budget is not None or method == "rtn"):
+        raise QuantkitError("save_imatrix collects the inputs of a GGUF GPTQ run onto one file type",
+                            os.fspath(save_imatrix), "use method='gptq' without a budget, or imatrix()")
     if evaluate:
         raise QuantkitError("--eval scores a budgeted file for its model card", hint="add --target-size, --target-bpw or --fit")
     r = recipe_of(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
                 act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
     from ..util.atomic import check_output
     check_output(output, [model, r.calibration.file], directory=r.format == "hf")
+    if save_imatrix is not None:
+        if r.format != "gguf" or r.method != "gptq":
+            raise QuantkitError("save_imatrix collects the inputs of a GGUF GPTQ run", os.fspath(save_imatrix),
+                                f"use a gguf:TYPE+gptq recipe, or imatrix() (got {r.spelling()})")
+        if os.path.abspath(os.fspath(save_imatrix)) == os.path.abspath(os.fspath(output)):
+            raise QuantkitError("the importance matrix and the GGUF would be the same file", os.fspath(save_imatrix),
+                                "give --save-imatrix another name")
+        check_output(save_imatrix, [model, r.calibration.file, output], flag="--save-imatrix")
     fmt = r.spelling().split("+")[0]
     if r.format == "hf":
         if exact or qat:
@@ -89,7 +103,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                             + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),
                             hint="call quantkit.api." + ("quantize_gpu" if r.format != "int8" else "quantize_dynamic"))
     from ..quant.gguf_policy import FILE_TYPES, requires_imatrix
-    if imatrix is None and r.type in FILE_TYPES and requires_imatrix("", FILE_TYPES[r.type][1], r.type):
+    if imatrix is None and r.method != "gptq" and r.type in FILE_TYPES \
+            and requires_imatrix("", FILE_TYPES[r.type][1], r.type):
         from ..models.imatrix_file import HOW_TO_MAKE
         raise QuantkitError(f"file type {r.type} needs an importance matrix (llama.cpp refuses it without one)",
                             hint=f"{HOW_TO_MAKE}, then pass --imatrix imatrix.gguf")
@@ -111,7 +126,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         rep = export_gguf_gptq(model, output, r.type, calib=cal.file, nsamples=cal.nsamples, seqlen=cal.seqlen,
                                gptq=cfg, true_sequential=g.true_sequential, pure=pure,
                                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
-                               show_progress=show_progress, ray=ray_options(ray, workers))
+                               show_progress=show_progress, ray=ray_options(ray, workers), save_imatrix=save_imatrix)
         return with_mmproj(QuantizeResult(rep.path, fmt, r.method, rep.seconds, rep.n_bytes, rep.types,
                                           report={"experts": rep.experts} if rep.experts else None),
                            vis, mmproj_type, show_progress)

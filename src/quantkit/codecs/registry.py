@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from . import floats, fp4, iq1, iq2, iq3, iq4, kquants, legacy, ternary
+from . import floats, fp4, iq1, iq1_grid, iq2, iq3, iq4, kquants, legacy, ternary
 from .geometry import Geometry
 from .grid import Grid
 from .parallel import finite_checked, map_blocks
@@ -506,9 +506,15 @@ class IQ1_S(_LatticeType):
     encode_np = staticmethod(iq1.encode_s)
     decode_np = staticmethod(iq1.decode_s)
 
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq1_grid.IQ1Grid:
+        return iq1_grid.IQ1Grid(False, in_features, search)
+
 
 @register
 class IQ1_M(_LatticeType):
     ggml = T.IQ1_M
     encode_np = staticmethod(iq1.encode_m)
     decode_np = staticmethod(iq1.decode_m)
+
+    def gptq_grid(self, in_features: int, search: bool = False) -> iq1_grid.IQ1Grid:
+        return iq1_grid.IQ1Grid(True, in_features, search)

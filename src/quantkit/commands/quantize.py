@@ -77,6 +77,9 @@ def run(args) -> int:
         raise QuantkitError("no output path", hint="give -o OUT (or output: in --config)")
     from .quantize_budget import budget_of, run_budget
     budget = budget_of(args)
+    if getattr(args, "save_imatrix", None) and budget is not None:
+        raise QuantkitError("--save-imatrix comes from a GPTQ run onto one file type, not a budget", args.save_imatrix,
+                            "leave out the budget, or make the imatrix with `quantkit imatrix`")
     if budget is not None:
         if getattr(args, "imatrix", None) or getattr(args, "mmproj", None):
             raise QuantkitError("a budget chooses its own types from its calibration; --imatrix and --mmproj "
@@ -86,6 +89,9 @@ def run(args) -> int:
     if getattr(args, "imatrix", None) and (r.format != "gguf" or r.method != "rtn"):
         raise QuantkitError("--imatrix weights round-to-nearest GGUF export only", args.imatrix,
                             f"use --format gguf:TYPE without +gptq (got {r.spelling()})")
+    if getattr(args, "save_imatrix", None) and (r.format != "gguf" or r.method != "gptq"):
+        raise QuantkitError("--save-imatrix collects the inputs of a GGUF GPTQ run", args.save_imatrix,
+                            f"use --format gguf:TYPE --method gptq, or `quantkit imatrix` (got {r.spelling()})")
     if r.format == "int8":
         from . import quantize_dynamic
         return quantize_dynamic.run(args)

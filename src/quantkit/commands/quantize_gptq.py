@@ -35,6 +35,13 @@ def register_args(p: argparse.ArgumentParser) -> None:
                         "head) or, with no address, on a local Ray runtime (needs quantkit[ray])")
     g.add_argument("--workers", type=v.int_arg(1, options.MAX_COUNT), default=None, metavar="N",
                    help="with --ray: how many workers share the calibration (default 2)")
+    g.add_argument("--save-imatrix", metavar="FILE", type=v.str_arg(), default=None,
+                   help="gguf:TYPE with --method gptq: also write the importance matrix of the inputs GPTQ "
+                        "calibrated on (llama.cpp's GGUF imatrix, legacy format for a .dat name), for "
+                        "llama-quantize --imatrix or quantize --imatrix. Block 0's q/k/v inputs (all of block 0's "
+                        "with --no-true-sequential) equal `quantkit imatrix` on the same tokens; every later "
+                        "input follows the already-quantized linears before it, as GPTQ sees it, so it is not "
+                        "llama-imatrix's float-model matrix")
     g.add_argument("--threads", type=options.threads_arg(), default=None,
                    help="CPU threads for GPTQ's passes and products (default: all cores; on a machine busy with "
                         "other work, 1 thread wastes less time waiting than 2)")
@@ -64,13 +71,16 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
                            token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                            trust_pickle=getattr(args, "trust_pickle", False), mmproj=getattr(args, "mmproj", None),
                            mmproj_type=getattr(args, "mmproj_type", "f16"), text_only=getattr(args, "text_only", False),
-                           **ray)
+                           save_imatrix=getattr(args, "save_imatrix", None), **ray)
         summary = {"output": res.output, "recipe": r.spelling(), "method": r.method, "seconds": res.seconds,
                    "file_bytes": res.file_bytes, "calibration": {"file": cal.file, "nsamples": cal.nsamples,
                                                                   "seqlen": cal.seqlen},
                    **({"mmproj": res.mmproj} if res.mmproj else {})}
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; GPTQ onto llama.cpp's "
                 f"{r.type} grids, calibrated on {cal.nsamples} x {cal.seqlen} tokens)")
+        if getattr(args, "save_imatrix", None):
+            summary["imatrix"] = args.save_imatrix
+            text += f"\nwrote {args.save_imatrix}  (importance matrix of the inputs GPTQ calibrated on)"
         if res.mmproj:
             text += f"\nwrote {res.mmproj}  (vision tower + projector for llama.cpp's multimodal runtime)"
         if res.report and res.report.get("experts"):          # a mixture of experts: one line per layer

@@ -69,10 +69,15 @@ class ExportReport:
 
 
 def plan_gguf(source: ModelSource, file_type: str = "q8_0", *, pure: bool = False,
-              token_embedding_type: str | None = None, output_tensor_type: str | None = None, imatrix=None):
+              token_embedding_type: str | None = None, output_tensor_type: str | None = None, imatrix=None,
+              calibrated: bool = False):
     """llama-quantize's choices for `source` at `file_type`: (tensor infos by name, [(name,
     shape, type)] in llama-quantize's tensor order). `imatrix` (models.imatrix_file.Imatrix):
-    its presence changes some choices, as in llama-quantize; it must be the model's. Raises
+    its presence changes some choices, as in llama-quantize; it must be the model's.
+    `calibrated` (GPTQ, whose Hessians take the importance matrix's place): the decoder's
+    matrices (2-D blk.* tensors, which GPTQ solves) may take the types that need one, and a file
+    type llama.cpp makes only with one (IQ2_*, IQ1_*, IQ3_XXS, Q2_K_S) gets llama-quantize's
+    choices with one; every other file type keeps its round-to-nearest mix. Raises
     QuantkitError for a bad type, a type that needs an importance matrix without one, an
     importance matrix of another model."""
     ft = file_type.lower()
@@ -87,10 +92,12 @@ def plan_gguf(source: ModelSource, file_type: str = "q8_0", *, pure: bool = Fals
     names = tensor_order(list(infos))
     s = source.spec
     facts = ModelFacts(arch=s.arch, n_layer=s.n_layer, n_head=s.n_head, n_head_kv=s.n_head_kv, n_expert=s.n_expert)
+    # GPTQ onto a file type llama.cpp makes only with an importance matrix: that mix
+    needs = calibrated and requires_imatrix("", FILE_TYPES[ft][1], ft)
     policy = TypePolicy(ft, names, facts, pure=pure,
                         token_embedding_type=token_embedding_type and token_embedding_type.lower(),
                         output_tensor_type=output_tensor_type and output_tensor_type.lower(),
-                        has_imatrix=imatrix is not None)
+                        has_imatrix=imatrix is not None or needs)
     if imatrix is not None:
         imatrix.check_model({n: tuple(i.shape) for n, i in infos.items()}, source.path)
     from ..models.gguf import GGUFSource
@@ -101,7 +108,8 @@ def plan_gguf(source: ModelSource, file_type: str = "q8_0", *, pure: bool = Fals
         src_type = info.type if is_gguf else "f32"
         target = policy.choose(n, info.shape, src_type)
         quantized = allows_quantization(n, len(info.shape)) and not (is_gguf and target == info.type)
-        if quantized and requires_imatrix(n, target, ft) and (imatrix is None or n not in imatrix.entries):
+        solved = calibrated and n.startswith("blk.") and len(info.shape) == 2
+        if quantized and not solved and requires_imatrix(n, target, ft) and (imatrix is None or n not in imatrix.entries):
             what = "no importance matrix was given" if imatrix is None else "the importance matrix has no entry for it"
             raise QuantkitError(f"file type {ft} puts tensor {n} in {target}, which llama.cpp refuses to make "
                                 f"without an importance matrix, and {what}", source.path,

@@ -37,7 +37,7 @@ from .pipeline import PipelineConfig, PipelineReport
 
 # the llama.cpp types GPTQ can solve for (quant.gptq grids)
 GPTQ_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs",
-              "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs")
+              "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_s", "iq1_m")
 
 
 @dataclass
@@ -97,8 +97,9 @@ class GGUFSink:
     every other tensor as llama-quantize writes it."""
 
     def __init__(self, src, out: str, file_type: str, plan, gptq: GPTQConfig, true_sequential: bool,
-                 show_progress: bool):
+                 show_progress: bool, sums=None):
         self.src, self.out, self.file_type, self.plan = src, out, file_type, plan
+        self.sums = sums                        # quant.imatrix.SquareSums: the inputs GPTQ calibrates on
         self.targets = {n: t for n, _, t in plan}
         self.gptq, self.true_sequential, self.show_progress = gptq, true_sequential, show_progress
         self.spool = Spool(os.path.dirname(os.path.abspath(out)) or ".", out)
@@ -121,7 +122,14 @@ class GGUFSink:
 
     def pipeline_config(self, sm: StreamingModel) -> PipelineConfig:
         self.arch = sm.arch
-        return PipelineConfig(method="gptq", grid=self.grid_for, gptq=self.gptq, true_sequential=self.true_sequential)
+        return PipelineConfig(method="gptq", grid=self.grid_for, gptq=self.gptq, true_sequential=self.true_sequential,
+                              on_input=None if self.sums is None else self.seen)
+
+    def seen(self, hf_linear: str, x) -> None:
+        """An input a linear is calibrated on, into the importance matrix's sums (GGUF names)."""
+        g = self.gguf_name(hf_linear)
+        if g is not None:
+            self.sums.add(g, x)
 
     def begin(self, sm: StreamingModel) -> None:
         """Nothing before the blocks: the exporter copies every other tensor from the source."""
@@ -150,12 +158,17 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                      calib: str | None = None, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN,
                      gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True, pure: bool = False,
                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                     show_progress: bool = True, ray=None, plan: list | None = None) -> GGUFGPTQReport:
+                     show_progress: bool = True, ray=None, plan: list | None = None,
+                     save_imatrix: str | os.PathLike | None = None) -> GGUFGPTQReport:
     """GPTQ-compensated GGUF of MODEL (a GGUF or Hugging Face directory; None: the bundled
     model) at llama.cpp `file_type`, calibrated on `calib` (any UTF-8 text; default wikitext-2
     valid), nsamples x seqlen tokens. `ray` (quant.distributed.RayOptions): the calibration
     split over Ray workers. `plan`: [(name, shape, type)] in file order, an explicit type per
-    tensor (quant.budget's mixes) instead of llama-quantize's for `file_type`."""
+    tensor (quant.budget's mixes) instead of llama-quantize's for `file_type`. `save_imatrix`:
+    also write, as llama.cpp's imatrix (GGUF, or legacy for a .dat name), the importance matrix
+    of the inputs GPTQ calibrated every decoder linear on: block 0's q/k/v inputs (all of block
+    0's without true_sequential) are the float model's, as `quantkit imatrix` gives on the same
+    tokens; the rest follow the already-quantized linears before them, as GPTQ sees them."""
     from ..util.atomic import check_writable_dir
 
     t0 = time.perf_counter()
@@ -165,12 +178,21 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
                             hint="--nsamples N --seqlen L, e.g. 128 x 512")
     out = os.fspath(out)
     check_writable_dir(out)
+    sums = None
+    if save_imatrix is not None:
+        if ray is not None:
+            raise QuantkitError("an importance matrix from GPTQ is collected in one process; Ray workers "
+                                "each see only their share", os.fspath(save_imatrix),
+                                "leave out --ray, or make it with `quantkit imatrix`")
+        from .imatrix import SquareSums
+        check_writable_dir(os.fspath(save_imatrix))
+        sums = SquareSums()
     src = open_model(model)
     try:
         if plan is None:
             _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
-                                output_tensor_type=output_tensor_type)
-        sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress)
+                                output_tensor_type=output_tensor_type, calibrated=True)
+        sink = GGUFSink(src, out, file_type, plan, gptq, true_sequential, show_progress, sums)
         try:
             report, _ = quantize_blocks(src, src.path, sink, calib=calib, nsamples=nsamples, seqlen=seqlen,
                                         show_progress=show_progress, ray=ray)
@@ -179,6 +201,10 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
     finally:
         src.close()
     res = sink.result
+    if sums is not None:
+        from ..models.imatrix_file import save_imatrix as write_imatrix
+        from .calib import default_calibration_file
+        write_imatrix(sums.to_imatrix([os.fspath(calib or default_calibration_file())], nsamples, seqlen), save_imatrix)
     return GGUFGPTQReport(res.path, res.file_type, time.perf_counter() - t0, res.n_bytes, res.types,
                           sink.blocks_done - t0, sink.n_gptq, dict(report.damp), dict(report.phases),
                           list(report.workers), dict(report.experts))

@@ -8,7 +8,7 @@ H = 2/n Σ x xᵀ; `quantize_weight(W, H, grid, config)` solves. Hooks (quant.pi
 The grid (codecs.grid.Grid) is either an integer grid (`rtn.QuantSpec`: bits, group size, sym;
 GPTQ/compressed-tensors checkpoints; rtn.IntGrid) or a GGUF type with a registered grid
 (codecs.registry: legacy blocks "q4_0" .. "q8_0", K-quants "q6_k" .. "q2_k", IQ4_NL / IQ4_XS and
-the lattice types IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS), in which case each
+the lattice types IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S, IQ1_M), in which case each
 block's scale (and min) is fixed, by llama.cpp's own rule, from the partially updated weights
 just before the block's first column is quantized, and the columns are then rounded onto that
 block's grid exactly as llama.cpp's reference quantizer rounds. The result is a stock GGUF block

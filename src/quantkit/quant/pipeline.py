@@ -63,6 +63,9 @@ class PipelineConfig:
     # kwargs, config, report, done) -> True when it quantized the experts and wrote the block's
     # outputs over `hidden` (quant.moe.quantize_experts); False for a dense block
     sparse_mlp: Callable | None = None
+    # GPTQ: called as on_input(linear's full name, its input [.., in]) with every input a linear
+    # is calibrated on (the statistics GPTQ sees; e.g. an importance matrix as a by-product)
+    on_input: Callable[[str, torch.Tensor], None] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -349,7 +352,9 @@ class BlockWork:
     def hessians(self, k: int, done: dict) -> dict[tuple[str, ...], torch.Tensor]:
         """Stage k's Hessians over this block's samples, per group (none for RTN). `done`: the
         linears already quantized (by full name), whose weights streaming may now drop."""
-        hs = _calibrate(self.layer, self.stages[k], self.lin, self.hidden, self.kwargs, self.cache) \
+        seen = self.cfg.on_input
+        tap = None if seen is None else lambda g, x: [seen(f"{self.lp}.{n}", x) for n in g]
+        hs = _calibrate(self.layer, self.stages[k], self.lin, self.hidden, self.kwargs, self.cache, tap) \
             if self.cfg.method == "gptq" else {}
         self._release(done)
         return hs
@@ -545,12 +550,13 @@ class _OutputCache:
 
 
 def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, nn.Linear], hidden,
-               kwargs, cache: _OutputCache | None = None) -> dict[tuple[str, ...], torch.Tensor]:
+               kwargs, cache: _OutputCache | None = None,
+               tap: Callable[[tuple[str, ...], torch.Tensor], object] | None = None) -> dict[tuple[str, ...], torch.Tensor]:
     """One pass of the block over the calibration data; the Hessian of each group's shared
     input, recorded by a hook on the group's first linear. The pass ends at the last of those
     inputs (`_stop_at`: in a true-sequential stage the q/k/v Hessian needs only the input norm,
     not the block). With a cache, the inputs of o_proj and down_proj are kept and the
-    attention's output is reused."""
+    attention's output is reused; `tap(group, input)` sees every input recorded."""
     hs: dict[tuple[str, ...], torch.Tensor] = {}
     counts: dict[tuple[str, ...], int] = {}
     for g in groups:
@@ -561,6 +567,8 @@ def _calibrate(layer: nn.Module, groups: list[tuple[str, ...]], lin: dict[str, n
 
     def record(g: tuple[str, ...], x: torch.Tensor) -> None:
         counts[g] = accumulate_hessian(x, hs[g], counts[g], upper=True)
+        if tap is not None:
+            tap(g, x)
         if cache is not None and cache.keeps(g):
             cache.keep(g, x.detach())
 
