@@ -220,3 +220,8 @@ def test_gpu_formats_and_gguf_sources_of_experts_are_one_line(moe_dirs, tmp_path
     assert code != 0
     assert_one_line(err, "mixture of experts", "from a GGUF file", "--method rtn")
     assert no_partial(out) and not (out / "x.gguf").exists()
+    code, err = run_cli(["quantize", str(d), "--format", "gguf:q4_0", "--method", "gptq", "--nsamples", "2",
+                         "--seqlen", "64", "--save-imatrix", str(out / "imx.gguf"), "-o", str(out / "y.gguf")], capsys)
+    assert code != 0
+    assert_one_line(err, "dense linears only", "quantkit imatrix")
+    assert no_partial(out) and not (out / "y.gguf").exists() and not (out / "imx.gguf").exists()

@@ -189,6 +189,10 @@ def export_gguf_gptq(model: str | os.PathLike | None, out: str | os.PathLike, fi
         sums = SquareSums()
     src = open_model(model)
     try:
+        if sums is not None and getattr(src.spec, "n_expert", 0):
+            raise QuantkitError("an importance matrix from GPTQ records the dense linears only; the experts "
+                                "are calibrated on their routed tokens", os.fspath(save_imatrix),
+                                "make it with `quantkit imatrix MODEL --calib FILE -o FILE`")
         if plan is None:
             _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
                                 output_tensor_type=output_tensor_type, calibrated=True)
