@@ -164,6 +164,7 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=2)
+    ap.add_argument("--child-full", nargs=2)
     ap.add_argument("--vocab-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="Q4_K_M only")
     ap.add_argument("--types", help="comma-separated subset of the file types")
@@ -177,6 +178,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         child(a.child[0], int(a.child[1]), a.vocab_only)
+        return
+    if a.child_full:
+        from plan_rss_full import child_python      # benchmarks/ is sys.path[0]
+        child_python(a.child_full[0], int(a.child_full[1]))
         return
     out_json = os.path.join(HERE, "plan_vs_measured.json")
     if a.markdown_only:
