@@ -175,6 +175,12 @@ def main() -> None:
                          "JSON as superseded_cases (and listed in BENCHMARKS.md)")
     ap.add_argument("--keep-files", action="store_true", help="keep the type files this run writes")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite BENCHMARKS.md from the JSON files")
+    ap.add_argument("--full-context", action="store_true",
+                    help="peak RSS of llama-cpp-python and llama-server with the context filled (plan_rss_full.py)")
+    ap.add_argument("--ctxs", default="512,4096,32768", help="with --full-context: the contexts")
+    ap.add_argument("--runtimes", default="llama-cpp-python,llama-server", help="with --full-context")
+    ap.add_argument("--import-case", action="append", default=[],
+                    help="with --full-context: a JSON line of a case measured separately (plan_rss_full.measure_*)")
     a = ap.parse_args()
     if a.child:
         child(a.child[0], int(a.child[1]), a.vocab_only)
@@ -186,6 +192,9 @@ def main() -> None:
     out_json = os.path.join(HERE, "plan_vs_measured.json")
     if a.markdown_only:
         write_markdown(json.load(open(out_json)))
+        return
+    if a.full_context:
+        full_context(a, out_json)
         return
 
     from quantkit.models.bundled import bundled_path
@@ -287,6 +296,48 @@ def main() -> None:
     save(results)
     write_markdown(results)
     print(json.dumps({k: v for k, v in results.items() if k not in ("cases", "weight_files")}, indent=2))
+
+
+def full_context(a, out_json: str) -> None:
+    """--full-context: the bundled Q4_K_M and a Q8_0 quantkit writes from it, in llama-cpp-python
+    and llama-server at each context, against the planner; results in the JSON's full_context."""
+    import plan_rss_full as prf
+    from quantkit.models.bundled import bundled_path
+    from quantkit.util.atomic import atomic_output
+    results = json.load(open(out_json))
+    fc = results.setdefault("full_context", {"cases": []})
+    src = bundled_path()
+    work = os.path.join(os.path.dirname(src), "plan-vs-measured")
+    os.makedirs(work, exist_ok=True)
+    q8 = os.path.join(work, "gemma-3-270m-quantkit-q8_0.gguf")
+    if not os.path.exists(q8):
+        from quantkit.api import quantize as qk_quantize
+        qk_quantize(None, q8, format="gguf:q8_0", show_progress=False)
+    files = {"bundled q4_k_m": src, "quantkit q8_0": q8}
+
+    def save() -> None:
+        with atomic_output(out_json) as tmp, open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+    fc["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": prf.THREADS,
+                     "llama_cpp": __import__("llama_cpp").__version__}
+    if "tiny_base" not in fc:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from helpers.tiny_models import build_gptq_llama
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            from quantkit.api import quantize as qk_quantize
+            tiny = os.path.join(d, "tiny-f16.gguf")
+            qk_quantize(str(build_gptq_llama(__import__("pathlib").Path(d))), tiny, format="gguf:f16",
+                        show_progress=False)
+            fc["tiny_base"] = prf.tiny_base(__file__, tiny)
+        save()
+    imported = [json.loads(open(p).read().strip().splitlines()[-1]) for p in a.import_case]
+    if not a.replan:
+        prf.run_full(__file__, fc, files, [int(x) for x in a.ctxs.split(",")], a.runtimes.split(","), save, imported)
+    prf.replan(fc)
+    save()
+    write_markdown(results)
 
 
 def finish(results: dict) -> None:
@@ -503,6 +554,9 @@ def write_markdown(r: dict) -> None:
                          f"| {mb(c['planned_peak_rss'])} / {mb(c['measured_peak_rss'])} "
                          f"| {pct(c['planned_peak_rss'], c['measured_peak_rss'])} |")
         lines.append("")
+    if r.get("full_context", {}).get("cases"):
+        import plan_rss_full as prf
+        lines += prf.markdown(r["full_context"])
     lines.append("")
     path = os.path.join(REPO, "BENCHMARKS.md")
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"

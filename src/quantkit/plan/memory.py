@@ -379,10 +379,11 @@ class LlamaProcess:
 
 
 LLAMA_PROCESSES = {
-    # `python -c "import numpy, llama_cpp"`: 46.8 MB measured (26.1 anonymous, 20.6 file pages)
-    "llama-cpp-python": LlamaProcess("llama-cpp-python", LLAMACPP_CPU_BASE, False, 1, False),
-    # llama-server -m tiny.gguf: process, HTTP threads, slots (measured, BENCHMARKS.md)
-    "llama-server": LlamaProcess("llama-server", 24 * MIB, True, 4, True),
+    # the same workload on a near-weightless model (2-layer llama, 1k vocabulary) less the planner's
+    # terms for it: 52.5 MB for Python + numpy + llama_cpp after a run (46.8 MB after the imports;
+    # a run adds the code pages it touches, threads, the bindings' arrays), 20.1 MB for llama-server
+    "llama-cpp-python": LlamaProcess("llama-cpp-python", 52_488_192, False, 1, False),
+    "llama-server": LlamaProcess("llama-server", 20_097_024, True, 4, True),
 }
 LLAMA_PROCESSES["llama.cpp"] = LLAMA_PROCESSES["llama-cpp-python"]
 
