@@ -77,7 +77,8 @@ def test_front_ends_differ_as_their_defaults_do(bundled_gguf):
     # the server's 4 slots share one cache; its 15 sliding-window layers keep 512 x 4 + 512 cells
     row = inf.kv_detail.bytes_per_cell_layer
     assert b["kv"] == row * (3 * 32768 + 15 * 2560) and a["kv"] == row * (3 * 32768 + 15 * 1024)
-    assert b["checkpoint"] == row * 15 * 2560 and a["checkpoint"] == 0
+    # one checkpoint: the sequence's window + one ubatch of sliding-window cells
+    assert b["checkpoint"] == row * 15 * (512 + 512) and a["checkpoint"] == 0
     assert b["output"] == 4 * a["output"] == 4 * 262144 * 4
     assert sum(a.values()) == py.rows[0].cpu_resident
 

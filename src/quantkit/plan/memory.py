@@ -114,6 +114,7 @@ class KVCache:
     bytes_per_cell_layer: int    # K + V of one token in one layer
     per_layer: list[int]         # bytes, layer by layer
     total: int
+    swa_full: bool = False       # sliding-window layers keep the full context (no window cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,7 +156,7 @@ def kv_cache(m: ModelShape, n_ctx: int, batch: int = 1, kv_type: str = "f16", ru
         cells_swa = batch * min(n_ctx, m.sliding_window or n_ctx)
     per_layer = [row * (cells_swa if s else cells_full) for s in swa]
     return KVCache(kv_type, cells_full, cells_swa, sum(1 for s in swa if not s), sum(1 for s in swa if s),
-                   row, per_layer, sum(per_layer))
+                   row, per_layer, sum(per_layer), swa_full)
 
 
 # ---------------------------------------------------------------- compute buffers, overhead
@@ -524,7 +525,7 @@ def process_kv(m: ModelShape, inf: "Inference", proc: LlamaProcess) -> KVCache:
     cells_swa = min(kv.cells_full, pad(m.sliding_window * proc.n_seq + min(N_UBATCH, kv.cells_full), KV_PAD))
     per_layer = [kv.bytes_per_cell_layer * (cells_swa if s else kv.cells_full) for s in m.swa_layers()]
     return KVCache(kv.kv_type, kv.cells_full, cells_swa, kv.n_full_layers, kv.n_swa_layers,
-                   kv.bytes_per_cell_layer, per_layer, sum(per_layer))
+                   kv.bytes_per_cell_layer, per_layer, sum(per_layer), kv.swa_full)
 
 
 def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int,
@@ -534,16 +535,19 @@ def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int,
     weights (all touched), repacked copies, the KV cache (cleared at start, so resident), the
     output buffer (logits of one token per sequence), the touched compute pages and the work
     buffer (llamacpp_compute_touched), the sampler's candidates, the vocabulary; llama-server
-    adds one context checkpoint: a copy of the sliding-window cache it saves before the
-    prompt's last batch."""
+    adds one context checkpoint: a copy of the sequence's sliding-window cells (at most the window
+    + one ubatch) that it saves a few tokens before the prompt's end."""
     proc = llama_process(runtime)
     kv = process_kv(m, inf, proc)
     comp = llamacpp_compute_touched(m, n_prompt, proc.flash_attn, kv.cells_full, kv.cells_swa)
-    swa_state = sum(b for b, s in zip(kv.per_layer, m.swa_layers()) if s)
+    n_swa = sum(m.swa_layers())
+    swa_state = 0
+    if proc.checkpoints and n_swa and not kv.swa_full:
+        swa_state = n_swa * kv.bytes_per_cell_layer * min(kv.cells_swa, m.sliding_window + N_UBATCH, n_prompt)
     return {"base": proc.base, "weights": inf.weights, "repack": inf.repack, "kv": kv.total,
             "output": m.n_vocab * 4 * proc.n_seq, **comp, "sampler": m.n_vocab * SAMPLER_BYTES_PER_TOKEN,
             "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN,
-            "checkpoint": swa_state if proc.checkpoints and kv.cells_swa < kv.cells_full else 0,
+            "checkpoint": swa_state,
             "vision": inf.vision}
 
 
