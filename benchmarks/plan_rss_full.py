@@ -196,14 +196,19 @@ def tiny_base(script: str, tiny: str) -> dict:
     return out
 
 
-def run_full(script: str, results: dict, files: dict[str, str], ctxs, runtimes, save, imported=()) -> None:
-    """Measure every (file, runtime, n_ctx) not yet in results["cases"], one at a time, saving after each."""
+def add_imported(results: dict, files: dict[str, str], imported) -> None:
+    """Cases measured by a separate invocation of measure_python / measure_server (a JSON line each)."""
     done = {(c["file"], c["runtime"], c["n_ctx"]) for c in results["cases"]}
-    for rec in imported:        # a case measured by an earlier invocation of measure_python / measure_server
+    for rec in imported:
         label = next(k for k, v in files.items() if v == rec["path"])
         if (label, rec["runtime"], rec["n_ctx"]) not in done:
             results["cases"].append(_case(label, rec))
             done.add((label, rec["runtime"], rec["n_ctx"]))
+
+
+def run_full(script: str, results: dict, files: dict[str, str], ctxs, runtimes, save) -> None:
+    """Measure every (file, runtime, n_ctx) not yet in results["cases"], one at a time, saving after each."""
+    done = {(c["file"], c["runtime"], c["n_ctx"]) for c in results["cases"]}
     for n_ctx in ctxs:
         for label, path in files.items():
             for rt in runtimes:
@@ -221,6 +226,7 @@ def _case(label: str, res: dict) -> dict:
     return {"file": label, "path": res["path"], "runtime": res["runtime"], "n_ctx": res["n_ctx"],
             "measured_peak_rss": res["peak_rss"], "n_prompt": res["n_prompt"], "n_generated": res["n_generated"],
             "load_s": res["load_s"], "run_s": res["run_s"], "cpu_s": res["cpu_s"], "logged": res["logged"],
+            "stages": {k: res[k] for k in ("after_import", "after_load", "end") if res.get(k)},
             "load_before": res.get("load_before"), "load_after": res.get("load_after"),
             **planned(res["path"], res["n_ctx"], res["runtime"])}
 

@@ -332,9 +332,9 @@ def full_context(a, out_json: str) -> None:
                         show_progress=False)
             fc["tiny_base"] = prf.tiny_base(__file__, tiny)
         save()
-    imported = [json.loads(open(p).read().strip().splitlines()[-1]) for p in a.import_case]
+    prf.add_imported(fc, files, [json.loads(open(p).read().strip().splitlines()[-1]) for p in a.import_case])
     if not a.replan:
-        prf.run_full(__file__, fc, files, [int(x) for x in a.ctxs.split(",")], a.runtimes.split(","), save, imported)
+        prf.run_full(__file__, fc, files, [int(x) for x in a.ctxs.split(",")], a.runtimes.split(","), save)
     prf.replan(fc)
     save()
     write_markdown(results)

@@ -240,6 +240,10 @@ def _assumptions(m: ModelShape, o: PlanOptions, n_ctx: int, devs: list[Device], 
         "compute buffer is an estimate [compute]; weights are exact from "
         + ("the file header" if m.stored_format else "the config") + " [mix] [gptq]",
     ]
+    if o.runtime == "llama.cpp" and o.process == "llama-cpp-python" and any(swa) and not o.swa_full:
+        assumptions.append("llama-cpp-python: planned with Llama(..., swa_full=False); left unset it passes the C "
+                           "API's default, swa_full=true (a full-size cache for sliding-window layers): plan that "
+                           "with --swa-full")
     if any(r.format in formats.IQ_FTYPES for r in rows):
         assumptions.append(formats.IQ_NOTE)
     if calibrated:
