@@ -77,8 +77,11 @@ def test_front_ends_differ_as_their_defaults_do(bundled_gguf):
     # the server's 4 slots share one cache; its 15 sliding-window layers keep 512 x 4 + 512 cells
     row = inf.kv_detail.bytes_per_cell_layer
     assert b["kv"] == row * (3 * 32768 + 15 * 2560) and a["kv"] == row * (3 * 32768 + 15 * 1024)
-    # one checkpoint: the sequence's window + one ubatch of sliding-window cells
-    assert b["checkpoint"] == row * 15 * (512 + 512) and a["checkpoint"] == 0
+    # two checkpoints of the sequence's 512-cell window in 15 sliding-window layers (a prompt longer
+    # than one 2048-token batch); one for a prompt of one batch
+    assert b["checkpoint"] == 2 * row * 15 * 512 and a["checkpoint"] == 0
+    one = memory.cpu_resident_parts(m, srv.rows[0].memory, 2048, "llama-server")["checkpoint"]
+    assert one == row * 15 * 512
     assert b["output"] == 4 * a["output"] == 4 * 262144 * 4
     assert sum(a.values()) == py.rows[0].cpu_resident
 

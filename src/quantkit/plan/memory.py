@@ -364,6 +364,7 @@ VOCAB_BYTES_PER_TOKEN = 177
 SAMPLER_BYTES_PER_TOKEN = 12
 # llama-cpp-python splits a prompt into n_batch = 512 token batches; llama-server into n_batch = 2048
 # (common.h), each cut into n_ubatch = 512 token ubatches: the same 512-token ubatches either way.
+SERVER_N_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -535,15 +536,18 @@ def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int,
     weights (all touched), repacked copies, the KV cache (cleared at start, so resident), the
     output buffer (logits of one token per sequence), the touched compute pages and the work
     buffer (llamacpp_compute_touched), the sampler's candidates, the vocabulary; llama-server
-    adds one context checkpoint: a copy of the sequence's sliding-window cells (at most the window
-    + one ubatch) that it saves a few tokens before the prompt's end."""
+    adds its context checkpoints (tools/server/server-context.cpp): copies of the sequence's
+    sliding-window cells, the window's worth, that it saves before the batch that reaches the last
+    n_ubatch tokens of the prompt and again before the prompt's last few tokens (one checkpoint
+    when the prompt fits one n_batch = 2048 token batch, as the first batch has nothing to save)."""
     proc = llama_process(runtime)
     kv = process_kv(m, inf, proc)
     comp = llamacpp_compute_touched(m, n_prompt, proc.flash_attn, kv.cells_full, kv.cells_swa)
     n_swa = sum(m.swa_layers())
     swa_state = 0
     if proc.checkpoints and n_swa and not kv.swa_full:
-        swa_state = n_swa * kv.bytes_per_cell_layer * min(kv.cells_swa, m.sliding_window + N_UBATCH, n_prompt)
+        n_ckpt = 2 if n_prompt > SERVER_N_BATCH else 1
+        swa_state = n_ckpt * n_swa * kv.bytes_per_cell_layer * min(kv.cells_swa, m.sliding_window, n_prompt)
     return {"base": proc.base, "weights": inf.weights, "repack": inf.repack, "kv": kv.total,
             "output": m.n_vocab * 4 * proc.n_seq, **comp, "sampler": m.n_vocab * SAMPLER_BYTES_PER_TOKEN,
             "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN,
