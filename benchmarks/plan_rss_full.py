@@ -266,6 +266,9 @@ def markdown(r: dict) -> list[str]:
         "Process base, measured: the same workload at n_ctx 256 on a near-weightless model (2-layer llama, 3.4 MB "
         "of weights, 1k vocabulary) less the planner's terms for it: "
         + "; ".join(f"{rt} {mb(b['base'])} MB (peak {mb(b['peak_rss'])} MB)" for rt, b in base.items()) + ".",
+        "The 32768 cases ran beside the shorter ones (two measurement processes of this benchmark at a time, "
+        "at a 1-minute load of 15-23 from other jobs): peak RSS is per process and does not depend on it; the "
+        "wall times do, so CPU seconds are given too.",
         "Before this model the planner's figure for llama-cpp-python at a full context was 13% (512), 16% (4096) "
         "and 25% (32768) below the measured peak (it counted the compute pages of a short prompt and no work "
         "buffer, sampler or front end).", "",

@@ -417,8 +417,10 @@ def write_markdown(r: dict) -> None:
     lines += [
         "",
         "Vocabulary and process base in the RSS plan are measured constants: "
-        f"{r['vocab_only_rss'] / 1e6:.1f} MB for the 262,144-token vocabulary (vocab_only load), "
-        f"{r['base_rss'] / 1e6:.1f} MB for Python + llama_cpp.", "",
+        f"{r['vocab_only_rss'] / 1e6:.1f} MB for the 262,144-token vocabulary (vocab_only load); the process base is "
+        "llama-cpp-python's after a run on a near-weightless model (next subsection; "
+        f"{r['base_rss'] / 1e6:.1f} MB after `import llama_cpp` alone). These cases evaluate a short prompt with "
+        "`Llama.eval` and sample nothing; the plan counts the sampler's candidates (3.1 MB) all the same.", "",
     ]
     if wf:
         lines += [
