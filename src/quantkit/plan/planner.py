@@ -236,7 +236,7 @@ def _assumptions(m: ModelShape, o: PlanOptions, n_ctx: int, devs: list[Device], 
         "'total' is what llama.cpp allocates (fit decisions use it); 'RSS' is the expected peak resident memory "
         f"on a CPU of {o.process if o.runtime == 'llama.cpp' else 'quantkit eval'} with the prompt filling the context: "
         "mmap'd weights, repacked copies, KV, touched compute pages and work buffer, sampler, vocabulary, process"
-        + (" and one context checkpoint" if o.process == "llama-server" else ""),
+        + (" and its context checkpoints" if o.process == "llama-server" else ""),
         "compute buffer is an estimate [compute]; weights are exact from "
         + ("the file header" if m.stored_format else "the config") + " [mix] [gptq]",
     ]
