@@ -164,6 +164,7 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=2)
+    ap.add_argument("--child-full", nargs=2)
     ap.add_argument("--vocab-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="Q4_K_M only")
     ap.add_argument("--types", help="comma-separated subset of the file types")
@@ -174,13 +175,26 @@ def main() -> None:
                          "JSON as superseded_cases (and listed in BENCHMARKS.md)")
     ap.add_argument("--keep-files", action="store_true", help="keep the type files this run writes")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite BENCHMARKS.md from the JSON files")
+    ap.add_argument("--full-context", action="store_true",
+                    help="peak RSS of llama-cpp-python and llama-server with the context filled (plan_rss_full.py)")
+    ap.add_argument("--ctxs", default="512,4096,32768", help="with --full-context: the contexts")
+    ap.add_argument("--runtimes", default="llama-cpp-python,llama-server", help="with --full-context")
+    ap.add_argument("--import-case", action="append", default=[],
+                    help="with --full-context: a JSON line of a case measured separately (plan_rss_full.measure_*)")
     a = ap.parse_args()
     if a.child:
         child(a.child[0], int(a.child[1]), a.vocab_only)
         return
+    if a.child_full:
+        from plan_rss_full import child_python      # benchmarks/ is sys.path[0]
+        child_python(a.child_full[0], int(a.child_full[1]))
+        return
     out_json = os.path.join(HERE, "plan_vs_measured.json")
     if a.markdown_only:
         write_markdown(json.load(open(out_json)))
+        return
+    if a.full_context:
+        full_context(a, out_json)
         return
 
     from quantkit.models.bundled import bundled_path
@@ -284,6 +298,48 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k not in ("cases", "weight_files")}, indent=2))
 
 
+def full_context(a, out_json: str) -> None:
+    """--full-context: the bundled Q4_K_M and a Q8_0 quantkit writes from it, in llama-cpp-python
+    and llama-server at each context, against the planner; results in the JSON's full_context."""
+    import plan_rss_full as prf
+    from quantkit.models.bundled import bundled_path
+    from quantkit.util.atomic import atomic_output
+    results = json.load(open(out_json))
+    fc = results.setdefault("full_context", {"cases": []})
+    src = bundled_path()
+    work = os.path.join(os.path.dirname(src), "plan-vs-measured")
+    os.makedirs(work, exist_ok=True)
+    q8 = os.path.join(work, "gemma-3-270m-quantkit-q8_0.gguf")
+    if not os.path.exists(q8):
+        from quantkit.api import quantize as qk_quantize
+        qk_quantize(None, q8, format="gguf:q8_0", show_progress=False)
+    files = {"bundled q4_k_m": src, "quantkit q8_0": q8}
+
+    def save() -> None:
+        with atomic_output(out_json) as tmp, open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+    fc["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": prf.THREADS,
+                     "llama_cpp": __import__("llama_cpp").__version__}
+    if "tiny_base" not in fc:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from helpers.tiny_models import build_gptq_llama
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            from quantkit.api import quantize as qk_quantize
+            tiny = os.path.join(d, "tiny-f16.gguf")
+            qk_quantize(str(build_gptq_llama(__import__("pathlib").Path(d))), tiny, format="gguf:f16",
+                        show_progress=False)
+            fc["tiny_base"] = prf.tiny_base(__file__, tiny)
+        save()
+    prf.add_imported(fc, files, [json.loads(open(p).read().strip().splitlines()[-1]) for p in a.import_case])
+    if not a.replan:
+        prf.run_full(__file__, fc, files, [int(x) for x in a.ctxs.split(",")], a.runtimes.split(","), save)
+    prf.replan(fc)
+    save()
+    write_markdown(results)
+
+
 def finish(results: dict) -> None:
     order = {t: i for i, t in enumerate(TYPES)}
     results["cases"].sort(key=lambda c: (order.get(c["format"], 99), c["n_ctx"]))
@@ -361,8 +417,10 @@ def write_markdown(r: dict) -> None:
     lines += [
         "",
         "Vocabulary and process base in the RSS plan are measured constants: "
-        f"{r['vocab_only_rss'] / 1e6:.1f} MB for the 262,144-token vocabulary (vocab_only load), "
-        f"{r['base_rss'] / 1e6:.1f} MB for Python + llama_cpp.", "",
+        f"{r['vocab_only_rss'] / 1e6:.1f} MB for the 262,144-token vocabulary (vocab_only load); the process base is "
+        "llama-cpp-python's after a run on a near-weightless model (next subsection; "
+        f"{r['base_rss'] / 1e6:.1f} MB after `import llama_cpp` alone). These cases evaluate a short prompt with "
+        "`Llama.eval` and sample nothing; the plan counts the sampler's candidates (3.1 MB) all the same.", "",
     ]
     if wf:
         lines += [
@@ -498,6 +556,9 @@ def write_markdown(r: dict) -> None:
                          f"| {mb(c['planned_peak_rss'])} / {mb(c['measured_peak_rss'])} "
                          f"| {pct(c['planned_peak_rss'], c['measured_peak_rss'])} |")
         lines.append("")
+    if r.get("full_context", {}).get("cases"):
+        import plan_rss_full as prf
+        lines += prf.markdown(r["full_context"])
     lines.append("")
     path = os.path.join(REPO, "BENCHMARKS.md")
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"

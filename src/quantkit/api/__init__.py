@@ -176,7 +176,9 @@ def quantize_dynamic(model, output, quantize_embeddings: bool = False, kernel: s
 
 def plan(model, **options):
     """Memory, fit and speed of MODEL (a .gguf, .safetensors, HF directory or built-in name);
-    options are quantkit.plan.planner.PlanOptions fields (devices=["rtx-3060"], n_ctx=4096, ...)."""
+    options are quantkit.plan.planner.PlanOptions fields (devices=["rtx-3060"], n_ctx=4096, ...);
+    runtime="llama-cpp-python" or "llama-server" plans that front end's resident memory (its
+    defaults: the server's 4 slots, unified cache, flash attention and context checkpoint)."""
     from ..plan.planner import PlanOptions, plan as _plan
     return _plan(model, PlanOptions(**options))
 

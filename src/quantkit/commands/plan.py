@@ -49,7 +49,8 @@ def render(p) -> str:
         mem_rows.append([r.format, _gib(x.weights), _gib(x.kv), _gib(x.compute), _gib(x.output + x.overhead_cpu),
                          _gib(x.total), "-" if r.cpu_resident is None else _gib(r.cpu_resident),
                          f"{r.bytes_per_token / 1e6:.0f}"])
-    out.append(f"Memory (GiB) at context {p.n_ctx} x batch {p.options.batch}, runtime {p.options.runtime}:")
+    out.append(f"Memory (GiB) at context {p.n_ctx} x batch {p.options.batch}, runtime {p.options.runtime}"
+               + (f" ({p.options.process})" if p.options.runtime == "llama.cpp" else "") + ":")
     out.append(_table(["format", "weights", "KV", "compute", "other", "total", "RSS (CPU)", "MB read/token"], mem_rows))
     out.append("")
     out.append("Fit and decode speed (expected tokens/s; 'N/M layers' = partial GPU offload):")
@@ -116,9 +117,10 @@ def run(args) -> int:
                     rank=args.rank, lora_targets=args.lora_targets, images=args.images)
     p = plan(args.model, o)
     budgets = []
-    if args.device and args.runtime == "llama.cpp" and args.batch == 1:
+    if args.device and args.runtime != "torch" and args.batch == 1:
         from ..plan.fit import largest_budgets, render_budgets
-        budgets = largest_budgets(p.model, args.model, args.device, p.n_ctx, args.kv_type, args.ram)
+        budgets = largest_budgets(p.model, args.model, args.device, p.n_ctx, args.kv_type, args.ram,
+                                  runtime=p.options.process)
     if args.json:
         json.dump(p.to_dict() | ({"budgets": budgets} if budgets else {}), sys.stdout, indent=2)
         print()
@@ -144,7 +146,10 @@ def register(sub) -> None:
     p.add_argument("--images", type=v.int_arg(), default=1, metavar="N",
                    help="vision-language model: images in the context, each adding its tokens (default 1)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (llama.cpp)")
-    p.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "torch"])
+    p.add_argument("--runtime", default="llama.cpp", choices=["llama.cpp", "llama-cpp-python", "llama-server", "torch"],
+                   help="llama.cpp (the RSS column as llama-cpp-python holds it), a llama.cpp front end "
+                        "(llama-cpp-python, llama-server: its process, defaults and buffers in the RSS column "
+                        "and in --device's largest budget) or torch")
     p.add_argument("--format", action="append", metavar="F[,F...]", type=v.str_arg(1000),
                    help="formats to plan (default: common GGUF types, or GPU formats with --runtime torch): "
                         "recipes as `quantize --format` takes them (q4_k_m or gguf:q4_k_m, gptq:w4g128) or "

@@ -26,7 +26,7 @@ N_UBATCH = 512          # llama.cpp / llama-cpp-python default physical batch
 # Runtime overheads that are not tensors: estimates, replaced by measurement in BENCHMARKS.md.
 # llama.cpp on CPU: the process itself. Measured: RSS of a Python process after
 # `import llama_cpp`, before loading a model, 44.0 MB (benchmarks/plan_vs_measured.py).
-LLAMACPP_CPU_BASE = 42 * MIB
+LLAMACPP_CPU_BASE = 46_768_128
 # A CUDA context with cuBLAS workspace typically holds 250-500 MiB of VRAM; we plan 400 MiB.
 CUDA_CONTEXT = 400 * MIB
 # torch on CPU: RSS of a process that has imported torch, transformers, quantkit's runtime and the
@@ -114,6 +114,7 @@ class KVCache:
     bytes_per_cell_layer: int    # K + V of one token in one layer
     per_layer: list[int]         # bytes, layer by layer
     total: int
+    swa_full: bool = False       # sliding-window layers keep the full context (no window cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,7 +156,7 @@ def kv_cache(m: ModelShape, n_ctx: int, batch: int = 1, kv_type: str = "f16", ru
         cells_swa = batch * min(n_ctx, m.sliding_window or n_ctx)
     per_layer = [row * (cells_swa if s else cells_full) for s in swa]
     return KVCache(kv_type, cells_full, cells_swa, sum(1 for s in swa if not s), sum(1 for s in swa if s),
-                   row, per_layer, sum(per_layer))
+                   row, per_layer, sum(per_layer), swa_full)
 
 
 # ---------------------------------------------------------------- compute buffers, overhead
@@ -353,27 +354,101 @@ def training(m: ModelShape, mode: str, seq_len: int, batch: int = 1, rank: int =
 # and on ARM; the mmap'd original pages stay resident too. token_embd is only read by
 # GET_ROWS, which the repacked layout does not serve, so it is not copied.
 CPU_REPACK_TYPES = {"q4_0", "q4_k", "iq4_nl"}
-# What a llama.cpp process holds besides buffers: Python + llama_cpp loaded (LLAMACPP_CPU_BASE)
-# and the vocabulary (token strings, maps, piece cache), per token of the vocabulary.
+# The vocabulary llama.cpp holds (token strings, maps, piece cache), per token of the vocabulary.
 # Measured with benchmarks/plan_vs_measured.py (vocab_only load); see BENCHMARKS.md.
 # Gemma-3's 262144 tokens: 46.3 MB, 177 bytes per token.
 VOCAB_BYTES_PER_TOKEN = 177
+# One llama_token_data (id, logit, p: 12 bytes) per vocabulary token: the candidates array a
+# sampler fills for every sampled token (llama_sampler_sample's std::vector; llama-server's
+# common_sampler keeps its own). Freed and reallocated each token, it stays in glibc's heap.
+SAMPLER_BYTES_PER_TOKEN = 12
+# llama-cpp-python splits a prompt into n_batch = 512 token batches; llama-server into n_batch = 2048
+# (common.h), each cut into n_ubatch = 512 token ubatches: the same 512-token ubatches either way.
+SERVER_N_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class LlamaProcess:
+    """What a llama.cpp front end holds besides the model's buffers, and the context settings it
+    passes by default. base: RSS of the process before a model is loaded plus the code pages a run
+    touches, measured (benchmarks/plan_vs_measured.py --full-context, BENCHMARKS.md)."""
+    name: str
+    base: int
+    flash_attn: bool          # the default: llama-cpp-python passes flash_attn=False; the server's
+    #                           "auto" resolves to on when the CPU backend runs the op (always)
+    n_seq: int                # sequences the KV cache and the output buffer are sized for
+    checkpoints: bool         # llama-server saves sliding-window cache states (context checkpoints)
+
+
+LLAMA_PROCESSES = {
+    # the same workload on a near-weightless model (2-layer llama, 1k vocabulary) less the planner's
+    # terms for it: 52.5 MB for Python + numpy + llama_cpp after a run (46.8 MB after the imports;
+    # a run adds the code pages it touches, threads, the bindings' arrays), 20.1 MB for llama-server
+    "llama-cpp-python": LlamaProcess("llama-cpp-python", 52_488_192, False, 1, False),
+    "llama-server": LlamaProcess("llama-server", 20_097_024, True, 4, True),
+}
+LLAMA_PROCESSES["llama.cpp"] = LLAMA_PROCESSES["llama-cpp-python"]
+
+
+def llama_process(runtime: str) -> LlamaProcess:
+    try:
+        return LLAMA_PROCESSES[runtime]
+    except KeyError:
+        raise QuantkitError(f"unknown llama.cpp runtime '{runtime}'",
+                            hint="llama-cpp-python or llama-server") from None
+
+
+def _ubatches(n_prompt: int) -> list[tuple[int, int]]:
+    """(tokens, end position) of the last two ubatches of an n_prompt-token prompt: the graphs
+    with the most KV cells to attend to."""
+    out = []
+    end = n_prompt
+    while end > 0 and len(out) < 2:
+        start = (end - 1) // N_UBATCH * N_UBATCH
+        out.append((end - start, end))
+        end = start
+    return out
+
+
+def llamacpp_compute_touched(m: ModelShape, n_prompt: int, flash_attn: bool = False,
+                             cells_full: int | None = None, cells_swa: int | None = None) -> dict[str, int]:
+    """Compute-buffer pages a prompt of n_prompt tokens touches, and the CPU backend's work buffer.
+
+    ggml-alloc places each ubatch's graph in the compute buffer (reserved for the worst case, a
+    full ubatch of outputs; only what a graph uses is touched), freeing a tensor after its last
+    use and running softmax, rope, norms and element-wise ops in place. The largest live set is
+    the attention step of a full-attention layer: the KQ masks (inputs, live through the graph: one
+    per attention kind, [n_kv, n_tokens], f32, f16 with flash attention), the residual stream, Q,
+    the scores KQ [n_kv, n_tokens, n_head] f32 and their product with V; or the FFN step: masks,
+    residual and normed input, gate and up [n_ff, n_tokens]. The work buffer (ggml_cplan) holds
+    the scores converted to f16 for the V product (f16 cache, no flash attention); freed and
+    reallocated larger for each ubatch, the previous one stays in glibc's heap while it is below
+    the 32 MiB mmap threshold [glibc]."""
+    swa = any(m.swa_layers())
+    full = cells_full if cells_full is not None else pad(n_prompt, KV_PAD)
+    win = cells_swa if cells_swa is not None else full
+    mask_b = 2 if flash_attn else 4
+    touched, works = 0, []
+    for n_tok, end in _ubatches(n_prompt):
+        n_kv = min(full, pad(end, KV_PAD))
+        n_kv_swa = min(win, pad(end, KV_PAD))
+        masks = (n_kv + (n_kv_swa if swa else 0)) * n_tok * mask_b
+        act = n_tok * m.n_embd * 4
+        q = n_tok * m.n_head * m.head_dim * 4
+        kq = 0 if flash_attn else n_kv * n_tok * m.n_head * 4
+        attn = masks + act + 2 * q + kq
+        ffn = masks + 2 * act + 2 * n_tok * m.n_ff * 4
+        touched = max(touched, attn, ffn, m.n_vocab * 4 + act)
+        works.append(0 if flash_attn else n_kv * n_tok * m.n_head * 2)
+    work = works[0] + (min(works[1], GLIBC_MMAP_THRESHOLD_MAX) if len(works) > 1 and works[1] < GLIBC_MMAP_THRESHOLD_MAX
+                       else 0)
+    return {"compute_touched": touched, "work": work}
 
 
 def cpu_repack_bytes(tensors: list[Tensor]) -> int:
     return sum(t.nbytes for t in tensors
                if t.type in CPU_REPACK_TYPES and len(t.shape) == 2 and t.shape[0] % 8 == 0
                and t.name != "token_embd.weight")
-
-
-def llamacpp_compute_touched(m: ModelShape, n_prompt: int) -> int:
-    """Compute-buffer pages a run actually touches: the graph of the largest ubatch used
-    (min(n_prompt, n_ubatch) tokens over pad(n_prompt, 256) cells, logits of one token)."""
-    ub = min(N_UBATCH, n_prompt)
-    n_kv = pad(n_prompt, KV_PAD)
-    act = ub * m.n_embd * 4
-    qkv = ub * (m.n_head + 2 * m.n_head_kv) * m.head_dim * 4
-    return max(m.n_vocab * 4 + 2 * act, ub * n_kv * m.n_head * 4 + qkv + 2 * act, 3 * ub * m.n_ff * 4 + 2 * act)
 
 
 def torch_cpu_forward(m: ModelShape, n_ctx: int, n_keep: int | None = None) -> dict[str, int]:
@@ -442,15 +517,44 @@ def torch_cpu_resident(m: ModelShape, tensors: list[Tensor], n_ctx: int, from_gg
     return torch_cpu_parts(m, tensors, n_ctx, from_gguf)["peak"]
 
 
-def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int) -> dict[str, int]:
-    """Peak RSS of a llama.cpp CPU process that evaluates n_prompt tokens, term by term (bytes):
-    mmap'd weights (all touched), repacked copies, the KV cache (cleared at start, so resident),
-    output buffer, touched compute pages, the vocabulary and the runtime itself."""
-    return {"weights": inf.weights, "repack": inf.repack, "kv": inf.kv, "output": inf.output,
-            "compute_touched": llamacpp_compute_touched(m, n_prompt),
-            "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN, "base": LLAMACPP_CPU_BASE, "vision": inf.vision}
+def process_kv(m: ModelShape, inf: "Inference", proc: LlamaProcess) -> KVCache:
+    """The KV cache as the front end sizes it: llama-server's n_seq slots share one unified cache of
+    n_ctx cells, and its sliding-window layers keep n_swa x n_seq + n_ubatch cells [kv-swa]."""
+    kv = inf.kv_detail
+    if proc.n_seq == 1 or kv.cells_swa >= kv.cells_full:
+        return kv
+    cells_swa = min(kv.cells_full, pad(m.sliding_window * proc.n_seq + min(N_UBATCH, kv.cells_full), KV_PAD))
+    per_layer = [kv.bytes_per_cell_layer * (cells_swa if s else kv.cells_full) for s in m.swa_layers()]
+    return KVCache(kv.kv_type, kv.cells_full, cells_swa, kv.n_full_layers, kv.n_swa_layers,
+                   kv.bytes_per_cell_layer, per_layer, sum(per_layer), kv.swa_full)
 
 
-def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int) -> int:
+def cpu_resident_parts(m: ModelShape, inf: "Inference", n_prompt: int,
+                       runtime: str = "llama-cpp-python") -> dict[str, int]:
+    """Peak RSS of a llama.cpp CPU process (llama-cpp-python or llama-server) that evaluates
+    n_prompt tokens and samples from the last, term by term (bytes): the process itself, mmap'd
+    weights (all touched), repacked copies, the KV cache (cleared at start, so resident), the
+    output buffer (logits of one token per sequence), the touched compute pages and the work
+    buffer (llamacpp_compute_touched), the sampler's candidates, the vocabulary; llama-server
+    adds its context checkpoints (tools/server/server-context.cpp): copies of the sequence's
+    sliding-window cells, the window's worth, that it saves before the batch that reaches the last
+    n_ubatch tokens of the prompt and again before the prompt's last few tokens (one checkpoint
+    when the prompt fits one n_batch = 2048 token batch, as the first batch has nothing to save)."""
+    proc = llama_process(runtime)
+    kv = process_kv(m, inf, proc)
+    comp = llamacpp_compute_touched(m, n_prompt, proc.flash_attn, kv.cells_full, kv.cells_swa)
+    n_swa = sum(m.swa_layers())
+    swa_state = 0
+    if proc.checkpoints and n_swa and not kv.swa_full:
+        n_ckpt = 2 if n_prompt > SERVER_N_BATCH else 1
+        swa_state = n_ckpt * n_swa * kv.bytes_per_cell_layer * min(kv.cells_swa, m.sliding_window, n_prompt)
+    return {"base": proc.base, "weights": inf.weights, "repack": inf.repack, "kv": kv.total,
+            "output": m.n_vocab * 4 * proc.n_seq, **comp, "sampler": m.n_vocab * SAMPLER_BYTES_PER_TOKEN,
+            "vocab": m.n_vocab * VOCAB_BYTES_PER_TOKEN,
+            "checkpoint": swa_state,
+            "vision": inf.vision}
+
+
+def cpu_resident(m: ModelShape, inf: "Inference", n_prompt: int, runtime: str = "llama-cpp-python") -> int:
     """Peak RSS of a llama.cpp CPU process that evaluates n_prompt tokens (cpu_resident_parts)."""
-    return sum(cpu_resident_parts(m, inf, n_prompt).values())
+    return sum(cpu_resident_parts(m, inf, n_prompt, runtime).values())

@@ -27,7 +27,7 @@ class PlanOptions:
     n_ctx: int | None = None            # default: min(4096, n_ctx_train)
     batch: int = 1
     kv_type: str = "f16"
-    runtime: str = "llama.cpp"
+    runtime: str = "llama.cpp"          # or a llama.cpp front end: llama-cpp-python, llama-server
     formats: list[str] | None = None
     swa_full: bool = False
     flash_attn: bool = False
@@ -36,10 +36,16 @@ class PlanOptions:
     rank: int = 16
     lora_targets: str = "q,k,v,o,gate,up,down"
     images: int = 1                     # vision-language model: images in the context, each adds its tokens
+    process: str = "llama-cpp-python"   # the llama.cpp front end whose resident memory is planned
 
     def validate(self) -> None:
+        if self.runtime in ("llama-cpp-python", "llama-server"):
+            # a front end of llama.cpp: its defaults (llama-server: flash attention on, 4 slots)
+            self.process, self.runtime = self.runtime, "llama.cpp"
+            self.flash_attn = self.flash_attn or memory.llama_process(self.process).flash_attn
         if self.runtime not in ("llama.cpp", "torch"):
-            raise QuantkitError(f"unknown runtime '{self.runtime}'", hint="llama.cpp or torch")
+            raise QuantkitError(f"unknown runtime '{self.runtime}'",
+                                hint="llama.cpp, llama-cpp-python, llama-server or torch")
         if self.kv_type not in ("f16", "q8_0", "q4_0", "bf16", "f32"):
             raise QuantkitError(f"unknown --kv-type '{self.kv_type}'", hint="f16, q8_0 or q4_0")
         if self.ram_gb is not None and not (0 < self.ram_gb < 100_000):
@@ -198,7 +204,7 @@ def _row(m: ModelShape, o: PlanOptions, f: formats.Format, n_ctx: int, src: list
         r = ram if ram else (host.total_memory if d.is_gpu else d.total_memory)
         cells.append(_fit(m, inf, d, host, r, bpt_w, bpt_kv, flops, eff, cal))
     if o.runtime == "llama.cpp":
-        rss = memory.cpu_resident(m, inf, n_ctx * o.batch)
+        rss = memory.cpu_resident(m, inf, n_ctx * o.batch, o.process)
     elif f.name == "fp32" and o.batch == 1:
         # quantkit's torch runtime on a CPU runs float32: loading, then scoring one n_ctx chunk
         from_gguf = m.source.startswith("GGUF header")
@@ -215,6 +221,7 @@ def _assumptions(m: ModelShape, o: PlanOptions, n_ctx: int, devs: list[Device], 
     calibrated = any(d.name == hardware.CALIBRATED_CPU for d in devs)
     assumptions = [
         f"context {n_ctx} tokens x batch {o.batch}, KV cache {o.kv_type}, runtime {o.runtime}"
+        + (f" ({o.process})" if o.runtime == "llama.cpp" else "")
         + (", flash attention" if o.flash_attn else ", no flash attention"),
         f"KV cache: {sum(1 for s in swa if not s)} full-attention layers, {sum(swa)} sliding-window layers"
         + (f" (window {m.sliding_window}, {'full-size cache' if o.swa_full else 'window-sized cache'}) [kv-swa]" if any(swa) else ""),
@@ -227,10 +234,16 @@ def _assumptions(m: ModelShape, o: PlanOptions, n_ctx: int, devs: list[Device], 
         f"speed at a half-full context ({max(1, n_ctx // 2)} tokens); expected = bound x efficiency "
         f"(CPU {eff.decode_cpu}, GPU {eff.decode_gpu}, Apple {eff.decode_apple}; prompt {eff.prompt}) [speed]",
         "'total' is what llama.cpp allocates (fit decisions use it); 'RSS' is the expected peak resident memory "
-        "on a CPU: mmap'd weights, repacked copies, KV, touched compute pages, vocabulary, process",
+        f"on a CPU of {o.process if o.runtime == 'llama.cpp' else 'quantkit eval'} with the prompt filling the context: "
+        "mmap'd weights, repacked copies, KV, touched compute pages and work buffer, sampler, vocabulary, process"
+        + (" and its context checkpoints" if o.process == "llama-server" else ""),
         "compute buffer is an estimate [compute]; weights are exact from "
         + ("the file header" if m.stored_format else "the config") + " [mix] [gptq]",
     ]
+    if o.runtime == "llama.cpp" and o.process == "llama-cpp-python" and any(swa) and not o.swa_full:
+        assumptions.append("llama-cpp-python: planned with Llama(..., swa_full=False); left unset it passes the C "
+                           "API's default, swa_full=true (a full-size cache for sliding-window layers): plan that "
+                           "with --swa-full")
     if any(r.format in formats.IQ_FTYPES for r in rows):
         assumptions.append(formats.IQ_NOTE)
     if calibrated:
