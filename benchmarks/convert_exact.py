@@ -143,7 +143,7 @@ def llama_path(ck: str, ftype: str, imatrix_chunks: int = 0) -> tuple[str, dict]
         if r.returncode:
             raise SystemExit(f"convert_hf_to_gguf failed: {r.stderr[-2000:]}")
         times["convert_hf_to_gguf_s"] = round(time.perf_counter() - t0, 1)
-    out = f"{ck}-llama-{ftype}{'-imatrix' if imatrix_chunks else ''}.gguf"
+    out = f"{ck}-llama-{ftype}{f'-imatrix{imatrix_chunks}' if imatrix_chunks else ''}.gguf"
     if not os.path.exists(out):
         cmd = [os.path.join(BIN, "llama-quantize")]
         if imatrix_chunks:

@@ -176,7 +176,7 @@ def test_solved_path_beats_dequantize_then_rtn(ckpts, tmp_path, data_dir, spec, 
     d = tmp_path / "ck"
     rewrite_gptq(ckpts(spec), d, permute_groups=permute)
     solved = tmp_path / "solved.gguf"
-    rep = convert_to_gguf(str(d), str(solved), ft, nsamples=16, seqlen=128, show_progress=False)
+    rep = convert_to_gguf(str(d), str(solved), ft, nsamples=16, seqlen=128, keep_codes=False, show_progress=False)
     linears = {n: t for n, t in rep.tensors.items() if t.path != "float"}
     assert {t.path for t in linears.values()} == {"gptq"} and rep.n_gptq == len(linears) == 14
     assert all(note in t.note for t in linears.values())
