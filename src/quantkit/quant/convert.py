@@ -42,6 +42,7 @@ from ..models.quantized_source import QuantizedHFSource, SourceGrid, describe_co
 from ..recipe import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..util.errors import QuantkitError
 from ..util.memory import map_large
+from ..util.progress import progress
 from .convert_kquant import CODE_FORMATS, codes_blocks
 from .driver import StreamingModel, quantize_blocks
 from .gguf_export import export_gguf, plan_gguf
@@ -158,14 +159,14 @@ def _gguf_rows(src: QuantizedHFSource, name: str, rows: torch.Tensor) -> np.ndar
 
 
 def plan_paths(src: QuantizedHFSource, plan, exact: bool = False,
-               keep_codes: bool = True) -> tuple[dict[str, TensorPath], dict, float]:
+               keep_codes: bool = True, show_progress: bool = False) -> tuple[dict[str, TensorPath], dict, float]:
     """Each tensor's path, the exact (and codes-kept) tensors' bytes, and the largest minimum
     rounding. keep_codes False: K-quants are solved by GPTQ even where the codes would fit."""
     paths: dict[str, TensorPath] = {}
     exact_data: dict[str, np.ndarray] = {}
     worst = 0.0
     refused: dict[str, list[str]] = {}
-    for name, _, target in plan:
+    for name, _, target in progress(plan, desc="exact / codes-kept tensors", unit="tensor", disable=not show_progress):
         grid = src.grid(name)
         if grid is None:
             paths[name] = TensorPath("float", target)
@@ -239,7 +240,7 @@ def convert_to_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, file_t
     try:
         _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
                             output_tensor_type=output_tensor_type)
-        paths, exact_data, worst = plan_paths(src, plan, exact, keep_codes)
+        paths, exact_data, worst = plan_paths(src, plan, exact, keep_codes, show_progress)
         solve = {n for n, p in paths.items() if p.path == "gptq"}
         if not solve:
             res = export_gguf(src, out, file_type, plan=plan, precomputed=exact_data.get,
