@@ -1,6 +1,7 @@
-"""A quantized checkpoint's codes kept in K-quant blocks (quant.convert_kquant): decoded by
-llama.cpp's own to_float, every value within the reported scale-rounding bound of the
-checkpoint's, the codes equal to the checkpoint's, and the error far below the solved path's."""
+"""A quantized checkpoint's codes kept in K-quant blocks (Q4_K, Q5_K, Q6_K, Q3_K;
+quant.convert_kquant): decoded by llama.cpp's own to_float, every value within the reported
+scale-rounding bound of the checkpoint's, the codes equal to the checkpoint's, and the error far
+below the solved path's."""
 
 import os
 
@@ -19,7 +20,7 @@ from helpers.ggml_reference import ggml_dequantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FORMATS = {"q4_k": kquants.Q4_K, "q5_k": kquants.Q5_K, "q6_k": kquants.Q6_K}
+FORMATS = {"q4_k": kquants.Q4_K, "q5_k": kquants.Q5_K, "q6_k": kquants.Q6_K, "q3_k": kquants.Q3_K}
 
 
 @pytest.fixture(scope="module")
@@ -42,34 +43,37 @@ def _gguf_order(src, name, t):
 
 
 @pytest.mark.parametrize("spec,ft", [("gptq:w4g128", "q4_k_m"), ("gptq:w4g64-asym", "q4_k_m"),
-                                     ("gptq:w4g32-asym", "q5_k_m"), ("gptq:w4g128", "q6_k")])
+                                     ("gptq:w4g32-asym", "q5_k_m"), ("gptq:w4g128", "q6_k"),
+                                     ("gptq:w3g32", "q3_k_s")])
 def test_codes_kept_decode_in_llama_cpp_within_the_scale_bound(ck, tmp_path, spec, ft):
     d = ck(spec)
     out = tmp_path / "o.gguf"
     rep = convert_to_gguf(str(d), str(out), ft, show_progress=False)
     lin = {n: t for n, t in rep.tensors.items() if t.path != "float"}
     assert {t.path for t in lin.values()} == {"codes"} and rep.n_gptq == 0
-    assert {t.type for t in lin.values()} >= ({"q6_k"} if ft == "q6_k" else {"q4_k" if ft == "q4_k_m" else "q5_k"})
+    assert {t.type for t in lin.values()} >= {{"q4_k_m": "q4_k"}.get(ft, ft[:4])}
     # the 6-bit (Q4_K/Q5_K) or int8 (Q6_K) scales: measured worst 0.6% / 0.3% of the scale and
     # 0.06 / 0.03 of a step on the values
-    # the 6-bit (Q4_K/Q5_K) or int8 (Q6_K) scales rounded: worst relative scale error measured
-    # 0.8% (g128), 0.9% (g64), 1.6% (g32: eight scales per super-block) and 0.37% (Q6_K); the
-    # worst value 0.06 / 0.11 / 0.21 / 0.027 of the checkpoint's step
-    assert 0 < rep.max_scale_error < (0.005 if ft == "q6_k" else 0.02)
-    assert rep.max_value_error < (0.04 if ft == "q6_k" else 0.25)
+    # the 6-bit (Q4_K/Q5_K), int8 (Q6_K) or signed 6-bit (Q3_K) scales rounded: worst relative
+    # scale error measured 0.8% (g128), 0.9% (g64), 1.6% (g32: eight scales per super-block),
+    # 0.37% (Q6_K), 3.9% (3-bit g32 -> Q3_K: sixteen scales on 1..31); the worst value 0.06 /
+    # 0.11 / 0.21 / 0.027 / 0.13 of the checkpoint's step
+    assert 0 < rep.max_scale_error < {"q6_k": 0.005, "q3_k_s": 0.06}.get(ft, 0.02)
+    assert rep.max_value_error < {"q6_k": 0.04, "q3_k_s": 0.2}.get(ft, 0.25)
     with QuantizedHFSource(str(d)) as src, GGUFSource(str(out)) as g:
         for name, p in lin.items():
             raw, typ = g.raw(name)
             shape = g.tensor_info(name).shape
             grid = src.grid(name)
-            dec = torch.from_numpy(ggml_dequantize(typ, np.asarray(raw), shape[-1]))
+            raw = np.array(raw)
+            dec = torch.from_numpy(ggml_dequantize(typ, raw, shape[-1]))
             want = src.load(name)
             step = _gguf_order(src, name, grid.column_scales())
             diff = ((dec.reshape(want.shape) - want).abs() / step).max().item()
             assert diff <= p.value_error * (1 + 1e-5) + 1e-6, name
             fmt = FORMATS[p.type]
-            codes = fmt.unpack(torch.from_numpy(np.asarray(raw)).reshape(-1, fmt.layout.type_size)).int()
-            q = _gguf_order(src, name, grid.q if fmt is not kquants.Q6_K else grid.q - grid.column_zeros() + 32)
+            codes = fmt.unpack(torch.from_numpy(raw).reshape(-1, fmt.layout.type_size)).int()
+            q = _gguf_order(src, name, grid.q if fmt.off == 0 else grid.q - grid.column_zeros() + fmt.off)
             assert torch.equal(codes.reshape(q.shape), q.int()), name
 
 
@@ -119,7 +123,8 @@ def test_codes_refused_where_they_do_not_fit():
     assert "not a multiple of 32" in codes_blocks(_grid(q, s, z, 16), "q4_k").reason
     assert codes_blocks(_grid(q, s, z, 16), "q6_k").data is not None        # sub-blocks of 16
     assert "super-blocks of 256" in codes_blocks(_grid(q[:, :128], s[:, :8], z[:, :8], 16), "q6_k").reason
-    assert "Q3_K cannot keep" in codes_blocks(_grid(q, s, z, 16), "q3_k").reason
+    assert "Q2_K cannot keep" in codes_blocks(_grid(q, s, z, 16), "q2_k").reason
+    assert "outside Q3_K's -4..3" in codes_blocks(_grid(q, s, z, 16), "q3_k").reason      # 4-bit codes
     g_idx = torch.arange(256).flip(0) // 16
     perm = SourceGrid(bits=4, group_size=16, sym=False, scales=s, scale_dtype=torch.float16, q=q, zeros=z, g_idx=g_idx)
     assert "act-order" in codes_blocks(perm, "q6_k").reason

@@ -12,7 +12,7 @@ written by one of four paths:
              8 bits -> Q8_0). Q4_1 / Q5_1 take a grid of up to 4 / 5 bits with d = s and the
              minimum m = -z * s rounded to fp16: equal within that rounding (the largest
              difference is reported; 0 for symmetric sources, where -8 s is an fp16 value).
-    codes    K-quants (Q4_K, Q5_K, Q6_K) where the codes fit and the groups are whole
+    codes    K-quants (Q4_K, Q5_K, Q6_K, Q3_K) where the codes fit and the groups are whole
              sub-blocks: the checkpoint's codes are kept and only the block scales (and minima)
              are rounded onto the type's two-level scale grid (quant.convert_kquant); the largest
              relative scale error and value error (in the checkpoint's steps) are reported.

@@ -1,4 +1,4 @@
-"""A quantized checkpoint's integer codes kept as they are in K-quant blocks (Q4_K, Q5_K, Q6_K).
+"""A quantized checkpoint's integer codes kept as they are in K-quant blocks (Q4_K ... Q3_K).
 
 A checkpoint value is s * (c - z): codes c in 0..2^bits - 1, an fp16 scale s and zero z per
 group. The K-quants store value = d * sc[j] * (L - off) - dmin * m[j] per sub-block j (fp16 d
@@ -9,6 +9,8 @@ unchanged where the source's groups are made of whole sub-blocks:
                  sc, m 6-bit (0..63), 8 sub-blocks of 32.
     Q6_K         L = c - z + 32 (c - z within -32..31), d * sc[j] ~ s; sc int8, 16 sub-blocks
                  of 16, no minimum.
+    Q3_K         L = c - z + 4 (c - z within -4..3: 3-bit symmetric or 2-bit sources), d * sc[j] ~ s;
+                 sc 6-bit signed (stored + 32), 16 sub-blocks of 16, no minimum.
 
 The only error left is the rounding of the scales (and minima) onto that two-level grid, not a
 re-rounding of every weight. Per super-block, d is chosen among fp16(s_j / k) for every
@@ -31,7 +33,8 @@ from ..codecs import kquants
 from ..codecs.bits import fp16
 from ..models.quantized_source import SourceGrid
 
-CODE_FORMATS = {"q4_k": kquants.Q4_K, "q5_k": kquants.Q5_K, "q6_k": kquants.Q6_K}
+CODE_FORMATS = {"q4_k": kquants.Q4_K, "q5_k": kquants.Q5_K, "q6_k": kquants.Q6_K, "q3_k": kquants.Q3_K}
+SIGNED = {"q6_k": 127, "q3_k": 31}      # no minimum: codes c - z + off; the largest scale integer
 QK = kquants.QK_K
 CHUNK = 2048                     # super-blocks per step of the scale search
 
@@ -55,6 +58,15 @@ def pack_scale_min_k4(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     mid = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
     hi = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
     return torch.cat([lo, mid, hi], dim=1)
+
+
+def pack_scales_q3k(sc: torch.Tensor) -> torch.Tensor:
+    """Signed 6-bit scales sc [n, 16] (-32..31) -> Q3_K's 12 scale bytes: the low nibbles of
+    scales j and j + 8 share byte j, the high 2 bits of scale 4k + i sit at bits 2k of byte 8 + i."""
+    v = (sc + 32).to(torch.uint8)
+    lo, hi = v & 0xF, v >> 4
+    high = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
+    return torch.cat([lo[:, :8] | (lo[:, 8:] << 4), high], dim=1)
 
 
 def _ints(target: torch.Tensor, d: torch.Tensor, kmax: int) -> torch.Tensor:
@@ -91,14 +103,14 @@ def _encode_chunk(fmt, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, w: tor
     n, nsub = s.shape
     lay = fmt.layout
     out = torch.zeros(n, lay.type_size, dtype=torch.uint8)
-    if fmt is kquants.Q6_K:
+    if fmt.name in SIGNED:
         v = (q - z.repeat_interleave(fmt.sub, 1))
         e2 = (w * v * v).reshape(n, nsub, fmt.sub).sum(2)
-        db, d, sc = _pick(s, 127, lambda a: ((a - s) ** 2 * e2).sum(1))
+        db, d, sc = _pick(s, SIGNED[fmt.name], lambda a: ((a - s) ** 2 * e2).sum(1))
         a, b = d[:, None] * sc, torch.zeros_like(s)
-        out[:, lay.scales] = sc.to(torch.int8).view(torch.uint8)
+        out[:, lay.scales] = sc.to(torch.int8).view(torch.uint8) if fmt is kquants.Q6_K else pack_scales_q3k(sc)
         out[:, lay.d] = db
-        L = v + 32
+        L = v + fmt.off
     else:
         qs, ws = q.reshape(n, nsub, fmt.sub), w.reshape(n, nsub, fmt.sub)
         s0, s1, s2 = ws.sum(2), (ws * qs).sum(2), (ws * qs * qs).sum(2)
@@ -118,10 +130,10 @@ def _encode_chunk(fmt, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, w: tor
         out[:, lay.scales] = pack_scale_min_k4(sc, m)
         L = q
     out[:, fmt.codes] = fmt.pack(L.to(torch.uint8))
-    cmax = q.reshape(n, nsub, fmt.sub).amax(2) if fmt is not kquants.Q6_K else \
+    cmax = q.reshape(n, nsub, fmt.sub).amax(2) if fmt.name not in SIGNED else \
         (q - z.repeat_interleave(fmt.sub, 1)).abs().reshape(n, nsub, fmt.sub).amax(2)
     scale_err = float(((a - s).abs() / s).max()) if n else 0.0
-    if fmt is kquants.Q6_K:
+    if fmt.name in SIGNED:
         value_err = ((a - s).abs() * cmax / s)
     else:
         cmin = q.reshape(n, nsub, fmt.sub).amin(2)
@@ -151,10 +163,11 @@ def codes_blocks(grid: SourceGrid, type_name: str, weights: torch.Tensor | None 
     if not (torch.isfinite(s).all() and bool((s > 0).all())):
         return CodesResult(None, "scales that are not positive finite numbers")
     q = grid.q.float()
-    if fmt is kquants.Q6_K:
+    if fmt.name in SIGNED:
         v = q.reshape(out_f, -1, fmt.sub) - z[..., None]
-        if v.numel() and (float(v.min()) < -32 or float(v.max()) > 31):
-            return CodesResult(None, f"codes q - z span {int(v.min())}..{int(v.max())}, outside Q6_K's -32..31")
+        if v.numel() and (float(v.min()) < -fmt.off or float(v.max()) > fmt.nmax - fmt.off):
+            return CodesResult(None, f"codes q - z span {int(v.min())}..{int(v.max())}, outside "
+                                     f"{type_name.upper()}'s {-fmt.off}..{fmt.nmax - fmt.off}")
     elif q.numel() and float(q.max()) > fmt.nmax:
         return CodesResult(None, f"{grid.bits}-bit codes do not fit {type_name.upper()}'s 0..{fmt.nmax}")
     nsub = QK // fmt.sub
