@@ -343,6 +343,8 @@ def part_llmc() -> dict:
         with open(script, "w") as f:
             f.write(LLMC_SCRIPT)
         res["llm_compressor"] = timed([py, script, w("f32-hf"), ck], ck + ".log")
+    if not os.path.exists(os.path.join(ck, "tokenizer.model")):    # save_pretrained writes tokenizer.json only
+        shutil.copy(w("f32-hf", "tokenizer.model"), ck)
     if not os.path.exists(gg):
         t0 = time.perf_counter()
         rep = convert_to_gguf(ck, gg, "q4_0", exact=True, show_progress=False)
