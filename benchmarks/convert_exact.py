@@ -15,13 +15,26 @@ against llama.cpp's own path, side by side in one run per part.
              llama-imatrix on the same N x 512 calibration tokens and llama-quantize --imatrix);
              KL divergence to the checkpoint's weights (F32 GGUF, llama.cpp) on wikitext-2 test
              and SST-2 dev
+  codes      checkpoint -> Q4_K_M keeping the checkpoint's codes in Q4_K / Q6_K blocks (only the
+             block scales and minima rounded; the 640-wide rows take the exact Q5_0 / Q8_0 path);
+             no calibration. Against llama.cpp's path with imatrices of N and 4 x 512 tokens, the
+             earlier GPTQ-solved file (4 x 512) and dequantize-then-RTN; KL divergence as in solved
+  iq4        checkpoint -> IQ4_XS solved by GPTQ onto IQ4_XS / IQ4_NL (N x 512 calibration) against
+             convert_hf_to_gguf.py + llama-imatrix (same N x 512 tokens) + llama-quantize IQ4_XS
+  count      the exact files' dequantized values against the checkpoints' (q - z) * s: differing
+             values, the largest difference, and (Q4_1) how many lie beyond the fp16 rounding of
+             the minimum
+  llmc       an llm-compressor checkpoint (its W4A16 scheme: symmetric 4-bit g128, round to nearest
+             by QuantizationModifier, saved pack-quantized) of the F32 model exported to Hugging
+             Face (the roundtrip part's f32-hf), written by llm-compressor from a separate venv
+             (LLMC_PY, default ~/.cache/quantkit/llmc-venv), then -> Q4_0 with --exact: differing values
   qat        a QAT stand-in (the F32 weights of every Q4_0 tensor projected onto Q4_0 blocks
              whose largest magnitude sits on code 5, 6 or 7): quantkit --qat against
              llama-quantize Q4_0: blocks reproduced exactly, KL divergence to the stand-in
   roundtrip  F32 GGUF -> Hugging Face (hf:f32) -> F32 GGUF: identical tensors; the exported
              tokenizer's ids against llama.cpp's on both texts
 
-    python benchmarks/convert_exact.py --part prepare|exact|solved|qat|roundtrip [--chunks 4] [--ck-method rtn]
+    python benchmarks/convert_exact.py --part prepare|exact|solved|codes|iq4|count|llmc|qat|roundtrip [--chunks 4]
 Results: benchmarks/results/convert_exact.json (one key per part).
 """
 
@@ -143,7 +156,7 @@ def llama_path(ck: str, ftype: str, imatrix_chunks: int = 0) -> tuple[str, dict]
         if r.returncode:
             raise SystemExit(f"convert_hf_to_gguf failed: {r.stderr[-2000:]}")
         times["convert_hf_to_gguf_s"] = round(time.perf_counter() - t0, 1)
-    out = f"{ck}-llama-{ftype}{'-imatrix' if imatrix_chunks else ''}.gguf"
+    out = f"{ck}-llama-{ftype}{f'-imatrix{imatrix_chunks}' if imatrix_chunks else ''}.gguf"
     if not os.path.exists(out):
         cmd = [os.path.join(BIN, "llama-quantize")]
         if imatrix_chunks:
@@ -170,28 +183,39 @@ def kld(models: list[str], ref: str, texts=None, chunks: int = 4) -> dict:
     return out
 
 
-def compare_dequantized(ck: str, gguf: str) -> dict:
-    """Values of every exact tensor: the GGUF's dequantization against the checkpoint's."""
-    import torch
+def compare_dequantized(ck: str, gguf: str, minimum_bound: bool = False) -> dict:
+    """Values of every exact tensor: the GGUF's dequantization against the checkpoint's; with
+    minimum_bound, also the values farther from it than the fp16 rounding of their block's
+    minimum -z*s (Q4_1: value = d*q + fp16(m))."""
     from quantkit.models.gguf import GGUFSource
     from quantkit.models.quantized_source import QuantizedHFSource
-    n = differ = 0
+    n = differ = beyond = 0
     worst = 0.0
     with QuantizedHFSource(ck) as src, GGUFSource(gguf) as g:
         for t in g.tensors():
-            if src.grid(t.name) is None:
+            grid = src.grid(t.name)
+            if grid is None:
                 continue
             a, b = src.load(t.name), g.load(t.name)
             n += a.numel()
             differ += int((a != b).sum())
             worst = max(worst, float((a - b).abs().max()))
-    return {"values": n, "differing": differ, "max_abs_diff": worst}
+            if minimum_bound:           # the grid's rows are in HF order: Gemma's q/k are not permuted
+                m = -grid.column_zeros().float() * grid.column_scales()
+                bound = (m.half().float() - m).abs()
+                slack = 1.2e-7 * (b.abs() + m.abs().reshape(b.shape))     # the fp32 sum d*q + fp16(m)
+                beyond += int(((a - b).abs() > bound.reshape(b.shape) + slack).sum())
+    out = {"values": n, "differing": differ, "max_abs_diff": worst}
+    if minimum_bound:
+        out["beyond_fp16_rounding_of_minimum"] = beyond
+    return out
 
 
 def part_exact() -> dict:
     from quantkit.quant.convert import convert_to_gguf
     out = {}
-    for spec, ft in (("gptq:w4g128", "q4_0"), ("gptq:w4g128-asym", "q4_1")):
+    pairs = (("gptq:w4g128", "q4_0"), ("gptq:w4g128-asym", "q4_1"))
+    for spec, ft in pairs if os.environ.get("CONVERT_ALL") else pairs[1:]:      # sym: measured by part exact
         ck = w(spec.replace(":", "-"))
         gg = f"{ck}-{ft}.gguf"
         row = {}
@@ -230,6 +254,103 @@ def part_solved(chunks: int) -> dict:
     save("solved", res)
     res["kld_vs_checkpoint"] = kld([ours, theirs, rtn], deq)
     save("solved", res)
+    return res
+
+
+def part_codes(chunks: int) -> dict:
+    ck = w("gptq-w4g128")
+    deq = checkpoint_f32(ck)
+    ours = ck + "-q4_k_m-codes.gguf"
+    res: dict = {"machine": machine()}
+    res["quantkit_codes"] = logged(ours + ".log")
+    if not os.path.exists(ours):
+        res["quantkit_codes"] = quantkit(["quantize", ck, "--format", "gguf:q4_k_m", "--json", "-o", ours],
+                                         ours + ".log")
+    rep = summary(ours + ".log")
+    res["quantkit_codes"].update({k: rep[k] for k in ("paths", "max_scale_error", "max_value_error")})
+    res["quantkit_codes"]["types"] = sorted({t["type"] + " " + t["path"] for t in rep["tensors"].values()})
+    models = {"codes": ours}
+    if os.environ.get("CONVERT_ALL"):   # the files part solved measured (same evaluation, deterministic)
+        models.update({"gptq_4": ck + "-q4_k_m.gguf", "rtn": ck + "-rtn-q4_k_m.gguf"})
+    for n in sorted({chunks, 4} if os.environ.get("CONVERT_ALL") else {chunks}):
+        models[f"llama_imatrix_{n}"], t = llama_path(ck, "q4_k_m", imatrix_chunks=n)
+        res[f"llama_imatrix_{n}"] = {**t, "imatrix": logged(ck + f"-imatrix-{n}.dat.log"),
+                                     "quantize": logged(models[f"llama_imatrix_{n}"] + ".log")}
+    res["files"] = {k: os.path.basename(v) for k, v in models.items()}
+    save("codes", res)
+    res["kld_vs_checkpoint"] = kld(list(models.values()), deq)
+    save("codes", res)
+    return res
+
+
+def part_iq4(chunks: int) -> dict:
+    ck = w("gptq-w4g128")
+    deq = checkpoint_f32(ck)
+    ours = ck + f"-iq4_xs-gptq{chunks}.gguf"
+    res: dict = {"machine": machine(), "chunks": chunks}
+    res["quantkit"] = logged(ours + ".log")
+    if not os.path.exists(ours):
+        res["quantkit"] = quantkit(["quantize", ck, "--format", "gguf:iq4_xs", "--calib", VALID, "--nsamples",
+                                    str(chunks), "--seqlen", "512", "--json", "-o", ours], ours + ".log")
+    res["quantkit"]["paths"] = summary(ours + ".log")["paths"]
+    theirs, t = llama_path(ck, "iq4_xs", imatrix_chunks=chunks)
+    res["llama_cpp"] = {**t, "imatrix": logged(ck + f"-imatrix-{chunks}.dat.log"), "quantize": logged(theirs + ".log")}
+    res["files"] = {"quantkit": os.path.basename(ours), "llama_cpp": os.path.basename(theirs)}
+    save("iq4", res)
+    res["kld_vs_checkpoint"] = kld([ours, theirs], deq)
+    save("iq4", res)
+    return res
+
+
+def part_count() -> dict:
+    res: dict = {"machine": machine()}
+    pairs = (("gptq:w4g128", "q4_0"), ("gptq:w4g128-asym", "q4_1"))
+    for spec, ft in pairs if os.environ.get("CONVERT_ALL") else pairs[1:]:      # sym: measured by part exact
+        ck = w(spec.replace(":", "-"))
+        gg = f"{ck}-{ft}.gguf"
+        row = {}
+        if not os.path.exists(gg):
+            from quantkit.quant.convert import convert_to_gguf
+            rep = convert_to_gguf(ck, gg, ft, exact=True, show_progress=False)
+            row = {"paths": rep.counts(), "max_min_error": rep.max_min_error}
+        row.update(compare_dequantized(ck, gg, minimum_bound=(ft == "q4_1")))
+        res[f"{spec} -> {ft}"] = row
+        save("count", res)
+    return res
+
+
+LLMC_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+src, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+tok = AutoTokenizer.from_pretrained(src)
+oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+"""
+
+
+def part_llmc() -> dict:
+    from quantkit.quant.convert import convert_to_gguf
+    py = os.environ.get("LLMC_PY", os.path.join(CACHE, "llmc-venv", "bin", "python"))
+    ck, gg = w("llmc-w4a16"), w("llmc-w4a16-q4_0.gguf")
+    res: dict = {"machine": machine()}
+    if not os.path.exists(ck):
+        script = w("llmc_w4a16.py")
+        with open(script, "w") as f:
+            f.write(LLMC_SCRIPT)
+        res["llm_compressor"] = timed([py, script, w("f32-hf"), ck], ck + ".log")
+    if not os.path.exists(os.path.join(ck, "tokenizer.model")):    # save_pretrained writes tokenizer.json only
+        shutil.copy(w("f32-hf", "tokenizer.model"), ck)
+    if not os.path.exists(gg):
+        t0 = time.perf_counter()
+        rep = convert_to_gguf(ck, gg, "q4_0", exact=True, show_progress=False)
+        res["convert"] = {"wall_s": round(time.perf_counter() - t0, 1), "paths": rep.counts(), "source": rep.source}
+    res.update(compare_dequantized(ck, gg))
+    save("llmc", res)
     return res
 
 
@@ -315,7 +436,8 @@ def part_roundtrip() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", required=True, choices=["prepare", "exact", "solved", "qat", "roundtrip"])
+    ap.add_argument("--part", required=True, choices=["prepare", "exact", "solved", "codes", "iq4", "count",
+                                                      "llmc", "qat", "roundtrip"])
     ap.add_argument("--chunks", type=int, default=16, help="calibration chunks of 512 tokens")
     ap.add_argument("--ck-method", default="rtn", choices=["rtn", "gptq"],
                     help="prepare: how the GPTQ-format checkpoints are made (rtn: seconds; gptq: an hour at load 15)")
@@ -328,6 +450,14 @@ def main() -> None:
         part_exact()
     elif a.part == "solved":
         part_solved(a.chunks)
+    elif a.part == "codes":
+        part_codes(a.chunks)
+    elif a.part == "iq4":
+        part_iq4(a.chunks)
+    elif a.part == "count":
+        part_count()
+    elif a.part == "llmc":
+        part_llmc()
     elif a.part == "qat":
         part_qat()
     else:

@@ -165,18 +165,19 @@ def _ref_model(d):
 
 
 @pytest.mark.parametrize("spec,ft,permute,note", [("gptq:w3g32", "q4_0", True, "permuted"),
-                                                  ("gptq:w4g128", "q4_k_m", False, "no exact path")])
+                                                  ("gptq:w4g128", "q4_k_m", False, "no exact path"),
+                                                  ("gptq:w4g128", "iq4_xs", False, "no exact path")])
 def test_solved_path_beats_dequantize_then_rtn(ckpts, tmp_path, data_dir, spec, ft, permute, note):
     """No exact path (permuted act-order groups; K-quants): GPTQ onto the type's grids from the
     checkpoint's weights and a calibration Hessian, against round to nearest of the same
     weights: the logits' mean squared error to the checkpoint's is at least 1.5x lower (measured
-    1.62x for Q4_0, 1.75x for Q4_K_M)."""
+    1.62x for Q4_0, 1.75x for Q4_K_M with the codes-kept path turned off, 1.73x for IQ4_XS)."""
     from quantkit.quant.gguf_export import export_gguf
     from quantkit.runtimes.torch import model_from_gguf
     d = tmp_path / "ck"
     rewrite_gptq(ckpts(spec), d, permute_groups=permute)
     solved = tmp_path / "solved.gguf"
-    rep = convert_to_gguf(str(d), str(solved), ft, nsamples=16, seqlen=128, show_progress=False)
+    rep = convert_to_gguf(str(d), str(solved), ft, nsamples=16, seqlen=128, keep_codes=False, show_progress=False)
     linears = {n: t for n, t in rep.tensors.items() if t.path != "float"}
     assert {t.path for t in linears.values()} == {"gptq"} and rep.n_gptq == len(linears) == 14
     assert all(note in t.note for t in linears.values())

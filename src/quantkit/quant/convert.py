@@ -2,7 +2,7 @@
 where the grids allow it.
 
 Per quantized linear, the llama.cpp type llama-quantize's rules give it (quant.gguf_policy) is
-written by one of three paths:
+written by one of four paths:
 
     exact    the source grid is representable in the type: the codes and scales are written as
              they are (codecs.legacy.encode_from_codes), so llama.cpp's dequantized weights
@@ -12,7 +12,11 @@ written by one of three paths:
              8 bits -> Q8_0). Q4_1 / Q5_1 take a grid of up to 4 / 5 bits with d = s and the
              minimum m = -z * s rounded to fp16: equal within that rounding (the largest
              difference is reported; 0 for symmetric sources, where -8 s is an fp16 value).
-    gptq     no exact mapping (K-quants, groups not made of whole 32-column blocks, act-order
+    codes    K-quants (Q4_K, Q5_K, Q6_K, Q3_K) where the codes fit and the groups are whole
+             sub-blocks: the checkpoint's codes are kept and only the block scales (and minima)
+             are rounded onto the type's two-level scale grid (quant.convert_kquant); the largest
+             relative scale error and value error (in the checkpoint's steps) are reported.
+    gptq     no exact mapping (other K-quants and IQ types, groups not made of whole blocks, act-order
              with permuted groups, scales that are not fp16 values, FP8): GPTQ solves the
              dequantized weights onto the type's grid with a calibration Hessian
              (quant.gguf_gptq's sink, fed the checkpoint's weights as the float target).
@@ -38,6 +42,8 @@ from ..models.quantized_source import QuantizedHFSource, SourceGrid, describe_co
 from ..recipe import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..util.errors import QuantkitError
 from ..util.memory import map_large
+from ..util.progress import progress
+from .convert_kquant import CODE_FORMATS, codes_blocks
 from .driver import StreamingModel, quantize_blocks
 from .gguf_export import export_gguf, plan_gguf
 from .gguf_gptq import GPTQ_TYPES, GGUFSink
@@ -46,7 +52,7 @@ from .pipeline import PipelineConfig, PipelineReport
 
 EXACT_FORMATS = {"q4_0": legacy.Q4_0, "q5_0": legacy.Q5_0, "q8_0": legacy.Q8_0, "q4_1": legacy.Q4_1,
                  "q5_1": legacy.Q5_1}
-PATHS = ("exact", "gptq", "rtn", "float")
+PATHS = ("exact", "codes", "gptq", "rtn", "float")
 
 
 @dataclass
@@ -98,9 +104,11 @@ def exact_blocks(grid: SourceGrid, type_name: str) -> ExactResult:
 
 @dataclass
 class TensorPath:
-    path: str                         # exact | gptq | rtn | float
+    path: str                         # exact | codes | gptq | rtn | float
     type: str                         # llama.cpp type written
-    note: str = ""                    # why not exact; the Q4_1 minimum's rounding
+    note: str = ""                    # why not exact; the Q4_1 minimum's rounding; codes: the scales' error
+    scale_error: float = 0.0          # codes: largest |d*sc - s| / s
+    value_error: float = 0.0          # codes: largest |value - s*(c - z)| / s
 
 
 @dataclass
@@ -115,6 +123,15 @@ class ConvertReport:
     n_gptq: int = 0
 
     @property
+    def max_scale_error(self) -> float:
+        """codes path: the largest relative scale rounding over its tensors."""
+        return max((t.scale_error for t in self.tensors.values() if t.path == "codes"), default=0.0)
+
+    @property
+    def max_value_error(self) -> float:
+        return max((t.value_error for t in self.tensors.values() if t.path == "codes"), default=0.0)
+
+    @property
     def types(self) -> dict[str, str]:
         return {n: t.type for n, t in self.tensors.items()}
 
@@ -127,7 +144,8 @@ class ConvertReport:
     def to_dict(self) -> dict:
         return {"output": self.path, "file_type": self.file_type, "seconds": self.seconds,
                 "file_bytes": self.n_bytes, "source": self.source, "paths": self.counts(),
-                "max_min_error": self.max_min_error,
+                "max_min_error": self.max_min_error, "max_scale_error": self.max_scale_error,
+                "max_value_error": self.max_value_error,
                 "tensors": {n: {"path": t.path, "type": t.type, **({"note": t.note} if t.note else {})}
                             for n, t in self.tensors.items()}}
 
@@ -140,13 +158,15 @@ def _gguf_rows(src: QuantizedHFSource, name: str, rows: torch.Tensor) -> np.ndar
     return rows.contiguous().numpy().reshape(-1)
 
 
-def plan_paths(src: QuantizedHFSource, plan, exact: bool = False) -> tuple[dict[str, TensorPath], dict, float]:
-    """Each tensor's path, the exact tensors' bytes, and the largest minimum rounding."""
+def plan_paths(src: QuantizedHFSource, plan, exact: bool = False,
+               keep_codes: bool = True, show_progress: bool = False) -> tuple[dict[str, TensorPath], dict, float]:
+    """Each tensor's path, the exact (and codes-kept) tensors' bytes, and the largest minimum
+    rounding. keep_codes False: K-quants are solved by GPTQ even where the codes would fit."""
     paths: dict[str, TensorPath] = {}
     exact_data: dict[str, np.ndarray] = {}
     worst = 0.0
     refused: dict[str, list[str]] = {}
-    for name, _, target in plan:
+    for name, _, target in progress(plan, desc="exact / codes-kept tensors", unit="tensor", disable=not show_progress):
         grid = src.grid(name)
         if grid is None:
             paths[name] = TensorPath("float", target)
@@ -159,6 +179,13 @@ def plan_paths(src: QuantizedHFSource, plan, exact: bool = False) -> tuple[dict[
             paths[name] = TensorPath("exact", target, note)
             continue
         refused.setdefault(r.reason, []).append(name)
+        if keep_codes and target in CODE_FORMATS and not exact:
+            c = codes_blocks(grid, target)
+            if c.data is not None:
+                exact_data[name] = _gguf_rows(src, name, c.data)
+                paths[name] = TensorPath("codes", target, c.note(), c.max_scale_error, c.max_value_error)
+                continue
+            r.reason = c.reason
         solvable = target in GPTQ_TYPES and name.startswith("blk.")     # GPTQ's block loop: decoder linears
         paths[name] = TensorPath("gptq" if solvable else "rtn", target, r.reason)
     if exact and refused:
@@ -198,9 +225,11 @@ def convert_to_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, file_t
                     exact: bool = False, calib: str | None = None, nsamples: int = DEFAULT_NSAMPLES,
                     seqlen: int = DEFAULT_SEQLEN, gptq: GPTQConfig = GPTQConfig(), true_sequential: bool = True,
                     pure: bool = False, token_embedding_type: str | None = None,
-                    output_tensor_type: str | None = None, show_progress: bool = True) -> ConvertReport:
+                    output_tensor_type: str | None = None, keep_codes: bool = True,
+                    show_progress: bool = True) -> ConvertReport:
     """A quantized checkpoint directory -> GGUF of `file_type`: exact where the grid allows it,
-    GPTQ onto the type's grid (calibrated on `calib`, nsamples x seqlen tokens) elsewhere."""
+    the codes kept in K-quants (keep_codes), GPTQ onto the type's grid (calibrated on `calib`,
+    nsamples x seqlen tokens) elsewhere."""
     from ..util.atomic import check_writable_dir
 
     t0 = time.perf_counter()
@@ -211,7 +240,7 @@ def convert_to_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, file_t
     try:
         _, plan = plan_gguf(src, file_type, pure=pure, token_embedding_type=token_embedding_type,
                             output_tensor_type=output_tensor_type)
-        paths, exact_data, worst = plan_paths(src, plan, exact)
+        paths, exact_data, worst = plan_paths(src, plan, exact, keep_codes, show_progress)
         solve = {n for n, p in paths.items() if p.path == "gptq"}
         if not solve:
             res = export_gguf(src, out, file_type, plan=plan, precomputed=exact_data.get,
