@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lattice import (F32, FLT_MAX, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice,
-                      nearest_int, neighbours, seqsum, tables)
+from .lattice import (F32, FLT_MAX, QK_K, Lattice, check_scales, fp16_bits, fp16_value, lattice, nearest_int,
+                      padded, padded_search, seqsum, tables)
 
 EPS_S = F32(1e-12)         # GROUP_MAX_EPS_IQ1_S
 EPS_M = F32(1e-7)          # GROUP_MAX_EPS_IQ1_M
@@ -91,27 +91,22 @@ def _values(delta: np.float32) -> np.ndarray:
 
 
 def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.ndarray, minus: np.ndarray,
-          vt: np.ndarray):
+          shifted: np.ndarray):
     """Groups of 8 levels of L [S, bs] -> grid indices [S, bs/8]; those off the grid move to the
     neighbour with the smallest sum(w*(scale*xx[l] - x)^2) (iq1_find_best_neighbour2), xx being
-    each group's shifted values (minus [S, bs/8]: x_m; vt: `_values`). -> (indices, whether any
-    group of the sub-block was off)."""
+    each group's shifted values (minus [S, bs/8]: x_m; shifted: [x_p, x_m], float32 [2, 3]) ->
+    (indices, whether any group of the sub-block was off)."""
     S, bs = L.shape
     ng = bs // 8
     u = lat.code(L.reshape(S, ng, 8).transpose(2, 0, 1))
     gi = lat.index[u].astype(np.int64)
     ss, kk = np.nonzero(gi < 0)
     if len(ss):
-        which, cand, first = neighbours(lat, u[ss, kk])
-        grp = (ss * ng + kk)[which]                              # np.take: fast row gathers
-        xg = np.take(xs.reshape(S * ng, 8), grp, axis=0)
-        wg = np.take(w.reshape(S * ng, 8), grp, axis=0)
-        rows = cand + len(lat.levels) * np.take(minus.reshape(-1), grp)
-        diff = np.take(scale, ss)[which][:, None] * np.take(vt, rows, axis=0)
-        diff -= xg
-        wg *= diff
-        wg *= diff
-        gi[ss, kk] = cand[first_min(seqsum(wg.T), which, first)]
+        grp = ss * ng + kk
+        minus_g = np.take(minus.reshape(-1), grp)
+        gi[ss, kk] = padded_search(padded(lat.name), u[ss, kk], np.take(scale, ss),
+                                   np.take(xs.reshape(S * ng, 8), grp, axis=0),
+                                   np.take(w.reshape(S * ng, 8), grp, axis=0), shifted[minus_g.astype(np.intp)])
     off = np.zeros(S, bool)
     off[ss] = True
     return gi, off
@@ -135,7 +130,7 @@ def _refit(scale, off, xs, w, q) -> np.ndarray:
     return scale
 
 
-def _place(L, xs, w, scale, minus, skip, vt):
+def _place(L, xs, w, scale, minus, skip, vt, delta):
     """Grid indices [S, bs/8] of the sub-blocks not skipped (0 for the skipped) and their refit
     scales (0 for the skipped)."""
     lat = lattice("iq1s")
@@ -143,7 +138,7 @@ def _place(L, xs, w, scale, minus, skip, vt):
     gi = np.zeros((L.shape[0], L.shape[1] // 8), np.int64)
     out = np.zeros_like(scale)
     if len(live):
-        g, off = _snap(lat, L[live], xs[live], w[live], scale[live], minus[live], vt)
+        g, off = _snap(lat, L[live], xs[live], w[live], scale[live], minus[live], np.stack(_shifted(delta)))
         gi[live] = g
         out[live] = _refit(scale[live], off, xs[live], w[live], _group_values(g, minus[live], vt))
         check_scales(out[live])
@@ -214,7 +209,7 @@ def _encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     scale = np.where(neg, -scale, scale)
     minus ^= neg
     vt = _values(tables()["iq1s_delta"])
-    gi, scale = _place(L, xs, w, scale, np.repeat(minus[:, None], 4, axis=1), skip, vt)
+    gi, scale = _place(L, xs, w, scale, np.repeat(minus[:, None], 4, axis=1), skip, vt, tables()["iq1s_delta"])
     minus[skip] = False
     d, ls, zero = _sub_scales(scale, nb, 8)
     gi = gi.reshape(nb, 8, 4)
@@ -310,7 +305,7 @@ def _encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     scale = np.where(neg, -scale, scale)
     k = np.where(neg, FLIP_K[k], k)
     vt = _values(tables()["iq1m_delta"])
-    gi, scale = _place(L, xs, w, scale, _minus(k), skip, vt)
+    gi, scale = _place(L, xs, w, scale, _minus(k), skip, vt, tables()["iq1m_delta"])
     k[skip] = 0
     d, ls, zero = _sub_scales(scale, nb, 16)
     # the super-block scale refit over all 256 values, skipped sub-blocks included
