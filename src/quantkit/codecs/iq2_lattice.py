@@ -1,5 +1,6 @@
-"""The lattice of llama.cpp's 2-bit IQ types (IQ2_XXS, IQ2_XS, IQ2_S), and the float arithmetic
-their quantizers share, bit-exact in numpy float32.
+"""The lattice of llama.cpp's 2-bit IQ types (IQ2_XXS, IQ2_XS, IQ2_S) and the parts of their
+quantizers' float arithmetic no other type uses, bit-exact in numpy float32 (the neighbour
+search, nearest_int and C-order sums are codecs/lattice.py's, shared with IQ3 and IQ1).
 
 Each type stores groups of 8 weights as one entry of a grid (256, 512 or 1024 points of
 {1, 3, 5}^8, given as 2-bit level indices by `kgrid_2bit_*`) plus 8 (or 7 and a parity) signs.
@@ -10,7 +11,7 @@ list, the grid entries in its `nwant` nearest distance shells ordered by (distan
 
 The arithmetic follows the C expression by expression in float32 (each op rounds once; the
 library is built without fused multiply-adds or reassociation); sums run in C's order, element
-0 first, never a pairwise reduction; ggml's `nearest_int` is emulated exactly (`nearest_int`).
+0 first, never a pairwise reduction (`seqsum`); ggml's `nearest_int` is emulated exactly.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from importlib import resources
 
 import numpy as np
 
-from .lattice import Padded, pad_lists, padded_search
+from .lattice import F32, Padded, nearest_int, pad_lists, padded_search, seqsum
 
-F32 = np.float32
-MAGIC = F32(12582912.0)            # 1.5 * 2**23: nearest_int's rounding constant
+__all__ = ["F32", "KMAP_SIZE", "LEVEL_VALUES", "Lattice", "SHIFTS", "best_neighbour", "lattice", "make_qp_quants",
+           "nearest_int", "padded_lists", "rounded_levels", "seqsum", "tables"]
+
 KMAP_SIZE = 43692                  # llama.cpp's kmap_size: points are sum(l_i << 2i)
 SHIFTS = (2 * np.arange(8)).astype(np.int32)
 
@@ -44,7 +46,6 @@ class Lattice:
     start: np.ndarray      # int64 [R]: row r's neighbours are flat[start[r]:start[r]+count[r]]
     count: np.ndarray      # int64 [R]
     flat: np.ndarray       # int64 [sum(count)]: grid indices
-    codes: np.ndarray      # int64 [8, sum(count)]: 3*i + level_i of each listed entry
     nwant: int
 
 
@@ -69,13 +70,7 @@ def lattice(grid_size: int, nwant: int) -> Lattice:
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
     flat = order[shell < nwant]                                              # row-major: row by row
     kmap[u] = -(np.arange(len(u), dtype=np.int32) + 1)
-    codes = 3 * np.arange(8)[:, None] + levels[flat].T.astype(np.int64)
-    return Lattice(levels, kmap, start, count, flat, codes, nwant)
-
-
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int, bit for bit (also outside its asserted range): float32 -> int32."""
-    return ((v + MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
+    return Lattice(levels, kmap, start, count, flat, nwant)
 
 
 LEVEL_VALUES = np.array([1, 3, 5], F32)      # the value 2l+1 of level l
@@ -100,14 +95,6 @@ def best_neighbour(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndar
 def rounded_levels(idv: np.ndarray, xval: np.ndarray) -> np.ndarray:
     """MAX(0, MIN(kMaxQ-1, nearest_int(0.5f*(id*xval-1)))) with kMaxQ = 3; idv broadcasts."""
     return np.clip(nearest_int(F32(0.5) * (idv * xval - F32(1))), 0, 2)
-
-
-def seqsum(terms: np.ndarray) -> np.ndarray:
-    """sum over the first axis of terms [m, ...] in C's order, from 0.0f."""
-    acc = terms[0] + F32(0)
-    for t in terms[1:]:
-        acc += t
-    return acc
 
 
 def make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
