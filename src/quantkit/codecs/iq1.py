@@ -60,26 +60,30 @@ def _sorted_sums(xs: np.ndarray, w: np.ndarray):
     return sx, sw, order, rank
 
 
-def _scan(qx: np.ndarray, q2: np.ndarray):
+def _scan(qx: list[np.ndarray], q2: list[np.ndarray]):
     """The running `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best =
-    scale*sumqx; ...}` over candidates [C, S] in order, from best = -FLT_MAX ->
-    (winning candidate [S] or -1, its scale [S]). Each step's decision is kept (`upd`), the
-    winner is the last candidate that updated."""
-    C, S = qx.shape
-    ok = q2 > 0
-    sc = qx / np.where(ok, q2, F32(1))
-    bscore = sc * qx
-    qq = np.where(ok, qx * qx, F32(-np.inf))      # -inf: never greater, as sumq2 > 0 fails
+    scale*sumqx; ...}` over candidates in order, from best = -FLT_MAX: candidate c is row c // K
+    of qx[c % K], q2[c % K] (K variants of [P, S] each) -> (winning candidate [S] or -1, its scale
+    [S]). One row of S sub-blocks per step, in place: no [P*K, S] temporaries."""
+    K, (P, S) = len(qx), qx[0].shape
     best = np.full(S, -FLT_MAX, F32)
-    upd = np.empty((C, S), bool)
-    t = np.empty(S, F32)
-    for c in range(C):
-        np.multiply(best, q2[c], out=t)
-        np.greater(qq[c], t, out=upd[c])
-        np.copyto(best, bscore[c], where=upd[c])
-    last = C - 1 - np.argmax(upd[::-1], axis=0)
-    bi = np.where(upd.any(axis=0), last, -1)
-    scale = np.take_along_axis(sc, np.maximum(bi, 0)[None, :], axis=0)[0]
+    bi = np.full(S, -1, np.int64)
+    scale = qx[0][0] / np.where(q2[0][0] > 0, q2[0][0], F32(1))       # kept where nothing wins
+    t, qq, sc = np.empty(S, F32), np.empty(S, F32), np.empty(S, F32)
+    upd, ok = np.empty(S, bool), np.empty(S, bool)
+    for r in range(P):
+        for k in range(K):
+            x, y = qx[k][r], q2[k][r]
+            np.multiply(best, y, out=t)
+            np.multiply(x, x, out=qq)
+            np.greater(qq, t, out=upd)
+            np.greater(y, 0, out=ok)
+            upd &= ok
+            np.divide(x, y, out=sc)
+            np.copyto(scale, sc, where=upd)
+            sc *= x
+            np.copyto(best, sc, where=upd)
+            np.copyto(bi, r * K + k, where=upd)
     return bi, scale
 
 
@@ -191,16 +195,12 @@ def encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
 def _encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
     xs, w = _prepare(x, qw, 32)
-    S = xs.shape[0]
     x_p, x_m = _shifted(tables()["iq1s_delta"])
     skip = np.abs(xs).max(axis=1) < EPS_S
     sx, sw, order, rank = _sorted_sums(xs, w)
     qxp, q2p = _candidates_s(sx, sw, x_p)
     qxm, q2m = _candidates_s(sx, sw, x_m)
-    qx = np.stack([qxp, qxm], axis=1).reshape(-1, S)          # (pair, shift) in the C's order
-    q2 = np.stack([q2p, q2m], axis=1).reshape(-1, S)
-    del qxp, q2p, qxm, q2m
-    bi, scale = _scan(qx, q2)
+    bi, scale = _scan([qxp, qxm], [q2p, q2m])                 # (pair, shift) in the C's order
     skip |= bi < 0
     pair, minus = np.maximum(bi, 0) // 2, (np.maximum(bi, 0) % 2).astype(bool)
     L = _levels(rank, PAIRS_S[0][pair], PAIRS_S[1][pair])
@@ -247,7 +247,7 @@ FLIP_K = np.array([3, 2, 1, 0], np.int64)
 
 
 def _candidates_m(xs, w, sx_sorted_terms, order, v_p, v_m):
-    """sumqx[k], sumq2[k] [153*4, S] for k = (+,+), (+,-), (-,+), (-,-), in (i1, i2, k) order,
+    """sumqx[k], sumq2[k] [153, S] for k = (+,+), (+,-), (-,+), (-,-) (candidates in (i1, i2, k) order),
     from per-half prefix sums as quantize_row_iq1_m_impl keeps them."""
     wx_s, w_s = sx_sorted_terms
     S = xs.shape[0]
@@ -269,9 +269,9 @@ def _candidates_m(xs, w, sx_sorted_terms, order, v_p, v_m):
         qx_m.append(txs * v_m[2] - sxh)
         q2_p.append(tws * v_p[2] * v_p[2] + _rows(pw[h] * cp1, i1) + _rows(pw[h] * cp2, i2))
         q2_m.append(tws * v_m[2] * v_m[2] + _rows(pw[h] * cm1, i1) + _rows(pw[h] * cm2, i2))
-    qx = np.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], axis=1)
-    q2 = np.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], axis=1)
-    return qx.reshape(-1, S), q2.reshape(-1, S)
+    qx = [qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]]
+    q2 = [q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]]
+    return qx, q2
 
 
 def encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
