@@ -2,7 +2,7 @@
 neighbour lists llama.cpp builds at init, the float arithmetic that makes quantkit's bytes equal
 to its own, and the searches of the neighbour lists for the entry nearest a scaled group: ragged
 (`neighbours` + `first_min`, for IQ3's lists of 5-7 entries) and padded to a few widths
-(`padded_search`, for IQ1's and IQ2's lists of 8-70; codecs/iq2_lattice.py builds IQ2's lists).
+(`padded_search`, for IQ1's lists and IQ2_XXS's and IQ2_S's; codecs/iq2_lattice.py builds IQ2's).
 
 The grids are data (data/iq3_iq1_grids.npz, read out of ggml-common.h and ggml-quants.c by
 data/make_iq3_iq1_tables.py). A grid lists points of n levels each (n = 4 for IQ3, 8 for IQ1),
