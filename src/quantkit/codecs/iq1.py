@@ -60,30 +60,36 @@ def _sorted_sums(xs: np.ndarray, w: np.ndarray):
     return sx, sw, order, rank
 
 
-def _scan(qx: list[np.ndarray], q2: list[np.ndarray]):
+def _scan(blocks, S: int):
     """The running `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best =
-    scale*sumqx; ...}` over candidates in order, from best = -FLT_MAX: candidate c is row c // K
-    of qx[c % K], q2[c % K] (K variants of [P, S] each) -> (winning candidate [S] or -1, its scale
-    [S]). One row of S sub-blocks per step, in place: no [P*K, S] temporaries."""
-    K, (P, S) = len(qx), qx[0].shape
+    scale*sumqx; ...}` over candidates in order, from best = -FLT_MAX. `blocks` yields
+    (qx, q2): lists of K variants of [p, S] for the next p rows; candidate c is row c // K of
+    variant c % K -> (winning candidate [S] or -1, its scale [S]). One row of S sub-blocks per
+    step, in place: no [candidates x S] temporaries."""
     best = np.full(S, -FLT_MAX, F32)
     bi = np.full(S, -1, np.int64)
-    scale = qx[0][0] / np.where(q2[0][0] > 0, q2[0][0], F32(1))       # kept where nothing wins
+    scale = None
     t, qq, sc = np.empty(S, F32), np.empty(S, F32), np.empty(S, F32)
     upd, ok = np.empty(S, bool), np.empty(S, bool)
-    for r in range(P):
-        for k in range(K):
-            x, y = qx[k][r], q2[k][r]
-            np.multiply(best, y, out=t)
-            np.multiply(x, x, out=qq)
-            np.greater(qq, t, out=upd)
-            np.greater(y, 0, out=ok)
-            upd &= ok
-            np.divide(x, y, out=sc)
-            np.copyto(scale, sc, where=upd)
-            sc *= x
-            np.copyto(best, sc, where=upd)
-            np.copyto(bi, r * K + k, where=upd)
+    r0 = 0
+    for qx, q2 in blocks:
+        K, P = len(qx), qx[0].shape[0]
+        if scale is None:                                              # kept where nothing wins
+            scale = qx[0][0] / np.where(q2[0][0] > 0, q2[0][0], F32(1))
+        for r in range(P):
+            for k in range(K):
+                x, y = qx[k][r], q2[k][r]
+                np.multiply(best, y, out=t)
+                np.multiply(x, x, out=qq)
+                np.greater(qq, t, out=upd)
+                np.greater(y, 0, out=ok)
+                upd &= ok
+                np.divide(x, y, out=sc)
+                np.copyto(scale, sc, where=upd)
+                sc *= x
+                np.copyto(best, sc, where=upd)
+                np.copyto(bi, (r0 + r) * K + k, where=upd)
+        r0 += P
     return bi, scale
 
 
@@ -173,17 +179,27 @@ def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take(a, idx, axis=0)                # np.take: a fast row gather
 
 
-def _candidates_s(sx, sw, v):
-    """sumqx, sumq2 [561, S] for one shift's values v, as the C writes them."""
-    i1, i2 = PAIRS_S
+PAIR_STEP = 64          # candidate pairs per block: each [PAIR_STEP, S] array stays in cache
+
+
+def _candidates_s(sx, sw, vs):
+    """Blocks of sumqx, sumq2 [<= PAIR_STEP, S] for the pairs in order, one per shift's values
+    v in vs, as the C writes them (`_scan`'s blocks)."""
     T, TW = sx[-1], sw[-1]
-    a1, a2 = _rows(sx, i1), _rows(sx, i2)
-    qx = _rows(sx * v[0], i1) + (a2 - a1) * v[1]
-    qx += _rows((T - sx) * v[2], i2)
-    b1, b2 = _rows(sw, i1), _rows(sw, i2)
-    q2 = _rows(sw * v[0] * v[0], i1) + (b2 - b1) * v[1] * v[1]
-    q2 += _rows((TW - sw) * v[2] * v[2], i2)
-    return qx, q2
+    pre = [(sx * v[0], (T - sx) * v[2], sw * v[0] * v[0], (TW - sw) * v[2] * v[2], v[1]) for v in vs]
+    for p0 in range(0, len(PAIRS_S[0]), PAIR_STEP):
+        i1, i2 = PAIRS_S[0][p0:p0 + PAIR_STEP], PAIRS_S[1][p0:p0 + PAIR_STEP]
+        da = _rows(sx, i2) - _rows(sx, i1)
+        db = _rows(sw, i2) - _rows(sw, i1)
+        qxs, q2s = [], []
+        for A0, A2, B0, B2, v1 in pre:
+            qx = _rows(A0, i1) + da * v1
+            qx += _rows(A2, i2)
+            q2 = _rows(B0, i1) + db * v1 * v1
+            q2 += _rows(B2, i2)
+            qxs.append(qx)
+            q2s.append(q2)
+        yield qxs, q2s
 
 
 def encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
@@ -198,9 +214,7 @@ def _encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     x_p, x_m = _shifted(tables()["iq1s_delta"])
     skip = np.abs(xs).max(axis=1) < EPS_S
     sx, sw, order, rank = _sorted_sums(xs, w)
-    qxp, q2p = _candidates_s(sx, sw, x_p)
-    qxm, q2m = _candidates_s(sx, sw, x_m)
-    bi, scale = _scan([qxp, qxm], [q2p, q2m])                 # (pair, shift) in the C's order
+    bi, scale = _scan(_candidates_s(sx, sw, (x_p, x_m)), xs.shape[0])   # (pair, shift) in the C's order
     skip |= bi < 0
     pair, minus = np.maximum(bi, 0) // 2, (np.maximum(bi, 0) % 2).astype(bool)
     L = _levels(rank, PAIRS_S[0][pair], PAIRS_S[1][pair])
@@ -296,7 +310,7 @@ def _encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(16)[None, :], axis=1)
     qx, q2 = _candidates_m(xs, w, terms, order, x_p, x_m)
-    bi, scale = _scan(qx, q2)
+    bi, scale = _scan([(qx, q2)], xs.shape[0])
     skip |= bi < 0
     pair, k = np.maximum(bi, 0) // 4, np.maximum(bi, 0) % 4
     L = _levels(rank, PAIRS_M[0][pair], PAIRS_M[1][pair])
