@@ -178,7 +178,7 @@ SLOTS = 1 << 17          # candidate slots (m * W) scored per step: the gathers 
 @dataclass(frozen=True)
 class Padded:
     """Neighbour lists by width: list r is row `rowpos[r]` of the tables of width
-    `widths[bucket[r]]`; `codes[k]` int32 [R_k, n, W]: i*nlev + level_i of each entry (padding:
+    `widths[bucket[r]]`; `codes[k]` int32 [n, R_k, W]: i*nlev + level_i of each entry (padding:
     n*nlev, the +inf term), `grid[k]` int32 [R_k, W]: the entries' grid indices (padding: 0)."""
 
     n: int
@@ -245,7 +245,7 @@ def padded_search(pd: Padded, rows: np.ndarray, scale: np.ndarray, xg: np.ndarra
     order = np.argsort(b, kind="stable")
     ends = np.cumsum(np.bincount(b, minlength=len(pd.widths)))
     for k, W in enumerate(pd.widths):
-        sel = order[ends[k] - (ends[k] - (ends[k - 1] if k else 0)):ends[k]]
+        sel = order[(ends[k - 1] if k else 0):ends[k]]
         step = max(1, SLOTS // W)
         for s0 in range(0, len(sel), step):
             out[sel[s0:s0 + step]] = _scored(pd, k, rows, scale, xg, wg, values, sel[s0:s0 + step], c_rule)
