@@ -14,6 +14,7 @@ bundled Gemma-3-270M (F32 reference GGUF: llama.cpp's dequantization of the bund
 llama.cpp's tools come from benchmarks/build_llama_tools.sh. Results: benchmarks/results/imatrix_exact.json.
 
     python benchmarks/imatrix_exact.py [--chunks 64] [--types q4_0,...|iq] [--threads 2] [--skip-imatrix]
+                                       [--imatrix FILE] [--f32 FILE]
                                        [--results benchmarks/results/imatrix_exact.json]
 
 `--types iq` stands for every IQ and ternary file type (IQ_TYPES). A pair of files that differ is
@@ -123,6 +124,10 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-imatrix", action="store_true", help="reuse the imatrix files of an earlier run")
+    ap.add_argument("--imatrix", default=None,
+                    help="quantize with this imatrix file (implies --skip-imatrix) instead of llama-imatrix's of --chunks")
+    ap.add_argument("--f32", default=None, help="the F32 model file to quantize (default: quantkit's F32 reference "
+                                                "of the bundled model, rebuilt in the eval cache when evicted)")
     ap.add_argument("--results", default=os.path.join(HERE, "results", "imatrix_exact.json"))
     args = ap.parse_args()
     if args.types == "iq":
@@ -143,11 +148,11 @@ def main() -> None:
 
     from quantkit.eval.lm import f32_reference
     from quantkit.models.bundled import bundled_path
-    f32 = f32_reference(bundled_path(), args.threads, show_progress=False)
+    f32 = args.f32 or f32_reference(bundled_path(), args.threads, show_progress=False)
     valid = os.path.join(DATA, "wikitext-2", "valid.txt")
-    theirs = os.path.join(WORK, f"imatrix-llama-{args.chunks}.gguf")
+    theirs = args.imatrix or os.path.join(WORK, f"imatrix-llama-{args.chunks}.gguf")
     ours = os.path.join(WORK, f"imatrix-quantkit-{args.chunks}.gguf")
-    if not args.skip_imatrix:
+    if not (args.skip_imatrix or args.imatrix):
         ids_path = os.path.join(WORK, f"ids-{args.chunks}.npy")
         np.save(ids_path, llama_chunks(f32, valid, args.chunks))
         im = results.setdefault("imatrix", {})

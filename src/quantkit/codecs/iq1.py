@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lattice import (F32, FLT_MAX, QK_K, Lattice, check_scales, first_min, fp16_bits, fp16_value, lattice,
-                      nearest_int, neighbours, seqsum, tables)
+from .lattice import (F32, FLT_MAX, QK_K, Lattice, check_scales, fp16_bits, fp16_value, lattice, nearest_int,
+                      padded, padded_search, seqsum, tables)
 
 EPS_S = F32(1e-12)         # GROUP_MAX_EPS_IQ1_S
 EPS_M = F32(1e-7)          # GROUP_MAX_EPS_IQ1_M
@@ -60,26 +60,36 @@ def _sorted_sums(xs: np.ndarray, w: np.ndarray):
     return sx, sw, order, rank
 
 
-def _scan(qx: np.ndarray, q2: np.ndarray):
+def _scan(blocks, S: int):
     """The running `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best =
-    scale*sumqx; ...}` over candidates [C, S] in order, from best = -FLT_MAX ->
-    (winning candidate [S] or -1, its scale [S]). Each step's decision is kept (`upd`), the
-    winner is the last candidate that updated."""
-    C, S = qx.shape
-    ok = q2 > 0
-    sc = qx / np.where(ok, q2, F32(1))
-    bscore = sc * qx
-    qq = np.where(ok, qx * qx, F32(-np.inf))      # -inf: never greater, as sumq2 > 0 fails
+    scale*sumqx; ...}` over candidates in order, from best = -FLT_MAX. `blocks` yields
+    (qx, q2): lists of K variants of [p, S] for the next p rows; candidate c is row c // K of
+    variant c % K -> (winning candidate [S] or -1, its scale [S]). One row of S sub-blocks per
+    step, in place: no [candidates x S] temporaries."""
     best = np.full(S, -FLT_MAX, F32)
-    upd = np.empty((C, S), bool)
-    t = np.empty(S, F32)
-    for c in range(C):
-        np.multiply(best, q2[c], out=t)
-        np.greater(qq[c], t, out=upd[c])
-        np.copyto(best, bscore[c], where=upd[c])
-    last = C - 1 - np.argmax(upd[::-1], axis=0)
-    bi = np.where(upd.any(axis=0), last, -1)
-    scale = np.take_along_axis(sc, np.maximum(bi, 0)[None, :], axis=0)[0]
+    bi = np.full(S, -1, np.int64)
+    scale = None
+    t, qq, sc = np.empty(S, F32), np.empty(S, F32), np.empty(S, F32)
+    upd, ok = np.empty(S, bool), np.empty(S, bool)
+    r0 = 0
+    for qx, q2 in blocks:
+        K, P = len(qx), qx[0].shape[0]
+        if scale is None:                                              # kept where nothing wins
+            scale = qx[0][0] / np.where(q2[0][0] > 0, q2[0][0], F32(1))
+        for r in range(P):
+            for k in range(K):
+                x, y = qx[k][r], q2[k][r]
+                np.multiply(best, y, out=t)
+                np.multiply(x, x, out=qq)
+                np.greater(qq, t, out=upd)
+                np.greater(y, 0, out=ok)
+                upd &= ok
+                np.divide(x, y, out=sc)
+                np.copyto(scale, sc, where=upd)
+                sc *= x
+                np.copyto(best, sc, where=upd)
+                np.copyto(bi, (r0 + r) * K + k, where=upd)
+        r0 += P
     return bi, scale
 
 
@@ -91,27 +101,22 @@ def _values(delta: np.float32) -> np.ndarray:
 
 
 def _snap(lat: Lattice, L: np.ndarray, xs: np.ndarray, w: np.ndarray, scale: np.ndarray, minus: np.ndarray,
-          vt: np.ndarray):
+          shifted: np.ndarray):
     """Groups of 8 levels of L [S, bs] -> grid indices [S, bs/8]; those off the grid move to the
     neighbour with the smallest sum(w*(scale*xx[l] - x)^2) (iq1_find_best_neighbour2), xx being
-    each group's shifted values (minus [S, bs/8]: x_m; vt: `_values`). -> (indices, whether any
-    group of the sub-block was off)."""
+    each group's shifted values (minus [S, bs/8]: x_m; shifted: [x_p, x_m], float32 [2, 3]) ->
+    (indices, whether any group of the sub-block was off)."""
     S, bs = L.shape
     ng = bs // 8
     u = lat.code(L.reshape(S, ng, 8).transpose(2, 0, 1))
     gi = lat.index[u].astype(np.int64)
     ss, kk = np.nonzero(gi < 0)
     if len(ss):
-        which, cand, first = neighbours(lat, u[ss, kk])
-        grp = (ss * ng + kk)[which]                              # np.take: fast row gathers
-        xg = np.take(xs.reshape(S * ng, 8), grp, axis=0)
-        wg = np.take(w.reshape(S * ng, 8), grp, axis=0)
-        rows = cand + len(lat.levels) * np.take(minus.reshape(-1), grp)
-        diff = np.take(scale, ss)[which][:, None] * np.take(vt, rows, axis=0)
-        diff -= xg
-        wg *= diff
-        wg *= diff
-        gi[ss, kk] = cand[first_min(seqsum(wg.T), which, first)]
+        grp = ss * ng + kk
+        minus_g = np.take(minus.reshape(-1), grp)
+        gi[ss, kk] = padded_search(padded(lat.name), u[ss, kk], np.take(scale, ss),
+                                   np.take(xs.reshape(S * ng, 8), grp, axis=0),
+                                   np.take(w.reshape(S * ng, 8), grp, axis=0), shifted[minus_g.astype(np.intp)])
     off = np.zeros(S, bool)
     off[ss] = True
     return gi, off
@@ -135,7 +140,7 @@ def _refit(scale, off, xs, w, q) -> np.ndarray:
     return scale
 
 
-def _place(L, xs, w, scale, minus, skip, vt):
+def _place(L, xs, w, scale, minus, skip, vt, delta):
     """Grid indices [S, bs/8] of the sub-blocks not skipped (0 for the skipped) and their refit
     scales (0 for the skipped)."""
     lat = lattice("iq1s")
@@ -143,7 +148,7 @@ def _place(L, xs, w, scale, minus, skip, vt):
     gi = np.zeros((L.shape[0], L.shape[1] // 8), np.int64)
     out = np.zeros_like(scale)
     if len(live):
-        g, off = _snap(lat, L[live], xs[live], w[live], scale[live], minus[live], vt)
+        g, off = _snap(lat, L[live], xs[live], w[live], scale[live], minus[live], np.stack(_shifted(delta)))
         gi[live] = g
         out[live] = _refit(scale[live], off, xs[live], w[live], _group_values(g, minus[live], vt))
         check_scales(out[live])
@@ -174,17 +179,27 @@ def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take(a, idx, axis=0)                # np.take: a fast row gather
 
 
-def _candidates_s(sx, sw, v):
-    """sumqx, sumq2 [561, S] for one shift's values v, as the C writes them."""
-    i1, i2 = PAIRS_S
+PAIR_STEP = 64          # candidate pairs per block: each [PAIR_STEP, S] array stays in cache
+
+
+def _candidates_s(sx, sw, vs):
+    """Blocks of sumqx, sumq2 [<= PAIR_STEP, S] for the pairs in order, one per shift's values
+    v in vs, as the C writes them (`_scan`'s blocks)."""
     T, TW = sx[-1], sw[-1]
-    a1, a2 = _rows(sx, i1), _rows(sx, i2)
-    qx = _rows(sx * v[0], i1) + (a2 - a1) * v[1]
-    qx += _rows((T - sx) * v[2], i2)
-    b1, b2 = _rows(sw, i1), _rows(sw, i2)
-    q2 = _rows(sw * v[0] * v[0], i1) + (b2 - b1) * v[1] * v[1]
-    q2 += _rows((TW - sw) * v[2] * v[2], i2)
-    return qx, q2
+    pre = [(sx * v[0], (T - sx) * v[2], sw * v[0] * v[0], (TW - sw) * v[2] * v[2], v[1]) for v in vs]
+    for p0 in range(0, len(PAIRS_S[0]), PAIR_STEP):
+        i1, i2 = PAIRS_S[0][p0:p0 + PAIR_STEP], PAIRS_S[1][p0:p0 + PAIR_STEP]
+        da = _rows(sx, i2) - _rows(sx, i1)
+        db = _rows(sw, i2) - _rows(sw, i1)
+        qxs, q2s = [], []
+        for A0, A2, B0, B2, v1 in pre:
+            qx = _rows(A0, i1) + da * v1
+            qx += _rows(A2, i2)
+            q2 = _rows(B0, i1) + db * v1 * v1
+            q2 += _rows(B2, i2)
+            qxs.append(qx)
+            q2s.append(q2)
+        yield qxs, q2s
 
 
 def encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
@@ -196,16 +211,10 @@ def encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
 def _encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
     xs, w = _prepare(x, qw, 32)
-    S = xs.shape[0]
     x_p, x_m = _shifted(tables()["iq1s_delta"])
     skip = np.abs(xs).max(axis=1) < EPS_S
     sx, sw, order, rank = _sorted_sums(xs, w)
-    qxp, q2p = _candidates_s(sx, sw, x_p)
-    qxm, q2m = _candidates_s(sx, sw, x_m)
-    qx = np.stack([qxp, qxm], axis=1).reshape(-1, S)          # (pair, shift) in the C's order
-    q2 = np.stack([q2p, q2m], axis=1).reshape(-1, S)
-    del qxp, q2p, qxm, q2m
-    bi, scale = _scan(qx, q2)
+    bi, scale = _scan(_candidates_s(sx, sw, (x_p, x_m)), xs.shape[0])   # (pair, shift) in the C's order
     skip |= bi < 0
     pair, minus = np.maximum(bi, 0) // 2, (np.maximum(bi, 0) % 2).astype(bool)
     L = _levels(rank, PAIRS_S[0][pair], PAIRS_S[1][pair])
@@ -214,7 +223,7 @@ def _encode_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     scale = np.where(neg, -scale, scale)
     minus ^= neg
     vt = _values(tables()["iq1s_delta"])
-    gi, scale = _place(L, xs, w, scale, np.repeat(minus[:, None], 4, axis=1), skip, vt)
+    gi, scale = _place(L, xs, w, scale, np.repeat(minus[:, None], 4, axis=1), skip, vt, tables()["iq1s_delta"])
     minus[skip] = False
     d, ls, zero = _sub_scales(scale, nb, 8)
     gi = gi.reshape(nb, 8, 4)
@@ -252,7 +261,7 @@ FLIP_K = np.array([3, 2, 1, 0], np.int64)
 
 
 def _candidates_m(xs, w, sx_sorted_terms, order, v_p, v_m):
-    """sumqx[k], sumq2[k] [153*4, S] for k = (+,+), (+,-), (-,+), (-,-), in (i1, i2, k) order,
+    """sumqx[k], sumq2[k] [153, S] for k = (+,+), (+,-), (-,+), (-,-) (candidates in (i1, i2, k) order),
     from per-half prefix sums as quantize_row_iq1_m_impl keeps them."""
     wx_s, w_s = sx_sorted_terms
     S = xs.shape[0]
@@ -274,9 +283,9 @@ def _candidates_m(xs, w, sx_sorted_terms, order, v_p, v_m):
         qx_m.append(txs * v_m[2] - sxh)
         q2_p.append(tws * v_p[2] * v_p[2] + _rows(pw[h] * cp1, i1) + _rows(pw[h] * cp2, i2))
         q2_m.append(tws * v_m[2] * v_m[2] + _rows(pw[h] * cm1, i1) + _rows(pw[h] * cm2, i2))
-    qx = np.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], axis=1)
-    q2 = np.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], axis=1)
-    return qx.reshape(-1, S), q2.reshape(-1, S)
+    qx = [qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]]
+    q2 = [q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]]
+    return qx, q2
 
 
 def encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -301,7 +310,7 @@ def _encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(16)[None, :], axis=1)
     qx, q2 = _candidates_m(xs, w, terms, order, x_p, x_m)
-    bi, scale = _scan(qx, q2)
+    bi, scale = _scan([(qx, q2)], xs.shape[0])
     skip |= bi < 0
     pair, k = np.maximum(bi, 0) // 4, np.maximum(bi, 0) % 4
     L = _levels(rank, PAIRS_M[0][pair], PAIRS_M[1][pair])
@@ -310,7 +319,7 @@ def _encode_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     scale = np.where(neg, -scale, scale)
     k = np.where(neg, FLIP_K[k], k)
     vt = _values(tables()["iq1m_delta"])
-    gi, scale = _place(L, xs, w, scale, _minus(k), skip, vt)
+    gi, scale = _place(L, xs, w, scale, _minus(k), skip, vt, tables()["iq1m_delta"])
     k[skip] = 0
     d, ls, zero = _sub_scales(scale, nb, 16)
     # the super-block scale refit over all 256 values, skipped sub-blocks included

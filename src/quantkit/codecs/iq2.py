@@ -98,18 +98,22 @@ def _weights(kind: IQ2Kind, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     return qw * np.sqrt(sigma2[:, None] + x * x)
 
 
+PARITY = (np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1) & 1).astype(bool)
+
+
 def _signs(kind: IQ2Kind, xg: np.ndarray, wg: np.ndarray):
     """Groups of 8 xg, wg [n, 8] -> (xval [n, 8], sign bits [n]): magnitudes, with the least
     important weight negated where the count of negatives is odd (parity types)."""
     neg = xg < 0
     xval = np.where(xg >= 0, xg, -xg)
-    bits = (neg.astype(np.int32) << np.arange(8)).sum(axis=1)
+    bits = np.packbits(neg, axis=1, bitorder="little")[:, 0].astype(np.int32)
     if kind.parity:
-        odd = (neg.sum(axis=1) & 1).astype(bool)
-        imin = np.argmin(wg * xg * xg, axis=1)
-        rows = np.nonzero(odd)[0]
-        xval[rows, imin[rows]] = -xval[rows, imin[rows]]
-        bits = np.where(odd, bits ^ (1 << imin), bits) & 127
+        rows = np.flatnonzero(PARITY[bits])
+        xo, wo = xg[rows], wg[rows]
+        imin = np.argmin(wo * xo * xo, axis=1)
+        xval[rows, imin] = -xval[rows, imin]
+        bits[rows] ^= 1 << imin
+        bits &= 127
     return xval, bits
 
 

@@ -1,5 +1,6 @@
-"""The lattice of llama.cpp's 2-bit IQ types (IQ2_XXS, IQ2_XS, IQ2_S), and the float arithmetic
-their quantizers share, bit-exact in numpy float32.
+"""The lattice of llama.cpp's 2-bit IQ types (IQ2_XXS, IQ2_XS, IQ2_S) and the parts of their
+quantizers' float arithmetic no other type uses, bit-exact in numpy float32 (the neighbour
+search, nearest_int and C-order sums are codecs/lattice.py's, shared with IQ3 and IQ1).
 
 Each type stores groups of 8 weights as one entry of a grid (256, 512 or 1024 points of
 {1, 3, 5}^8, given as 2-bit level indices by `kgrid_2bit_*`) plus 8 (or 7 and a parity) signs.
@@ -10,7 +11,7 @@ list, the grid entries in its `nwant` nearest distance shells ordered by (distan
 
 The arithmetic follows the C expression by expression in float32 (each op rounds once; the
 library is built without fused multiply-adds or reassociation); sums run in C's order, element
-0 first, never a pairwise reduction; ggml's `nearest_int` is emulated exactly (`nearest_int`).
+0 first, never a pairwise reduction (`seqsum`); ggml's `nearest_int` is emulated exactly.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from importlib import resources
 import numpy as np
 import torch
 
-F32 = np.float32
-MAGIC = F32(12582912.0)            # 1.5 * 2**23: nearest_int's rounding constant
+from .lattice import F32, Padded, nearest_int, pad_lists, padded_search, seqsum
+
+__all__ = ["F32", "KMAP_SIZE", "LEVEL_VALUES", "Lattice", "SHIFTS", "best_neighbour", "lattice", "make_qp_quants",
+           "nearest_int", "padded_lists", "rounded_levels", "seqsum", "tables"]
+
 KMAP_SIZE = 43692                  # llama.cpp's kmap_size: points are sum(l_i << 2i)
 SHIFTS = (2 * np.arange(8)).astype(np.int32)
 
@@ -72,11 +76,30 @@ def lattice(grid_size: int, nwant: int) -> Lattice:
     return Lattice(levels, kmap, start, count, flat, codes, nwant)
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int, bit for bit (also outside its asserted range): float32 -> int32."""
-    return ((v + MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
+LEVEL_VALUES = np.array([1, 3, 5], F32)      # the value 2l+1 of level l
 
 
+@lru_cache(maxsize=None)
+def padded_lists(grid_size: int, nwant: int) -> Padded:
+    """lattice(grid_size, nwant)'s neighbour lists padded by width (codecs/lattice.py), by row."""
+    lat = lattice(grid_size, nwant)
+    return pad_lists(lat.flat, lat.start, lat.count, lat.levels, 3)
+
+
+def best_neighbour(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """iq2_find_best_neighbour for Q points off the grid at once: u [Q] (kmap[u] < 0), scale [Q],
+    xval and w (the square-root weights) [Q, 8] -> grid index [Q]: the first entry of u's list
+    with the smallest d2 = sum_i w_i*(scale*q_i - x_i)^2, summed in float32 in C's order
+    (where every sum is NaN, C asserts and this takes the first entry). Lists averaging up to LONG
+    entries are searched padded (`padded_search`), longer ones by shared points
+    (`_shared_point_search`, faster where many queries land on each long list)."""
+    if lat.count.mean() > LONG:
+        return _shared_point_search(lat, u, scale, xval, w)
+    rows = -lat.kmap[u].astype(np.int64) - 1
+    return padded_search(padded_lists(len(lat.levels), lat.nwant), rows, scale, xval, w, LEVEL_VALUES, c_rule=False)
+
+
+LONG = 20
 def _terms(scale: np.ndarray, xval: np.ndarray, w: np.ndarray) -> np.ndarray:
     """w*diff*diff (diff = scale*q - x) for each position i and level l: float32 [Q, 24] at 3i+l,
     the very terms iq2_find_best_neighbour sums."""
@@ -155,16 +178,13 @@ def _scored(lat: Lattice, ts: torch.Tensor, starts: np.ndarray, m: np.ndarray, r
     low[dest], at[dest], near[dest] = lo.reshape(-1)[valid], ix.reshape(-1)[valid], nr.reshape(-1)[valid]
 
 
-def best_neighbour(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """iq2_find_best_neighbour for Q points off the grid at once: u [Q] (kmap[u] < 0), scale [Q],
-    xval and w (the square-root weights) [Q, 8] -> grid index [Q]: the first entry of u's list
-    with the smallest d2 = sum_i w_i*(scale*q_i - x_i)^2, summed in float32 in C's order.
-
-    Queries sharing a point are scored together as matrix products (terms @ one-hot levels, many
-    points per batched product). Their sums round differently from C's, but both are within 32
-    ulps of the exact sum of the same non-negative float32 terms: a query with one entry within
-    SLACK of its smallest is decided; the others (near ties, non-finite terms) and the points
-    shared by few queries are summed exactly in C's order (`_exact_first_min`)."""
+def _shared_point_search(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`best_neighbour` for lists averaging over LONG entries: queries sharing a point are scored
+    together as matrix products (terms @ one-hot levels, many points per batched product). Their
+    sums round differently from C's, but both are within 32 ulps of the exact sum of the same
+    non-negative float32 terms: a query with one entry within SLACK of its smallest is decided;
+    the others (near ties, non-finite terms) and the points shared by few queries are summed
+    exactly in C's order (`_exact_first_min`)."""
     terms = _terms(scale, xval, w)
     row = -lat.kmap[u].astype(np.int64) - 1
     order = np.argsort(row, kind="stable")
@@ -193,14 +213,6 @@ def best_neighbour(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndar
 def rounded_levels(idv: np.ndarray, xval: np.ndarray) -> np.ndarray:
     """MAX(0, MIN(kMaxQ-1, nearest_int(0.5f*(id*xval-1)))) with kMaxQ = 3; idv broadcasts."""
     return np.clip(nearest_int(F32(0.5) * (idv * xval - F32(1))), 0, 2)
-
-
-def seqsum(terms: np.ndarray) -> np.ndarray:
-    """sum over the first axis of terms [m, ...] in C's order, from 0.0f."""
-    acc = terms[0] + F32(0)
-    for t in terms[1:]:
-        acc += t
-    return acc
 
 
 def make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:

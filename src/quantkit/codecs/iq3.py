@@ -66,8 +66,9 @@ def _snap(lat: Lattice, L: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np
         d2 += t[:, 2]
         d2 += t[:, 3]
         best = cand[first_min(d2, which, first)]
-        flat = ((kk * 4)[:, None] + np.arange(4)) * S + ss[:, None]
-        np.put(L, flat, np.take(lat.levels, best, axis=0))
+        lev = np.take(lat.levels, best, axis=0)
+        for i in range(4):
+            L[kk * 4 + i, ss] = lev[:, i]
         gi[kk, ss] = best
     return gi, ~off
 

@@ -1,6 +1,8 @@
-"""What llama.cpp's lattice quantizers (IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) share: their grids, the
-neighbour lists llama.cpp builds at init, and the float arithmetic that makes quantkit's bytes
-equal to its own.
+"""What llama.cpp's lattice quantizers share: the IQ3_XXS, IQ3_S, IQ1_S and IQ1_M grids and the
+neighbour lists llama.cpp builds at init, the float arithmetic that makes quantkit's bytes equal
+to its own, and the searches of the neighbour lists for the entry nearest a scaled group: ragged
+(`neighbours` + `first_min`, for IQ3's lists of 5-7 entries) and padded to a few widths
+(`padded_search`, for IQ1's lists and IQ2_XXS's and IQ2_S's; codecs/iq2_lattice.py builds IQ2's).
 
 The grids are data (data/iq3_iq1_grids.npz, read out of ggml-common.h and ggml-quants.c by
 data/make_iq3_iq1_tables.py). A grid lists points of n levels each (n = 4 for IQ3, 8 for IQ1),
@@ -80,6 +82,7 @@ class Lattice:
     start: np.ndarray
     count: np.ndarray
     flat: np.ndarray
+    name: str = ""
 
     def code(self, L: np.ndarray) -> np.ndarray:
         """Levels [n, ...] (any numeric dtype holding small non-negative integers) -> codes
@@ -90,7 +93,7 @@ class Lattice:
         return u
 
 
-def build_lattice(kgrid: np.ndarray, n: int, bits: int, nlev: int, nwant: int) -> Lattice:
+def build_lattice(kgrid: np.ndarray, n: int, bits: int, nlev: int, nwant: int, name: str = "") -> Lattice:
     """iq3xs_init_impl / iq2xs_init_impl for the codes reachable from levels 0..nlev-1."""
     shifts = bits * np.arange(n)
     levels = ((kgrid[:, None].astype(np.int64) >> shifts) & ((1 << bits) - 1)).astype(np.int8)
@@ -114,7 +117,7 @@ def build_lattice(kgrid: np.ndarray, n: int, bits: int, nlev: int, nwant: int) -
         flat.append(cand)
         total += len(cand)
     return Lattice(n, bits, levels, pos.astype(F32), np.ascontiguousarray(pos.T, dtype=F32), index, start, count,
-                   np.concatenate(flat).astype(np.int32))
+                   np.concatenate(flat).astype(np.int32), name)
 
 
 @lru_cache(maxsize=None)
@@ -122,11 +125,11 @@ def lattice(name: str) -> Lattice:
     """"iq3xxs" (256 points, 2 nearest distances), "iq3s" (512, 3), "iq1s" (2048, 3)."""
     t = tables()
     if name == "iq3xxs":
-        return build_lattice(t["kgrid_iq3xxs"], 4, 3, 8, 2)
+        return build_lattice(t["kgrid_iq3xxs"], 4, 3, 8, 2, name)
     if name == "iq3s":
-        return build_lattice(t["kgrid_iq3s"], 4, 3, 8, 3)
+        return build_lattice(t["kgrid_iq3s"], 4, 3, 8, 3, name)
     if name == "iq1s":
-        return build_lattice(t["kgrid_iq1s"], 8, 2, 3, 3)
+        return build_lattice(t["kgrid_iq1s"], 8, 2, 3, 3, name)
     raise KeyError(name)
 
 
@@ -159,3 +162,121 @@ def check_scales(scale: np.ndarray) -> None:
     """llama.cpp's GGML_ASSERT(scale >= 0): a NaN scale (from sums that overflowed) aborts it."""
     if not (scale >= 0).all():
         raise ValueError(TOO_LARGE)
+
+
+# ------------------------------------------------------------------------- padded neighbour search
+# The search over neighbour lists as dense arrays: each list padded to the next of a few widths
+# (powers of 2), the queries of one width scored together as [m, n, W] gathers from a table of
+# per-query terms. A query's terms are w_i*(scale*v_l - x_i)^2 for each element i and level l,
+# the very float32 products the C loops add; a candidate's distance is its n terms added in
+# element order from 0, so every sum equals C's. Padding entries read a term of +inf.
+
+WIDTHS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+SLOTS = 1 << 17          # candidate slots (m * W) scored per step: the gathers stay in L2
+
+
+@dataclass(frozen=True)
+class Padded:
+    """Neighbour lists by width: list r is row `rowpos[r]` of the tables of width
+    `widths[bucket[r]]`; `codes[k]` int32 [n, R_k, W]: i*nlev + level_i of each entry (padding:
+    n*nlev, the +inf term), `grid[k]` int32 [R_k, W]: the entries' grid indices (padding: 0)."""
+
+    n: int
+    nlev: int
+    bucket: np.ndarray
+    rowpos: np.ndarray
+    widths: tuple
+    codes: tuple
+    grid: tuple
+
+
+def pad_lists(flat: np.ndarray, start: np.ndarray, count: np.ndarray, levels: np.ndarray, nlev: int) -> Padded:
+    """The lists flat[start[r]:start[r] + count[r]] (grid indices; count 0: no list) of a grid whose
+    entry g has levels[g] [n] in 0..nlev-1, padded by width."""
+    n = levels.shape[1]
+    bucket = np.full(len(count), -1, np.int8)
+    rowpos = np.zeros(len(count), np.int64)
+    widths, codes, grid = [], [], []
+    lo = 0
+    for W in WIDTHS:
+        rs = np.flatnonzero((count > lo) & (count <= W))
+        lo = W
+        if not rs.size:
+            continue
+        bucket[rs], rowpos[rs] = len(widths), np.arange(len(rs))
+        j = np.arange(W)
+        valid = j[None, :] < count[rs][:, None]
+        g = np.where(valid, flat[start[rs][:, None] + np.minimum(j[None, :], count[rs][:, None] - 1)], 0)
+        c = np.arange(n)[:, None, None] * nlev + levels[g].transpose(2, 0, 1).astype(np.int64)   # [n, R, W]
+        widths.append(W)
+        codes.append(np.ascontiguousarray(np.where(valid[None], c, n * nlev).astype(np.int32)))
+        grid.append(g.astype(np.int32))
+    if (count > lo).any():
+        raise ValueError("a neighbour list longer than the widest padding")
+    return Padded(n, nlev, bucket, rowpos, tuple(widths), tuple(codes), tuple(grid))
+
+
+def _terms(scale: np.ndarray, xt: np.ndarray, wt: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """float32 [n*nlev + 1, m]: (w_i*diff)*diff, diff = scale*v_l - x_i, in row i*nlev + l; the
+    last row +inf. xt, wt: [n, m]; values: [nlev] for every query or [nlev, m]."""
+    n, m = xt.shape
+    nlev = values.shape[0]
+    sv = (values[:, None] if values.ndim == 1 else values) * scale[None, :]          # [nlev, m]
+    out = np.empty((n * nlev + 1, m), F32)
+    t = out[:-1].reshape(n, nlev, m)
+    np.subtract(sv[None], xt[:, None, :], out=t)
+    d = t * wt[:, None, :]
+    t *= d
+    out[-1] = np.inf
+    return out
+
+
+def padded_search(pd: Padded, rows: np.ndarray, scale: np.ndarray, xg: np.ndarray, wg: np.ndarray,
+                  values: np.ndarray, c_rule: bool = True) -> np.ndarray:
+    """For M queries (list rows [M], scale [M], xval and weights xg, wg [M, n], level values
+    [nlev] or [M, nlev]) the grid index [M] of the first list entry with the smallest
+    d2 = sum_i w_i*(scale*v_i - x_i)^2, summed in float32 in C's order.
+
+    c_rule: llama.cpp's `if (d2 < best)` from best = FLT_MAX; no entry below FLT_MAX (sums that
+    overflow) is its assertion: ValueError. Otherwise NaN sums never win and a query with
+    nothing else takes its first entry."""
+    out = np.empty(len(rows), np.int64)
+    b = pd.bucket[rows]
+    order = np.argsort(b, kind="stable")
+    ends = np.cumsum(np.bincount(b, minlength=len(pd.widths)))
+    for k, W in enumerate(pd.widths):
+        sel = order[(ends[k - 1] if k else 0):ends[k]]
+        step = max(1, SLOTS // W)
+        for s0 in range(0, len(sel), step):
+            out[sel[s0:s0 + step]] = _scored(pd, k, rows, scale, xg, wg, values, sel[s0:s0 + step], c_rule)
+    return out
+
+
+def _scored(pd: Padded, k: int, rows, scale, xg, wg, values, q, c_rule: bool) -> np.ndarray:
+    """padded_search for the queries q, all of width widths[k]."""
+    m, W = len(q), pd.widths[k]
+    pr = pd.rowpos[rows[q]]
+    tq = _terms(scale[q], np.take(xg, q, axis=0).T, np.take(wg, q, axis=0).T,
+                values if values.ndim == 1 else np.take(values, q, axis=0).T)
+    idx = np.take(pd.codes[k], pr, axis=1)                                   # [n, m, W]
+    idx *= m
+    idx += np.arange(m, dtype=np.int32)[:, None]
+    g = np.take(tq.reshape(-1), idx)
+    d2 = g[0] + g[1]
+    for i in range(2, pd.n):
+        d2 += g[i]
+    if c_rule:
+        key = np.where(d2 < FLT_MAX, d2, F32(np.inf))
+    else:
+        key = np.where(np.isnan(d2), F32(np.inf), d2)
+    j = np.argmin(key, axis=1)
+    if c_rule and not (np.take_along_axis(key, j[:, None], axis=1) < np.inf).all():
+        raise ValueError(TOO_LARGE)
+    return np.take(pd.grid[k].reshape(-1), pr * W + j)
+
+
+@lru_cache(maxsize=None)
+def padded(name: str) -> Padded:
+    """The neighbour lists of `lattice(name)` padded by width, rows indexed by code."""
+    lat = lattice(name)
+    return pad_lists(lat.flat, lat.start, lat.count, lat.levels, 8 if name.startswith("iq3") else 3)
