@@ -137,7 +137,7 @@ def test_tokenizer_ids_equal_llama_cpp(arch_dirs, arch_f32, kind):
 def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_path, kind, data_dir):
     """Q4_K_M (llama.cpp's per-tensor rules), GPTQ-compensated Q4_0 and BF16: llama.cpp loads
     each and generates; the GPTQ file has the RTN file's tensors, types and shapes, and GPTQ
-    changed exactly its Q4_0 decoder linears (mixtures of experts: GPTQ is refused)."""
+    changed exactly its Q4_0 decoder linears (mixtures of experts: the 3-D expert tensors too)."""
     d = arch_dirs(kind)
     calib = str(Path(data_dir) / "wikitext-2" / "valid.txt")
     kq = tmp_path / "q4_k_m.gguf"
@@ -146,17 +146,11 @@ def test_kquant_mix_and_gptq_q4_0_load_and_generate(arch_dirs, arch_f32, tmp_pat
     r = api.quantize(str(d), kq, format="gguf:q4_k_m", show_progress=False)
     assert {"q4_k", "q6_k"} <= set(r.types.values())
     api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
-    if kind in MOE:           # GPTQ of experts is not implemented: refused in one line, nothing written
-        with pytest.raises(QuantkitError, match="mixture of experts.*--method rtn"):
-            api.quantize(str(d), gq, format="gguf:q4_0", method="gptq", calib=calib, nsamples=4, seqlen=64,
-                         show_progress=False)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["q4_0.gguf", "q4_k_m.gguf"]
+    if kind in MOE:
         with GGUFSource(kq) as s:
             assert s.spec.n_expert == 4 and s.spec.n_expert_used == 2
             assert s.tensor_info("blk.0.ffn_down_exps.weight").shape[0] == 4
-        gq = rtn
-    else:
-        _check_gptq(d, calib, rtn, gq)
+    _check_gptq(d, calib, rtn, gq)
     bf16 = tmp_path / "bf16.gguf"
     api.quantize(str(d), bf16, format="gguf:bf16", show_progress=False)
     prompt = None
@@ -177,7 +171,7 @@ def _check_gptq(d: Path, calib: str, rtn: Path, gq: Path) -> None:
         assert [(t.name, t.type, t.shape) for t in a.tensors()] == [(t.name, t.type, t.shape) for t in b.tensors()]
         changed = {t.name for t in a.tensors()
                    if not np.array_equal(np.asarray(a.raw(t.name)[0]), np.asarray(b.raw(t.name)[0]))}
-        linears = {t.name for t in b.tensors() if t.name.startswith("blk.") and len(t.shape) == 2
+        linears = {t.name for t in b.tensors() if t.name.startswith("blk.") and len(t.shape) in (2, 3)
                    and t.type == "q4_0"}
     assert changed == linears and linears
 
@@ -225,7 +219,8 @@ def test_inspect_says_what_the_model_is_and_what_quantkit_can_do(arch_dirs, arch
     assert g["gguf_architecture"] == "phi3" and not any("gptq" in c for c in g["quantkit_can"])
     moe = api.inspect(str(arch_dirs("qwen3moe")))["model"]
     assert (moe["architecture"], moe["experts"], moe["experts_used"]) == ("Qwen3MoeForCausalLM", 4, 2)
-    assert not any(c.startswith("gguf+gptq") for c in moe["quantkit_can"])
+    assert any(c.startswith("gguf+gptq") for c in moe["quantkit_can"])
+    assert any("not for experts" in c for c in moe["quantkit_can"])
 
 
 def test_unsupported_architecture_is_one_line_naming_it(arch_dirs, tmp_path, capsys):

@@ -323,9 +323,9 @@ def describe(gguf_arch: str, hf_arch: HFArch | None, config: dict | None, n_expe
                "plan: memory and speed from config.json"]
     elif gguf_arch in TORCH_FROM_GGUF:
         can.insert(1, "gguf+gptq: GPTQ-compensated GGUF (the file rebuilt in transformers)")
-    if n_expert:
-        can = [c for c in can if not c.startswith("gguf+gptq")]
-        can.insert(1, "gguf: round-to-nearest only (block-wise GPTQ of experts is not supported)")
+    if n_expert:                # experts: GPTQ on routed calibration (quant.moe); no GPU checkpoint formats
+        can = [c for c in can if not c.startswith("gguf+gptq") or hf_arch is not None]
+        can.insert(2 if hf_arch is not None else 1, "gpu formats (gptq, compressed-tensors): not for experts")
     return {
         "architecture": (cfg.get("architectures") or [None])[0] if hf_arch else gguf_arch,
         "gguf_architecture": gguf_arch,

@@ -16,7 +16,7 @@ checkpoint (quant.checkpoint.CheckpointSink).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import torch
@@ -26,7 +26,9 @@ from ..models.arch import HFArch
 from ..util.errors import QuantkitError
 from ..util.memory import trim
 from .calib import calibration_ids
+from .moe import expert_fetch, quantize_experts
 from .pipeline import PipelineConfig, PipelineReport, decoder_layers, quantize_model
+from .rtn import QuantSpec
 from .streaming import block_loader, compact_embeddings, row_reader, streaming_model
 
 
@@ -62,13 +64,21 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
     (quant.distributed.RayOptions): GPTQ's calibration split over Ray workers."""
     if ray is not None and keep_model:
         raise QuantkitError("Ray workers quantize streaming, one block at a time; the model cannot be kept")
-    if getattr(src.spec, "n_expert", 0):
-        raise QuantkitError(f"block-wise quantization of a mixture of experts ({src.spec.n_expert} experts) is not "
-                            "supported", path, "quantize it with round-to-nearest: --method rtn")
+    n_expert = int(getattr(src.spec, "n_expert", 0) or 0)
+    if n_expert:
+        _check_moe_source(src, path, ray)
     lazy = not keep_model
     model, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=lazy)
+    if n_expert:                    # transformers' fused expert parameters from the per-expert tensors
+        fetch = expert_fetch(fetch, n_expert)
     sm = StreamingModel(src, path, model, arch, fetch, row_reader(src, arch), lazy)
     pcfg = sink.pipeline_config(sm)
+    if n_expert:
+        if isinstance(pcfg.grid, QuantSpec):
+            raise QuantkitError(f"GPU checkpoint formats (gptq, compressed-tensors) of a mixture of experts "
+                                f"({n_expert} experts) are not supported", path,
+                                "write a GPTQ-compensated GGUF instead: --format gguf:q4_0 --method gptq")
+        pcfg = replace(pcfg, sparse_mlp=quantize_experts)
     ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if pcfg.method == "gptq" else None
     del tokenizer                   # done with; llama.cpp's vocabulary alone holds ~0.15 GB for Gemma-3
     gc.collect()
@@ -92,3 +102,15 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
         sm.model = model = None
     sink.finish(report)
     return report, model
+
+
+def _check_moe_source(src, path: str, ray) -> None:
+    """A mixture of experts is quantized block-wise from a Hugging Face directory, in one process."""
+    from ..models.gguf import GGUFSource
+    if isinstance(src, GGUFSource):
+        raise QuantkitError(f"block-wise quantization of a mixture of experts ({src.spec.n_expert} experts) from a "
+                            "GGUF file is not supported", path,
+                            "quantize its Hugging Face directory, or use --method rtn on the GGUF")
+    if ray is not None:
+        raise QuantkitError("Ray workers do not calibrate the experts of a mixture of experts", path,
+                            "run without --ray")

@@ -76,6 +76,9 @@ class GPTQConfig:
     # no cross-column compensation (importance-weighted rounding, like llama.cpp's imatrix). The
     # off-diagonal correlations are what is most specific to the calibration text.
     shrink: float = 0.0
+    # mixtures of experts (quant.moe): an expert routed fewer calibration tokens than this is
+    # solved on its Hessian mixed with the layer's pooled one; None: max(16, hidden // 8)
+    moe_min_tokens: int | None = None
 
     def __post_init__(self):
         if self.damp < 0:
@@ -84,6 +87,8 @@ class GPTQConfig:
             raise ValueError(f"shrink must be in [0, 1], got {self.shrink}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.moe_min_tokens is not None and self.moe_min_tokens < 1:
+            raise ValueError(f"moe_min_tokens must be at least 1, got {self.moe_min_tokens}")
 
 
 def new_hessian(in_features: int) -> torch.Tensor:

@@ -59,6 +59,10 @@ class PipelineConfig:
     # true-sequential GPTQ: take the attention's and the MLP's outputs from the inputs the o_proj and
     # down_proj stages saw (one block forward in all) instead of re-running them (same values)
     reuse_outputs: bool = True
+    # a block's sparse MLP (mixture of experts), after its other linears: (layer, prefix, hidden,
+    # kwargs, config, report, done) -> True when it quantized the experts and wrote the block's
+    # outputs over `hidden` (quant.moe.quantize_experts); False for a dense block
+    sparse_mlp: Callable | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,6 +83,7 @@ class PipelineReport:
     final_hidden: list[torch.Tensor] | None = None            # the last block's outputs (before the final norm)
     phases: dict[str, float] = field(default_factory=dict)    # seconds: capture, load, hessians, solve, propagate, write
     workers: list[dict] = field(default_factory=list)         # per Ray worker (quant.distributed): peak RSS, seconds
+    experts: dict[str, dict] = field(default_factory=dict)    # per MoE layer: tokens per expert, safeguarded (quant.moe)
 
     def _add(self, phase: str, t0: float) -> float:
         t = time.perf_counter()
@@ -310,7 +315,10 @@ def _quantize_block(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | None
             work.quantized(g, done)
         t = report._add("solve", t)
         trim()
-    if hidden is not None:
+    if cfg.sparse_mlp is not None and cfg.method != "none" and \
+            cfg.sparse_mlp(layer, lp, hidden, kwargs, cfg, report, done):
+        t = report._add("experts", t)
+    elif hidden is not None:
         work.propagate()
         t = report._add("propagate", t)
     return t
