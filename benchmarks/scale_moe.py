@@ -145,6 +145,15 @@ def llama_check(path: str, threads: int) -> dict:
     return out
 
 
+def save(res_path: str, key: str, results: dict) -> None:
+    """Merge this run's results into the JSON as it is now (another run may have written it)."""
+    os.makedirs(os.path.dirname(res_path), exist_ok=True)
+    everything = json.load(open(res_path)) if os.path.exists(res_path) else {}
+    everything[key] = {**everything.get(key, {}), **results}
+    with open(res_path, "w") as f:
+        json.dump(everything, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=20)
@@ -156,7 +165,7 @@ def main() -> None:
     os.makedirs(WORK, exist_ok=True)
     res_path = os.path.join(HERE, "results", "scale_moe.json")
     everything = json.load(open(res_path)) if os.path.exists(res_path) else {}
-    results = everything.setdefault(f"{args.layers} layers", {})
+    results = everything.get(f"{args.layers} layers", {})
     model = os.path.join(WORK, f"qwen3-30b-a3b-shapes-{args.layers}l-bf16")
     nbytes = make_model(model, args.layers)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -179,9 +188,7 @@ def main() -> None:
         r["llama_cpp"] = llama_check(out, args.threads)
         results[method] = r
         print(method, r, flush=True)
-        os.makedirs(os.path.dirname(res_path), exist_ok=True)
-        with open(res_path, "w") as f:
-            json.dump(everything, f, indent=2)
+        save(res_path, f"{args.layers} layers", results)
         if not args.keep:
             os.remove(out)
     if args.clean:
