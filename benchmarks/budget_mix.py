@@ -7,13 +7,15 @@ Per stock mix (default Q4_K_M, Q3_K_M):
   quantkit GPTQ       quantkit quantize --format gguf:MIX+gptq (the stock mix, GPTQ-solved)
   budget RTN          quantkit quantize --target-size <the imatrix file's bytes>
   budget GPTQ         the same with --method gptq
+  peer                llama.cpp's published --target-bpw rule (importance-weighted MSE, Lagrangian
+                      allocation; benchmarks/target_bpw_peer.py) at the same size, by llama-quantize
 All from the same F32 GGUF (llama.cpp's dequantization of the bundled file), also the
 reference. Scored by quantkit eval (llama.cpp runtime, --eval-chunks chunks of 512) on
 wikitext-2 test and SST-2 dev sentences. Steps are resumable: a file already made (and in the
 results) is not made again. Results: benchmarks/results/budget_mix.json.
 
     python benchmarks/budget_mix.py [--sizes q4_k_m,q3_k_m] [--chunks 64] [--gptq-chunks 64]
-                                    [--methods rtn,imatrix,budget-rtn,gptq,budget-gptq]
+                                    [--methods rtn,imatrix,budget-rtn,peer,gptq,budget-gptq]
 """
 
 from __future__ import annotations
@@ -29,16 +31,36 @@ from gguf_gptq import DATA, TOOLS, sst2_text, timed  # noqa: E402
 
 WORK = os.path.join(os.environ.get("QUANTKIT_CACHE", os.path.expanduser("~/.cache/quantkit")), "bench-budget")
 RESULTS = os.path.join(HERE, "results", "budget_mix.json")
+STOCK = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+_PEER_ERRORS: dict = {}
+
+
+def make_peer_timed(f32: str, imatrix: str, stock: str, out: str, threads: int) -> dict:
+    """llama.cpp's --target-bpw rule (benchmarks/target_bpw_peer.py) at the stock file's size;
+    its error table is computed once per run (the seconds are in the first size's entry)."""
+    import time
+
+    from target_bpw_peer import make_peer, tensor_errors
+    t0, c0 = time.perf_counter(), time.process_time()
+    if "e" not in _PEER_ERRORS:
+        _PEER_ERRORS["e"] = tensor_errors(f32, imatrix)
+    r = make_peer(f32, imatrix, stock, out, TOOLS, threads, _PEER_ERRORS["e"])
+    ch = os.times()
+    return {"wall_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - c0 + ch.children_user + ch.children_system, 1),
+            "command": r["command"], "choice": r["choice"], "room": r["room"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="q4_k_m,q3_k_m")
+    ap.add_argument("--sizes", default=",".join(STOCK))
     ap.add_argument("--chunks", type=int, default=64, help="imatrix chunks of 512 tokens")
     ap.add_argument("--gptq-chunks", type=int, default=64, help="GPTQ calibration samples of 512 tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-chunks", type=int, default=8)
-    ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,gptq,budget-gptq")
+    ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,peer,gptq,budget-gptq")
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
@@ -68,11 +90,12 @@ def main() -> None:
     files = {}
     methods = args.methods.split(",")
     for size in args.sizes.split(","):
-        # the budget: the stock mix's bytes (the same with or without the importance matrix)
-        stock = os.path.join(WORK, f"{size}-imatrix.gguf")
-        if not os.path.exists(stock):
-            stock = os.path.join(WORK, f"{size}-rtn.gguf")
         for method in methods:
+            # the budget: the stock mix's bytes (the same with or without the importance matrix but
+            # for the matrix's few keys)
+            stock = os.path.join(WORK, f"{size}-imatrix.gguf")
+            if not os.path.exists(stock):
+                stock = os.path.join(WORK, f"{size}-rtn.gguf")
             out = os.path.join(WORK, f"{size}-{method}.gguf")
             if method.startswith("budget"):
                 out = os.path.join(WORK, f"{size}-{method}", f"{size}-{method}.gguf")   # its card beside it
@@ -86,6 +109,13 @@ def main() -> None:
             if method in ("rtn", "imatrix"):
                 cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
                       + [f32, out, size.upper(), str(args.threads)]
+            elif method == "peer":
+                runs[key] = make_peer_timed(f32, imatrix, stock, out, args.threads)
+                runs[key]["bytes"] = os.path.getsize(out)
+                runs[key]["target_bytes"] = os.path.getsize(stock)
+                print(key, {k: v for k, v in runs[key].items() if k != "choice"}, flush=True)
+                save()
+                continue
             elif method == "gptq":
                 cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--format", f"gguf:{size}+gptq", *cal, "-o", out]
             else:
@@ -104,13 +134,19 @@ def main() -> None:
     ev = results.setdefault("eval", {})
     texts = {"wikitext-2 test": test, "sst-2 dev": sst2_text("dev")}
     for label, text in texts.items():
-        r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
-                         n_threads=args.threads, show_progress=False)
-        names = {os.path.realpath(p): k for k, p in files.items()}
         rows = ev.setdefault(label, {})
+        todo = {k: p for k, p in files.items()
+                if k not in rows or rows[k].get("mtime") != int(os.path.getmtime(p))}
+        if not todo:
+            continue
+        r = api.evaluate([f32, *todo.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
+                         n_threads=args.threads, show_progress=False)
+        names = {os.path.realpath(p): k for k, p in todo.items()}
         for row in r.rows:
             key = names.get(os.path.realpath(row.path), "f32")
             rows[key] = {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+            if key != "f32":
+                rows[key]["mtime"] = int(os.path.getmtime(todo[key]))
         print(label, json.dumps(rows, indent=1), flush=True)
         save()
 
