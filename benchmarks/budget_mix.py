@@ -44,8 +44,14 @@ def make_peer_timed(f32: str, imatrix: str, stock: str, out: str, threads: int) 
 
     from target_bpw_peer import make_peer, tensor_errors
     t0, c0 = time.perf_counter(), time.process_time()
+    cached = os.path.join(WORK, "peer-errors.json")     # the error table, reused across runs
+    if "e" not in _PEER_ERRORS and os.path.exists(cached):
+        _PEER_ERRORS["e"] = {n: {t: tuple(v) for t, v in o.items()} for n, o in json.load(open(cached)).items()}
     if "e" not in _PEER_ERRORS:
         _PEER_ERRORS["e"] = tensor_errors(f32, imatrix)
+        with open(cached + ".tmp", "w") as f:
+            json.dump(_PEER_ERRORS["e"], f)
+        os.replace(cached + ".tmp", cached)
     r = make_peer(f32, imatrix, stock, out, TOOLS, threads, _PEER_ERRORS["e"])
     ch = os.times()
     return {"wall_s": round(time.perf_counter() - t0, 1),
@@ -62,19 +68,21 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,peer,gptq,budget-gptq")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--results", default=RESULTS, help="the JSON to write (and resume from)")
     args = ap.parse_args()
+    results_path = args.results
     os.makedirs(WORK, exist_ok=True)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     py = sys.executable
     valid = os.path.join(DATA, "wikitext-2", "valid.txt")
     test = os.path.join(DATA, "wikitext-2", "test.txt")
-    results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     runs = results.setdefault("runs", {})
 
     def save():
-        with open(RESULTS + ".tmp", "w") as f:
+        with open(results_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
-        os.replace(RESULTS + ".tmp", RESULTS)
+        os.replace(results_path + ".tmp", results_path)
 
     f32 = os.path.join(WORK, "f32.gguf")
     if not os.path.exists(f32):
@@ -178,8 +186,41 @@ def markdown(path: str = RESULTS) -> str:
     return "\n".join(lines + [""] + ratios)
 
 
+FAMILIES = {"budget-rtn": "quantkit budget (RTN)", "budget-gptq": "quantkit budget (GPTQ)",
+            "gptq": "quantkit GPTQ stock mix", "peer": "llama.cpp target-bpw rule (peer)",
+            "imatrix": "llama.cpp imatrix stock mix", "rtn": "llama.cpp RTN stock mix"}
+
+
+def pareto_pages(path: str = RESULTS) -> list[str]:
+    """The size-against-KL pages (quantkit.eval.report.write_series_report), one per text."""
+    import platform
+
+    from quantkit.eval.report import write_series_report
+    r = json.load(open(path))
+    runs, out = r.get("runs", {}), []
+    for text, rows in r.get("eval", {}).items():
+        series: dict[str, list] = {}
+        for method, family in FAMILIES.items():
+            pts = [{"name": key.split("/")[0].upper(), "bytes": runs[key]["bytes"], "kld": m["kld_mean"]}
+                   for key, m in sorted(rows.items(), key=lambda kv: runs.get(kv[0], {}).get("bytes", 0))
+                   if key.endswith("/" + method) and key in runs]
+            if pts:
+                series[family] = pts
+        slug = "wikitext2" if "wikitext" in text else "sst2"
+        page = os.path.join(os.path.dirname(path), f"budget_pareto_{slug}.html")
+        write_series_report(series, {"title": f"Gemma-3-270M: file size against KL divergence ({text})",
+                                     "text": text, "command": "python benchmarks/budget_mix.py --pareto",
+                                     "machine": {"cpu": platform.processor() or platform.machine()},
+                                     "note": "Each family at the nine llama.cpp stock sizes; KL to the F32 "
+                                             "reference, 4 chunks of 512 tokens."}, page)
+        out.append(page)
+    return out
+
+
 if __name__ == "__main__":
     if "--markdown" in sys.argv:
         print(markdown())
+    elif "--pareto" in sys.argv:
+        print("\n".join(pareto_pages()))
     else:
         main()

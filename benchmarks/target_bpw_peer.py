@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import numpy as np
-import torch
 
-SAMPLE_ROWS = 512
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers.ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402  (llama.cpp's quantizer, ctypes)
+
+SAMPLE_ROWS = 256
 
 
 def _tensors(f32_path: str):
@@ -34,12 +37,11 @@ def _tensors(f32_path: str):
     for t in r.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))       # rows, cols
         if allows_quantization(t.name, len(shape)):
-            yield t.name, shape, np.asarray(t.data, dtype=np.float32).reshape(shape)
+            yield t.name, shape, t.data.reshape(shape)          # a view of the mapped file: rows read on use
 
 
 def tensor_errors(f32_path: str, imatrix_path: str) -> dict[str, dict[str, tuple[int, float]]]:
     """name -> type -> (bytes, importance-weighted squared error)."""
-    from quantkit.codecs.registry import qtype
     from quantkit.models.imatrix_file import read_imatrix
     from quantkit.quant.budget import tensor_bytes
     from quantkit.quant.sensitivity import candidate_types
@@ -49,16 +51,15 @@ def tensor_errors(f32_path: str, imatrix_path: str) -> dict[str, dict[str, tuple
         qw = imx.weights(name)
         rows = shape[0]
         idx = np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).round().astype(np.int64)
-        x = torch.from_numpy(np.ascontiguousarray(w[idx]))
-        imp = torch.ones(shape[1]) if qw is None else torch.from_numpy(qw)
+        x = np.ascontiguousarray(w[idx], dtype=np.float32)
+        imp = np.ones(shape[1], np.float32) if qw is None else qw
         errs = {}
         for t in candidate_types(shape):
-            q = qtype(t)
             if t == "f16":
-                d = x.half().float()
+                d = x.astype(np.float16).astype(np.float32)
             else:
-                d = q.dequantize_rows(q.quantize_rows(x, imatrix=None if qw is None else imp), shape[1])
-            e = float((((x - d) ** 2) * imp).sum()) * rows / len(idx)
+                d = ggml_dequantize(t, ggml_quantize(t, x, qw), shape[1]).reshape(x.shape)
+            e = float((((x - d) ** 2) * imp).sum(dtype=np.float64)) * rows / len(idx)
             errs[t] = (tensor_bytes(t, shape), e)
         out[name] = errs
     return out
