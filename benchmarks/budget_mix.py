@@ -147,16 +147,16 @@ def main() -> None:
                 if k not in rows or rows[k].get("mtime") != int(os.path.getmtime(p))}
         if not todo:
             continue
-        r = api.evaluate([f32, *todo.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
-                         n_threads=args.threads, show_progress=False)
-        names = {os.path.realpath(p): k for k, p in todo.items()}
-        for row in r.rows:
-            key = names.get(os.path.realpath(row.path), "f32")
-            rows[key] = {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
-            if key != "f32":
-                rows[key]["mtime"] = int(os.path.getmtime(todo[key]))
-        print(label, json.dumps(rows, indent=1), flush=True)
-        save()
+        for key, path in todo.items():        # one file at a time, saved as it comes (the reference is cached)
+            r = api.evaluate([f32, path], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
+                             n_threads=args.threads, show_progress=False)
+            for row in r.rows:
+                k = key if os.path.realpath(row.path) == os.path.realpath(path) else "f32"
+                rows[k] = {m: getattr(row, m) for m in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+            rows[key]["mtime"] = int(os.path.getmtime(path))
+            rows[key]["loadavg"] = open("/proc/loadavg").read().split()[0]
+            print(label, key, json.dumps(rows[key]), flush=True)
+            save()
 
 
 def markdown(path: str = RESULTS) -> str:
