@@ -7,13 +7,15 @@ Per stock mix (default Q4_K_M, Q3_K_M):
   quantkit GPTQ       quantkit quantize --format gguf:MIX+gptq (the stock mix, GPTQ-solved)
   budget RTN          quantkit quantize --target-size <the imatrix file's bytes>
   budget GPTQ         the same with --method gptq
+  peer                llama.cpp's published --target-bpw rule (importance-weighted MSE, Lagrangian
+                      allocation; benchmarks/target_bpw_peer.py) at the same size, by llama-quantize
 All from the same F32 GGUF (llama.cpp's dequantization of the bundled file), also the
 reference. Scored by quantkit eval (llama.cpp runtime, --eval-chunks chunks of 512) on
 wikitext-2 test and SST-2 dev sentences. Steps are resumable: a file already made (and in the
 results) is not made again. Results: benchmarks/results/budget_mix.json.
 
     python benchmarks/budget_mix.py [--sizes q4_k_m,q3_k_m] [--chunks 64] [--gptq-chunks 64]
-                                    [--methods rtn,imatrix,budget-rtn,gptq,budget-gptq]
+                                    [--methods rtn,imatrix,budget-rtn,peer,gptq,budget-gptq]
 """
 
 from __future__ import annotations
@@ -29,30 +31,58 @@ from gguf_gptq import DATA, TOOLS, sst2_text, timed  # noqa: E402
 
 WORK = os.path.join(os.environ.get("QUANTKIT_CACHE", os.path.expanduser("~/.cache/quantkit")), "bench-budget")
 RESULTS = os.path.join(HERE, "results", "budget_mix.json")
+STOCK = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+_PEER_ERRORS: dict = {}
+
+
+def make_peer_timed(f32: str, imatrix: str, stock: str, out: str, threads: int) -> dict:
+    """llama.cpp's --target-bpw rule (benchmarks/target_bpw_peer.py) at the stock file's size;
+    its error table is computed once per run (the seconds are in the first size's entry)."""
+    import time
+
+    from target_bpw_peer import make_peer, tensor_errors
+    t0, c0 = time.perf_counter(), time.process_time()
+    cached = os.path.join(WORK, "peer-errors.json")     # the error table, reused across runs
+    if "e" not in _PEER_ERRORS and os.path.exists(cached):
+        _PEER_ERRORS["e"] = {n: {t: tuple(v) for t, v in o.items()} for n, o in json.load(open(cached)).items()}
+    if "e" not in _PEER_ERRORS:
+        _PEER_ERRORS["e"] = tensor_errors(f32, imatrix)
+        with open(cached + ".tmp", "w") as f:
+            json.dump(_PEER_ERRORS["e"], f)
+        os.replace(cached + ".tmp", cached)
+    r = make_peer(f32, imatrix, stock, out, TOOLS, threads, _PEER_ERRORS["e"])
+    ch = os.times()
+    return {"wall_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - c0 + ch.children_user + ch.children_system, 1),
+            "command": r["command"], "choice": r["choice"], "room": r["room"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="q4_k_m,q3_k_m")
+    ap.add_argument("--sizes", default=",".join(STOCK))
     ap.add_argument("--chunks", type=int, default=64, help="imatrix chunks of 512 tokens")
     ap.add_argument("--gptq-chunks", type=int, default=64, help="GPTQ calibration samples of 512 tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-chunks", type=int, default=8)
-    ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,gptq,budget-gptq")
+    ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,peer,gptq,budget-gptq")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--results", default=RESULTS, help="the JSON to write (and resume from)")
     args = ap.parse_args()
+    results_path = args.results
     os.makedirs(WORK, exist_ok=True)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     py = sys.executable
     valid = os.path.join(DATA, "wikitext-2", "valid.txt")
     test = os.path.join(DATA, "wikitext-2", "test.txt")
-    results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     runs = results.setdefault("runs", {})
 
     def save():
-        with open(RESULTS + ".tmp", "w") as f:
+        with open(results_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
-        os.replace(RESULTS + ".tmp", RESULTS)
+        os.replace(results_path + ".tmp", results_path)
 
     f32 = os.path.join(WORK, "f32.gguf")
     if not os.path.exists(f32):
@@ -68,11 +98,12 @@ def main() -> None:
     files = {}
     methods = args.methods.split(",")
     for size in args.sizes.split(","):
-        # the budget: the stock mix's bytes (the same with or without the importance matrix)
-        stock = os.path.join(WORK, f"{size}-imatrix.gguf")
-        if not os.path.exists(stock):
-            stock = os.path.join(WORK, f"{size}-rtn.gguf")
         for method in methods:
+            # the budget: the stock mix's bytes (the same with or without the importance matrix but
+            # for the matrix's few keys)
+            stock = os.path.join(WORK, f"{size}-imatrix.gguf")
+            if not os.path.exists(stock):
+                stock = os.path.join(WORK, f"{size}-rtn.gguf")
             out = os.path.join(WORK, f"{size}-{method}.gguf")
             if method.startswith("budget"):
                 out = os.path.join(WORK, f"{size}-{method}", f"{size}-{method}.gguf")   # its card beside it
@@ -86,6 +117,13 @@ def main() -> None:
             if method in ("rtn", "imatrix"):
                 cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
                       + [f32, out, size.upper(), str(args.threads)]
+            elif method == "peer":
+                runs[key] = make_peer_timed(f32, imatrix, stock, out, args.threads)
+                runs[key]["bytes"] = os.path.getsize(out)
+                runs[key]["target_bytes"] = os.path.getsize(stock)
+                print(key, {k: v for k, v in runs[key].items() if k != "choice"}, flush=True)
+                save()
+                continue
             elif method == "gptq":
                 cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--format", f"gguf:{size}+gptq", *cal, "-o", out]
             else:
@@ -104,15 +142,21 @@ def main() -> None:
     ev = results.setdefault("eval", {})
     texts = {"wikitext-2 test": test, "sst-2 dev": sst2_text("dev")}
     for label, text in texts.items():
-        r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
-                         n_threads=args.threads, show_progress=False)
-        names = {os.path.realpath(p): k for k, p in files.items()}
         rows = ev.setdefault(label, {})
-        for row in r.rows:
-            key = names.get(os.path.realpath(row.path), "f32")
-            rows[key] = {k: getattr(row, k) for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
-        print(label, json.dumps(rows, indent=1), flush=True)
-        save()
+        todo = {k: p for k, p in files.items()
+                if k not in rows or rows[k].get("mtime") != int(os.path.getmtime(p))}
+        if not todo:
+            continue
+        for key, path in todo.items():        # one file at a time, saved as it comes (the reference is cached)
+            r = api.evaluate([f32, path], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
+                             n_threads=args.threads, show_progress=False)
+            for row in r.rows:
+                k = key if os.path.realpath(row.path) == os.path.realpath(path) else "f32"
+                rows[k] = {m: getattr(row, m) for m in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+            rows[key]["mtime"] = int(os.path.getmtime(path))
+            rows[key]["loadavg"] = open("/proc/loadavg").read().split()[0]
+            print(label, key, json.dumps(rows[key]), flush=True)
+            save()
 
 
 def markdown(path: str = RESULTS) -> str:
@@ -142,8 +186,41 @@ def markdown(path: str = RESULTS) -> str:
     return "\n".join(lines + [""] + ratios)
 
 
+FAMILIES = {"budget-rtn": "quantkit budget (RTN)", "budget-gptq": "quantkit budget (GPTQ)",
+            "gptq": "quantkit GPTQ stock mix", "peer": "llama.cpp target-bpw rule (peer)",
+            "imatrix": "llama.cpp imatrix stock mix", "rtn": "llama.cpp RTN stock mix"}
+
+
+def pareto_pages(path: str = RESULTS) -> list[str]:
+    """The size-against-KL pages (quantkit.eval.report.write_series_report), one per text."""
+    import platform
+
+    from quantkit.eval.report import write_series_report
+    r = json.load(open(path))
+    runs, out = r.get("runs", {}), []
+    for text, rows in r.get("eval", {}).items():
+        series: dict[str, list] = {}
+        for method, family in FAMILIES.items():
+            pts = [{"name": key.split("/")[0].upper(), "bytes": runs[key]["bytes"], "kld": m["kld_mean"]}
+                   for key, m in sorted(rows.items(), key=lambda kv: runs.get(kv[0], {}).get("bytes", 0))
+                   if key.endswith("/" + method) and key in runs]
+            if pts:
+                series[family] = pts
+        slug = "wikitext2" if "wikitext" in text else "sst2"
+        page = os.path.join(os.path.dirname(path), f"budget_pareto_{slug}.html")
+        write_series_report(series, {"title": f"Gemma-3-270M: file size against KL divergence ({text})",
+                                     "text": text, "command": "python benchmarks/budget_mix.py --pareto",
+                                     "machine": {"cpu": platform.processor() or platform.machine()},
+                                     "note": "Each family at the nine llama.cpp stock sizes; KL to the F32 "
+                                             "reference, 4 chunks of 512 tokens."}, page)
+        out.append(page)
+    return out
+
+
 if __name__ == "__main__":
     if "--markdown" in sys.argv:
         print(markdown())
+    elif "--pareto" in sys.argv:
+        print("\n".join(pareto_pages()))
     else:
         main()

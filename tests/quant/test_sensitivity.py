@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quantkit.models.open import open_model
-from quantkit.quant.sensitivity import Sensitivity, candidate_types, spearman
+from quantkit.quant.sensitivity import Sensitivity, candidate_types, roundtrip, spearman
 from quantkit.quant.sensitivity_pass import SensitivityPass, measure_sensitivity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,3 +83,24 @@ def test_measurement_is_cached(gptq_llama_dir, data_dir, tmp_path, monkeypatch):
     finally:
         src.close()
     assert b.to_json() == a.to_json()
+
+
+def test_a_probe_replays_the_layers_before_its_tensor(sens_pass):
+    """A probe of a layer-1 tensor that replays layer 0 from the reference pass measures what a
+    full forward measures, and runs layer 0 not at all."""
+    sp, _ = sens_pass
+    name = "blk.1.ffn_down.weight"
+    p = sp.params[name]
+    changes = {p: roundtrip("q4_0", p.data)}
+    full = sp.prober.kl(changes)
+    calls = []
+    inner = next(m for m in sp.prober.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    h = inner.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        replayed = sp.prober.kl(changes, first_layer=1)
+    finally:
+        h.remove()
+    assert full > 0
+    assert replayed == pytest.approx(full, rel=1e-6)
+    assert calls == []
+    assert sp.probe(name, "q4_0") == pytest.approx(full, rel=1e-6)

@@ -62,8 +62,14 @@ _JS = r"""
     return out;
   }
 
+  const colorOf = d => d.color || RED;
+  const seriesItems = () => { const seen = new Map();
+    for (const d of data) if (d.series && !seen.has(d.series)) seen.set(d.series, d.color || RED);
+    return Array.from(seen, ([name, c]) => [{fill: c, stroke: c}, name]); };
+
   function legend(svg, W, L) {
-    const items = [[{fill: RED, stroke: RED}, 'Pareto front: nothing smaller is closer to the reference'],
+    const items = [...seriesItems(),
+                   [{fill: RED, stroke: RED}, 'Pareto front: nothing smaller is closer to the reference'],
                    ...(data.some(d => !d.pareto) ? [[{fill: '#fff', stroke: RED}, 'dominated']] : []),
                    ...(data.some(d => d.ref) ? [[{fill: RED, stroke: BLUE}, 'reference']] : [])];
     let x = L, y = 14;
@@ -226,8 +232,8 @@ _JS = r"""
     const labels = el('g', {class: 'labels'});
     for (const p of pts) {
       const d = p.d, c = el('circle', {cx: p.x, cy: p.y, r: 6, class: 'point' + (d.pareto ? ' pareto' : ''),
-                                       'data-model': d.name, fill: d.pareto ? RED : '#fff',
-                                       stroke: d.ref ? BLUE : RED, 'stroke-width': 2});
+                                       'data-model': d.name, fill: d.pareto ? colorOf(d) : '#fff',
+                                       stroke: d.ref ? BLUE : colorOf(d), 'stroke-width': 2});
       c.appendChild(el('title', {}, `${d.name}: ${d.size_mb.toFixed(1)} MB, KLD ${d.kld.toPrecision(3)}, ${d.quality}`));
       svg.appendChild(c);
     }
@@ -377,4 +383,50 @@ def _short(name: str) -> str:
 def write_report(result: EvalResult, path: str | os.PathLike) -> str:
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(render(result))
+    return os.fspath(path)
+
+
+SERIES_COLORS = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#e377c2", "#7f7f7f")
+
+
+def render_series(series: dict[str, list[dict]], meta: dict) -> str:
+    """A size-against-KL page for several families of files (e.g. budgeted files, GPTQ stock
+    mixes, llama.cpp's imatrix and RTN mixes), each a colour in the legend, the Pareto front over
+    all of them marked as in `render`. series: name -> [{"name", "bytes", "kld"}, ...]; meta:
+    "title", "text", "command", "machine" (a dict), "note"."""
+    rows = [(s, p) for s, pts in series.items() for p in pts]
+    front = pareto_front([(p["bytes"], p["kld"]) for _, p in rows])
+    colour = {s: SERIES_COLORS[i % len(SERIES_COLORS)] for i, s in enumerate(series)}
+    points = [_finite_or_null({"name": f"{s}: {p['name']}", "label": p["name"], "size_mb": p["bytes"] / 1e6,
+                               "kld": p["kld"], "quality": s, "pareto": bool(f), "ref": False, "series": s,
+                               "color": colour[s]}) for (s, p), f in zip(rows, front)]
+    points = [p for p in points if _plottable(p)]
+    data_json = json.dumps(points, allow_nan=False).replace("</", "<\\/")
+    trs = "".join(f'<tr class="{"pareto" if f else ""}"><td>{html.escape(s)}</td><td>{html.escape(p["name"])}</td>'
+                  f'<td>{p["bytes"]:,}</td><td>{_fmt(p["kld"], ".5f")}</td></tr>' for (s, p), f in zip(rows, front))
+    mach = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in meta.get("machine", {}).items())
+    title = html.escape(meta.get("title", "size against KL divergence"))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>
+<h1>{title}</h1>
+<p>Mean KL divergence to the reference on <code>{html.escape(meta.get('text', ''))}</code> against file size.</p>
+<div id="chart"></div>
+<noscript><p class="note">The chart needs JavaScript; the table below has every number.</p></noscript>
+<div class="table-wrap"><table id="results-table"><thead><tr><th>family</th><th>file</th><th>bytes</th>
+<th>KLD mean</th></tr></thead><tbody>{trs}</tbody></table></div>
+<p class="note">Bold: on the Pareto front over every family. {html.escape(meta.get('note', ''))}</p>
+<pre id="command">{html.escape(meta.get('command', ''))}</pre>
+<table id="machine">{mach}</table>
+<script type="application/json" id="results">{data_json}</script>
+<script>{_JS}</script>
+</body></html>
+"""
+
+
+def write_series_report(series: dict[str, list[dict]], meta: dict, path: str | os.PathLike) -> str:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_series(series, meta))
     return os.fspath(path)

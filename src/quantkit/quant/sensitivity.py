@@ -140,11 +140,28 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 class Prober:
     """The float model with its probe tokens' reference log-probabilities: kl(changes) swaps
-    some weights for others, scores the probe tokens and puts the weights back."""
+    some weights for others, scores the probe tokens and puts the weights back.
 
-    def __init__(self, model, ids: torch.Tensor):
+    With the decoder `layers` given, the reference pass keeps each layer's output for the probe
+    tokens, and a probe whose changes lie in layer L (`first_layer`) replays layers 0..L-1 from
+    those outputs instead of running them: the same numbers, only the layers from L on (and the
+    output head) computed."""
+
+    def __init__(self, model, ids: torch.Tensor, layers=None):
         self.model, self.ids = model, ids
-        self.ref = [self._logp(row) for row in ids]
+        self.layers = list(layers) if layers is not None else []
+        self.cached: list[list] = [[] for _ in self.layers]          # [layer][row] -> that layer's output
+        hooks = [layer.register_forward_hook(self._keeper(i)) for i, layer in enumerate(self.layers)]
+        try:
+            self.ref = [self._logp(row) for row in ids]
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _keeper(self, i: int):
+        def keep(mod, args, out):
+            self.cached[i].append(out)
+        return keep
 
     @torch.no_grad()
     def _logp(self, row: torch.Tensor) -> torch.Tensor:
@@ -152,14 +169,25 @@ class Prober:
         return torch.log_softmax(out.logits[0].float(), dim=-1)
 
     @torch.no_grad()
-    def kl(self, changes: dict[torch.nn.Parameter, torch.Tensor]) -> float:
+    def kl(self, changes: dict[torch.nn.Parameter, torch.Tensor], first_layer: int | None = None) -> float:
         saved = {p: p.data for p in changes}
         for p, w in changes.items():
             p.data = w
+        skip = self.layers[:first_layer] if first_layer and all(self.cached) else []
         try:
             tot, n = 0.0, 0
-            for row, ref in zip(self.ids, self.ref):
-                lq = self._logp(row)
+            for r, (row, ref) in enumerate(zip(self.ids, self.ref)):
+                own = [layer.__dict__.get("forward") for layer in skip]      # an instance-level forward, kept
+                for i, layer in enumerate(skip):
+                    layer.forward = (lambda out: lambda *a, **k: out)(self.cached[i][r])
+                try:
+                    lq = self._logp(row)
+                finally:
+                    for layer, f in zip(skip, own):
+                        if f is None:
+                            del layer.forward
+                        else:
+                            layer.forward = f
                 tot += float((ref.exp() * (ref - lq)).sum())
                 n += ref.shape[0]
                 del lq

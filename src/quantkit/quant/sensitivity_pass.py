@@ -89,7 +89,7 @@ class SensitivityPass:
                 bar.close()
         for H in hs.values():
             symmetrize_hessian(H)
-        self.prober = Prober(model, self.ids[:PROBE_SAMPLES, :PROBE_TOKENS])
+        self.prober = Prober(model, self.ids[:PROBE_SAMPLES, :PROBE_TOKENS], layers)
 
     def tensors(self) -> tuple[dict, dict, list[str]]:
         """(quantizable tensors: name -> shape, fixed: name -> (shape, type), order)."""
@@ -114,7 +114,7 @@ class SensitivityPass:
 
     def probe(self, name: str, t: str) -> float:
         p = self.params[name]
-        return self.prober.kl({p: self._roundtrip(t, p.data)})
+        return self.prober.kl({p: self._roundtrip(t, p.data)}, tensor_layer(name))
 
     # Several kinds of step with one progress bar between them; one function reads as the recipe.
     def measure(self, probes_per_class: int = 3) -> Sensitivity:
