@@ -55,6 +55,9 @@ def test_fit_file_runs_within_the_planned_memory_at_full_context(gptq_llama_dir,
     row = plan(m, PlanOptions(devices=[CPU], formats=[m.stored_format], n_ctx=n_ctx,
                               runtime="llama-cpp-python")).rows[0]
     assert row.cpu_resident <= fb.available
+    # the model card beside the file states that same peak RSS as the memory needed
+    card = (out.parent / "README.md").read_text(encoding="utf-8")
+    assert f"| {row.cpu_resident / 2**30:.2f} GiB |" in card, card
     measured = _peak_rss(out, n_ctx)
     assert measured <= row.cpu_resident * 1.05, (measured, row.cpu_resident)
     # the plan is not a loose upper bound either: a tiny model is the process and its buffers

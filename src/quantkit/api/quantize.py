@@ -332,8 +332,14 @@ def _budget_card(model_path, res, budget, r, sens, mix, fit, evaluate, command, 
     if fit is not None:
         from ..plan.planner import PlanOptions, plan
         p = plan(res.output, PlanOptions(devices=[fit.device], n_ctx=fit.n_ctx, kv_type=fit.kv_type))
-        cell, inf = p.rows[0].cells[0], p.rows[0].memory
-        planner = {"device": fit.device, "n_ctx": fit.n_ctx, "kv_type": fit.kv_type, "needed": cell.memory_needed,
+        row = p.rows[0]
+        cell, inf = row.cells[0], row.memory
+        # on a CPU the planner's figure is the process's peak RSS (memory.cpu_resident), which the
+        # --fit budget was cut from; elsewhere the device memory the allocation needs
+        from ..plan import hardware
+        on_cpu = hardware.device(fit.device).kind == "cpu"
+        needed = row.cpu_resident if on_cpu and row.cpu_resident else cell.memory_needed
+        planner = {"device": fit.device, "n_ctx": fit.n_ctx, "kv_type": fit.kv_type, "needed": needed,
                    "available": cell.memory_available, "kv": inf.kv,
                    "decode": f"{cell.decode_expected:.1f} tokens/s" if cell.decode_expected else None}
     scores = None
