@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +50,36 @@ def gptq_llama_dir(tmp_path_factory):
     """A tiny llama on which GPTQ clearly helps (helpers.tiny_models.build_gptq_llama), built once."""
     from helpers.tiny_models import build_gptq_llama
     return build_gptq_llama(tmp_path_factory.mktemp("gptq-gguf"))
+
+
+@pytest.fixture(scope="session")
+def arch_dirs(tmp_path_factory):
+    """kind -> a tiny random HF model of that architecture (helpers.tiny_models.build_arch_model),
+    built once per session and shared by every test file (read only: copy it to change it)."""
+    from helpers.tiny_models import build_arch_model
+    root = tmp_path_factory.mktemp("arch")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_arch_model(kind, root)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def arch_f32(arch_dirs, tmp_path_factory):
+    """kind -> its F32 GGUF, converted once per session (read only)."""
+    from quantkit import api
+    root = tmp_path_factory.mktemp("arch-gguf")
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            out = root / f"{kind}-f32.gguf"
+            api.quantize(str(arch_dirs(kind)), out, format="gguf:f32", show_progress=False)
+            done[kind] = out
+        return done[kind]
+
+    return get

@@ -16,8 +16,7 @@ import torch
 
 from quantkit import api
 from quantkit.models.gguf import GGUFSource
-from quantkit.util.errors import QuantkitError
-from helpers.tiny_models import build_arch_model, wikitext_lines
+from helpers.tiny_models import wikitext_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,34 +28,6 @@ KINDS = ["llama3", "qwen3", "gemma2", "phi3", "granite", "olmo2", "smollm3", "gl
 # ggml's CPU GELU (Gemma's gelu_pytorch_tanh, Phi-2's gelu_new) reads a table indexed by the
 # f16-rounded input, which costs a few 1e-4: the bound there is 1e-3.
 LOGIT_RTOL = {k: 1e-4 for k in KINDS} | {"gemma2": 1e-3, "phi2": 1e-3}
-
-
-@pytest.fixture(scope="session")
-def arch_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    built: dict[str, Path] = {}
-
-    def get(kind: str) -> Path:
-        if kind not in built:
-            built[kind] = build_arch_model(kind, root)
-        return built[kind]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def arch_f32(arch_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch-gguf")
-    done: dict[str, Path] = {}
-
-    def get(kind: str) -> Path:
-        if kind not in done:
-            out = root / f"{kind}-f32.gguf"
-            api.quantize(str(arch_dirs(kind)), out, format="gguf:f32", show_progress=False)
-            done[kind] = out
-        return done[kind]
-
-    return get
 
 
 def _llama(path: Path, logits_all: bool = True):

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
 from quantkit.quant.checkpoint import export_gpu_checkpoint
-from helpers.tiny_models import build_arch_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +32,7 @@ LOGIT_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(arch_dirs, tmp_path_factory):
     """kind -> (model dir, {format: GPUExportResult}), built once per architecture; each result
     keeps quantkit's dequantized model (keep_model)."""
     root = tmp_path_factory.mktemp("gpu-arch")
@@ -41,7 +40,7 @@ def exported(tmp_path_factory):
 
     def get(kind: str):
         if kind not in done:
-            d = build_arch_model(kind, root)
+            d = arch_dirs(kind)
             res = {fmt: export_gpu_checkpoint(str(d), str(root / f"{kind}-{fmt}"),
                                               GPUFormatConfig(fmt, bits=BITS, group_size=GROUP, method="gptq"),
                                               nsamples=4, seqlen=64, keep_model=True, show_progress=False)

@@ -39,19 +39,17 @@ LOGIT_RTOL = {k: 1e-4 for k in KINDS} | {"gemma2": 1e-3, "gemma3": 1e-3, "phi2":
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """kind -> (original HF dir, its F32 GGUF, the GGUF exported back to HF at f32)."""
+def exported(arch_dirs, arch_f32, tmp_path_factory):
+    """kind -> (original HF dir, its F32 GGUF, the GGUF exported back to HF at f32); the first
+    two are the session's shared fixtures (conftest.py)."""
     root = tmp_path_factory.mktemp("hfx-arch")
     done: dict[str, tuple[Path, Path, Path]] = {}
 
     def get(kind: str):
         if kind not in done:
-            src = build_arch_model(kind, root)
-            gguf = root / f"{kind}.gguf"
-            api.quantize(str(src), str(gguf), format="gguf:f32", show_progress=False)
             out = root / f"{kind}-hf"
-            api.quantize(str(gguf), str(out), format="hf:f32", show_progress=False)
-            done[kind] = (src, gguf, out)
+            api.quantize(str(arch_f32(kind)), str(out), format="hf:f32", show_progress=False)
+            done[kind] = (arch_dirs(kind), arch_f32(kind), out)
         return done[kind]
     return get
 

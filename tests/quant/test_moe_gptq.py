@@ -17,25 +17,11 @@ from quantkit.models.imatrix_file import read_imatrix
 from quantkit.quant.moe import quantize_experts
 from quantkit.quant.pipeline import PipelineConfig, decoder_layers, quantize_model
 from helpers.llama_logits import chunk_logits, kld
-from helpers.tiny_models import build_arch_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STARVED = 3          # the expert the biased router never picks
 AXIS = 7             # the hidden coordinate the bias rides on
-
-
-@pytest.fixture(scope="module")
-def moe_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    built: dict[str, Path] = {}
-
-    def get(kind: str) -> Path:
-        if kind not in built:
-            built[kind] = build_arch_model(kind, root)
-        return built[kind]
-
-    return get
 
 
 def _starved_copy(d: Path, out: Path) -> Path:
@@ -60,13 +46,13 @@ def _calibration(d: Path, n: int, seqlen: int) -> torch.Tensor:
     return calibration_ids(AutoTokenizer.from_pretrained(str(d)), None, n, seqlen)
 
 
-def test_routed_counts_and_starved_expert(moe_dirs, tmp_path):
+def test_routed_counts_and_starved_expert(arch_dirs, tmp_path):
     """Per-expert token counts equal the router's own top-k on the MLP inputs the block saw; the
     expert no token reaches is safeguarded, reported, and still quantized onto Q4_0 (finite,
     the model's weight is exactly its stored form); the block outputs the pipeline propagates
     equal the quantized model's own forward (MoE output with the quantized experts)."""
     from transformers import AutoModelForCausalLM
-    d = _starved_copy(moe_dirs("qwen3moe"), tmp_path / "starved")
+    d = _starved_copy(arch_dirs("qwen3moe"), tmp_path / "starved")
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
     _, layers, prefix = decoder_layers(model)
     k = model.config.num_experts_per_tok
@@ -106,12 +92,12 @@ def test_routed_counts_and_starved_expert(moe_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen3moe", "mixtral"])
-def test_gptq_q4_0_gguf_beats_rtn(moe_dirs, tmp_path, kind, data_dir, capsys):
+def test_gptq_q4_0_gguf_beats_rtn(arch_dirs, tmp_path, kind, data_dir, capsys):
     """The GPTQ-compensated Q4_0 of a mixture of experts (through the CLI, one summary line per
     MoE layer) loads and generates in llama.cpp, the router stays F32 as llama-quantize keeps it,
     and its KL divergence to the F32 file on wikitext-2 test is below RTN Q4_0's."""
     from helpers.cli import run_cli
-    d = moe_dirs(kind)
+    d = arch_dirs(kind)
     f32, rtn, gq = tmp_path / "f32.gguf", tmp_path / "rtn.gguf", tmp_path / "gptq.gguf"
     api.quantize(str(d), f32, format="gguf:f32", show_progress=False)
     api.quantize(str(d), rtn, format="gguf:q4_0", show_progress=False)
@@ -142,10 +128,10 @@ def test_gptq_q4_0_gguf_beats_rtn(moe_dirs, tmp_path, kind, data_dir, capsys):
         llm.close()
 
 
-def test_cli_summary_line_per_layer(moe_dirs, tmp_path, capsys):
+def test_cli_summary_line_per_layer(arch_dirs, tmp_path, capsys):
     """The CLI prints one line per MoE layer with the spread of token counts and the
     safeguarded experts."""
-    d = _starved_copy(moe_dirs("mixtral"), tmp_path / "starved")
+    d = _starved_copy(arch_dirs("mixtral"), tmp_path / "starved")
     out = _run_stdout(["quantize", str(d), "--method", "gptq", "--format", "gguf:q4_0", "--nsamples", "2",
                        "--seqlen", "64", "-o", str(tmp_path / "a.gguf")], capsys)
     lines = [line for line in out.splitlines() if "4 experts, tokens per expert min 0 / median" in line]
@@ -161,12 +147,12 @@ def _run_stdout(args, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_imatrix_records_per_expert_counts(moe_dirs, tmp_path):
+def test_imatrix_records_per_expert_counts(arch_dirs, tmp_path):
     """quantkit imatrix on a mixture of experts: each *_exps tensor has one row of sums and one
     token count per expert (as llama-imatrix's MUL_MAT_ID path), the counts summing to top_k x
     tokens; the starved expert's count is 0; the router's entry has every token's input (each
     token reaches 2 experts, so its sums are half the experts' gate sums added up)."""
-    d = _starved_copy(moe_dirs("qwen3moe"), tmp_path / "starved")
+    d = _starved_copy(arch_dirs("qwen3moe"), tmp_path / "starved")
     out = tmp_path / "imatrix.gguf"
     api.imatrix(str(d), out, nsamples=2, seqlen=64, show_progress=False)
     imx = read_imatrix(out)
@@ -183,13 +169,13 @@ def test_imatrix_records_per_expert_counts(moe_dirs, tmp_path):
                            rtol=1e-5)
 
 
-def test_plan_counts_all_experts_for_memory_and_active_ones_for_speed(moe_dirs):
+def test_plan_counts_all_experts_for_memory_and_active_ones_for_speed(arch_dirs):
     """From config.json alone: memory holds every expert's bytes, a decoding step reads
     n_expert_used of n_expert experts' bytes."""
     import json
     from quantkit.plan import formats, speed
     from quantkit.plan.model import build_tensors, from_hf_config
-    d = moe_dirs("qwen3moe")
+    d = arch_dirs("qwen3moe")
     m = from_hf_config(json.loads((d / "config.json").read_text()), "qwen3moe")
     assert (m.n_expert, m.n_expert_used) == (4, 2)
     ts = formats.tensor_bytes(m, "q4_0", build_tensors(m, "f32"))
@@ -200,11 +186,11 @@ def test_plan_counts_all_experts_for_memory_and_active_ones_for_speed(moe_dirs):
     assert speed.weight_bytes_per_token(m, ts) == pytest.approx(per_token, rel=1e-12)
 
 
-def test_gpu_formats_and_gguf_sources_of_experts_are_one_line(moe_dirs, tmp_path, capsys):
+def test_gpu_formats_and_gguf_sources_of_experts_are_one_line(arch_dirs, tmp_path, capsys):
     """GPU checkpoint formats of a mixture of experts, and block-wise GPTQ from an MoE GGUF, are
     refused in one line that says what to do instead, with nothing written."""
     from helpers.cli import assert_one_line, no_partial, run_cli
-    d = moe_dirs("mixtral")
+    d = arch_dirs("mixtral")
     out = tmp_path / "out"
     out.mkdir()
     capsys.readouterr()                 # the fixture's own output, if it built the model just now
