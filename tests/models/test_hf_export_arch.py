@@ -2,7 +2,9 @@
 (tests/helpers/tiny_models.build_arch_model) converts HF -> GGUF F32 -> HF f32, and the
 exported directory loads in transformers with the original model's logits and llama.cpp's
 logits of the GGUF, tokenizes a page of wikitext-2 as llama.cpp does (with and without
-special-token parsing), and converts back to the same GGUF tensors and hyper-parameters. A
+special-token parsing), and converts back to the same GGUF tensors and hyper-parameters. The
+bundled Gemma-3's 262k vocabulary tokenizes as llama.cpp does (transformers' own GGUF reader gives
+other ids). A
 Q4_K_M file exports to bf16 as its dequantized weights rounded to bf16; an architecture with
 no Hugging Face class is one line naming it."""
 
@@ -18,6 +20,7 @@ import torch
 
 from quantkit import api
 from quantkit.models.gguf import GGUFSource, write_gguf_file
+from quantkit.models.gguf_tokenizer import write_tokenizer
 from quantkit.models.hf import HFSource
 from quantkit.models.source import MetaValue
 from helpers.cli import assert_one_line, no_partial, run_cli
@@ -247,3 +250,44 @@ def test_architecture_without_hf_class_is_one_line(exported, tmp_path, capsys):
     assert code != 0
     assert_one_line(err, "'starcoder2'", "supported:", "gemma3", "llama", "qwen3moe", "smollm3")
     assert os.listdir(out) == [] and no_partial(out)
+
+
+def test_bundled_gemma3_tokenizer_ids_equal_llama_cpp(bundled_gguf, tmp_path, data_dir):
+    """The 262k-token Gemma-3 vocabulary, where transformers' own GGUF conversion gives other ids."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+    with GGUFSource(bundled_gguf) as src:
+        files = write_tokenizer(src.metadata, str(tmp_path), bundled_gguf)
+    assert set(files) == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    llm = llama_cpp.Llama(model_path=bundled_gguf, vocab_only=True, verbose=False)
+    try:
+        with open(os.path.join(data_dir, "wikitext-2", "test.txt"), encoding="utf-8") as f:
+            text = f.read(60_000)
+        for special in (True, False):
+            assert tok(text, split_special_tokens=not special)["input_ids"] == \
+                llm.tokenize(text.encode(), add_bos=True, special=special)
+    finally:
+        llm.close()
+
+
+def test_hf_format_bad_inputs_end_in_one_line(exported, tmp_path, capsys):
+    src, gguf, _ = exported("llama3")
+    code, err = run_cli(["quantize", str(src), "--format", "hf:f16", "-o", str(tmp_path / "x")], capsys)
+    assert code != 0
+    assert_one_line(err, "converts a GGUF file")
+    code, err = run_cli(["quantize", str(gguf), "--format", "hf:q4_0", "-o", str(tmp_path / "y")], capsys)
+    assert code != 0
+    assert_one_line(err, "hf takes f32, f16 or bf16")
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_hf_dtype_and_cli_summary(exported, tmp_path, capsys):
+    from quantkit.cli import main
+    _, gguf, _ = exported("llama3")
+    assert main(["quantize", str(gguf), "--format", "hf:bf16", "--json", "-o", str(tmp_path / "bf")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["dtype"] == "bf16" and rep["paths"] == {"cast": len(rep["tensors"])}
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "bf" / "model.safetensors"))
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
