@@ -28,7 +28,6 @@ from ..util.memory import trim
 from .calib import calibration_ids
 from .moe import expert_fetch, quantize_experts
 from .pipeline import PipelineConfig, PipelineReport, decoder_layers, quantize_model
-from .rtn import QuantSpec
 from .streaming import block_loader, compact_embeddings, row_reader, streaming_model
 
 
@@ -73,11 +72,7 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
         fetch = expert_fetch(fetch, n_expert)
     sm = StreamingModel(src, path, model, arch, fetch, row_reader(src, arch), lazy)
     pcfg = sink.pipeline_config(sm)
-    if n_expert:
-        if isinstance(pcfg.grid, QuantSpec):
-            raise QuantkitError(f"GPU checkpoint formats (gptq, compressed-tensors) of a mixture of experts "
-                                f"({n_expert} experts) are not supported", path,
-                                "write a GPTQ-compensated GGUF instead: --format gguf:q4_0 --method gptq")
+    if n_expert and pcfg.sparse_mlp is None:     # a sink may bring its own stage for the experts
         pcfg = replace(pcfg, sparse_mlp=quantize_experts)
     ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if pcfg.method == "gptq" else None
     del tokenizer                   # done with; llama.cpp's vocabulary alone holds ~0.15 GB for Gemma-3
