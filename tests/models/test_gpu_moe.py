@@ -236,10 +236,22 @@ def test_starved_expert_safeguarded_and_reported(arch_dirs, tmp_path, capsys):
 def test_asymmetric_compressed_tensors_moe_is_one_line(arch_dirs, tmp_path, capsys):
     """compressed-tensors with zero points of a mixture of experts is refused (transformers
     dequantizes each expert without its zero point), before any work, with nothing written."""
-    out = tmp_path / "ckpt"
-    capsys.readouterr()
-    code, err = run_cli(["quantize", str(arch_dirs("qwen3moe")), "--format", "compressed-tensors:w4g32-asym+rtn",
+    d, out = arch_dirs("qwen3moe"), tmp_path / "ckpt"
+    capsys.readouterr()                 # the fixture's own output, if it built the model just now
+    code, err = run_cli(["quantize", str(d), "--format", "compressed-tensors:w4g32-asym+rtn",
                          "-o", str(out)], capsys)
     assert code != 0
     assert_one_line(err, "compressed-tensors with zero points", "mixture of experts", "gptq:w4g128-asym")
+    assert os.listdir(tmp_path) == []
+
+
+def test_gpu_format_from_an_moe_gguf_is_one_line(arch_f32, tmp_path, capsys):
+    """A GGUF of a mixture of experts cannot be rebuilt block by block in transformers: a GPU
+    format from it is refused in one line that points to the Hugging Face directory."""
+    f32 = arch_f32("mixtral")
+    capsys.readouterr()
+    out = tmp_path / "ckpt"
+    code, err = run_cli(["quantize", str(f32), "--format", "compressed-tensors:w4g32+rtn", "-o", str(out)], capsys)
+    assert code != 0
+    assert_one_line(err, "mixture of experts", "from a GGUF file", "Hugging Face directory")
     assert os.listdir(tmp_path) == []

@@ -105,7 +105,8 @@ def _check_moe_source(src, path: str, ray) -> None:
     if isinstance(src, GGUFSource):
         raise QuantkitError(f"block-wise quantization of a mixture of experts ({src.spec.n_expert} experts) from a "
                             "GGUF file is not supported", path,
-                            "quantize its Hugging Face directory, or use --method rtn on the GGUF")
+                            "quantize its Hugging Face directory (a GGUF output can also come from this file "
+                            "with --method rtn)")
     if ray is not None:
         raise QuantkitError("Ray workers do not calibrate the experts of a mixture of experts", path,
                             "run without --ray")
