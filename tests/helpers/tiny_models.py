@@ -377,3 +377,20 @@ def build_arch_model(kind: str, root: Path, vocab_size: int = 768, layers: int =
     model.float().save_pretrained(str(d))
     shutil.rmtree(work)
     return d
+
+
+def starve_expert(src: Path, out: Path, expert: int = 3, axis: int = 7) -> Path:
+    """A copy of the tiny mixture of experts `src` (build_arch_model's qwen3moe / mixtral) in
+    which no token is ever routed to `expert`: every token embedding gets a large constant on
+    coordinate `axis`, so after each RMSNorm that coordinate dominates and is positive, and the
+    router rows read it with +1 for every expert but `expert`, -1 for it."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, out)
+    sd = load_file(str(out / "model.safetensors"))
+    sd["model.embed_tokens.weight"][:, axis] = 50.0
+    for name, w in sd.items():
+        if name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
+            w[:, axis] = 1.0
+            w[expert, axis] = -1.0
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

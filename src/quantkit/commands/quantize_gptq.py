@@ -95,6 +95,10 @@ def run(args: argparse.Namespace, recipe: rc.Recipe | None = None) -> int:
         text = (f"wrote {res.output}  ({res.file_bytes / 1e6:,.1f} MB, {res.seconds:.1f} s; {res.n_linear} linear "
                 f"layers {r.method} {r.bits}-bit g{r.group_size} {'sym' if r.sym else 'asym'}"
                 f"{' act-order' if r.gptq.act_order else ''}, format {r.format})")
+        if res.report.experts:                                # a mixture of experts: one line per layer
+            from ..quant.moe import summary_lines
+            summary["experts"] = res.report.experts
+            text += "".join("\n" + line for line in summary_lines(res.report.experts))
     else:
         raise QuantkitError(f"--method {r.method} with --format {r.spelling()} is not available here",
                             hint="GPTQ writes --format gguf:<type>+gptq, gptq:SPEC or compressed-tensors:SPEC")

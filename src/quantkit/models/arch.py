@@ -323,9 +323,11 @@ def describe(gguf_arch: str, hf_arch: HFArch | None, config: dict | None, n_expe
                "plan: memory and speed from config.json"]
     elif gguf_arch in TORCH_FROM_GGUF:
         can.insert(1, "gguf+gptq: GPTQ-compensated GGUF (the file rebuilt in transformers)")
-    if n_expert:                # experts: GPTQ on routed calibration (quant.moe); no GPU checkpoint formats
+    if n_expert:                # experts: GPTQ on routed calibration (quant.moe), from the HF directory
         can = [c for c in can if not c.startswith("gguf+gptq") or hf_arch is not None]
-        can.insert(2 if hf_arch is not None else 1, "gpu formats (gptq, compressed-tensors): not for experts")
+        can.insert(2 if hf_arch is not None else 1,
+                   "gpu formats (gptq, compressed-tensors): one linear per expert, the router unquantized"
+                   if hf_arch is not None else "gpu formats (gptq, compressed-tensors): from the Hugging Face directory")
     return {
         "architecture": (cfg.get("architectures") or [None])[0] if hf_arch else gguf_arch,
         "gguf_architecture": gguf_arch,

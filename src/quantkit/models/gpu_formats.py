@@ -24,6 +24,14 @@ compressed-tensors "pack-quantized" (what llm-compressor writes, transformers an
     strategy group|channel, group_size, actorder "weight" when act-order was used}}, ignore
     ["lm_head"].
 
+A mixture of experts (Qwen3-MoE, Mixtral) is stored as transformers' save_pretrained stores
+it and as llm-compressor and GPTQModel write it: one linear per expert under the checkpoint's
+own names (`mlp.experts.{e}.gate_proj`, Mixtral's `block_sparse_moe.experts.{e}.w1`), each in
+the layout above; the router (`mlp.gate`, `block_sparse_moe.gate`) unquantized, and for
+compressed-tensors named in `ignore` ("re:.*mlp.gate$"). transformers 5 loads such a checkpoint
+through its MoE conversion: each expert's packed tensors are dequantized
+(CompressedTensorsDequantize) before the experts are merged into its fused 3-D parameters.
+
 v1 GPTQ cannot store a zero point of 0 (it would be -1 after the shift), so asymmetric GPTQ
 grids use `QuantSpec(zero_min=1)` (quant.checkpoint.grid_spec). The quantized weights passed in
 are duck-typed (q, scales, zeros, spec.group_width): this floor does not import quant/.
@@ -88,7 +96,7 @@ def _searched(cfg: GPUFormatConfig) -> bool:
     return cfg.method == "gptq" and cfg.scale_search
 
 
-def _ct_quant_config(cfg: GPUFormatConfig) -> dict:
+def _ct_quant_config(cfg: GPUFormatConfig, ignore: tuple[str, ...] = ()) -> dict:
     import compressed_tensors
     weights = {"num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym,
                "strategy": "channel" if cfg.group_size == -1 else "group",
@@ -99,7 +107,7 @@ def _ct_quant_config(cfg: GPUFormatConfig) -> dict:
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},
-            "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+            "ignore": ["lm_head", *ignore], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
             "global_compression_ratio": None, "version": compressed_tensors.__version__}
 
 
@@ -296,10 +304,12 @@ class CheckpointWriter:
         self._total += self._pending_bytes
         self._header, self._pending_bytes = {}, 0
 
-    def finish(self, source_dir: str | None = None, damp_raised: dict[str, float] | None = None) -> None:
+    def finish(self, source_dir: str | None = None, damp_raised: dict[str, float] | None = None,
+               ignore: tuple[str, ...] = ()) -> None:
         """Name the shards, write config.json (and quantize_config.json) and the tokenizer files.
         `damp_raised`: GPTQ's dampening per linear where it had to exceed cfg.damp (recorded in
-        the GPTQ format's meta)."""
+        the GPTQ format's meta); `ignore`: compressed-tensors patterns of modules left
+        unquantized besides lm_head (a mixture of experts' routers)."""
         self.flush()
         n = len(self._shards)
         weight_map = {}
@@ -311,7 +321,7 @@ class CheckpointWriter:
             with open(os.path.join(self.dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))},
                           f, indent=2)
-        qc = _gptq_quant_config(self.cfg, damp_raised) if self.cfg.format == "gptq" else _ct_quant_config(self.cfg)
+        qc = _gptq_quant_config(self.cfg, damp_raised) if self.cfg.format == "gptq" else _ct_quant_config(self.cfg, ignore)
         config = dict(self.hf_config)
         config["quantization_config"] = qc
         dtype_name = str(self.dtype).removeprefix("torch.")
@@ -328,3 +338,36 @@ class CheckpointWriter:
                 src = os.path.join(source_dir, name)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(self.dir, name))
+
+
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_checkpoint_names(model, lp: str, names: list[str], n_expert: int) -> tuple[dict[str, str], dict]:
+    """Checkpoint names of a sparse decoder block `lp` of `model` (a transformers model with
+    fused experts `mlp.experts.gate_up_proj` / `down_proj`), as its save_pretrained writes them:
+    transformers' own conversion mapping for the model, reverted. Returns ({name in the block's
+    state dict, relative: checkpoint name, full} for `names`, {(part, expert): checkpoint
+    prefix of that expert's linear} with part one of EXPERT_PARTS). The mapping runs on tiny
+    tensors whose values say which input each output came from (the merge of the experts and
+    the gate/up concatenation only split along the expert and row axes)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    gate_up = torch.arange(2 * n_expert, dtype=torch.float64).reshape(n_expert, 2, 1)   # e*2 + (0 gate, 1 up)
+    down = (2 * n_expert + torch.arange(n_expert, dtype=torch.float64)).reshape(n_expert, 1, 1)
+    probe = {f"{lp}.{n}": torch.tensor([-1.0 - k], dtype=torch.float64) for k, n in enumerate(names)}
+    probe.update({f"{lp}.mlp.experts.gate_up_proj": gate_up, f"{lp}.mlp.experts.down_proj": down})
+    renamed: dict[str, str] = {}
+    experts: dict[tuple[str, int], str] = {}
+    for out, t in revert_weight_conversion(model, probe).items():
+        if t.numel() != 1:
+            break
+        v = int(t.reshape(-1)[0])
+        if v < 0:
+            renamed[names[-1 - v]] = out
+        elif out.endswith(".weight"):
+            part = "down_proj" if v >= 2 * n_expert else EXPERT_PARTS[v % 2]
+            experts[(part, v - 2 * n_expert if part == "down_proj" else v // 2)] = out.removesuffix(".weight")
+    if len(renamed) != len(names) or len(experts) != 3 * n_expert:
+        raise QuantkitError(f"{lp}: cannot name the experts of a {type(model).__name__} the way transformers saves "
+                            "them", hint="this mixture of experts is not one transformers converts per expert")
+    return renamed, experts

@@ -1,6 +1,12 @@
 """A causal LM (Hugging Face directory or GGUF) -> GPTQ or compressed-tensors checkpoint
 directory: the decoder linears quantized (RTN or GPTQ) by quant.driver's block loop, written
-by this module's sink (models.gpu_formats.CheckpointWriter) block by block as they come."""
+by this module's sink (models.gpu_formats.CheckpointWriter) block by block as they come.
+
+A mixture of experts (Qwen3-MoE, Mixtral): GPTQ solves each expert on the tokens the model's
+router sends it (quant.moe.quantize_experts: per-expert Hessians, starved experts
+safeguarded and reported), RTN rounds each expert's matrices (`rtn_experts`); each expert is
+written as its own linear under transformers' checkpoint names
+(models.gpu_formats.expert_checkpoint_names), the router unquantized."""
 
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ from torch import nn
 from ..recipe import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..models.gguf import GGUFSource
 from ..models.gguf_tokenizer import write_tokenizer
-from ..models.gpu_formats import CheckpointWriter
+from ..models.gpu_formats import EXPERT_PARTS, CheckpointWriter, expert_checkpoint_names
 from ..util.errors import QuantkitError
 from ..util.finite import check_finite
 from ..util.memory import map_large, trim
 from .driver import StreamingModel, quantize_blocks
 from .gptq import GPTQConfig
-from .pipeline import PipelineConfig, PipelineReport, decoder_layers
+from .moe import ExpertStack, quantize_experts, sparse_mlp
+from .pipeline import PipelineConfig, PipelineReport, decoder_layers, solve
 from .rtn import QuantSpec
 from .streaming import embedding_name
 
@@ -139,6 +146,9 @@ class CheckpointSink:
         self.model_dtype = torch.float32
         self.from_gguf = False
         self.path = ""
+        self.n_expert = 0
+        self.ignore: list[str] = []        # compressed-tensors: the routers, unquantized
+        self.moe_names: dict[str, tuple[dict, dict]] = {}   # sparse block -> expert_checkpoint_names
 
     def pipeline_config(self, sm: StreamingModel) -> PipelineConfig:
         cfg, model = self.cfg, sm.model
@@ -153,10 +163,16 @@ class CheckpointSink:
         self.model_dtype = _checkpoint_dtype(sm.src, self.hf_config)
         _, layers, prefix = decoder_layers(model)
         _check_group_size(layers, prefix, cfg.group_size, sm.path)
+        self.n_expert = int(getattr(sm.src.spec, "n_expert", 0) or 0)
+        if self.n_expert and cfg.format == "compressed-tensors" and not cfg.sym:
+            raise QuantkitError(f"compressed-tensors with zero points (-asym) of a mixture of experts "
+                                f"({self.n_expert} experts): transformers dequantizes each expert without its zero "
+                                "point", sm.path, "use a symmetric grid (w4g128), or --format gptq:w4g128-asym")
+        experts = (rtn_experts if cfg.method == "rtn" else quantize_experts) if self.n_expert else None
         return PipelineConfig(method=cfg.method, true_sequential=cfg.true_sequential,
                               grid=grid_spec(cfg.format, cfg.bits, cfg.group_size, cfg.sym, self.model_dtype),
                               gptq=GPTQConfig(damp=cfg.damp, act_order=cfg.act_order, shrink=self.shrink,
-                                              scale_search=cfg.scale_search))
+                                              scale_search=cfg.scale_search), sparse_mlp=experts)
 
     def begin(self, sm: StreamingModel) -> None:
         """The tensors outside the decoder blocks, in a shard of their own."""
@@ -188,30 +204,92 @@ class CheckpointSink:
             writer.add("lm_head.weight", head)
             del head
         writer.flush()                  # the embeddings' shard
+        if self.n_expert:
+            self._name_experts(model)
+
+    def _name_experts(self, model: nn.Module) -> None:
+        """Every sparse block's checkpoint names (transformers' own, from its conversion mapping)
+        and, for compressed-tensors, the routers' pattern in `ignore`."""
+        _, layers, prefix = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            if sparse_mlp(layer) is None:
+                continue
+            lp = f"{prefix}.{i}"
+            keys = [k for k in layer.state_dict() if k not in _FUSED]
+            self.moe_names[lp] = names, _ = expert_checkpoint_names(model, lp, keys, self.n_expert)
+            router = names.get("mlp.gate.weight")
+            if router is not None and self.cfg.format == "compressed-tensors":
+                pattern = "re:.*" + router[len(lp) + 1:].removesuffix(".weight") + "$"
+                if pattern not in self.ignore:
+                    self.ignore.append(pattern)
 
     def block(self, index: int, prefix: str, layer: nn.Module, quantized: dict) -> None:
-        for name, t in layer.state_dict().items():
+        state = layer.state_dict()
+        stacks = {k: v for k, v in quantized.items() if isinstance(v, ExpertStack)}
+        names, experts = self.moe_names.get(prefix, ({}, {}))
+        if stacks:              # a sparse block: per-expert linears and the router, by transformers' names
+            state = {k: v for k, v in state.items() if k not in _FUSED}
+        for name, t in state.items():
             full = f"{prefix}.{name}"
             mod = full.rsplit(".", 1)[0]
             if mod in quantized and name.endswith(".weight"):
                 continue
-            self.writer.add(full, t)
+            self.writer.add(names.get(name, full), t)
         for mod, qw in quantized.items():
+            if mod in stacks:
+                part = mod.rsplit(".", 1)[1]
+                for e, piece in enumerate(qw.parts):
+                    self.writer.add_linear(experts[(part, e)], piece)
+                    self.n_linear += 1
+                continue
             self.writer.add_linear(mod, qw)
             self.n_linear += 1
 
     def finish(self, report: PipelineReport) -> None:
         self.writer.finish(None if self.from_gguf else self.path,
-                           damp_raised={k: v for k, v in report.damp.items() if v > self.cfg.damp})
+                           damp_raised={k: v for k, v in report.damp.items() if v > self.cfg.damp},
+                           ignore=tuple(self.ignore))
+
+
+_FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")     # a sparse block's fused expert parameters
+
+
+@torch.no_grad()
+def rtn_experts(layer: nn.Module, lp: str, hidden, kwargs: dict, cfg: PipelineConfig, report: PipelineReport,
+                done: dict) -> bool:
+    """The pipeline's `sparse_mlp` stage for round to nearest: each expert's gate, up and down
+    matrices rounded onto cfg.grid (no calibration), their stored forms into `done`
+    ({lp}.mlp.experts.{part}: quant.moe.ExpertStack), the fused parameters replaced by their
+    dequantized values. False for a dense block."""
+    mlp = sparse_mlp(layer)
+    if mlp is None:
+        return False
+    gu, dn = mlp.experts.gate_up_proj.data, mlp.experts.down_proj.data
+    inter = gu.shape[1] // 2
+    stored: dict[str, list] = {p: [] for p in EXPERT_PARTS}
+    for e in range(gu.shape[0]):
+        for part, w in (("gate_proj", gu[e, :inter]), ("up_proj", gu[e, inter:]), ("down_proj", dn[e])):
+            qw, deq, _, _ = solve(f"{lp}.mlp.experts.{e}.{part}", w, None, cfg.grid, cfg)
+            w.copy_(deq)
+            stored[part].append(qw)
+    for part, parts in stored.items():
+        done[f"{lp}.mlp.experts.{part}"] = ExpertStack(parts)
+    return True
 
 
 def _check_group_size(layers, prefix: str, group_size: int, model_path: str) -> None:
-    """Every decoder linear's input features must be a whole number of groups."""
+    """Every decoder linear's input features must be a whole number of groups (an expert's
+    gate/up read the hidden state, its down the expert's intermediate state)."""
     if group_size == -1:
         return
     for i, layer in enumerate(layers):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear) and mod.in_features % group_size:
-                raise QuantkitError(f"group size {group_size} does not divide the {mod.in_features} input features "
+        widths = [(name, mod.in_features) for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)]
+        mlp = sparse_mlp(layer)
+        if mlp is not None:
+            widths += [(f"mlp.experts.{p}", int(w.shape[-1])) for p, w in
+                       (("gate_up_proj", mlp.experts.gate_up_proj), ("down_proj", mlp.experts.down_proj))]
+        for name, width in widths:
+            if width % group_size:
+                raise QuantkitError(f"group size {group_size} does not divide the {width} input features "
                                     f"of {prefix}.{i}.{name}", model_path,
                                     "choose a group size that divides it, or -1 for one scale per output channel")

@@ -28,7 +28,6 @@ from ..util.memory import trim
 from .calib import calibration_ids
 from .moe import expert_fetch, quantize_experts
 from .pipeline import PipelineConfig, PipelineReport, decoder_layers, quantize_model
-from .rtn import QuantSpec
 from .streaming import block_loader, compact_embeddings, row_reader, streaming_model
 
 
@@ -73,11 +72,7 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
         fetch = expert_fetch(fetch, n_expert)
     sm = StreamingModel(src, path, model, arch, fetch, row_reader(src, arch), lazy)
     pcfg = sink.pipeline_config(sm)
-    if n_expert:
-        if isinstance(pcfg.grid, QuantSpec):
-            raise QuantkitError(f"GPU checkpoint formats (gptq, compressed-tensors) of a mixture of experts "
-                                f"({n_expert} experts) are not supported", path,
-                                "write a GPTQ-compensated GGUF instead: --format gguf:q4_0 --method gptq")
+    if n_expert and pcfg.sparse_mlp is None:     # a sink may bring its own stage for the experts
         pcfg = replace(pcfg, sparse_mlp=quantize_experts)
     ids = calibration_ids(tokenizer, calib, nsamples, seqlen) if pcfg.method == "gptq" else None
     del tokenizer                   # done with; llama.cpp's vocabulary alone holds ~0.15 GB for Gemma-3
@@ -110,7 +105,8 @@ def _check_moe_source(src, path: str, ray) -> None:
     if isinstance(src, GGUFSource):
         raise QuantkitError(f"block-wise quantization of a mixture of experts ({src.spec.n_expert} experts) from a "
                             "GGUF file is not supported", path,
-                            "quantize its Hugging Face directory, or use --method rtn on the GGUF")
+                            "quantize its Hugging Face directory (a GGUF output can also come from this file "
+                            "with --method rtn)")
     if ray is not None:
         raise QuantkitError("Ray workers do not calibrate the experts of a mixture of experts", path,
                             "run without --ray")
