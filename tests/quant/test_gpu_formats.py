@@ -57,12 +57,9 @@ def _export(model_dir, out, **kw):
                                  keep_model=True, show_progress=False)
 
 
-# Asymmetric checkpoints are checked against compressed-tensors' own decompressor instead of a
-# transformers load: compressed-tensors 0.20 sizes weight_zero_point unpacked ([out, groups]) when
-# transformers builds the empty model, while its own compressor (and vLLM) use the packed
-# [ceil(out*bits/32), groups] that quantkit writes; the load then reinitialises the zero points.
 @pytest.mark.parametrize("method,bits,gs,sym,act", [("rtn", 4, 32, True, False), ("gptq", 4, 32, True, True),
-                                                     ("gptq", 3, -1, True, False), ("rtn", 8, 64, True, False)])
+                                                     ("gptq", 3, -1, True, False), ("rtn", 8, 64, True, False),
+                                                     ("gptq", 4, 32, False, True), ("rtn", 3, -1, False, False)])
 def test_compressed_tensors_loads_in_transformers(model_dir, tmp_path, method, bits, gs, sym, act):
     from transformers import AutoModelForCausalLM
     res = _export(model_dir, tmp_path / "ct", format="compressed-tensors", method=method, bits=bits,
@@ -74,6 +71,7 @@ def test_compressed_tensors_loads_in_transformers(model_dir, tmp_path, method, b
     w = parsed.config_groups["group_0"].weights
     assert (w.num_bits, w.symmetric, w.group_size if gs != -1 else -1) == (bits, sym, gs)
     assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
+    assert qc.get("dequantize", False) == (not sym)          # asymmetric: decompressed at load (ASYM_LOAD)
 
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     ours = res.model
@@ -100,9 +98,13 @@ def test_compressed_tensors_loads_in_transformers(model_dir, tmp_path, method, b
 
 
 @pytest.mark.parametrize("method,bits,gs,act", [("gptq", 4, 32, True), ("rtn", 3, 64, False), ("gptq", 6, -1, False)])
-def test_asymmetric_compressed_tensors_decompress_with_their_code(model_dir, tmp_path, method, bits, gs, act):
+def test_asymmetric_compressed_tensors_are_their_compressors_tensors(model_dir, tmp_path, method, bits, gs, act):
+    """Every tensor of an asymmetric linear is what compressed-tensors' own compressor (the one
+    llm-compressor saves with) makes of the same weight, scale and zero point, and its
+    decompressor gives the weight back exactly."""
     from compressed_tensors import QuantizationConfig
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     res = _export(model_dir, tmp_path / "ct", format="compressed-tensors", method=method, bits=bits,
                   group_size=gs, sym=False, act_order=act)
     qc = QuantizationConfig.model_validate(json.load(open(tmp_path / "ct" / "config.json"))["quantization_config"])
@@ -113,10 +115,32 @@ def test_asymmetric_compressed_tensors_decompress_with_their_code(model_dir, tmp
             p = f"model.layers.{i}.{lin}"
             local = {k[len(p) + 1:]: v for k, v in t.items() if k.startswith(p + ".")}
             assert set(local) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
-            out_f = res.model.get_submodule(p).weight.shape[0]
-            assert local["weight_zero_point"].shape[0] == -(-out_f * bits // 32)
-            w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-            assert torch.equal(w.float(), res.model.get_submodule(p).weight)
+            w = res.model.get_submodule(p).weight
+            out_f = w.shape[0]
+            zp = local["weight_zero_point"]
+            assert zp.dtype == torch.int32 and zp.shape == (-(-out_f * bits // 32), local["weight_scale"].shape[1])
+            signed_zp = unpack_from_int32(zp, bits, (out_f, zp.shape[1]), packed_dim=0)    # z - 2**(bits-1)
+            theirs = PackedQuantizationCompressor.compress(
+                {"weight": w, "weight_scale": local["weight_scale"], "weight_zero_point": signed_zp}, scheme)
+            assert set(theirs) == set(local)
+            for k in local:
+                assert torch.equal(theirs[k], local[k]), (p, k)
+            assert torch.equal(PackedQuantizationCompressor.decompress(local, scheme)["weight"].float(), w)
+
+
+def test_asymmetric_compressed_tensors_default_transformers_load_rejects_the_packed_zero_point(model_dir, tmp_path):
+    """Why asymmetric files carry `dequantize`: without it transformers builds weight_zero_point
+    unpacked and stops on the packed tensor compressed-tensors' compressor writes (the previous
+    test: quantkit's tensors are that compressor's). When this stops raising, transformers
+    loads such files by default and the key can go."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "ct"
+    _export(model_dir, out, format="compressed-tensors", method="rtn", bits=4, group_size=32, sym=False)
+    cfg = json.load(open(out / "config.json"))
+    del cfg["quantization_config"]["dequantize"]
+    json.dump(cfg, open(out / "config.json", "w"))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 
 def _all_tensors(d):

@@ -17,12 +17,26 @@ compressed-tensors "pack-quantized" (what llm-compressor writes, transformers an
     P.weight_packed      int32 [out, ceil(in*bits/32)]  signed codes q - 2**(bits-1), stored
                                                         offset by 2**(bits-1), i.e. q itself
     P.weight_scale       [out, groups] in the model dtype
-    P.weight_zero_point  int32 [ceil(out*bits/32), groups] (asymmetric only), packed along out
+    P.weight_zero_point  int32 [ceil(out*bits/32), groups] (asymmetric only): z, packed along
+                                                        out as compressed-tensors' compressor
+                                                        packs it (pack_to_int32, packed_dim=0),
+                                                        what llm-compressor writes and vLLM reads
     P.weight_shape       int64 [2]  (out, in)
     quantization_config: quant_method "compressed-tensors", format "pack-quantized",
     config_groups.group_0 = {targets ["Linear"], weights {num_bits, type int, symmetric,
     strategy group|channel, group_size, actorder "weight" when act-order was used}}, ignore
-    ["lm_head"].
+    ["lm_head"]; asymmetric grids add `"dequantize": true` (ASYM_LOAD).
+
+ASYM_LOAD: transformers 5 (with compressed-tensors 0.20) builds the empty compressed model
+through the compressor's meta-device path, which registers weight_zero_point unpacked
+([out, groups] int8) where the file holds the packed tensor above: the default load stops on
+a size mismatch (with ignore_mismatched_sizes, the first forward pass fails on the
+re-initialised int8 zero points). Files written by
+llm-compressor have the same layout and fail the same way. `dequantize: true` is
+transformers' own load option (CompressedTensorsConfig.dequantize) that instead decompresses
+each linear at load with compressed-tensors' decompressor, which unpacks the zero point:
+the loaded (dense) model is the one the default path gives after its first forward pass.
+compressed-tensors' QuantizationConfig and vLLM ignore the key.
 
 A mixture of experts (Qwen3-MoE, Mixtral) is stored as transformers' save_pretrained stores
 it and as llm-compressor and GPTQModel write it: one linear per expert under the checkpoint's
@@ -33,7 +47,9 @@ through its MoE conversion: each expert's packed tensors are dequantized
 (CompressedTensorsDequantize) before the experts are merged into its fused 3-D parameters.
 
 v1 GPTQ cannot store a zero point of 0 (it would be -1 after the shift), so asymmetric GPTQ
-grids use `QuantSpec(zero_min=1)` (quant.checkpoint.grid_spec). The quantized weights passed in
+grids use `QuantSpec(zero_min=1)` (quant.checkpoint.grid_spec); with z <= 2**bits - 1 every
+stored z - 1 lies in [0, 2**bits - 2], so GPTQModel's v1 -> v2 load (adding 1 to each packed
+field of qzeros, no carry) and AutoGPTQ's `zeros + 1` recover z exactly. The quantized weights passed in
 are duck-typed (q, scales, zeros, spec.group_width): this floor does not import quant/.
 """
 
@@ -104,11 +120,14 @@ def _ct_quant_config(cfg: GPUFormatConfig, ignore: tuple[str, ...] = ()) -> dict
                "dynamic": False, "observer": "mse" if _searched(cfg) else "minmax"}
     if cfg.act_order:
         weights["actorder"] = "weight"      # static groups: no g_idx, normal kernels
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
-            "ignore": ["lm_head", *ignore], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
-            "global_compression_ratio": None, "version": compressed_tensors.__version__}
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                        "output_activations": None, "format": "pack-quantized"}},
+          "ignore": ["lm_head", *ignore], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+          "global_compression_ratio": None, "version": compressed_tensors.__version__}
+    if not cfg.sym:
+        qc["dequantize"] = True         # see ASYM_LOAD in the module docstring
+    return qc
 
 
 def linear_tensors(cfg: GPUFormatConfig, prefix: str, qw) -> dict[str, torch.Tensor]:
