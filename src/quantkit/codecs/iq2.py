@@ -24,6 +24,7 @@ from . import iq2_lattice as lat
 from .iq2_lattice import F32
 
 QK = 256
+PIECE_GROUPS = 2048      # groups of 8 searched together
 
 
 @dataclass(frozen=True)
@@ -126,20 +127,26 @@ def _fit(w: np.ndarray, wx: np.ndarray, L: np.ndarray):
 def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray, wg: np.ndarray):
     """For each of C trial scales (idv, scale [C, B]) round xv [m, B] at inverse scale idv and
     snap each group of 8 to the grid (the neighbour search at `scale`) -> (levels [C, m, B],
-    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8]."""
+    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8]. The
+    queries go to the line search group by group, trial scales in increasing order."""
     m, B = xv.shape
     ng, C = m // 8, idv.shape[0]
     lev = lat.rounded_levels(idv[:, None, :], xv[None])
-    u = (lev.reshape(C, ng, 8, B) << lat.SHIFTS[None, None, :, None]).sum(axis=2).reshape(-1)
+    u = (lev.reshape(C, ng, 8, B) << lat.SHIFTS[None, None, :, None]).sum(axis=2)       # [C, ng, B]
+    u = np.ascontiguousarray(u.transpose(1, 2, 0)).reshape(-1)                          # group-major
     gi = lt.kmap[u].astype(np.int64)
     on = gi >= 0
     off = np.flatnonzero(~on)
     if off.size:
-        grp = off % (ng * B)
-        gi[off] = lat.best_neighbour(lt, u[off], scale.reshape(-1)[off // (ng * B) * B + grp % B],
-                                     xg[grp], wg[grp])
-    lev = lt.levels[gi].reshape(C, ng, B, 8).transpose(0, 1, 3, 2).reshape(C, m, B)
-    return lev, on.reshape(C, ng, B)
+        g = off // C
+        c = off - g * C
+        sc = scale[c, g % B] if scale.shape[0] == C else scale[0, g % B]
+        if lt.count.mean() > lat.LONG:
+            gi[off] = lat.line_search(lt).search(-lt.kmap[u[off]].astype(np.int64) - 1, g, sc, xg, wg, runs=True)
+        else:
+            gi[off] = lat.best_neighbour(lt, u[off], sc, np.take(xg, g, axis=0), np.take(wg, g, axis=0))
+    lev = lt.levels[gi].reshape(ng, B, C, 8).transpose(2, 0, 3, 1).reshape(C, m, B)
+    return lev, on.reshape(ng, B, C).transpose(2, 0, 1)
 
 
 def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale: np.ndarray):
@@ -232,9 +239,12 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None, rounding: b
     scale = np.zeros(nb * ns, F32)
     gidx = np.zeros((m // 8, nb * ns), np.int64)
     ridv, rsnap = np.zeros((m // 8, nb * ns), F32), np.zeros((m // 8, nb * ns), F32)
-    if live.any():
-        sc, gi, ri, rs = _search(kind, xv[:, live], wv[:, live], mx[live], start[live])
-        scale[live], gidx[:, live], ridv[:, live], rsnap[:, live] = sc, gi, ri, rs
+    cols = np.flatnonzero(live)
+    long = lat.lattice(kind.grid_size, kind.nwant).count.mean() > lat.LONG
+    step = PIECE_GROUPS // (m // 8) if long else max(1, len(cols))
+    for c0 in range(0, len(cols), step):     # pieces whose line-search tables stay in L2
+        c = cols[c0:c0 + step]
+        scale[c], gidx[:, c], ridv[:, c], rsnap[:, c] = _search(kind, xv[:, c], wv[:, c], mx[c], start[c])
     gsign = bits.reshape(nb * ns, m // 8).T.copy()                           # [m/8, nb*ns]
     flip = scale < 0
     if flip.any():
