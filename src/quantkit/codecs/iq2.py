@@ -124,11 +124,13 @@ def _fit(w: np.ndarray, wx: np.ndarray, L: np.ndarray):
     return lat.seqsum(wx * q), lat.seqsum(w * q * q)
 
 
-def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray, wg: np.ndarray):
+def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray, wg: np.ndarray,
+          tab: np.ndarray | None = None):
     """For each of C trial scales (idv, scale [C, B]) round xv [m, B] at inverse scale idv and
     snap each group of 8 to the grid (the neighbour search at `scale`) -> (levels [C, m, B],
-    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8]. The
-    queries go to the line search group by group, trial scales in increasing order."""
+    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8] (tab:
+    their line-search tables, where made already). The queries go to the line search group by
+    group, trial scales in increasing order."""
     m, B = xv.shape
     ng, C = m // 8, idv.shape[0]
     lev = lat.rounded_levels(idv[:, None, :], xv[None])
@@ -142,7 +144,8 @@ def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray
         c = off - g * C
         sc = scale[c, g % B] if scale.shape[0] == C else scale[0, g % B]
         if lt.count.mean() > lat.LONG:
-            gi[off] = lat.line_search(lt).search(-lt.kmap[u[off]].astype(np.int64) - 1, g, sc, xg, wg, runs=True)
+            gi[off] = lat.line_search(lt).search(-lt.kmap[u[off]].astype(np.int64) - 1, g, sc, xg, wg, runs=True,
+                                                  tab=tab)
         else:
             gi[off] = lat.best_neighbour(lt, u[off], sc, np.take(xg, g, axis=0), np.take(wg, g, axis=0))
     lev = lt.levels[gi].reshape(ng, B, C, 8).transpose(2, 0, 3, 1).reshape(C, m, B)
@@ -161,7 +164,8 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
     xg, wg = grp(xv), grp(np.sqrt(w))
     nums = np.array([F32(5) + F32(s) * F32(0.1) for s in kind.trials], dtype=F32)
     idv = nums[:, None] / mx[None, :]
-    levs, ons = _snap(lt, idv, F32(1) / idv, xv, xg, wg)
+    tab = lat.line_search(lt).tables(xg, wg) if lt.count.mean() > lat.LONG else None
+    levs, ons = _snap(lt, idv, F32(1) / idv, xv, xg, wg, tab)
     best = np.zeros(B, F32)
     L = np.zeros((m, B), np.uint8)
     on = np.ones((ng, B), bool)
@@ -183,7 +187,8 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
         cols = np.nonzero(redo)[0]
         sc = scale[cols]
         sub = lambda a: a.reshape(ng, B, 8)[:, cols].reshape(-1, 8)                           # noqa: E731
-        lev = _snap(lt, (F32(1) / sc)[None], sc[None], xv[:, cols], sub(xg), sub(wg))[0][0]
+        lev = _snap(lt, (F32(1) / sc)[None], sc[None], xv[:, cols], sub(xg), sub(wg),
+                    None if tab is None else tab.reshape(ng, B, -1)[:, cols].reshape(ng * len(cols), -1))[0][0]
         kept = on[:, cols] if kind is not XXS else np.zeros((ng, len(cols)), bool)
         if kind is not XXS:              # groups found on the grid keep the winning trial's levels
             keep = np.repeat(on[:, cols], 8, axis=0)

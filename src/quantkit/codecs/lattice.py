@@ -326,18 +326,18 @@ class LineSearch:
         (then +inf, the padding's) and of the second half (then 0)."""
         G, n = x.shape
         p = self.values
-        ta = a[:, :, None] * (p * p)                                        # [G, n, nlev]
-        tb = (F32(2) * (a * x))[:, :, None] * p
-        out = np.empty((G, 2 * self.H + 2, 2), F32)
+        t = np.empty((G, n, len(p)), np.complex64)
+        t.real = a[:, :, None] * (p * p)
+        t.imag = (F32(2) * (a * x))[:, :, None] * p
+        out = np.empty((G, 2 * self.H + 2), np.complex64)
         for half, c0 in ((range(self.h), 0), (range(self.h, n), self.H + 1)):
-            for t, c in ((ta, 0), (tb, 1)):
-                acc = t[:, half[0]]
-                for i in half[1:]:
-                    acc = (t[:, i][:, :, None] + acc[:, None, :]).reshape(G, -1)
-                out[:, c0:c0 + self.H, c] = acc
-        out[:, self.H] = (np.inf, 0)
+            acc = t[:, half[0]]
+            for i in half[1:-1]:
+                acc = (t[:, i][:, :, None] + acc[:, None, :]).reshape(G, -1)
+            np.add(t[:, half[-1]][:, :, None], acc[:, None, :], out=out[:, c0:c0 + self.H].reshape(G, len(p), -1))
+        out[:, self.H] = np.inf
         out[:, 2 * self.H + 1] = 0
-        return out.view(np.complex64)[:, :, 0]
+        return out
 
     def search(self, rows: np.ndarray, grp: np.ndarray, scale: np.ndarray, x: np.ndarray, a: np.ndarray,
                runs: bool = False, tab: np.ndarray | None = None) -> np.ndarray:
