@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['input']} {r['shape'][0]}x{r['shape'][1]} | {r['type'].upper()} | {r['llama_cpp_cpu_s']} "
-              f"({r['llama_cpp_s']}) | {r['quantkit_cpu_s']} ({r['quantkit_s']}) | {r.get('before_quantkit_cpu_s', '-')} | "
+              f"({r['llama_cpp_s']}) | {r['quantkit_cpu_s']} ({r['quantkit_s']}) | "
+              f"{r.get('before_quantkit_cpu_s', '-')} | "
               f"{r['ratio_cpu']} | {r['ratio_wall']} | {r['bytes_equal']} | {r['load_1min']} |")
     return 0
 

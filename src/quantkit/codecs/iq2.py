@@ -247,7 +247,7 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None, rounding: b
     cols = np.flatnonzero(live)
     long = lat.lattice(kind.grid_size, kind.nwant).count.mean() > lat.LONG
     step = PIECE_GROUPS // (m // 8) if long else max(1, len(cols))
-    for c0 in range(0, len(cols), step):     # pieces whose line-search tables stay in L2
+    for c0 in range(0, len(cols), step):     # pieces whose line-search tables stay small (2.7 MB)
         c = cols[c0:c0 + step]
         scale[c], gidx[:, c], ridv[:, c], rsnap[:, c] = _search(kind, xv[:, c], wv[:, c], mx[c], start[c])
     gsign = bits.reshape(nb * ns, m // 8).T.copy()                           # [m/8, nb*ns]

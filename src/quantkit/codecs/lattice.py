@@ -1,8 +1,9 @@
 """What llama.cpp's lattice quantizers share: the IQ3_XXS, IQ3_S, IQ1_S and IQ1_M grids and the
 neighbour lists llama.cpp builds at init, the float arithmetic that makes quantkit's bytes equal
 to its own, and the searches of the neighbour lists for the entry nearest a scaled group: ragged
-(`neighbours` + `first_min`, for IQ3's lists of 5-7 entries) and padded to a few widths
-(`padded_search`, for IQ1's lists and IQ2_XXS's and IQ2_S's; codecs/iq2_lattice.py builds IQ2's).
+(`neighbours` + `first_min`, for IQ3's lists of 5-7 entries), padded to a few widths
+(`padded_search`, for IQ1's lists and IQ2_S's) and by line evaluation (`LineSearch`, for IQ2_XXS's
+and IQ2_XS's long lists; codecs/iq2_lattice.py builds IQ2's lists).
 
 The grids are data (data/iq3_iq1_grids.npz, read out of ggml-common.h and ggml-quants.c by
 data/make_iq3_iq1_tables.py). A grid lists points of n levels each (n = 4 for IQ3, 8 for IQ1),
@@ -379,7 +380,8 @@ class LineSearch:
                 mid = (lo + hi) // 2
                 todo = mid
                 lo, hi = np.concatenate([lo, mid]), np.concatenate([mid, hi])
-            fill = np.bincount(np.concatenate(wlo) + 1, minlength=Q + 1) - np.bincount(np.concatenate(whi), minlength=Q + 1)
+            fill = np.bincount(np.concatenate(wlo) + 1, minlength=Q + 1)
+            fill -= np.bincount(np.concatenate(whi), minlength=Q + 1)
             inner = np.cumsum(fill[:Q]) > 0                  # strictly inside a stretch decided whole
             src = np.flatnonzero(inner)
             if src.size:                                     # its winner: the stretch's first end's
@@ -403,7 +405,8 @@ class LineSearch:
             ok = (((a == 0) | ((a >= LO) & (a <= HI))) & ((xa == 0) | ((xa >= LO) & (xa <= HI)))).all(axis=1)
             s = scale
             z = s * (s * (self.pmax * self.pmax * asum[grp]) + F32(2) * self.pmax * bsum[grp]) + csum[grp]
-            good = ok[grp] & (s >= F32(2.0 ** -30)) & (s <= F32(2.0 ** 30)) & (z >= F32(2.0 ** -90)) & (z <= F32(2.0 ** 100))
+            good = ok[grp] & (s >= F32(2.0 ** -30)) & (s <= F32(2.0 ** 30))
+            good &= (z >= F32(2.0 ** -90)) & (z <= F32(2.0 ** 100))
             return np.where(good, F32(TOL) * z / s, F32(np.nan)).astype(F32)
 
     def _scan(self, tab, rows, grp, scale) -> tuple[np.ndarray, np.ndarray]:
