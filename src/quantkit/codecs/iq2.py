@@ -143,7 +143,7 @@ def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray
         g = off // C
         c = off - g * C
         sc = scale[c, g % B] if scale.shape[0] == C else scale[0, g % B]
-        if lt.count.mean() > lat.LONG:
+        if lt.count.mean() > lat.LINE:
             gi[off] = lat.line_search(lt).search(-lt.kmap[u[off]].astype(np.int64) - 1, g, sc, xg, wg, runs=True,
                                                   tab=tab)
         else:
@@ -164,7 +164,7 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
     xg, wg = grp(xv), grp(np.sqrt(w))
     nums = np.array([F32(5) + F32(s) * F32(0.1) for s in kind.trials], dtype=F32)
     idv = nums[:, None] / mx[None, :]
-    tab = lat.line_search(lt).tables(xg, wg) if lt.count.mean() > lat.LONG else None
+    tab = lat.line_search(lt).tables(xg, wg) if lt.count.mean() > lat.LINE else None
     levs, ons = _snap(lt, idv, F32(1) / idv, xv, xg, wg, tab)
     best = np.zeros(B, F32)
     L = np.zeros((m, B), np.uint8)
@@ -245,7 +245,7 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None, rounding: b
     gidx = np.zeros((m // 8, nb * ns), np.int64)
     ridv, rsnap = np.zeros((m // 8, nb * ns), F32), np.zeros((m // 8, nb * ns), F32)
     cols = np.flatnonzero(live)
-    long = lat.lattice(kind.grid_size, kind.nwant).count.mean() > lat.LONG
+    long = lat.lattice(kind.grid_size, kind.nwant).count.mean() > lat.LINE
     step = PIECE_GROUPS // (m // 8) if long else max(1, len(cols))
     for c0 in range(0, len(cols), step):     # pieces whose line-search tables stay small (2.7 MB)
         c = cols[c0:c0 + step]

@@ -91,14 +91,15 @@ def best_neighbour(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndar
     with the smallest d2 = sum_i w_i*(scale*q_i - x_i)^2, summed in float32 in C's order
     (where every sum is NaN, C asserts and this takes the first entry). Lists averaging up to LONG
     entries are searched padded (`padded_search`), longer ones by the line search
-    (codecs/lattice.py `LineSearch`: two gathers per entry instead of eight)."""
+    (codecs/lattice.py `LineSearch`: two gathers per entry instead of eight, after a table per query)."""
     rows = -lat.kmap[u].astype(np.int64) - 1
     if lat.count.mean() > LONG:
         return line_search(lat).search(rows, np.arange(len(u)), scale, xval, w)
     return padded_search(padded_lists(len(lat.levels), lat.nwant), rows, scale, xval, w, LEVEL_VALUES, c_rule=False)
 
 
-LONG = 12                # IQ2_XXS (18 entries on average) and IQ2_XS (30): line search; IQ2_S (8): padded
+LONG = 20                # queries one per group: only IQ2_XS's lists (30 entries on average) pay for a table
+LINE = 12                # the encoder's queries, a group's trial scales sharing its table: IQ2_XXS (18) too
 
 
 @lru_cache(maxsize=None)
