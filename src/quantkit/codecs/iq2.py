@@ -24,6 +24,7 @@ from . import iq2_lattice as lat
 from .iq2_lattice import F32
 
 QK = 256
+PIECE_GROUPS = 2048      # groups of 8 searched together
 
 
 @dataclass(frozen=True)
@@ -123,23 +124,32 @@ def _fit(w: np.ndarray, wx: np.ndarray, L: np.ndarray):
     return lat.seqsum(wx * q), lat.seqsum(w * q * q)
 
 
-def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray, wg: np.ndarray):
+def _snap(lt, idv: np.ndarray, scale: np.ndarray, xv: np.ndarray, xg: np.ndarray, wg: np.ndarray,
+          tab: np.ndarray | None = None):
     """For each of C trial scales (idv, scale [C, B]) round xv [m, B] at inverse scale idv and
     snap each group of 8 to the grid (the neighbour search at `scale`) -> (levels [C, m, B],
-    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8]."""
+    on-grid [C, m/8, B]). xg, wg: xv and the square-root weights as groups [m/8 * B, 8] (tab:
+    their line-search tables, where made already). The queries go to the line search group by
+    group, trial scales in increasing order."""
     m, B = xv.shape
     ng, C = m // 8, idv.shape[0]
     lev = lat.rounded_levels(idv[:, None, :], xv[None])
-    u = (lev.reshape(C, ng, 8, B) << lat.SHIFTS[None, None, :, None]).sum(axis=2).reshape(-1)
+    u = (lev.reshape(C, ng, 8, B) << lat.SHIFTS[None, None, :, None]).sum(axis=2)       # [C, ng, B]
+    u = np.ascontiguousarray(u.transpose(1, 2, 0)).reshape(-1)                          # group-major
     gi = lt.kmap[u].astype(np.int64)
     on = gi >= 0
     off = np.flatnonzero(~on)
     if off.size:
-        grp = off % (ng * B)
-        gi[off] = lat.best_neighbour(lt, u[off], scale.reshape(-1)[off // (ng * B) * B + grp % B],
-                                     xg[grp], wg[grp])
-    lev = lt.levels[gi].reshape(C, ng, B, 8).transpose(0, 1, 3, 2).reshape(C, m, B)
-    return lev, on.reshape(C, ng, B)
+        g = off // C
+        c = off - g * C
+        sc = scale[c, g % B] if scale.shape[0] == C else scale[0, g % B]
+        if lt.count.mean() > lat.LINE:
+            gi[off] = lat.line_search(lt).search(-lt.kmap[u[off]].astype(np.int64) - 1, g, sc, xg, wg, runs=True,
+                                                  tab=tab)
+        else:
+            gi[off] = lat.best_neighbour(lt, u[off], sc, np.take(xg, g, axis=0), np.take(wg, g, axis=0))
+    lev = lt.levels[gi].reshape(ng, B, C, 8).transpose(2, 0, 3, 1).reshape(C, m, B)
+    return lev, on.reshape(ng, B, C).transpose(2, 0, 1)
 
 
 def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale: np.ndarray):
@@ -154,7 +164,8 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
     xg, wg = grp(xv), grp(np.sqrt(w))
     nums = np.array([F32(5) + F32(s) * F32(0.1) for s in kind.trials], dtype=F32)
     idv = nums[:, None] / mx[None, :]
-    levs, ons = _snap(lt, idv, F32(1) / idv, xv, xg, wg)
+    tab = lat.line_search(lt).tables(xg, wg) if lt.count.mean() > lat.LINE else None
+    levs, ons = _snap(lt, idv, F32(1) / idv, xv, xg, wg, tab)
     best = np.zeros(B, F32)
     L = np.zeros((m, B), np.uint8)
     on = np.ones((ng, B), bool)
@@ -176,7 +187,8 @@ def _search(kind: IQ2Kind, xv: np.ndarray, w: np.ndarray, mx: np.ndarray, scale:
         cols = np.nonzero(redo)[0]
         sc = scale[cols]
         sub = lambda a: a.reshape(ng, B, 8)[:, cols].reshape(-1, 8)                           # noqa: E731
-        lev = _snap(lt, (F32(1) / sc)[None], sc[None], xv[:, cols], sub(xg), sub(wg))[0][0]
+        lev = _snap(lt, (F32(1) / sc)[None], sc[None], xv[:, cols], sub(xg), sub(wg),
+                    None if tab is None else tab.reshape(ng, B, -1)[:, cols].reshape(ng * len(cols), -1))[0][0]
         kept = on[:, cols] if kind is not XXS else np.zeros((ng, len(cols)), bool)
         if kind is not XXS:              # groups found on the grid keep the winning trial's levels
             keep = np.repeat(on[:, cols], 8, axis=0)
@@ -232,9 +244,12 @@ def _encode(kind: IQ2Kind, x: torch.Tensor, qw: torch.Tensor | None, rounding: b
     scale = np.zeros(nb * ns, F32)
     gidx = np.zeros((m // 8, nb * ns), np.int64)
     ridv, rsnap = np.zeros((m // 8, nb * ns), F32), np.zeros((m // 8, nb * ns), F32)
-    if live.any():
-        sc, gi, ri, rs = _search(kind, xv[:, live], wv[:, live], mx[live], start[live])
-        scale[live], gidx[:, live], ridv[:, live], rsnap[:, live] = sc, gi, ri, rs
+    cols = np.flatnonzero(live)
+    long = lat.lattice(kind.grid_size, kind.nwant).count.mean() > lat.LINE
+    step = PIECE_GROUPS // (m // 8) if long else max(1, len(cols))
+    for c0 in range(0, len(cols), step):     # pieces whose line-search tables stay small (2.7 MB)
+        c = cols[c0:c0 + step]
+        scale[c], gidx[:, c], ridv[:, c], rsnap[:, c] = _search(kind, xv[:, c], wv[:, c], mx[c], start[c])
     gsign = bits.reshape(nb * ns, m // 8).T.copy()                           # [m/8, nb*ns]
     flip = scale < 0
     if flip.any():

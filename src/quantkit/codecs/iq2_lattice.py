@@ -21,12 +21,11 @@ from functools import lru_cache
 from importlib import resources
 
 import numpy as np
-import torch
 
-from .lattice import F32, Padded, nearest_int, pad_lists, padded_search, seqsum
+from .lattice import F32, LineSearch, Padded, nearest_int, pad_lists, padded_search, seqsum
 
 __all__ = ["F32", "KMAP_SIZE", "LEVEL_VALUES", "Lattice", "SHIFTS", "best_neighbour", "lattice", "make_qp_quants",
-           "nearest_int", "padded_lists", "rounded_levels", "seqsum", "tables"]
+           "line_search", "nearest_int", "padded_lists", "rounded_levels", "seqsum", "tables"]
 
 KMAP_SIZE = 43692                  # llama.cpp's kmap_size: points are sum(l_i << 2i)
 SHIFTS = (2 * np.arange(8)).astype(np.int32)
@@ -91,123 +90,26 @@ def best_neighbour(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndar
     xval and w (the square-root weights) [Q, 8] -> grid index [Q]: the first entry of u's list
     with the smallest d2 = sum_i w_i*(scale*q_i - x_i)^2, summed in float32 in C's order
     (where every sum is NaN, C asserts and this takes the first entry). Lists averaging up to LONG
-    entries are searched padded (`padded_search`), longer ones by shared points
-    (`_shared_point_search`, faster where many queries land on each long list)."""
-    if lat.count.mean() > LONG:
-        return _shared_point_search(lat, u, scale, xval, w)
+    entries are searched padded (`padded_search`), longer ones by the line search
+    (codecs/lattice.py `LineSearch`: two gathers per entry instead of eight, after a table per query)."""
     rows = -lat.kmap[u].astype(np.int64) - 1
+    if lat.count.mean() > LONG:
+        return line_search(lat).search(rows, np.arange(len(u)), scale, xval, w)
     return padded_search(padded_lists(len(lat.levels), lat.nwant), rows, scale, xval, w, LEVEL_VALUES, c_rule=False)
 
 
-LONG = 20
-def _terms(scale: np.ndarray, xval: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """w*diff*diff (diff = scale*q - x) for each position i and level l: float32 [Q, 24] at 3i+l,
-    the very terms iq2_find_best_neighbour sums."""
-    t = np.empty((len(scale), 8, 3), dtype=F32)
-    for lev in range(3):
-        diff = scale[:, None] * F32(2 * lev + 1) - xval
-        t[:, :, lev] = w * diff * diff
-    return t.reshape(-1, 24)
+LONG = 20                # queries one per group: only IQ2_XS's lists (30 entries on average) pay for a table
+LINE = 12                # the encoder's queries, a group's trial scales sharing its table: IQ2_XXS (18) too
 
 
-def _exact_first_min(lat: Lattice, terms: np.ndarray, pos: np.ndarray, cnt: np.ndarray) -> np.ndarray:
-    """For query k, candidates lat.flat[pos[seg_k]] (segments of cnt, in list order): the first
-    with the smallest d2, each d2 summed in float32 in C's order -> grid index [Q]."""
-    n, offs = int(cnt.sum()), np.cumsum(cnt) - cnt
-    base = np.repeat(np.arange(len(cnt), dtype=np.int64) * 24, cnt)
-    tflat = terms.reshape(-1)
-    d2 = tflat[base + lat.codes[0][pos]]
-    for i in range(1, 8):
-        d2 += tflat[base + lat.codes[i][pos]]
-    low = np.fmin.reduceat(d2, offs)                     # a NaN sum never wins, as in C
-    first = np.minimum.reduceat(np.where(d2 == np.repeat(low, cnt), np.arange(n), n), offs)
-    first = np.where(first < n, first, offs)             # all NaN: C asserts; here the first entry
-    return lat.flat[pos[first]]
+@lru_cache(maxsize=None)
+def _line_search(grid_size: int, nwant: int) -> LineSearch:
+    return LineSearch(padded_lists(grid_size, nwant), LEVEL_VALUES, c_rule=False)
 
 
-def _ranges(start: np.ndarray, cnt: np.ndarray) -> np.ndarray:
-    """The concatenation of arange(start_k, start_k + cnt_k)."""
-    offs = np.cumsum(cnt) - cnt
-    return np.arange(int(cnt.sum()), dtype=np.int64) + np.repeat(start - offs, cnt)
-
-
-MIN_SHARED = 8        # fewer queries sharing a point: the exact ragged search is cheaper
-SLACK = 1 + 2.0 ** -16
-PAD = 1e30            # sum of a padding column: never the smallest of a finite row
-BATCH = 1 << 21       # entries of one batched product
-WASTE = 1.5           # its padding, at most
-
-
-def _batches(m: np.ndarray, nb: np.ndarray) -> list[np.ndarray]:
-    """Groups (m queries sharing a point with nb neighbours), sorted by (nb, m), cut into
-    batches whose padded product [k, max m, max nb] stays within BATCH entries and within
-    WASTE times the entries it needs."""
-    order = np.lexsort((m, nb))
-    out, cur, mx, nx, real = [], [], 0, 0, 0
-    for g, mg, ng in zip(order.tolist(), m[order].tolist(), nb[order].tolist()):
-        mx2, nx2 = max(mx, mg), max(nx, ng)
-        padded = (len(cur) + 1) * mx2 * nx2
-        if cur and (padded > BATCH or padded > WASTE * (real + mg * ng)):
-            out.append(np.array(cur))
-            cur, mx2, nx2, real = [], mg, ng, 0
-        cur.append(g)
-        mx, nx, real = mx2, nx2, real + mg * ng
-    if cur:
-        out.append(np.array(cur))
-    return out
-
-
-def _scored(lat: Lattice, ts: torch.Tensor, starts: np.ndarray, m: np.ndarray, rows: np.ndarray,
-            low: torch.Tensor, at: torch.Tensor, near: torch.Tensor) -> None:
-    """Score one batch of groups: group g's queries are ts[starts[g]:starts[g]+m[g]] (terms with
-    a trailing column of ones), its neighbour row rows[g]. Writes each query's smallest sum, its
-    position in the list and the count of sums within SLACK of it into low, at, near."""
-    k, mx, nbs = len(m), int(m.max()), lat.count[rows]
-    nx = int(nbs.max())
-    qi = np.minimum(np.arange(mx)[None, :], (m - 1)[:, None]) + starts[:, None]            # [k, mx]
-    oh = np.zeros((k, 25, nx), np.float32)
-    b = np.repeat(np.arange(k), nbs)
-    j = _ranges(np.zeros(k, np.int64), nbs)
-    oh[b[None, :], lat.codes[:, _ranges(lat.start[rows], nbs)], j[None, :]] = 1
-    oh[:, 24, :] = np.where(np.arange(nx)[None, :] < nbs[:, None], 0, PAD)
-    A = torch.bmm(ts[torch.from_numpy(qi.reshape(-1))].view(k, mx, 25), torch.from_numpy(oh))
-    lo, ix = A.min(dim=2)
-    nr = (A <= lo[:, :, None] * SLACK).sum(dim=2)
-    valid = torch.from_numpy((np.arange(mx)[None, :] < m[:, None]).reshape(-1))
-    dest = torch.from_numpy(qi.reshape(-1))[valid]
-    low[dest], at[dest], near[dest] = lo.reshape(-1)[valid], ix.reshape(-1)[valid], nr.reshape(-1)[valid]
-
-
-def _shared_point_search(lat: Lattice, u: np.ndarray, scale: np.ndarray, xval: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """`best_neighbour` for lists averaging over LONG entries: queries sharing a point are scored
-    together as matrix products (terms @ one-hot levels, many points per batched product). Their
-    sums round differently from C's, but both are within 32 ulps of the exact sum of the same
-    non-negative float32 terms: a query with one entry within SLACK of its smallest is decided;
-    the others (near ties, non-finite terms) and the points shared by few queries are summed
-    exactly in C's order (`_exact_first_min`)."""
-    terms = _terms(scale, xval, w)
-    row = -lat.kmap[u].astype(np.int64) - 1
-    order = np.argsort(row, kind="stable")
-    rs = row[order]
-    cut = np.flatnonzero(np.diff(rs)) + 1
-    starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(rs)]]).astype(np.int64)
-    grow = rs[starts]
-    big = ((ends - starts) >= MIN_SHARED) & (lat.count[grow] > 1)
-    ts = torch.from_numpy(np.concatenate([terms[order], np.ones((len(u), 1), F32)], axis=1))
-    low = torch.full((len(u),), float("nan"), dtype=torch.float32)
-    at = torch.zeros(len(u), dtype=torch.int64)
-    near = torch.zeros(len(u), dtype=torch.int64)
-    bs, bm, br = starts[big], (ends - starts)[big], grow[big]
-    for g in _batches(bm, lat.count[br]):                   # torch: one thread, as set by the caller
-        _scored(lat, ts, bs[g], bm[g], br[g], low, at, near)
-    out = np.empty(len(u), np.int64)
-    out[order] = lat.flat[lat.start[rs] + at.numpy()]
-    decided = ((near.numpy() == 1) & (low.numpy() < PAD / 2)) | (lat.count[rs] == 1)
-    exact = order[~decided]
-    if exact.size:
-        cnt = lat.count[row[exact]]
-        out[exact] = _exact_first_min(lat, terms[exact], _ranges(lat.start[row[exact]], cnt), cnt)
-    return out
+def line_search(lat: Lattice) -> LineSearch:
+    """The line search (codecs/lattice.py) over lat's neighbour lists, rows indexed as kmap's."""
+    return _line_search(len(lat.levels), lat.nwant)
 
 
 def rounded_levels(idv: np.ndarray, xval: np.ndarray) -> np.ndarray:

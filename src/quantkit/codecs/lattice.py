@@ -1,8 +1,9 @@
 """What llama.cpp's lattice quantizers share: the IQ3_XXS, IQ3_S, IQ1_S and IQ1_M grids and the
 neighbour lists llama.cpp builds at init, the float arithmetic that makes quantkit's bytes equal
 to its own, and the searches of the neighbour lists for the entry nearest a scaled group: ragged
-(`neighbours` + `first_min`, for IQ3's lists of 5-7 entries) and padded to a few widths
-(`padded_search`, for IQ1's lists and IQ2_XXS's and IQ2_S's; codecs/iq2_lattice.py builds IQ2's).
+(`neighbours` + `first_min`, for IQ3's lists of 5-7 entries), padded to a few widths
+(`padded_search`, for IQ1's lists and IQ2_S's) and by line evaluation (`LineSearch`, for IQ2_XXS's
+and IQ2_XS's long lists; codecs/iq2_lattice.py builds IQ2's lists).
 
 The grids are data (data/iq3_iq1_grids.npz, read out of ggml-common.h and ggml-quants.c by
 data/make_iq3_iq1_tables.py). A grid lists points of n levels each (n = 4 for IQ3, 8 for IQ1),
@@ -280,3 +281,166 @@ def padded(name: str) -> Padded:
     """The neighbour lists of `lattice(name)` padded by width, rows indexed by code."""
     lat = lattice(name)
     return pad_lists(lat.flat, lat.start, lat.count, lat.levels, 8 if name.startswith("iq3") else 3)
+
+
+# ------------------------------------------------------------------------- line neighbour search
+# The search as line evaluations: for a group with square-root weights a and magnitudes x, the
+# distance of grid point j at scale s is d2_j = s*(s*A_j - B2_j) + C with A_j = sum_i a_i p_ji^2,
+# B2_j = 2 sum_i a_i x_i p_ji and C = sum_i a_i x_i^2 the same for every j, so the nearest entry
+# of a list is the least v_j = s*A_j - B2_j. A and B2 split over the two halves of a point's
+# elements, each half's sums tabled per group for every level combination (nlev^(n/2) entries,
+# A + i*B2 as complex64), so a query (a group at a trial scale) costs two gathers and a few ops
+# per list entry whatever its scale. These v are not C's sums: a query is decided when its least
+# v leads every other by more than both roundings can move them (TOL times the sizes involved;
+# the bound needs values in float32's normal range, so groups with tiny, huge or non-finite
+# values are never decided here). The rest are scored exactly in C's order (`padded_search`).
+
+TOL = 2.0 ** -15         # 2^-15 * (s^2 A + C): over 4x what C's sums and v can be rounded by
+LO, HI = 2.0 ** -60, 2.0 ** 60
+
+
+class LineSearch:
+    """The line search over one grid's neighbour lists (`pd`, padded by width) whose points take
+    level values `values` [nlev]; `c_rule` is the exact search's rule for what it leaves."""
+
+    def __init__(self, pd: Padded, values: np.ndarray, c_rule: bool):
+        n, nlev = pd.n, pd.nlev
+        self.h = n // 2
+        self.H = nlev ** self.h
+        H = self.H
+        self.pd, self.values, self.c_rule = pd, np.asarray(values, F32), c_rule
+        self.pmax = F32(self.values.max())
+        self.ramp = np.arange(128, dtype=np.int8)
+        offs = []
+        for c in pd.codes:
+            pad = c[0] == n * nlev
+            lev = c - (np.arange(n) * nlev)[:, None, None]
+            lo = sum(lev[i].astype(np.int64) * nlev ** i for i in range(self.h))
+            hi = sum(lev[i].astype(np.int64) * nlev ** (i - self.h) for i in range(self.h, n))
+            offs.append(np.ascontiguousarray(np.stack([np.where(pad, H, lo), np.where(pad, 2 * H + 1, H + 1 + hi)])
+                                             .transpose(0, 2, 1).astype(np.int32)))       # [2, W, R]
+        self.offs = tuple(offs)
+        self.grid_t = tuple(np.ascontiguousarray(g.T) for g in pd.grid)                  # [W, R]
+
+    def tables(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """complex64 [G, 2H+2]: per group, A + i*B2 of every level combination of the first half
+        (then +inf, the padding's) and of the second half (then 0)."""
+        G, n = x.shape
+        p = self.values
+        t = np.empty((G, n, len(p)), np.complex64)
+        t.real = a[:, :, None] * (p * p)
+        t.imag = (F32(2) * (a * x))[:, :, None] * p
+        out = np.empty((G, 2 * self.H + 2), np.complex64)
+        for half, c0 in ((range(self.h), 0), (range(self.h, n), self.H + 1)):
+            acc = t[:, half[0]]
+            for i in half[1:-1]:
+                acc = (t[:, i][:, :, None] + acc[:, None, :]).reshape(G, -1)
+            np.add(t[:, half[-1]][:, :, None], acc[:, None, :], out=out[:, c0:c0 + self.H].reshape(G, len(p), -1))
+        out[:, self.H] = np.inf
+        out[:, 2 * self.H + 1] = 0
+        return out
+
+    def search(self, rows: np.ndarray, grp: np.ndarray, scale: np.ndarray, x: np.ndarray, a: np.ndarray,
+               runs: bool = False, tab: np.ndarray | None = None) -> np.ndarray:
+        """For Q queries (list rows [Q], group grp [Q], scale [Q]) of groups with magnitudes x and
+        square-root weights a [G, n] (their `tables`, when made already): the grid index [Q] of the
+        first list entry with the smallest d2, as the C loop finds it.
+
+        runs: the queries come group by group, a group's trial scales in increasing order. A run
+        of queries with the same group and list is then scored by bisection: the v_j(s) are lines
+        in s, so an entry that wins at both ends of a stretch wins between them, and its lead over
+        the rest (the least of lines minus a line: concave in s) is no smaller there while the
+        tolerance (convex in s) is no larger than at the ends."""
+        Q = len(rows)
+        out = np.zeros(Q, np.int64)
+        if not Q:
+            return out
+        tab = (self.tables(x, a) if tab is None else tab).reshape(-1)
+        tol = self._tolerance(grp, scale, x, a)
+        gap = np.full(Q, np.nan, F32)
+        if runs:
+            new = np.ones(Q, bool)
+            new[1:] = (rows[1:] != rows[:-1]) | (grp[1:] != grp[:-1])
+            lo = np.flatnonzero(new)
+            hi = np.append(lo[1:], Q) - 1
+            edge = new.copy()
+            edge[hi] = True
+            todo = np.flatnonzero(edge)
+            wlo, whi = [], []                                # stretches decided whole
+            while True:
+                out[todo], gap[todo] = self._scan(tab, rows[todo], grp[todo], scale[todo])
+                t2 = F32(2) * np.maximum(tol[lo], tol[hi])
+                whole = (gap[lo] > t2) & (gap[hi] > t2) & (out[lo] == out[hi])
+                wlo.append(lo[whole])
+                whi.append(hi[whole])
+                split = ~whole & (hi - lo > 1)
+                lo, hi = lo[split], hi[split]
+                if not lo.size:
+                    break
+                mid = (lo + hi) // 2
+                todo = mid
+                lo, hi = np.concatenate([lo, mid]), np.concatenate([mid, hi])
+            fill = np.bincount(np.concatenate(wlo) + 1, minlength=Q + 1)
+            fill -= np.bincount(np.concatenate(whi), minlength=Q + 1)
+            inner = np.cumsum(fill[:Q]) > 0                  # strictly inside a stretch decided whole
+            src = np.flatnonzero(inner)
+            if src.size:                                     # its winner: the stretch's first end's
+                first = np.maximum.accumulate(np.where(~inner, np.arange(Q), 0))
+                out[src] = out[first[src]]
+                gap[src] = np.inf
+        else:
+            out, gap = self._scan(tab, rows, grp, scale)
+        left = np.flatnonzero(~(gap > tol))
+        if left.size:
+            out[left] = padded_search(self.pd, rows[left], scale[left], np.take(x, grp[left], axis=0),
+                                      np.take(a, grp[left], axis=0), self.values, self.c_rule)
+        return out
+
+    def _tolerance(self, grp, scale, x, a) -> np.ndarray:
+        """Per query, the margin (in units of v) that decides it; NaN where nothing may be decided."""
+        with np.errstate(all="ignore"):
+            xa = np.abs(x)
+            ax = a * xa
+            asum, bsum, csum = a.sum(axis=1), ax.sum(axis=1), (ax * xa).sum(axis=1)
+            ok = (((a == 0) | ((a >= LO) & (a <= HI))) & ((xa == 0) | ((xa >= LO) & (xa <= HI)))).all(axis=1)
+            s = scale
+            z = s * (s * (self.pmax * self.pmax * asum[grp]) + F32(2) * self.pmax * bsum[grp]) + csum[grp]
+            good = ok[grp] & (s >= F32(2.0 ** -30)) & (s <= F32(2.0 ** 30))
+            good &= (z >= F32(2.0 ** -90)) & (z <= F32(2.0 ** 100))
+            return np.where(good, F32(TOL) * z / s, F32(np.nan)).astype(F32)
+
+    def _scan(self, tab, rows, grp, scale) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, the entry of least v (grid index; any of them where several tie) and its lead
+        over the next least (0 for ties, NaN where v is). Entry-major [W, m]: each step a pass."""
+        out = np.empty(len(rows), np.int64)
+        gap = np.empty(len(rows), F32)
+        pd = self.pd
+        b = pd.bucket[rows]
+        order = np.argsort(b, kind="stable")
+        ends = np.cumsum(np.bincount(b, minlength=len(pd.widths)))
+        base = grp.astype(np.int32) * np.int32(2 * self.H + 2)
+        for k, W in enumerate(pd.widths):
+            sel = order[(ends[k - 1] if k else 0):ends[k]]
+            if not sel.size:
+                continue
+            pr = pd.rowpos[rows[sel]]
+            ix = np.take(self.offs[k], pr, axis=2)                             # [2, W, m]
+            ix += base[sel]
+            ab = np.take(tab, ix)
+            ab[0] += ab[1]
+            v = ab[0].real * scale[sel]
+            v -= ab[0].imag
+            low = np.minimum.reduce(v, axis=0)
+            hit = v == low
+            cnt = np.add.reduce(hit, axis=0, dtype=np.int16)
+            v[hit] = np.inf
+            gap[sel] = np.where(cnt == 1, np.minimum.reduce(v, axis=0) - low, F32(0))
+            if W < 128:
+                h8 = hit.view(np.int8)
+                h8 *= self.ramp[:W, None]
+                j = np.add.reduce(h8, axis=0, dtype=np.int32)
+            else:
+                j = np.argmax(hit, axis=0)
+            np.minimum(j, W - 1, out=j)
+            out[sel] = np.take(self.grid_t[k].reshape(-1), j * self.grid_t[k].shape[1] + pr)
+        return out, gap
