@@ -182,7 +182,9 @@ def test_iq2_gguf_loads_and_generates_in_llama_cpp(gptq_llama_dir, tmp_path):
     with GGUFSource(str(out)) as g:
         for n, t in types.items():
             assert g.tensor_info(n).type == t, n
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_threads=2, seed=0)
+    # logits_all: without it llama-cpp-python writes only the last row of `scores` (the rest is
+    # uninitialised memory)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_threads=2, seed=0, logits_all=True)
     try:
         res = llm.create_completion("The", max_tokens=6, temperature=0.0)
         assert res["usage"]["completion_tokens"] >= 1
