@@ -87,6 +87,11 @@ def _card_checks(card: str) -> list[str]:
     return [ln for ln in part.split("\n## ", 1)[0].splitlines() if ln.startswith("| ") and "candidate" not in ln]
 
 
+def _card_notes(gguf: str) -> list[str]:
+    card = os.path.join(os.path.dirname(gguf), "README.md")
+    return open(card, encoding="utf-8").read().splitlines() if os.path.exists(card) else []
+
+
 # One loop that makes, scores and (with --cleanup) deletes each size's files in turn, resumable.
 def main() -> None:  # noqa: C901  (the run's steps in order)
     ap = argparse.ArgumentParser()
@@ -120,11 +125,12 @@ def main() -> None:  # noqa: C901  (the run's steps in order)
             json.dump(results, f, indent=1)
         os.replace(results_path + ".tmp", results_path)
 
-    def score(key: str, path: str, fresh: bool) -> None:
+    def score(key: str, path: str, fresh: bool, keep: tuple = ()) -> None:
+        """Score `path` on every text it has no score for (fresh: on every text but those in `keep`)."""
         from quantkit import api
         for label, text in texts.items():
             rows = ev.setdefault(label, {})
-            if key in rows and not fresh:
+            if key in rows and (not fresh or label in keep):
                 continue
             w0, c0 = time.perf_counter(), time.process_time()
             r = api.evaluate([f32, path], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
@@ -189,6 +195,7 @@ def main() -> None:  # noqa: C901  (the run's steps in order)
             else:
                 cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--target-size", str(target), "--types", TYPES, *cal,
                        "-o", out] + (["--method", "gptq"] if method == "budget-gptq" else [])
+            before = runs.get(key, {}).get("bytes")
             runs[key] = timed(cmd, os.path.join(WORK, f"{size}-{method}.log"))
             runs[key]["bytes"] = os.path.getsize(out)
             runs[key]["loadavg"] = open("/proc/loadavg").read().split()[:3]
@@ -200,8 +207,15 @@ def main() -> None:  # noqa: C901  (the run's steps in order)
             print(key, runs[key], flush=True)
             save()
             made.append(out)
+            # a budgeted RTN file whose measured check kept the allocation's own mix is the file an
+            # earlier run scored (the allocation and the writer are unchanged): its wikitext score stands
+            keep = ()
+            if method == "budget-rtn" and before == runs[key]["bytes"] and \
+                    not any("measured check: kept" in ln for ln in _card_notes(out)):
+                keep = ("wikitext-2 test",)
+                runs[key]["same_mix_as_scored"] = True
             if not args.skip_eval:
-                score(key, out, method not in DETERMINISTIC)
+                score(key, out, method not in DETERMINISTIC, keep)
         if args.cleanup:
             for path in made:
                 if os.path.exists(path):
