@@ -223,30 +223,36 @@ def main() -> None:  # noqa: C901  (the run's steps in order)
 
 
 def markdown(path: str = RESULTS) -> str:
-    """The BENCHMARKS.md table: per size, each method's bytes, KL on both texts, and the
-    budgeted files' ratios to the imatrix and GPTQ stock files."""
+    """The BENCHMARKS.md table: per size each file's bytes, KL on wikitext-2 test and SST-2 dev,
+    top-1 agreement, and the budgeted files' KL ratios to llama.cpp's imatrix stock file and to
+    quantkit's GPTQ of the stock mix."""
     r = json.load(open(path))
     runs, ev = r.get("runs", {}), r.get("eval", {})
-    texts = list(ev)
-    head = "| file | bytes | " + " | ".join(f"KLD {t} | PPL {t}" for t in texts) + " | wall s (CPU s) |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for key in sorted(k for k in runs if "/" in k):
-        run = runs[key]
-        cells = []
-        for t in texts:
-            m = ev[t].get(key)
-            cells += [f"{m['kld_mean']:.4f}" if m else "", f"{m['ppl']:.3f}" if m else ""]
-        lines.append(f"| {key} | {run.get('bytes', '')} | " + " | ".join(cells)
-                     + f" | {run['wall_s']:.0f} ({run['cpu_s']:.0f}) |")
-    ratios = []
-    for key in sorted(k for k in runs if "/budget" in k):
-        size = key.split("/")[0]
-        for peer in ("imatrix", "gptq"):
-            for t in texts:
-                a, b = ev[t].get(key), ev[t].get(f"{size}/{peer}")
-                if a and b:
-                    ratios.append(f"- {key} / {size}/{peer}, {t}: KLD {a['kld_mean'] / b['kld_mean']:.2f}x")
-    return "\n".join(lines + [""] + ratios)
+    wiki, sst = ev.get("wikitext-2 test", {}), ev.get("sst-2 dev", {})
+    names = {"rtn": "llama.cpp RTN", "imatrix": "llama.cpp + imatrix", "peer": "target-bpw rule (peer)",
+             "gptq": "quantkit GPTQ, stock mix", "budget-rtn": "quantkit budget, RTN",
+             "budget-gptq": "quantkit budget, GPTQ"}
+    lines = ["| size | file | bytes | KLD wikitext-2 test | KLD SST-2 dev | top-1 wikitext | / imatrix (wiki, SST-2) "
+             "| / GPTQ stock (wiki, SST-2) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(key, other):
+        out = []
+        for rows in (wiki, sst):
+            a, b = rows.get(key), rows.get(other)
+            out.append(f"{a['kld_mean'] / b['kld_mean']:.2f}x" if a and b else "")
+        return ", ".join(x for x in out if x)
+    for size in STOCK:
+        for method, label in names.items():
+            key = f"{size}/{method}"
+            if key not in runs:
+                continue
+            w, s_ = wiki.get(key), sst.get(key)
+            budget = method.startswith("budget")
+            lines.append(f"| {size.upper()} | {label} | {runs[key].get('bytes', 0):,} | "
+                         f"{w['kld_mean']:.4g} | " if w else f"| {size.upper()} | {label} | {runs[key].get('bytes', 0):,} | | ")
+            lines[-1] += (f"{s_['kld_mean']:.4g} | " if s_ else " | ") + (f"{w['top1_agreement']:.1%} | " if w else " | ")
+            lines[-1] += (ratio(key, f"{size}/imatrix") + " | " + ratio(key, f"{size}/gptq") + " |") if budget else " | |"
+    return "\n".join(lines)
 
 
 FAMILIES = {"budget-rtn": "quantkit budget (RTN)", "budget-gptq": "quantkit budget (GPTQ)",
