@@ -146,6 +146,12 @@ def test_bad_budgets_are_one_line_and_leave_nothing(gptq_llama_dir, calib, cache
     code, err = run_cli(base + ["--target-bpw", "4", "--format", "gguf:q4_k_m"], capsys)
     assert code != 0
     assert_one_line(err, "gguf:q4_k_m")
+    code, err = run_cli(base + ["--target-bpw", "4", "--types", "q8_0,q9_9"], capsys)
+    assert code != 0
+    assert_one_line(err, "q9_9")
+    code, err = run_cli(base + ["--types", "q8_0"], capsys)
+    assert code != 0
+    assert_one_line(err, "--types")
     assert list(out.parent.iterdir()) == []
 
 
