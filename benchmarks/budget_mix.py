@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -59,7 +60,40 @@ def make_peer_timed(f32: str, imatrix: str, stock: str, out: str, threads: int) 
             "command": r["command"], "choice": r["choice"], "room": r["room"]}
 
 
-def main() -> None:
+# the candidate types of the sensitivity pass cached on this model (the issue's list: F16, Q8_0, the K-quants, the
+# legacy types); the IQ / FP4 / ternary types are not priced on Gemma-3-270M in these runs
+TYPES = "f16,q8_0,q6_k,q5_k,q4_k,q3_k,q2_k,q5_1,q5_0,q4_1,q4_0"
+DETERMINISTIC = ("rtn", "imatrix")       # llama-quantize's files: the same bytes every time, scores kept
+
+
+def _file_types(path: str) -> dict:
+    """Per tensor class the type counts of a written GGUF."""
+    from quantkit.models.gguf import GGUFSource
+    from quantkit.quant.sensitivity import tensor_class
+    out: dict[str, dict[str, int]] = {}
+    with GGUFSource(path) as g:
+        for t in g.tensors():
+            c = out.setdefault(tensor_class(t.name), {})
+            c[t.type] = c.get(t.type, 0) + 1
+    return out
+
+
+def _card_checks(card: str) -> list[str]:
+    """The measured-check rows of a budgeted file's model card."""
+    if not os.path.exists(card):
+        return []
+    text = open(card, encoding="utf-8").read()
+    part = text.split("## Measured check of the mix", 1)[-1] if "## Measured check" in text else ""
+    return [ln for ln in part.split("\n## ", 1)[0].splitlines() if ln.startswith("| ") and "candidate" not in ln]
+
+
+def _card_notes(gguf: str) -> list[str]:
+    card = os.path.join(os.path.dirname(gguf), "README.md")
+    return open(card, encoding="utf-8").read().splitlines() if os.path.exists(card) else []
+
+
+# One loop that makes, scores and (with --cleanup) deletes each size's files in turn, resumable.
+def main() -> None:  # noqa: C901  (the run's steps in order)
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default=",".join(STOCK))
     ap.add_argument("--chunks", type=int, default=64, help="imatrix chunks of 512 tokens")
@@ -67,6 +101,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--methods", default="rtn,imatrix,budget-rtn,peer,gptq,budget-gptq")
+    ap.add_argument("--texts", default="wikitext-2 test,sst-2 dev")
+    ap.add_argument("--remake", default="", help="methods whose files are made again even when in the results")
+    ap.add_argument("--cleanup", action="store_true", help="delete each size's files once scored")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--results", default=RESULTS, help="the JSON to write (and resume from)")
     args = ap.parse_args()
@@ -78,11 +115,33 @@ def main() -> None:
     test = os.path.join(DATA, "wikitext-2", "test.txt")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     runs = results.setdefault("runs", {})
+    ev = results.setdefault("eval", {})
+    texts = {"wikitext-2 test": test, "sst-2 dev": sst2_text("dev")}
+    texts = {k: v for k, v in texts.items() if k in args.texts.split(",")}
+    remake = set(args.remake.split(",")) - {""}
 
     def save():
         with open(results_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(results_path + ".tmp", results_path)
+
+    def score(key: str, path: str, fresh: bool, keep: tuple = ()) -> None:
+        """Score `path` on every text it has no score for (fresh: on every text but those in `keep`)."""
+        from quantkit import api
+        for label, text in texts.items():
+            rows = ev.setdefault(label, {})
+            if key in rows and (not fresh or label in keep):
+                continue
+            w0, c0 = time.perf_counter(), time.process_time()
+            r = api.evaluate([f32, path], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
+                             n_threads=args.threads, show_progress=False)
+            for row in r.rows:
+                k = key if os.path.realpath(row.path) == os.path.realpath(path) else "f32"
+                rows[k] = {m: getattr(row, m) for m in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
+            rows[key].update({"mtime": int(os.path.getmtime(path)), "loadavg": open("/proc/loadavg").read().split()[0],
+                              "wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(time.process_time() - c0, 1)})
+            print(label, key, json.dumps(rows[key]), flush=True)
+            save()
 
     f32 = os.path.join(WORK, "f32.gguf")
     if not os.path.exists(f32):
@@ -95,23 +154,27 @@ def main() -> None:
                                  "--chunks", str(args.chunks), "-t", str(args.threads), "-o", imatrix],
                                 os.path.join(WORK, "imatrix.log"))
         save()
-    files = {}
     methods = args.methods.split(",")
     for size in args.sizes.split(","):
+        made = []
         for method in methods:
-            # the budget: the stock mix's bytes (the same with or without the importance matrix but
-            # for the matrix's few keys)
+            key = f"{size}/{method}"
             stock = os.path.join(WORK, f"{size}-imatrix.gguf")
-            if not os.path.exists(stock):
-                stock = os.path.join(WORK, f"{size}-rtn.gguf")
             out = os.path.join(WORK, f"{size}-{method}.gguf")
             if method.startswith("budget"):
                 out = os.path.join(WORK, f"{size}-{method}", f"{size}-{method}.gguf")   # its card beside it
                 os.makedirs(os.path.dirname(out), exist_ok=True)
-            files[f"{size}/{method}"] = out
-            key = f"{size}/{method}"
-            if os.path.exists(out) and key in runs:
+            scored = all(key in ev.get(t, {}) for t in texts)
+            if key in runs and method not in remake and (scored or os.path.exists(out)):
+                if not scored and not args.skip_eval:
+                    score(key, out, False)
                 continue
+            if method == "peer" and not os.path.exists(stock):
+                timed([os.path.join(TOOLS, "llama-quantize"), "--imatrix", imatrix, f32, stock, size.upper(),
+                       str(args.threads)], os.path.join(WORK, f"{size}-imatrix.log"))
+                made.append(stock)
+            # the budget: the llama.cpp imatrix stock file's bytes
+            target = runs.get(f"{size}/imatrix", {}).get("bytes") or os.path.getsize(stock)
             cal = ["--calib", valid, "--nsamples", str(args.gptq_chunks), "--seqlen", "512", "--threads",
                    str(args.threads)]
             if method in ("rtn", "imatrix"):
@@ -120,70 +183,76 @@ def main() -> None:
             elif method == "peer":
                 runs[key] = make_peer_timed(f32, imatrix, stock, out, args.threads)
                 runs[key]["bytes"] = os.path.getsize(out)
-                runs[key]["target_bytes"] = os.path.getsize(stock)
+                runs[key]["target_bytes"] = target
                 print(key, {k: v for k, v in runs[key].items() if k != "choice"}, flush=True)
                 save()
+                made.append(out)
+                if not args.skip_eval:
+                    score(key, out, True)
                 continue
             elif method == "gptq":
                 cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--format", f"gguf:{size}+gptq", *cal, "-o", out]
             else:
-                cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--target-size", str(os.path.getsize(stock)), *cal,
+                cmd = [py, "-m", "quantkit.cli", "quantize", f32, "--target-size", str(target), "--types", TYPES, *cal,
                        "-o", out] + (["--method", "gptq"] if method == "budget-gptq" else [])
+            before = runs.get(key, {}).get("bytes")
             runs[key] = timed(cmd, os.path.join(WORK, f"{size}-{method}.log"))
             runs[key]["bytes"] = os.path.getsize(out)
+            runs[key]["loadavg"] = open("/proc/loadavg").read().split()[:3]
             if method.startswith("budget"):
-                runs[key]["target_bytes"] = os.path.getsize(stock)
-                runs[key]["under_budget_pct"] = 100 * (1 - os.path.getsize(out) / os.path.getsize(stock))
+                runs[key]["target_bytes"] = target
+                runs[key]["under_budget_pct"] = 100 * (1 - os.path.getsize(out) / target)
+                runs[key]["types"] = _file_types(out)
+                runs[key]["check"] = _card_checks(os.path.join(os.path.dirname(out), "README.md"))
             print(key, runs[key], flush=True)
             save()
-    if args.skip_eval:
-        return
-    from quantkit import api
-    ev = results.setdefault("eval", {})
-    texts = {"wikitext-2 test": test, "sst-2 dev": sst2_text("dev")}
-    for label, text in texts.items():
-        rows = ev.setdefault(label, {})
-        todo = {k: p for k, p in files.items()
-                if k not in rows or rows[k].get("mtime") != int(os.path.getmtime(p))}
-        if not todo:
-            continue
-        for key, path in todo.items():        # one file at a time, saved as it comes (the reference is cached)
-            r = api.evaluate([f32, path], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
-                             n_threads=args.threads, show_progress=False)
-            for row in r.rows:
-                k = key if os.path.realpath(row.path) == os.path.realpath(path) else "f32"
-                rows[k] = {m: getattr(row, m) for m in ("ppl", "kld_mean", "kld_median", "kld_p99", "top1_agreement")}
-            rows[key]["mtime"] = int(os.path.getmtime(path))
-            rows[key]["loadavg"] = open("/proc/loadavg").read().split()[0]
-            print(label, key, json.dumps(rows[key]), flush=True)
-            save()
+            made.append(out)
+            # a budgeted RTN file whose measured check kept the allocation's own mix is the file an
+            # earlier run scored (the allocation and the writer are unchanged): its wikitext score stands
+            keep = ()
+            if method == "budget-rtn" and before == runs[key]["bytes"] and \
+                    not any("measured check: kept" in ln for ln in _card_notes(out)):
+                keep = ("wikitext-2 test",)
+                runs[key]["same_mix_as_scored"] = True
+            if not args.skip_eval:
+                score(key, out, method not in DETERMINISTIC, keep)
+        if args.cleanup:
+            for path in made:
+                if os.path.exists(path):
+                    os.unlink(path)
 
 
 def markdown(path: str = RESULTS) -> str:
-    """The BENCHMARKS.md table: per size, each method's bytes, KL on both texts, and the
-    budgeted files' ratios to the imatrix and GPTQ stock files."""
+    """The BENCHMARKS.md table: per size each file's bytes, KL on wikitext-2 test and SST-2 dev,
+    top-1 agreement, and the budgeted files' KL ratios to llama.cpp's imatrix stock file and to
+    quantkit's GPTQ of the stock mix."""
     r = json.load(open(path))
     runs, ev = r.get("runs", {}), r.get("eval", {})
-    texts = list(ev)
-    head = "| file | bytes | " + " | ".join(f"KLD {t} | PPL {t}" for t in texts) + " | wall s (CPU s) |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for key in sorted(k for k in runs if "/" in k):
-        run = runs[key]
-        cells = []
-        for t in texts:
-            m = ev[t].get(key)
-            cells += [f"{m['kld_mean']:.4f}" if m else "", f"{m['ppl']:.3f}" if m else ""]
-        lines.append(f"| {key} | {run.get('bytes', '')} | " + " | ".join(cells)
-                     + f" | {run['wall_s']:.0f} ({run['cpu_s']:.0f}) |")
-    ratios = []
-    for key in sorted(k for k in runs if "/budget" in k):
-        size = key.split("/")[0]
-        for peer in ("imatrix", "gptq"):
-            for t in texts:
-                a, b = ev[t].get(key), ev[t].get(f"{size}/{peer}")
-                if a and b:
-                    ratios.append(f"- {key} / {size}/{peer}, {t}: KLD {a['kld_mean'] / b['kld_mean']:.2f}x")
-    return "\n".join(lines + [""] + ratios)
+    wiki, sst = ev.get("wikitext-2 test", {}), ev.get("sst-2 dev", {})
+    names = {"rtn": "llama.cpp RTN", "imatrix": "llama.cpp + imatrix", "peer": "target-bpw rule (peer)",
+             "gptq": "quantkit GPTQ, stock mix", "budget-rtn": "quantkit budget, RTN",
+             "budget-gptq": "quantkit budget, GPTQ"}
+    lines = ["| size | file | bytes | KLD wikitext-2 test | KLD SST-2 dev | top-1 wikitext | / imatrix (wiki, SST-2) "
+             "| / GPTQ stock (wiki, SST-2) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(key, other):
+        out = []
+        for rows in (wiki, sst):
+            a, b = rows.get(key), rows.get(other)
+            out.append(f"{a['kld_mean'] / b['kld_mean']:.2f}x" if a and b else "")
+        return ", ".join(x for x in out if x)
+    for size in STOCK:
+        for method, label in names.items():
+            key = f"{size}/{method}"
+            if key not in runs:
+                continue
+            w, s_ = wiki.get(key), sst.get(key)
+            budget = method.startswith("budget")
+            lines.append(f"| {size.upper()} | {label} | {runs[key].get('bytes', 0):,} | "
+                         f"{w['kld_mean']:.4g} | " if w else f"| {size.upper()} | {label} | {runs[key].get('bytes', 0):,} | | ")
+            lines[-1] += (f"{s_['kld_mean']:.4g} | " if s_ else " | ") + (f"{w['top1_agreement']:.1%} | " if w else " | ")
+            lines[-1] += (ratio(key, f"{size}/imatrix") + " | " + ratio(key, f"{size}/gptq") + " |") if budget else " | |"
+    return "\n".join(lines)
 
 
 FAMILIES = {"budget-rtn": "quantkit budget (RTN)", "budget-gptq": "quantkit budget (GPTQ)",

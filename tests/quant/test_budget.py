@@ -33,6 +33,14 @@ def test_sizes_and_budget_flags():
         budget_from_flags(target_bpw="4.5", target_size="1GB")
     with pytest.raises(QuantkitError, match="--fit"):
         budget_from_flags(ctx=4096)
+    server = budget_from_flags(fit="ddr4-2666-2ch", ctx=512, runtime="llama-server")
+    assert server.runtime == "llama-server" and server.flags()[-2:] == ["--runtime", "llama-server"]
+    assert budget_from_flags(fit="ddr4-2666-2ch").runtime == "llama-cpp-python"
+    for bad in ({"runtime": "llama-server"}, {"target_size": "1GB", "runtime": "llama-server"}):
+        with pytest.raises(QuantkitError, match="--runtime"):
+            budget_from_flags(**bad)
+    with pytest.raises(QuantkitError, match="--runtime torch"):
+        budget_from_flags(fit="ddr4-2666-2ch", runtime="torch")
     assert split_budget_rung("gguf:bpw4.5+gptq") == (Budget("bpw", 4.5), "gptq")
     assert split_budget_rung("size=300MB") == (Budget("size", 300e6), "rtn")
     assert split_budget_rung("gguf:fit=rtx-3060@8192+gptq")[0] == Budget("fit", device="rtx-3060", n_ctx=8192)
@@ -138,4 +146,37 @@ def test_bad_budgets_are_one_line_and_leave_nothing(gptq_llama_dir, calib, cache
     code, err = run_cli(base + ["--target-bpw", "4", "--format", "gguf:q4_k_m"], capsys)
     assert code != 0
     assert_one_line(err, "gguf:q4_k_m")
+    code, err = run_cli(base + ["--target-bpw", "4", "--types", "q8_0,q9_9"], capsys)
+    assert code != 0
+    assert_one_line(err, "q9_9")
+    code, err = run_cli(base + ["--types", "q8_0"], capsys)
+    assert code != 0
+    assert_one_line(err, "--types")
     assert list(out.parent.iterdir()) == []
+
+
+def test_fit_runtime_sizes_the_budget_for_that_front_end(gptq_llama_dir, calib, cache, tmp_path, capsys):
+    """quantize --fit DEVICE --runtime llama-server: the budget is what the planner leaves beside
+    llama-server (not llama-cpp-python), and the card's memory is llama-server's peak RSS."""
+    from quantkit.plan.fit import cpu_weight_bytes, fit_budget
+    from quantkit.plan.model import load
+    from quantkit.plan.planner import PlanOptions, plan
+    cpu, n_ctx = "ddr4-2666-2ch", 512
+    out = tmp_path / "srv" / "fit.gguf"
+    out.parent.mkdir()
+    code, err = run_cli(["quantize", str(gptq_llama_dir), "-o", str(out), "--fit", cpu, "--ctx", str(n_ctx),
+                         "--runtime", "llama-server", "--calib", calib, "--nsamples", "4", "--seqlen", "64"], capsys)
+    assert code == 0, err
+    m = load(str(out))
+    fb = fit_budget(m, cpu, n_ctx, runtime="llama-server")
+    assert fb.runtime == "llama-server" and fit_budget(m, cpu, n_ctx).weights != fb.weights
+    assert cpu_weight_bytes(m.tensors) <= fb.weights
+    row = plan(m, PlanOptions(devices=[cpu], formats=[m.stored_format], n_ctx=n_ctx, runtime="llama-server")).rows[0]
+    card = (out.parent / "README.md").read_text(encoding="utf-8")
+    assert "llama.cpp (llama-server)" in card and f"| {row.cpu_resident / 2**30:.2f} GiB |" in card, card
+    assert "--runtime llama-server" in card
+    code, err = run_cli(["quantize", str(gptq_llama_dir), "-o", str(tmp_path / "x.gguf"), "--target-size", "1GB",
+                         "--runtime", "llama-server"], capsys)
+    assert code != 0
+    assert_one_line(err, "--runtime")
+    assert not (tmp_path / "x.gguf").exists()

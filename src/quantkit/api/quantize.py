@@ -19,7 +19,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
              text_only: bool = False, imatrix: str | os.PathLike | None = None,
              target_bpw: float | None = None, target_size: str | int | None = None,
              fit: str | None = None, ctx: int | None = None, kv_type: str | None = None,
-             evaluate: bool = False, command: str | None = None, exact: bool = False,
+             runtime: str | None = None, types: list[str] | None = None, evaluate: bool = False, command: str | None = None, exact: bool = False,
              qat: bool = False, save_imatrix: str | os.PathLike | None = None) -> QuantizeResult:
     """Quantize MODEL and write OUTPUT, a GGUF file. What to make is a recipe (quantkit.recipe):
     `recipe` (a Recipe, or a string such as "gguf:q4_0+gptq"), or `format` ("gguf:<file type>":
@@ -46,14 +46,16 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
     equal `imatrix()` on the same tokens, later ones follow the already-quantized linears.
 
     A budget (`target_bpw` bits per weight over the file, `target_size` bytes such as "2.5GB", or
-    `fit` a device name with `ctx` and `kv_type`; see quantize_budget) chooses a type per tensor
+    `fit` a device name with `ctx`, `kv_type` and `runtime`; see quantize_budget) chooses a type per tensor
     instead of the file type's mix, and writes a model card beside the file."""
     from ..quant.gguf_export import export_gguf, supported_file_types
     from ..util.errors import QuantkitError
     if output is None:
         raise QuantkitError("no output path", hint="give -o OUT")
     from ..quant.budget import budget_from_flags
-    budget = budget_from_flags(target_bpw, target_size, fit, ctx, kv_type)
+    budget = budget_from_flags(target_bpw, target_size, fit, ctx, kv_type, runtime)
+    if budget is None and types is not None:
+        raise QuantkitError("types= lists a budget's candidate types", hint="add target_size, target_bpw or fit")
     if budget is not None:
         if imatrix is not None or mmproj is not None:
             raise QuantkitError("a budget chooses its own types from its calibration; --imatrix and --mmproj "
@@ -62,7 +64,7 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
                                seqlen=seqlen, damp=damp, act_order=act_order, scale_search=scale_search,
                                true_sequential=true_sequential, shrink=shrink, recipe=recipe,
                                show_progress=show_progress, ray=ray, workers=workers, evaluate=evaluate,
-                               command=command)
+                               command=command, types=types)
     if save_imatrix is not None and (budget is not None or method == "rtn"):
         raise QuantkitError("save_imatrix collects the inputs of a GGUF GPTQ run onto one file type",
                             os.fspath(save_imatrix), "use method='gptq' without a budget, or imatrix()")
@@ -276,7 +278,7 @@ def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=
                     damp: float | None = None, act_order: bool | None = None, scale_search: bool | None = None,
                     true_sequential: bool | None = None, shrink: float | None = None, recipe=None,
                     show_progress: bool = True, ray=None, workers=None, evaluate: bool = False,
-                    command: str | None = None, card: bool = True) -> QuantizeResult:
+                    command: str | None = None, card: bool = True, types: list[str] | None = None) -> QuantizeResult:
     """A GGUF of MODEL under a budget: `budget` a quant.budget.Budget (budget_from_flags) or a
     rung string ("gguf:bpw4.5+gptq", "gguf:size=300MB", "gguf:fit=rtx-3060@8192"). Per tensor,
     every type quantkit encodes is priced by quant.sensitivity (estimated KL divergence, from a
@@ -285,7 +287,10 @@ def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=
     grid (calibration as in quantize). Writes OUTPUT (never over the budget) and, with `card`,
     a model card README.md beside it (`evaluate`: with the KL divergence and perplexity measured
     on wikitext-2 test). Raises one QuantkitError for a budget no mix meets (naming the smallest
-    file), an unknown device, a --fit context that leaves too little (naming one that fits)."""
+    file), an unknown device, a --fit context that leaves too little (naming one that fits).
+    `types`: the candidate types the allocation chooses from (default: every type quantkit
+    encodes without an importance matrix). A fit budget's `runtime` (llama-cpp-python or
+    llama-server) is the front end whose memory the planner leaves room for."""
     from ..quant.budget import resolve_budget
     from ..quant.budget_export import export_budget
     from ..quant.gptq import GPTQConfig
@@ -309,13 +314,13 @@ def quantize_budget(model=None, output: str | os.PathLike | None = None, budget=
 
     def fit_resolver(path, smallest):
         from ..plan.fit import check_fit
-        return check_fit(path, budget.device, budget.n_ctx, budget.kv_type, smallest)
+        return check_fit(path, budget.device, budget.n_ctx, budget.kv_type, smallest, runtime=budget.runtime)
 
     rep = export_budget(model, output, budget, method=r.method, calib=cal.file, nsamples=cal.nsamples,
                         seqlen=cal.seqlen, gptq=GPTQConfig(damp=g.damp, act_order=g.act_order,
                                                            scale_search=g.scale_search, shrink=r.shrink),
                         true_sequential=g.true_sequential, show_progress=show_progress,
-                        ray=ray_options(ray, workers), fit_resolver=fit_resolver)
+                        ray=ray_options(ray, workers), fit_resolver=fit_resolver, types=types)
     res = QuantizeResult(output, f"gguf:{budget.spelling()}", r.method, rep.seconds["total"], rep.file_bytes,
                          rep.mix.types)
     path, sens, mix, fit, seconds = rep.source, rep.sens, rep.mix, rep.fit, rep.seconds
@@ -331,7 +336,8 @@ def _budget_card(model_path, res, budget, r, sens, mix, fit, evaluate, command, 
     planner = None
     if fit is not None:
         from ..plan.planner import PlanOptions, plan
-        p = plan(res.output, PlanOptions(devices=[fit.device], n_ctx=fit.n_ctx, kv_type=fit.kv_type))
+        p = plan(res.output, PlanOptions(devices=[fit.device], n_ctx=fit.n_ctx, kv_type=fit.kv_type,
+                                         runtime=fit.runtime))
         row = p.rows[0]
         cell, inf = row.cells[0], row.memory
         # on a CPU the planner's figure is the process's peak RSS (memory.cpu_resident), which the
@@ -339,7 +345,8 @@ def _budget_card(model_path, res, budget, r, sens, mix, fit, evaluate, command, 
         from ..plan import hardware
         on_cpu = hardware.device(fit.device).kind == "cpu"
         needed = row.cpu_resident if on_cpu and row.cpu_resident else cell.memory_needed
-        planner = {"device": fit.device, "n_ctx": fit.n_ctx, "kv_type": fit.kv_type, "needed": needed,
+        planner = {"device": fit.device, "n_ctx": fit.n_ctx, "kv_type": fit.kv_type, "runtime": fit.runtime,
+                   "needed": needed,
                    "available": cell.memory_available, "kv": inf.kv,
                    "decode": f"{cell.decode_expected:.1f} tokens/s" if cell.decode_expected else None}
     scores = None

@@ -60,6 +60,12 @@ def register(sub) -> None:
     b.add_argument("--ctx", type=v.int_arg(1, 1 << 24), metavar="N", help="with --fit: the context to leave room for "
                    "(default: the model's trained context)")
     b.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default=None, help="with --fit: the KV cache type")
+    b.add_argument("--runtime", choices=("llama-cpp-python", "llama-server"), default=None,
+                   help="with --fit: the llama.cpp front end whose memory the planner leaves room for (default "
+                        "llama-cpp-python), as `quantkit plan --runtime`")
+    b.add_argument("--types", type=v.str_arg(400), metavar="LIST", default=None,
+                   help="with a budget: the types the allocation may choose from, comma-separated (default: every "
+                        "type quantkit encodes without an importance matrix), e.g. f16,q8_0,q6_k,q5_k,q4_k,q4_0")
     b.add_argument("--eval", action="store_true", help="with a budget: measure the file's KL divergence and "
                    "perplexity (wikitext-2 test) for its model card")
     from . import options, quantize_gptq

@@ -13,14 +13,18 @@ import sys
 def budget_of(args: argparse.Namespace):
     """(Budget, method or None) when the flags or --format name a budget, else None."""
     from ..quant.budget import budget_from_flags, resolve_budget, split_budget_rung
-    b = budget_from_flags(args.target_bpw, args.target_size, args.fit, args.ctx, args.kv_type)
+    b = budget_from_flags(args.target_bpw, args.target_size, args.fit, args.ctx, args.kv_type,
+                          getattr(args, "runtime", None))
     fmt = args.format if args.format is not None and split_budget_rung(args.format) is not None else None
     if b is None and fmt is None:
-        if args.eval:
+        if args.eval or getattr(args, "types", None):
             from ..util.errors import QuantkitError
-            raise QuantkitError("--eval scores a budgeted file for its model card",
+            raise QuantkitError(f"{'--eval' if args.eval else '--types'} goes with a budget",
                                 hint="add --target-size, --target-bpw or --fit")
         return None
+    if fmt is not None and getattr(args, "runtime", None) is not None and (b is None or b.kind != "fit"):
+        from ..util.errors import QuantkitError
+        raise QuantkitError("--runtime names the front end --fit DEVICE leaves room for", hint="use --fit DEVICE")
     if b is not None and args.format is not None and fmt is None:
         return resolve_budget(b, args.format, args.method)      # one line: a mix and a budget
     return resolve_budget(b, fmt, args.method)
@@ -38,7 +42,8 @@ def run_budget(args: argparse.Namespace, budget_method) -> int:
         torch.set_num_threads(args.threads)
     # the command line as typed, when this process is the quantkit CLI; else the card spells it
     command = " ".join(shlex.quote(a) for a in ["quantkit", *sys.argv[1:]]) if "quantize" in sys.argv[1:] else None
-    res = api.quantize_budget(args.model, args.output, budget, recipe=r, evaluate=args.eval, command=command,
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()] if getattr(args, "types", None) else None
+    res = api.quantize_budget(args.model, args.output, budget, recipe=r, evaluate=args.eval, command=command, types=types,
                               trust_pickle=getattr(args, "trust_pickle", False), **ray_args(args))
     counts: dict[str, int] = {}
     for t in res.types.values():

@@ -57,6 +57,14 @@ class CardInfo:
     evaluation: list[dict] = field(default_factory=list)   # per text: text, kld, ppl, top1
     planner: dict | None = None      # device, n_ctx, kv_type, memory needed, available, tokens/s
     seconds: dict = field(default_factory=dict)            # sensitivity, allocation, write
+    checks: list[dict] = field(default_factory=list)       # the measured check: label, file_bytes, est_kl, measured_kl
+
+
+def _check_row(k: dict) -> str:
+    size = _mb(k["file_bytes"]) if k.get("file_bytes") else "n/a"
+    est = f"{k['est_kl']:.4g}" if k.get("est_kl") is not None else "n/a"
+    meas = f"{k['measured_kl']:.4g}" if k.get("measured_kl") is not None else f"not measured: {k.get('skipped')}"
+    return f"| {k['label']} | {size} | {est} | {meas} |"
 
 
 def render_card(c: CardInfo) -> str:
@@ -82,6 +90,12 @@ def render_card(c: CardInfo) -> str:
             if c.method == "gptq" else "- weights: round to nearest (no calibration)",
             f"- sensitivity: {c.calibration.get('sens_nsamples')} x {c.calibration.get('seqlen')} tokens "
             "(Hessians), probes on the first calibration samples"]
+    if c.checks:
+        out += ["", "## Measured check of the mix", "",
+                "The allocation's mix and its runner-ups under the same budget, each measured as a whole (KL on "
+                "the calibration's probe tokens, round to nearest); the least measured is this file:", "",
+                "| candidate | size | estimated KL | measured KL |", "|---|---:|---:|---:|"]
+        out += [_check_row(k) for k in c.checks]
     if c.evaluation:
         out += ["", "## Measured quality", "", "Against the unquantized model (quantkit eval, llama.cpp runtime):", "",
                 "| text | KL divergence | perplexity | top-1 agreement |", "|---|---:|---:|---:|"]
@@ -90,7 +104,7 @@ def render_card(c: CardInfo) -> str:
     if c.planner:
         p = c.planner
         out += ["", f"## On {p.get('device')}", "",
-                f"quantkit's planner, llama.cpp at context {p.get('n_ctx')} (KV cache {p.get('kv_type', 'f16')}):", "",
+                f"quantkit's planner, llama.cpp ({p.get('runtime') or 'llama-cpp-python'}) at context {p.get('n_ctx')} (KV cache {p.get('kv_type', 'f16')}):", "",
                 "| memory needed | device memory | KV cache | decode (expected) |", "|---:|---:|---:|---:|",
                 f"| {_gib(p.get('needed', 0))} | {_gib(p.get('available', 0))} | {_gib(p.get('kv', 0))} | "
                 f"{p.get('decode') or 'n/a'} |"]
@@ -153,5 +167,5 @@ def budget_card(model_path: str, output: str, budget, recipe, sens, mix, planner
                     {n: tensor_bytes(t, s) for n, s, t in mix.plan}, mix.est_kl,
                     {"file": cal.file, "nsamples": cal.nsamples, "seqlen": cal.seqlen,
                      "sens_nsamples": sens.meta.get("nsamples")},
-                    command, list(mix.notes), scores or [], planner, seconds)
+                    command, list(mix.notes), scores or [], planner, seconds, list(getattr(mix, "checks", [])))
     return write_text(card_path(output), render_card(info))

@@ -30,6 +30,7 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9,
               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*")
 MAX_BPW = 32.0
+FIT_RUNTIMES = ("llama-cpp-python", "llama-server")      # the first is the default
 
 
 def parse_size(text, flag: str = "--target-size") -> int:
@@ -54,6 +55,7 @@ class Budget:
     device: str | None = None      # fit
     n_ctx: int | None = None       # fit: None is the model's trained context
     kv_type: str = "f16"           # fit
+    runtime: str = "llama-cpp-python"   # fit: the llama.cpp front end (llama-cpp-python or llama-server)
 
     def __post_init__(self):
         if self.kind not in ("bpw", "size", "fit"):
@@ -62,6 +64,9 @@ class Budget:
             raise QuantkitError(f"--target-bpw {self.value} is out of range", hint=f"bits per weight, 0 to {MAX_BPW:g}")
         if self.kind == "fit" and not self.device:
             raise QuantkitError("--fit needs a device", hint="e.g. --fit rtx-3060 (quantkit plan --list-devices)")
+        if self.runtime not in FIT_RUNTIMES:
+            raise QuantkitError(f"--runtime {self.runtime} is not a llama.cpp front end the planner sizes",
+                                hint=" or ".join(FIT_RUNTIMES))
 
     def spelling(self) -> str:
         """As a recipe rung writes it: bpw4.5, size=300MB, fit=rtx-3060."""
@@ -77,7 +82,8 @@ class Budget:
         if self.kind == "size":
             return ["--target-size", str(int(self.value))]
         return ["--fit", self.device] + (["--ctx", str(self.n_ctx)] if self.n_ctx else []) + \
-            (["--kv-type", self.kv_type] if self.kv_type != "f16" else [])
+            (["--kv-type", self.kv_type] if self.kv_type != "f16" else []) + \
+            (["--runtime", self.runtime] if self.runtime != FIT_RUNTIMES[0] else [])
 
 
 def parse_budget_spec(spec: str) -> Budget | None:
@@ -95,15 +101,21 @@ def parse_budget_spec(spec: str) -> Budget | None:
     return None
 
 
-def budget_from_flags(target_bpw=None, target_size=None, fit=None, ctx=None, kv_type=None) -> Budget | None:
-    """The budget the flags name (None: no budget); two budgets at once is an error."""
+def budget_from_flags(target_bpw=None, target_size=None, fit=None, ctx=None, kv_type=None,
+                      runtime=None) -> Budget | None:
+    """The budget the flags name (None: no budget); two budgets at once is an error. `runtime`
+    (with fit): the llama.cpp front end whose memory the planner leaves room for."""
     given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--fit", fit)) if v is not None]
     if len(given) > 1:
         raise QuantkitError(f"{' and '.join(given)} are two budgets", hint="give one of --target-bpw, --target-size, --fit")
     if not given:
         if ctx is not None or kv_type is not None:
             raise QuantkitError("--ctx and --kv-type size the KV cache of --fit DEVICE", hint="add --fit DEVICE")
+        if runtime is not None:
+            raise QuantkitError("--runtime names the front end --fit DEVICE leaves room for", hint="add --fit DEVICE")
         return None
+    if runtime is not None and fit is None:
+        raise QuantkitError("--runtime names the front end --fit DEVICE leaves room for", hint="drop --runtime, or use --fit")
     if target_bpw is not None:
         try:
             return Budget("bpw", float(target_bpw))
@@ -111,7 +123,8 @@ def budget_from_flags(target_bpw=None, target_size=None, fit=None, ctx=None, kv_
             raise QuantkitError(f"--target-bpw '{target_bpw}' is not a number", hint="e.g. --target-bpw 4.5") from None
     if target_size is not None:
         return Budget("size", parse_size(target_size))
-    return Budget("fit", device=str(fit), n_ctx=int(ctx) if ctx is not None else None, kv_type=kv_type or "f16")
+    return Budget("fit", device=str(fit), n_ctx=int(ctx) if ctx is not None else None, kv_type=kv_type or "f16",
+                  runtime=runtime or FIT_RUNTIMES[0])
 
 
 def _string_bytes(s) -> int:
@@ -155,6 +168,7 @@ class MixPlan:
     est_kl: float                                     # the summed estimate
     notes: list[str] = field(default_factory=list)
     allocation: Allocation | None = None
+    checks: list[dict] = field(default_factory=list)  # the measured check's candidates (quant.budget_check)
 
     @property
     def types(self) -> dict[str, str]:
@@ -182,17 +196,20 @@ def smallest_weights(sens: Sensitivity) -> int:
         sum(min(tensor_bytes(t, c.shape) for t in c.costs) for c in sens.tensors.values())
 
 
-def plan_mix(sens: Sensitivity, budget: Budget, metadata: dict, fit_bytes: int | None = None) -> MixPlan:
+def plan_mix(sens: Sensitivity, budget: Budget, metadata: dict, fit_bytes: int | None = None,
+             restrict: dict[str, set[str]] | None = None) -> MixPlan:
     """The least-estimated-KL choice of types whose file fits the budget. Raises a
     QuantkitError naming the smallest possible file when none fits; above the all-F16 file, the
-    F16 file with a note. `fit_bytes`: a fit budget's bytes for weights (plan.fit)."""
+    F16 file with a note. `fit_bytes`: a fit budget's bytes for weights (plan.fit). `restrict`:
+    tensor name -> the only types it may take (the runner-ups of quant.budget_check)."""
     header = header_bytes(metadata, [(n, s) for n, (s, _) in sens.fixed.items()]
                           + [(n, c.shape) for n, c in sens.tensors.items()])
     budget_file_bytes = file_budget(budget, sens, header, fit_bytes)
     what = {"bpw": f"--target-bpw {budget.value:g}", "size": f"--target-size {format_size(int(budget.value))}",
             "fit": f"--fit {budget.device}"}[budget.kind]
     fixed = sum(tensor_bytes(t, s) for s, t in sens.fixed.values())
-    items = {n: [Option(t, tensor_bytes(t, c.shape), cost) for t, cost in c.costs.items()]
+    items = {n: [Option(t, tensor_bytes(t, c.shape), cost) for t, cost in c.costs.items()
+                 if restrict is None or n not in restrict or t in restrict[n]]
              for n, c in sens.tensors.items()}
     room = budget_file_bytes - header - fixed
     notes = []

@@ -57,14 +57,16 @@ def tensor_layer(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else None
 
 
-def candidate_types(shape: tuple[int, ...]) -> list[str]:
+def candidate_types(shape: tuple[int, ...], allowed=None) -> list[str]:
     """The types a quantizable tensor of this shape may take, largest first: every type quantkit
     encodes whose block divides the rows (F32/BF16 left out: F16 is the float candidate; types
-    that need an importance matrix left out)."""
+    that need an importance matrix left out); `allowed`: only these (the user's --types)."""
     ncols = int(shape[-1])
     out = []
     for name, q in QTYPES.items():
         if name in FLOAT_SKIP or not can_encode(name) or q.needs_imatrix:
+            continue
+        if allowed is not None and name not in allowed:
             continue
         if ncols % q.block_size == 0:
             out.append(name)

@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,33 +23,65 @@ from .sensitivity import (HEAD_NAMES, PROBE_SAMPLES, PROBE_TOKENS, Prober, Sensi
 CACHE_VERSION = 1
 
 
+@dataclass
+class FloatModel:
+    """A model in float32 with every decoder block loaded; `params` maps the GGUF names of its
+    quantizable tensors (the embedding, an untied output head, every decoder linear) to their
+    parameters, `groups` each decoder linear to the first linear of its input group (the ones
+    that share one input, quant.pipeline.SEQUENTIAL_GROUPS) as (module, its GGUF name)."""
+    model: object
+    tokenizer: object
+    base: object
+    layers: list
+    params: dict
+    groups: dict
+    tied: bool
+
+
+def load_float_model(src, path: str) -> FloatModel:
+    """`src` (opened from `path`) as a float32 transformers model with all its blocks loaded."""
+    from ..models.arch import hf_to_gguf_name
+    from .pipeline import SEQUENTIAL_GROUPS, decoder_layers
+    from .streaming import block_loader, streaming_model
+    model, tokenizer, arch, fetch = streaming_model(src, path)
+    base, layers, prefix = decoder_layers(model)
+    load = block_loader(fetch, path)
+    for i, layer in enumerate(layers):
+        load(i, f"{prefix}.{i}", layer)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is emb.weight
+    if not tied:
+        w = fetch("lm_head.weight")
+        if w is None:
+            raise QuantkitError("the model has no output head tensor (lm_head.weight)", path)
+        head.weight.data = w
+    params: dict[str, torch.nn.Parameter] = {"token_embd.weight": emb.weight}
+    if not tied:
+        params["output.weight"] = head.weight
+    groups = {}
+    for i, layer in enumerate(layers):
+        lin = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        for g in SEQUENTIAL_GROUPS:
+            members = [n for n in g if n in lin]
+            for n in members:
+                g_name = hf_to_gguf_name(arch, f"{prefix}.{i}.{n}.weight")
+                params[g_name] = lin[n].weight
+                groups[g_name] = (lin[members[0]], f"{prefix}.{i}.{members[0]}")
+    return FloatModel(model, tokenizer, base, list(layers), params, groups, tied)
+
+
 class SensitivityPass:
     """The float model of `src` with its calibration Hessians and probe references."""
 
     def __init__(self, src, path: str, calib: str | None, nsamples: int, seqlen: int, show_progress: bool = True):
-        from ..models.arch import hf_to_gguf_name
         from .calib import calibration_ids
         from .gptq import accumulate_hessian, new_hessian, symmetrize_hessian
-        from .pipeline import SEQUENTIAL_GROUPS, decoder_layers
-        from .streaming import block_loader, streaming_model
 
         self.src, self.path, self.show_progress = src, path, show_progress
-        model, tokenizer, arch, fetch = streaming_model(src, path)
-        base, layers, prefix = decoder_layers(model)
-        load = block_loader(fetch, path)
-        for i, layer in enumerate(layers):
-            load(i, f"{prefix}.{i}", layer)
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        self.tied = head is None or head.weight is emb.weight
-        if not self.tied:
-            w = fetch("lm_head.weight")
-            if w is None:
-                raise QuantkitError("the model has no output head tensor (lm_head.weight)", path)
-            head.weight.data = w
-        self.model, self.n_layer = model, len(layers)
-        self.params: dict[str, torch.nn.Parameter] = {"token_embd.weight": emb.weight}
-        if not self.tied:
-            self.params["output.weight"] = head.weight
+        fm = load_float_model(src, path)
+        model, tokenizer, base, layers = fm.model, fm.tokenizer, fm.base, fm.layers
+        emb = model.get_input_embeddings()
+        self.tied, self.model, self.n_layer, self.params = fm.tied, model, len(layers), fm.params
         self.hessian_of: dict[str, torch.Tensor] = {}
         hooks, counts = [], {}
         hs: dict[str, torch.Tensor] = {}
@@ -58,19 +91,11 @@ class SensitivityPass:
                 counts[key] = accumulate_hessian(inp[0], hs[key], counts.get(key, 0), upper=True)
             return fn
 
-        for i, layer in enumerate(layers):
-            lin = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            for g in SEQUENTIAL_GROUPS:
-                members = [n for n in g if n in lin]
-                if not members:
-                    continue
-                key = f"{prefix}.{i}.{members[0]}"
-                hs[key] = new_hessian(lin[members[0]].in_features)
-                hooks.append(lin[members[0]].register_forward_pre_hook(hook(key)))
-                for n in members:
-                    g_name = hf_to_gguf_name(arch, f"{prefix}.{i}.{n}.weight")
-                    self.params[g_name] = lin[n].weight
-                    self.hessian_of[g_name] = hs[key]
+        for g_name, (first, key) in fm.groups.items():
+            if key not in hs:
+                hs[key] = new_hessian(first.in_features)
+                hooks.append(first.register_forward_pre_hook(hook(key)))
+            self.hessian_of[g_name] = hs[key]
         self.ids = calibration_ids(tokenizer, calib, nsamples, seqlen)
         del tokenizer
         self.token_counts = torch.bincount(self.ids.reshape(-1), minlength=emb.num_embeddings)
@@ -117,16 +142,20 @@ class SensitivityPass:
         return self.prober.kl({p: self._roundtrip(t, p.data)}, tensor_layer(name))
 
     # Several kinds of step with one progress bar between them; one function reads as the recipe.
-    def measure(self, probes_per_class: int = 3) -> Sensitivity:
+    def measure(self, probes_per_class: int = 3, types=None) -> Sensitivity:
+        """`types`: the candidate types (None: all, quant.sensitivity.candidate_types)."""
         t0 = time.perf_counter()
         quant, fixed, order = self.tensors()
+        for n in [n for n, s in quant.items() if not candidate_types(s, types)]:
+            s = quant.pop(n)                # no candidate allowed: Q8_0 where it fits, else F16 (as tensors())
+            fixed[n] = (s, "q8_0" if s[-1] % 32 == 0 else "f16")
         linears = [n for n in quant if n not in HEAD_NAMES]
         heads = [n for n in quant if n in HEAD_NAMES]
         errors = {}
         bar = progress(total=len(linears) + len(heads), desc="sensitivity: errors and probes", unit="tensor",
                        leave=False) if self.show_progress else None
         for n in linears:
-            errors[n] = linear_errors(self.params[n].data, self.hessian_of[n], candidate_types(quant[n]))
+            errors[n] = linear_errors(self.params[n].data, self.hessian_of[n], candidate_types(quant[n], types))
             if bar is not None:
                 bar.update(0.5)
         probes, scales = [], {}
@@ -139,7 +168,7 @@ class SensitivityPass:
             pts = []
             for k in want:
                 n = at[layers[k]]
-                t = candidate_types(quant[n])[-1]
+                t = candidate_types(quant[n], types)[-1]
                 kl, err = self.probe(n, t), errors[n][t]
                 probes.append({"tensor": n, "type": t, "kl": kl, "err": err})
                 pts.append((layers[k], max(kl, 1e-12) / max(err, 1e-30)))
@@ -153,7 +182,7 @@ class SensitivityPass:
                 bar.update(0.5)
         for n in heads:
             costs = {}
-            for t in candidate_types(quant[n]):
+            for t in candidate_types(quant[n], types):
                 costs[t] = 0.0 if t == "f16" else self.probe(n, t)
                 probes.append({"tensor": n, "type": t, "kl": costs[t], "err": None})
             tensors[n] = TensorCost(quant[n], tensor_class(n), None, costs)
@@ -183,31 +212,40 @@ class SensitivityPass:
                           for (a, t), p, m in zip(sample, pred, meas)]}
 
 
-def _cache_path(path: str, calib: str | None, nsamples: int, seqlen: int) -> str:
+def cache_path(path: str, calib: str | None, nsamples: int, seqlen: int, types=None) -> str:
+    """Where measure_sensitivity keeps its result for this model and calibration."""
     from ..models.bundled import cache_dir
     from .sensitivity import candidate_types as ct
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
     stats = [(f, os.stat(f).st_size, int(os.stat(f).st_mtime)) for f in files if os.path.isfile(f)]
     key = repr((CACHE_VERSION, os.path.abspath(path), stats, calib and os.path.abspath(calib),
-                nsamples, seqlen, PROBE_SAMPLES, PROBE_TOKENS, ct((1, 3 * 256 * 32))))
+                nsamples, seqlen, PROBE_SAMPLES, PROBE_TOKENS, ct((1, 3 * 256 * 32), types)))
     return os.path.join(cache_dir(), "sensitivity", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
 def measure_sensitivity(src, path: str, *, calib: str | None = None, nsamples: int = 16, seqlen: int = 512,
-                        show_progress: bool = True, cache: bool = True) -> Sensitivity:
+                        show_progress: bool = True, cache: bool = True, types=None) -> Sensitivity:
     """Sensitivity of `src` (opened from `path`), calibrated on nsamples x seqlen tokens of
-    `calib` (default wikitext-2 valid); from quantkit's cache when the same pass ran before."""
-    cp = _cache_path(path, calib, nsamples, seqlen) if cache and os.path.exists(path) else None
+    `calib` (default wikitext-2 valid), over the candidate `types` (None: all); from quantkit's
+    cache when the same pass ran before."""
+    if types is not None:
+        from ..codecs.registry import QTYPES
+        bad = [t for t in types if t not in QTYPES]
+        if bad or not types:
+            raise QuantkitError(f"--types {','.join(types)}: {', '.join(bad) or 'no type'} is not a GGUF type quantkit "
+                                "knows", hint="e.g. --types f16,q8_0,q6_k,q5_k,q4_k,q4_0")
+        types = sorted(set(types))
+    cp = cache_path(path, calib, nsamples, seqlen, types) if cache and os.path.exists(path) else None
     if cp is None:
-        return _measure(src, path, calib, nsamples, seqlen, show_progress, None)
+        return _measure(src, path, calib, nsamples, seqlen, show_progress, None, types)
     import fcntl
     os.makedirs(os.path.dirname(cp), exist_ok=True)
     with open(cp + ".lock", "a") as lock:          # a second process waits, then reads the first one's result
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _measure(src, path, calib, nsamples, seqlen, show_progress, cp)
+        return _measure(src, path, calib, nsamples, seqlen, show_progress, cp, types)
 
 
-def _measure(src, path, calib, nsamples, seqlen, show_progress, cp) -> Sensitivity:
+def _measure(src, path, calib, nsamples, seqlen, show_progress, cp, types=None) -> Sensitivity:
     if cp and os.path.isfile(cp):
         try:
             with open(cp, encoding="utf-8") as f:
@@ -216,7 +254,7 @@ def _measure(src, path, calib, nsamples, seqlen, show_progress, cp) -> Sensitivi
             pass
     t0 = time.perf_counter()
     sp = SensitivityPass(src, path, calib, nsamples, seqlen, show_progress)
-    sens = sp.measure()
+    sens = sp.measure(types=types)
     sens.meta.update({"seconds": time.perf_counter() - t0, "calib": calib, "nsamples": nsamples, "seqlen": seqlen})
     del sp
     if cp:
