@@ -1,22 +1,22 @@
-"""IQ rungs against the K-quant rungs of about the same size, side by side in one eval, on the
-bundled Gemma-3-270M: where the IQ types pay on the size / KL divergence Pareto front.
+"""IQ rungs against the K-quant rungs of about the same size on the bundled Gemma-3-270M: where the
+IQ types pay on the size / KL-divergence Pareto front.
 
-Every file is llama-quantize --imatrix of the same F32 GGUF with the same importance matrix
-(llama-imatrix -c 512 --chunks 64 on wikitext-2 valid; --imatrix FILE), K-quant mixes (default
-Q2_K, Q3_K_S, Q3_K_M, Q4_K_S) beside IQ mixes (default IQ2_XS, IQ2_M, IQ3_S, IQ4_XS); with
---gptq, quantkit's GPTQ-compensated IQ files that benchmarks/iq_gptq_quality.py left for the same
-calibration are scored in the same eval. A file this script (or iq_gptq_quality.py) already made
-for the same type and imatrix is reused. Scored by quantkit eval (KL divergence against the F32
-reference) on wikitext-2 test and SST-2 dev; the Pareto front is over (whole-file bytes, mean
-KL). Results: benchmarks/results/iq_pareto.json, and an HTML page per text
-(quantkit.eval.report) under the work directory.
+Every rung is llama-quantize --imatrix of the same F32 GGUF with the same importance matrix
+(llama-imatrix -c 512 --chunks 64 on wikitext-2 valid), scored by quantkit eval against that F32
+reference (4 chunks of 512 by default) on wikitext-2 test and SST-2 dev. The scores already
+measured with that protocol are reused: the K-quant rows of benchmarks/results/budget_mix.json
+(benchmarks/budget_mix.py) and the IQ rows of benchmarks/results/iq_gptq_quality.json
+(benchmarks/iq_gptq_quality.py, which also holds quantkit's GPTQ-compensated IQ files, added as a
+second family). A (rung, text) pair with no score is evaluated here from the file in
+iq_gptq_quality.py's work directory, made with llama-quantize --imatrix if missing. The Pareto
+front is over (whole-file bytes, mean KL), per text, over all rows. Results:
+benchmarks/results/iq_pareto.json; `--markdown` prints the table.
 
 Gemma-3-270M's 640-wide rows are not a multiple of 256: only ffn_down (2048 wide) and
 attn_output (1024 wide) take the 256-block IQ / K types, the rest fall back as llama.cpp's rules
-say, and the tied 262k x 640 embedding is Q8_0 in every file. So the files span only 229-242 MB;
-the bits per weight of the linears (the `bpw linear` column) separate the rungs more.
+say, and the tied 262k x 640 embedding is Q8_0 in every file; the files span only 231-250 MB.
 
-    python benchmarks/iq_pareto.py [--kquants q2_k,...] [--iq iq2_xs,...] [--gptq] [--eval-chunks 4]
+    python benchmarks/iq_pareto.py [--kquants q2_k,q3_k_s,q3_k_m,q4_k_s] [--iq iq2_xs,iq2_m,iq3_s,iq4_xs]
 """
 
 from __future__ import annotations
@@ -32,70 +32,83 @@ sys.path.insert(0, HERE)
 from gguf_gptq import DATA, TOOLS, sst2_text, timed  # noqa: E402
 from iq_gptq_quality import WORK  # noqa: E402
 
+METRICS = ("ppl", "kld_mean", "kld_p99", "top1_agreement")
+
+
+def _load(name: str) -> dict:
+    path = os.path.join(HERE, "results", name)
+    return json.load(open(path)) if os.path.exists(path) else {"runs": {}, "eval": {}}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kquants", default="q2_k,q3_k_s,q3_k_m,q4_k_s")
     ap.add_argument("--iq", default="iq2_xs,iq2_m,iq3_s,iq4_xs")
     ap.add_argument("--imatrix", default=os.path.expanduser("~/.cache/quantkit/bench-budget/imatrix-64.dat"))
-    ap.add_argument("--chunks", type=int, default=64, help="the imatrix's (and GPTQ's) calibration chunks")
-    ap.add_argument("--gptq", action="store_true", help="also score iq_gptq_quality.py's GPTQ files")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--texts", default="wikitext-2 test,sst-2 dev")
+    ap.add_argument("--markdown", action="store_true", help="print the table of the last results and exit")
     args = ap.parse_args()
-    os.makedirs(WORK, exist_ok=True)
     res_path = os.path.join(HERE, "results", "iq_pareto.json")
-    results = {"runs": {}, "eval": {}, "args": vars(args)}
-
-    from quantkit import api
+    if args.markdown:
+        print(markdown(json.load(open(res_path))))
+        return
+    budget, iq = _load("budget_mix.json"), _load("iq_gptq_quality.json")
+    # (row label, source results, key there, file type, method)
+    rows = [(f"{ft} llama.cpp + imatrix", budget, f"{ft}/imatrix", ft, "imatrix") for ft in args.kquants.split(",")]
+    rows += [(f"{ft} llama.cpp + imatrix", iq, f"{ft}/imatrix", ft, "imatrix") for ft in args.iq.split(",")]
+    rows += [(f"{ft} quantkit GPTQ", iq, f"{ft}/gptq", ft, "gptq") for ft in args.iq.split(",")
+             if f"{ft}/gptq" in iq["runs"]]
+    texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev")}
+    out = {"eval": {}, "measured_here": [], "args": vars(args)}
     from quantkit.eval.lm import f32_reference
     from quantkit.eval.metrics import pareto_front
-    from quantkit.eval.report import write_report
     from quantkit.models.bundled import bundled_path
-    f32 = f32_reference(bundled_path(), args.threads, show_progress=False)
-    files = {}
-    for ft in args.kquants.split(",") + args.iq.split(","):
-        out = os.path.join(WORK, f"{ft}-imatrix-{args.chunks}.gguf")
-        if not os.path.exists(out):
-            cmd = [os.path.join(TOOLS, "llama-quantize"), "--imatrix", args.imatrix, f32, out, ft.upper(),
-                   str(args.threads)]
-            results["runs"][ft] = dict(timed(cmd, os.path.join(WORK, f"{ft}-imatrix.log")),
-                                       loadavg=open("/proc/loadavg").read().split()[:3])
-        files[f"{ft} llama.cpp + imatrix"] = out
-        gptq = os.path.join(WORK, f"{ft}-gptq-{args.chunks}.gguf")
-        if args.gptq and ft in args.iq.split(",") and os.path.exists(gptq):
-            files[f"{ft} quantkit GPTQ"] = gptq
-    names = {os.path.realpath(p): n for n, p in files.items()}
-    texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev")}
-    for label, text in texts.items():
-        r = api.evaluate([f32, *files.values()], ref=f32, text=text, n_chunks=args.eval_chunks, speed=False,
-                         n_threads=args.threads, show_progress=False)
-        write_report(r, os.path.join(WORK, f"iq_pareto-{label.replace(' ', '_')}.html"))
-        rows = [row for row in r.rows if os.path.realpath(row.path) in names]
-        front = pareto_front([(row.file_bytes, row.kld_mean) for row in rows])
-        results["eval"][label] = {names[os.path.realpath(row.path)]: {
-            "bytes": row.file_bytes, "bpw": row.bits_per_weight, "bpw_linear": row.bits_per_weight_linear,
-            "kld_mean": row.kld_mean, "kld_p99": row.kld_p99, "ppl": row.ppl, "top1": row.top1_agreement,
-            "pareto": bool(p)} for row, p in zip(rows, front)}
-        print(label, json.dumps(results["eval"][label], indent=1), flush=True)
-    results["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    f32 = None
+    for label in args.texts.split(","):
+        table = out["eval"].setdefault(label, {})
+        for name, src, key, ft, method in rows:
+            path = os.path.join(WORK, f"{ft}-{method}-64.gguf")
+            got = src["eval"].get(label, {}).get(key)
+            size = src["runs"].get(key, {}).get("bytes") or (os.path.getsize(path) if os.path.exists(path) else None)
+            if got is None:
+                if method != "imatrix":
+                    continue
+                from quantkit import api
+                f32 = f32 or f32_reference(bundled_path(), args.threads, show_progress=False)
+                if not os.path.exists(path):
+                    timed([os.path.join(TOOLS, "llama-quantize"), "--imatrix", args.imatrix, f32, path, ft.upper(),
+                           str(args.threads)], os.path.join(WORK, f"{ft}-imatrix.log"))
+                r = api.evaluate([f32, path], ref=f32, text=texts[label], n_chunks=args.eval_chunks, speed=False,
+                                 n_threads=args.threads, show_progress=False)
+                row = [x for x in r.rows if os.path.realpath(x.path) == os.path.realpath(path)][0]
+                got = {m: getattr(row, m) for m in METRICS}
+                size = row.file_bytes
+                out["measured_here"].append([label, name, open("/proc/loadavg").read().split()[0]])
+            table[name] = {"bytes": size, **{m: got.get(m) for m in METRICS}}
+            print(label, name, table[name], flush=True)
+        names = list(table)
+        front = pareto_front([(table[n]["bytes"], table[n]["kld_mean"]) for n in names])
+        for n, p in zip(names, front):
+            table[n]["pareto"] = bool(p)
     with open(res_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(out, f, indent=2)
     os.replace(res_path + ".tmp", res_path)
-    print(markdown(results))
+    print(markdown(out))
 
 
 def markdown(results: dict) -> str:
-    """The table: one row per file, bytes, bpw, KL and Pareto membership per text."""
+    """One row per rung by size: bytes, then mean KL and Pareto membership per text."""
     texts = list(results["eval"])
-    first = results["eval"][texts[0]]
-    lines = ["| file | bytes | bpw linear | " + " | ".join(f"KL {t} | Pareto" for t in texts) + " |",
-             "|---|---|---|" + "---|---|" * len(texts)]
-    for name in sorted(first, key=lambda n: first[n]["bytes"]):
-        cells = [name, f"{first[name]['bytes']:,}", f"{first[name]['bpw_linear']:.2f}"]
+    names = {n: e["bytes"] for t in texts for n, e in results["eval"][t].items()}
+    lines = ["| rung | bytes | " + " | ".join(f"KL {t} | front" for t in texts) + " |",
+             "|---|---|" + "---|---|" * len(texts)]
+    for n in sorted(names, key=lambda n: (names[n], n)):
+        cells = [n, f"{names[n]:,}"]
         for t in texts:
-            e = results["eval"][t][name]
-            cells += [f"{e['kld_mean']:.4f}", "yes" if e["pareto"] else ""]
+            e = results["eval"][t].get(n)
+            cells += ["" if e is None else f"{e['kld_mean']:.4f}", "yes" if e and e["pareto"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
