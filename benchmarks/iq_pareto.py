@@ -7,9 +7,9 @@ reference (4 chunks of 512 by default) on wikitext-2 test and SST-2 dev. The sco
 measured with that protocol are reused: the K-quant rows of benchmarks/results/budget_mix.json
 (benchmarks/budget_mix.py) and the IQ rows of benchmarks/results/iq_gptq_quality.json
 (benchmarks/iq_gptq_quality.py, which also holds quantkit's GPTQ-compensated IQ files, added as a
-second family). A (rung, text) pair with no score is evaluated here from the file in
+second family), and what an earlier run of this script measured. A (rung, text) pair with no score is evaluated here from the file in
 iq_gptq_quality.py's work directory, made with llama-quantize --imatrix if missing. The Pareto
-front is over (whole-file bytes, mean KL), per text, over all rows. Results:
+front is over (whole-file bytes, mean KL), per text, over all rows and over llama.cpp's files alone. Results:
 benchmarks/results/iq_pareto.json; `--markdown` prints the table.
 
 Gemma-3-270M's 640-wide rows are not a multiple of 256: only ffn_down (2048 wide) and
@@ -61,7 +61,8 @@ def main() -> None:
     rows += [(f"{ft} quantkit GPTQ", iq, f"{ft}/gptq", ft, "gptq") for ft in args.iq.split(",")
              if f"{ft}/gptq" in iq["runs"]]
     texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev")}
-    out = {"eval": {}, "measured_here": [], "args": vars(args)}
+    before = _load("iq_pareto.json")                 # scores this script measured in an earlier run
+    out = {"eval": {}, "measured_here": before.get("measured_here", []), "args": vars(args)}
     from quantkit.eval.lm import f32_reference
     from quantkit.eval.metrics import pareto_front
     from quantkit.models.bundled import bundled_path
@@ -71,6 +72,8 @@ def main() -> None:
         for name, src, key, ft, method in rows:
             path = os.path.join(WORK, f"{ft}-{method}-64.gguf")
             got = src["eval"].get(label, {}).get(key)
+            if got is None and [label, name] in [m[:2] for m in out["measured_here"]]:
+                got = before["eval"][label][name]
             size = src["runs"].get(key, {}).get("bytes") or (os.path.getsize(path) if os.path.exists(path) else None)
             if got is None:
                 if method != "imatrix":
@@ -92,6 +95,10 @@ def main() -> None:
         front = pareto_front([(table[n]["bytes"], table[n]["kld_mean"]) for n in names])
         for n, p in zip(names, front):
             table[n]["pareto"] = bool(p)
+        # the front of llama.cpp's own files alone: where an IQ type beats the K-quants at its size
+        stock = [n for n in names if n.endswith("llama.cpp + imatrix")]
+        for n, p in zip(stock, pareto_front([(table[n]["bytes"], table[n]["kld_mean"]) for n in stock])):
+            table[n]["pareto_llama_cpp"] = bool(p)
     with open(res_path + ".tmp", "w") as f:
         json.dump(out, f, indent=2)
     os.replace(res_path + ".tmp", res_path)
@@ -102,13 +109,15 @@ def markdown(results: dict) -> str:
     """One row per rung by size: bytes, then mean KL and Pareto membership per text."""
     texts = list(results["eval"])
     names = {n: e["bytes"] for t in texts for n, e in results["eval"][t].items()}
-    lines = ["| rung | bytes | " + " | ".join(f"KL {t} | front" for t in texts) + " |",
+    lines = ["| rung | bytes | " + " | ".join(f"KL {t} | front (all / llama.cpp's)" for t in texts) + " |",
              "|---|---|" + "---|---|" * len(texts)]
     for n in sorted(names, key=lambda n: (names[n], n)):
         cells = [n, f"{names[n]:,}"]
         for t in texts:
             e = results["eval"][t].get(n)
-            cells += ["" if e is None else f"{e['kld_mean']:.4f}", "yes" if e and e["pareto"] else ""]
+            mark = "" if e is None else ("yes" if e["pareto"] else "no") + \
+                ("" if "pareto_llama_cpp" not in e else " / " + ("yes" if e["pareto_llama_cpp"] else "no"))
+            cells += ["" if e is None else f"{e['kld_mean']:.4f}", mark]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
