@@ -14,7 +14,7 @@ benchmarks/results/iq_gptq_quality.json (64 chunks) or iq_gptq_quality-N.json, m
 what an earlier run of the same N left there (one type per run is fine).
 
     python benchmarks/iq_gptq_quality.py [--types iq4_xs,iq2_m] [--chunks 64] [--eval-chunks 4]
-        [--imatrix ~/.cache/quantkit/bench-budget/imatrix-64.dat]
+        [--imatrix ~/.cache/quantkit/bench-budget/imatrix-64.dat] [--gptq-threads 1] [--reuse]
 """
 
 from __future__ import annotations
@@ -37,7 +37,18 @@ def main() -> None:
     ap.add_argument("--types", default="iq4_xs,iq2_m,iq3_s,iq2_xs")
     ap.add_argument("--imatrix", help="an existing llama-imatrix file for the same N x 512 tokens (not recomputed)")
     ap.add_argument("--chunks", type=int, default=64, help="calibration chunks of 512 tokens (both methods)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's tools and the eval")
+    ap.add_argument("--gptq-threads", type=int, default=1,
+                    help="quantkit GPTQ's torch threads (on a shared 2-core box, 2 threads took 2.7x the CPU "
+                         "seconds of 1 for the same block at the same wall time)")
+    ap.add_argument("--gptq-args", default="",
+                    help="extra quantkit quantize flags for a GPTQ variant, e.g. '--shrink 0.3'; its rows are "
+                         "labelled gptq[FLAGS]")
+    ap.add_argument("--texts", default="wikitext-2 test,sst-2 dev",
+                    help="eval texts: wikitext-2 test, sst-2 dev, sst-2 train (the last for choosing settings, "
+                         "so that dev is never tuned on)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a llama.cpp file (rtn, imatrix) this script already made for the same type and N")
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--methods", default="imatrix,gptq")
     args = ap.parse_args()
@@ -68,21 +79,29 @@ def main() -> None:
                                            os.path.join(WORK, "imatrix.log"))
         save()
     from quantkit import api
-    texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev")}
+    all_texts = {"wikitext-2 test": os.path.join(DATA, "wikitext-2", "test.txt"), "sst-2 dev": sst2_text("dev"),
+                 "sst-2 train": sst2_text("train")}
+    texts = {label: all_texts[label] for label in args.texts.split(",")}
+    extra = args.gptq_args.split()
     for ft in args.types.split(","):
         files = {}
         for method in methods:
-            out = os.path.join(WORK, f"{ft}-{method}-{args.chunks}.gguf")
+            if method == "gptq" and extra:
+                method = f"gptq[{' '.join(extra)}]"
+            out = os.path.join(WORK, f"{ft}-{method.replace(' ', '_')}-{args.chunks}.gguf")
             files[(ft, method)] = out
-            if method == "gptq":
+            if method.startswith("gptq"):
                 cmd = [sys.executable, "-m", "quantkit.cli", "quantize", f32, "--method", "gptq", "--format",
                        f"gguf:{ft}", "--calib", valid, "--nsamples", str(args.chunks), "--seqlen", "512",
-                       "--threads", str(args.threads), "-o", out]
+                       "--threads", str(args.gptq_threads), *extra, "-o", out]
             else:
                 cmd = [os.path.join(TOOLS, "llama-quantize")] + (["--imatrix", imatrix] if method == "imatrix" else []) \
                       + [f32, out, ft.upper(), str(args.threads)]
             key = f"{ft}/{method}"
-            results["runs"][key] = dict(timed(cmd, os.path.join(WORK, f"{ft}-{method}.log")), bytes=os.path.getsize(out),
+            if args.reuse and not method.startswith("gptq") and os.path.exists(out) and key in results["runs"] \
+                    and results["runs"][key].get("bytes") == os.path.getsize(out):
+                continue
+            results["runs"][key] = dict(timed(cmd, os.path.join(WORK, f"{ft}-{method.replace(' ', '_')}.log")), bytes=os.path.getsize(out),
                                         loadavg=open("/proc/loadavg").read().split()[:3])
             print(key, results["runs"][key], flush=True)
             save()

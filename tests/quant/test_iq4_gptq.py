@@ -69,3 +69,31 @@ def test_grid_bad_input():
     W[2, 7] = 1e9                                     # the super-block scale overflows fp16
     with pytest.raises(ValueError, match="overflows fp16"):
         quantize_weight(W, torch.eye(512), "iq4_xs")
+
+
+@pytest.mark.parametrize("ft", ["iq4_xs", "iq4_nl", "iq3_s", "iq3_m", "iq2_m", "iq2_xs"])
+def test_gptq_iq_file_types_take_the_with_imatrix_mix(bundled_gguf, ft):
+    """GPTQ onto an IQ file type writes llama-quantize --imatrix's tensor types (so the same
+    bytes): on the bundled model IQ4_XS / IQ4_NL without an importance matrix would bump the
+    first layers' ffn_down to Q5_K; a K-quant or legacy file type keeps its round-to-nearest mix."""
+    from quantkit.models.gguf import GGUFSource
+    from quantkit.models.imatrix_file import Imatrix, ImatrixEntry
+    from quantkit.quant.gguf_export import plan_gguf
+    src = GGUFSource(bundled_gguf)
+    try:
+        imx = Imatrix(datasets=["x.txt"], chunk_count=1, chunk_size=512)
+        for t in src.tensors():
+            if t.name.startswith("blk.") and len(t.shape) == 2:
+                imx.entries[t.name] = ImatrixEntry(np.ones((1, t.shape[-1]), np.float32), np.array([512.0]))
+        _, gptq = plan_gguf(src, ft, calibrated=True)
+        _, with_imatrix = plan_gguf(src, ft, imatrix=imx)
+        assert [(n, t) for n, _, t in gptq] == [(n, t) for n, _, t in with_imatrix]
+        if ft in ("iq4_xs", "iq4_nl"):
+            _, rtn = plan_gguf(src, ft)
+            assert dict((n, t) for n, _, t in rtn)["blk.0.ffn_down.weight"] == "q5_k"
+            assert dict((n, t) for n, _, t in gptq)["blk.0.ffn_down.weight"] == ft
+        _, q4 = plan_gguf(src, "q4_0", calibrated=True)
+        _, q4_rtn = plan_gguf(src, "q4_0")
+        assert q4 == q4_rtn
+    finally:
+        src.close()

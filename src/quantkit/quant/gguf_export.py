@@ -77,7 +77,9 @@ def plan_gguf(source: ModelSource, file_type: str = "q8_0", *, pure: bool = Fals
     `calibrated` (GPTQ, whose Hessians take the importance matrix's place): the decoder's
     matrices (2-D blk.* tensors, which GPTQ solves) may take the types that need one, and a file
     type llama.cpp makes only with one (IQ2_*, IQ1_*, IQ3_XXS, Q2_K_S) gets llama-quantize's
-    choices with one; every other file type keeps its round-to-nearest mix. Raises
+    choices with one, and so does every other IQ file type (IQ4_XS, IQ4_NL, IQ3_*: made with an
+    importance matrix in practice, so GPTQ's file has the same tensor types and bytes as
+    llama-quantize --imatrix's); every other file type keeps its round-to-nearest mix. Raises
     QuantkitError for a bad type, a type that needs an importance matrix without one, an
     importance matrix of another model."""
     ft = file_type.lower()
@@ -92,8 +94,9 @@ def plan_gguf(source: ModelSource, file_type: str = "q8_0", *, pure: bool = Fals
     names = tensor_order(list(infos))
     s = source.spec
     facts = ModelFacts(arch=s.arch, n_layer=s.n_layer, n_head=s.n_head, n_head_kv=s.n_head_kv, n_expert=s.n_expert)
-    # GPTQ onto a file type llama.cpp makes only with an importance matrix: that mix
-    needs = calibrated and requires_imatrix("", FILE_TYPES[ft][1], ft)
+    # GPTQ onto a file type llama.cpp makes only with an importance matrix, or onto an IQ file type:
+    # the with-imatrix mix
+    needs = calibrated and (requires_imatrix("", FILE_TYPES[ft][1], ft) or ft.startswith("iq"))
     policy = TypePolicy(ft, names, facts, pure=pure,
                         token_embedding_type=token_embedding_type and token_embedding_type.lower(),
                         output_tensor_type=output_tensor_type and output_tensor_type.lower(),
