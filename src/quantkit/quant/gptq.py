@@ -393,7 +393,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: QuantSpec | str,
 # Hessian. Their column loops run as one: every step's ops act on [E, rows] at once, so the
 # Python overhead of the loop's ~10 small ops per column is paid once per batch, not per matrix.
 # Every op is the serial solve's, on the same values, so the result is bit-identical to one
-# `quantize_weight` call per matrix (tests/quant/test_gptq_batched.py).
+# `quantize_weight` call per matrix. The factorisations, the block searches and the lazy-batch
+# products stay per matrix (the same calls as the serial solve).
 
 def _cat_params(ps: list):
     """One grid-parameter object for the rows of several (a dataclass of per-row tensors)."""

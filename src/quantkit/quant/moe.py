@@ -23,9 +23,17 @@ every routed token of the layer (H̄ for gate/up: all tokens' MLP inputs; for do
 expert's down inputs). An expert no token reaches is solved on H̄ alone. Each layer's token
 counts and safeguarded experts are reported (PipelineReport.experts).
 
-Memory: one expert's two Hessians at a time plus the two pooled ones (hidden² + I² floats
-each), the starved experts' few down inputs, and the layer's MLP inputs (as large as the
-block's hidden states); never every expert's Hessians at once.
+Batches: experts are solved EXPERT_BATCH_ELEMENTS weights at a time (8 of Qwen3-30B-A3B's
+gate/up, 16 of its downs) by quant.gptq.quantize_weights, whose column loop runs once for the
+batch and gives each expert exactly what solving it alone gives.
+
+Memory: a batch's Hessians, factors and float32 working copies (~0.7 GB at 30B-A3B's shapes),
+the two pooled Hessians (hidden² + I² floats), the starved experts' few down inputs, the
+layer's MLP inputs (as large as the block's hidden states) and the experts' stored forms;
+never every expert's Hessians at once. The streaming driver loads a bf16 checkpoint's fused
+expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32; those are
+not overwritten with the solved values: the block's output is then `moe_output`, the eager
+experts forward of transformers run on the stored forms decoded one expert at a time.
 """
 
 from __future__ import annotations
