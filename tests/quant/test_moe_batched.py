@@ -61,6 +61,22 @@ def test_batch_equals_one_solve_per_matrix(grid, rows):
             _same(quantize_weight(W[e], H[e], grid, cfg), batched[e])
 
 
+def test_batch_searches_on_one_thread_equal_the_serial_ones_on_two():
+    """Rows enough for the serial solve to run its block searches on every thread (2048 x 32
+    values): the batch, searching on one, gives the same results."""
+    gen = torch.Generator().manual_seed(2)
+    H = _hessians(64, [300, 20], gen)
+    W = torch.randn(2, 2048, 64, generator=gen) * 0.02
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = [quantize_weight(W[e], H[e], "q4_0") for e in range(2)]
+        for a, b in zip(serial, quantize_weights(W, H, "q4_0")):
+            _same(a, b)
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_unbatchable_grids_fall_back_to_one_solve_each():
     """act-order and the lattice types (a codebook entry for several columns) are solved one
     matrix at a time: the same results as quantize_weight."""
