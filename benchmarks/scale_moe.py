@@ -11,7 +11,7 @@ RAM), random weights N(0, 0.02) (the run measures memory and completeness, not q
 Qwen's is. Each decoder block is one safetensors shard with one tensor per expert, as the
 released checkpoint stores them; the model is written shard by shard, never whole in memory.
 
-    python benchmarks/scale_moe.py [--layers 20] [--threads 2] [--methods rtn,gptq]
+    python benchmarks/scale_moe.py [--layers 20] [--threads 2] [--methods rtn,gptq] [--link-from 20]
 Results: benchmarks/results/scale_moe.json, keyed by the layer count (a 2-layer instance of the
 same shapes measures per-block memory and time first). Files go to
 $QUANTKIT_CACHE/bench-scale-moe; `--clean` deletes the model afterwards.
@@ -127,6 +127,31 @@ def make_model(d: str, n_layer: int) -> int:
     return total
 
 
+def linked_model(d: str, n_layer: int, big: str) -> bool:
+    """The n_layer instance as the first blocks of a bigger model already written (same seed:
+    the same tensors): its config, tokenizer and an index naming links to the big model's
+    first shards. False if the big model is not there."""
+    if os.path.exists(os.path.join(d, "model.safetensors.index.json")) or \
+            not os.path.exists(os.path.join(big, "model.safetensors.index.json")):
+        return False
+    os.makedirs(d, exist_ok=True)
+    cfg = json.load(open(os.path.join(big, "config.json")))
+    cfg.update(num_hidden_layers=n_layer, max_window_layers=n_layer)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in os.listdir(big):
+        if name.startswith("tokenizer"):
+            shutil.copy(os.path.join(big, name), d)
+    wm = json.load(open(os.path.join(big, "model.safetensors.index.json")))["weight_map"]
+    keep = {k: v for k, v in wm.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layer}
+    for name in set(keep.values()):
+        os.symlink(os.path.join(big, name), os.path.join(d, name))
+    total = sum(os.path.getsize(os.path.join(d, n)) for n in set(keep.values()))
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": keep}, f)
+    return True
+
+
 def llama_check(path: str, threads: int) -> dict:
     """Load the GGUF in llama.cpp (a child process: its memory is not ours), evaluate a few
     tokens and check the logits are finite; then 4 greedy tokens."""
@@ -161,12 +186,16 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--keep", action="store_true", help="keep the quantized files")
     ap.add_argument("--clean", action="store_true", help="delete the model when done")
+    ap.add_argument("--link-from", type=int, default=0, metavar="N",
+                    help="build this instance as links to the first shards of the N-layer one, if it is there")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     res_path = os.path.join(HERE, "results", "scale_moe.json")
     everything = json.load(open(res_path)) if os.path.exists(res_path) else {}
     results = everything.get(f"{args.layers} layers", {})
     model = os.path.join(WORK, f"qwen3-30b-a3b-shapes-{args.layers}l-bf16")
+    if args.link_from:          # the first blocks of a bigger instance: no second copy on disk
+        linked_model(model, args.layers, os.path.join(WORK, f"qwen3-30b-a3b-shapes-{args.link_from}l-bf16"))
     nbytes = make_model(model, args.layers)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     results["model"] = {"path": model, "layers": args.layers, **SHAPE, "bf16_bytes": nbytes, "ram_bytes": mem,

@@ -69,7 +69,7 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
     lazy = not keep_model
     model, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=lazy)
     if n_expert:                    # transformers' fused expert parameters from the per-expert tensors
-        fetch = expert_fetch(fetch, n_expert)
+        fetch = expert_fetch(fetch, n_expert, compact=not keep_model)   # bf16 where lossless: quantize_experts
     sm = StreamingModel(src, path, model, arch, fetch, row_reader(src, arch), lazy)
     pcfg = sink.pipeline_config(sm)
     if n_expert and pcfg.sparse_mlp is None:     # a sink may bring its own stage for the experts

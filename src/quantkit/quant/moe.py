@@ -23,9 +23,17 @@ every routed token of the layer (H̄ for gate/up: all tokens' MLP inputs; for do
 expert's down inputs). An expert no token reaches is solved on H̄ alone. Each layer's token
 counts and safeguarded experts are reported (PipelineReport.experts).
 
-Memory: one expert's two Hessians at a time plus the two pooled ones (hidden² + I² floats
-each), the starved experts' few down inputs, and the layer's MLP inputs (as large as the
-block's hidden states); never every expert's Hessians at once.
+Batches: experts are solved EXPERT_BATCH_ELEMENTS weights at a time (8 of Qwen3-30B-A3B's
+gate/up, 16 of its downs) by quant.gptq.quantize_weights, whose column loop runs once for the
+batch and gives each expert exactly what solving it alone gives.
+
+Memory: a batch's Hessians, factors and float32 working copies (~0.7 GB at 30B-A3B's shapes),
+the two pooled Hessians (hidden² + I² floats), the starved experts' few down inputs, the
+layer's MLP inputs (as large as the block's hidden states) and the experts' stored forms;
+never every expert's Hessians at once. The streaming driver loads a bf16 checkpoint's fused
+expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32; those are
+not overwritten with the solved values: the block's output is then `moe_output`, the eager
+experts forward of transformers run on the stored forms decoded one expert at a time.
 """
 
 from __future__ import annotations
@@ -38,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..util.errors import QuantkitError
-from .gptq import accumulate_hessian, new_hessian
-from .pipeline import PipelineConfig, PipelineReport, solve
+from .gptq import accumulate_hessian, new_hessian, quantize_weights
+from .pipeline import PipelineConfig, PipelineReport
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 # checkpoint names of one expert's matrices: transformers' (Qwen3-MoE) and Mixtral's w1/w3/w2
@@ -57,11 +65,13 @@ def sparse_mlp(layer: nn.Module) -> nn.Module | None:
     return mlp
 
 
-def expert_fetch(fetch, n_expert: int):
+def expert_fetch(fetch, n_expert: int, compact: bool = False):
     """fetch(hf_name) that also answers transformers' fused expert parameters
     (`{layer}.mlp.experts.gate_up_proj` / `down_proj`, `{layer}.mlp.gate.weight`) from a
     checkpoint storing one tensor per expert (Qwen3-MoE's `mlp.experts.{e}.*_proj`, Mixtral's
-    `block_sparse_moe`)."""
+    `block_sparse_moe`). compact: the fused parameters in bfloat16 when every value is one
+    (a bf16 checkpoint: half the memory of float32, nothing lost); only for `quantize_experts`,
+    which reads them expert by expert and never runs the model's own expert forward on them."""
     def get(hf_name: str):
         t = fetch(hf_name)
         m = _FUSED.match(hf_name)
@@ -74,14 +84,18 @@ def expert_fetch(fetch, n_expert: int):
                 t = fetch(f"{base}.gate.weight")
             else:
                 parts = ("gate_proj", "up_proj") if what.endswith("gate_up_proj") else ("down_proj",)
-                t = _stack(fetch, base, parts, n_expert)
+                t = _stack(fetch, base, parts, n_expert, compact)
             if t is not None:
                 return t
         return None
     return get
 
 
-def _stack(fetch, base: str, parts: tuple[str, ...], n_expert: int) -> torch.Tensor | None:
+def _bf16_exact(w: torch.Tensor) -> bool:
+    return w.dtype == torch.bfloat16 or torch.equal(w.to(torch.bfloat16).to(w.dtype), w)
+
+
+def _stack(fetch, base: str, parts: tuple[str, ...], n_expert: int, compact: bool = False) -> torch.Tensor | None:
     out = None
     for e in range(n_expert):
         mats = []
@@ -93,7 +107,10 @@ def _stack(fetch, base: str, parts: tuple[str, ...], n_expert: int) -> torch.Ten
             mats.append(t)
         w = torch.cat(mats) if len(mats) > 1 else mats[0]
         if out is None:
-            out = torch.empty(n_expert, *w.shape, dtype=w.dtype)
+            dtype = torch.bfloat16 if compact and _bf16_exact(w) else w.dtype
+            out = torch.empty(n_expert, *w.shape, dtype=dtype)
+        elif out.dtype == torch.bfloat16 and not _bf16_exact(w):
+            out = out.to(w.dtype)
         out[e] = w
     return out
 
@@ -163,8 +180,13 @@ def _mixed(H: torch.Tensor, n: int, pooled: torch.Tensor, m: int) -> torch.Tenso
     return (H * n + pooled * m) / (n + m)
 
 
+# weights in one batched solve (quant.gptq.quantize_weights): the batch's float32 working copies
+# (weights, codes, solved values) are ~0.1 GB each, its Hessians and factors a few more
+EXPERT_BATCH_ELEMENTS = 24 << 20
+
+
 class _Layer:
-    """One sparse MLP's experts being solved."""
+    """One sparse MLP's experts being solved, a batch of experts at a time."""
 
     def __init__(self, mlp: nn.Module, lp: str, cfg: PipelineConfig, report: PipelineReport, done: dict):
         self.mlp, self.lp, self.cfg, self.report, self.done = mlp, lp, cfg, report, done
@@ -172,39 +194,66 @@ class _Layer:
         self.gu, self.dn, self.act = ex.gate_up_proj.data, ex.down_proj.data, ex.act_fn
         self.n_expert, two_i, self.hidden = self.gu.shape
         self.inter = two_i // 2
+        # float32 parameters take the solved values (the model's own forward then runs on them);
+        # compact (bf16) ones keep the checkpoint's, the solved values being the stored forms'
+        self.write_back = self.gu.dtype == torch.float32 and self.dn.dtype == torch.float32
         self.grids = {p: cfg.grid(f"{lp}.mlp.experts.{p}") if callable(cfg.grid) else cfg.grid for p in PARTS}
         self.stored: dict[str, list] = {p: [None] * self.n_expert for p in PARTS}
 
-    def _solve(self, e: int, parts: tuple[str, ...], W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        """Expert e's matrix W (the rows of `parts`, stacked) solved on H; returns Ŵ (parts left
-        unquantized by the grid keep their values)."""
+    def batch(self, fused: torch.Tensor) -> int:
+        return max(1, EXPERT_BATCH_ELEMENTS // fused[0].numel())
+
+    def _solve(self, es: list[int], parts: tuple[str, ...], W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        """Experts es's matrices W [B, rows, in] (the rows of `parts`, stacked) solved on their
+        H [B, in, in]; returns Ŵ [B, rows, in] (parts left unquantized by the grid keep their values)."""
         out = W.clone()
         groups: dict[object, list[int]] = {}
         for k, p in enumerate(parts):
             if self.grids[p] is not None:
                 groups.setdefault(self.grids[p], []).append(k)
-        rows = W.shape[0] // len(parts)
+        rows = W.shape[1] // len(parts)
         for grid, ks in groups.items():
             sel = torch.cat([torch.arange(k * rows, (k + 1) * rows) for k in ks])
-            name = ", ".join(f"{self.lp}.mlp.experts.{e}.{parts[k]}" for k in ks)
-            qw, deq, damp, loss = solve(name, W[sel].contiguous(), H, grid, self.cfg)
-            out[sel] = deq.to(W.dtype)
-            pieces = qw.split_rows([rows] * len(ks)) if len(ks) > 1 else [qw]
-            for k, piece in zip(ks, pieces):
-                self.stored[parts[k]][e] = piece
-                key = f"{self.lp}.mlp.experts.{parts[k]}"
-                self.report.damp[key] = max(self.report.damp.get(key, 0.0), damp or 0.0)
-                self.report.loss[key] = self.report.loss.get(key, 0.0) + (loss or 0.0)
+            name = ", ".join(f"{self.lp}.mlp.experts.{{{es[0]}..{es[-1]}}}.{parts[k]}" for k in ks)
+            try:
+                res = quantize_weights(W[:, sel].contiguous(), H, grid, self.cfg.gptq)
+            except ValueError as e:
+                raise QuantkitError(f"cannot quantize {name}: {e}") from None
+            for b, (e, r) in enumerate(zip(es, res)):
+                out[b, sel] = r.dequantized.to(W.dtype)
+                pieces = r.weight.split_rows([rows] * len(ks)) if len(ks) > 1 else [r.weight]
+                for k, piece in zip(ks, pieces):
+                    self.stored[parts[k]][e] = piece
+                    key = f"{self.lp}.mlp.experts.{parts[k]}"
+                    self.report.damp[key] = max(self.report.damp.get(key, 0.0), r.damp or 0.0)
+                    self.report.loss[key] = self.report.loss.get(key, 0.0) + (r.loss or 0.0)
         return out
 
-    def gate_up(self, e: int, x: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        """Solve expert e's gate/up on H; returns the down inputs of its tokens x through them."""
-        self.gu[e] = self._solve(e, ("gate_proj", "up_proj"), self.gu[e], H)
-        g, u = F.linear(x, self.gu[e]).chunk(2, dim=-1)
-        return self.act(g) * u
+    def gate_up(self, es: list[int], xs: list[torch.Tensor], H: torch.Tensor) -> list[torch.Tensor]:
+        """Solve experts es's gate/up on H [B, hidden, hidden]; returns the down inputs of each
+        one's tokens xs[b] through its solved gate/up."""
+        W = self._solve(es, ("gate_proj", "up_proj"), self.gu[es].float(), H)
+        out = []
+        for b, e in enumerate(es):
+            if self.write_back:
+                self.gu[e] = W[b]
+            g, u = F.linear(xs[b], self.gu[e] if self.write_back else W[b]).chunk(2, dim=-1)
+            out.append(self.act(g) * u)
+        return out
 
-    def down(self, e: int, H: torch.Tensor) -> None:
-        self.dn[e] = self._solve(e, ("down_proj",), self.dn[e], H)
+    def down(self, es: list[int], H: torch.Tensor) -> None:
+        W = self._solve(es, ("down_proj",), self.dn[es].float(), H)
+        if self.write_back:
+            self.dn[es] = W
+
+    def solved(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's solved (gate_up, down) matrices, float32: the stored forms decoded."""
+        if self.write_back:
+            return self.gu[e], self.dn[e]
+        gu = [self.stored[p][e].dequantize() if self.stored[p][e] is not None else w.float()
+              for p, w in zip(PARTS[:2], self.gu[e].chunk(2))]
+        d = self.stored["down_proj"][e]
+        return torch.cat(gu), d.dequantize() if d is not None else self.dn[e].float()
 
     def finish(self) -> None:
         for p in PARTS:
@@ -217,19 +266,33 @@ def _hessian_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return H, accumulate_hessian(x, H, 0)
 
 
+def _stacked(Hs: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty(len(Hs), *Hs[0].shape, dtype=Hs[0].dtype)
+    for b, H in enumerate(Hs):
+        out[b] = H
+    return out
+
+
+def _chunks(items: list[int], n: int) -> list[list[int]]:
+    return [items[k:k + n] for k in range(0, len(items), n)]
+
+
 @torch.no_grad()
 def quantize_experts(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | None, kwargs: dict,
                      cfg: PipelineConfig, report: PipelineReport, done: dict) -> bool:
     """The pipeline's `sparse_mlp` stage: GPTQ of the block's experts on routed calibration
     (module docstring), their stored forms into `done` ({lp}.mlp.experts.{gate,up,down}_proj:
     ExpertStack), the block's outputs written over `hidden`. False for a dense block (nothing
-    done)."""
+    done). Experts are solved a batch at a time (quant.gptq.quantize_weights, the same result as
+    one at a time): gate/up of a batch, then the down of its experts with enough tokens; the
+    starved experts' downs at the end, on the layer's pooled down Hessian."""
     mlp = sparse_mlp(layer)
     if mlp is None:
         return False
     if cfg.method != "gptq" or hidden is None:
         raise QuantkitError("the experts of a mixture of experts are quantized with GPTQ only in the block pipeline",
                             hint="use --method gptq with a GGUF format, or --method rtn for a plain GGUF")
+    _own_forward_or_float(mlp)
     xs = _record_mlp_inputs(layer, mlp, hidden, kwargs)
     x = xs.reshape(-1, xs.shape[-1])
     idx = route(mlp, x)
@@ -238,29 +301,74 @@ def quantize_experts(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | Non
     counts = torch.bincount(idx.reshape(-1), minlength=L.n_expert).tolist()
     pooled_gu, _ = _hessian_of(x)           # every token routed to top_k experts: the pooled gate/up Hessian
     pooled_dn, n_dn = new_hessian(L.inter), 0
-    starved: dict[int, tuple[torch.Tensor, int]] = {}       # expert -> (its down inputs, its token count)
-    for e in range(L.n_expert):
-        tok = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-        xe = x[tok]
-        n = xe.shape[0]
-        H, _ = _hessian_of(xe)
-        xd = L.gate_up(e, xe, H if n >= m else _mixed(H, n, pooled_gu, m))
-        del H
-        n_dn = accumulate_hessian(xd, pooled_dn, n_dn)
-        if n >= m:
-            Hd, _ = _hessian_of(xd)
-            L.down(e, Hd)
-            del Hd
-        else:
-            starved[e] = (xd, n)
-    for e, (xd, n) in starved.items():
-        Hd, _ = _hessian_of(xd)
-        L.down(e, _mixed(Hd, n, pooled_dn, m) if n_dn else Hd)
+    starved: dict[int, torch.Tensor] = {}   # expert -> its down inputs
+    for es in _chunks(list(range(L.n_expert)), L.batch(L.gu)):
+        xe = [x[(idx == e).any(dim=-1).nonzero().squeeze(-1)] for e in es]
+        Hs = []
+        for e, xb in zip(es, xe):
+            H, _ = _hessian_of(xb)
+            Hs.append(H if counts[e] >= m else _mixed(H, xb.shape[0], pooled_gu, m))
+        H = _stacked(Hs)
+        del Hs
+        xds = L.gate_up(es, xe, H)
+        del H, xe
+        fed = []
+        for e, xd in zip(es, xds):
+            n_dn = accumulate_hessian(xd, pooled_dn, n_dn)
+            if xd.shape[0] >= m:
+                fed.append(e)
+            else:
+                starved[e] = xd
+        for ds in _chunks(fed, L.batch(L.dn)):
+            L.down(ds, _stacked([_hessian_of(xds[es.index(e)])[0] for e in ds]))
+        del xds
+    for ds in _chunks(list(starved), L.batch(L.dn)):
+        Hs = []
+        for e in ds:
+            Hd, _ = _hessian_of(starved[e])
+            Hs.append(_mixed(Hd, starved[e].shape[0], pooled_dn, m) if n_dn else Hd)
+        L.down(ds, _stacked(Hs))
     L.finish()
     report.experts[lp] = {"tokens": counts, "min_tokens": m, "safeguarded": sorted(starved)}
-    for k, h in enumerate(hidden):             # residual + attention, plus the MoE with quantized experts
-        h.add_(mlp(xs[k]))
+    # residual + attention, plus the MoE with the quantized experts
+    outs = [mlp(xk) for xk in xs] if L.write_back else moe_output(mlp, list(xs), L.solved)
+    for h, o in zip(hidden, outs):
+        h.add_(o)
     return True
+
+
+def _own_forward_or_float(mlp: nn.Module) -> None:
+    """Compact (bf16) experts are run by `moe_output`, which knows a router and routed experts
+    only: an MLP with more (shared experts) gets float32 parameters and its own forward."""
+    ex = mlp.experts
+    if ex.gate_up_proj.dtype != torch.float32 and set(n for n, _ in mlp.named_children()) != {"gate", "experts"}:
+        ex.gate_up_proj.data = ex.gate_up_proj.data.float()
+        ex.down_proj.data = ex.down_proj.data.float()
+
+
+@torch.no_grad()
+def moe_output(mlp: nn.Module, xs: list[torch.Tensor], solved) -> list[torch.Tensor]:
+    """The sparse MLP's output for each x of xs, as transformers' eager experts forward computes
+    it (the model's router; per expert hit, in expert order: gate/up, act(gate) * up, down,
+    times the routing weight, added into the token's row), with expert e's matrices from
+    solved(e) -> (gate_up [2I, hidden], down [hidden, I]), each fetched once for all xs."""
+    n = mlp.experts.gate_up_proj.shape[0]
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    routed = [mlp.gate(f) for f in flat]
+    masks = [F.one_hot(r[2], num_classes=n + 1).permute(2, 1, 0) for r in routed]
+    outs = [torch.zeros_like(f) for f in flat]
+    for e in range(n):
+        hits = [torch.where(mk[e]) for mk in masks]
+        if all(t.numel() == 0 for _, t in hits):
+            continue
+        gu, dn = solved(e)
+        for f, r, (pos, tok), out in zip(flat, routed, hits, outs):
+            if tok.numel() == 0:
+                continue
+            g, u = F.linear(f[tok], gu).chunk(2, dim=-1)
+            y = F.linear(mlp.experts.act_fn(g) * u, dn) * r[1][tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+    return [o.reshape(x.shape) for o, x in zip(outs, xs)]
 
 
 def summary_lines(experts: dict[str, dict]) -> list[str]:
