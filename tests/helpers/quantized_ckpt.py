@@ -150,3 +150,11 @@ def rewrite_gptq(src: Path, dst: Path, *, v2: bool = False, permute_groups: bool
             qc["static_groups"] = False
         qc.update(config_edit or {})
         json.dump(cfg, open(path, "w"), indent=2)
+
+
+def checkpoint_tensors(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (all its shards), by name."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

@@ -11,15 +11,14 @@ in tests/quant/test_gpu_formats.py) and compared exactly."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
 from quantkit.quant.checkpoint import export_gpu_checkpoint
+from helpers.quantized_ckpt import checkpoint_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,13 +50,6 @@ def exported(arch_dirs, tmp_path_factory):
     return get
 
 
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    t = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            t.update(load_file(d / f))
-    return t
-
 
 def _ids(model) -> torch.Tensor:
     n = model.config.vocab_size
@@ -81,7 +73,7 @@ def test_compressed_tensors_loads_with_dequantized_logits(exported, kind):
     assert r.n_linear == len(names) > 0
     qc = json.load(open(out / "config.json"))["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     for p in names:                      # every decoder linear is stored packed and decodes to ours
         assert f"{p}.weight" not in t and t[f"{p}.weight_packed"].dtype == torch.int32, p
         assert torch.equal(dequantize_compressed(t, p, BITS, GROUP), ours.get_submodule(p).weight), p
@@ -106,7 +98,7 @@ def test_gptq_checkpoint_holds_the_dequantized_model(exported, kind):
     ours = r.model
     cfg = json.load(open(out / "config.json"))
     assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["torch_dtype"] == "float16"
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     names = _linears(ours)
     assert r.n_linear == len(names) > 0
     for p in names:

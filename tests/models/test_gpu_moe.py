@@ -30,6 +30,7 @@ from quantkit.quant.checkpoint import export_gpu_checkpoint, grid_spec
 from quantkit.quant.rtn import quantize_rtn
 from helpers.cli import assert_one_line, run_cli
 from helpers.tiny_models import starve_expert
+from helpers.quantized_ckpt import checkpoint_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,13 +63,6 @@ def exported(arch_dirs, tmp_path_factory):
 
     return get
 
-
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    t = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            t.update(load_file(d / f))
-    return t
 
 
 def _ids(model) -> torch.Tensor:
@@ -106,7 +100,7 @@ def test_compressed_tensors_moe_loads_with_dequantized_logits(exported, kind):
     out, ours = Path(r.output), r.model.eval()
     qc = json.load(open(out / "config.json"))["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head", f"re:.*{ROUTER[kind]}$"]
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     # the float source's tensor names, each quantized linear's .weight replaced by its packed tensors
     packed = {k.removesuffix(".weight_packed") for k in t if k.endswith(".weight_packed")}
     assert {k for k in t if not k.endswith(PACKED)} | {p + ".weight" for p in packed} == _source_names(d)
@@ -147,7 +141,7 @@ def test_gptq_moe_checkpoint_holds_the_dequantized_model(exported, kind, tmp_pat
     out, ours = Path(r.output), r.model
     cfg = json.load(open(out / "config.json"))
     assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["torch_dtype"] == "float16"
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     linears = {k.removesuffix(".qweight") for k in t if k.endswith(".qweight")}
     assert {k for k in t if not k.endswith(GPTQ_PARTS)} | {p + ".weight" for p in linears} == _source_names(d)
     assert r.n_linear == len(linears) == 2 * (4 + 4 * 3)
@@ -221,7 +215,7 @@ def test_starved_expert_safeguarded_and_reported(arch_dirs, tmp_path, capsys):
     for line in lines:
         m = re.search(r"(\d+) under 32 tokens safeguarded \(([\d, ]+)\)$", line)
         assert m and str(STARVED) in m.group(2).split(", ") and int(m.group(1)) == len(m.group(2).split(", "))
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     for i in (0, 1):
         for w in ("w1", "w3", "w2"):
             deq = dequantize_gptq(t, f"model.layers.{i}.block_sparse_moe.experts.{STARVED}.{w}", BITS)

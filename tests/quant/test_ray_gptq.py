@@ -19,6 +19,7 @@ import ray  # the [ray] extra, which `make test` installs: its absence must fail
 import torch
 
 from helpers.cli import assert_one_line, run_cli
+from helpers.quantized_ckpt import checkpoint_tensors
 from quantkit import api
 from quantkit.runtimes import ray_cluster
 from quantkit.quant.distributed import BlockWorker, RayOptions, check_resources, sum_hessians, worker_bytes
@@ -111,13 +112,6 @@ def test_gguf_one_worker_is_the_local_file_and_two_give_its_kl(runtime, gptq_lla
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]     # no spool or temporary left
 
 
-def _tensors(d: Path) -> dict:
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def test_gpu_format_one_worker_is_the_local_checkpoint_and_two_give_its_kl(runtime, gptq_llama_dir, calib,
                                                                           held_out, tmp_path):
@@ -126,7 +120,7 @@ def test_gpu_format_one_worker_is_the_local_checkpoint_and_two_give_its_kl(runti
     api.quantize_gpu(str(gptq_llama_dir), tmp_path / "local", **kw)
     api.quantize_gpu(str(gptq_llama_dir), tmp_path / "w1", ray=True, workers=1, **kw)
     api.quantize_gpu(str(gptq_llama_dir), tmp_path / "w2", ray=True, workers=2, **kw)
-    local, one, two = (_tensors(tmp_path / d) for d in ("local", "w1", "w2"))
+    local, one, two = (checkpoint_tensors(tmp_path / d) for d in ("local", "w1", "w2"))
     assert local.keys() == one.keys() == two.keys()
     assert all(torch.equal(local[k], one[k]) for k in local)
     assert any(not torch.equal(local[k], two[k]) for k in local)
