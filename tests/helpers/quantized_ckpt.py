@@ -158,3 +158,19 @@ def checkpoint_tensors(d: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(d).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def fixed_ids(model) -> torch.Tensor:
+    """2 x 24 token ids, the same every run, within the model's vocabulary (and under 700)."""
+    return torch.randint(0, min(model.config.vocab_size, 700), (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def assert_loads_as_quantized(theirs, ours, ref, rtol: float = 1e-5, label: str = "") -> None:
+    """`theirs` (a runtime's load of a checkpoint) gives `ours`' logits (quantkit's dequantized
+    model) within rtol of max |logit|, and `ours` is not the float model `ref`."""
+    ids = fixed_ids(ours)
+    with torch.no_grad():
+        a, b, f = (m(input_ids=ids).logits for m in (theirs, ours, ref))
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= rtol * scale, (label, float((a - b).abs().max()) / scale)
+    assert float((b - f).abs().max()) > 1e-3 * scale, label      # quantized: not the float model

@@ -18,7 +18,7 @@ import torch
 
 from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
 from quantkit.quant.checkpoint import export_gpu_checkpoint
-from helpers.quantized_ckpt import checkpoint_tensors
+from helpers.quantized_ckpt import assert_loads_as_quantized, checkpoint_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,12 +50,6 @@ def exported(arch_dirs, tmp_path_factory):
     return get
 
 
-
-def _ids(model) -> torch.Tensor:
-    n = model.config.vocab_size
-    return torch.randint(0, min(n, 700), (2, 24), generator=torch.Generator().manual_seed(3))
-
-
 def _linears(model) -> list[str]:
     layers = model.model.layers
     return [f"model.layers.{i}.{n}" for i, layer in enumerate(layers) for n, m in layer.named_modules()
@@ -82,12 +76,7 @@ def test_compressed_tensors_loads_with_dequantized_logits(exported, kind):
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     for p in names:                      # compressed-tensors runs each linear from the packed codes
         assert hasattr(theirs.get_submodule(p), "weight_packed"), p
-    ids = _ids(ours)
-    with torch.no_grad():
-        a, b, f = (m(input_ids=ids).logits for m in (theirs, ours, ref))
-    scale = float(b.abs().max())
-    assert float((a - b).abs().max()) <= LOGIT_RTOL * scale, (kind, float((a - b).abs().max()) / scale)
-    assert float((b - f).abs().max()) > 1e-3 * scale     # and it is quantized: not the float model
+    assert_loads_as_quantized(theirs, ours, ref, LOGIT_RTOL, kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -30,7 +30,7 @@ from quantkit.quant.checkpoint import export_gpu_checkpoint, grid_spec
 from quantkit.quant.rtn import quantize_rtn
 from helpers.cli import assert_one_line, run_cli
 from helpers.tiny_models import starve_expert
-from helpers.quantized_ckpt import checkpoint_tensors
+from helpers.quantized_ckpt import assert_loads_as_quantized, checkpoint_tensors, fixed_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,11 +62,6 @@ def exported(arch_dirs, tmp_path_factory):
         return done[kind]
 
     return get
-
-
-
-def _ids(model) -> torch.Tensor:
-    return torch.randint(0, min(model.config.vocab_size, 700), (2, 24), generator=torch.Generator().manual_seed(3))
 
 
 def _experts(model, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +113,7 @@ def test_compressed_tensors_moe_loads_with_dequantized_logits(exported, kind):
     for i in (0, 1):                     # the experts transformers dequantized and merged are quantkit's
         for a, b in zip(_experts(theirs, i), _experts(ours, i)):
             assert torch.equal(a, b)
-    ids = _ids(ours)
-    with torch.no_grad():
-        a, b, f = (m(input_ids=ids).logits for m in (theirs, ours, ref))
-    scale = float(b.abs().max())
-    assert float((a - b).abs().max()) <= LOGIT_RTOL * scale, (kind, float((a - b).abs().max()) / scale)
-    assert float((b - f).abs().max()) > 1e-3 * scale     # and it is quantized: not the float model
+    assert_loads_as_quantized(theirs, ours, ref, LOGIT_RTOL, kind)
     # GPTQ calibrated each expert on the tokens the router sent it: every token reaches top_k experts
     assert sorted(r.report.experts) == ["model.layers.0", "model.layers.1"]
     for rep in r.report.experts.values():
@@ -191,7 +181,7 @@ def test_rtn_moe_through_the_cli_equals_rounding_each_matrix(arch_dirs, kind, tm
             for e in range(gu.shape[0]):
                 for w in (gu[e, :inter], gu[e, inter:], dn[e]):
                     w.copy_(quantize_rtn(w, spec).dequantize())
-        ids = _ids(expect)
+        ids = fixed_ids(expect)
         a, b = theirs(input_ids=ids).logits, expect(input_ids=ids).logits
     assert float((a - b).abs().max()) <= LOGIT_RTOL * float(b.abs().max())
     for i in (0, 1):

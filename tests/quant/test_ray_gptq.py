@@ -112,7 +112,6 @@ def test_gguf_one_worker_is_the_local_file_and_two_give_its_kl(runtime, gptq_lla
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]     # no spool or temporary left
 
 
-
 def test_gpu_format_one_worker_is_the_local_checkpoint_and_two_give_its_kl(runtime, gptq_llama_dir, calib,
                                                                           held_out, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
