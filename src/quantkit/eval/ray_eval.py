@@ -304,6 +304,10 @@ class Run:
         are removed), give them a few seconds to unwind, then force the rest."""
         ray = self.cluster.ray
         refs = list(self.pending)
+        # only the tasks still running: cancelling one that is completing can trip a check in
+        # Ray's core worker ("Tried to complete task that was not pending") and abort the driver
+        if refs:
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
         for r in refs:
             try:
                 ray.cancel(r, recursive=True)
