@@ -95,3 +95,43 @@ def test_check_finite_refuses_nan_and_inf(qt):
     with pytest.raises(NonFiniteError):
         qtype(qt).quantize_rows(x, check_finite=True)
     qtype(qt).quantize_rows(x)                                         # without the check: no error
+
+
+def _plain_sym_search(w, imp, levels, offset):
+    """GPTQ's block scale search for q4_0 / q5_0 written as plain expressions: the reference
+    for the in-place version in codecs.legacy."""
+    from quantkit.codecs.bits import safe_inverse
+    imp = imp.clamp_min(0)[None, None, :]
+    x = w[:, None, :]
+    amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
+    d0 = amax / -offset
+    d = d0 * legacy._SYM_FACTORS[None, :]
+    L = torch.trunc(x * safe_inverse(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
+    num = (imp * x * L).sum(-1)
+    den = (imp * L * L).sum(-1)
+    d_ls = torch.where(den > 0, num / den.clamp_min(1e-30), d)
+    d = torch.cat([d0, d_ls], dim=1).half().float()
+    L = torch.trunc(x * safe_inverse(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
+    err = (imp * (x - L * d[..., None]) ** 2).sum(-1)
+    err = torch.where(torch.isfinite(d), err, torch.full_like(err, float("inf")))
+    return d.gather(1, err.argmin(dim=1, keepdim=True)).squeeze(1)
+
+
+@pytest.mark.parametrize("levels,offset", [(15, 8), (31, 16)])
+def test_block_scale_search_equals_plain_expressions(levels, offset):
+    """Bit for bit, on transposed views (as GPTQ passes them), all-zero blocks, integer-valued
+    weights and importances with zeros."""
+    g = torch.Generator().manual_seed(levels)
+    for trial in range(60):
+        rows = int(torch.randint(1, 300, (), generator=g))
+        w = torch.randn(32, rows, generator=g) * float(torch.rand((), generator=g) * 0.1)
+        if trial % 4 == 0:
+            w[:, :3] = 0
+        if trial % 5 == 0:
+            w = (w * 200).round()
+        imp = torch.rand(32, generator=g) * 3
+        if trial % 3 == 0:
+            imp[:8] = 0
+        mn, d = legacy.search_block_scale(w.t(), imp, levels, offset, False)
+        assert torch.equal(d, _plain_sym_search(w.t(), imp, levels, offset))
+        assert not mn.any()

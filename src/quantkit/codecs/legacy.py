@@ -202,20 +202,31 @@ _ASYM_SHRINK = torch.tensor([0.0, 0.03, 0.06, 0.1, 0.15])
 
 
 def _search_sym(w: torch.Tensor, imp: torch.Tensor, levels: int, offset: int) -> torch.Tensor:
+    # The same float operations, in the same order, as the plain expressions in the comments;
+    # in place on two [rows, C, 32] buffers, which halves the search's time (GPTQ's hot spot).
     x = w[:, None, :]
     amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True))          # signed, [rows, 1]
     d0 = amax / -offset                                               # llama.cpp's own scale
     d = d0 * _SYM_FACTORS[None, :]                                    # [rows, C]
-    L = torch.trunc(x * safe_inverse(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
-    num = (imp * x * L).sum(-1)
-    den = (imp * L * L).sum(-1)
+    L = _sym_levels(x, d, levels, offset)     # trunc(x / d + offset + 0.5).clamp(0, levels) - offset
+    t = torch.mul(imp * x, L)
+    num = t.sum(-1)                                                   # (imp * x * L).sum(-1)
+    den = torch.mul(imp, L, out=t).mul_(L).sum(-1)                    # (imp * L * L).sum(-1)
     d_ls = torch.where(den > 0, num / den.clamp_min(1e-30), d)       # least-squares refit
     d = torch.cat([d0, d_ls], dim=1).half().float()                   # llama.cpp's rule stays a candidate
-    L = torch.trunc(x * safe_inverse(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
-    err = (imp * (x - L * d[..., None]) ** 2).sum(-1)
+    L = _sym_levels(x, d, levels, offset)
+    L.mul_(d[..., None])
+    err = torch.sub(x, L, out=L).pow_(2).mul_(imp).sum(-1)            # (imp * (x - L * d) ** 2).sum(-1)
     err = torch.where(torch.isfinite(d), err, torch.full_like(err, float("inf")))
     best = err.argmin(dim=1, keepdim=True)
     return d.gather(1, best).squeeze(1)
+
+
+def _sym_levels(x: torch.Tensor, d: torch.Tensor, levels: int, offset: int) -> torch.Tensor:
+    """trunc(x / d + offset + 0.5).clamp(0, levels) - offset, as clamp then floor: the same
+    values (floor is trunc on 0..levels), and torch's CPU floor is ~10x faster than its trunc."""
+    L = torch.mul(x, safe_inverse(d)[..., None])
+    return L.add_(offset + 0.5).clamp_(0, levels).floor_().sub_(offset)
 
 
 def _search_asym(w: torch.Tensor, imp: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +261,7 @@ def search_block_scale(w: torch.Tensor, imp: torch.Tensor, levels: int, offset: 
     llama.cpp's importance-matrix quantizers (make_qx_quants / make_qkx3_quants) do. Returns
     (mn, d) float32 [rows]; mn is zero for the symmetric types."""
     imp = imp.clamp_min(0).to(w.dtype)[None, None, :]
+    w = w.contiguous()               # GPTQ passes a transposed view: strided broadcasts are slow
     if not has_min:
         return torch.zeros(w.shape[0]), _search_sym(w, imp, levels, offset)
     return _search_asym(w, imp, levels)
