@@ -105,7 +105,7 @@ def _plain_sym_search(w, imp, levels, offset):
     x = w[:, None, :]
     amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
     d0 = amax / -offset
-    d = d0 * legacy._SYM_FACTORS[None, :]
+    d = d0 * legacy.SYM_FACTORS[None, :]
     L = torch.trunc(x * safe_inverse(d)[..., None] + (offset + 0.5)).clamp(0, levels) - offset
     num = (imp * x * L).sum(-1)
     den = (imp * L * L).sum(-1)

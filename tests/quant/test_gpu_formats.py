@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from quantkit import api
 from quantkit.models.gpu_formats import GPUFormatConfig, dequantize_compressed, dequantize_gptq
 from quantkit.quant.checkpoint import export_gpu_checkpoint
 from quantkit.util.errors import QuantkitError
@@ -440,7 +441,6 @@ def test_gpu_cli_interrupt_leaves_nothing(model_dir, tmp_path):
 def test_gpu_checkpoint_records_its_settings(model_dir, tmp_path):
     """quantize_config.json records the GPTQ run as it was made: true_sequential off when asked,
     the marker that lets a later run replace the directory, and a rerun replacing its output."""
-    from quantkit import api
     from quantkit.util.atomic import MARKER
     out = tmp_path / "g"
     weights = {}
@@ -459,3 +459,17 @@ def test_gpu_checkpoint_records_its_settings(model_dir, tmp_path):
     assert not torch.equal(weights[False][f"{p}.o_proj.qweight"], weights[True][f"{p}.o_proj.qweight"])
     api.quantize_gpu(model_dir, out, format="gptq", method="rtn", group_size=32, show_progress=False)
     assert json.load(open(out / "quantize_config.json"))["true_sequential"] is False   # RTN: no calibration
+
+
+def test_api_quantize_writes_gpu_formats_as_the_cli_does(model_dir, tmp_path):
+    """api.quantize mirrors `quantkit quantize`: a GPU format goes to the same writer as
+    api.quantize_gpu, file for file; the GGUF-only keywords are refused in one line."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = api.quantize(model_dir, a, format="gptq:w4g32+rtn", show_progress=False)
+    api.quantize_gpu(model_dir, b, format="gptq:w4g32+rtn", show_progress=False)
+    assert res.n_linear == 14 and os.path.isfile(a / "quantize_config.json")
+    ta, tb = _all_tensors(a), _all_tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(QuantkitError, match="pure, imatrix apply to GGUF files"):
+        api.quantize(model_dir, tmp_path / "c", format="compressed-tensors:w4g32", pure=True, imatrix="x.dat")
+    assert not os.path.exists(tmp_path / "c")

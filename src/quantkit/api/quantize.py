@@ -47,7 +47,11 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
 
     A budget (`target_bpw` bits per weight over the file, `target_size` bytes such as "2.5GB", or
     `fit` a device name with `ctx`, `kv_type` and `runtime`; see quantize_budget) chooses a type per tensor
-    instead of the file type's mix, and writes a model card beside the file."""
+    instead of the file type's mix, and writes a model card beside the file.
+
+    A GPU format ("gptq:w4g128", "compressed-tensors:w4g128-asym+gptq", ...) writes that checkpoint
+    directory through quantize_gpu(), as `quantkit quantize` does, and returns its result
+    (quant.checkpoint.GPUExportResult); the GGUF-only keywords are refused with it."""
     from ..quant.gguf_export import export_gguf, supported_file_types
     from ..util.errors import QuantkitError
     if output is None:
@@ -72,6 +76,15 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         raise QuantkitError("--eval scores a budgeted file for its model card", hint="add --target-size, --target-bpw or --fit")
     r = recipe_of(recipe, format=format, method=method, calib=calib, nsamples=nsamples, seqlen=seqlen, damp=damp,
                 act_order=act_order, scale_search=scale_search, true_sequential=true_sequential, shrink=shrink)
+    if r.format in ("gptq", "compressed-tensors"):       # as the CLI's quantize: the GPU checkpoint writer
+        given = [k for k, v in (("pure", pure), ("token_embedding_type", token_embedding_type),
+                                ("output_tensor_type", output_tensor_type), ("mmproj", mmproj),
+                                ("text_only", text_only), ("imatrix", imatrix), ("qat", qat),
+                                ("exact", exact), ("save_imatrix", save_imatrix)) if v]
+        if given:
+            raise QuantkitError(f"{', '.join(given)} apply to GGUF files, not to a {r.format} checkpoint",
+                                hint="leave them out, or use a gguf: format")
+        return quantize_gpu(model, output, recipe=r, show_progress=show_progress, ray=ray, workers=workers)
     from ..util.atomic import check_output
     check_output(output, [model, r.calibration.file], directory=r.format == "hf")
     if save_imatrix is not None:
@@ -101,9 +114,8 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
         raise QuantkitError(f"--qat keeps the Q4_0 blocks of a GGUF by their own scales; {r.spelling()} has none",
                             hint="use --format gguf:q4_0 (without +gptq)")
     if r.format != "gguf":
-        raise QuantkitError(f"format '{r.spelling()}' is written by "
-                            + ("quantize_gpu()" if r.format != "int8" else "quantize_dynamic()"),
-                            hint="call quantkit.api." + ("quantize_gpu" if r.format != "int8" else "quantize_dynamic"))
+        raise QuantkitError(f"format '{r.spelling()}' is written by quantize_dynamic()",
+                            hint="call quantkit.api.quantize_dynamic")
     from ..quant.gguf_policy import FILE_TYPES, requires_imatrix
     if imatrix is None and r.method != "gptq" and r.type in FILE_TYPES \
             and requires_imatrix("", FILE_TYPES[r.type][1], r.type):

@@ -197,7 +197,7 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
 
 
 # Candidate scales of the block scale search, as multiples of the max-based scale.
-_SYM_FACTORS = torch.tensor([0.80, 0.84, 0.87, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0, 1.02, 1.05])
+SYM_FACTORS = torch.tensor([0.80, 0.84, 0.87, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0, 1.02, 1.05])
 _ASYM_SHRINK = torch.tensor([0.0, 0.03, 0.06, 0.1, 0.15])
 
 
@@ -207,7 +207,7 @@ def _search_sym(w: torch.Tensor, imp: torch.Tensor, levels: int, offset: int) ->
     x = w[:, None, :]
     amax = w.gather(1, w.abs().argmax(dim=1, keepdim=True))          # signed, [rows, 1]
     d0 = amax / -offset                                               # llama.cpp's own scale
-    d = d0 * _SYM_FACTORS[None, :]                                    # [rows, C]
+    d = d0 * SYM_FACTORS[None, :]                                    # [rows, C]
     L = _sym_levels(x, d, levels, offset)     # trunc(x / d + offset + 0.5).clamp(0, levels) - offset
     t = torch.mul(imp * x, L)
     num = t.sum(-1)                                                   # (imp * x * L).sum(-1)
