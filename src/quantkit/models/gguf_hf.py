@@ -39,16 +39,18 @@ def supported_architectures() -> list[str]:
     return sorted(export_archs())
 
 
-def gguf_model_config(src: GGUFSource, purpose: str) -> tuple[HFArch, object]:
+def gguf_model_config(src: GGUFSource) -> tuple[HFArch, object]:
     """(HF_ARCHS row, transformers config) of a GGUF, checked against transformers' tensors
-    (hf_export.plan_tensors: every tensor on both sides, equal shapes). `purpose` names the
-    caller in the one-line refusal of an architecture outside the list."""
+    (hf_export.plan_tensors: every tensor on both sides, equal shapes); one-line QuantkitError
+    naming an architecture outside the list and the supported ones."""
     try:
         arch = export_row(src)
     except QuantkitError:
         experts = f" with {src.spec.n_expert} experts" if src.spec.n_expert else ""
-        raise QuantkitError(f"{purpose} reads GGUF files of {', '.join(supported_architectures())}, "
-                            f"not {src.spec.arch}{experts}", src.path, "run it in llama.cpp instead") from None
+        raise QuantkitError(f"a GGUF of architecture '{src.spec.arch}'{experts} is not rebuilt in transformers "
+                            "(the torch runtime, GPTQ from a GGUF)", src.path,
+                            f"supported: {', '.join(supported_architectures())}; run the file in llama.cpp, "
+                            "or quantize it with --method rtn") from None
     cfg = hf_config(src, arch)
     plan_tensors(src, arch, cfg)
     return arch, cfg

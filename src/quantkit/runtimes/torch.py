@@ -28,7 +28,7 @@ def model_from_gguf(path: str, load: bool = True):
     from ..models.gguf_hf import empty_model, gguf_model_config, hf_tensor_reader
 
     with GGUFSource(path) as src:
-        arch, cfg = gguf_model_config(src, "the torch runtime")
+        arch, cfg = gguf_model_config(src)
         model = empty_model(cfg)
         if not load:
             return model, arch
