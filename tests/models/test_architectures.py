@@ -185,9 +185,11 @@ def test_inspect_says_what_the_model_is_and_what_quantkit_can_do(arch_dirs, arch
     assert info["architecture"] == "Phi3ForCausalLM" and info["gguf_architecture"] == "phi3"
     assert info["experts"] == 0 and info["vision_tower"] is None
     assert any(c.startswith("gguf+gptq") for c in info["quantkit_can"])
-    # a GGUF of an architecture quantkit cannot rebuild in transformers: re-quantizing only
+    # a GGUF is rebuilt in transformers (models.gguf_hf) for GPTQ, experts included
     g = api.inspect(str(arch_f32("phi3")))["model"]
-    assert g["gguf_architecture"] == "phi3" and not any("gptq" in c for c in g["quantkit_can"])
+    assert g["gguf_architecture"] == "phi3" and any(c.startswith("gguf+gptq") for c in g["quantkit_can"])
+    gm = api.inspect(str(arch_f32("qwen3moe")))["model"]
+    assert gm["experts"] == 4 and any(c.startswith("gguf+gptq") for c in gm["quantkit_can"])
     moe = api.inspect(str(arch_dirs("qwen3moe")))["model"]
     assert (moe["architecture"], moe["experts"], moe["experts_used"]) == ("Qwen3MoeForCausalLM", 4, 2)
     assert any(c.startswith("gguf+gptq") for c in moe["quantkit_can"])

@@ -229,13 +229,16 @@ def test_asymmetric_compressed_tensors_moe_is_one_line(arch_dirs, tmp_path, caps
     assert os.listdir(tmp_path) == []
 
 
-def test_gpu_format_from_an_moe_gguf_is_one_line(arch_f32, tmp_path, capsys):
-    """A GGUF of a mixture of experts cannot be rebuilt block by block in transformers: a GPU
-    format from it is refused in one line that points to the Hugging Face directory."""
+def test_gpu_format_from_an_moe_gguf_equals_the_hf_directory_s(arch_dirs, arch_f32, tmp_path, capsys):
+    """A GGUF of a mixture of experts is rebuilt block by block in transformers (its experts read
+    from the stacked GGUF tensors): the compressed-tensors checkpoint from Mixtral's F32 GGUF
+    holds the same tensors, by the same names, as the one from its Hugging Face directory."""
     f32 = arch_f32("mixtral")
     capsys.readouterr()
-    out = tmp_path / "ckpt"
-    code, err = run_cli(["quantize", str(f32), "--format", "compressed-tensors:w4g32+rtn", "-o", str(out)], capsys)
-    assert code != 0
-    assert_one_line(err, "mixture of experts", "from a GGUF file", "Hugging Face directory")
-    assert os.listdir(tmp_path) == []
+    a, b = tmp_path / "from-gguf", tmp_path / "from-hf"
+    for src, out in ((f32, a), (arch_dirs("mixtral"), b)):
+        code, err = run_cli(["quantize", str(src), "--format", "compressed-tensors:w4g32+rtn", "-o", str(out)], capsys)
+        assert code == 0, err
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert sorted(ta) == sorted(tb) and "model.layers.1.block_sparse_moe.experts.3.w2.weight_packed" in ta
+    assert [n for n in ta if not torch.equal(ta[n], tb[n])] == []

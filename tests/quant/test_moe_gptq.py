@@ -186,21 +186,14 @@ def test_plan_counts_all_experts_for_memory_and_active_ones_for_speed(arch_dirs)
     assert speed.weight_bytes_per_token(m, ts) == pytest.approx(per_token, rel=1e-12)
 
 
-def test_gguf_sources_of_experts_are_one_line(arch_dirs, tmp_path, capsys):
-    """Block-wise GPTQ from an MoE GGUF is refused in one line that says what to do instead,
-    with nothing written."""
+def test_imatrix_from_moe_gptq_is_one_line(arch_dirs, tmp_path, capsys):
+    """An importance matrix saved from GPTQ of a mixture of experts is refused in one line that
+    says what to do instead, with nothing written (GPTQ from an MoE GGUF: test_moe_gguf_source.py)."""
     from helpers.cli import assert_one_line, no_partial, run_cli
     d = arch_dirs("mixtral")
     out = tmp_path / "out"
     out.mkdir()
     capsys.readouterr()                 # the fixture's own output, if it built the model just now
-    f32 = tmp_path / "f32.gguf"
-    api.quantize(str(d), f32, format="gguf:f32", show_progress=False)
-    code, err = run_cli(["quantize", str(f32), "--format", "gguf:q4_0", "--method", "gptq", "-o",
-                         str(out / "x.gguf")], capsys)
-    assert code != 0
-    assert_one_line(err, "mixture of experts", "from a GGUF file", "--method rtn")
-    assert no_partial(out) and not (out / "x.gguf").exists()
     code, err = run_cli(["quantize", str(d), "--format", "gguf:q4_0", "--method", "gptq", "--nsamples", "2",
                          "--seqlen", "64", "--save-imatrix", str(out / "imx.gguf"), "-o", str(out / "y.gguf")], capsys)
     assert code != 0

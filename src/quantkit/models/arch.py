@@ -304,9 +304,10 @@ def block_layout(gguf_arch: str) -> BlockLayout:
 
 # ---------------------------------------------------------------- what quantkit can do
 
-# GGUF architectures whose files quantkit rebuilds as transformers models (runtimes.torch), so
-# GPTQ can calibrate from a GGUF input too.
-TORCH_FROM_GGUF = ("llama", "gemma3")
+# GGUF architectures whose files quantkit rebuilds as transformers models (models.gguf_hf, for
+# runtimes.torch), so GPTQ can calibrate from a GGUF input too: every row above (transformers
+# has each class)
+TORCH_FROM_GGUF = tuple(sorted({a.gguf_arch for a in HF_ARCHS.values()}))
 
 
 def describe(gguf_arch: str, hf_arch: HFArch | None, config: dict | None, n_expert: int = 0,
@@ -323,11 +324,9 @@ def describe(gguf_arch: str, hf_arch: HFArch | None, config: dict | None, n_expe
                "plan: memory and speed from config.json"]
     elif gguf_arch in TORCH_FROM_GGUF:
         can.insert(1, "gguf+gptq: GPTQ-compensated GGUF (the file rebuilt in transformers)")
-    if n_expert:                # experts: GPTQ on routed calibration (quant.moe), from the HF directory
-        can = [c for c in can if not c.startswith("gguf+gptq") or hf_arch is not None]
-        can.insert(2 if hf_arch is not None else 1,
-                   "gpu formats (gptq, compressed-tensors): one linear per expert, the router unquantized"
-                   if hf_arch is not None else "gpu formats (gptq, compressed-tensors): from the Hugging Face directory")
+    if n_expert and (hf_arch is not None or gguf_arch in TORCH_FROM_GGUF):
+        # experts: GPTQ on routed calibration (quant.moe), from the HF directory or the GGUF
+        can.insert(2, "gpu formats (gptq, compressed-tensors): one linear per expert, the router unquantized")
     return {
         "architecture": (cfg.get("architectures") or [None])[0] if hf_arch else gguf_arch,
         "gguf_architecture": gguf_arch,

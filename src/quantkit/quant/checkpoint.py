@@ -94,7 +94,7 @@ def export_gpu_checkpoint(model_path: str, output: str, cfg, *, calib: str | Non
                           seqlen: int = DEFAULT_SEQLEN, shrink: float = 0.0, keep_model: bool = False,
                           show_progress: bool = True, ray=None) -> GPUExportResult:
     """Quantize a causal LM's decoder linears (RTN or GPTQ) and write a GPTQ or compressed-tensors
-    checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (llama, gemma3;
+    checkpoint directory. `model_path`: a Hugging Face directory or a GGUF file (models.gguf_hf;
     its tensors dequantized to float32; calibrated with llama.cpp's tokenizer). `cfg`:
     models.gpu_formats.GPUFormatConfig. Embeddings, norms and the output head stay in the model
     dtype (fp16 for GPTQ). Streaming: one decoder block in memory at a time (keep_model: all of

@@ -100,13 +100,8 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
 
 
 def _check_moe_source(src, path: str, ray) -> None:
-    """A mixture of experts is quantized block-wise from a Hugging Face directory, in one process."""
-    from ..models.gguf import GGUFSource
-    if isinstance(src, GGUFSource):
-        raise QuantkitError(f"block-wise quantization of a mixture of experts ({src.spec.n_expert} experts) from a "
-                            "GGUF file is not supported", path,
-                            "quantize its Hugging Face directory (a GGUF output can also come from this file "
-                            "with --method rtn)")
+    """A mixture of experts is quantized block-wise in one process, from a Hugging Face
+    directory or a GGUF (its layer's experts read from the stacked expert tensors)."""
     if ray is not None:
         raise QuantkitError("Ray workers do not calibrate the experts of a mixture of experts", path,
                             "run without --ray")

@@ -35,19 +35,15 @@ def streaming_model(src, path: str, lazy_embeddings: bool = False):
     The blocks' parameters are allocated but never written until their block is loaded
     (quant.pipeline's load_block), so they take no memory before then. lazy_embeddings: the
     token embeddings are not loaded either (see `compact_embeddings`)."""
-    from ..runtimes.torch import gguf_tensor_for_hf, model_from_gguf
-    from ..models.arch import hf_to_gguf_name
+    from ..runtimes.torch import model_from_gguf
     from ..models.gguf import GGUFSource
+    from ..models.gguf_hf import hf_tensor_reader
     if isinstance(src, GGUFSource):
         model, arch = model_from_gguf(path, load=False)
         tokenizer = LlamaCppTokenizer(path)
-
-        def fetch(hf_name: str):
-            t = gguf_tensor_for_hf(src, arch, hf_name)
-            if t is not None:
-                t = t.clone()                       # never a view of the file's map
-                src.release(hf_to_gguf_name(arch, hf_name))
-            return t
+        # checkpoint names, one expert's matrix at a time: quant.moe.expert_fetch stacks a
+        # layer's experts from them as it does a Hugging Face directory's
+        fetch = hf_tensor_reader(src, arch)
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         try:
@@ -156,4 +152,5 @@ def compact_embeddings(model, rows, input_ids: torch.Tensor) -> torch.Tensor:
             table[sel] = rows(name, r0, r1)[uniq[sel] - r0]
     check_finite(table, name)
     emb.weight.data = table
+    emb.padding_idx = None          # a gradient-only setting, and its id may lie past the compact table
     return inv.reshape(input_ids.shape)

@@ -16,85 +16,38 @@ import numpy as np
 from ..util.errors import QuantkitError
 
 
-def _meta(src, key: str, default=None):
-    v = src.metadata.get(f"{src.spec.arch}.{key}")
-    return v.value if v is not None else default
-
-
-def gguf_tensor_for_hf(src, arch, hf_name: str):
-    """The float32 tensor of HF parameter `hf_name` from a GGUFSource, or None if the GGUF has
-    no such tensor: the inverse of quantkit's HF -> GGUF conversion (Gemma's stored 1 + w norms
-    shifted back, llama's q/k rows permuted back to the half-split rotary layout)."""
-    from ..models.arch import hf_to_gguf_name
-    spec = src.spec
-    g = hf_to_gguf_name(arch, hf_name)
-    if g is None:
-        return None
-    t = src.load(g)
-    if arch.norm_shift and g.endswith("norm.weight"):
-        t = t - arch.norm_shift
-    if arch.permute_qk and (".attn_q." in g or ".attn_k." in g):
-        n = spec.n_head if ".attn_q." in g else spec.n_head_kv
-        half = t.shape[0] // n // 2
-        t = t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-    return t
-
-
 def model_from_gguf(path: str, load: bool = True):
-    """A transformers model (float32) holding a GGUF's weights, dequantized (gguf_tensor_for_hf).
-    Gemma-3 and llama GGUFs. load=False: (model, arch) with parameters allocated but not
-    filled, for callers that load parts of it themselves (quant.gguf_gptq, block by block)."""
+    """A transformers model (float32) holding a GGUF's weights, dequantized, for every
+    architecture models.gguf_hf rebuilds (its config and tensors: the GGUF -> Hugging Face
+    export's). load=False: (model, arch) with parameters allocated but not filled, for callers
+    that load parts of it themselves (quant.streaming, block by block, through
+    models.gguf_hf.hf_tensor_reader)."""
     import torch
-    import transformers as tf
 
-    from ..models.arch import HF_ARCHS
     from ..models.gguf import GGUFSource
+    from ..models.gguf_hf import empty_model, gguf_model_config, hf_tensor_reader
 
     with GGUFSource(path) as src:
-        spec = src.spec
-        common = dict(vocab_size=spec.n_vocab, hidden_size=spec.n_embd, intermediate_size=spec.n_ff,
-                      num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
-                      num_key_value_heads=spec.n_head_kv, max_position_embeddings=spec.n_ctx_train or 4096,
-                      rms_norm_eps=float(_meta(src, "attention.layer_norm_rms_epsilon", 1e-6)),
-                      tie_word_embeddings=spec.tied_embeddings)
-        if spec.arch == "gemma3":
-            arch = HF_ARCHS["gemma3"]
-            pattern = spec.sliding_window_pattern or [False] * spec.n_layer
-            # llama.cpp: rope base 10000 on sliding-window layers, attention scale 1/sqrt(head_dim)
-            cfg = tf.Gemma3TextConfig(
-                head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
-                sliding_window=spec.sliding_window or spec.n_ctx_train,
-                layer_types=["sliding_attention" if p else "full_attention" for p in pattern],
-                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": spec.rope_theta or 1e6},
-                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-                **common)
-            cls = tf.Gemma3ForCausalLM
-        elif spec.arch == "llama" and not src.metadata.get("llama.rope.scaling.type"):
-            arch = HF_ARCHS["llama"]
-            cfg = tf.LlamaConfig(head_dim=spec.head_dim, rope_theta=spec.rope_theta or 10000.0, **common)
-            cls = tf.LlamaForCausalLM
-        else:
-            raise QuantkitError(f"the torch runtime reads GGUF files of gemma3 and llama models, not {spec.arch}",
-                                path, "run it in llama.cpp instead")
-        cfg._attn_implementation = "eager"
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # older transformers
-            from transformers.modeling_utils import no_init_weights
-        with no_init_weights():  # every weight is overwritten below; random init only costs time
-            model = cls(cfg).float().eval()
+        arch, cfg = gguf_model_config(src)
+        model = empty_model(cfg)
         if not load:
             return model, arch
-        state = {}
-        for name in model.state_dict():
-            t = gguf_tensor_for_hf(src, arch, name)
-            if t is not None:
-                state[name] = t
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (spec.tied_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise QuantkitError(f"GGUF -> torch: missing {missing[:3]}, unexpected {unexpected[:3]}", path)
-        if spec.tied_embeddings:
+        read = hf_tensor_reader(src, arch, copy=False, fused=True)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        missing = []
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                t = read(name)
+                if t is None:
+                    if not (tied and name == "lm_head.weight"):
+                        missing.append(name)
+                    continue
+                p.copy_(t)              # one tensor at a time: a view of the file's map is read once
+                del t
+        if missing:
+            raise QuantkitError(f"GGUF -> torch: no tensor for {missing[0]}"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), path)
+        if tied:
             model.tie_weights()
     return model
 
