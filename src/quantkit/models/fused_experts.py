@@ -73,6 +73,8 @@ def per_expert_view(arch_key: str, shapes: dict[str, tuple[int, ...]], hp: dict 
     if not fused or arch_key not in _PER_EXPERT:
         return {n: (s, payload(n)) for n, s in shapes.items()}, pieces
     module, names = _PER_EXPERT[arch_key]
+    for name in sorted(fused):
+        _check(name, shapes[name], fused[name].group(3), hp, path)
 
     def put(name: str, shape: tuple[int, ...], piece: Piece) -> None:
         if name in out:
@@ -90,7 +92,6 @@ def per_expert_view(arch_key: str, shapes: dict[str, tuple[int, ...]], hp: dict 
             put(listed, shape, Piece(name))
             continue
         layer, _, what = m.groups()
-        _check(name, shape, what, hp, path)
         n_exp, rows, cols = shape
         mats = (("gate", 0, rows // 2), ("up", rows // 2, rows)) if what == "gate_up_proj" else (("down", 0, rows),)
         for e in range(n_exp):
