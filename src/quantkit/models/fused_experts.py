@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from ..util.errors import QuantkitError
 
@@ -119,10 +119,3 @@ def _check(name: str, shape: tuple[int, ...], what: str, hp: dict | None, path: 
                             + (" with an even number of rows (gate, then up)" if what == "gate_up_proj" else ""),
                             path, "the checkpoint is damaged")
 
-
-def stored_names(pieces: dict[str, Piece], names: Any) -> list[str]:
-    """The stored tensors the listed `names` are read from, each once, in order."""
-    seen: dict[str, None] = {}
-    for n in names:
-        seen.setdefault(pieces[n].stored if n in pieces else n, None)
-    return list(seen)
