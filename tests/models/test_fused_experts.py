@@ -105,3 +105,19 @@ def test_config_contradicting_a_fused_tensor_is_one_line(arch_dirs, tmp_path, ca
     assert_one_line(err, "tensor model.layers.0.mlp.experts.0.down_proj.weight has shape [256, 256] but config.json "
                     "implies [256, 128]", str(per_expert / "config.json"))
     assert no_partial(out) and not list(out.iterdir())
+
+
+def test_gpu_checkpoint_is_written_per_expert_and_identical(arch_dirs, tmp_path):
+    """compressed-tensors (round to nearest) from the fused checkpoint: every file equals the
+    per-expert checkpoint's, the experts written one linear each under transformers' save names."""
+    from safetensors import safe_open
+    d = _fused(arch_dirs, tmp_path, "qwen3moe")
+    a, b = tmp_path / "per-expert-ct", tmp_path / "fused-ct"
+    api.quantize_gpu(str(arch_dirs("qwen3moe")), a, format="compressed-tensors:w4g32+rtn", show_progress=False)
+    api.quantize_gpu(str(d), b, format="compressed-tensors:w4g32+rtn", show_progress=False)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    names = [n for f in b.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in names
+    assert not [n for n in names if "gate_up_proj" in n]
