@@ -394,3 +394,35 @@ def starve_expert(src: Path, out: Path, expert: int = 3, axis: int = 7) -> Path:
             w[expert, axis] = -1.0
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def fuse_experts(src: Path, out: Path, prefix: str = "mlp") -> Path:
+    """A copy of the tiny mixture of experts `src` (build_arch_model's qwen3moe / mixtral) with
+    its experts stored fused, as transformers 5 holds them and as its
+    save_pretrained(save_original_format=False) writes them: per layer
+    `{prefix}.experts.gate_up_proj` [E, 2 * ff, hidden] (each expert's gate rows, then its up
+    rows) and `{prefix}.experts.down_proj` [E, hidden, ff], the router as `{prefix}.gate.weight`.
+    prefix "block_sparse_moe": Mixtral's own spelling, which transformers also loads."""
+    import re
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, out)
+    sd = load_file(str(out / "model.safetensors"))
+    expert = re.compile(r"^(.*\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+    router = re.compile(r"^(.*\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+    part = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+    layers: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    fused: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if (m := expert.match(name)) is not None:
+            layers.setdefault(m.group(1), {})[(part[m.group(3)], int(m.group(2)))] = t
+        elif (m := router.match(name)) is not None:
+            fused[f"{m.group(1)}.{prefix}.gate.weight"] = t
+        else:
+            fused[name] = t
+    for layer, mats in layers.items():
+        n = 1 + max(e for _, e in mats)
+        fused[f"{layer}.{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([mats[(0, e)], mats[(1, e)]]) for e in range(n)])
+        fused[f"{layer}.{prefix}.experts.down_proj"] = torch.stack([mats[(2, e)] for e in range(n)])
+    save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

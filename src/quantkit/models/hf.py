@@ -35,6 +35,7 @@ from quantkit.models.arch import (
     permute_for_rope,
     supported_hf_architectures,
 )
+from quantkit.models.fused_experts import Piece, expert_width, per_expert_view
 from quantkit.models.hf_config import check_config
 from quantkit.models.hf_shapes import check_shapes
 from quantkit.models.hf_meta import first, gguf_metadata, longrope_factors, rope_parameters
@@ -69,9 +70,12 @@ class _SafetensorsFile(SafetensorsFile):
         dt, shape, begin, end = self.entries[name]
         return self._read(name, dt, shape, begin, end - begin)
 
-    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 (along the first axis) of a tensor, reading only their bytes."""
+    def get_rows(self, name: str, r0: int, r1: int, flat: bool = False) -> torch.Tensor:
+        """Rows r0:r1 (along the first axis) of a tensor, reading only their bytes. flat: of the
+        tensor seen as 2-D [all leading axes, last axis] (an expert's rows of a fused [E, rows, cols])."""
         dt, shape, begin, end = self.entries[name]
+        if flat and len(shape) > 2:
+            shape = (math.prod(shape[:-1]), shape[-1])
         if not shape or not 0 <= r0 <= r1 <= shape[0]:
             raise IndexError(f"rows {r0}:{r1} of {name} with shape {shape}")
         row_bytes = (end - begin) // shape[0] if shape[0] else 0
@@ -145,7 +149,13 @@ class HFSource(ModelSource):
                                     "the config does not describe a complete model")
 
         self._handles: dict[str, Any] = {}
-        self._raw_index: dict[str, tuple[str, tuple[int, ...], str]] = self._index_weights()
+        stored = self._index_weights()
+        # experts stored fused (transformers' own layout) are listed as the per-expert checkpoint
+        # they stand for: each listed name that is part of a stored tensor has its Piece
+        view, self._pieces = per_expert_view(arch.key, {n: s for n, (_, s, _) in stored.items()}, self.hparams,
+                                             self.path, payload=stored.get)
+        self._raw_index: dict[str, tuple[str, tuple[int, ...], str]] = {
+            n: (entry[0], shape, entry[2]) for n, (shape, entry) in view.items()}
 
         # llama.cpp needs one token per embedding row: pad the vocabulary to the rows
         vocab_rows = self._embedding_rows()
@@ -321,6 +331,12 @@ class HFSource(ModelSource):
                                     f"{'missing' if missing else 'beyond num_experts'} ({e.hf_name})", self.path,
                                     "the checkpoint does not match config.json's expert count")
             e.shape = (n_exp, *e.shape)
+            hidden, ff = int(self.hparams["hidden_size"]), expert_width(self.hparams)
+            want = (ff, hidden) if n.split(".")[2] in ("ffn_gate_exps", "ffn_up_exps") else (hidden, ff)
+            if e.shape[1:] != want:
+                raise QuantkitError(f"tensor {e.hf_name} has shape {list(e.shape[1:])} but config.json implies "
+                                    f"{list(want)}", os.path.join(self.path, "config.json"),
+                                    "the config does not match the weights")
 
     # ------------------------------------------------------------------ rope
 
@@ -435,26 +451,41 @@ class HFSource(ModelSource):
         """The Hugging Face tensor a canonical tensor comes from."""
         return self._entries[name].hf_name
 
+    def _get(self, hf_name: str, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, bool]:
+        """A listed tensor in its stored dtype (rows r0:r1 of it), and whether it is a fresh
+        buffer (safetensors) rather than a view of a memory-mapped .bin file. A part of a fused
+        expert tensor is read alone (from safetensors, only its bytes)."""
+        h = self._handles[self._raw_index[hf_name][0]]
+        p = self._pieces.get(hf_name, Piece(hf_name))
+        r0, r1 = rows if rows is not None else (0, p.r1 - p.r0 if p.expert is not None else -1)
+        if p.expert is not None and not 0 <= r0 <= r1 <= p.r1 - p.r0:
+            raise IndexError(f"rows {r0}:{r1} of {hf_name} with {p.r1 - p.r0} rows")
+        if isinstance(h, _SafetensorsFile):
+            if p.expert is not None:
+                base = p.expert * h.entries[p.stored][1][1] + p.r0
+                return h.get_rows(p.stored, base + r0, base + r1, flat=True), True
+            return (h.get_rows(p.stored, r0, r1) if rows is not None else h.get_tensor(p.stored)), True
+        t = h.get_tensor(p.stored) if hasattr(h, "get_tensor") else h[p.stored]
+        if p.expert is not None:
+            t = t[p.expert, p.r0:p.r1]
+        return (t[r0:r1] if rows is not None else t), False
+
     def load_hf(self, hf_name: str) -> torch.Tensor | None:
         """A Hugging Face parameter as stored (float32, no GGUF transforms), or None if the
         checkpoint has no such tensor (tied output heads)."""
         if hf_name not in self._raw_index:
             return None
-        h = self._handles[self._raw_index[hf_name][0]]
-        t = h.get_tensor(hf_name) if hasattr(h, "get_tensor") else h[hf_name]
+        t, fresh = self._get(hf_name)
         # a .bin tensor is a view of the memory-mapped file; a safetensors one is a fresh buffer
-        return t.to(torch.float32, copy=not isinstance(h, _SafetensorsFile)).contiguous()
+        return t.to(torch.float32, copy=not fresh).contiguous()
 
     def load_hf_rows(self, hf_name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of a Hugging Face parameter as stored, float32; from safetensors only
         those rows are read."""
         if hf_name not in self._raw_index:
             raise KeyError(f"{hf_name} is not a tensor of {self.path}")
-        h = self._handles[self._raw_index[hf_name][0]]
-        if isinstance(h, _SafetensorsFile):
-            return h.get_rows(hf_name, r0, r1).to(torch.float32)
-        t = h.get_tensor(hf_name) if hasattr(h, "get_tensor") else h[hf_name]
-        return t[r0:r1].to(torch.float32, copy=True).contiguous()
+        t, fresh = self._get(hf_name, (r0, r1))
+        return t.to(torch.float32, copy=not fresh).contiguous()
 
     def load(self, name: str) -> torch.Tensor:
         try:
@@ -465,15 +496,14 @@ class HFSource(ModelSource):
             return torch.tensor(self._generated[name], dtype=torch.float32)
         if e.experts is not None:
             return torch.stack([self.load_hf(e.experts[i]) for i in range(len(e.experts))])
-        h = self._handles[e.file]
         try:
-            t = h.get_tensor(e.hf_name) if hasattr(h, "get_tensor") else h[e.hf_name]
+            t, fresh = self._get(e.hf_name)
         except Exception as ex:
             msg = str(ex).splitlines()[0] if str(ex) else ex.__class__.__name__
             raise QuantkitError(f"cannot read tensor {e.hf_name} ({msg})", e.file,
                                 "the file is corrupt or truncated") from None
         # a .bin tensor is a view of the memory-mapped file: never hand that out to be modified
-        t = t.to(torch.float32, copy=not isinstance(h, _SafetensorsFile))
+        t = t.to(torch.float32, copy=not fresh)
         if e.keep_rows is not None:
             t = t[: e.keep_rows]
         if e.permute_heads:

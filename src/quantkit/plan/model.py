@@ -26,7 +26,9 @@ import yaml
 from gguf import LlamaFileType
 
 from ..codecs.geometry import type_geometry
-from ..models.arch import HF_CLASS_ARCH, HF_CONFIG_KEYS, HF_CONFIG_OPTIONAL_KEYS, BlockLayout, block_layout
+from ..models.arch import (HF_CLASS_ARCH, HF_CONFIG_KEYS, HF_CONFIG_OPTIONAL_KEYS, BlockLayout, block_layout,
+                           find_hf_arch)
+from ..models.fused_experts import is_fused, per_expert_view
 from ..models.gguf_file import GGUFFile, GGUFFormatError
 from ..models.gguf_hparams import GGUFHParams, read_hparams
 from ..models.hf_config import check_config
@@ -314,6 +316,28 @@ def read_safetensors(path: str) -> list[Tensor]:
         return [Tensor(name, e.shape, e.dtype.lower(), e.nbytes) for name, e in f.entries.items()]
 
 
+def per_expert_tensors(cfg: dict, tensors: list[Tensor], path: str) -> list[Tensor]:
+    """A checkpoint whose experts are stored fused (transformers' gate_up_proj / down_proj) as the
+    per-expert checkpoint it stands for (models.fused_experts), so both plan alike."""
+    if not any(is_fused(t.name) for t in tensors):
+        return tensors
+    tc = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    archs = [a for a in (cfg.get("architectures") or tc.get("architectures") or []) if isinstance(a, str)]
+    arch = find_hf_arch(archs, cfg.get("model_type") or tc.get("model_type"))
+    by_name = {t.name: t for t in tensors}
+    view, _ = per_expert_view(arch.key if arch else "", {t.name: tuple(t.shape) for t in tensors}, None, path,
+                              payload=by_name.get)
+    out = []
+    for name, (shape, src) in view.items():
+        n, whole = 1, 1
+        for d in shape:
+            n *= d
+        for d in src.shape:
+            whole *= d
+        out.append(Tensor(name, shape, src.type, src.nbytes * n // whole if whole else 0))
+    return out
+
+
 def _first(cfg: dict, keys: tuple[str, ...]):
     """The first of `keys` that config.json sets to something other than 0/null/false."""
     return next((cfg[x] for x in keys if cfg.get(x)), None)
@@ -399,7 +423,7 @@ def from_hf_dir(path: str) -> ModelShape:
     m = from_hf_config(cfg, os.path.basename(os.path.abspath(path)), path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
-        m.tensors = [t for f in files for t in read_safetensors(f)]
+        m.tensors = per_expert_tensors(cfg, [t for f in files for t in read_safetensors(f)], path)
         if m.vision is not None:      # the vision tower and projector are planned as the mmproj file
             m.tensors = [t for t in m.tensors if not t.name.removeprefix("model.").startswith(
                 ("vision_tower.", "vision_model.", "multi_modal_projector."))]
@@ -419,7 +443,7 @@ def from_safetensors(path: str) -> ModelShape:
                             "the planner needs num_hidden_layers, hidden_size, num_attention_heads, "
                             "intermediate_size, vocab_size from it")
     m = from_hf_config(_read_config(d), os.path.basename(path), d)
-    m.tensors = read_safetensors(path)
+    m.tensors = per_expert_tensors(_read_config(d), read_safetensors(path), path)
     dts = {t.type for t in m.tensors if len(t.shape) >= 2}
     m.stored_format = m.stored_format or (next(iter(dts)) if len(dts) == 1 else "mixed")
     return m

@@ -5,7 +5,8 @@ returns (logits, top-k weights, top-k indices)) and `mlp.experts` (fused 3-D par
 gate_up_proj [E, 2I, hidden], gate rows first, and down_proj [E, hidden, I]); checkpoints store
 one 2-D tensor per expert (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
 `block_sparse_moe.experts.{e}.w1/w3/w2.weight`). `expert_fetch` builds the fused parameters
-from those.
+from those (a Hugging Face checkpoint storing them fused is read through models.hf as the
+per-expert one, each expert's rows alone, so the same path and memory serve both).
 
 Routed calibration (`quantize_experts`, the pipeline's `sparse_mlp` stage, after the attention
 is quantized): one pass of the block with its MLP replaced by a recorder that returns zeros
