@@ -147,11 +147,16 @@ def test_rtn_pipeline_needs_no_data_and_gptq_does():
 
 
 class _Tok:
-    """A whitespace tokenizer with the Hugging Face call signature."""
+    """A whitespace tokenizer with the Hugging Face call signature; it puts BOS (1) before a
+    text when asked for special tokens, unless adds_bos is False."""
     bos_token_id = 1
 
+    def __init__(self, adds_bos: bool = True):
+        self.adds_bos = adds_bos
+
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [len(w) for w in text.split()]}
+        ids = [len(w) for w in text.split()]
+        return {"input_ids": ([1] if add_special_tokens and self.adds_bos else []) + ids}
 
 
 def test_calibration_chunks_and_short_text(tmp_path, data_dir):
@@ -161,6 +166,9 @@ def test_calibration_chunks_and_short_text(tmp_path, data_dir):
     with open(valid, encoding="utf-8") as f:
         words = f.read().split()
     assert ids[0, 1:].tolist() == [len(w) for w in words[:15]]
+    # a BOS the tokenizer defines but does not add (GPT-2's BPE): none before the chunks either
+    plain = calibration_ids(_Tok(adds_bos=False), valid, nsamples=4, seqlen=16)
+    assert plain[0].tolist() == [len(w) for w in words[:16]]
     short = tmp_path / "short.txt"
     short.write_text("only five words in here\n", encoding="utf-8")
     with pytest.raises(QuantkitError, match=r"has 5 tokens, 2 samples x 8 tokens need 14"):

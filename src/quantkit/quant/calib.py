@@ -29,15 +29,29 @@ def read_text(path: str) -> str:
         raise QuantkitError(f"calibration file is not UTF-8 text ({e.reason} at byte {e.start})", path) from None
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer starts an encoded text with it, else None: a tokenizer may
+    define a BOS token without adding it (GPT-2's byte-level BPE, a converted GGUF whose
+    add_bos_token is false), and then neither transformers nor llama.cpp (llama-imatrix) puts one
+    before the text, so the calibration does not either."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if list(full[:1]) == [bos] and list(full[1:1 + len(plain)]) == list(plain) else None
+
+
 def calibration_ids(tokenizer, path: str | None = None, nsamples: int = DEFAULT_NSAMPLES,
                     seqlen: int = DEFAULT_SEQLEN) -> torch.Tensor:
-    """LongTensor [nsamples, seqlen]: consecutive chunks of the text's tokens (BOS first if any).
-    `tokenizer`: a Hugging Face tokenizer (the model's own)."""
+    """LongTensor [nsamples, seqlen]: consecutive chunks of the text's tokens, BOS first where the
+    tokenizer puts one before a text (leading_bos). `tokenizer`: a Hugging Face tokenizer (the
+    model's own)."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError(f"need at least 1 sample of at least 2 tokens (got {nsamples} x {seqlen})")
     path = path or default_calibration_file()
     text = read_text(path)
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = leading_bos(tokenizer)
     per = seqlen - 1 if bos is not None else seqlen
     need = nsamples * per
     # tokenize ~64 KB pieces cut at line ends until there are enough tokens: a large file
