@@ -394,3 +394,13 @@ def starve_expert(src: Path, out: Path, expert: int = 3, axis: int = 7) -> Path:
             w[expert, axis] = -1.0
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def bf16_copy(src: Path, out: Path) -> Path:
+    """A copy of the tiny model `src` with every weight rounded to bfloat16 (stored as float32):
+    a bf16 checkpoint's values, whose experts the streaming driver keeps compact (bf16)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, out)
+    sd = {k: v.to(torch.bfloat16).float() for k, v in load_file(str(out / "model.safetensors")).items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -107,6 +107,3 @@ def _check_moe_source(src, path: str, ray) -> None:
                             "GGUF file is not supported", path,
                             "quantize its Hugging Face directory (a GGUF output can also come from this file "
                             "with --method rtn)")
-    if ray is not None:
-        raise QuantkitError("Ray workers do not calibrate the experts of a mixture of experts", path,
-                            "run without --ray")
