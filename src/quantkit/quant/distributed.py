@@ -17,6 +17,20 @@ Per decoder block:
 4. each worker propagates its share to the next block's inputs; they go to Ray's object store,
    owned by the driver.
 
+A mixture of experts' sparse block (quant.moe) runs quant.moe.quantize_experts' steps after its
+attention stages: every worker routes its share's tokens (the model's router; routing one token
+does not depend on which other tokens share its worker) and returns its token count per expert;
+per batch of experts (quant.moe.EXPERT_BATCH_ELEMENTS) each worker returns its share's gate/up
+Hessians of the batch (the mean over its tokens of each expert), which the driver sums per
+expert in float64 in worker order, weighted by the worker's token count of that expert; experts
+under `moe_min_tokens` tokens in the global counts are mixed with the pooled Hessian (summed
+the same way) exactly as in one process; the batch is solved on one worker (batches
+round-robin, at least one per worker, the next batches' Hessians computed while the driver
+sums), its stored forms sent to every worker. Then the downs likewise, on the down inputs through the solved gate/up, the
+starved experts' last on the pooled down Hessian; each worker then computes its share's block
+outputs with the quantized experts. With one worker every sum is that worker's Hessian exactly:
+the file is byte for byte the single-process one.
+
 Faults. A worker that dies is restarted by Ray (actor `max_restarts`); the block it was in is
 run again from the block's inputs, which the driver owns in the object store: they survive the
 worker's process, so no earlier block is recomputed (recomputing from block 0 would need every
@@ -25,8 +39,13 @@ block, which also makes the re-run byte for byte the first run. Ctrl-C kills the
 down a runtime this process started, and the sinks leave no partial output.
 
 Memory per worker: one block (float32) plus its share of the activations plus the largest
-stage's Hessians, declared as the actors' `memory` resource and checked against the nodes
-before any work. Nothing here imports Ray until a run asks for it.
+stage's Hessians, and for a sparse block what the experts' stage adds (quant.moe.
+expert_work_bytes): its share's MLP inputs, one batch of experts' Hessians and solve, the two
+pooled Hessians and the layer's stored forms; never every expert's Hessians at once. Declared
+as the actors' `memory` resource (`worker_bytes`) and checked against the nodes before any
+work. The driver holds the block, one batch's Hessians summed in float64, the starved
+experts' down Hessians and the layer's stored forms. Nothing here imports Ray until a run asks
+for it.
 """
 
 from __future__ import annotations
@@ -296,8 +315,9 @@ class BlockWorker:
 
     def stats(self) -> dict:
         import resource
+        r = resource.getrusage(resource.RUSAGE_SELF)
         return {"worker": self.index, "pid": os.getpid(), "host": socket.gethostname(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": self.seconds}
+                "peak_rss_mb": r.ru_maxrss / 1024, "cpu_s": r.ru_utime + r.ru_stime, "seconds": self.seconds}
 
 
 def _add(report: PipelineReport, phase: str, t0: float) -> float:
@@ -506,13 +526,13 @@ def _experts(ray, workers, layer, lp, rows, cfg, report, done, t):
         return sum_expert_hessians([lambda r=r: ray_cluster.get(ray, r) for r in refs],
                                    [[s[e] for e in es] for s in shares])
 
-    for es, refs in _ahead(L.batches(GATE_UP), lambda es: [w.moe_gate_up_hessians.remote(es) for w in workers],
+    for es, refs in _ahead(L.batches(GATE_UP, ways=depth), lambda es: [w.moe_gate_up_hessians.remote(es) for w in workers],
                            depth):
         solves.submit(es, GATE_UP, safeguard(summed(es, refs), es, counts, pooled, m))
         solves.drain(depth)
     solves.drain(0)                             # every gate/up on the workers before their down inputs
     kept: dict[int, torch.Tensor] = {}
-    for es, refs in _ahead(L.batches(DOWN), lambda es: [w.moe_down_hessians.remote(es) for w in workers], depth):
+    for es, refs in _ahead(L.batches(DOWN, ways=depth), lambda es: [w.moe_down_hessians.remote(es) for w in workers], depth):
         H = summed(es, refs)
         fed = [b for b, e in enumerate(es) if counts[e] >= m]
         kept.update((e, H[b].clone()) for b, e in enumerate(es) if counts[e] < m)
@@ -525,7 +545,7 @@ def _experts(ray, workers, layer, lp, rows, cfg, report, done, t):
         n_dn = sum(n for _, n in pd)
         pooled_dn = sum_hessians([H for H, n in pd if n], [n for _, n in pd if n]) if n_dn else None
         del pd
-        for es in L.batches(DOWN, starved):
+        for es in L.batches(DOWN, starved, ways=depth):
             H = torch.stack([kept.pop(e) for e in es])
             solves.submit(es, DOWN, safeguard(H, es, counts, pooled_dn, m) if n_dn else H)
     solves.drain(0)

@@ -8,13 +8,14 @@ one 2-D tensor per expert (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
 from those.
 
 Routed calibration (`quantize_experts`, the pipeline's `sparse_mlp` stage, after the attention
-is quantized): one pass of the block with its MLP replaced by a recorder that returns zeros
-gives every token's MLP input x and, exactly, the block's output without its MLP (residual +
-attention). The model's own router (`mlp.gate`, its softmax / top-k / norm_topk_prob as the
-model computes them) routes x; expert e's gate/up Hessian comes from the tokens routed to it
-alone, and its down Hessian from those tokens' down inputs computed with its already-quantized
-gate/up (true-sequential). The block's output is then residual + the model's MoE forward with
-the quantized experts.
+is quantized; `RoutedTokens`): one pass of the block with its MLP replaced by a recorder that
+returns zeros gives every token's MLP input x and, exactly, the block's output without its MLP
+(residual + attention). The model's own router (`mlp.gate`, its softmax / top-k /
+norm_topk_prob as the model computes them) routes x; expert e's gate/up Hessian comes from the
+tokens routed to it alone, and its down Hessian from those tokens' down inputs computed with
+its already-quantized gate/up (true-sequential). The block's output is then residual + the
+model's MoE forward with the quantized experts. quant.distributed runs the same steps on Ray
+workers, each routing a share of the calibration, the Hessians summed per expert.
 
 Starved experts: an expert routed fewer than `min_tokens` calibration tokens (GPTQConfig
 `moe_min_tokens`; default max(16, hidden // 8)) is solved on its Hessian mixed with the layer's
@@ -28,12 +29,12 @@ gate/up, 16 of its downs) by quant.gptq.quantize_weights, whose column loop runs
 batch and gives each expert exactly what solving it alone gives.
 
 Memory: a batch's Hessians, factors and float32 working copies (~0.7 GB at 30B-A3B's shapes),
-the two pooled Hessians (hidden² + I² floats), the starved experts' few down inputs, the
-layer's MLP inputs (as large as the block's hidden states) and the experts' stored forms;
-never every expert's Hessians at once. The streaming driver loads a bf16 checkpoint's fused
-expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32; those are
-not overwritten with the solved values: the block's output is then `moe_output`, the eager
-experts forward of transformers run on the stored forms decoded one expert at a time.
+the two pooled Hessians (hidden² + I² floats), the starved experts' down Hessians, the layer's
+MLP inputs (as large as the block's hidden states) and the experts' stored forms; never every
+expert's Hessians at once (`expert_work_bytes`). The streaming driver loads a bf16 checkpoint's
+fused expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32;
+those are not overwritten with the solved values: the block's output is then `moe_output`, the
+eager experts forward of transformers run on the stored forms decoded one expert at a time.
 """
 
 from __future__ import annotations
@@ -301,10 +302,13 @@ class ExpertLayer:
         self.grids = {p: cfg.grid(f"{lp}.mlp.experts.{p}") if callable(cfg.grid) else cfg.grid for p in PARTS}
         self.stored: dict[str, list] = {p: [None] * self.n_expert for p in PARTS}
 
-    def batches(self, parts: tuple[str, ...], es: list[int] | None = None) -> list[list[int]]:
-        """Experts es (default all), in order, in batches of a solve's size for `parts`."""
+    def batches(self, parts: tuple[str, ...], es: list[int] | None = None, ways: int = 1) -> list[list[int]]:
+        """Experts es (default all), in order, in batches of a solve's size for `parts`, and at
+        least `ways` batches where there are that many experts (to solve side by side)."""
         fused = self.dn if parts == DOWN else self.gu
-        return _chunks(list(range(self.n_expert)) if es is None else es, max(1, EXPERT_BATCH_ELEMENTS // fused[0].numel()))
+        es = list(range(self.n_expert)) if es is None else es
+        size = min(max(1, EXPERT_BATCH_ELEMENTS // fused[0].numel()), max(1, -(-len(es) // ways)))
+        return _chunks(es, size)
 
     def jobs(self, es: list[int], parts: tuple[str, ...]) -> list[tuple[str, list[int], torch.Tensor, object]]:
         """The batched solves of experts es's `parts`, one per grid: (label, indices into parts,
