@@ -74,7 +74,8 @@ def run_one(model: str, out: str, workers: int, threads: int, nsamples: int) -> 
     return {"wall_s": round(wall, 2), "driver_cpu_s": round(r.ru_utime + r.ru_stime, 2),
             "workers_cpu_s": [round(w.get("cpu_s", 0.0), 2) for w in rep.workers],
             "phases": {k: round(v, 2) for k, v in rep.phases.items()},
-            "driver_peak_rss_mb": round(r.ru_maxrss / 1024), "workers_peak_rss_mb": [round(w["peak_rss_mb"]) for w in rep.workers],
+            "driver_peak_rss_mb": round(r.ru_maxrss / 1024),
+            "workers_peak_rss_mb": [round(w["peak_rss_mb"]) for w in rep.workers],
             "experts": rep.experts, "sha256": hashlib.sha256(Path(out).read_bytes()).hexdigest()}
 
 
@@ -118,15 +119,17 @@ def main() -> None:
            "machine": "AMD EPYC, 2 cores (avx2 avx512f avx512_vnni avx512_bf16), shared", "runs": rows}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-    print("| run | wall s | CPU s (driver + workers) | wall vs local1 | bytes = local, same threads | max tokens moved | "
-          "load before / after |")
+    print("| run | wall s | CPU s (driver + workers) | wall vs local1 | bytes = local, same threads "
+          "| max tokens moved | load before / after |")
     print("|---|---|---|---|---|---|---|")
     for label in RUNS:
         if label not in rows:
             continue
         r = rows[label]
-        print(f"| {label} | {r['wall_s']} | {r['cpu_s']} ({r['driver_cpu_s']} + {' + '.join(map(str, r['workers_cpu_s'])) or '0'}) "
-              f"| {r['wall_s'] / rows['local1']['wall_s']:.2f}x | {'yes' if r['bytes_equal_local'] else 'no'} | {r['max_tokens_moved']} "
+        cpu = " + ".join(map(str, [r["driver_cpu_s"], *r["workers_cpu_s"]]))
+        ratio = r["wall_s"] / rows["local1"]["wall_s"]
+        same = "yes" if r["bytes_equal_local"] else "no"
+        print(f"| {label} | {r['wall_s']} | {r['cpu_s']} ({cpu}) | {ratio:.2f}x | {same} | {r['max_tokens_moved']} "
               f"| {r['load_before'][0]} / {r['load_after'][0]} |")
 
 

@@ -26,9 +26,9 @@ expert in float64 in worker order, weighted by the worker's token count of that 
 under `moe_min_tokens` tokens in the global counts are mixed with the pooled Hessian (summed
 the same way) exactly as in one process; the batch is solved on one worker (batches
 round-robin, at least one per worker, the next batches' Hessians computed while the driver
-sums), its stored forms sent to every worker. Then the downs likewise, on the down inputs through the solved gate/up, the
-starved experts' last on the pooled down Hessian; each worker then computes its share's block
-outputs with the quantized experts. With one worker every sum is that worker's Hessian exactly:
+sums), its stored forms sent to every worker. Then the downs likewise, on the down inputs
+through the solved gate/up, the starved experts' last on the pooled down Hessian; each worker
+then computes its share's block outputs with the quantized experts. With one worker every sum is that worker's Hessian exactly:
 the file is byte for byte the single-process one.
 
 Faults. A worker that dies is restarted by Ray (actor `max_restarts`); the block it was in is
@@ -526,13 +526,14 @@ def _experts(ray, workers, layer, lp, rows, cfg, report, done, t):
         return sum_expert_hessians([lambda r=r: ray_cluster.get(ray, r) for r in refs],
                                    [[s[e] for e in es] for s in shares])
 
-    for es, refs in _ahead(L.batches(GATE_UP, ways=depth), lambda es: [w.moe_gate_up_hessians.remote(es) for w in workers],
-                           depth):
+    gate_up = [w.moe_gate_up_hessians for w in workers]
+    for es, refs in _ahead(L.batches(GATE_UP, ways=depth), lambda es: [f.remote(es) for f in gate_up], depth):
         solves.submit(es, GATE_UP, safeguard(summed(es, refs), es, counts, pooled, m))
         solves.drain(depth)
     solves.drain(0)                             # every gate/up on the workers before their down inputs
     kept: dict[int, torch.Tensor] = {}
-    for es, refs in _ahead(L.batches(DOWN, ways=depth), lambda es: [w.moe_down_hessians.remote(es) for w in workers], depth):
+    down = [w.moe_down_hessians for w in workers]
+    for es, refs in _ahead(L.batches(DOWN, ways=depth), lambda es: [f.remote(es) for f in down], depth):
         H = summed(es, refs)
         fed = [b for b, e in enumerate(es) if counts[e] >= m]
         kept.update((e, H[b].clone()) for b, e in enumerate(es) if counts[e] < m)
