@@ -400,9 +400,16 @@ def test_a_worker_killed_in_an_moe_block_is_retried_with_the_same_bytes(runtime,
 
 
 def test_worker_memory_counts_the_experts_stage(arch_dirs):
+    """worker_bytes of a sparse block adds the experts' stage: per token of the share its MLP
+    input and an expert's activations, one batch of experts' Hessians with their factors (all 4
+    of the tiny model's in one batch), the pooled Hessians and the layer's stored forms."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from quantkit.quant.moe import expert_work_bytes
     layer = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(arch_dirs("qwen3moe"))).model.layers[0]
-    base = worker_bytes(layer, n_share=2, seqlen=MOE_SEQ)
-    assert expert_work_bytes(layer.mlp, 2 * MOE_SEQ) > 3 * 4 * 256 * 256 * 4       # at least the stored forms
-    assert worker_bytes(layer, n_share=4, seqlen=MOE_SEQ) > base
+    n_expert, two_i, hidden = layer.mlp.experts.gate_up_proj.shape
+    small, large = expert_work_bytes(layer.mlp, MOE_SEQ), expert_work_bytes(layer.mlp, 2 * MOE_SEQ)
+    assert large - small == MOE_SEQ * (hidden + 3 * two_i) * 4
+    fixed = small - MOE_SEQ * (hidden + 3 * two_i) * 4
+    assert n_expert * hidden ** 2 * 4 * 2 < fixed < 2 ** 28                 # not a 24M-element batch of 4 experts
+    block = sum(p.numel() for p in layer.parameters()) * 4
+    assert worker_bytes(layer, n_share=1, seqlen=MOE_SEQ) > block + small

@@ -393,9 +393,9 @@ def expert_work_bytes(mlp: nn.Module, tokens: int) -> int:
     Hessians, and the layer's stored forms (at most 8.5 bits a weight)."""
     n_expert, two_i, hidden = mlp.experts.gate_up_proj.shape
     inter = two_i // 2
-    batch = max(max(1, EXPERT_BATCH_ELEMENTS // (two_i * hidden)) * hidden ** 2,
-                max(1, EXPERT_BATCH_ELEMENTS // (inter * hidden)) * inter ** 2)
-    solve = batch * 4 * 3 + EXPERT_BATCH_ELEMENTS * 4 * 3
+    batch = max(min(n_expert, max(1, EXPERT_BATCH_ELEMENTS // (two_i * hidden))) * hidden ** 2,
+                min(n_expert, max(1, EXPERT_BATCH_ELEMENTS // (inter * hidden))) * inter ** 2)
+    solve = batch * 4 * 3 + min(EXPERT_BATCH_ELEMENTS, n_expert * two_i * hidden) * 4 * 3
     acts = tokens * (hidden + 3 * two_i) * 4
     return solve + acts + (hidden ** 2 + inter ** 2) * 4 + n_expert * 3 * inter * hidden * 17 // 16
 
