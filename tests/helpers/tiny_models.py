@@ -426,3 +426,13 @@ def fuse_experts(src: Path, out: Path, prefix: str = "mlp") -> Path:
         fused[f"{layer}.{prefix}.experts.down_proj"] = torch.stack([mats[(2, e)] for e in range(n)])
     save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def bf16_copy(src: Path, out: Path) -> Path:
+    """A copy of the tiny model `src` with every weight rounded to bfloat16 (stored as float32):
+    a bf16 checkpoint's values, whose experts the streaming driver keeps compact (bf16)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, out)
+    sd = {k: v.to(torch.bfloat16).float() for k, v in load_file(str(out / "model.safetensors")).items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

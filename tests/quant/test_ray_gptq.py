@@ -1,7 +1,8 @@
 """Data-parallel GPTQ on a local Ray runtime (2 worker processes, loopback only): the tiny llama
 quantized with the calibration split over 1 and 2 Ray workers against the single-process run,
-for a GGUF and a GPU format; a worker killed by PID mid-task; Ctrl-C; bad addresses and
-clusters, one line each."""
+for a GGUF and a GPU format; the tiny mixtures of experts (Qwen3-MoE, a bf16 Mixtral with
+starved experts) likewise; a worker killed by PID mid-task, in a dense and in an MoE block;
+Ctrl-C; bad addresses and clusters, one line each."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import ray  # the [ray] extra, which `make test` installs: its absence must fail
 import torch
 
 from helpers.cli import assert_one_line, run_cli
+from helpers.llama_logits import chunk_logits, kld
 from helpers.quantized_ckpt import checkpoint_tensors
+from helpers.tiny_models import bf16_copy, starve_expert
 from quantkit import api
 from quantkit.runtimes import ray_cluster
 from quantkit.quant.distributed import BlockWorker, RayOptions, check_resources, sum_hessians, worker_bytes
@@ -171,37 +174,44 @@ def _block_workers(root: int, busy: bool = False) -> list[int]:
     return found
 
 
+def _kill_during(methods: tuple[bytes, ...], killed: list[int]) -> None:
+    """SIGKILL the first BlockWorker seen running one of `methods`; its PID into `killed` (a 0
+    there from the caller stops the watch)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        for pid in _block_workers(os.getpid(), busy=True):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    title = f.read()
+                if not any(b"BlockWorker." + m in title for m in methods):
+                    continue
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+            killed.append(pid)
+            return
+        time.sleep(0.005)
+
+
+def _run_killing(methods: tuple[bytes, ...], run) -> None:
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_during, args=(methods, killed))
+    killer.start()
+    try:
+        run()
+    finally:
+        killed.append(0)                                  # stops the killer if the run ended first
+        killer.join()
+    assert killed[0] != 0, f"no worker was seen running {methods}"
+
+
 def test_a_worker_killed_mid_task_is_retried_with_the_same_bytes(runtime, gptq_llama_dir, two_gguf, calib, tmp_path):
     """SIGKILL to a worker while it runs a calibration pass: Ray restarts it, the block is run
     again from its inputs in the object store, and the file is the one an undisturbed 2-worker
     run writes."""
-    killed: list[int] = []
-
-    def kill_one_busy_worker():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            for pid in _block_workers(os.getpid(), busy=True):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:   # mid-task: running a calibration pass
-                        if b"BlockWorker.hessians" not in f.read():
-                            continue
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    continue
-                killed.append(pid)
-                return
-            time.sleep(0.005)
-
-    killer = threading.Thread(target=kill_one_busy_worker)
-    killer.start()
     out = tmp_path / "killed.gguf"
-    try:
-        got = _gguf(gptq_llama_dir, out, calib, ray=True, workers=2)
-    finally:
-        killed.append(0)                                  # stops the killer if the run ended first
-        killer.join()
-    assert killed[0] != 0, "no worker was seen running a calibration pass"
-    assert got == two_gguf[1]
+    _run_killing((b"hessians",), lambda: _gguf(gptq_llama_dir, out, calib, ray=True, workers=2))
+    assert out.read_bytes() == two_gguf[1]
 
 
 def test_ctrl_c_leaves_nothing(gptq_llama_dir, calib, tmp_path):
@@ -293,3 +303,113 @@ def test_hessians_sum_in_worker_order_weighted_by_rows():
     accumulate_hessian(x, whole, 0)
     assert torch.allclose(sum_hessians(parts, counts), whole, rtol=1e-5, atol=1e-6)
     assert torch.equal(sum_hessians(parts[:1], counts[:1]), parts[0])       # one worker: exactly its own
+
+
+# ---- mixtures of experts ---------------------------------------------------------------------
+MOE_NS, MOE_SEQ = 4, 64                 # 256 tokens, top-2 of 4 experts
+STARVED = 3                             # the expert starve_expert's router never picks
+
+
+def _moe_gguf(model, out, workers: int | None = None, plan=None):
+    from quantkit.quant.gguf_gptq import export_gguf_gptq
+    rep = export_gguf_gptq(str(model), out, "q4_0", nsamples=MOE_NS, seqlen=MOE_SEQ, show_progress=False, plan=plan,
+                           ray=RayOptions(workers=workers) if workers else None)
+    return Path(out).read_bytes(), rep
+
+
+@pytest.fixture(scope="module")
+def starved_bf16(arch_dirs, tmp_path_factory):
+    """The tiny Mixtral with expert 3 never routed to, as a bf16 checkpoint (compact experts)."""
+    root = tmp_path_factory.mktemp("moe")
+    return bf16_copy(starve_expert(arch_dirs("mixtral"), root / "starved", expert=STARVED), root / "bf16")
+
+
+@pytest.mark.parametrize("kind", ["qwen3moe", "mixtral-bf16-starved"])
+def test_moe_one_worker_is_the_local_file(runtime, arch_dirs, starved_bf16, kind, tmp_path):
+    """One worker: the experts' Hessians, safeguard and solves are the single-process ones, so
+    the same bytes and the same report (token counts, safeguarded experts, damp), for float32
+    experts (written back) and compact bf16 ones with starved experts."""
+    d = arch_dirs(kind) if kind == "qwen3moe" else starved_bf16
+    local, lrep = _moe_gguf(d, tmp_path / "local.gguf")
+    one, orep = _moe_gguf(d, tmp_path / "w1.gguf", workers=1)
+    assert one == local
+    assert orep.experts == lrep.experts and orep.damp == lrep.damp and len(lrep.experts) == 2
+    if kind != "qwen3moe":
+        assert all(STARVED in r["safeguarded"] and r["tokens"][STARVED] == 0 for r in lrep.experts.values())
+
+
+@pytest.fixture(scope="module")
+def attn_f32_plan(arch_dirs):
+    """Qwen3-MoE's Q4_0 mix with the attention left F32: block 0's MLP inputs then do not depend
+    on how the attention's Hessians were summed."""
+    from quantkit.models.open import open_model
+    from quantkit.quant.gguf_export import plan_gguf
+    src = open_model(str(arch_dirs("qwen3moe")))
+    try:
+        _, plan = plan_gguf(src, "q4_0", calibrated=True)
+    finally:
+        src.close()
+    return [(n, shape, "f32" if ".attn_" in n else t) for n, shape, t in plan]
+
+
+@pytest.fixture(scope="module")
+def moe_two(runtime, arch_dirs, attn_f32_plan, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-two") / "w2.gguf"
+    return (out, *_moe_gguf(arch_dirs("qwen3moe"), out, workers=2, plan=attn_f32_plan))
+
+
+# KL divergence to the F32 file, measured: 2 workers 0.0606 against 0.0614 single-process (the
+# experts' Hessians summed per worker in float64, block 1 routed a few tokens differently). The
+# bound: 5% of the KL.
+MOE_KL_TOL = 0.05
+
+
+def test_moe_two_workers_route_as_one_process_and_load_in_llama_cpp(runtime, arch_dirs, arch_f32, attn_f32_plan,
+                                                                    moe_two, held_out, tmp_path):
+    """Two workers: each routes its share; the summed counts of block 0 (whose MLP inputs are
+    the float attention's) are the single-process counts exactly, whichever worker saw which
+    token; block 1's inputs come from experts solved on differently rounded Hessian sums, so its
+    counts may move by a few tokens near routing ties. The file has the local file's layout and
+    loads in llama.cpp, with the local file's KL divergence to F32."""
+    local_path = tmp_path / "local.gguf"
+    local, lrep = _moe_gguf(arch_dirs("qwen3moe"), local_path, plan=attn_f32_plan)
+    two_path, two, trep = moe_two
+    assert len(two) == len(local) and two != local
+    assert trep.experts["model.layers.0"] == lrep.experts["model.layers.0"]
+    tokens = MOE_NS * MOE_SEQ
+    for lp, r in trep.experts.items():
+        assert sum(r["tokens"]) == 2 * tokens and r["min_tokens"] == lrep.experts[lp]["min_tokens"]
+        assert r["safeguarded"] == [e for e, c in enumerate(r["tokens"]) if c < r["min_tokens"]]
+        moved = max(abs(a - b) for a, b in zip(r["tokens"], lrep.experts[lp]["tokens"]))
+        assert moved <= tokens // 20, (lp, r, lrep.experts[lp])         # measured: 3 of 256 in block 1
+    ref = chunk_logits(arch_f32("qwen3moe"), held_out)
+    k_local, k_two = kld(ref, chunk_logits(local_path, held_out)), kld(ref, chunk_logits(two_path, held_out))
+    assert k_local > 1e-4 and abs(k_two - k_local) <= MOE_KL_TOL * k_local, (k_two, k_local)
+
+
+def test_a_worker_killed_in_an_moe_block_is_retried_with_the_same_bytes(runtime, arch_dirs, attn_f32_plan, moe_two,
+                                                                        tmp_path):
+    """SIGKILL to a worker while it routes, sums or solves experts: the block is run again from
+    its inputs and the file is the undisturbed 2-worker one."""
+    out = tmp_path / "killed.gguf"
+    got: list = []
+    _run_killing((b"moe_", b"solve_experts"),
+                 lambda: got.append(_moe_gguf(arch_dirs("qwen3moe"), out, workers=2, plan=attn_f32_plan)))
+    assert got[0][0] == moe_two[1] and got[0][1].phases.get("retries") == 1
+    assert got[0][1].experts == moe_two[2].experts
+
+
+def test_worker_memory_counts_the_experts_stage(arch_dirs):
+    """worker_bytes of a sparse block adds the experts' stage: per token of the share its MLP
+    input and an expert's activations, one batch of experts' Hessians with their factors (all 4
+    of the tiny model's in one batch), the pooled Hessians and the layer's stored forms."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from quantkit.quant.moe import expert_work_bytes
+    layer = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(arch_dirs("qwen3moe"))).model.layers[0]
+    n_expert, two_i, hidden = layer.mlp.experts.gate_up_proj.shape
+    small, large = expert_work_bytes(layer.mlp, MOE_SEQ), expert_work_bytes(layer.mlp, 2 * MOE_SEQ)
+    assert large - small == MOE_SEQ * (hidden + 3 * two_i) * 4
+    fixed = small - MOE_SEQ * (hidden + 3 * two_i) * 4
+    assert n_expert * hidden ** 2 * 4 * 2 < fixed < 2 ** 28                 # not a 24M-element batch of 4 experts
+    block = sum(p.numel() for p in layer.parameters()) * 4
+    assert worker_bytes(layer, n_share=1, seqlen=MOE_SEQ) > block + small

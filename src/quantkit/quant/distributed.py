@@ -17,6 +17,20 @@ Per decoder block:
 4. each worker propagates its share to the next block's inputs; they go to Ray's object store,
    owned by the driver.
 
+A mixture of experts' sparse block (quant.moe) runs quant.moe.quantize_experts' steps after its
+attention stages: every worker routes its share's tokens (the model's router; routing one token
+does not depend on which other tokens share its worker) and returns its token count per expert;
+per batch of experts (quant.moe.EXPERT_BATCH_ELEMENTS) each worker returns its share's gate/up
+Hessians of the batch (the mean over its tokens of each expert), which the driver sums per
+expert in float64 in worker order, weighted by the worker's token count of that expert; experts
+under `moe_min_tokens` tokens in the global counts are mixed with the pooled Hessian (summed
+the same way) exactly as in one process; the batch is solved on one worker (batches
+round-robin, at least one per worker, the next batches' Hessians computed while the driver
+sums), its stored forms sent to every worker. Then the downs likewise, on the down inputs
+through the solved gate/up, the starved experts' last on the pooled down Hessian; each worker
+then computes its share's block outputs with the quantized experts. With one worker every sum is that worker's Hessian exactly:
+the file is byte for byte the single-process one.
+
 Faults. A worker that dies is restarted by Ray (actor `max_restarts`); the block it was in is
 run again from the block's inputs, which the driver owns in the object store: they survive the
 worker's process, so no earlier block is recomputed (recomputing from block 0 would need every
@@ -25,8 +39,13 @@ block, which also makes the re-run byte for byte the first run. Ctrl-C kills the
 down a runtime this process started, and the sinks leave no partial output.
 
 Memory per worker: one block (float32) plus its share of the activations plus the largest
-stage's Hessians, declared as the actors' `memory` resource and checked against the nodes
-before any work. Nothing here imports Ray until a run asks for it.
+stage's Hessians, and for a sparse block what the experts' stage adds (quant.moe.
+expert_work_bytes): its share's MLP inputs, one batch of experts' Hessians and solve, the two
+pooled Hessians and the layer's stored forms; never every expert's Hessians at once. Declared
+as the actors' `memory` resource (`worker_bytes`) and checked against the nodes before any
+work. The driver holds the block, one batch's Hessians summed in float64, the starved
+experts' down Hessians and the layer's stored forms. Nothing here imports Ray until a run asks
+for it.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -46,6 +66,8 @@ from ..util.errors import QuantkitError
 from ..util.memory import trim
 from ..util.progress import progress
 from .gptq import WORK_DTYPE
+from .moe import (DOWN, GATE_UP, ExpertLayer, RoutedTokens, expert_fetch, expert_work_bytes, quantize_experts,
+                  safeguard, solve_experts, sparse_mlp)
 from .pipeline import (BlockWork, PipelineConfig, PipelineReport, apply_solution, capture_block_inputs,
                        decoder_layers, group_solves, solve, stacked_weight)
 from .rtn import QuantSpec
@@ -78,14 +100,17 @@ def connect(opts: RayOptions) -> bool:
 def worker_bytes(layer: nn.Module, n_share: int, seqlen: int) -> int:
     """Memory one worker needs: the block in float32, its share of the activations (the block's
     inputs, the o_proj and down_proj inputs the true-sequential stages keep, the object-store
-    copy), the largest stage's Hessians, and the process itself."""
+    copy), the largest stage's Hessians, and the process itself; for a mixture of experts also
+    what the experts' stage adds (quant.moe.expert_work_bytes)."""
     lin = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     block = sum(p.numel() for p in layer.parameters()) * 4
     hidden = max((m.in_features for n, m in lin.items() if n.endswith("q_proj")), default=0)
     kept = sum(m.in_features for n, m in lin.items() if n.endswith(("o_proj", "down_proj")))
     acts = n_share * seqlen * (3 * hidden + kept) * 4
     hessians = max((m.in_features for m in lin.values()), default=0) ** 2 * 4 * 2
-    return WORKER_BASE_BYTES + block + acts + hessians
+    mlp = sparse_mlp(layer)
+    experts = expert_work_bytes(mlp, n_share * seqlen) if mlp is not None else 0
+    return WORKER_BASE_BYTES + block + acts + hessians + experts
 
 
 def check_resources(nodes: list[dict], need: int, opts: RayOptions) -> None:
@@ -121,6 +146,24 @@ def sum_hessians(parts: list, counts: list[int]) -> torch.Tensor:
     return acc.to(WORK_DTYPE)
 
 
+def sum_expert_hessians(parts: list, counts: list[list[int]]) -> torch.Tensor:
+    """sum_hessians per expert of a batch: parts[w] [B, in, in] (or a callable returning it),
+    worker w's Hessians of the batch's experts over counts[w][b] tokens each, summed in float64
+    in worker order. An expert no token reached anywhere gets zeros (as its Hessian over no
+    tokens is in one process)."""
+    totals = [sum(c[b] for c in counts) for b in range(len(counts[0]))]
+    acc = None
+    for H, cs in zip(parts, counts):
+        H = H() if callable(H) else H
+        if acc is None:
+            acc = torch.zeros(H.shape, dtype=torch.float64)
+        for b, n in enumerate(cs):
+            if n:
+                acc[b].add_(H[b].to(torch.float64), alpha=n / totals[b])
+        del H
+    return acc.to(WORK_DTYPE)
+
+
 class BlockWorker:
     """A Ray actor: one share of the calibration samples through one decoder block at a time."""
 
@@ -128,6 +171,8 @@ class BlockWorker:
         self.index, self.path, self.cfg = index, path, cfg
         self.error: str | None = None
         self.work: BlockWork | None = None
+        self.routed: RoutedTokens | None = None      # a sparse MLP's share of the calibration
+        self.experts: ExpertLayer | None = None
         self.seconds: dict[str, float] = {}
         torch.set_num_threads(threads)
         try:
@@ -150,6 +195,9 @@ class BlockWorker:
             self.src = open_model(path)
         model, tokenizer, _, fetch = streaming_model(self.src, path, lazy_embeddings=True)
         del tokenizer
+        n_expert = int(getattr(self.src.spec, "n_expert", 0) or 0)
+        if n_expert:                # as the driver loads them (quant.driver.quantize_blocks)
+            fetch = expert_fetch(fetch, n_expert, compact=True)
         model.get_input_embeddings().to("meta")
         _, self.layers, self.prefix = decoder_layers(model)
         self.model, self.load = model, block_loader(fetch, path)
@@ -205,10 +253,52 @@ class BlockWorker:
             w.quantized(g, self.done)
         self._timed("set_weights", t0)
 
+    def moe_route(self) -> list[int]:
+        """The block's sparse MLP, once its attention is quantized: this share's tokens routed;
+        their count per expert."""
+        t0 = time.perf_counter()
+        w = self.work
+        self.experts = ExpertLayer(sparse_mlp(w.layer), w.lp, self.cfg, PipelineReport(), {})
+        self.routed = RoutedTokens(w.layer, self.experts.mlp, w.hidden, w.kwargs)
+        self._timed("hessians", t0)
+        return self.routed.counts
+
+    def moe_pooled_gate_up(self) -> torch.Tensor:
+        return self.routed.pooled_gate_up()
+
+    def moe_gate_up_hessians(self, es: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        H = self.routed.gate_up_hessians(es)
+        self._timed("hessians", t0)
+        return H
+
+    def moe_put(self, pieces: dict) -> None:
+        """Experts' stored forms solved on the driver's orders (ExpertLayer.pieces)."""
+        self.experts.put(pieces)
+
+    def moe_down_hessians(self, es: list[int]) -> torch.Tensor:
+        """Experts es's down Hessians (their gate/up already put); asked in expert order."""
+        t0 = time.perf_counter()
+        H = self.routed.down_hessians(es, self.experts.solved_gate_up)
+        self._timed("hessians", t0)
+        return H
+
+    def moe_pooled_down(self) -> tuple:
+        return self.routed.pooled_down()
+
+    def solve_experts(self, label: str, W: torch.Tensor, H: torch.Tensor, grid, gptq) -> list:
+        t0 = time.perf_counter()
+        res = solve_experts(label, W, H, grid, gptq)
+        self._timed("solve", t0)
+        return res
+
     def propagate(self) -> tuple[np.ndarray, int]:
         """This share's outputs of the block (the next block's inputs), and the block freed."""
         t0 = time.perf_counter()
-        self.work.propagate()
+        if self.routed is not None:         # residual + attention, plus the quantized experts
+            self.routed.output(self.experts.write_back, self.experts.solved)
+        else:
+            self.work.propagate()
         out = self.h.numpy()
         self._drop()
         self._timed("propagate", t0)
@@ -220,12 +310,14 @@ class BlockWorker:
                 p.data = torch.empty(0, dtype=p.dtype)
             self.work = None
             self.h = None
+            self.routed = self.experts = None
             trim()
 
     def stats(self) -> dict:
         import resource
+        r = resource.getrusage(resource.RUSAGE_SELF)
         return {"worker": self.index, "pid": os.getpid(), "host": socket.gethostname(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": self.seconds}
+                "peak_rss_mb": r.ru_maxrss / 1024, "cpu_s": r.ru_utime + r.ru_stime, "seconds": self.seconds}
 
 
 def _add(report: PipelineReport, phase: str, t0: float) -> float:
@@ -358,7 +450,106 @@ def _block(ray, workers, i, lp, layer, refs, kwargs_ref, counts, cfg, report, t)
         ray_cluster.get(ray, [w.set_weights.remote(k, w_ref) for w in workers])
         del weights, w_ref
         t = _add(report, "solve", t)
+    t = _experts(ray, workers, layer, lp, counts, cfg, report, done, t)
     outs = [w.propagate.options(num_returns=2).remote() for w in workers]
     ray_cluster.get(ray, [pid for _, pid in outs])                   # raises if a worker died; the data stay in the store
     t = _add(report, "propagate", t)
     return done, [h for h, _ in outs], t
+
+
+def _ahead(batches: list[list[int]], submit: Callable, depth: int):
+    """(batch, submit(batch)) in order, each submitted `depth` batches before it is handed out:
+    the workers compute the next batches' Hessians while the driver sums this one's."""
+    pending: deque = deque()
+    for es in batches:
+        pending.append((es, submit(es)))
+        if len(pending) > depth:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+class _ExpertSolves:
+    """Batches of experts solved on the workers, round-robin, their results applied on the
+    driver in the order submitted and their stored forms sent to every worker (`moe_put`)."""
+
+    def __init__(self, ray, workers: list, layer: ExpertLayer, gptq):
+        self.ray, self.workers, self.layer, self.gptq = ray, workers, layer, gptq
+        self.queue: deque = deque()
+        self.puts: list = []
+        self.n = 0
+
+    def submit(self, es: list[int], parts: tuple[str, ...], H: torch.Tensor) -> None:
+        H_ref = self.ray.put(H)
+        jobs = []
+        for label, ks, W, grid in self.layer.jobs(es, parts):
+            w = self.workers[self.n % len(self.workers)]
+            self.n += 1
+            jobs.append((ks, w.solve_experts.remote(label, W, H_ref, grid, self.gptq)))
+        self.queue.append((es, parts, jobs))
+
+    def drain(self, keep: int) -> None:
+        """Until at most `keep` batches are in flight."""
+        while len(self.queue) > keep:
+            es, parts, jobs = self.queue.popleft()
+            for ks, ref in jobs:
+                self.layer.apply(es, parts, ks, ray_cluster.get(self.ray, ref))
+            pieces = self.ray.put(self.layer.pieces(es, parts))
+            self.puts += [w.moe_put.remote(pieces) for w in self.workers]
+
+
+# one stage, the steps of quant.moe.quantize_experts with the Hessians summed over the workers
+def _experts(ray, workers, layer, lp, rows, cfg, report, done, t):
+    """A sparse block's experts (quant.moe.quantize_experts' steps): each worker routes its
+    share; per batch of experts its partial Hessians are summed per expert in worker order, the
+    starved ones mixed with the pooled Hessian from the global counts, and the batch solved on a
+    worker; the solved stored forms go to every worker, whose `propagate` then runs the
+    quantized experts. `rows`: each worker's token count. Nothing for a dense block."""
+    mlp = sparse_mlp(layer)
+    if mlp is None or cfg.sparse_mlp is None:
+        return t
+    if cfg.sparse_mlp is not quantize_experts:
+        raise QuantkitError("Ray workers calibrate the experts of a mixture of experts with GPTQ only",
+                            hint="run without --ray")
+    for d in (report.loss, report.damp):        # a block run again sums its experts afresh
+        for k in [k for k in d if k.startswith(f"{lp}.mlp.experts.")]:
+            del d[k]
+    L = ExpertLayer(mlp, lp, cfg, report, done)
+    shares = ray_cluster.get(ray, [w.moe_route.remote() for w in workers])
+    counts, m = [sum(c) for c in zip(*shares)], L.min_tokens
+    starved = [e for e, c in enumerate(counts) if c < m]
+    pooled = sum_hessians([lambda r=r: ray_cluster.get(ray, r) for r in
+                           [w.moe_pooled_gate_up.remote() for w in workers]], rows) if starved else None
+    solves, depth = _ExpertSolves(ray, workers, L, cfg.gptq), len(workers)
+
+    def summed(es, refs):
+        return sum_expert_hessians([lambda r=r: ray_cluster.get(ray, r) for r in refs],
+                                   [[s[e] for e in es] for s in shares])
+
+    gate_up = [w.moe_gate_up_hessians for w in workers]
+    for es, refs in _ahead(L.batches(GATE_UP, ways=depth), lambda es: [f.remote(es) for f in gate_up], depth):
+        solves.submit(es, GATE_UP, safeguard(summed(es, refs), es, counts, pooled, m))
+        solves.drain(depth)
+    solves.drain(0)                             # every gate/up on the workers before their down inputs
+    kept: dict[int, torch.Tensor] = {}
+    down = [w.moe_down_hessians for w in workers]
+    for es, refs in _ahead(L.batches(DOWN, ways=depth), lambda es: [f.remote(es) for f in down], depth):
+        H = summed(es, refs)
+        fed = [b for b, e in enumerate(es) if counts[e] >= m]
+        kept.update((e, H[b].clone()) for b, e in enumerate(es) if counts[e] < m)
+        if fed:
+            solves.submit([es[b] for b in fed], DOWN, H if len(fed) == len(es) else H[fed])
+        solves.drain(depth)
+        del H
+    if starved:
+        pd = ray_cluster.get(ray, [w.moe_pooled_down.remote() for w in workers])
+        n_dn = sum(n for _, n in pd)
+        pooled_dn = sum_hessians([H for H, n in pd if n], [n for _, n in pd if n]) if n_dn else None
+        del pd
+        for es in L.batches(DOWN, starved, ways=depth):
+            H = torch.stack([kept.pop(e) for e in es])
+            solves.submit(es, DOWN, safeguard(H, es, counts, pooled_dn, m) if n_dn else H)
+    solves.drain(0)
+    ray_cluster.get(ray, solves.puts)
+    L.finish(counts, starved)
+    return _add(report, "experts", t)

@@ -64,8 +64,6 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
     if ray is not None and keep_model:
         raise QuantkitError("Ray workers quantize streaming, one block at a time; the model cannot be kept")
     n_expert = int(getattr(src.spec, "n_expert", 0) or 0)
-    if n_expert:
-        _check_moe_source(src, path, ray)
     lazy = not keep_model
     model, tokenizer, arch, fetch = streaming_model(src, path, lazy_embeddings=lazy)
     if n_expert:                    # transformers' fused expert parameters from the per-expert tensors
@@ -97,11 +95,3 @@ def quantize_blocks(src, path: str, sink: BlockSink, *, calib: str | None, nsamp
         sm.model = model = None
     sink.finish(report)
     return report, model
-
-
-def _check_moe_source(src, path: str, ray) -> None:
-    """A mixture of experts is quantized block-wise in one process, from a Hugging Face
-    directory or a GGUF (its layer's experts read from the stacked expert tensors)."""
-    if ray is not None:
-        raise QuantkitError("Ray workers do not calibrate the experts of a mixture of experts", path,
-                            "run without --ray")

@@ -9,13 +9,14 @@ from those (a Hugging Face checkpoint storing them fused is read through models.
 per-expert one, each expert's rows alone, so the same path and memory serve both).
 
 Routed calibration (`quantize_experts`, the pipeline's `sparse_mlp` stage, after the attention
-is quantized): one pass of the block with its MLP replaced by a recorder that returns zeros
-gives every token's MLP input x and, exactly, the block's output without its MLP (residual +
-attention). The model's own router (`mlp.gate`, its softmax / top-k / norm_topk_prob as the
-model computes them) routes x; expert e's gate/up Hessian comes from the tokens routed to it
-alone, and its down Hessian from those tokens' down inputs computed with its already-quantized
-gate/up (true-sequential). The block's output is then residual + the model's MoE forward with
-the quantized experts.
+is quantized; `RoutedTokens`): one pass of the block with its MLP replaced by a recorder that
+returns zeros gives every token's MLP input x and, exactly, the block's output without its MLP
+(residual + attention). The model's own router (`mlp.gate`, its softmax / top-k /
+norm_topk_prob as the model computes them) routes x; expert e's gate/up Hessian comes from the
+tokens routed to it alone, and its down Hessian from those tokens' down inputs computed with
+its already-quantized gate/up (true-sequential). The block's output is then residual + the
+model's MoE forward with the quantized experts. quant.distributed runs the same steps on Ray
+workers, each routing a share of the calibration, the Hessians summed per expert.
 
 Starved experts: an expert routed fewer than `min_tokens` calibration tokens (GPTQConfig
 `moe_min_tokens`; default max(16, hidden // 8)) is solved on its Hessian mixed with the layer's
@@ -29,12 +30,12 @@ gate/up, 16 of its downs) by quant.gptq.quantize_weights, whose column loop runs
 batch and gives each expert exactly what solving it alone gives.
 
 Memory: a batch's Hessians, factors and float32 working copies (~0.7 GB at 30B-A3B's shapes),
-the two pooled Hessians (hidden² + I² floats), the starved experts' few down inputs, the
-layer's MLP inputs (as large as the block's hidden states) and the experts' stored forms;
-never every expert's Hessians at once. The streaming driver loads a bf16 checkpoint's fused
-expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32; those are
-not overwritten with the solved values: the block's output is then `moe_output`, the eager
-experts forward of transformers run on the stored forms decoded one expert at a time.
+the two pooled Hessians (hidden² + I² floats), the starved experts' down Hessians, the layer's
+MLP inputs (as large as the block's hidden states) and the experts' stored forms; never every
+expert's Hessians at once (`expert_work_bytes`). The streaming driver loads a bf16 checkpoint's
+fused expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32;
+those are not overwritten with the solved values: the block's output is then `moe_output`, the
+eager experts forward of transformers run on the stored forms decoded one expert at a time.
 """
 
 from __future__ import annotations
@@ -181,90 +182,223 @@ def _mixed(H: torch.Tensor, n: int, pooled: torch.Tensor, m: int) -> torch.Tenso
     return (H * n + pooled * m) / (n + m)
 
 
+def safeguard(H: torch.Tensor, es: list[int], counts: list[int], pooled: torch.Tensor, m: int) -> torch.Tensor:
+    """H [B, in, in], experts es's Hessians: those of experts routed fewer than m tokens (counts,
+    the whole calibration's) mixed with the pooled Hessian, in place (module docstring)."""
+    for b, e in enumerate(es):
+        if counts[e] < m:
+            H[b] = _mixed(H[b], counts[e], pooled, m)
+    return H
+
+
+def _hessian_of(x: torch.Tensor) -> torch.Tensor:
+    H = new_hessian(x.shape[-1])
+    accumulate_hessian(x, H, 0)
+    return H
+
+
+class RoutedTokens:
+    """Calibration samples (all of them, or one Ray worker's share) through a block's sparse MLP
+    once its attention is quantized: the MLP inputs (the hidden states become residual +
+    attention, in place), each token's experts by the model's own router, and, per expert, the
+    Hessians of its routed tokens: each the mean over this share's tokens of that expert, so
+    shares combine weighted by their `counts`."""
+
+    @torch.no_grad()
+    def __init__(self, layer: nn.Module, mlp: nn.Module, hidden: list[torch.Tensor], kwargs: dict):
+        self.mlp, self.hidden = mlp, hidden
+        self.xs = _record_mlp_inputs(layer, mlp, hidden, kwargs)
+        self.x = self.xs.reshape(-1, self.xs.shape[-1])
+        self.idx = route(mlp, self.x)
+        self.counts: list[int] = torch.bincount(self.idx.reshape(-1),
+                                                minlength=mlp.experts.gate_up_proj.shape[0]).tolist()
+        self.pooled_dn: torch.Tensor | None = None      # the mean over every expert's down inputs so far
+        self.n_dn = 0
+
+    def tokens(self, e: int) -> torch.Tensor:
+        """The MLP inputs of the tokens routed to expert e."""
+        return self.x[(self.idx == e).any(dim=-1).nonzero().squeeze(-1)]
+
+    @torch.no_grad()
+    def pooled_gate_up(self) -> torch.Tensor:
+        """The Hessian of every token's MLP input (the pool a starved expert's gate/up draws on)."""
+        return _hessian_of(self.x)
+
+    @torch.no_grad()
+    def gate_up_hessians(self, es: list[int]) -> torch.Tensor:
+        """[B, hidden, hidden]: experts es's gate/up Hessians."""
+        out = None
+        for b, e in enumerate(es):
+            H = _hessian_of(self.tokens(e))
+            if out is None:
+                out = torch.empty(len(es), *H.shape, dtype=H.dtype)
+            out[b] = H
+        return out
+
+    @torch.no_grad()
+    def down_hessians(self, es: list[int], gate_up) -> torch.Tensor:
+        """[B, I, I]: experts es's down Hessians, their down inputs act(gate) * up computed with
+        gate_up(e), expert e's solved [2I, hidden] matrix. Called for every expert in expert
+        order, it also folds each one's down inputs into the pooled down Hessian (`pooled_down`)."""
+        out = None
+        for b, e in enumerate(es):
+            g, u = F.linear(self.tokens(e), gate_up(e)).chunk(2, dim=-1)
+            xd = self.mlp.experts.act_fn(g) * u
+            if self.pooled_dn is None:
+                self.pooled_dn = new_hessian(xd.shape[-1])
+            self.n_dn = accumulate_hessian(xd, self.pooled_dn, self.n_dn)
+            H = _hessian_of(xd)
+            if out is None:
+                out = torch.empty(len(es), *H.shape, dtype=H.dtype)
+            out[b] = H
+            del xd
+        return out
+
+    def pooled_down(self) -> tuple[torch.Tensor | None, int]:
+        """(the pooled down Hessian, its row count) once every expert's down Hessian is taken."""
+        return self.pooled_dn, self.n_dn
+
+    @torch.no_grad()
+    def output(self, write_back: bool, solved) -> None:
+        """The block's outputs over the hidden states: residual + attention, plus the MoE with
+        the quantized experts (the model's own forward on write-back parameters, else
+        `moe_output` on solved(e))."""
+        outs = [self.mlp(xk) for xk in self.xs] if write_back else moe_output(self.mlp, list(self.xs), solved)
+        for h, o in zip(self.hidden, outs):
+            h.add_(o)
+
+
 # weights in one batched solve (quant.gptq.quantize_weights): the batch's float32 working copies
 # (weights, codes, solved values) are ~0.1 GB each, its Hessians and factors a few more
 EXPERT_BATCH_ELEMENTS = 24 << 20
+GATE_UP, DOWN = ("gate_proj", "up_proj"), ("down_proj",)
 
 
-class _Layer:
-    """One sparse MLP's experts being solved, a batch of experts at a time."""
+def solve_experts(name: str, W: torch.Tensor, H: torch.Tensor, grid, gptq) -> list:
+    """quant.gptq.quantize_weights of W [B, rows, in] on H [B, in, in], a failure in one line
+    naming the matrices."""
+    try:
+        return quantize_weights(W, H, grid, gptq)
+    except ValueError as e:
+        raise QuantkitError(f"cannot quantize {name}: {e}") from None
+
+
+class ExpertLayer:
+    """One sparse MLP's experts being solved, a batch of experts at a time: their stored forms
+    (and, for float32 parameters, the solved values written over them), damp and loss into the
+    report. A Ray worker keeps one too, filled with the driver's stored forms (`put`), for the
+    down inputs and the block's outputs."""
 
     def __init__(self, mlp: nn.Module, lp: str, cfg: PipelineConfig, report: PipelineReport, done: dict):
+        _own_forward_or_float(mlp)
         self.mlp, self.lp, self.cfg, self.report, self.done = mlp, lp, cfg, report, done
         ex = mlp.experts
-        self.gu, self.dn, self.act = ex.gate_up_proj.data, ex.down_proj.data, ex.act_fn
+        self.gu, self.dn = ex.gate_up_proj.data, ex.down_proj.data
         self.n_expert, two_i, self.hidden = self.gu.shape
         self.inter = two_i // 2
+        self.min_tokens = cfg.gptq.moe_min_tokens or default_min_tokens(self.hidden)
         # float32 parameters take the solved values (the model's own forward then runs on them);
         # compact (bf16) ones keep the checkpoint's, the solved values being the stored forms'
         self.write_back = self.gu.dtype == torch.float32 and self.dn.dtype == torch.float32
         self.grids = {p: cfg.grid(f"{lp}.mlp.experts.{p}") if callable(cfg.grid) else cfg.grid for p in PARTS}
         self.stored: dict[str, list] = {p: [None] * self.n_expert for p in PARTS}
 
-    def batch(self, fused: torch.Tensor) -> int:
-        return max(1, EXPERT_BATCH_ELEMENTS // fused[0].numel())
+    def batches(self, parts: tuple[str, ...], es: list[int] | None = None, ways: int = 1) -> list[list[int]]:
+        """Experts es (default all), in order, in batches of a solve's size for `parts`, and at
+        least `ways` batches where there are that many experts (to solve side by side)."""
+        fused = self.dn if parts == DOWN else self.gu
+        es = list(range(self.n_expert)) if es is None else es
+        size = min(max(1, EXPERT_BATCH_ELEMENTS // fused[0].numel()), max(1, -(-len(es) // ways)))
+        return _chunks(es, size)
 
-    def _solve(self, es: list[int], parts: tuple[str, ...], W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        """Experts es's matrices W [B, rows, in] (the rows of `parts`, stacked) solved on their
-        H [B, in, in]; returns Ŵ [B, rows, in] (parts left unquantized by the grid keep their values)."""
-        out = W.clone()
+    def jobs(self, es: list[int], parts: tuple[str, ...]) -> list[tuple[str, list[int], torch.Tensor, object]]:
+        """The batched solves of experts es's `parts`, one per grid: (label, indices into parts,
+        W [B, rows, in] float32, grid). Parts left unquantized by the grid have none."""
+        W = (self.dn if parts == DOWN else self.gu)[es]
         groups: dict[object, list[int]] = {}
         for k, p in enumerate(parts):
             if self.grids[p] is not None:
                 groups.setdefault(self.grids[p], []).append(k)
         rows = W.shape[1] // len(parts)
+        out = []
         for grid, ks in groups.items():
             sel = torch.cat([torch.arange(k * rows, (k + 1) * rows) for k in ks])
             name = ", ".join(f"{self.lp}.mlp.experts.{{{es[0]}..{es[-1]}}}.{parts[k]}" for k in ks)
-            try:
-                res = quantize_weights(W[:, sel].contiguous(), H, grid, self.cfg.gptq)
-            except ValueError as e:
-                raise QuantkitError(f"cannot quantize {name}: {e}") from None
-            for b, (e, r) in enumerate(zip(es, res)):
-                out[b, sel] = r.dequantized.to(W.dtype)
-                pieces = r.weight.split_rows([rows] * len(ks)) if len(ks) > 1 else [r.weight]
-                for k, piece in zip(ks, pieces):
-                    self.stored[parts[k]][e] = piece
-                    key = f"{self.lp}.mlp.experts.{parts[k]}"
-                    self.report.damp[key] = max(self.report.damp.get(key, 0.0), r.damp or 0.0)
-                    self.report.loss[key] = self.report.loss.get(key, 0.0) + (r.loss or 0.0)
+            out.append((name, ks, W[:, sel].float().contiguous(), grid))
         return out
 
-    def gate_up(self, es: list[int], xs: list[torch.Tensor], H: torch.Tensor) -> list[torch.Tensor]:
-        """Solve experts es's gate/up on H [B, hidden, hidden]; returns the down inputs of each
-        one's tokens xs[b] through its solved gate/up."""
-        W = self._solve(es, ("gate_proj", "up_proj"), self.gu[es].float(), H)
-        out = []
-        for b, e in enumerate(es):
-            if self.write_back:
-                self.gu[e] = W[b]
-            g, u = F.linear(xs[b], self.gu[e] if self.write_back else W[b]).chunk(2, dim=-1)
-            out.append(self.act(g) * u)
-        return out
+    def solve(self, es: list[int], parts: tuple[str, ...], H: torch.Tensor) -> None:
+        """Solve experts es's `parts` on H [B, in, in], in this process."""
+        for name, ks, W, grid in self.jobs(es, parts):
+            self.apply(es, parts, ks, solve_experts(name, W, H, grid, self.cfg.gptq))
 
-    def down(self, es: list[int], H: torch.Tensor) -> None:
-        W = self._solve(es, ("down_proj",), self.dn[es].float(), H)
+    def apply(self, es: list[int], parts: tuple[str, ...], ks: list[int], results: list) -> None:
+        """One job's results (quant.gptq.GPTQResult per expert of es) into the stored forms,
+        the report and, with write-back, the parameters."""
+        fused = self.dn if parts == DOWN else self.gu
+        rows = fused.shape[1] // len(parts)
+        for e, r in zip(es, results):
+            pieces = r.weight.split_rows([rows] * len(ks)) if len(ks) > 1 else [r.weight]
+            for j, (k, piece) in enumerate(zip(ks, pieces)):
+                self.stored[parts[k]][e] = piece
+                if self.write_back:
+                    fused[e, k * rows:(k + 1) * rows] = r.dequantized[j * rows:(j + 1) * rows]
+                key = f"{self.lp}.mlp.experts.{parts[k]}"
+                self.report.damp[key] = max(self.report.damp.get(key, 0.0), r.damp or 0.0)
+                self.report.loss[key] = self.report.loss.get(key, 0.0) + (r.loss or 0.0)
+
+    def pieces(self, es: list[int], parts: tuple[str, ...]) -> dict[str, dict[int, object]]:
+        """Experts es's stored forms of `parts` (those quantized), for `put` elsewhere."""
+        return {p: {e: self.stored[p][e] for e in es} for p in parts if self.grids[p] is not None}
+
+    @torch.no_grad()
+    def put(self, pieces: dict[str, dict[int, object]]) -> None:
+        """Stored forms solved elsewhere (`pieces`) into this layer: their values written over
+        write-back parameters, else kept for `solved`."""
+        rows = {"down_proj": self.dn.shape[1], "gate_proj": self.inter, "up_proj": self.inter}
+        for p, by_expert in pieces.items():
+            k = PARTS.index(p) % 2
+            for e, piece in by_expert.items():
+                if not self.write_back:
+                    self.stored[p][e] = piece
+                elif p == "down_proj":
+                    self.dn[e] = piece.dequantize()
+                else:
+                    self.gu[e, k * rows[p]:(k + 1) * rows[p]] = piece.dequantize()
+
+    def solved_gate_up(self, e: int) -> torch.Tensor:
+        """Expert e's solved gate/up matrix [2I, hidden], float32."""
         if self.write_back:
-            self.dn[es] = W
+            return self.gu[e]
+        return torch.cat([self.stored[p][e].dequantize() if self.stored[p][e] is not None else w.float()
+                          for p, w in zip(GATE_UP, self.gu[e].chunk(2))])
 
     def solved(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's solved (gate_up, down) matrices, float32: the stored forms decoded."""
         if self.write_back:
             return self.gu[e], self.dn[e]
-        gu = [self.stored[p][e].dequantize() if self.stored[p][e] is not None else w.float()
-              for p, w in zip(PARTS[:2], self.gu[e].chunk(2))]
         d = self.stored["down_proj"][e]
-        return torch.cat(gu), d.dequantize() if d is not None else self.dn[e].float()
+        return self.solved_gate_up(e), d.dequantize() if d is not None else self.dn[e].float()
 
-    def finish(self) -> None:
+    def finish(self, counts: list[int], starved: list[int]) -> None:
         for p in PARTS:
             if self.grids[p] is not None:
                 self.done[f"{self.lp}.mlp.experts.{p}"] = ExpertStack(self.stored[p])
+        self.report.experts[self.lp] = {"tokens": counts, "min_tokens": self.min_tokens, "safeguarded": starved}
 
 
-def _hessian_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    H = new_hessian(x.shape[-1])
-    return H, accumulate_hessian(x, H, 0)
+def expert_work_bytes(mlp: nn.Module, tokens: int) -> int:
+    """What the experts' stage adds to a block's memory on `tokens` calibration tokens (a Ray
+    worker's share): the MLP inputs, one expert's gate/up outputs and down inputs, one batch's
+    solve (its Hessians, their factors and a copy, the float32 working copies), the two pooled
+    Hessians, and the layer's stored forms (at most 8.5 bits a weight)."""
+    n_expert, two_i, hidden = mlp.experts.gate_up_proj.shape
+    inter = two_i // 2
+    batch = max(min(n_expert, max(1, EXPERT_BATCH_ELEMENTS // (two_i * hidden))) * hidden ** 2,
+                min(n_expert, max(1, EXPERT_BATCH_ELEMENTS // (inter * hidden))) * inter ** 2)
+    solve = batch * 4 * 3 + min(EXPERT_BATCH_ELEMENTS, n_expert * two_i * hidden) * 4 * 3
+    acts = tokens * (hidden + 3 * two_i) * 4
+    return solve + acts + (hidden ** 2 + inter ** 2) * 4 + n_expert * 3 * inter * hidden * 17 // 16
 
 
 def _stacked(Hs: list[torch.Tensor]) -> torch.Tensor:
@@ -285,56 +419,36 @@ def quantize_experts(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | Non
     (module docstring), their stored forms into `done` ({lp}.mlp.experts.{gate,up,down}_proj:
     ExpertStack), the block's outputs written over `hidden`. False for a dense block (nothing
     done). Experts are solved a batch at a time (quant.gptq.quantize_weights, the same result as
-    one at a time): gate/up of a batch, then the down of its experts with enough tokens; the
-    starved experts' downs at the end, on the layer's pooled down Hessian."""
+    one at a time): every expert's gate/up, then the downs of those with enough tokens; the
+    starved experts' downs at the end, on the layer's pooled down Hessian. quant.distributed
+    runs the same steps with the Hessians summed over Ray workers."""
     mlp = sparse_mlp(layer)
     if mlp is None:
         return False
     if cfg.method != "gptq" or hidden is None:
         raise QuantkitError("the experts of a mixture of experts are quantized with GPTQ only in the block pipeline",
                             hint="use --method gptq with a GGUF format, or --method rtn for a plain GGUF")
-    _own_forward_or_float(mlp)
-    xs = _record_mlp_inputs(layer, mlp, hidden, kwargs)
-    x = xs.reshape(-1, xs.shape[-1])
-    idx = route(mlp, x)
-    L = _Layer(mlp, lp, cfg, report, done)
-    m = cfg.gptq.moe_min_tokens or default_min_tokens(L.hidden)
-    counts = torch.bincount(idx.reshape(-1), minlength=L.n_expert).tolist()
-    pooled_gu, _ = _hessian_of(x)           # every token routed to top_k experts: the pooled gate/up Hessian
-    pooled_dn, n_dn = new_hessian(L.inter), 0
-    starved: dict[int, torch.Tensor] = {}   # expert -> its down inputs
-    for es in _chunks(list(range(L.n_expert)), L.batch(L.gu)):
-        xe = [x[(idx == e).any(dim=-1).nonzero().squeeze(-1)] for e in es]
-        Hs = []
-        for e, xb in zip(es, xe):
-            H, _ = _hessian_of(xb)
-            Hs.append(H if counts[e] >= m else _mixed(H, xb.shape[0], pooled_gu, m))
-        H = _stacked(Hs)
-        del Hs
-        xds = L.gate_up(es, xe, H)
-        del H, xe
-        fed = []
-        for e, xd in zip(es, xds):
-            n_dn = accumulate_hessian(xd, pooled_dn, n_dn)
-            if xd.shape[0] >= m:
-                fed.append(e)
-            else:
-                starved[e] = xd
-        for ds in _chunks(fed, L.batch(L.dn)):
-            L.down(ds, _stacked([_hessian_of(xds[es.index(e)])[0] for e in ds]))
-        del xds
-    for ds in _chunks(list(starved), L.batch(L.dn)):
-        Hs = []
-        for e in ds:
-            Hd, _ = _hessian_of(starved[e])
-            Hs.append(_mixed(Hd, starved[e].shape[0], pooled_dn, m) if n_dn else Hd)
-        L.down(ds, _stacked(Hs))
-    L.finish()
-    report.experts[lp] = {"tokens": counts, "min_tokens": m, "safeguarded": sorted(starved)}
-    # residual + attention, plus the MoE with the quantized experts
-    outs = [mlp(xk) for xk in xs] if L.write_back else moe_output(mlp, list(xs), L.solved)
-    for h, o in zip(hidden, outs):
-        h.add_(o)
+    L = ExpertLayer(mlp, lp, cfg, report, done)
+    share = RoutedTokens(layer, mlp, hidden, kwargs)
+    counts, m = share.counts, L.min_tokens
+    starved = [e for e, c in enumerate(counts) if c < m]
+    pooled = share.pooled_gate_up() if starved else None
+    for es in L.batches(GATE_UP):
+        L.solve(es, GATE_UP, safeguard(share.gate_up_hessians(es), es, counts, pooled, m))
+    kept: dict[int, torch.Tensor] = {}          # starved expert -> its down Hessian, solved last
+    for es in L.batches(DOWN):
+        H = share.down_hessians(es, L.solved_gate_up)
+        fed = [b for b, e in enumerate(es) if counts[e] >= m]
+        kept.update((e, H[b].clone()) for b, e in enumerate(es) if counts[e] < m)
+        if fed:
+            L.solve([es[b] for b in fed], DOWN, H if len(fed) == len(es) else H[fed])
+        del H
+    pooled_dn, n_dn = share.pooled_down()
+    for es in L.batches(DOWN, starved):
+        H = _stacked([kept.pop(e) for e in es])
+        L.solve(es, DOWN, safeguard(H, es, counts, pooled_dn, m) if n_dn else H)
+    L.finish(counts, starved)
+    share.output(L.write_back, L.solved)
     return True
 
 
