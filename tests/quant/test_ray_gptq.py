@@ -413,3 +413,16 @@ def test_worker_memory_counts_the_experts_stage(arch_dirs):
     assert n_expert * hidden ** 2 * 4 * 2 < fixed < 2 ** 28                 # not a 24M-element batch of 4 experts
     block = sum(p.numel() for p in layer.parameters()) * 4
     assert worker_bytes(layer, n_share=1, seqlen=MOE_SEQ) > block + small
+
+
+def test_moe_gpu_checkpoint_one_worker_is_the_local_one(runtime, starved_bf16, tmp_path):
+    """A compressed-tensors checkpoint of a mixture of experts on one Ray worker: every tensor
+    (each expert's packed codes and scales, the router kept float) the single-process one's, with
+    a starved expert safeguarded in both reports."""
+    kw = dict(format="compressed-tensors:w4g32", nsamples=MOE_NS, seqlen=MOE_SEQ, show_progress=False)
+    local = api.quantize_gpu(str(starved_bf16), tmp_path / "local", **kw)
+    api.quantize_gpu(str(starved_bf16), tmp_path / "w1", ray=True, workers=1, **kw)
+    a, b = checkpoint_tensors(tmp_path / "local"), checkpoint_tensors(tmp_path / "w1")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".experts.3." in k and k.endswith("weight_packed") for k in a)
+    assert all(STARVED in r["safeguarded"] for r in local.report.experts.values())
