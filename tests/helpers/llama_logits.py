@@ -38,3 +38,20 @@ def kld(ref: np.ndarray, x: np.ndarray) -> float:
     """Mean over tokens of KL(softmax(ref) || softmax(x)), from logits."""
     p, q = log_softmax(ref), log_softmax(x)
     return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+def greedy_tokens(path: str | Path, prompt: bytes = b"Robert Boulter is an English", n: int = 6) -> list[int]:
+    """n greedy tokens llama.cpp generates from a GGUF after `prompt` (BOS first): the
+    file loads and runs."""
+    import llama_cpp
+    llm = llama_cpp.Llama(str(path), n_ctx=128, verbose=False, n_threads=1)
+    try:
+        toks: list[int] = []
+        for t in llm.generate(llm.tokenize(prompt, add_bos=True), temp=0):
+            toks.append(t)
+            if len(toks) == n:
+                break
+        assert all(0 <= t < llm.n_vocab() for t in toks)
+        return toks
+    finally:
+        llm.close()

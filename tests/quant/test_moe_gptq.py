@@ -16,7 +16,7 @@ from quantkit.models.gguf import GGUFSource
 from quantkit.models.imatrix_file import read_imatrix
 from quantkit.quant.moe import quantize_experts
 from quantkit.quant.pipeline import PipelineConfig, decoder_layers, quantize_model
-from helpers.llama_logits import chunk_logits, kld
+from helpers.llama_logits import chunk_logits, greedy_tokens, kld
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,18 +114,7 @@ def test_gptq_q4_0_gguf_beats_rtn(arch_dirs, tmp_path, kind, data_dir, capsys):
     ref = chunk_logits(f32, text)
     k_rtn, k_gptq = kld(ref, chunk_logits(rtn, text)), kld(ref, chunk_logits(gq, text))
     assert k_gptq < k_rtn, (k_gptq, k_rtn)
-    import llama_cpp
-    llm = llama_cpp.Llama(str(gq), n_ctx=128, verbose=False, n_threads=1)
-    try:
-        prompt = llm.tokenize(b"Robert Boulter is an English", add_bos=True)
-        toks = []
-        for t in llm.generate(prompt, temp=0):
-            toks.append(t)
-            if len(toks) == 6:
-                break
-        assert len(toks) == 6 and all(0 <= t < llm.n_vocab() for t in toks)
-    finally:
-        llm.close()
+    assert len(greedy_tokens(gq)) == 6
 
 
 def test_cli_summary_line_per_layer(arch_dirs, tmp_path, capsys):
