@@ -51,7 +51,9 @@ def quantize(model=None, output: str | os.PathLike | None = None, *, format: str
 
     A GPU format ("gptq:w4g128", "compressed-tensors:w4g128-asym+gptq", ...) writes that checkpoint
     directory through quantize_gpu(), as `quantkit quantize` does, and returns its result
-    (quant.checkpoint.GPUExportResult); the GGUF-only keywords are refused with it."""
+    (quant.checkpoint.GPUExportResult); the GGUF-only keywords are refused with it. As with a
+    GGUF format, the method is round-to-nearest unless `method` or the format string says gptq
+    (quantize_gpu's own default is gptq)."""
     from ..quant.gguf_export import export_gguf, supported_file_types
     from ..util.errors import QuantkitError
     if output is None:

@@ -78,8 +78,8 @@ def per_expert_view(arch_key: str, shapes: dict[str, tuple[int, ...]], hp: dict 
 
     def put(name: str, shape: tuple[int, ...], piece: Piece) -> None:
         if name in out:
-            raise QuantkitError(f"tensor {name} is stored twice (per expert and in {piece.stored})", path,
-                                "keep one layout of the experts in the checkpoint")
+            raise QuantkitError(f"tensor {name} is stored twice (as itself and in {piece.stored})", path,
+                                "keep one layout of the experts and one spelling of the router in the checkpoint")
         out[name] = (shape, payload(piece.stored))
         if piece.stored != name:
             pieces[name] = piece

@@ -40,11 +40,12 @@ down a runtime this process started, and the sinks leave no partial output.
 
 Memory per worker: one block (float32) plus its share of the activations plus the largest
 stage's Hessians, and for a sparse block what the experts' stage adds (quant.moe.
-expert_work_bytes): its share's MLP inputs, one batch of experts' Hessians and solve, the two
-pooled Hessians and the layer's stored forms; never every expert's Hessians at once. Declared
-as the actors' `memory` resource (`worker_bytes`) and checked against the nodes before any
-work. The driver holds the block, one batch's Hessians summed in float64, the starved
-experts' down Hessians and the layer's stored forms. Nothing here imports Ray until a run asks
+expert_work_bytes): its share's MLP inputs, the Hessians of up to workers + 1 batches of
+experts (computed ahead while the driver sums) and one solve, the two pooled Hessians and the
+layer's stored forms; never every expert's Hessians at once. Declared as the actors' `memory`
+resource (`worker_bytes`, the largest over the blocks) and checked against the nodes before any
+work. The driver holds the block, the batches in flight (up to workers + 1, each's Hessians
+summed in float64) and the layer's stored forms. Nothing here imports Ray until a run asks
 for it.
 """
 
@@ -283,6 +284,13 @@ class BlockWorker:
         self._timed("hessians", t0)
         return H
 
+    def moe_starved_down_hessians(self, es: list[int]) -> torch.Tensor:
+        """Starved experts es's down Hessians once more (their few tokens), not pooled again."""
+        t0 = time.perf_counter()
+        H = self.routed.down_hessians(es, self.experts.solved_gate_up, pool=False)
+        self._timed("hessians", t0)
+        return H
+
     def moe_pooled_down(self) -> tuple:
         return self.routed.pooled_down()
 
@@ -361,7 +369,8 @@ def quantize_model_ray(model: nn.Module, input_ids: torch.Tensor, cfg: PipelineC
         raise QuantkitError(f"--workers {opts.workers} is more than the {n} calibration samples",
                             hint="lower --workers or raise --nsamples")
     bounds = [round(w * n / opts.workers) for w in range(opts.workers + 1)]
-    need = worker_bytes(layers[0], max(b - a for a, b in zip(bounds, bounds[1:])), seqlen)
+    share = max(b - a for a, b in zip(bounds, bounds[1:]))
+    need = max(worker_bytes(layer, share, seqlen) for layer in layers)     # a model may mix dense and sparse blocks
     ray = ray_cluster.import_ray()
     started = connect(opts)
     workers: list = []
@@ -531,12 +540,10 @@ def _experts(ray, workers, layer, lp, rows, cfg, report, done, t):
         solves.submit(es, GATE_UP, safeguard(summed(es, refs), es, counts, pooled, m))
         solves.drain(depth)
     solves.drain(0)                             # every gate/up on the workers before their down inputs
-    kept: dict[int, torch.Tensor] = {}
     down = [w.moe_down_hessians for w in workers]
     for es, refs in _ahead(L.batches(DOWN, ways=depth), lambda es: [f.remote(es) for f in down], depth):
         H = summed(es, refs)
         fed = [b for b, e in enumerate(es) if counts[e] >= m]
-        kept.update((e, H[b].clone()) for b, e in enumerate(es) if counts[e] < m)
         if fed:
             solves.submit([es[b] for b in fed], DOWN, H if len(fed) == len(es) else H[fed])
         solves.drain(depth)
@@ -546,9 +553,11 @@ def _experts(ray, workers, layer, lp, rows, cfg, report, done, t):
         n_dn = sum(n for _, n in pd)
         pooled_dn = sum_hessians([H for H, n in pd if n], [n for _, n in pd if n]) if n_dn else None
         del pd
+        again = [w.moe_starved_down_hessians for w in workers]
         for es in L.batches(DOWN, starved, ways=depth):
-            H = torch.stack([kept.pop(e) for e in es])
+            H = summed(es, [f.remote(es) for f in again])
             solves.submit(es, DOWN, safeguard(H, es, counts, pooled_dn, m) if n_dn else H)
+            solves.drain(depth)
     solves.drain(0)
     ray_cluster.get(ray, solves.puts)
     L.finish(counts, starved)

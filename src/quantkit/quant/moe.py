@@ -30,9 +30,9 @@ gate/up, 16 of its downs) by quant.gptq.quantize_weights, whose column loop runs
 batch and gives each expert exactly what solving it alone gives.
 
 Memory: a batch's Hessians, factors and float32 working copies (~0.7 GB at 30B-A3B's shapes),
-the two pooled Hessians (hidden² + I² floats), the starved experts' down Hessians, the layer's
-MLP inputs (as large as the block's hidden states) and the experts' stored forms; never every
-expert's Hessians at once (`expert_work_bytes`). The streaming driver loads a bf16 checkpoint's
+the two pooled Hessians (hidden² + I² floats), the layer's MLP inputs (as large as the block's hidden states) and the experts' stored forms; never every
+expert's Hessians at once (a starved expert's down Hessian is computed again from its few
+tokens when the pooled one is whole, not held meanwhile) (`expert_work_bytes`). The streaming driver loads a bf16 checkpoint's
 fused expert parameters in bf16 (`expert_fetch(compact=True)`, lossless), half of float32;
 those are not overwritten with the solved values: the block's output is then `moe_output`, the
 eager experts forward of transformers run on the stored forms decoded one expert at a time.
@@ -236,17 +236,20 @@ class RoutedTokens:
         return out
 
     @torch.no_grad()
-    def down_hessians(self, es: list[int], gate_up) -> torch.Tensor:
+    def down_hessians(self, es: list[int], gate_up, pool: bool = True) -> torch.Tensor:
         """[B, I, I]: experts es's down Hessians, their down inputs act(gate) * up computed with
-        gate_up(e), expert e's solved [2I, hidden] matrix. Called for every expert in expert
-        order, it also folds each one's down inputs into the pooled down Hessian (`pooled_down`)."""
+        gate_up(e), expert e's solved [2I, hidden] matrix. Called (pool=True) for every expert in
+        expert order, it also folds each one's down inputs into the pooled down Hessian
+        (`pooled_down`); pool=False computes a starved expert's again, from its few tokens, for
+        the solve that needs the whole pool (cheaper to hold than its I x I Hessian)."""
         out = None
         for b, e in enumerate(es):
             g, u = F.linear(self.tokens(e), gate_up(e)).chunk(2, dim=-1)
             xd = self.mlp.experts.act_fn(g) * u
-            if self.pooled_dn is None:
+            if pool and self.pooled_dn is None:
                 self.pooled_dn = new_hessian(xd.shape[-1])
-            self.n_dn = accumulate_hessian(xd, self.pooled_dn, self.n_dn)
+            if pool:
+                self.n_dn = accumulate_hessian(xd, self.pooled_dn, self.n_dn)
             H = _hessian_of(xd)
             if out is None:
                 out = torch.empty(len(es), *H.shape, dtype=H.dtype)
@@ -401,13 +404,6 @@ def expert_work_bytes(mlp: nn.Module, tokens: int) -> int:
     return solve + acts + (hidden ** 2 + inter ** 2) * 4 + n_expert * 3 * inter * hidden * 17 // 16
 
 
-def _stacked(Hs: list[torch.Tensor]) -> torch.Tensor:
-    out = torch.empty(len(Hs), *Hs[0].shape, dtype=Hs[0].dtype)
-    for b, H in enumerate(Hs):
-        out[b] = H
-    return out
-
-
 def _chunks(items: list[int], n: int) -> list[list[int]]:
     return [items[k:k + n] for k in range(0, len(items), n)]
 
@@ -435,17 +431,15 @@ def quantize_experts(layer: nn.Module, lp: str, hidden: list[torch.Tensor] | Non
     pooled = share.pooled_gate_up() if starved else None
     for es in L.batches(GATE_UP):
         L.solve(es, GATE_UP, safeguard(share.gate_up_hessians(es), es, counts, pooled, m))
-    kept: dict[int, torch.Tensor] = {}          # starved expert -> its down Hessian, solved last
     for es in L.batches(DOWN):
         H = share.down_hessians(es, L.solved_gate_up)
         fed = [b for b, e in enumerate(es) if counts[e] >= m]
-        kept.update((e, H[b].clone()) for b, e in enumerate(es) if counts[e] < m)
         if fed:
             L.solve([es[b] for b in fed], DOWN, H if len(fed) == len(es) else H[fed])
         del H
     pooled_dn, n_dn = share.pooled_down()
-    for es in L.batches(DOWN, starved):
-        H = _stacked([kept.pop(e) for e in es])
+    for es in L.batches(DOWN, starved):         # their down Hessians again, now the pool is whole
+        H = share.down_hessians(es, L.solved_gate_up, pool=False)
         L.solve(es, DOWN, safeguard(H, es, counts, pooled_dn, m) if n_dn else H)
     L.finish(counts, starved)
     share.output(L.write_back, L.solved)
