@@ -4,7 +4,6 @@ GPTQ-compensated Q4_0 GGUF of Qwen3-MoE and Mixtral in llama.cpp, per-expert ima
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from quantkit.models.imatrix_file import read_imatrix
 from quantkit.quant.moe import quantize_experts
 from quantkit.quant.pipeline import PipelineConfig, decoder_layers, quantize_model
 from helpers.llama_logits import chunk_logits, greedy_tokens, kld
+from helpers.tiny_models import starve_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,19 +25,8 @@ AXIS = 7             # the hidden coordinate the bias rides on
 
 
 def _starved_copy(d: Path, out: Path) -> Path:
-    """The model with expert STARVED unreachable: every token embedding gets a large constant on
-    coordinate AXIS, so after each RMSNorm that coordinate dominates and is positive; the router
-    rows read it with +1 for every expert but STARVED, -1 for STARVED."""
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(d, out)
-    sd = load_file(str(out / "model.safetensors"))
-    sd["model.embed_tokens.weight"][:, AXIS] = 50.0
-    for name, w in sd.items():
-        if name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
-            w[:, AXIS] = 1.0
-            w[STARVED, AXIS] = -1.0
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    """The model with expert STARVED unreachable (helpers.tiny_models.starve_expert on AXIS)."""
+    return starve_expert(d, out, expert=STARVED, axis=AXIS)
 
 
 def _calibration(d: Path, n: int, seqlen: int) -> torch.Tensor:
